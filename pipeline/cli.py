@@ -1,0 +1,126 @@
+"""`python -m pipeline ...`: run stages as Prefect flows, list them, run `dvc repro`, start the UIs."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+from pipeline.paths import project_root
+from pipeline.registry import STAGES, stage_names
+
+PREFECT_UI_PORT = 4200
+MLFLOW_UI_PORT = 5000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one stage, or all of them, as a Prefect flow")
+    run.add_argument("stage", help=f"one of: {', '.join(stage_names())}, all")
+    run.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
+    commands.add_parser("stages", help="list the stages with their inputs and outputs")
+
+    repro = commands.add_parser("repro", help="`dvc repro` with one Prefect server and one MLflow parent run")
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
+
+    commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 until Ctrl-C")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui}[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.stage not in STAGES and args.stage != "all":
+        print(f"error: unknown stage {args.stage!r}; choose one of: {', '.join(stage_names())}, all", file=sys.stderr)
+        return 2
+    params_file = Path(args.params).resolve()
+    load_params(params_file)  # fail fast, before Prefect starts, on bad params
+
+    from pipeline.flows import run_stage_flow
+
+    metrics = run_stage_flow(args.stage, str(params_file))
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _stages(args) -> int:
+    for spec in STAGES.values():
+        print(f"{spec.name}: {spec.summary}")
+        print(f"  params:  {', '.join(spec.params)}")
+        if spec.external_inputs:
+            print(f"  reads:   {spec.external_inputs}")
+        for dep in spec.deps:
+            print(f"  input:   {dep}")
+        for out in spec.outs:
+            print(f"  output:  {out}")
+        for metric in spec.metrics:
+            print(f"  metrics: {metric}")
+    return 0
+
+
+def _repro(args) -> int:
+    """One pipeline invocation: one MLflow parent run, and one Prefect server for all stages instead of one
+    ephemeral server per stage process (8-20 s each). A server already on the UI port is used as it is."""
+    from pipeline import servers
+    from pipeline.tracking import new_invocation
+
+    dvc = shutil.which("dvc") or str(servers.BIN / "dvc")
+    new_invocation()
+    env = dict(os.environ)
+    server = None
+    if "PREFECT_API_URL" not in env and _pipeline_has_work(dvc):
+        ui_url = f"http://127.0.0.1:{PREFECT_UI_PORT}"
+        if servers.is_healthy(f"{ui_url}/api/health"):
+            env["PREFECT_API_URL"] = f"{ui_url}/api"
+        else:
+            server = servers.start_prefect(servers.free_port())
+            server.wait_until_healthy()
+            env["PREFECT_API_URL"] = f"{server.url}/api"
+        print(f"Prefect API: {env['PREFECT_API_URL']}", flush=True)
+    try:
+        return subprocess.run([dvc, "repro", *args.dvc_args], cwd=project_root(), env=env).returncode
+    finally:
+        if server:
+            server.stop()
+
+
+def _pipeline_has_work(dvc: str) -> bool:
+    status = subprocess.run([dvc, "status", "--json"], cwd=project_root(), capture_output=True, text=True)
+    return status.returncode != 0 or status.stdout.strip() not in ("{}", "")
+
+
+def _ui(args) -> int:
+    from pipeline import servers
+    from pipeline.tracking import artifact_root, experiment_id, tracking_uri
+
+    experiment_id()  # the store and its experiment exist before the UI lists them
+    started = []
+    try:
+        started.append(servers.start_prefect(PREFECT_UI_PORT))
+        started.append(servers.start_mlflow(MLFLOW_UI_PORT, tracking_uri(), artifact_root()))
+        for server in started:
+            server.wait_until_healthy()
+        print(f"Prefect UI: {started[0].url}")
+        print(f"MLflow UI:  {started[1].url}")
+        print("Ctrl-C stops both.", flush=True)
+        while all(server.process.poll() is None for server in started):
+            time.sleep(1)
+        print("a server exited; stopping the other", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping the servers")
+        return 0
+    finally:
+        for server in started:
+            server.stop()

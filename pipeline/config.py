@@ -1,0 +1,144 @@
+"""params.yaml, loaded and validated.
+
+Every hyperparameter and path of the pipeline is in params.yaml, one section per stage. The models below are the
+schema: an unknown key, a wrong type or an out-of-range value fails with the key's path and what is allowed.
+"""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DATA_DIR_ENV = "C2CRS_DATA_DIR"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Download(Section):
+    """A public file: where it is and the SHA-256 it must have."""
+
+    url: str = Field(pattern=r"^https://")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class RawFiles(Section):
+    """Names of the raw files, relative to the mirror directory (the official zip's names differ: see downloads)."""
+
+    redial_train: str = "redial/train_partial.jsonl"
+    redial_test: str = "redial/test_data.jsonl"
+    movies: str = "redial/movies_with_mentions.csv"
+    movies_imdb: str = "redial/movies_merged_with_imdb.csv"
+    movies_dbpedia: str = "crslab_redial/id2entity.jsonl"
+
+
+class RedialZip(Download):
+    """The official ReDial release and the names of the files inside it."""
+
+    redial_train: str = "train_data.jsonl"
+    redial_test: str = "test_data.jsonl"
+    movies: str = "movies_with_mentions.csv"
+
+
+class Downloads(Section):
+    redial_zip: RedialZip
+    movies_imdb: Download
+    movies_dbpedia: Download
+
+
+class DataConfig(Section):
+    source: Literal["auto", "mirror", "download"] = "auto"
+    mirror_dir: str | None = None
+    cache_dir: str = "data/raw"
+    files: RawFiles = RawFiles()
+    downloads: Downloads
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+
+    def resolved_source(self) -> Literal["mirror", "download"]:
+        """auto means the mirror when one is configured (C2CRS_DATA_DIR or data.mirror_dir), else the download."""
+        if self.source != "auto":
+            return self.source
+        return "mirror" if self.resolved_mirror_dir() is not None else "download"
+
+    def resolved_mirror_dir(self) -> Path | None:
+        """C2CRS_DATA_DIR wins over data.mirror_dir, like MLFLOW_TRACKING_URI over the default store."""
+        value = os.environ.get(DATA_DIR_ENV) or self.mirror_dir
+        return Path(value).expanduser().resolve() if value else None
+
+
+class IngestConfig(Section):
+    on_bad_record: Literal["error", "skip"] = "error"
+    valid_split: Literal["auto", "kgsf_ids", "fraction"] = "auto"
+    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
+    full_train_conversations: int = Field(default=10006, gt=0)
+
+
+class Params(Section):
+    seed: int = Field(default=42, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig
+    ingest: IngestConfig = IngestConfig()
+
+
+def resolve_device(device: str) -> str:
+    """auto picks CUDA when torch sees a GPU; an explicit cuda without one is an error, not a silent fallback.
+
+    Checked when a stage needs a device, not at load time, so params stay loadable on a machine without CUDA.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("params.yaml: device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
+    return device
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate params.yaml; every problem is reported with its key path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} invalid value(s)"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(error["loc"][:-1]))
+            lines.append(f"  {key}: unknown key; allowed here: {allowed}")
+        elif error["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {error['msg']} (got {error['input']!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(parent: tuple) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in parent:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,41 @@
+"""The stage graph as data: what each stage reads and writes. dvc.yaml must agree (tests/test_dvc_yaml.py checks)."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    summary: str
+    params: tuple[str, ...]  # params.yaml keys the stage reads
+    code: tuple[str, ...]  # source files whose change must rerun the stage
+    deps: tuple[str, ...]  # outputs of earlier stages
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...]
+    external_inputs: str = ""  # data read from outside the workspace, for `pipeline stages`
+
+    def all_deps(self) -> tuple[str, ...]:
+        return self.code + self.deps
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in [
+        StageSpec(
+            name="ingest",
+            summary="ReDial raw JSONL -> conversations, merged utterances, movies; train/valid/test splits",
+            params=("seed", "data", "ingest"),
+            code=("stages/ingest.py", "stages/resources/kgsf_valid_conversation_ids.txt"),
+            deps=(),
+            outs=("data/ingest/conversations.parquet", "data/ingest/utterances.parquet",
+                  "data/ingest/movies.parquet"),
+            metrics=("metrics/ingest.json",),
+            external_inputs="ReDial train/test JSONL + movie lists (C2CRS_DATA_DIR mirror, or the public download)",
+        ),
+    ]
+}
+
+
+def stage_names() -> list[str]:
+    """Stages in execution order (the registry is written in topological order)."""
+    return list(STAGES)

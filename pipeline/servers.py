@@ -1,0 +1,83 @@
+"""Local Prefect and MLflow servers on 127.0.0.1, started and stopped as child process groups."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from pipeline.paths import project_root
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    health_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def wait_until_healthy(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited with code {self.process.returncode}; see {self.log_path}")
+            if is_healthy(self.health_url):
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name} server not healthy after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(name: str, command: list[str], url: str, health_url: str) -> Server:
+    logs = project_root() / "logs"
+    logs.mkdir(exist_ok=True)
+    log_path = logs / f"{name}-server.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=project_root())
+    return Server(name, url, health_url, process, log_path)
+
+
+def start_prefect(port: int) -> Server:
+    url = f"http://127.0.0.1:{port}"
+    return _start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  url, f"{url}/api/health")
+
+
+def start_mlflow(port: int, backend_store_uri: str, artifact_root: str) -> Server:
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", backend_store_uri, "--default-artifact-root", artifact_root,
+               "--workers", "1"]
+    return _start("mlflow", command, url, f"{url}/health")

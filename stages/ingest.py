@@ -1,0 +1,412 @@
+"""Stage 1, ingest: ReDial raw JSONL -> conversations, utterances and movies tables.
+
+The raw files come either from the official release (downloaded, SHA-256 checked, cached) or from a local mirror.
+Consecutive messages of one speaker are merged into one utterance, so turns alternate between seeker and
+recommender; some public copies of ReDial are merged already and must come out the same. Movies appear in text as
+"@<movieId>".
+"""
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import polars as pl
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+MENTION = re.compile(r"@(\d+)")
+TITLE_WITH_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
+REQUIRED_KEYS = ("conversationId", "initiatorWorkerId", "respondentWorkerId", "movieMentions", "messages")
+REQUIRED_MESSAGE_KEYS = ("text", "senderWorkerId")
+KGSF_VALID_IDS = Path(__file__).parent / "resources" / "kgsf_valid_conversation_ids.txt"
+USER_AGENT = "c2crs-pipeline (+https://github.com/; research use)"
+
+CONVERSATION_SCHEMA = {
+    "conv_id": pl.Int64,
+    "split": pl.String,
+    "seeker_worker_id": pl.Int64,
+    "recommender_worker_id": pl.Int64,
+    "n_turns": pl.Int32,
+    "n_messages": pl.Int32,
+    "source_file": pl.String,
+    "source_line": pl.Int32,
+}
+UTTERANCE_SCHEMA = {
+    "conv_id": pl.Int64,
+    "turn_idx": pl.Int32,
+    "role": pl.String,
+    "text": pl.String,
+    "movie_ids": pl.List(pl.Int64),
+}
+MOVIE_SCHEMA = {
+    "movie_id": pl.Int64,
+    "title": pl.String,
+    "year": pl.Int32,
+    "mentions_redial_release": pl.Int64,
+    "mentions_ingested": pl.Int64,
+    "dbpedia_uri": pl.String,
+    "imdb_id": pl.String,
+}
+
+
+class BadRecordError(ValueError):
+    """A raw record that cannot be ingested; the message names file, line and reason."""
+
+
+@dataclass(frozen=True)
+class RawRedialFiles:
+    train: Path
+    test: Path
+    movies: Path
+    movies_imdb: Path
+    movies_dbpedia: Path
+
+    def items(self) -> list[tuple[str, Path]]:
+        return [(name, getattr(self, name)) for name in self.__dataclass_fields__]
+
+
+@dataclass
+class IngestResult:
+    conversations: pl.DataFrame
+    utterances: pl.DataFrame
+    movies: pl.DataFrame
+    metrics: dict
+
+
+@dataclass
+class BadRecords:
+    """Applies the on_bad_record policy: raise at once, or count per kind and go on."""
+
+    policy: str
+    counts: Counter = field(default_factory=Counter)
+
+    def report(self, kind: str, path: Path, line: int, reason: str) -> None:
+        message = f"{path}, line {line}: {reason} [{kind}]"
+        if self.policy == "error":
+            raise BadRecordError(f"{message}. Set ingest.on_bad_record: skip to drop such records and count them.")
+        self.counts[kind] += 1
+        log.warning("skipped: %s", message)
+
+
+# ---------------------------------------------------------------- finding the raw files
+
+
+def locate_mirror_files(mirror_dir: Path, redial_train: str, redial_test: str, movies: str, movies_imdb: str,
+                        movies_dbpedia: str) -> RawRedialFiles:
+    files = RawRedialFiles(
+        train=mirror_dir / redial_train,
+        test=mirror_dir / redial_test,
+        movies=mirror_dir / movies,
+        movies_imdb=mirror_dir / movies_imdb,
+        movies_dbpedia=mirror_dir / movies_dbpedia,
+    )
+    missing = [f"{name} ({path})" for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR / data.mirror_dir and the "
+            "file names under data.files in params.yaml."
+        )
+    return files
+
+
+def download_file(url: str, dest: Path, sha256: str, timeout: float, client: httpx.Client | None = None) -> Path:
+    """Fetch url to dest once: a cached file with the right SHA-256 is reused; a partial download never lands."""
+    if dest.is_file() and file_sha256(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    own_client = client is None
+    client = client or httpx.Client(follow_redirects=True, timeout=timeout, headers={"User-Agent": USER_AGENT})
+    try:
+        log.info("downloading %s", url)
+        with client.stream("GET", url) as response:
+            response.raise_for_status()
+            digest = hashlib.sha256()
+            total = int(response.headers.get("content-length", 0)) or None
+            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                                                   disable=None) as bar:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    finally:
+        if own_client:
+            client.close()
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise ValueError(f"{url}: SHA-256 is {digest.hexdigest()}, expected {sha256}; the file was not kept")
+    partial.replace(dest)
+    return dest
+
+
+def extract_member(archive: Path, member: str, dest: Path) -> Path:
+    """Extract one file of a zip (wherever it sits inside) to dest, atomically."""
+    with zipfile.ZipFile(archive) as zf:
+        matches = [name for name in zf.namelist() if name == member or name.endswith("/" + member)]
+        if not matches:
+            raise FileNotFoundError(f"{archive}: has no member {member!r} (it has {', '.join(zf.namelist())})")
+        partial = dest.with_name(dest.name + ".part")
+        with zf.open(matches[0]) as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out)
+    partial.replace(dest)
+    return dest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def read_conversations(path: Path, split: str, bad: BadRecords,
+                       seen: dict[int, str]) -> tuple[list[dict], list[dict]]:
+    """Parse one ReDial JSONL file into conversation rows and merged utterance rows.
+
+    `seen` maps the conversation ids read so far (from any file) to where they were read, to catch duplicates.
+    """
+    conversations, utterances = [], []
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(tqdm(f, desc=path.name, unit=" conv", disable=None), start=1):
+            if not raw_line.strip():
+                continue
+            record = _parse_record(raw_line, path, line_no, bad)
+            if record is None:
+                continue
+            turns = _merge_turns(record, path, line_no, bad)
+            if turns is None:
+                continue
+            conv_id = int(record["conversationId"])
+            if conv_id in seen:
+                bad.report("duplicate_conversation", path, line_no,
+                           f"conversation {conv_id} was already read from {seen[conv_id]}")
+                continue
+            seen[conv_id] = f"{path.name} line {line_no}"
+            conversations.append({
+                "conv_id": conv_id,
+                "split": split,
+                "seeker_worker_id": int(record["initiatorWorkerId"]),
+                "recommender_worker_id": int(record["respondentWorkerId"]),
+                "n_turns": len(turns),
+                "n_messages": len(record["messages"]),
+                "source_file": path.name,
+                "source_line": line_no,
+            })
+            utterances.extend({"conv_id": conv_id, "turn_idx": i, **turn} for i, turn in enumerate(turns))
+    return conversations, utterances
+
+
+def _parse_record(raw_line: bytes, path: Path, line_no: int, bad: BadRecords) -> dict | None:
+    try:
+        text = raw_line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad.report("invalid_utf8", path, line_no, f"invalid UTF-8 at byte {exc.start}")
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        bad.report("malformed_json", path, line_no, f"malformed JSON: {exc.msg} at column {exc.colno}")
+        return None
+    if not isinstance(record, dict):
+        bad.report("malformed_json", path, line_no, f"expected a JSON object, got {type(record).__name__}")
+        return None
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        bad.report("missing_keys", path, line_no, f"record lacks required key(s) {', '.join(missing)}")
+        return None
+    where = f"conversation {record['conversationId']}"
+    if not isinstance(record["messages"], list) or not isinstance(record["movieMentions"], (dict, list)):
+        bad.report("missing_keys", path, line_no, f"{where}: messages must be a list and movieMentions a mapping")
+        return None
+    for index, message in enumerate(record["messages"]):
+        absent = [k for k in REQUIRED_MESSAGE_KEYS if not isinstance(message, dict) or k not in message]
+        if absent:
+            bad.report("missing_keys", path, line_no, f"{where}: message {index} lacks {', '.join(absent)}")
+            return None
+    try:
+        for key in ("conversationId", "initiatorWorkerId", "respondentWorkerId"):
+            int(record[key])
+    except (TypeError, ValueError):
+        bad.report("missing_keys", path, line_no, f"{where}: {key} must be an integer, got {record[key]!r}")
+        return None
+    return record
+
+
+def _merge_turns(record: dict, path: Path, line_no: int, bad: BadRecords) -> list[dict] | None:
+    """Consecutive same-speaker messages become one turn; movie ids are kept once per turn, in order."""
+    where = f"conversation {record['conversationId']}"
+    roles = {int(record["initiatorWorkerId"]): "seeker", int(record["respondentWorkerId"]): "recommender"}
+    declared = {str(movie_id) for movie_id in record["movieMentions"]}
+    turns: list[dict] = []
+    for message in record["messages"]:
+        text = str(message["text"]).strip()
+        if not text:
+            continue
+        role = roles.get(_as_int(message["senderWorkerId"]))
+        if role is None:
+            bad.report("unknown_sender", path, line_no,
+                       f"{where}: sender {message['senderWorkerId']!r} is neither the initiator nor the respondent")
+            return None
+        movie_ids = []
+        for movie_id in MENTION.findall(text):
+            if movie_id not in declared:
+                bad.report("unknown_mention", path, line_no,
+                           f"{where}: text mention @{movie_id} is absent from movieMentions (the mention is dropped)")
+                continue
+            movie_ids.append(int(movie_id))
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["text"] += " " + text
+            turns[-1]["movie_ids"] += [m for m in movie_ids if m not in turns[-1]["movie_ids"]]
+        else:
+            turns.append({"role": role, "text": text, "movie_ids": list(dict.fromkeys(movie_ids))})
+    if not turns:
+        bad.report("empty_conversation", path, line_no, f"{where}: no message with text")
+        return None
+    return turns
+
+
+def _as_int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def assign_validation(conversations: list[dict], valid_split: str, valid_fraction: float,
+                      full_train_conversations: int, seed: int) -> str:
+    """Move part of the train conversations to valid, in place; returns the rule that was applied.
+
+    With the full official train file the KGSF/CRSLab validation ids are used, so numbers compare with theirs;
+    with a partial copy those ids would hold most of it, so a seeded fraction is drawn instead.
+    """
+    train = [c for c in conversations if c["split"] == "train"]
+    rule = valid_split
+    if rule == "auto":
+        rule = "kgsf_ids" if len(train) >= full_train_conversations else "fraction"
+    if rule == "kgsf_ids":
+        lines = KGSF_VALID_IDS.read_text().splitlines()
+        valid_ids = {int(x) for x in lines if x and not x.startswith("#")}
+        found = sum(c["conv_id"] in valid_ids for c in train)
+        if found < len(valid_ids):
+            log.warning("only %d of the %d KGSF validation ids are in the train file", found, len(valid_ids))
+    else:
+        ids = sorted(c["conv_id"] for c in train)
+        valid_ids = set(random.Random(seed).sample(ids, round(valid_fraction * len(ids))))
+    for conversation in train:
+        if conversation["conv_id"] in valid_ids:
+            conversation["split"] = "valid"
+    return rule
+
+
+# ---------------------------------------------------------------- movies
+
+
+def read_movies(files: RawRedialFiles, utterances: pl.DataFrame) -> pl.DataFrame:
+    """The item set: every movie of the ReDial release, with title, year, IMDb id and DBpedia URI when known."""
+    catalogue = _read_csv(files.movies, {"movieId": pl.Int64, "movieName": pl.String, "nbMentions": pl.Int64})
+    parsed = [_split_title(name) for name in catalogue["movieName"]]
+    movies = pl.DataFrame({
+        "movie_id": catalogue["movieId"],
+        "title": [title for title, _ in parsed],
+        "year": pl.Series([year for _, year in parsed], dtype=pl.Int32),
+        "mentions_redial_release": catalogue["nbMentions"],
+    })
+    counts = (utterances.select(pl.col("movie_ids").explode().alias("movie_id")).drop_nulls()
+              .group_by("movie_id").len(name="mentions_ingested"))
+    imdb = (_read_csv(files.movies_imdb, {"databaseId": pl.Int64, "imdbId": pl.String})
+            .filter(pl.col("databaseId") >= 0, pl.col("imdbId").str.contains(r"^\d+$"))
+            .select(pl.col("databaseId").alias("movie_id"),
+                    ("tt" + pl.col("imdbId").str.zfill(7)).alias("imdb_id"))
+            .unique("movie_id", keep="first"))
+    dbpedia = _read_dbpedia_uris(files.movies_dbpedia)
+    return (movies.join(counts, on="movie_id", how="left")
+            .with_columns(pl.col("mentions_ingested").fill_null(0).cast(pl.Int64))
+            .join(dbpedia, on="movie_id", how="left")
+            .join(imdb, on="movie_id", how="left")
+            .select(list(MOVIE_SCHEMA))
+            .cast(MOVIE_SCHEMA)
+            .sort("movie_id"))
+
+
+def _read_csv(path: Path, columns: dict) -> pl.DataFrame:
+    try:
+        table = pl.read_csv(path, schema_overrides=columns, columns=list(columns))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise BadRecordError(f"{path}: expected a CSV file with columns {', '.join(columns)}: {exc}") from None
+    return table
+
+
+def _split_title(name: str) -> tuple[str, int | None]:
+    name = " ".join(name.split())
+    match = TITLE_WITH_YEAR.match(name)
+    return (match["title"], int(match["year"])) if match else (name, None)
+
+
+def _read_dbpedia_uris(path: Path) -> pl.DataFrame:
+    """ReDial movieId -> DBpedia URI (CRSLab's id2entity file: one JSON object; null where no URI was found)."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(mapping, dict):
+            raise ValueError(f"expected a JSON object, got {type(mapping).__name__}")
+        rows = [(int(k), v.strip("<>") if isinstance(v, str) else None) for k, v in mapping.items()]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRecordError(f"{path}: expected a JSON object movieId -> DBpedia URI: {exc}") from None
+    return pl.DataFrame(rows, schema={"movie_id": pl.Int64, "dbpedia_uri": pl.String}, orient="row")
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def split_statistics(conversations: pl.DataFrame, utterances: pl.DataFrame) -> dict:
+    per_turn = utterances.join(conversations.select("conv_id", "split"), on="conv_id").with_columns(
+        pl.col("movie_ids").list.len().alias("mentions"))
+    stats = {}
+    for split in ("train", "valid", "test"):
+        turns = per_turn.filter(pl.col("split") == split)
+        stats[split] = {
+            "conversations": conversations.filter(pl.col("split") == split).height,
+            "turns": turns.height,
+            "movie_mentions": int(turns["mentions"].sum()),
+            "mentions_by_recommender": int(turns.filter(pl.col("role") == "recommender")["mentions"].sum()),
+        }
+    return stats
+
+
+def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fraction: float,
+           full_train_conversations: int, seed: int) -> IngestResult:
+    bad = BadRecords(on_bad_record)
+    conversations, utterances, seen = [], [], {}
+    for path, split in ((files.train, "train"), (files.test, "test")):
+        convs, utts = read_conversations(path, split, bad, seen)
+        conversations += convs
+        utterances += utts
+    rule = assign_validation(conversations, valid_split, valid_fraction, full_train_conversations, seed)
+
+    conversations_df = pl.DataFrame(conversations, schema=CONVERSATION_SCHEMA).sort("conv_id")
+    utterances_df = pl.DataFrame(utterances, schema=UTTERANCE_SCHEMA).sort("conv_id", "turn_idx")
+    movies_df = read_movies(files, utterances_df)
+    outside = (utterances_df.select(pl.col("movie_ids").explode()).drop_nulls()
+               .filter(~pl.col("movie_ids").is_in(movies_df["movie_id"].implode())).height)
+    metrics = {
+        **split_statistics(conversations_df, utterances_df),
+        "validation_rule": rule,
+        "movies": movies_df.height,
+        "movies_with_dbpedia_uri": movies_df["dbpedia_uri"].is_not_null().sum(),
+        "movies_with_imdb_id": movies_df["imdb_id"].is_not_null().sum(),
+        "mentions_outside_movie_list": outside,
+        "bad_records": dict(sorted(bad.counts.items())),
+    }
+    return IngestResult(conversations_df, utterances_df, movies_df, metrics)
