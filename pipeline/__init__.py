@@ -19,6 +19,8 @@ _ENVIRONMENT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     # Stage logs (plain `logging`) show up in the Prefect UI next to the flow's own.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "stages,pipeline",
+    # A task called outside a flow (e.g. a download in a test) logs locally instead of warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     # Flow runs of this project live in the project, so `make ui` shows the runs made by `make run`.
     "PREFECT_HOME": str(Path(project_root()) / ".prefect"),
 }

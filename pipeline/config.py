@@ -67,12 +67,13 @@ class DataConfig(Section):
         """auto means the mirror when one is configured (C2CRS_DATA_DIR or data.mirror_dir), else the download."""
         if self.source != "auto":
             return self.source
-        return "mirror" if self.resolved_mirror_dir() is not None else "download"
+        return "mirror" if (os.environ.get(DATA_DIR_ENV) or self.mirror_dir) else "download"
 
-    def resolved_mirror_dir(self) -> Path | None:
-        """C2CRS_DATA_DIR wins over data.mirror_dir, like MLFLOW_TRACKING_URI over the default store."""
-        value = os.environ.get(DATA_DIR_ENV) or self.mirror_dir
-        return Path(value).expanduser().resolve() if value else None
+    def resolved_mirror_dir(self, workspace: Path) -> Path | None:
+        """C2CRS_DATA_DIR wins over data.mirror_dir (which is relative to the params file's directory)."""
+        if os.environ.get(DATA_DIR_ENV):
+            return Path(os.environ[DATA_DIR_ENV]).expanduser().resolve()
+        return (workspace / self.mirror_dir).expanduser().resolve() if self.mirror_dir else None
 
 
 class IngestConfig(Section):

@@ -4,13 +4,15 @@ A stage flow loads params, opens an MLflow run, calls the stage's plain function
 atomically and logs params, input hashes and metrics. Downloads are Prefect tasks with retries and backoff.
 """
 
+from pathlib import Path
+
 import httpx
 from prefect import flow, tags, task
 from prefect.tasks import exponential_backoff
 
 from pipeline.config import ConfigError, DataConfig, Params, load_params
 from pipeline.io import write_outputs
-from pipeline.paths import git_commit, project_root
+from pipeline.paths import git_commit
 from pipeline.registry import STAGES, stage_names
 from pipeline.tracking import new_invocation, stage_run
 from stages import ingest
@@ -29,11 +31,11 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-def redial_raw_files(data: DataConfig) -> ingest.RawRedialFiles:
+def redial_raw_files(data: DataConfig, workspace: Path) -> ingest.RawRedialFiles:
     """The raw ReDial files: from the mirror, or downloaded (each file a task retried with backoff) and cached."""
     files = data.files.model_dump()
     if data.resolved_source() == "mirror":
-        mirror = data.resolved_mirror_dir()
+        mirror = data.resolved_mirror_dir(workspace)
         if mirror is None:
             raise ConfigError("params.yaml: data.source is mirror but neither C2CRS_DATA_DIR nor data.mirror_dir is set")
         return ingest.locate_mirror_files(mirror, **files)
@@ -41,7 +43,7 @@ def redial_raw_files(data: DataConfig) -> ingest.RawRedialFiles:
     download = task(ingest.download_file, name="download", retries=data.retries,
                     retry_delay_seconds=exponential_backoff(backoff_factor=data.retry_backoff_seconds),
                     retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
-    cache = project_root() / data.cache_dir
+    cache = workspace / data.cache_dir
     zipped = data.downloads.redial_zip
     archive = download(zipped.url, cache / "redial_dataset.zip", zipped.sha256, data.timeout_seconds)
     extracted = {name: ingest.extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
@@ -49,8 +51,7 @@ def redial_raw_files(data: DataConfig) -> ingest.RawRedialFiles:
     fetched = {name: download(getattr(data.downloads, name).url, cache / files[name].rsplit("/", 1)[-1],
                               getattr(data.downloads, name).sha256, data.timeout_seconds)
                for name in ("movies_imdb", "movies_dbpedia")}
-    return ingest.RawRedialFiles(train=extracted["redial_train"], test=extracted["redial_test"],
-                                 movies=extracted["movies"], **fetched)
+    return ingest.RawRedialFiles(**extracted, **fetched)
 
 
 def _params_sections(params: Params, stage: str) -> dict:
@@ -60,9 +61,9 @@ def _params_sections(params: Params, stage: str) -> dict:
 @flow(name="ingest")
 def ingest_flow(params_file: str = "params.yaml") -> dict:
     params = load_params(params_file)
-    root = project_root()
+    root = Path(params_file).resolve().parent  # paths in params are relative to the params file's directory
     with stage_run("ingest", _params_sections(params, "ingest")) as run:
-        raw = redial_raw_files(params.data)
+        raw = redial_raw_files(params.data, root)
         run.log_inputs(dict(raw.items()))
         result = ingest.ingest(raw, seed=params.seed, **params.ingest.model_dump())
         outs = [root / out for out in STAGES["ingest"].outs]

@@ -18,6 +18,8 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict]) -> None:
     try:
         for target, content in outputs.items():
             target.parent.mkdir(parents=True, exist_ok=True)
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed run
+                stale.unlink()
             temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             staged.append((temporary, target))
             if isinstance(content, pl.DataFrame):

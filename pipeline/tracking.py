@@ -102,7 +102,8 @@ class StageRun:
         return hashes
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        flat = flatten(metrics)
+        """Nested keys are joined with dots; '@' (recall@10) becomes '_at_', which MLflow names allow."""
+        flat = {k.replace("@", "_at_"): v for k, v in flatten(metrics).items()}
         numbers = {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(numbers, step=step)
         others = {k: str(v) for k, v in flat.items() if k not in numbers}

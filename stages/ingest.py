@@ -64,8 +64,10 @@ class BadRecordError(ValueError):
 
 @dataclass(frozen=True)
 class RawRedialFiles:
-    train: Path
-    test: Path
+    """The raw inputs; field names are the keys of data.files in params.yaml."""
+
+    redial_train: Path
+    redial_test: Path
     movies: Path
     movies_imdb: Path
     movies_dbpedia: Path
@@ -103,17 +105,17 @@ class BadRecords:
 def locate_mirror_files(mirror_dir: Path, redial_train: str, redial_test: str, movies: str, movies_imdb: str,
                         movies_dbpedia: str) -> RawRedialFiles:
     files = RawRedialFiles(
-        train=mirror_dir / redial_train,
-        test=mirror_dir / redial_test,
+        redial_train=mirror_dir / redial_train,
+        redial_test=mirror_dir / redial_test,
         movies=mirror_dir / movies,
         movies_imdb=mirror_dir / movies_imdb,
         movies_dbpedia=mirror_dir / movies_dbpedia,
     )
-    missing = [f"{name} ({path})" for name, path in files.items() if not path.is_file()]
+    missing = [f"data.files.{name} ({path})" for name, path in files.items() if not path.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR / data.mirror_dir and the "
-            "file names under data.files in params.yaml."
+            f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR or data.mirror_dir, "
+            "and the file names under data.files in params.yaml."
         )
     return files
 
@@ -389,7 +391,7 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
            full_train_conversations: int, seed: int) -> IngestResult:
     bad = BadRecords(on_bad_record)
     conversations, utterances, seen = [], [], {}
-    for path, split in ((files.train, "train"), (files.test, "test")):
+    for path, split in ((files.redial_train, "train"), (files.redial_test, "test")):
         convs, utts = read_conversations(path, split, bad, seen)
         conversations += convs
         utterances += utts

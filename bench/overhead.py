@@ -1,0 +1,208 @@
+"""Benchmark: what Prefect + MLflow add to a stage, against calling the stage's functions directly.
+
+Why: every stage runs as a Prefect flow with an MLflow run; the target is at most 3 s of overhead per stage when a
+Prefect server is running (as under `python -m pipeline repro`). Three variants of the ingest stage, each a fresh
+process whose whole wall time is measured (interpreter start, imports, the stage's work, the writing of outputs):
+
+  a. direct     `python -c ...`: load params, call the stage functions, write outputs with pipeline.io.write_outputs
+                (the same work as the flow, without Prefect or MLflow);
+  b. ephemeral  `python -m pipeline run ingest` with PREFECT_API_URL unset: Prefect starts a temporary server in
+                the process (the first run also creates Prefect's database);
+  c. server     `python -m pipeline run ingest` against a Prefect server started here and stopped at the end; the
+                time the server takes to become healthy is reported but not counted.
+
+Overhead = flow time - direct time (median of the direct runs). The flow runs log into a temporary MLflow store
+and a temporary PREFECT_HOME, so the project's own stores are not touched; the stage outputs still land in
+data/ingest/ and metrics/ingest.json, as with `python -m pipeline run ingest` (same content).
+
+    C2CRS_DATA_DIR=/work/shared/data .venv/bin/python bench/overhead.py [--repeats N]
+
+Prints a table and writes bench/results/overhead.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pipeline  # noqa: E402,F401  (sets DO_NOT_TRACK etc. in os.environ; the subprocesses inherit them)
+from pipeline import servers  # noqa: E402
+from pipeline.config import DATA_DIR_ENV  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "overhead.json"
+STAGE = "ingest"
+TARGET_SECONDS = 3.0
+RUN_TIMEOUT_SECONDS = 900
+
+# Variant a: what ingest_flow (pipeline/flows.py) does, minus Prefect and MLflow. The mirror is C2CRS_DATA_DIR,
+# which wins over data.mirror_dir in params.yaml.
+DIRECT_INGEST = """
+import os
+from pathlib import Path
+
+import pipeline
+from pipeline.config import load_params
+from pipeline.io import write_outputs
+from pipeline.registry import STAGES
+from stages import ingest
+
+root = Path.cwd()
+params = load_params(root / "params.yaml")
+files = ingest.locate_mirror_files(Path(os.environ["C2CRS_DATA_DIR"]).expanduser().resolve(),
+                                   **params.data.files.model_dump())
+result = ingest.ingest(files, seed=params.seed, **params.ingest.model_dump())
+outs = [root / out for out in STAGES["ingest"].outs]
+write_outputs({
+    outs[0]: result.conversations,
+    outs[1]: result.utterances,
+    outs[2]: result.movies,
+    root / STAGES["ingest"].metrics[0]: result.metrics,
+})
+"""
+DIRECT_COMMAND = [sys.executable, "-c", DIRECT_INGEST]
+FLOW_COMMAND = [sys.executable, "-m", "pipeline", "run", STAGE]
+
+
+def timed_run(command: list[str], env: dict, log_path: Path) -> float:
+    """Run one command from the project root; return its wall time. On failure, show the log's tail and stop."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT_SECONDS)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        sys.exit(f"error: {' '.join(command[:4])} ... exited with {process.returncode}; log {log_path}:\n{tail}")
+    return wall
+
+
+def run_variant(name: str, command: list[str], env: dict, repeats: int, logs: Path) -> list[float]:
+    walls = []
+    for i in range(1, repeats + 1):
+        wall = timed_run(command, env, logs / f"{name}-{i}.log")
+        print(f"  {name} run {i}: {wall:.2f} s", flush=True)
+        walls.append(wall)
+    return walls
+
+
+def create_mlflow_store(tracking_uri: str, artifacts: Path) -> None:
+    """Create the temporary store and the project's experiment with artifacts beside it, not in mlartifacts/."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import EXPERIMENT
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables..."
+    MlflowClient(tracking_uri=tracking_uri).create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
+
+
+def print_table(walls: dict[str, list[float]], direct: float, server_startup: float, target_met: bool) -> None:
+    labels = {
+        "direct": "a. direct (no Prefect, no MLflow)",
+        "ephemeral": "b. flow, ephemeral Prefect",
+        "server": "c. flow, Prefect server running",
+    }
+    print(f"\nstage {STAGE}: whole-process wall time, seconds (overhead vs the direct median in brackets)")
+    print(f"{'variant':<36}  {'runs':<36}  {'median':>7}  {'overhead':>8}")
+    for name, runs in walls.items():
+        median = statistics.median(runs)
+        if name == "direct":
+            cells, overhead = [f"{w:.2f}" for w in runs], "-"
+        else:
+            cells, overhead = [f"{w:.2f} (+{w - direct:.2f})" for w in runs], f"+{median - direct:.2f}"
+        print(f"{labels[name]:<36}  {'  '.join(cells):<36}  {median:>7.2f}  {overhead:>8}")
+    print(f"\nPrefect server healthy after {server_startup:.2f} s (not counted in c)")
+    verdict = "met" if target_met else "NOT met"
+    print(f"target: overhead <= {TARGET_SECONDS:.0f} s per stage with a server running: {verdict} "
+          f"(c median overhead {statistics.median(walls['server']) - direct:+.2f} s)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per variant (default 2)")
+    args = parser.parse_args()
+
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if not data_dir:
+        sys.exit(f"error: {DATA_DIR_ENV} is not set; point it at the data mirror, e.g. {DATA_DIR_ENV}=/work/shared/data")
+    if not Path(data_dir).is_dir():
+        sys.exit(f"error: {DATA_DIR_ENV}={data_dir} is not a directory")
+    if args.repeats < 1:
+        sys.exit("error: --repeats must be at least 1")
+
+    # Temporary stores. They go into os.environ itself, because the Prefect server started below (with
+    # pipeline.servers) inherits this process's environment, and it must use the same temporary PREFECT_HOME.
+    tmp = Path(tempfile.mkdtemp(prefix="c2crs-bench-overhead-"))
+    logs = tmp / "logs"
+    logs.mkdir()
+    overrides = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlruns.db", "PREFECT_HOME": str(tmp / "prefect")}
+    os.environ.update(overrides)
+    os.environ.pop("PREFECT_API_URL", None)  # b is the ephemeral mode; c sets it per run
+    print(f"temporary stores and run logs in {tmp}", flush=True)
+
+    start = time.perf_counter()
+    create_mlflow_store(overrides["MLFLOW_TRACKING_URI"], tmp / "mlartifacts")
+    mlflow_setup_seconds = time.perf_counter() - start
+
+    walls: dict[str, list[float]] = {}
+    print("a. direct", flush=True)
+    walls["direct"] = run_variant("direct", DIRECT_COMMAND, dict(os.environ), args.repeats, logs)
+    print("b. flow, ephemeral Prefect (PREFECT_API_URL unset)", flush=True)
+    walls["ephemeral"] = run_variant("ephemeral", FLOW_COMMAND, dict(os.environ), args.repeats, logs)
+
+    print("c. flow, Prefect server: starting the server", flush=True)
+    start = time.perf_counter()
+    server = servers.start_prefect(servers.free_port())
+    try:
+        server.wait_until_healthy()
+        server_startup = time.perf_counter() - start
+        print(f"  server {server.url} healthy after {server_startup:.2f} s", flush=True)
+        env = dict(os.environ, PREFECT_API_URL=f"{server.url}/api")
+        walls["server"] = run_variant("server", FLOW_COMMAND, env, args.repeats, logs)
+    finally:
+        server.stop()
+
+    direct = statistics.median(walls["direct"])
+    overhead = {name: [w - direct for w in walls[name]] for name in ("ephemeral", "server")}
+    server_overhead = statistics.median(overhead["server"])
+    target_met = server_overhead <= TARGET_SECONDS
+    print_table(walls, direct, server_startup, target_met)
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "overhead",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "stage": STAGE,
+        "data_dir": data_dir,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "repeats": args.repeats,
+        "wall_seconds": walls,
+        "direct_median_seconds": direct,
+        "overhead_seconds": overhead,
+        "overhead_median_seconds": {name: statistics.median(runs) for name, runs in overhead.items()},
+        "prefect_server_startup_seconds": server_startup,
+        "mlflow_import_and_store_creation_seconds": mlflow_setup_seconds,
+        "target_overhead_seconds": TARGET_SECONDS,
+        "target_met_with_server": target_met,
+    }, indent=2) + "\n")
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+
+    shutil.rmtree(tmp)  # kept when a run fails (sys.exit above), for its logs
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The command line: listing stages, and failing fast with a clear message on bad input."""
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from pipeline.registry import STAGES
+from tests.conftest import PROJECT
+
+
+def cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_stages_lists_each_stage_with_inputs_and_outputs():
+    done = cli("stages")
+    assert done.returncode == 0
+    for spec in STAGES.values():
+        assert f"{spec.name}: {spec.summary}" in done.stdout
+        for out in spec.outs + spec.metrics:
+            assert out in done.stdout
+
+
+def test_unknown_stage_names_the_choices():
+    done = cli("run", "trian")
+    assert done.returncode == 2
+    assert "unknown stage 'trian'; choose one of: ingest" in done.stderr
+    assert done.stderr.rstrip().endswith(", all")
+
+
+def test_bad_params_fail_before_any_flow_starts(tmp_path):
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["ingest"]["on_bad_record"] = "ignore"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    done = cli("run", "ingest", "--params", str(path))
+    assert done.returncode == 2
+    assert "ingest.on_bad_record: Input should be 'error' or 'skip' (got 'ignore')" in done.stderr
+    assert "Starting temporary server" not in done.stderr
+
+
+def test_no_argument_prints_usage():
+    done = cli()
+    assert done.returncode == 2
+    assert "usage: python -m pipeline" in done.stderr

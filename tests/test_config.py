@@ -1,0 +1,104 @@
+"""params.yaml validation: errors name the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_params, resolve_device
+from tests.conftest import PROJECT
+
+
+def write(tmp_path: Path, change) -> Path:
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    change(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_the_shipped_params_are_valid():
+    params = load_params(PROJECT / "params.yaml")
+    assert params.data.downloads.redial_zip.sha256.startswith("b4875668")
+
+
+def test_unknown_key_names_its_path_and_the_allowed_keys(tmp_path):
+    path = write(tmp_path, lambda p: p["ingest"].update(on_bad_records="skip"))
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    assert "ingest.on_bad_records: unknown key; allowed here: on_bad_record, valid_split" in str(error.value)
+
+
+def test_unknown_nested_key(tmp_path):
+    path = write(tmp_path, lambda p: p["data"]["files"].update(redial_valid="x.jsonl"))
+    with pytest.raises(ConfigError, match=r"data\.files\.redial_valid: unknown key; allowed here: redial_train"):
+        load_params(path)
+
+
+def test_wrong_type(tmp_path):
+    path = write(tmp_path, lambda p: p["data"].update(retries="three"))
+    with pytest.raises(ConfigError, match=r"data\.retries: Input should be a valid integer.*got 'three'"):
+        load_params(path)
+
+
+def test_out_of_range(tmp_path):
+    path = write(tmp_path, lambda p: p["ingest"].update(valid_fraction=1.5))
+    with pytest.raises(ConfigError, match=r"ingest\.valid_fraction: Input should be less than 1 \(got 1\.5\)"):
+        load_params(path)
+
+
+def test_choice_lists_the_allowed_values(tmp_path):
+    path = write(tmp_path, lambda p: p.update(device="tpu"))
+    with pytest.raises(ConfigError, match=r"device: Input should be 'auto', 'cpu' or 'cuda' \(got 'tpu'\)"):
+        load_params(path)
+
+
+def test_missing_required_section(tmp_path):
+    path = write(tmp_path, lambda p: p.pop("data"))
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        load_params(path)
+
+
+def test_bad_checksum_format(tmp_path):
+    path = write(tmp_path, lambda p: p["data"]["downloads"]["movies_imdb"].update(sha256="abc"))
+    with pytest.raises(ConfigError, match=r"data\.downloads\.movies_imdb\.sha256: String should match pattern"):
+        load_params(path)
+
+
+def test_not_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_data_source_auto_follows_the_environment(tmp_path, monkeypatch):
+    params = load_params(PROJECT / "params.yaml")
+    monkeypatch.delenv("C2CRS_DATA_DIR", raising=False)
+    assert params.data.resolved_source() == "download"
+    assert params.data.resolved_mirror_dir(tmp_path) is None
+    monkeypatch.setenv("C2CRS_DATA_DIR", str(tmp_path / "mirror"))
+    assert params.data.resolved_source() == "mirror"
+    assert params.data.resolved_mirror_dir(PROJECT) == tmp_path / "mirror"
+
+
+def test_mirror_dir_in_params_is_relative_to_the_params_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("C2CRS_DATA_DIR", raising=False)
+    params = load_params(write(tmp_path, lambda p: p["data"].update(mirror_dir="../shared/data")))
+    assert params.data.resolved_source() == "mirror"
+    assert params.data.resolved_mirror_dir(tmp_path) == (tmp_path / "../shared/data").resolve()
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
+            resolve_device("cuda")

@@ -1,0 +1,100 @@
+"""Downloads: checksum, cache, zip members, and Prefect task retries on transient errors only."""
+
+import hashlib
+import io
+import zipfile
+
+import httpx
+import pytest
+
+from pipeline.config import load_params
+from pipeline.flows import is_transient, redial_raw_files
+from stages import ingest
+from tests.conftest import FIXTURES
+
+
+def mock_client(handler) -> httpx.Client:
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_download_checks_the_checksum_and_caches(tmp_path):
+    calls = []
+
+    def handler(request):
+        calls.append(request.url)
+        return httpx.Response(200, content=b"payload")
+
+    dest = tmp_path / "f.bin"
+    with mock_client(handler) as client:
+        ingest.download_file("https://example.org/f.bin", dest, sha(b"payload"), 5, client)
+        ingest.download_file("https://example.org/f.bin", dest, sha(b"payload"), 5, client)
+    assert dest.read_bytes() == b"payload"
+    assert len(calls) == 1
+
+
+def test_a_wrong_checksum_keeps_nothing(tmp_path):
+    dest = tmp_path / "f.bin"
+    with mock_client(lambda request: httpx.Response(200, content=b"tampered")) as client:
+        with pytest.raises(ValueError, match="SHA-256 is .* expected 0{64}; the file was not kept"):
+            ingest.download_file("https://example.org/f.bin", dest, "0" * 64, 5, client)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("status,transient", [(500, True), (503, True), (429, True), (404, False), (403, False)])
+def test_only_transient_http_errors_are_retried(tmp_path, status, transient):
+    with mock_client(lambda request: httpx.Response(status)) as client:
+        with pytest.raises(httpx.HTTPStatusError) as error:
+            ingest.download_file("https://example.org/f.bin", tmp_path / "f", "0" * 64, 5, client)
+    assert is_transient(error.value) is transient
+    assert is_transient(httpx.ConnectTimeout("timed out")) is True
+
+
+def official_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.write(FIXTURES / "mirror/redial/train.jsonl", "redial/train_data.jsonl")
+        zf.write(FIXTURES / "mirror/redial/test.jsonl", "redial/test_data.jsonl")
+        zf.write(FIXTURES / "mirror/redial/movies_with_mentions.csv", "redial/movies_with_mentions.csv")
+    return buffer.getvalue()
+
+
+def test_download_mode_retries_transient_failures_then_ingests(tmp_path, monkeypatch, prefect_harness):
+    bodies = {
+        "redial_dataset.zip": official_zip(),
+        "movies_merged_with_imdb.csv": (FIXTURES / "mirror/redial/movies_merged_with_imdb.csv").read_bytes(),
+        "id2entity.jsonl": (FIXTURES / "mirror/crslab_redial/id2entity.jsonl").read_bytes(),
+    }
+    failures = {"redial_dataset.zip": 2}  # two 503s before the archive comes through
+
+    def handler(request):
+        name = request.url.path.rsplit("/", 1)[-1]
+        if failures.get(name, 0) > 0:
+            failures[name] -= 1
+            return httpx.Response(503)
+        return httpx.Response(200, content=bodies[name])
+
+    real_client = httpx.Client
+    monkeypatch.setattr(ingest.httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler)))
+    monkeypatch.delenv("C2CRS_DATA_DIR", raising=False)
+    params = load_params(FIXTURES.parents[1] / "params.yaml")
+    data = params.data.model_copy(update={
+        "source": "download", "retry_backoff_seconds": 0.0,
+        "downloads": params.data.downloads.model_copy(update={
+            "redial_zip": params.data.downloads.redial_zip.model_copy(update={"sha256": sha(bodies["redial_dataset.zip"])}),
+            "movies_imdb": params.data.downloads.movies_imdb.model_copy(
+                update={"sha256": sha(bodies["movies_merged_with_imdb.csv"])}),
+            "movies_dbpedia": params.data.downloads.movies_dbpedia.model_copy(
+                update={"sha256": sha(bodies["id2entity.jsonl"])}),
+        }),
+    })
+    raw = redial_raw_files(data, tmp_path)
+    assert failures["redial_dataset.zip"] == 0
+    assert raw.redial_train == tmp_path / "data/raw/train_data.jsonl"
+    assert raw.redial_train.read_bytes() == (FIXTURES / "mirror/redial/train.jsonl").read_bytes()
+    result = ingest.ingest(raw, on_bad_record="error", valid_split="fraction", valid_fraction=0.25,
+                           full_train_conversations=10006, seed=0)
+    assert result.metrics["test"]["conversations"] == 2

@@ -1,0 +1,90 @@
+"""Stages as Prefect flows, tracked in MLflow: outputs, tags, runs grouped under a parent, the CLI end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+from pipeline.flows import run_stage_flow
+from pipeline.paths import git_commit
+from tests.conftest import PROJECT
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def flow_runs_tagged(tag: str):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+
+def test_ingest_flow_writes_outputs_and_tracks_the_run(params_file, mlflow_store):
+    metrics = run_stage_flow("ingest", str(params_file))
+
+    workspace = params_file.parent
+    conversations = pl.read_parquet(workspace / "data/ingest/conversations.parquet")
+    assert conversations.height == 6
+    assert json.loads((workspace / "metrics/ingest.json").read_text()) == metrics
+
+    runs = mlflow.search_runs(experiment_names=["c2crs"], output_format="list")
+    [run] = [r for r in runs if r.info.run_name == "ingest"]
+    assert run.data.tags["stage"] == "ingest"
+    assert run.data.tags["git_commit"] == git_commit()
+    assert run.data.params["ingest.on_bad_record"] == "error"
+    assert len(run.data.params["input_sha256.redial_train"]) == 64
+    assert run.data.metrics["test.conversations"] == 2
+    assert run.data.tags["validation_rule"] == "fraction"
+
+    [flow_run] = flow_runs_tagged("stage:ingest")
+    assert f"git:{git_commit()}" in flow_run.tags
+    assert flow_run.state.is_completed()
+
+
+def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, mlflow_store):
+    results = run_stage_flow("all", str(params_file))
+    assert set(results) == {"ingest"}
+
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("c2crs").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = {r.info.run_id for r in runs if "c2crs.invocation" in r.data.tags}
+    assert [r.info.run_name for r in children] == ["ingest"]
+    assert {children[0].data.tags["mlflow.parentRunId"]} == parents
+    assert all(client.get_run(p).info.status == "FINISHED" for p in parents)
+
+    # Subflows inherit the parent's tags and add their own stage tag.
+    [parent_flow] = [run for run in flow_runs_tagged("stage:all") if run.parent_task_run_id is None]
+    with get_client(sync_client=True) as prefect:
+        subflows = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id={"any_": [parent_flow.id]}))
+    assert len(subflows) == 1 and subflows[0].state.is_completed()
+    assert {"stage:ingest", "stage:all"} <= set(subflows[0].tags)
+
+
+def test_a_failing_stage_marks_its_runs_failed_and_keeps_old_outputs(params_file, mlflow_store, mirror):
+    run_stage_flow("ingest", str(params_file))
+    before = (params_file.parent / "data/ingest/utterances.parquet").read_bytes()
+    with open(mirror / "redial/train.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(Exception, match=r"train.jsonl, line 5: malformed JSON"):
+        run_stage_flow("ingest", str(params_file))
+    assert (params_file.parent / "data/ingest/utterances.parquet").read_bytes() == before
+    statuses = [r.info.status for r in mlflow.search_runs(experiment_names=["c2crs"], output_format="list")]
+    assert sorted(statuses) == ["FAILED", "FINISHED"]
+
+
+def test_cli_runs_a_stage_against_a_prefect_server(params_file, mlflow_store):
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": mlflow_store}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout[done.stdout.index("{"):])["test"]["conversations"] == 2
+    assert "Starting temporary server" not in done.stderr  # the given server was used, not an ephemeral one

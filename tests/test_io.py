@@ -1,0 +1,78 @@
+"""Outputs are replaced all at once or not at all, even when the writing process is killed."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import polars as pl
+import pytest
+
+from pipeline.io import content_hash, write_outputs
+from tests.conftest import PROJECT
+
+
+def test_outputs_are_written(tmp_path):
+    write_outputs({tmp_path / "a/t.parquet": pl.DataFrame({"x": [1, 2]}), tmp_path / "m.json": {"n": 2}})
+    assert pl.read_parquet(tmp_path / "a/t.parquet")["x"].to_list() == [1, 2]
+    assert (tmp_path / "m.json").read_text() == '{\n  "n": 2\n}\n'
+
+
+def test_an_error_midway_keeps_the_previous_outputs_and_no_temporary_files(tmp_path, monkeypatch):
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    write_outputs({first: pl.DataFrame({"x": [1]}), second: pl.DataFrame({"x": [1]})})
+    before = content_hash(tmp_path)
+    original = pl.DataFrame.write_parquet
+    calls = []
+
+    def failing_write(self, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        original(self, path, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs({first: pl.DataFrame({"x": [2]}), second: pl.DataFrame({"x": [2]})})
+    assert content_hash(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
+
+
+def test_a_kill_midway_keeps_the_previous_outputs(tmp_path):
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    write_outputs({first: pl.DataFrame({"x": [1]}), second: pl.DataFrame({"x": [1]})})
+    # A writer that hangs on its second table: the first new table is on disk (as a temporary file) when killed.
+    script = textwrap.dedent(f"""
+        import time, polars as pl
+        from pathlib import Path
+        from pipeline.io import write_outputs
+        original, calls = pl.DataFrame.write_parquet, []
+        def slow_write(self, path, **kwargs):
+            calls.append(path)
+            original(self, path, **kwargs)
+            if len(calls) == 2:
+                Path({str(tmp_path / "ready")!r}).touch()
+                time.sleep(60)
+        pl.DataFrame.write_parquet = slow_write
+        write_outputs({{Path({str(first)!r}): pl.DataFrame({{"x": [2]}}),
+                        Path({str(second)!r}): pl.DataFrame({{"x": [2]}})}})
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert writer.poll() is None and time.monotonic() < deadline, "writer ended before reaching the kill point"
+        time.sleep(0.05)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    (tmp_path / "ready").unlink()
+    assert pl.read_parquet(first)["x"].to_list() == [1]
+    assert pl.read_parquet(second)["x"].to_list() == [1]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert leftovers == [f".first.parquet.{writer.pid}.tmp", f".second.parquet.{writer.pid}.tmp"]
+
+    # The next run clears what the killed one left behind.
+    write_outputs({first: pl.DataFrame({"x": [3]}), second: pl.DataFrame({"x": [3]})})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
+    assert pl.read_parquet(second)["x"].to_list() == [3]

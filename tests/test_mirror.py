@@ -1,0 +1,56 @@
+"""Integration on the real data mirror (C2CRS_DATA_DIR); skipped with a reason when it is absent."""
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.config import load_params
+from stages import ingest
+from tests.conftest import PROJECT
+
+MIRROR = Path(os.environ.get("C2CRS_DATA_DIR", "/nonexistent"))
+pytestmark = pytest.mark.skipif(not (MIRROR / "redial").is_dir(),
+                                reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with redial/")
+
+
+@pytest.fixture(scope="module")
+def raw():
+    params = load_params(PROJECT / "params.yaml")
+    return ingest.locate_mirror_files(MIRROR, **params.data.files.model_dump())
+
+
+@pytest.fixture(scope="module")
+def result(raw):
+    return ingest.ingest(raw, on_bad_record="skip", valid_split="auto", valid_fraction=0.1,
+                         full_train_conversations=10006, seed=42)
+
+
+def test_real_split_counts(result):
+    metrics = result.metrics
+    assert metrics["test"]["conversations"] == 1342
+    assert metrics["train"]["conversations"] + metrics["valid"]["conversations"] == 2501
+    assert metrics["valid"]["conversations"] == 250  # partial train file: a seeded 10 %
+    assert metrics["validation_rule"] == "fraction"
+
+
+def test_real_movies(result):
+    assert result.metrics["movies"] == 6924
+    assert result.metrics["movies_with_imdb_id"] == 5178
+    assert result.metrics["movies_with_dbpedia_uri"] == 6924 - 812
+    assert result.metrics["mentions_outside_movie_list"] == 0
+
+
+def test_turns_alternate_after_merging(result):
+    alternating = (result.utterances.sort("conv_id", "turn_idx")
+                   .with_columns(pl.col("role").shift().over("conv_id").alias("previous"))
+                   .filter(pl.col("role") == pl.col("previous")))
+    assert alternating.height == 0
+
+
+def test_the_one_known_bad_mention_is_reported(raw, result):
+    assert result.metrics["bad_records"] == {"unknown_mention": 1}
+    with pytest.raises(ingest.BadRecordError, match=r"train_partial.jsonl, line 107: conversation 1382: .*@115908"):
+        ingest.ingest(raw, on_bad_record="error", valid_split="auto", valid_fraction=0.1,
+                      full_train_conversations=10006, seed=42)

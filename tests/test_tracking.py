@@ -1,0 +1,61 @@
+"""MLflow bookkeeping against a temporary SQLite store."""
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+
+
+def runs(store):
+    client = MlflowClient(store)
+    return client.search_runs([client.get_experiment_by_name("c2crs").experiment_id], order_by=["start_time ASC"])
+
+
+def test_stage_run_logs_params_metrics_inputs_and_commit(mlflow_store, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("hello")
+    with tracking.stage_run("demo", {"demo": {"lr": 0.1, "layers": [1, 2]}}) as run:
+        hashes = run.log_inputs({"text": source})
+        run.log_metrics({"test": {"recall@10": 0.5, "n": 3}, "rule": "fraction"})
+    [logged] = runs(mlflow_store)
+    assert logged.data.params["demo.lr"] == "0.1"
+    assert logged.data.params["input_sha256.text"] == hashes["text"]
+    assert hashes["text"] == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    assert logged.data.metrics == {"test.recall_at_10": 0.5, "test.n": 3.0}
+    assert logged.data.tags["rule"] == "fraction"
+    assert logged.data.tags["stage"] == "demo"
+    assert "mlflow.parentRunId" not in logged.data.tags  # no invocation: a top-level run
+
+
+def test_runs_of_one_invocation_share_a_parent(mlflow_store):
+    tracking.new_invocation()
+    for stage in ("first", "second"):
+        with tracking.stage_run(stage, {}):
+            pass
+    tracking.new_invocation()
+    with tracking.stage_run("third", {}):
+        pass
+    all_runs = runs(mlflow_store)
+    by_name = {r.info.run_name: r for r in all_runs}
+    parents = [r for r in all_runs if "c2crs.invocation" in r.data.tags]
+    assert len(parents) == 2
+    assert by_name["first"].data.tags["mlflow.parentRunId"] == by_name["second"].data.tags["mlflow.parentRunId"]
+    assert by_name["third"].data.tags["mlflow.parentRunId"] != by_name["first"].data.tags["mlflow.parentRunId"]
+
+
+def test_a_failed_stage_fails_its_parent(mlflow_store):
+    tracking.new_invocation()
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("broken", {}):
+            raise RuntimeError("boom")
+    statuses = {r.info.run_name: r.info.status for r in runs(mlflow_store)}
+    assert statuses["broken"] == "FAILED"
+    assert [s for name, s in statuses.items() if name.startswith("pipeline ")] == ["FAILED"]
+
+
+def test_the_default_store_is_an_absolute_sqlite_file_in_the_project(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri()
+    assert uri.startswith("sqlite:////") and uri.endswith("/mlruns.db")
+    assert mlflow.get_tracking_uri() != "" and tracking.artifact_root().startswith("file:///")
