@@ -73,7 +73,7 @@ def _repro(args) -> int:
     """One pipeline invocation: one MLflow parent run, and one Prefect server for all stages instead of one
     ephemeral server per stage process (8-20 s each). A server already on the UI port is used as it is."""
     from pipeline import servers
-    from pipeline.tracking import new_invocation
+    from pipeline.invocation import new_invocation
 
     dvc = shutil.which("dvc") or str(servers.BIN / "dvc")
     new_invocation()

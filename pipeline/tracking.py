@@ -6,7 +6,6 @@ Each stage run is a child of one parent run per pipeline invocation, so one `dvc
 """
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -15,11 +14,11 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline.invocation import current_invocation
 from pipeline.io import content_hash
 from pipeline.paths import git_commit, project_root
 
 EXPERIMENT = "c2crs"
-INVOCATION_ENV = "C2CRS_INVOCATION"
 INVOCATION_TAG = "c2crs.invocation"
 
 
@@ -37,35 +36,6 @@ def experiment_id() -> str:
     if experiment is not None:
         return experiment.experiment_id
     return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root())
-
-
-def new_invocation() -> str:
-    """Start a new pipeline invocation in this process and the ones it launches (dvc repro, subflows)."""
-    key = f"run-{uuid.uuid4().hex[:12]}"
-    os.environ[INVOCATION_ENV] = key
-    return key
-
-
-def current_invocation() -> str | None:
-    """The invocation this stage belongs to: set by `pipeline repro` / `run all`, or the `dvc` process above us."""
-    return os.environ.get(INVOCATION_ENV) or _dvc_ancestor()
-
-
-def _dvc_ancestor() -> str | None:
-    """A plain `dvc repro` runs each stage in its own process; its pid and start time identify the invocation."""
-    pid = os.getppid()
-    for _ in range(6):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        if any(Path(arg.decode(errors="replace")).name == "dvc" for arg in cmdline[:2]):
-            return f"dvc-{pid}-{stat[19]}"
-        pid = int(stat[1])
-        if pid <= 1:
-            return None
-    return None
 
 
 def _parent_run(client: MlflowClient, exp_id: str, invocation: str) -> str:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from pipeline.config import load_params
-from pipeline.flows import is_transient, redial_raw_files
+from pipeline.bodies import is_transient, redial_raw_files
 from stages import ingest
 from tests.conftest import FIXTURES
 

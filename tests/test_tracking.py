@@ -5,6 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.invocation import new_invocation
 
 
 def runs(store):
@@ -29,11 +30,11 @@ def test_stage_run_logs_params_metrics_inputs_and_commit(mlflow_store, tmp_path)
 
 
 def test_runs_of_one_invocation_share_a_parent(mlflow_store):
-    tracking.new_invocation()
+    new_invocation()
     for stage in ("first", "second"):
         with tracking.stage_run(stage, {}):
             pass
-    tracking.new_invocation()
+    new_invocation()
     with tracking.stage_run("third", {}):
         pass
     all_runs = runs(mlflow_store)
@@ -45,7 +46,7 @@ def test_runs_of_one_invocation_share_a_parent(mlflow_store):
 
 
 def test_a_failed_stage_fails_its_parent(mlflow_store):
-    tracking.new_invocation()
+    new_invocation()
     with pytest.raises(RuntimeError):
         with tracking.stage_run("broken", {}):
             raise RuntimeError("boom")
@@ -59,3 +60,21 @@ def test_the_default_store_is_an_absolute_sqlite_file_in_the_project(monkeypatch
     uri = tracking.tracking_uri()
     assert uri.startswith("sqlite:////") and uri.endswith("/mlruns.db")
     assert mlflow.get_tracking_uri() != "" and tracking.artifact_root().startswith("file:///")
+
+
+def test_stages_started_by_one_plain_dvc_process_share_an_invocation(tmp_path, monkeypatch):
+    """`dvc repro` runs each stage in its own process; they find the same invocation through the dvc process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT
+
+    monkeypatch.delenv("C2CRS_INVOCATION", raising=False)
+    probe = f"{sys.executable} -c 'from pipeline.invocation import current_invocation; print(current_invocation())'"
+    fake_dvc = tmp_path / "dvc"
+    fake_dvc.write_text(f"#!/bin/sh\n{probe}\n{probe}\n")
+    fake_dvc.chmod(0o755)
+    first = subprocess.run([str(fake_dvc)], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
+    second = subprocess.run([str(fake_dvc)], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
+    assert first[0] == first[1] and first[0].startswith("dvc-")
+    assert second[0] == second[1] and second[0] != first[0]
