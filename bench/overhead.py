@@ -10,6 +10,9 @@ process whose whole wall time is measured (interpreter start, imports, the stage
                 the process (the first run also creates Prefect's database);
   c. server     `python -m pipeline run ingest` against a Prefect server started here and stopped at the end; the
                 time the server takes to become healthy is reported but not counted.
+  d. in-process one warm process against the same server: the stage body alone, then as a flow with its MLflow
+                run, alternately. This is what orchestration costs a stage once the imports are paid, as in
+                `python -m pipeline run all`; a - c differ mostly by importing Prefect and MLflow (about 3 s here).
 
 Overhead = flow time - direct time (median of the direct runs). The flow runs log into a temporary MLflow store
 and a temporary PREFECT_HOME, so the project's own stores are not touched; the stage outputs still land in
@@ -45,30 +48,31 @@ STAGE = "ingest"
 TARGET_SECONDS = 3.0
 RUN_TIMEOUT_SECONDS = 900
 
-# Variant a: what ingest_flow (pipeline/flows.py) does, minus Prefect and MLflow. The mirror is C2CRS_DATA_DIR,
-# which wins over data.mirror_dir in params.yaml.
+# Variant a: the stage body, which is the flow minus Prefect and MLflow (neither is imported).
 DIRECT_INGEST = """
-import os
 from pathlib import Path
-
 import pipeline
+from pipeline.bodies import ingest_stage
 from pipeline.config import load_params
-from pipeline.io import write_outputs
-from pipeline.registry import STAGES
-from stages import ingest
-
-root = Path.cwd()
-params = load_params(root / "params.yaml")
-files = ingest.locate_mirror_files(Path(os.environ["C2CRS_DATA_DIR"]).expanduser().resolve(),
-                                   **params.data.files.model_dump())
-result = ingest.ingest(files, seed=params.seed, **params.ingest.model_dump())
-outs = [root / out for out in STAGES["ingest"].outs]
-write_outputs({
-    outs[0]: result.conversations,
-    outs[1]: result.utterances,
-    outs[2]: result.movies,
-    root / STAGES["ingest"].metrics[0]: result.metrics,
-})
+ingest_stage(load_params(Path.cwd() / "params.yaml"), Path.cwd())
+"""
+# Variant d: one warm process (imports done, stores open): the stage body alone, then the same body as a flow.
+IN_PROCESS = """
+import json, sys, time
+from pathlib import Path
+import pipeline
+from pipeline.bodies import ingest_stage
+from pipeline.config import load_params
+from pipeline.flows import run_stage_flow
+params_file = Path.cwd() / "params.yaml"
+run_stage_flow("ingest", str(params_file))  # warm-up: flow engine, MLflow store, caches
+timings = {"direct": [], "flow": []}
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter(); ingest_stage(load_params(params_file), Path.cwd())
+    timings["direct"].append(time.perf_counter() - start)
+    start = time.perf_counter(); run_stage_flow("ingest", str(params_file))
+    timings["flow"].append(time.perf_counter() - start)
+print("TIMINGS " + json.dumps(timings))
 """
 DIRECT_COMMAND = [sys.executable, "-c", DIRECT_INGEST]
 FLOW_COMMAND = [sys.executable, "-m", "pipeline", "run", STAGE]
@@ -94,6 +98,19 @@ def run_variant(name: str, command: list[str], env: dict, repeats: int, logs: Pa
         print(f"  {name} run {i}: {wall:.2f} s", flush=True)
         walls.append(wall)
     return walls
+
+
+def measure_in_process(env: dict, repeats: int, logs: Path) -> dict[str, list[float]]:
+    log_path = logs / "in-process.log"
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-c", IN_PROCESS, str(repeats)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=log, text=True, timeout=RUN_TIMEOUT_SECONDS)
+    if done.returncode != 0:
+        sys.exit(f"error: in-process measurement exited with {done.returncode}; log {log_path}")
+    timings = json.loads(done.stdout.split("TIMINGS ", 1)[1])
+    for direct, flow in zip(timings["direct"], timings["flow"]):
+        print(f"  direct {direct:.2f} s, flow {flow:.2f} s (+{flow - direct:.2f})", flush=True)
+    return timings
 
 
 def create_mlflow_store(tracking_uri: str, artifacts: Path) -> None:
@@ -171,6 +188,8 @@ def main() -> int:
         print(f"  server {server.url} healthy after {server_startup:.2f} s", flush=True)
         env = dict(os.environ, PREFECT_API_URL=f"{server.url}/api")
         walls["server"] = run_variant("server", FLOW_COMMAND, env, args.repeats, logs)
+        print("d. in one warm process, with the server", flush=True)
+        in_process = measure_in_process(env, args.repeats, logs)
     finally:
         server.stop()
 
@@ -178,7 +197,10 @@ def main() -> int:
     overhead = {name: [w - direct for w in walls[name]] for name in ("ephemeral", "server")}
     server_overhead = statistics.median(overhead["server"])
     target_met = server_overhead <= TARGET_SECONDS
+    in_process_overhead = statistics.median(f - d for d, f in zip(in_process["direct"], in_process["flow"]))
     print_table(walls, direct, server_startup, target_met)
+    print(f"in one warm process: flow overhead {in_process_overhead:+.2f} s per stage (median), "
+          f"stage body {statistics.median(in_process['direct']):.2f} s")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
@@ -195,6 +217,8 @@ def main() -> int:
         "overhead_median_seconds": {name: statistics.median(runs) for name, runs in overhead.items()},
         "prefect_server_startup_seconds": server_startup,
         "mlflow_import_and_store_creation_seconds": mlflow_setup_seconds,
+        "in_process_seconds": in_process,
+        "in_process_overhead_median_seconds": in_process_overhead,
         "target_overhead_seconds": TARGET_SECONDS,
         "target_met_with_server": target_met,
     }, indent=2) + "\n")

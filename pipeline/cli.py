@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,9 @@ def _ui(args) -> int:
     from pipeline.tracking import artifact_root, experiment_id, tracking_uri
 
     experiment_id()  # the store and its experiment exist before the UI lists them
+    # Ctrl-C and `kill` both end in the cleanup below, even when started from a shell that ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = []
     try:
         started.append(servers.start_prefect(PREFECT_UI_PORT))
