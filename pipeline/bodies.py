@@ -14,7 +14,7 @@ import httpx
 from pipeline.config import ConfigError, DataConfig, Params
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import ingest
+from stages import fetch, ingest
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -30,30 +30,51 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-def redial_raw_files(data: DataConfig, workspace: Path) -> ingest.RawRedialFiles:
-    """The raw ReDial files: from the mirror, or downloaded (each file a task retried with backoff) and cached."""
-    files = data.files.model_dump()
-    if data.resolved_source() == "mirror":
-        mirror = data.resolved_mirror_dir(workspace)
-        if mirror is None:
-            raise ConfigError("params.yaml: data.source is mirror but neither C2CRS_DATA_DIR nor data.mirror_dir is set")
-        return ingest.locate_mirror_files(mirror, **files)
-
+def _downloader(data: DataConfig):
+    """download_file as a Prefect task: transient failures are retried with exponential backoff."""
     from prefect import task
     from prefect.tasks import exponential_backoff
 
-    download = task(ingest.download_file, name="download", retries=data.retries,
-                    retry_delay_seconds=exponential_backoff(backoff_factor=data.retry_backoff_seconds),
-                    retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
+    return task(fetch.download_file, name="download", retries=data.retries,
+                retry_delay_seconds=exponential_backoff(backoff_factor=data.retry_backoff_seconds),
+                retry_jitter_factor=0.5, retry_condition_fn=_retry_if_transient)
+
+
+def _mirror(data: DataConfig, workspace: Path) -> Path:
+    mirror = data.resolved_mirror_dir(workspace)
+    if mirror is None:
+        raise ConfigError("params.yaml: data.source is mirror but neither C2CRS_DATA_DIR nor data.mirror_dir is set")
+    return mirror
+
+
+def raw_files(data: DataConfig, workspace: Path, *names: str) -> dict[str, Path]:
+    """Raw files by their data.files key: from the mirror, or downloaded (checksum-checked, cached) without one."""
+    if data.resolved_source() == "mirror":
+        mirror = _mirror(data, workspace)
+        paths = {name: mirror / getattr(data.files, name) for name in names}
+        fetch.missing_mirror_files(mirror, paths)
+        return paths
+    download = _downloader(data)
+    cache = workspace / data.cache_dir
+    paths = {}
+    for name in names:
+        source = getattr(data.downloads, name)
+        paths[name] = download(source.url, cache / source.url.rsplit("/", 1)[-1], source.sha256,
+                               data.timeout_seconds, md5=source.md5)
+    return paths
+
+
+def redial_raw_files(data: DataConfig, workspace: Path) -> ingest.RawRedialFiles:
+    """The raw ReDial files; without a mirror the conversations come from the official zip."""
+    if data.resolved_source() == "mirror":
+        return ingest.locate_mirror_files(_mirror(data, workspace), **data.files.model_dump(
+            include={"redial_train", "redial_test", "movies", "movies_imdb", "movies_dbpedia"}))
     cache = workspace / data.cache_dir
     zipped = data.downloads.redial_zip
-    archive = download(zipped.url, cache / "redial_dataset.zip", zipped.sha256, data.timeout_seconds)
-    extracted = {name: ingest.extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
+    archive = _downloader(data)(zipped.url, cache / "redial_dataset.zip", zipped.sha256, data.timeout_seconds)
+    extracted = {name: fetch.extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
                  for name in ("redial_train", "redial_test", "movies")}
-    fetched = {name: download(getattr(data.downloads, name).url, cache / files[name].rsplit("/", 1)[-1],
-                              getattr(data.downloads, name).sha256, data.timeout_seconds)
-               for name in ("movies_imdb", "movies_dbpedia")}
-    return ingest.RawRedialFiles(**extracted, **fetched)
+    return ingest.RawRedialFiles(**extracted, **raw_files(data, workspace, "movies_imdb", "movies_dbpedia"))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATA_DIR_ENV = "C2CRS_DATA_DIR"
 
@@ -23,10 +23,17 @@ class Section(BaseModel):
 
 
 class Download(Section):
-    """A public file: where it is and the SHA-256 it must have."""
+    """A public file: where it is and the checksum it must have (SHA-256, or MD5 where only that is published)."""
 
-    url: str = Field(pattern=r"^https://")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    url: str = Field(pattern=r"^https?://")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+    @model_validator(mode="after")
+    def _one_checksum(self):
+        if not (self.sha256 or self.md5):
+            raise ValueError("give sha256 (or md5 where the publisher only gives that)")
+        return self
 
 
 class RawFiles(Section):
@@ -37,6 +44,16 @@ class RawFiles(Section):
     movies: str = "redial/movies_with_mentions.csv"
     movies_imdb: str = "redial/movies_merged_with_imdb.csv"
     movies_dbpedia: str = "crslab_redial/id2entity.jsonl"
+    aclimdb_reviews: str = "reviews_aclimdb/aclimdb_reviews.jsonl.gz"
+    revcore_reviews: str = "reviews_revcore/movie2tokenreview_helpful.pkl"
+    movie_info: str = "movie_metadata/id2info.json"
+    dbpedia_subkg: str = "dbpedia_kgsf/subkg.pkl"
+    dbpedia_entity_ids: str = "dbpedia_kgsf/entity2entityId.pkl"
+    stopwords: str = "dbpedia_kgsf/stopwords.txt"
+    metadata_kg: str = "movie_metadata/kg.json"
+    metadata_entity_ids: str = "movie_metadata/entity2id.json"
+    metadata_relation_ids: str = "movie_metadata/relation2id.json"
+    linking_gold: str = "crslab_redial/valid_data.json"
 
 
 class RedialZip(Download):
@@ -48,9 +65,21 @@ class RedialZip(Download):
 
 
 class Downloads(Section):
+    """Where each raw file comes from without a mirror. aclimdb is the official tarball (converted on reading)."""
+
     redial_zip: RedialZip
     movies_imdb: Download
     movies_dbpedia: Download
+    aclimdb_reviews: Download
+    revcore_reviews: Download
+    movie_info: Download
+    dbpedia_subkg: Download
+    dbpedia_entity_ids: Download
+    stopwords: Download
+    metadata_kg: Download
+    metadata_entity_ids: Download
+    metadata_relation_ids: Download
+    linking_gold: Download
 
 
 class DataConfig(Section):

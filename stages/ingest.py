@@ -6,20 +6,18 @@ recommender; some public copies of ReDial are merged already and must come out t
 "@<movieId>".
 """
 
-import hashlib
 import json
 import logging
 import random
 import re
-import shutil
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import polars as pl
 from tqdm import tqdm
+
+from stages.fetch import missing_mirror_files
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +26,6 @@ TITLE_WITH_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 REQUIRED_KEYS = ("conversationId", "initiatorWorkerId", "respondentWorkerId", "movieMentions", "messages")
 REQUIRED_MESSAGE_KEYS = ("text", "senderWorkerId")
 KGSF_VALID_IDS = Path(__file__).parent / "resources" / "kgsf_valid_conversation_ids.txt"
-USER_AGENT = "c2crs-pipeline (+https://github.com/; research use)"
 
 CONVERSATION_SCHEMA = {
     "conv_id": pl.Int64,
@@ -111,64 +108,8 @@ def locate_mirror_files(mirror_dir: Path, redial_train: str, redial_test: str, m
         movies_imdb=mirror_dir / movies_imdb,
         movies_dbpedia=mirror_dir / movies_dbpedia,
     )
-    missing = [f"data.files.{name} ({path})" for name, path in files.items() if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR or data.mirror_dir, "
-            "and the file names under data.files in params.yaml."
-        )
+    missing_mirror_files(mirror_dir, dict(files.items()))
     return files
-
-
-def download_file(url: str, dest: Path, sha256: str, timeout: float, client: httpx.Client | None = None) -> Path:
-    """Fetch url to dest once: a cached file with the right SHA-256 is reused; a partial download never lands."""
-    if dest.is_file() and file_sha256(dest) == sha256:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".part")
-    own_client = client is None
-    client = client or httpx.Client(follow_redirects=True, timeout=timeout, headers={"User-Agent": USER_AGENT})
-    try:
-        log.info("downloading %s", url)
-        with client.stream("GET", url) as response:
-            response.raise_for_status()
-            digest = hashlib.sha256()
-            total = int(response.headers.get("content-length", 0)) or None
-            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                                                   disable=None) as bar:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    finally:
-        if own_client:
-            client.close()
-    if digest.hexdigest() != sha256:
-        partial.unlink()
-        raise ValueError(f"{url}: SHA-256 is {digest.hexdigest()}, expected {sha256}; the file was not kept")
-    partial.replace(dest)
-    return dest
-
-
-def extract_member(archive: Path, member: str, dest: Path) -> Path:
-    """Extract one file of a zip (wherever it sits inside) to dest, atomically."""
-    with zipfile.ZipFile(archive) as zf:
-        matches = [name for name in zf.namelist() if name == member or name.endswith("/" + member)]
-        if not matches:
-            raise FileNotFoundError(f"{archive}: has no member {member!r} (it has {', '.join(zf.namelist())})")
-        partial = dest.with_name(dest.name + ".part")
-        with zf.open(matches[0]) as src, open(partial, "wb") as out:
-            shutil.copyfileobj(src, out)
-    partial.replace(dest)
-    return dest
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- conversations

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.bodies import is_transient, redial_raw_files
-from stages import ingest
+from stages import fetch, ingest
 from tests.conftest import FIXTURES
 
 
@@ -30,8 +30,8 @@ def test_download_checks_the_checksum_and_caches(tmp_path):
 
     dest = tmp_path / "f.bin"
     with mock_client(handler) as client:
-        ingest.download_file("https://example.org/f.bin", dest, sha(b"payload"), 5, client)
-        ingest.download_file("https://example.org/f.bin", dest, sha(b"payload"), 5, client)
+        fetch.download_file("https://example.org/f.bin", dest, sha(b"payload"), 5, client)
+        fetch.download_file("https://example.org/f.bin", dest, sha(b"payload"), 5, client)
     assert dest.read_bytes() == b"payload"
     assert len(calls) == 1
 
@@ -39,8 +39,8 @@ def test_download_checks_the_checksum_and_caches(tmp_path):
 def test_a_wrong_checksum_keeps_nothing(tmp_path):
     dest = tmp_path / "f.bin"
     with mock_client(lambda request: httpx.Response(200, content=b"tampered")) as client:
-        with pytest.raises(ValueError, match="SHA-256 is .* expected 0{64}; the file was not kept"):
-            ingest.download_file("https://example.org/f.bin", dest, "0" * 64, 5, client)
+        with pytest.raises(ValueError, match="sha256 is .* expected 0{64}; the file was not kept"):
+            fetch.download_file("https://example.org/f.bin", dest, "0" * 64, 5, client)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -48,7 +48,7 @@ def test_a_wrong_checksum_keeps_nothing(tmp_path):
 def test_only_transient_http_errors_are_retried(tmp_path, status, transient):
     with mock_client(lambda request: httpx.Response(status)) as client:
         with pytest.raises(httpx.HTTPStatusError) as error:
-            ingest.download_file("https://example.org/f.bin", tmp_path / "f", "0" * 64, 5, client)
+            fetch.download_file("https://example.org/f.bin", tmp_path / "f", "0" * 64, 5, client)
     assert is_transient(error.value) is transient
     assert is_transient(httpx.ConnectTimeout("timed out")) is True
 
@@ -78,7 +78,7 @@ def test_download_mode_retries_transient_failures_then_ingests(tmp_path, monkeyp
         return httpx.Response(200, content=bodies[name])
 
     real_client = httpx.Client
-    monkeypatch.setattr(ingest.httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(fetch.httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler)))
     monkeypatch.delenv("C2CRS_DATA_DIR", raising=False)
     params = load_params(FIXTURES.parents[1] / "params.yaml")
     data = params.data.model_copy(update={

@@ -1,0 +1,85 @@
+"""Getting raw files: from a local mirror, or downloaded once with a checksum check.
+
+Retries are not here: the pipeline wraps download_file in a Prefect task that retries transient failures.
+"""
+
+import hashlib
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "c2crs-pipeline/0.1 (research; reproducing C2-CRS)"
+
+
+def missing_mirror_files(mirror_dir: Path, files: dict[str, Path]) -> None:
+    """Fail naming every params key whose file is not in the mirror."""
+    missing = [f"data.files.{name} ({path})" for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR or data.mirror_dir, "
+            "and the file names under data.files in params.yaml."
+        )
+
+
+def download_file(url: str, dest: Path, sha256: str | None, timeout: float, client: httpx.Client | None = None,
+                  md5: str | None = None) -> Path:
+    """Fetch url to dest once: a cached file with the right checksum is reused; a partial download never lands.
+
+    SHA-256 where known; MD5 only for files whose publisher gives nothing else (the aclImdb tarball).
+    """
+    algorithm, expected = ("sha256", sha256) if sha256 else ("md5", md5)
+    if not expected:
+        raise ValueError(f"{url}: no checksum given; refusing to download unverified data")
+    if dest.is_file() and file_digest(dest, algorithm) == expected:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    own_client = client is None
+    client = client or httpx.Client(follow_redirects=True, timeout=timeout, headers={"User-Agent": USER_AGENT})
+    try:
+        log.info("downloading %s", url)
+        with client.stream("GET", url) as response:
+            response.raise_for_status()
+            digest = hashlib.new(algorithm)
+            total = int(response.headers.get("content-length", 0)) or None
+            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                                                   disable=None) as bar:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    finally:
+        if own_client:
+            client.close()
+    if digest.hexdigest() != expected:
+        partial.unlink()
+        raise ValueError(f"{url}: {algorithm} is {digest.hexdigest()}, expected {expected}; the file was not kept")
+    partial.replace(dest)
+    return dest
+
+
+def extract_member(archive: Path, member: str, dest: Path) -> Path:
+    """Extract one file of a zip (wherever it sits inside) to dest, atomically."""
+    with zipfile.ZipFile(archive) as zf:
+        matches = [name for name in zf.namelist() if name == member or name.endswith("/" + member)]
+        if not matches:
+            raise FileNotFoundError(f"{archive}: has no member {member!r} (it has {', '.join(zf.namelist())})")
+        partial = dest.with_name(dest.name + ".part")
+        with zf.open(matches[0]) as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out)
+    partial.replace(dest)
+    return dest
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,539 @@
+"""Stage 3, kg: the DBpedia subgraph around the ReDial movies, with entity and relation id maps.
+
+Sources come as a uniform triples table (head_uri, relation, tail_uri, source) so that the KGSF pickles, CRSLab's
+JSON copy of the same graph and the optional movie-metadata KG can be combined. URIs are kept without angle brackets
+("http://dbpedia.org/resource/Tom_Hanks"), as in the ingest stage's movies table; ReDial movies that have no DBpedia
+URI are "redial:<movie_id>" and metadata entities "meta:<type>:<name>".
+
+The build keeps frequent relations, adds inverse relations and self loops, keeps what lies within a few hops of the
+movies and the entities linked in conversations, and numbers entities with the items first. Every ReDial movie is an
+item, with or without edges, so the recommender can score all of them.
+"""
+
+import json
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+import polars as pl
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DBPEDIA_RESOURCE = "http://dbpedia.org/resource/"
+SELF_LOOP = "self_loop"
+INVERSE_SUFFIX = "^-1"
+REFERENCE_MIN_EXCLUSIVE = 1000  # CRSLab keeps a relation when its count is "> 1000"
+DISAMBIGUATION = re.compile(r"\s*\([^()]*\)$")
+TRIPLE_SCHEMA = {"head_uri": pl.String, "relation": pl.String, "tail_uri": pl.String, "source": pl.String}
+ENTITY_SCHEMA = {"entity_id": pl.Int64, "uri": pl.String, "label": pl.String, "is_item": pl.Boolean,
+                 "movie_id": pl.Int64}
+RELATION_SCHEMA = {"relation_id": pl.Int64, "name": pl.String, "n_edges": pl.Int64, "is_inverse": pl.Boolean}
+EDGE_SCHEMA = {"src": pl.Int64, "rel": pl.Int64, "dst": pl.Int64}
+METADATA_FILES = ("kg.json", "entity2id.json", "relation2id.json", "item_ids.json", "id2info.json",
+                  "entity2type.json")
+
+# What the KGSF/CRSLab pickles need (subkg.pkl is a defaultdict(list)); py2 pickles name the module __builtin__.
+ALLOWED_PICKLE_CLASSES = frozenset(
+    [("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
+                                     "bytearray", "bool", "complex")]
+    + [("__builtin__", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str",
+                                          "unicode", "bytes", "bytearray", "bool", "complex", "long")]
+    + [("collections", "defaultdict")]
+)
+
+
+class KgDataError(ValueError):
+    """A KG input that cannot be used; the message names the file, the record (head id) and the problem."""
+
+
+@dataclass(frozen=True)
+class KgSource:
+    """One loaded KG: its triples (TRIPLE_SCHEMA, raw: self edges and duplicates kept) and all its entity URIs."""
+
+    triples: pl.DataFrame
+    entity_uris: frozenset[str]
+
+
+@dataclass
+class KgResult:
+    entities: pl.DataFrame
+    relations: pl.DataFrame
+    edges: pl.DataFrame
+    metrics: dict
+
+
+# ---------------------------------------------------------------- safe loading
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_PICKLE_CLASSES:
+            raise KgDataError(f"{self._path}: pickle holds class {module}.{name}; only builtin containers, scalars "
+                              "and collections.defaultdict are allowed")
+        return super().find_class(module, name)
+
+
+def load_pickle_restricted(path: Path) -> object:
+    """Unpickle a file from a public repository without letting it import or call anything but plain containers.
+
+    A bare pickle.load would run whatever callable the file names; the mirror's pickles need only builtins and
+    collections.defaultdict (checked with pickletools on every *.pkl there).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: KG file not found")
+    with open(path, "rb") as f:
+        try:
+            return _RestrictedUnpickler(f, path).load()
+        except KgDataError:
+            raise
+        except Exception as exc:  # a truncated or corrupt pickle raises many kinds of errors
+            raise KgDataError(f"{path}: not a readable pickle: {type(exc).__name__}: {exc}") from None
+
+
+def _load_json(path: Path) -> object:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: KG file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KgDataError(f"{path}: not valid JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def normalize_uri(key) -> str:
+    """One spelling per entity: DBpedia URIs without angle brackets; a bare ReDial movie id becomes redial:<id>.
+
+    KGSF's entity2entityId.pkl keys the 812 movies without a DBpedia URI by their ReDial id (an int), CRSLab's
+    entity2id.json by the same id as a string; both must give the item's key.
+    """
+    if isinstance(key, bool):
+        raise TypeError(f"entity key must be a URI or a ReDial movie id, got {key!r}")
+    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        return f"redial:{int(key)}"
+    if not isinstance(key, str):
+        raise TypeError(f"entity key must be a URI or a ReDial movie id, got {key!r}")
+    key = key.strip()
+    return key[1:-1] if key.startswith("<") and key.endswith(">") else key
+
+
+def _uri_uexpr(column: str) -> pl.Expr:
+    """normalize_uri for a column of strings (no int keys there): strip <...>, digits -> redial:<id>."""
+    col = pl.col(column).str.strip_chars()
+    col = pl.when(col.str.starts_with("<") & col.str.ends_with(">")).then(col.str.slice(1, col.str.len_chars() - 2)) \
+        .otherwise(col)
+    as_movie = pl.lit("redial:") + col.cast(pl.Int64, strict=False).cast(pl.String)
+    return pl.when(col.str.contains(r"^\d+$")).then(as_movie).otherwise(col).alias(column)
+
+
+def _entity_table(mapping, path: Path, offset: int) -> pl.DataFrame:
+    """entity id (shifted back by offset) -> normalized URI; ids must be unique non-negative integers."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise KgDataError(f"{path}: expected a non-empty mapping entity URI -> id, got {type(mapping).__name__}")
+    ids, uris = [], []
+    for key, value in mapping.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value - offset < 0:
+            raise KgDataError(f"{path}: entity {key!r}: id {value!r} is not an integer >= {offset}")
+        try:
+            uris.append(normalize_uri(key))
+        except TypeError as exc:
+            raise KgDataError(f"{path}: {exc}") from None
+        ids.append(value - offset)
+    table = pl.DataFrame({"id": ids, "uri": uris}, schema={"id": pl.Int64, "uri": pl.String})
+    for column in ("id", "uri"):
+        repeated = table.filter(pl.col(column).is_duplicated()).sort(column, "uri")
+        if repeated.height:
+            first = repeated.row(0, named=True)
+            raise KgDataError(f"{path}: {column} {first[column]!r} is used by more than one entity "
+                              f"({', '.join(repeated.filter(pl.col(column) == first[column])['uri'].head(3))})")
+    return table
+
+
+def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
+    """{head: [(relation, tail), ...]} -> (head, rel, tail) int columns, shifted back by offset."""
+    if not isinstance(adjacency, dict):
+        raise KgDataError(f"{path}: expected a mapping head id -> [[relation, tail], ...], "
+                          f"got {type(adjacency).__name__}")
+    heads, rels, tails = [], [], []
+    for head, pairs in tqdm(adjacency.items(), desc=path.name, unit=" heads", disable=None, leave=False):
+        try:
+            head_id = int(head)
+        except (TypeError, ValueError):
+            raise KgDataError(f"{path}: head {head!r} is not an integer entity id") from None
+        if not isinstance(pairs, (list, tuple)):
+            raise KgDataError(f"{path}: head {head}: expected a list of [relation, tail] pairs, "
+                              f"got {type(pairs).__name__}")
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise KgDataError(f"{path}: head {head}: expected a [relation, tail] pair, got {pair!r}")
+            rels.append(pair[0])
+            tails.append(pair[1])
+        heads.extend([head_id] * len(pairs))
+    if not heads:
+        raise KgDataError(f"{path}: the subgraph has no triples")
+    try:
+        table = pl.DataFrame({"head": heads, "rel": rels, "tail": tails},
+                             schema={"head": pl.Int64, "rel": pl.Int64, "tail": pl.Int64}, strict=True)
+    except (TypeError, pl.exceptions.PolarsError):
+        for head, rel, tail in zip(heads, rels, tails):
+            bad = [v for v in (rel, tail) if not isinstance(v, int) or isinstance(v, bool)]
+            if bad:
+                raise KgDataError(f"{path}: head {head}: id {bad[0]!r} is not an integer") from None
+        raise
+    return table.with_columns(pl.col("head", "rel", "tail") - offset)
+
+
+def _check_ids(table: pl.DataFrame, entities: pl.DataFrame, path: Path, entity_path: Path, offset: int,
+               relation_ids: pl.Series | None = None) -> None:
+    """Every head and tail id must be an entity of entity_path; relation ids must be known (or >= 0 if unnamed)."""
+    known = entities["id"].implode()
+    for column, what in (("head", "head"), ("tail", "tail")):
+        bad = table.filter(~pl.col(column).is_in(known))
+        if bad.height:
+            row = bad.row(0, named=True)
+            raise KgDataError(
+                f"{path}: head {row['head'] + offset}: {what} entity id {row[column] + offset} is not in "
+                f"{entity_path.name} (ids {entities['id'].min() + offset}..{entities['id'].max() + offset}; "
+                f"{bad.height} such triple(s))")
+    bad = (table.filter(~pl.col("rel").is_in(relation_ids.implode())) if relation_ids is not None
+           else table.filter(pl.col("rel") < 0))
+    if bad.height:
+        row = bad.row(0, named=True)
+        allowed = (f"the ids of its relation2id.json ({', '.join(map(str, relation_ids.sort()))})"
+                   if relation_ids is not None else f"an integer >= {offset}")
+        raise KgDataError(f"{path}: head {row['head'] + offset}: relation id {row['rel'] + offset} is not "
+                          f"{allowed} ({bad.height} such triple(s))")
+
+
+def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, offset: int,
+                    source: str) -> KgSource:
+    entities = _entity_table(entity_map, entity_path, offset)
+    table = _flatten_adjacency(adjacency, subkg_path, offset)
+    _check_ids(table, entities, subkg_path, entity_path, offset)
+    triples = (table.join(entities.rename({"id": "head", "uri": "head_uri"}), on="head", how="left")
+               .join(entities.rename({"id": "tail", "uri": "tail_uri"}), on="tail", how="left")
+               .select("head_uri", ("dbpedia:" + pl.col("rel").cast(pl.String)).alias("relation"), "tail_uri",
+                       pl.lit(source).alias("source")))
+    return KgSource(triples.cast(TRIPLE_SCHEMA), frozenset(entities["uri"]))
+
+
+def load_kgsf_kg(directory: Path, subkg: str = "subkg.pkl", entity2id: str = "entity2entityId.pkl") -> KgSource:
+    """KGSF's DBpedia subgraph: subkg.pkl {head_id: [(rel_id, tail_id)]} and entity2entityId.pkl {URI: id}.
+
+    Relation names are not in this source, so relation r is "dbpedia:<r>" (KGSF's id; CRSLab's JSON id - 1).
+    """
+    directory = Path(directory)
+    return _dbpedia_source(load_pickle_restricted(directory / subkg), load_pickle_restricted(directory / entity2id),
+                           directory / subkg, directory / entity2id, offset=0, source="dbpedia")
+
+
+def load_crslab_kg(directory: Path, subkg: str = "dbpedia_subkg.json", entity2id: str = "entity2id.json",
+                   id_offset: int = 1) -> KgSource:
+    """CRSLab's JSON copy of the KGSF subgraph: entity and relation ids are KGSF's + id_offset (1), heads strings.
+
+    Gives the same triples as load_kgsf_kg on the same graph.
+    """
+    directory = Path(directory)
+    return _dbpedia_source(_load_json(directory / subkg), _load_json(directory / entity2id),
+                           directory / subkg, directory / entity2id, offset=id_offset, source="dbpedia")
+
+
+def load_movie_metadata_kg(directory: Path, movies: pl.DataFrame) -> KgSource:
+    """CFCRS's metadata KG: ReDial movies -> genre, star, director, writer ({str(head): [[rel, tail], ...]}).
+
+    Its item entities are named like the ReDial titles ("Pari (1995)"); id2info.json gives their ReDial movie ids.
+    They become the movie's DBpedia URI from `movies` (movie_id, dbpedia_uri) when it has one, else
+    "redial:<movie_id>", so the metadata edges land on the same items as the DBpedia ones. A title that id2info
+    gives to two ReDial ids (7 in the mirror: duplicate ReDial entries) puts its edges on both. Other entities are
+    "meta:<type>:<name>" with the type from entity2type.json (person, genre), as one person can be star and director.
+    """
+    directory = Path(directory)
+    missing = [name for name in METADATA_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: movie-metadata KG lacks {', '.join(missing)}")
+    kg_path, entity_path = directory / "kg.json", directory / "entity2id.json"
+    relation_path = directory / "relation2id.json"
+    entities = _metadata_entities(_load_json(entity_path), entity_path)
+    relations = _load_json(relation_path)
+    if not isinstance(relations, dict) or not all(isinstance(v, int) for v in relations.values()):
+        raise KgDataError(f"{relation_path}: expected a mapping relation name -> integer id")
+    relation_table = pl.DataFrame({"rel": list(relations.values()), "relation": [f"meta:{k}" for k in relations]},
+                                  schema={"rel": pl.Int64, "relation": pl.String})
+    table = _flatten_adjacency(_load_json(kg_path), kg_path, offset=0)
+    _check_ids(table, entities, kg_path, entity_path, 0, relation_table["rel"])
+
+    types = _load_json(directory / "entity2type.json")
+    items = _load_json(directory / "item_ids.json")
+    info = _load_json(directory / "id2info.json")
+    if not isinstance(types, dict) or not isinstance(items, list) or not isinstance(info, dict):
+        raise KgDataError(f"{directory}: entity2type.json and id2info.json must be mappings, item_ids.json a list")
+    item_ids = pl.Series("id", items, dtype=pl.Int64, strict=False)
+    unknown_items = item_ids.filter(~item_ids.is_in(entities["id"].implode()) | item_ids.is_null())
+    if unknown_items.len():
+        raise KgDataError(f"{directory / 'item_ids.json'}: item id {unknown_items[0]} is not in entity2id.json")
+    try:
+        title_to_movie = pl.DataFrame({"name": [v["name"] for v in info.values()],
+                                       "movie_id": [int(k) for k in info]})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KgDataError(f"{directory / 'id2info.json'}: expected movieId -> {{name, ...}}: {exc!r}") from None
+    movie_uris = _movie_keys(movies).select("movie_id", pl.col("uri").alias("movie_uri"))
+    if not all(isinstance(v, str) for v in types.values()):
+        raise KgDataError(f"{directory / 'entity2type.json'}: expected a mapping entity name -> type name")
+    keyed = entities.with_columns(pl.col("name").replace_strict(types, default="entity").alias("type"),
+                                  pl.col("id").is_in(item_ids.implode()).alias("is_item"))
+    item_keys = (keyed.filter("is_item").join(title_to_movie, on="name", how="left")
+                 .join(movie_uris, on="movie_id", how="left").drop("movie_id"))
+    keyed = (pl.concat([item_keys, keyed.filter(~pl.col("is_item"))], how="diagonal")
+             .with_columns(pl.coalesce("movie_uri", "meta:" + pl.col("type") + ":" + pl.col("name")).alias("uri")))
+    # duplicates only where one title names two ReDial movies; the joins below give such heads both movies' edges
+    triples = (table.join(keyed.select(pl.col("id").alias("head"), pl.col("uri").alias("head_uri")), on="head")
+               .join(keyed.select(pl.col("id").alias("tail"), pl.col("uri").alias("tail_uri")), on="tail")
+               .join(relation_table, on="rel")
+               .select("head_uri", "relation", "tail_uri", pl.lit("movie_metadata").alias("source")))
+    return KgSource(triples.cast(TRIPLE_SCHEMA), frozenset(keyed["uri"]))
+
+
+def _metadata_entities(mapping, path: Path) -> pl.DataFrame:
+    if not isinstance(mapping, dict) or not mapping:
+        raise KgDataError(f"{path}: expected a non-empty mapping entity name -> id")
+    bad = next(((k, v) for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+    if bad:
+        raise KgDataError(f"{path}: entity {bad[0]!r}: id {bad[1]!r} is not an integer >= 0")
+    table = pl.DataFrame({"id": list(mapping.values()), "name": list(mapping)},
+                         schema={"id": pl.Int64, "name": pl.String})
+    repeated = table.filter(pl.col("id").is_duplicated())
+    if repeated.height:
+        raise KgDataError(f"{path}: id {repeated['id'][0]} is used by more than one entity")
+    return table
+
+
+def merge_sources(*sources: KgSource) -> KgSource:
+    """Several KGs as one input to build_kg (e.g. DBpedia + movie metadata)."""
+    if not sources:
+        raise ValueError("merge_sources needs at least one KgSource")
+    return KgSource(pl.concat([s.triples for s in sources]), frozenset().union(*(s.entity_uris for s in sources)))
+
+
+# ---------------------------------------------------------------- labels
+
+
+def label_from_uri(uri: str) -> str:
+    """A readable name: "<http://dbpedia.org/resource/Heat_(1995_film)>" -> "Heat", "meta:person:Tom Hanks" ->
+    "Tom Hanks". Percent-escapes are decoded and a trailing disambiguation in parentheses is dropped."""
+    uri = normalize_uri(uri)
+    if uri.startswith(DBPEDIA_RESOURCE):
+        name = unquote(uri[len(DBPEDIA_RESOURCE):]).replace("_", " ").strip()
+        short = DISAMBIGUATION.sub("", name).strip()
+        return short or name
+    if uri.startswith("meta:"):
+        return uri.split(":", 2)[-1]
+    return uri
+
+
+# ---------------------------------------------------------------- building the graph
+
+
+def _movie_keys(movies: pl.DataFrame) -> pl.DataFrame:
+    """movie_id -> entity key (normalized DBpedia URI, else redial:<movie_id>) and title, in movie_id order.
+
+    Two movies with one URI cannot share one item: the lower movie_id keeps the URI, the others get redial:<id>.
+    """
+    missing = [c for c in ("movie_id", "dbpedia_uri") if c not in movies.columns]
+    if missing:
+        raise KgDataError(f"movies table lacks column(s) {', '.join(missing)} (has {', '.join(movies.columns)})")
+    if movies["movie_id"].null_count():
+        raise KgDataError("movies table: movie_id has null values")
+    repeated = movies.filter(pl.col("movie_id").is_duplicated())
+    if repeated.height:
+        raise KgDataError(f"movies table: movie_id {repeated['movie_id'][0]} appears more than once")
+    title = pl.col("title") if "title" in movies.columns else pl.lit(None, dtype=pl.String)
+    keyed = (movies.select(pl.col("movie_id").cast(pl.Int64), pl.col("dbpedia_uri").cast(pl.String),
+                           title.cast(pl.String).alias("title"))
+             .sort("movie_id")
+             .with_columns(_uri_uexpr("dbpedia_uri")))
+    shared = pl.col("dbpedia_uri").is_not_null() & (pl.col("dbpedia_uri").cum_count().over("dbpedia_uri") > 1)
+    return keyed.with_columns(
+        pl.when(pl.col("dbpedia_uri").is_null() | (pl.col("dbpedia_uri") == "") | shared)
+        .then("redial:" + pl.col("movie_id").cast(pl.String)).otherwise(pl.col("dbpedia_uri")).alias("uri"),
+        shared.alias("shares_uri"))
+
+
+def _check_triples(triples: pl.DataFrame) -> pl.DataFrame:
+    missing = [c for c in TRIPLE_SCHEMA if c not in triples.columns]
+    if missing:
+        raise KgDataError(f"triples table lacks column(s) {', '.join(missing)}")
+    if triples.height == 0:
+        raise KgDataError("triples table is empty: the KG source has no triples")
+    nulls = [c for c in ("head_uri", "relation", "tail_uri") if triples[c].null_count()]
+    if nulls:
+        row = triples.filter(pl.any_horizontal(pl.col(nulls).is_null())).row(0, named=True)
+        raise KgDataError(f"triples table ({row['source']}): null {', '.join(nulls)} in triple {row}")
+    return triples.select(list(TRIPLE_SCHEMA)).cast(TRIPLE_SCHEMA).with_columns(_uri_uexpr("head_uri"),
+                                                                                _uri_uexpr("tail_uri"))
+
+
+def count_relation_edges(triples: pl.DataFrame) -> pl.DataFrame:
+    """Per relation, the edges it would have after adding inverses: 2 x its distinct triples between two different
+    entities (self edges are replaced by the self-loop relation, so they do not count)."""
+    return (triples.filter(pl.col("head_uri") != pl.col("tail_uri"))
+            .unique(["head_uri", "relation", "tail_uri"])
+            .group_by("relation").len(name="n").with_columns((2 * pl.col("n")).alias("n_both_directions"))
+            .select("relation", "n_both_directions"))
+
+
+def within_hops(edges: pl.DataFrame, seeds: pl.Series, hops: int | None) -> pl.Series:
+    """The nodes at most `hops` undirected steps from a seed (the seeds themselves included); None = all nodes."""
+    nodes_of_edges = pl.concat([edges["head_uri"], edges["tail_uri"]]).unique()
+    if hops is None:
+        return pl.concat([nodes_of_edges, seeds.rename("head_uri")]).unique().rename("uri")
+    if hops < 0:
+        raise ValueError(f"hops must be >= 0 or None, got {hops}")
+    pairs = pl.concat([edges.select(pl.col("head_uri").alias("a"), pl.col("tail_uri").alias("b")),
+                       edges.select(pl.col("tail_uri").alias("a"), pl.col("head_uri").alias("b"))]).unique()
+    reached = pl.DataFrame({"uri": seeds.unique()}, schema={"uri": pl.String})
+    frontier = reached
+    for _ in range(hops):
+        step = (pairs.join(frontier, left_on="a", right_on="uri", how="semi").select(pl.col("b").alias("uri"))
+                .unique().join(reached, on="uri", how="anti"))
+        if step.height == 0:
+            break
+        reached = pl.concat([reached, step])
+        frontier = step
+    return reached["uri"]
+
+
+def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_relation_edges: int = 1001,
+             hops: int | None = 2, add_inverse: bool = True, add_self_loops: bool = True) -> KgResult:
+    """The KG the models use, with compact ids.
+
+    Rules, in this order:
+    1. Self edges (head == tail) and repeated triples are dropped; the self-loop relation stands for the former.
+    2. A relation is kept when it has at least `min_relation_edges` edges counted in both directions, i.e.
+       2 x its distinct non-self triples in the whole input (before the hop restriction, so a relation's fate does
+       not depend on the seeds). CRSLab counts each non-self triple once per direction and keeps "> 1000"; its
+       input has no repeated triples, so min_relation_edges=1001 keeps exactly its relations.
+    3. Only the induced subgraph on the nodes within `hops` undirected hops of the seeds is kept (kept relations
+       only). Seeds: every ReDial movie (its DBpedia URI, or redial:<movie_id>) and `seed_uris` (entities linked in
+       conversations; those absent from the input are counted in metrics, not added).
+    4. Entities: every ReDial movie is an item (ids 0..n_items-1 in movie_id order), even without edges; then the
+       other entities of the kept edges and the known seeds, in URI order.
+    5. Relations: kept relations by name (ids 0..K-1), their inverses "<name>^-1" in the same order (id r + K), then
+       "self_loop", which links every entity (items without edges too) to itself.
+    """
+    if min_relation_edges < 0:
+        raise ValueError(f"min_relation_edges must be >= 0, got {min_relation_edges}")
+    triples = _check_triples(triples)
+    items = _movie_keys(movies)
+    reference = reference_counts(triples)
+
+    distinct = triples.unique(["head_uri", "relation", "tail_uri"], keep="first")
+    proper = distinct.filter(pl.col("head_uri") != pl.col("tail_uri"))
+    counts = count_relation_edges(distinct)
+    kept_relations = counts.filter(pl.col("n_both_directions") >= min_relation_edges)
+    kept = proper.join(kept_relations, on="relation", how="semi")
+
+    known = pl.concat([triples["head_uri"], triples["tail_uri"]]).unique()
+    seeds = pl.Series("uri", [normalize_uri(u) for u in seed_uris], dtype=pl.String).unique()
+    unknown_seeds = seeds.filter(~seeds.is_in(known.implode()) & ~seeds.is_in(items["uri"].implode()))
+    seeds = seeds.filter(seeds.is_in(known.implode()))
+    reached = within_hops(kept, pl.concat([items["uri"], seeds]), hops).implode()
+    in_reach = kept.filter(pl.col("head_uri").is_in(reached) & pl.col("tail_uri").is_in(reached))
+
+    others = pl.concat([in_reach["head_uri"], in_reach["tail_uri"], seeds]).unique().sort()
+    others = others.filter(~others.is_in(items["uri"].implode()))
+    entities = pl.concat([
+        items.select("uri", pl.coalesce("title", pl.col("uri").map_elements(label_from_uri, return_dtype=pl.String))
+                     .alias("label"), pl.lit(True).alias("is_item"), "movie_id"),
+        pl.DataFrame({"uri": others}).select("uri", pl.col("uri").map_elements(label_from_uri, return_dtype=pl.String)
+                                             .alias("label"), pl.lit(False).alias("is_item"),
+                                             pl.lit(None, dtype=pl.Int64).alias("movie_id")),
+    ]).with_row_index("entity_id").select(list(ENTITY_SCHEMA)).cast(ENTITY_SCHEMA)
+
+    names = sorted(in_reach["relation"].unique().to_list(), key=_natural_key)
+    forward = pl.DataFrame({"name": names, "relation_id": range(len(names))},
+                           schema={"name": pl.String, "relation_id": pl.Int64})
+    ids = entities.select("uri", "entity_id")
+    edges = (in_reach.join(ids.rename({"uri": "head_uri", "entity_id": "src"}), on="head_uri")
+             .join(ids.rename({"uri": "tail_uri", "entity_id": "dst"}), on="tail_uri")
+             .join(forward.rename({"name": "relation", "relation_id": "rel"}), on="relation")
+             .select("src", "rel", "dst"))
+    parts = [edges]
+    if add_inverse:
+        parts.append(edges.select(pl.col("dst").alias("src"), pl.col("rel") + len(names), pl.col("src").alias("dst")))
+    relation_names = names + ([name + INVERSE_SUFFIX for name in names] if add_inverse else [])
+    if add_self_loops:
+        parts.append(entities.select(pl.col("entity_id").alias("src"), pl.lit(len(relation_names)).alias("rel"),
+                                     pl.col("entity_id").alias("dst")))
+        relation_names.append(SELF_LOOP)
+    all_edges = pl.concat([p.cast(EDGE_SCHEMA) for p in parts]).sort("src", "rel", "dst")
+    n_edges = all_edges.group_by("rel").len()
+    relations = (pl.DataFrame({"relation_id": range(len(relation_names)), "name": relation_names,
+                               "is_inverse": [i >= len(names) and name != SELF_LOOP
+                                              for i, name in enumerate(relation_names)]})
+                 .join(n_edges.rename({"rel": "relation_id", "len": "n_edges"}), on="relation_id", how="left")
+                 .with_columns(pl.col("n_edges").fill_null(0))
+                 .select(list(RELATION_SCHEMA)).cast(RELATION_SCHEMA))
+
+    linked = pl.concat([edges["src"], edges["dst"]]).unique()
+    metrics = {
+        "entities": entities.height,
+        "items": items.height,
+        "items_with_edges": int(linked.filter(linked < items.height).len()),
+        "items_without_uri": int(items["uri"].str.starts_with("redial:").sum()),
+        "movies_sharing_uri": int(items["shares_uri"].sum()),
+        "relations": relations.height,
+        "relations_input": distinct["relation"].n_unique(),
+        "relations_passing_filter": kept_relations.height,
+        "edges": all_edges.height,
+        "self_loops": entities.height if add_self_loops else 0,
+        "triples_input": triples.height,
+        "triples_repeated": triples.height - distinct.height,
+        "self_edges_dropped": distinct.height - proper.height,
+        "triples_dropped_by_relation_filter": proper.height - kept.height,
+        "triples_beyond_hops": kept.height - in_reach.height,
+        "seeds_unknown": unknown_seeds.len(),
+        "min_relation_edges": min_relation_edges,
+        "hops": hops,
+        "reference": reference,
+    }
+    return KgResult(entities, relations, all_edges, metrics)
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def reference_counts(triples: pl.DataFrame, min_exclusive: int = REFERENCE_MIN_EXCLUSIVE) -> dict:
+    """The graph size by CRSLab's documented rule (ReDial KG processing), for comparison with ours.
+
+    Every entity that heads a triple gets a self loop; each non-self triple is listed once per direction under its
+    own relation (no inverse relations); a relation (the self-loop one included) is kept when that list holds more
+    than `min_exclusive` (1000) of its entries; the edges are the distinct (head, tail, relation) of kept relations.
+    CRSLab sizes its entity table as max id + 1 with ids from 1, i.e. entities in the vocabulary + 1.
+    (CRSLab gives the self loop the id of a real, rare relation and drops that relation's own triples; on the
+    ReDial KG that relation is below the threshold anyway, so a separate self-loop relation counts the same.)
+    """
+    triples = triples.select("head_uri", "relation", "tail_uri")
+    heads = triples["head_uri"].unique()
+    proper = triples.filter(pl.col("head_uri") != pl.col("tail_uri"))
+    listed = pl.concat([
+        proper,
+        proper.select(pl.col("tail_uri").alias("head_uri"), "relation", pl.col("head_uri").alias("tail_uri")),
+        heads.to_frame().select("head_uri", pl.lit("\0self_loop").alias("relation"), pl.col("head_uri").alias("tail_uri")),
+    ])
+    kept = listed.group_by("relation").len().filter(pl.col("len") > min_exclusive)
+    edges = listed.join(kept, on="relation", how="semi").unique()
+    touched = pl.concat([edges["head_uri"], edges["tail_uri"]]).n_unique()
+    n_vocabulary = pl.concat([triples["head_uri"], triples["tail_uri"]]).n_unique()
+    return {"relations": kept.height, "edges": edges.height, "entities": n_vocabulary + 1,
+            "entities_with_edges": touched}
