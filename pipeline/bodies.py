@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import polars as pl
 
 from pipeline.config import ConfigError, DataConfig, Params
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import fetch, ingest
+from stages import fetch, ingest, reviews
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -97,4 +98,59 @@ def ingest_stage(params: Params, workspace: Path) -> StageOutcome:
     return StageOutcome(dict(raw.items()), result.metrics)
 
 
-STAGE_BODIES: dict[str, Callable[[Params, Path], StageOutcome]] = {"ingest": ingest_stage}
+def reviews_stage(params: Params, workspace: Path) -> StageOutcome:
+    cfg = params.reviews
+    spec = STAGES["reviews"]
+    movies_path, conversations_path, utterances_path = (workspace / dep for dep in spec.deps)
+    movies = pl.read_parquet(movies_path)
+    test_movies = set(
+        pl.read_parquet(utterances_path)
+        .join(pl.read_parquet(conversations_path).filter(pl.col("split") == "test"), on="conv_id")
+        .select(pl.col("movie_ids").explode()).drop_nulls()["movie_ids"])
+    local = {"aclimdb": "aclimdb_reviews", "revcore": "revcore_reviews"}
+    files = raw_files(params.data, workspace, "movie_info", *(local[s] for s in cfg.sources if s in local))
+    movie_info = reviews.read_movie_info(files["movie_info"])
+    imdb_to_movies = reviews.movie_imdb_ids(movies, movie_info)
+    movie_ids = set(movies["movie_id"])
+    bad = reviews.BadReviews(cfg.on_bad_record)
+    tables, scraper_stats = [], None
+    for source in cfg.sources:
+        if source == "aclimdb":
+            tables.append(reviews.aclimdb_reviews(files["aclimdb_reviews"], imdb_to_movies, bad))
+        elif source == "revcore":
+            tables.append(reviews.revcore_reviews(files["revcore_reviews"], movie_ids, bad))
+        elif source == "plots":
+            tables.append(reviews.plot_reviews(movie_info, movie_ids, files["movie_info"], bad))
+        else:
+            scraped, scraper_stats = _scrape_imdb(cfg.scraper, sorted(imdb_to_movies), workspace)
+            tables.append(reviews.scraped_reviews(scraped, imdb_to_movies, bad))
+    review_table = pl.concat(tables)
+    sentences = reviews.split_sentences(review_table, cfg.sources, cfg.min_sentence_tokens,
+                                        cfg.max_sentence_tokens, cfg.max_sentences_per_movie)
+    metrics = {
+        "coverage": reviews.coverage(sentences, movie_ids, test_movies, cfg.sources),
+        "reviews": dict(review_table.group_by("source").len().iter_rows()),
+        "sentences": dict(sentences.group_by("source").len().iter_rows()),
+        "movies_with_sentences": sentences["movie_id"].n_unique(),
+        "bad_records": bad.count,
+    }
+    if scraper_stats:
+        metrics["scraper"] = scraper_stats
+    reviews_out, sentences_out = (workspace / out for out in spec.outs)
+    write_outputs({reviews_out: review_table, sentences_out: sentences, workspace / spec.metrics[0]: metrics})
+    return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)
+
+
+def _scrape_imdb(cfg, imdb_ids: list[str], workspace: Path):
+    from stages.imdb_scraper import ImdbReviewScraper
+
+    ids = imdb_ids[: cfg.max_movies] if cfg.max_movies else imdb_ids
+    with ImdbReviewScraper(workspace / cfg.cache_dir, user_agent=cfg.user_agent,
+                           requests_per_second=cfg.requests_per_second, max_retries=cfg.max_retries,
+                           max_pages=cfg.max_pages_per_movie, allowed_hosts=cfg.allowed_hosts,
+                           timeout=cfg.timeout_seconds) as scraper:
+        scraped = list(scraper.scrape(ids))
+        return scraped, scraper.stats.as_dict()
+
+
+STAGE_BODIES: dict[str, Callable[[Params, Path], StageOutcome]] = {"ingest": ingest_stage, "reviews": reviews_stage}

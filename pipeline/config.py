@@ -112,11 +112,43 @@ class IngestConfig(Section):
     full_train_conversations: int = Field(default=10006, gt=0)
 
 
+class ScraperConfig(Section):
+    """The IMDb review scraper (reviews source imdb_scraper); needs internet."""
+
+    cache_dir: str = "data/raw/imdb_pages"
+    requests_per_second: float = Field(default=1.0, gt=0, le=1.0)
+    max_pages_per_movie: int = Field(default=2, ge=1, le=50)
+    max_movies: int | None = Field(default=None, ge=1)
+    max_retries: int = Field(default=4, ge=0, le=10)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    user_agent: str = Field(default="c2crs-review-scraper/0.1 (research; reproducing C2-CRS)", min_length=8)
+    allowed_hosts: list[str] = Field(default=["www.imdb.com", "m.imdb.com"], min_length=1)
+
+
+class ReviewsConfig(Section):
+    sources: list[Literal["imdb_scraper", "aclimdb", "revcore", "plots"]] = Field(
+        default=["aclimdb", "revcore", "plots"], min_length=1)
+    on_bad_record: Literal["error", "skip"] = "error"
+    min_sentence_tokens: int = Field(default=4, ge=1)
+    max_sentence_tokens: int = Field(default=40, ge=1)
+    max_sentences_per_movie: int = Field(default=20, ge=1)
+    scraper: ScraperConfig = ScraperConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources must not repeat, got {self.sources}")
+        if self.max_sentence_tokens < self.min_sentence_tokens:
+            raise ValueError("max_sentence_tokens must be at least min_sentence_tokens")
+        return self
+
+
 class Params(Section):
     seed: int = Field(default=42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
     ingest: IngestConfig = IngestConfig()
+    reviews: ReviewsConfig = ReviewsConfig()
 
 
 def resolve_device(device: str) -> str:

@@ -32,6 +32,16 @@ STAGES: dict[str, StageSpec] = {
             metrics=("metrics/ingest.json",),
             external_inputs="ReDial train/test JSONL + movie lists (C2CRS_DATA_DIR mirror, or the public download)",
         ),
+        StageSpec(
+            name="reviews",
+            summary="review sentences per ReDial movie from IMDb reviews, RevCore snippets and plots; coverage",
+            params=("data", "reviews"),
+            code=("stages/reviews.py", "stages/imdb_scraper.py", "stages/safe_pickle.py"),
+            deps=("data/ingest/movies.parquet", "data/ingest/conversations.parquet", "data/ingest/utterances.parquet"),
+            outs=("data/reviews/reviews.parquet", "data/reviews/review_sentences.parquet"),
+            metrics=("metrics/reviews.json",),
+            external_inputs="aclImdb reviews, RevCore snippets, movie plots (mirror or download); IMDb (scraper)",
+        ),
     ]
 }
 

@@ -45,8 +45,8 @@ SENTENCE_SCHEMA = {
     "text": pl.String,
 }
 HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
-PTB_QUOTES = {"``": '"', "''": '"', "-LRB-": "(", "-RRB-": ")"}
-NO_SPACE_BEFORE = re.compile(r" ([,.;:!?%)]|n't|'s|'re|'ve|'ll|'d|'m)")
+PTB_BRACKETS = {"-LRB-": "(", "-RRB-": ")"}
+NO_SPACE_BEFORE = re.compile(r"^([,.;:!?%)]|n't|'s|'re|'ve|'ll|'d|'m)$", re.IGNORECASE)
 ACLIMDB_MEMBER = re.compile(r"aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 ACLIMDB_URLS = re.compile(r"aclImdb/(train|test)/urls_(pos|neg)\.txt$")
 IMDB_TITLE = re.compile(r"(tt\d{7,8})")
@@ -164,8 +164,18 @@ def revcore_reviews(path: Path, movie_ids: set[int], bad: BadReviews) -> pl.Data
 
 
 def detokenize(tokens: list[str]) -> str:
-    text = " ".join(PTB_QUOTES.get(t, t) for t in tokens)
-    return NO_SPACE_BEFORE.sub(r"\1", text)
+    """Penn-Treebank tokens back to text: `` and '' are opening and closing quotes; punctuation and clitics
+    attach to the word before."""
+    text, attach_next = "", True
+    for token in tokens:
+        if token == "''":
+            text += '"'
+            attach_next = False
+            continue
+        token = PTB_BRACKETS.get(token, '"' if token == "``" else token)
+        text += token if attach_next or NO_SPACE_BEFORE.match(token) else " " + token
+        attach_next = token in ('"', "(", "$")
+    return text
 
 
 def read_movie_info(path: Path) -> dict:

@@ -1,6 +1,9 @@
 """Shared fixtures: a small ReDial mirror, params pointing at it, temporary MLflow and Prefect stores."""
 
+import gzip
+import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -14,11 +17,38 @@ PROJECT = Path(__file__).resolve().parents[1]
 REAL_MIRROR = os.environ.get("C2CRS_DATA_DIR")
 
 
+ACLIMDB_FIXTURE = [
+    {"split": "train", "label": "pos", "id": 1, "rating": 9, "imdb_id": "tt0012345",
+     "text": "Alpha is a joy from start to end.<br /><br />The map scene is great fun. Wow."},
+    {"split": "test", "label": "neg", "id": 2, "rating": 2, "imdb_id": "tt0012345",
+     "text": "I did not like the ending of this film at all."},
+    {"split": "train", "label": "neg", "id": 3, "rating": 3, "imdb_id": "tt0022222",
+     "text": "Beta has cheap scares and a silly monster in the basement."},
+    {"split": "train", "label": "pos", "id": 4, "rating": 10, "imdb_id": "tt9999999",
+     "text": "A movie that is not in ReDial at all, so it is never joined."},
+]
+REVCORE_FIXTURE = {
+    "100": ["``", "Alpha", "''", "is", "the", "best", "comedy", "of", "its", "year", ",", "I", "think", "."],
+    "300": [],
+    "999": ["Not", "a", "ReDial", "movie", "here", "."],
+}
+
+
+def write_review_fixtures(mirror: Path) -> None:
+    """Binary review sources are made here rather than kept in git."""
+    (mirror / "reviews_aclimdb").mkdir(exist_ok=True)
+    with gzip.open(mirror / "reviews_aclimdb" / "aclimdb_reviews.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(record) + "\n" for record in ACLIMDB_FIXTURE)
+    (mirror / "reviews_revcore").mkdir(exist_ok=True)
+    (mirror / "reviews_revcore" / "movie2tokenreview_helpful.pkl").write_bytes(pickle.dumps(REVCORE_FIXTURE))
+
+
 @pytest.fixture
 def mirror(tmp_path) -> Path:
     """A copy of the fixture mirror that a test may change."""
     target = tmp_path / "mirror"
     shutil.copytree(FIXTURES / "mirror", target)
+    write_review_fixtures(target)
     return target
 
 
