@@ -1,0 +1,227 @@
+"""Stage 4, triples: tokens and vocabulary, entity linking, training samples, word-entity-sentence triples.
+
+Every turn after the first is a sample: its context is the conversation so far (tokens left-truncated, entities
+and items in order of first mention), its targets the movies the turn mentions and its own tokens. For the
+fine-grained pre-training (paper 4.2.2) each linked mention in a context becomes a triple (word position, entity,
+review sentence): the sentence is the one most related to the entity under the params' rule.
+"""
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import bm25s
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from stages.linking import EntityLinker, tokenize
+
+log = logging.getLogger(__name__)
+
+PAD, START, END, UNK, SPLIT = "__pad__", "__start__", "__end__", "__unk__", "__split__"
+SPECIAL_TOKENS = (PAD, START, END, UNK, SPLIT)
+SENTENCE_RULES = ("bm25", "highest_rated", "first")
+
+SAMPLE_SCHEMA = {
+    "sample_id": pl.Int64,
+    "conv_id": pl.Int64,
+    "turn_idx": pl.Int32,
+    "role": pl.String,
+    "split": pl.String,
+    "context_token_ids": pl.List(pl.Int32),
+    "context_entity_ids": pl.List(pl.Int64),
+    "context_item_ids": pl.List(pl.Int64),
+    "target_item_ids": pl.List(pl.Int64),
+    "response_token_ids": pl.List(pl.Int32),
+}
+TRIPLE_SCHEMA = {"sample_id": pl.Int64, "token_position": pl.Int32, "entity_id": pl.Int64, "sentence_id": pl.Int64}
+
+
+class TriplesDataError(ValueError):
+    """Inputs that do not fit together (an item without an entity, ids out of range); names the record."""
+
+
+def token_texts(text: str) -> list[str]:
+    """Vocabulary tokens: lowercased words and punctuation; movie mentions "@123" stay one token."""
+    return [token.text if token.text.startswith("@") else token.text.lower() for token in tokenize(text)]
+
+
+def build_vocabulary(token_lists, min_frequency: int) -> pl.DataFrame:
+    """Special tokens first, then tokens seen at least min_frequency times (in the train split), by count."""
+    counts = Counter(token for tokens in token_lists for token in tokens)
+    kept = sorted(((t, c) for t, c in counts.items() if c >= min_frequency and t not in SPECIAL_TOKENS),
+                  key=lambda item: (-item[1], item[0]))
+    rows = [(i, token, 0) for i, token in enumerate(SPECIAL_TOKENS)]
+    rows += [(len(SPECIAL_TOKENS) + i, token, count) for i, (token, count) in enumerate(kept)]
+    return pl.DataFrame(rows, schema={"token_id": pl.Int32, "token": pl.String, "count": pl.Int64}, orient="row")
+
+
+@dataclass(frozen=True)
+class LinkedUtterance:
+    tokens: list[str]
+    mentions: list[tuple[int, int, str]]  # (token position, entity id, "item" | "entity")
+
+
+def link_utterance(text: str, linker: EntityLinker, item_entity: dict[int, int]) -> LinkedUtterance:
+    """Movies through their "@id" token; other entities through the linker (which never sees "@id")."""
+    tokens = tokenize(text)
+    start_to_index = {token.start: i for i, token in enumerate(tokens)}
+    mentions = [(start_to_index[m.start], m.entity_id, "entity") for m in linker.link(text)]
+    for i, token in enumerate(tokens):
+        if token.text.startswith("@") and token.text[1:].isdigit():
+            entity = item_entity.get(int(token.text[1:]))
+            if entity is not None:
+                mentions.append((i, entity, "item"))
+    texts = [t.text if t.text.startswith("@") else t.text.lower() for t in tokens]
+    return LinkedUtterance(texts, sorted(mentions))
+
+
+def link_all(utterances: pl.DataFrame, linker: EntityLinker, item_entity: dict[int, int]) -> list[LinkedUtterance]:
+    return [link_utterance(text, linker, item_entity)
+            for text in tqdm(utterances["text"], desc="linking", unit=" utt", disable=None)]
+
+
+def build_samples(utterances: pl.DataFrame, linked: list[LinkedUtterance], vocabulary: pl.DataFrame,
+                  item_entity: dict[int, int], context_max_tokens: int,
+                  response_max_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One sample per turn after the first; also every linked mention's position in each sample's context.
+
+    `utterances` must be sorted by (conv_id, turn_idx) with a split column, aligned with `linked`.
+    Returns (samples, context_mentions[sample_id, token_position, entity_id, conv_id, mention_turn]).
+    """
+    token_id = dict(zip(vocabulary["token"], vocabulary["token_id"]))
+    unk, split_id = token_id[UNK], token_id[SPLIT]
+    samples, mentions = [], []
+    rows = utterances.select("conv_id", "turn_idx", "role", "split", "movie_ids").iter_rows()
+    history: list[int] = []
+    history_mentions: list[tuple[int, int, int]] = []  # (absolute position, entity, turn)
+    entities: list[int] = []
+    items: list[int] = []
+    previous_conv = None
+    for (conv_id, turn_idx, role, split, movie_ids), utterance in tqdm(zip(rows, linked), total=len(linked),
+                                                                      desc="samples", unit=" turns", disable=None):
+        if conv_id != previous_conv:
+            history, history_mentions, entities, items, previous_conv = [], [], [], [], conv_id
+        ids = [token_id.get(token, unk) for token in utterance.tokens]
+        if history:
+            sample_id = len(samples)
+            cut = max(0, len(history) - context_max_tokens)
+            targets = []
+            for movie_id in movie_ids:
+                if movie_id not in item_entity:
+                    raise TriplesDataError(f"conversation {conv_id}, turn {turn_idx}: movie {movie_id} has no "
+                                           "item entity in the kg stage's entities table")
+                targets.append(item_entity[movie_id])
+            samples.append((sample_id, conv_id, turn_idx, role, split, history[cut:], list(dict.fromkeys(entities)),
+                            list(dict.fromkeys(items)), targets, ids[:response_max_tokens]))
+            mentions += [(sample_id, position - cut, entity, conv_id, turn)
+                         for position, entity, turn in history_mentions if position >= cut]
+        offset = len(history)
+        for position, entity, kind in utterance.mentions:
+            history_mentions.append((offset + position, entity, turn_idx))
+            entities.append(entity)
+            if kind == "item":
+                items.append(entity)
+        history += ids + [split_id]
+    sample_table = pl.DataFrame(samples, schema=SAMPLE_SCHEMA, orient="row")
+    mention_table = pl.DataFrame(mentions, schema={"sample_id": pl.Int64, "token_position": pl.Int32,
+                                                   "entity_id": pl.Int64, "conv_id": pl.Int64,
+                                                   "mention_turn": pl.Int32}, orient="row")
+    return sample_table, mention_table
+
+
+# ---------------------------------------------------------------- sentences for mentions
+
+
+def candidate_sentences(entities: pl.DataFrame, edges: pl.DataFrame, sentences: pl.DataFrame,
+                        max_movies_per_entity: int) -> dict[int, np.ndarray]:
+    """Review sentences an entity may be paired with: an item's own; for another entity, those of the items it
+    is linked to in the KG (its films, for an actor), the most-mentioned items first, at most max_movies_per_entity."""
+    item_sentences = (sentences.join(entities.filter(pl.col("is_item")).select("entity_id", "movie_id"),
+                                     on="movie_id")
+                      .group_by("entity_id").agg(pl.col("sentence_id").sort()))
+    by_item = dict(zip(item_sentences["entity_id"], (np.asarray(s) for s in item_sentences["sentence_id"])))
+    items = entities.filter(pl.col("is_item")).select("entity_id", "mentions")
+    neighbours = (edges.filter(pl.col("src") != pl.col("dst"))
+                  .join(items, left_on="dst", right_on="entity_id")
+                  .filter(pl.col("dst").is_in(list(by_item)))
+                  .unique(["src", "dst"])
+                  .sort(["src", "mentions", "dst"], descending=[False, True, False])
+                  .group_by("src", maintain_order=True).agg(pl.col("dst").head(max_movies_per_entity)))
+    candidates = dict(by_item)
+    for entity, movies in zip(neighbours["src"], neighbours["dst"]):
+        if entity not in candidates:
+            candidates[entity] = np.concatenate([by_item[m] for m in movies])
+    return candidates
+
+
+class SentenceChooser:
+    """Picks, for an entity mentioned in an utterance, the most related review sentence among its candidates.
+
+    bm25: BM25 of each candidate against the entity's label plus the utterance's words; highest_rated: the
+    sentence from the best-rated review (ties: earlier sentence); first: the first candidate.
+    """
+
+    def __init__(self, rule: str, sentences: pl.DataFrame, ratings: np.ndarray, labels: dict[int, str],
+                 candidates: dict[int, np.ndarray]):
+        if rule not in SENTENCE_RULES:
+            raise ValueError(f"sentence rule must be one of {SENTENCE_RULES}, got {rule!r}")
+        self.rule, self.labels, self.candidates, self.ratings = rule, labels, candidates, ratings
+        if rule == "bm25":
+            corpus = bm25s.tokenize(sentences["text"].to_list(), stopwords="en", show_progress=False)
+            self.vocab = corpus.vocab
+            self.index = bm25s.BM25()
+            self.index.index(corpus, show_progress=False)
+
+    def choose(self, entity_id: int, utterance_tokens: list[str]) -> int | None:
+        pool = self.candidates.get(entity_id)
+        if pool is None or len(pool) == 0:
+            return None
+        if self.rule == "first":
+            return int(pool[0])
+        if self.rule == "highest_rated":
+            return int(pool[np.argmax(np.nan_to_num(self.ratings[pool], nan=-1.0))])
+        words = f"{self.labels.get(entity_id, '')} {' '.join(utterance_tokens)}"
+        query = [self.vocab[w] for w in bm25s.tokenize(words, stopwords="en", return_ids=False,
+                                                       show_progress=False)[0] if w in self.vocab]
+        if not query:
+            return int(pool[0])
+        scores = self.index.get_scores(query)[pool]
+        return int(pool[int(np.argmax(scores))])
+
+
+def build_triples(context_mentions: pl.DataFrame, linked: list[LinkedUtterance], utterances: pl.DataFrame,
+                  chooser: SentenceChooser) -> pl.DataFrame:
+    """(sample, token position, entity, sentence) for every mention in a context that has a sentence.
+
+    The sentence depends on the mention's own utterance, not on the sample, so it is chosen once per mention and
+    reused by every later sample whose context holds it.
+    """
+    row_of = {key: i for i, key in enumerate(utterances.select("conv_id", "turn_idx").iter_rows())}
+    chosen: dict[tuple[int, int, int], int | None] = {}
+    sentence_ids = []
+    for conv_id, turn, entity in tqdm(context_mentions.select("conv_id", "mention_turn", "entity_id").iter_rows(),
+                                      total=context_mentions.height, desc="triples", unit=" mentions",
+                                      disable=None):
+        key = (conv_id, turn, entity)
+        if key not in chosen:
+            chosen[key] = chooser.choose(entity, linked[row_of[(conv_id, turn)]].tokens)
+        sentence_ids.append(chosen[key])
+    return (context_mentions.with_columns(pl.Series("sentence_id", sentence_ids, dtype=pl.Int64))
+            .drop_nulls("sentence_id").select(list(TRIPLE_SCHEMA)).cast(TRIPLE_SCHEMA))
+
+
+def triple_metrics(samples: pl.DataFrame, triples: pl.DataFrame, linked: list[LinkedUtterance]) -> dict:
+    per_sample = triples.group_by("sample_id").len()
+    with_triple = per_sample.height
+    entity_mentions = sum(1 for u in linked for m in u.mentions if m[2] == "entity")
+    item_mentions = sum(1 for u in linked for m in u.mentions if m[2] == "item")
+    return {
+        "samples": dict(samples.group_by("split").len().sort("split").iter_rows()),
+        "samples_with_triple": round(with_triple / max(samples.height, 1), 4),
+        "triples_per_sample": round(triples.height / max(samples.height, 1), 3),
+        "triples": triples.height,
+        "linked_entity_mentions_per_utterance": round(entity_mentions / max(len(linked), 1), 3),
+        "item_mentions_per_utterance": round(item_mentions / max(len(linked), 1), 3),
+    }
