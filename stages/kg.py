@@ -12,7 +12,6 @@ item, with or without edges, so the recommender can score all of them.
 
 import json
 import logging
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from urllib.parse import unquote
 
 import polars as pl
 from tqdm import tqdm
+
+from stages import safe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,6 @@ ENTITY_SCHEMA = {"entity_id": pl.Int64, "uri": pl.String, "label": pl.String, "i
                  "movie_id": pl.Int64}
 RELATION_SCHEMA = {"relation_id": pl.Int64, "name": pl.String, "n_edges": pl.Int64, "is_inverse": pl.Boolean}
 EDGE_SCHEMA = {"src": pl.Int64, "rel": pl.Int64, "dst": pl.Int64}
-METADATA_FILES = ("kg.json", "entity2id.json", "relation2id.json", "item_ids.json", "id2info.json",
-                  "entity2type.json")
-
-# What the KGSF/CRSLab pickles need (subkg.pkl is a defaultdict(list)); py2 pickles name the module __builtin__.
-ALLOWED_PICKLE_CLASSES = frozenset(
-    [("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
-                                     "bytearray", "bool", "complex")]
-    + [("__builtin__", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str",
-                                          "unicode", "bytes", "bytearray", "bool", "complex", "long")]
-    + [("collections", "defaultdict")]
-)
-
 
 class KgDataError(ValueError):
     """A KG input that cannot be used; the message names the file, the record (head id) and the problem."""
@@ -69,34 +58,12 @@ class KgResult:
 # ---------------------------------------------------------------- safe loading
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path):
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in ALLOWED_PICKLE_CLASSES:
-            raise KgDataError(f"{self._path}: pickle holds class {module}.{name}; only builtin containers, scalars "
-                              "and collections.defaultdict are allowed")
-        return super().find_class(module, name)
-
-
 def load_pickle_restricted(path: Path) -> object:
-    """Unpickle a file from a public repository without letting it import or call anything but plain containers.
-
-    A bare pickle.load would run whatever callable the file names; the mirror's pickles need only builtins and
-    collections.defaultdict (checked with pickletools on every *.pkl there).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: KG file not found")
-    with open(path, "rb") as f:
-        try:
-            return _RestrictedUnpickler(f, path).load()
-        except KgDataError:
-            raise
-        except Exception as exc:  # a truncated or corrupt pickle raises many kinds of errors
-            raise KgDataError(f"{path}: not a readable pickle: {type(exc).__name__}: {exc}") from None
+    """stages.safe_pickle's loader, with its refusals reported as KgDataError like every other KG input problem."""
+    try:
+        return safe_pickle.load_pickle_restricted(path)
+    except safe_pickle.PickleSafetyError as exc:
+        raise KgDataError(str(exc)) from None
 
 
 def _load_json(path: Path) -> object:
@@ -119,21 +86,20 @@ def normalize_uri(key) -> str:
     """
     if isinstance(key, bool):
         raise TypeError(f"entity key must be a URI or a ReDial movie id, got {key!r}")
-    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
-        return f"redial:{int(key)}"
+    if isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit()):
+        return f"redial:{key}"
     if not isinstance(key, str):
         raise TypeError(f"entity key must be a URI or a ReDial movie id, got {key!r}")
     key = key.strip()
     return key[1:-1] if key.startswith("<") and key.endswith(">") else key
 
 
-def _uri_uexpr(column: str) -> pl.Expr:
+def _uri_expr(column: str) -> pl.Expr:
     """normalize_uri for a column of strings (no int keys there): strip <...>, digits -> redial:<id>."""
     col = pl.col(column).str.strip_chars()
-    col = pl.when(col.str.starts_with("<") & col.str.ends_with(">")).then(col.str.slice(1, col.str.len_chars() - 2)) \
-        .otherwise(col)
-    as_movie = pl.lit("redial:") + col.cast(pl.Int64, strict=False).cast(pl.String)
-    return pl.when(col.str.contains(r"^\d+$")).then(as_movie).otherwise(col).alias(column)
+    bracketed = col.str.starts_with("<") & col.str.ends_with(">")
+    col = pl.when(bracketed).then(col.str.strip_prefix("<").str.strip_suffix(">")).otherwise(col)
+    return pl.when(col.str.contains(r"^[0-9]+$")).then(pl.lit("redial:") + col).otherwise(col).alias(column)
 
 
 def _entity_table(mapping, path: Path, offset: int) -> pl.DataFrame:
@@ -209,7 +175,7 @@ def _check_ids(table: pl.DataFrame, entities: pl.DataFrame, path: Path, entity_p
            else table.filter(pl.col("rel") < 0))
     if bad.height:
         row = bad.row(0, named=True)
-        allowed = (f"the ids of its relation2id.json ({', '.join(map(str, relation_ids.sort()))})"
+        allowed = (f"one of the ids in relation2id.json ({', '.join(map(str, relation_ids.sort()))})"
                    if relation_ids is not None else f"an integer >= {offset}")
         raise KgDataError(f"{path}: head {row['head'] + offset}: relation id {row['rel'] + offset} is not "
                           f"{allowed} ({bad.height} such triple(s))")
@@ -227,70 +193,67 @@ def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, 
     return KgSource(triples.cast(TRIPLE_SCHEMA), frozenset(entities["uri"]))
 
 
-def load_kgsf_kg(directory: Path, subkg: str = "subkg.pkl", entity2id: str = "entity2entityId.pkl") -> KgSource:
+def load_kgsf_kg(subkg_path: Path, entity2id_path: Path) -> KgSource:
     """KGSF's DBpedia subgraph: subkg.pkl {head_id: [(rel_id, tail_id)]} and entity2entityId.pkl {URI: id}.
 
     Relation names are not in this source, so relation r is "dbpedia:<r>" (KGSF's id; CRSLab's JSON id - 1).
     """
-    directory = Path(directory)
-    return _dbpedia_source(load_pickle_restricted(directory / subkg), load_pickle_restricted(directory / entity2id),
-                           directory / subkg, directory / entity2id, offset=0, source="dbpedia")
+    subkg_path, entity2id_path = Path(subkg_path), Path(entity2id_path)
+    return _dbpedia_source(load_pickle_restricted(subkg_path), load_pickle_restricted(entity2id_path),
+                           subkg_path, entity2id_path, offset=0, source="dbpedia")
 
 
-def load_crslab_kg(directory: Path, subkg: str = "dbpedia_subkg.json", entity2id: str = "entity2id.json",
-                   id_offset: int = 1) -> KgSource:
-    """CRSLab's JSON copy of the KGSF subgraph: entity and relation ids are KGSF's + id_offset (1), heads strings.
+def load_crslab_kg(subkg_path: Path, entity2id_path: Path, id_offset: int = 1) -> KgSource:
+    """CRSLab's JSON copy of the KGSF subgraph (dbpedia_subkg.json, entity2id.json): entity and relation ids are
+    KGSF's + id_offset (1), heads are strings. Gives the same triples as load_kgsf_kg on the same graph."""
+    subkg_path, entity2id_path = Path(subkg_path), Path(entity2id_path)
+    return _dbpedia_source(_load_json(subkg_path), _load_json(entity2id_path), subkg_path, entity2id_path,
+                           offset=id_offset, source="dbpedia")
 
-    Gives the same triples as load_kgsf_kg on the same graph.
+
+def load_movie_metadata_kg(movies: pl.DataFrame, kg_path: Path, entity2id_path: Path, relation2id_path: Path,
+                           id2info_path: Path, item_ids_path: Path | None = None,
+                           entity2type_path: Path | None = None) -> KgSource:
+    """CFCRS's metadata KG: ReDial movies -> genre, star, director, writer (kg.json {str(head): [[rel, tail], ...]},
+    entity2id.json {name: id}, relation2id.json {name: id}).
+
+    Its item entities (item_ids.json; without it, the heads of kg.json) are named like the ReDial titles
+    ("Pari (1995)"); id2info.json gives their ReDial movie ids. They become the movie's DBpedia URI from `movies`
+    (movie_id, dbpedia_uri) when it has one, else "redial:<movie_id>", so the metadata edges land on the same items
+    as the DBpedia ones. A title that id2info gives to two ReDial ids (7 in the mirror: duplicate ReDial entries)
+    puts its edges on both. Other entities are "meta:<type>:<name>" with the type from entity2type.json (person,
+    genre; "entity" without that file), one key per name, as one person can be star and director.
     """
-    directory = Path(directory)
-    return _dbpedia_source(_load_json(directory / subkg), _load_json(directory / entity2id),
-                           directory / subkg, directory / entity2id, offset=id_offset, source="dbpedia")
-
-
-def load_movie_metadata_kg(directory: Path, movies: pl.DataFrame) -> KgSource:
-    """CFCRS's metadata KG: ReDial movies -> genre, star, director, writer ({str(head): [[rel, tail], ...]}).
-
-    Its item entities are named like the ReDial titles ("Pari (1995)"); id2info.json gives their ReDial movie ids.
-    They become the movie's DBpedia URI from `movies` (movie_id, dbpedia_uri) when it has one, else
-    "redial:<movie_id>", so the metadata edges land on the same items as the DBpedia ones. A title that id2info
-    gives to two ReDial ids (7 in the mirror: duplicate ReDial entries) puts its edges on both. Other entities are
-    "meta:<type>:<name>" with the type from entity2type.json (person, genre), as one person can be star and director.
-    """
-    directory = Path(directory)
-    missing = [name for name in METADATA_FILES if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{directory}: movie-metadata KG lacks {', '.join(missing)}")
-    kg_path, entity_path = directory / "kg.json", directory / "entity2id.json"
-    relation_path = directory / "relation2id.json"
+    kg_path, entity_path, relation_path = Path(kg_path), Path(entity2id_path), Path(relation2id_path)
     entities = _metadata_entities(_load_json(entity_path), entity_path)
     relations = _load_json(relation_path)
-    if not isinstance(relations, dict) or not all(isinstance(v, int) for v in relations.values()):
-        raise KgDataError(f"{relation_path}: expected a mapping relation name -> integer id")
+    if (not isinstance(relations, dict) or not all(isinstance(v, int) for v in relations.values())
+            or len(set(relations.values())) != len(relations)):
+        raise KgDataError(f"{relation_path}: expected a mapping relation name -> integer id, one id per name")
     relation_table = pl.DataFrame({"rel": list(relations.values()), "relation": [f"meta:{k}" for k in relations]},
                                   schema={"rel": pl.Int64, "relation": pl.String})
     table = _flatten_adjacency(_load_json(kg_path), kg_path, offset=0)
     _check_ids(table, entities, kg_path, entity_path, 0, relation_table["rel"])
 
-    types = _load_json(directory / "entity2type.json")
-    items = _load_json(directory / "item_ids.json")
-    info = _load_json(directory / "id2info.json")
-    if not isinstance(types, dict) or not isinstance(items, list) or not isinstance(info, dict):
-        raise KgDataError(f"{directory}: entity2type.json and id2info.json must be mappings, item_ids.json a list")
+    types = _load_json(Path(entity2type_path)) if entity2type_path else {}
+    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
+        raise KgDataError(f"{entity2type_path}: expected a mapping entity name -> type name")
+    items = _load_json(Path(item_ids_path)) if item_ids_path else table["head"].unique().to_list()
+    if not isinstance(items, list):
+        raise KgDataError(f"{item_ids_path}: expected a list of entity ids")
     item_ids = pl.Series("id", items, dtype=pl.Int64, strict=False)
     unknown_items = item_ids.filter(~item_ids.is_in(entities["id"].implode()) | item_ids.is_null())
     if unknown_items.len():
-        raise KgDataError(f"{directory / 'item_ids.json'}: item id {unknown_items[0]} is not in entity2id.json")
+        raise KgDataError(f"{item_ids_path}: item id {unknown_items[0]} is not in {entity_path.name}")
+    info = _load_json(Path(id2info_path))
     try:
         title_to_movie = pl.DataFrame({"name": [v["name"] for v in info.values()],
                                        "movie_id": [int(k) for k in info]})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KgDataError(f"{directory / 'id2info.json'}: expected movieId -> {{name, ...}}: {exc!r}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise KgDataError(f"{id2info_path}: expected a mapping movieId -> {{name, ...}}: {exc!r}") from None
     movie_uris = _movie_keys(movies).select("movie_id", pl.col("uri").alias("movie_uri"))
-    if not all(isinstance(v, str) for v in types.values()):
-        raise KgDataError(f"{directory / 'entity2type.json'}: expected a mapping entity name -> type name")
-    keyed = entities.with_columns(pl.col("name").replace_strict(types, default="entity").alias("type"),
-                                  pl.col("id").is_in(item_ids.implode()).alias("is_item"))
+    keyed = entities.with_columns(pl.col("name").replace_strict(types, default="entity", return_dtype=pl.String)
+                                  .alias("type"), pl.col("id").is_in(item_ids.implode()).alias("is_item"))
     item_keys = (keyed.filter("is_item").join(title_to_movie, on="name", how="left")
                  .join(movie_uris, on="movie_id", how="left").drop("movie_id"))
     keyed = (pl.concat([item_keys, keyed.filter(~pl.col("is_item"))], how="diagonal")
@@ -340,6 +303,23 @@ def label_from_uri(uri: str) -> str:
     return uri
 
 
+def uri_labels(uris: pl.Series) -> pl.Series:
+    """label_from_uri for a column of normalized URIs, vectorised; only the few with percent-escapes go through
+    Python (polars has no URL decoding)."""
+    uri = pl.col("uri")
+    name = uri.str.slice(len(DBPEDIA_RESOURCE)).str.replace_all("_", " ", literal=True).str.strip_chars()
+    short = name.str.replace(DISAMBIGUATION.pattern, "").str.strip_chars()
+    label = (pl.when(uri.str.starts_with(DBPEDIA_RESOURCE)).then(pl.when(short != "").then(short).otherwise(name))
+             .when(uri.str.starts_with("meta:")).then(uri.str.replace(r"^meta:(?:[^:]*:)?", ""))
+             .otherwise(uri))
+    uris = uris.rename("uri")
+    labels = uris.to_frame().select(label.alias("label"))["label"]
+    escaped = (uris.str.starts_with(DBPEDIA_RESOURCE) & uris.str.contains("%", literal=True)).arg_true()
+    if escaped.len():
+        labels = labels.scatter(escaped, [label_from_uri(u) for u in uris.gather(escaped)])
+    return labels
+
+
 # ---------------------------------------------------------------- building the graph
 
 
@@ -360,10 +340,11 @@ def _movie_keys(movies: pl.DataFrame) -> pl.DataFrame:
     keyed = (movies.select(pl.col("movie_id").cast(pl.Int64), pl.col("dbpedia_uri").cast(pl.String),
                            title.cast(pl.String).alias("title"))
              .sort("movie_id")
-             .with_columns(_uri_uexpr("dbpedia_uri")))
+             .with_columns(_uri_expr("dbpedia_uri"))
+             .with_columns(pl.when(pl.col("dbpedia_uri") != "").then(pl.col("dbpedia_uri")).alias("dbpedia_uri")))
     shared = pl.col("dbpedia_uri").is_not_null() & (pl.col("dbpedia_uri").cum_count().over("dbpedia_uri") > 1)
     return keyed.with_columns(
-        pl.when(pl.col("dbpedia_uri").is_null() | (pl.col("dbpedia_uri") == "") | shared)
+        pl.when(pl.col("dbpedia_uri").is_null() | shared)
         .then("redial:" + pl.col("movie_id").cast(pl.String)).otherwise(pl.col("dbpedia_uri")).alias("uri"),
         shared.alias("shares_uri"))
 
@@ -378,38 +359,51 @@ def _check_triples(triples: pl.DataFrame) -> pl.DataFrame:
     if nulls:
         row = triples.filter(pl.any_horizontal(pl.col(nulls).is_null())).row(0, named=True)
         raise KgDataError(f"triples table ({row['source']}): null {', '.join(nulls)} in triple {row}")
-    return triples.select(list(TRIPLE_SCHEMA)).cast(TRIPLE_SCHEMA).with_columns(_uri_uexpr("head_uri"),
-                                                                                _uri_uexpr("tail_uri"))
+    return triples.select(list(TRIPLE_SCHEMA)).cast(TRIPLE_SCHEMA).with_columns(_uri_expr("head_uri"),
+                                                                                _uri_expr("tail_uri"))
+
+
+def _encode(triples: pl.DataFrame, *extra: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """URIs -> integer codes in URI order (joins and set work on ints are several times faster than on strings).
+
+    Returns (head, relation, tail) with int codes and the vocabulary (code, uri) of the triples' and extra URIs.
+    """
+    vocab = (pl.concat([triples["head_uri"], triples["tail_uri"], *(e.rename("head_uri") for e in extra)])
+             .unique().sort().rename("uri").to_frame().with_row_index("code").cast({"code": pl.Int64}))
+    coded = (triples.join(vocab.rename({"uri": "head_uri", "code": "head"}), on="head_uri", how="left")
+             .join(vocab.rename({"uri": "tail_uri", "code": "tail"}), on="tail_uri", how="left")
+             .select("head", "relation", "tail"))
+    return coded, vocab
 
 
 def count_relation_edges(triples: pl.DataFrame) -> pl.DataFrame:
     """Per relation, the edges it would have after adding inverses: 2 x its distinct triples between two different
-    entities (self edges are replaced by the self-loop relation, so they do not count)."""
-    return (triples.filter(pl.col("head_uri") != pl.col("tail_uri"))
-            .unique(["head_uri", "relation", "tail_uri"])
-            .group_by("relation").len(name="n").with_columns((2 * pl.col("n")).alias("n_both_directions"))
-            .select("relation", "n_both_directions"))
+    entities (self edges are replaced by the self-loop relation, so they do not count). Columns head/tail may be
+    URIs or codes."""
+    head, tail = ("head", "tail") if "head" in triples.columns else ("head_uri", "tail_uri")
+    return (triples.filter(pl.col(head) != pl.col(tail))
+            .unique([head, "relation", tail])
+            .group_by("relation").len(name="n").select("relation", (2 * pl.col("n")).alias("n_both_directions")))
 
 
 def within_hops(edges: pl.DataFrame, seeds: pl.Series, hops: int | None) -> pl.Series:
-    """The nodes at most `hops` undirected steps from a seed (the seeds themselves included); None = all nodes."""
-    nodes_of_edges = pl.concat([edges["head_uri"], edges["tail_uri"]]).unique()
+    """The nodes at most `hops` undirected steps over edges (head, tail) from a seed, seeds included; None = all."""
     if hops is None:
-        return pl.concat([nodes_of_edges, seeds.rename("head_uri")]).unique().rename("uri")
+        return pl.concat([edges["head"], edges["tail"], seeds.rename("head")]).unique().rename("node")
     if hops < 0:
         raise ValueError(f"hops must be >= 0 or None, got {hops}")
-    pairs = pl.concat([edges.select(pl.col("head_uri").alias("a"), pl.col("tail_uri").alias("b")),
-                       edges.select(pl.col("tail_uri").alias("a"), pl.col("head_uri").alias("b"))]).unique()
-    reached = pl.DataFrame({"uri": seeds.unique()}, schema={"uri": pl.String})
+    pairs = pl.concat([edges.select(pl.col("head").alias("a"), pl.col("tail").alias("b")),
+                       edges.select(pl.col("tail").alias("a"), pl.col("head").alias("b"))]).unique()
+    reached = seeds.rename("node").unique().to_frame()
     frontier = reached
     for _ in range(hops):
-        step = (pairs.join(frontier, left_on="a", right_on="uri", how="semi").select(pl.col("b").alias("uri"))
-                .unique().join(reached, on="uri", how="anti"))
+        step = (pairs.join(frontier, left_on="a", right_on="node", how="semi").select(pl.col("b").alias("node"))
+                .unique().join(reached, on="node", how="anti"))
         if step.height == 0:
             break
         reached = pl.concat([reached, step])
         frontier = step
-    return reached["uri"]
+    return reached["node"]
 
 
 def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_relation_edges: int = 1001,
@@ -423,8 +417,9 @@ def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_rela
        not depend on the seeds). CRSLab counts each non-self triple once per direction and keeps "> 1000"; its
        input has no repeated triples, so min_relation_edges=1001 keeps exactly its relations.
     3. Only the induced subgraph on the nodes within `hops` undirected hops of the seeds is kept (kept relations
-       only). Seeds: every ReDial movie (its DBpedia URI, or redial:<movie_id>) and `seed_uris` (entities linked in
-       conversations; those absent from the input are counted in metrics, not added).
+       only; None = no restriction). Seeds: every ReDial movie (its DBpedia URI, or redial:<movie_id>) and
+       `seed_uris` (entities linked in conversations; those absent from the input are counted in metrics, not
+       added; those present are kept even without edges).
     4. Entities: every ReDial movie is an item (ids 0..n_items-1 in movie_id order), even without edges; then the
        other entities of the kept edges and the known seeds, in URI order.
     5. Relations: kept relations by name (ids 0..K-1), their inverses "<name>^-1" in the same order (id r + K), then
@@ -434,38 +429,42 @@ def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_rela
         raise ValueError(f"min_relation_edges must be >= 0, got {min_relation_edges}")
     triples = _check_triples(triples)
     items = _movie_keys(movies)
-    reference = reference_counts(triples)
+    seeds = pl.Series("uri", [normalize_uri(u) for u in seed_uris], dtype=pl.String).unique()
+    coded, vocab = _encode(triples, items["uri"], seeds)
+    reference = _reference_counts_coded(coded, n_vocabulary=pl.concat([coded["head"], coded["tail"]]).n_unique())
 
-    distinct = triples.unique(["head_uri", "relation", "tail_uri"], keep="first")
-    proper = distinct.filter(pl.col("head_uri") != pl.col("tail_uri"))
+    distinct = coded.unique(["head", "relation", "tail"], keep="first")
+    proper = distinct.filter(pl.col("head") != pl.col("tail"))
     counts = count_relation_edges(distinct)
     kept_relations = counts.filter(pl.col("n_both_directions") >= min_relation_edges)
     kept = proper.join(kept_relations, on="relation", how="semi")
 
-    known = pl.concat([triples["head_uri"], triples["tail_uri"]]).unique()
-    seeds = pl.Series("uri", [normalize_uri(u) for u in seed_uris], dtype=pl.String).unique()
-    unknown_seeds = seeds.filter(~seeds.is_in(known.implode()) & ~seeds.is_in(items["uri"].implode()))
-    seeds = seeds.filter(seeds.is_in(known.implode()))
-    reached = within_hops(kept, pl.concat([items["uri"], seeds]), hops).implode()
-    in_reach = kept.filter(pl.col("head_uri").is_in(reached) & pl.col("tail_uri").is_in(reached))
+    uri_code = vocab.rename({"code": "node"})
+    known = pl.concat([coded["head"], coded["tail"]]).unique().implode()
+    seed_codes = seeds.to_frame().join(uri_code, on="uri", how="left")["node"]
+    item_codes = items.select("uri").join(uri_code, on="uri", how="left")["node"]
+    unknown_seeds = seed_codes.filter(~seed_codes.is_in(known) & ~seed_codes.is_in(item_codes.implode()))
+    seed_codes = seed_codes.filter(seed_codes.is_in(known))
+    reached = within_hops(kept, pl.concat([item_codes, seed_codes]), hops).implode()
+    in_reach = kept.filter(pl.col("head").is_in(reached) & pl.col("tail").is_in(reached))
 
-    others = pl.concat([in_reach["head_uri"], in_reach["tail_uri"], seeds]).unique().sort()
-    others = others.filter(~others.is_in(items["uri"].implode()))
+    other_codes = pl.concat([in_reach["head"], in_reach["tail"], seed_codes]).unique().sort()
+    others = (other_codes.filter(~other_codes.is_in(item_codes.implode())).rename("node").to_frame()
+              .join(uri_code, on="node", how="left", maintain_order="left")["uri"])
     entities = pl.concat([
-        items.select("uri", pl.coalesce("title", pl.col("uri").map_elements(label_from_uri, return_dtype=pl.String))
-                     .alias("label"), pl.lit(True).alias("is_item"), "movie_id"),
-        pl.DataFrame({"uri": others}).select("uri", pl.col("uri").map_elements(label_from_uri, return_dtype=pl.String)
-                                             .alias("label"), pl.lit(False).alias("is_item"),
-                                             pl.lit(None, dtype=pl.Int64).alias("movie_id")),
+        items.select("uri", pl.coalesce("title", uri_labels(items["uri"])).alias("label"),
+                     pl.lit(True).alias("is_item"), "movie_id"),
+        pl.DataFrame({"uri": others, "label": uri_labels(others)}, schema={"uri": pl.String, "label": pl.String})
+        .with_columns(pl.lit(False).alias("is_item"), pl.lit(None, dtype=pl.Int64).alias("movie_id")),
     ]).with_row_index("entity_id").select(list(ENTITY_SCHEMA)).cast(ENTITY_SCHEMA)
 
     names = sorted(in_reach["relation"].unique().to_list(), key=_natural_key)
-    forward = pl.DataFrame({"name": names, "relation_id": range(len(names))},
-                           schema={"name": pl.String, "relation_id": pl.Int64})
-    ids = entities.select("uri", "entity_id")
-    edges = (in_reach.join(ids.rename({"uri": "head_uri", "entity_id": "src"}), on="head_uri")
-             .join(ids.rename({"uri": "tail_uri", "entity_id": "dst"}), on="tail_uri")
-             .join(forward.rename({"name": "relation", "relation_id": "rel"}), on="relation")
+    forward = pl.DataFrame({"relation": names, "rel": range(len(names))},
+                           schema={"relation": pl.String, "rel": pl.Int64})
+    node_to_id = entities.select("uri", "entity_id").join(uri_code, on="uri").select("node", "entity_id")
+    edges = (in_reach.join(node_to_id.rename({"node": "head", "entity_id": "src"}), on="head")
+             .join(node_to_id.rename({"node": "tail", "entity_id": "dst"}), on="tail")
+             .join(forward, on="relation")
              .select("src", "rel", "dst"))
     parts = [edges]
     if add_inverse:
@@ -478,17 +477,23 @@ def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_rela
     all_edges = pl.concat([p.cast(EDGE_SCHEMA) for p in parts]).sort("src", "rel", "dst")
     n_edges = all_edges.group_by("rel").len()
     relations = (pl.DataFrame({"relation_id": range(len(relation_names)), "name": relation_names,
-                               "is_inverse": [i >= len(names) and name != SELF_LOOP
-                                              for i, name in enumerate(relation_names)]})
+                               "is_inverse": [len(names) <= i < 2 * len(names) and add_inverse
+                                              for i in range(len(relation_names))]})
                  .join(n_edges.rename({"rel": "relation_id", "len": "n_edges"}), on="relation_id", how="left")
                  .with_columns(pl.col("n_edges").fill_null(0))
                  .select(list(RELATION_SCHEMA)).cast(RELATION_SCHEMA))
 
+    if unknown_seeds.len():
+        log.warning("%d seed URI(s) are not in the KG and were ignored, e.g. %s", unknown_seeds.len(),
+                    vocab.filter(pl.col("code").is_in(unknown_seeds.implode()))["uri"][0])
+    if items["shares_uri"].any():
+        log.warning("%d movie(s) share a DBpedia URI with a lower movie_id and are keyed redial:<movie_id>",
+                    items["shares_uri"].sum())
     linked = pl.concat([edges["src"], edges["dst"]]).unique()
     metrics = {
         "entities": entities.height,
         "items": items.height,
-        "items_with_edges": int(linked.filter(linked < items.height).len()),
+        "items_with_edges": linked.filter(linked < items.height).len(),
         "items_without_uri": int(items["uri"].str.starts_with("redial:").sum()),
         "movies_sharing_uri": int(items["shares_uri"].sum()),
         "relations": relations.height,
@@ -510,6 +515,7 @@ def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_rela
 
 
 def _natural_key(name: str) -> tuple:
+    """"dbpedia:9" before "dbpedia:10"."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
@@ -523,17 +529,21 @@ def reference_counts(triples: pl.DataFrame, min_exclusive: int = REFERENCE_MIN_E
     (CRSLab gives the self loop the id of a real, rare relation and drops that relation's own triples; on the
     ReDial KG that relation is below the threshold anyway, so a separate self-loop relation counts the same.)
     """
-    triples = triples.select("head_uri", "relation", "tail_uri")
-    heads = triples["head_uri"].unique()
-    proper = triples.filter(pl.col("head_uri") != pl.col("tail_uri"))
+    coded, vocab = _encode(_check_triples(triples))
+    return _reference_counts_coded(coded, vocab.height, min_exclusive)
+
+
+def _reference_counts_coded(coded: pl.DataFrame, n_vocabulary: int,
+                            min_exclusive: int = REFERENCE_MIN_EXCLUSIVE) -> dict:
+    heads = coded["head"].unique()
+    proper = coded.filter(pl.col("head") != pl.col("tail"))
     listed = pl.concat([
         proper,
-        proper.select(pl.col("tail_uri").alias("head_uri"), "relation", pl.col("head_uri").alias("tail_uri")),
-        heads.to_frame().select("head_uri", pl.lit("\0self_loop").alias("relation"), pl.col("head_uri").alias("tail_uri")),
+        proper.select(pl.col("tail").alias("head"), "relation", pl.col("head").alias("tail")),
+        heads.to_frame().select("head", pl.lit("\0self_loop").alias("relation"), pl.col("head").alias("tail")),
     ])
     kept = listed.group_by("relation").len().filter(pl.col("len") > min_exclusive)
     edges = listed.join(kept, on="relation", how="semi").unique()
-    touched = pl.concat([edges["head_uri"], edges["tail_uri"]]).n_unique()
-    n_vocabulary = pl.concat([triples["head_uri"], triples["tail_uri"]]).n_unique()
+    touched = pl.concat([edges["head"], edges["tail"]]).n_unique()
     return {"relations": kept.height, "edges": edges.height, "entities": n_vocabulary + 1,
             "entities_with_edges": touched}

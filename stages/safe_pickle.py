@@ -7,10 +7,12 @@ builtin containers and scalars and collections.defaultdict, which is all the KGS
 import pickle
 from pathlib import Path
 
-ALLOWED = {
-    ("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
-                                    "bool", "complex", "bytearray")
-} | {("collections", "defaultdict"), ("collections", "OrderedDict")}
+_SCALARS_AND_CONTAINERS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bytearray",
+                           "bool", "complex")
+# Protocols 0-2 name the builtins module __builtin__ (Python 2's name), with unicode and long.
+ALLOWED = ({("builtins", name) for name in _SCALARS_AND_CONTAINERS}
+           | {("__builtin__", name) for name in (*_SCALARS_AND_CONTAINERS, "unicode", "long")}
+           | {("collections", "defaultdict"), ("collections", "OrderedDict")})
 
 
 class PickleSafetyError(ValueError):
@@ -31,10 +33,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def load_pickle_restricted(path: Path):
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
     with open(path, "rb") as f:
         try:
             return _RestrictedUnpickler(f, path).load()
         except PickleSafetyError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-            raise PickleSafetyError(f"{path}: not a readable pickle: {exc}") from None
+        except Exception as exc:  # a truncated or corrupt pickle raises many kinds of errors
+            raise PickleSafetyError(f"{path}: not a readable pickle: {type(exc).__name__}: {exc}") from None
