@@ -11,11 +11,12 @@ from pathlib import Path
 
 import httpx
 import polars as pl
+from tqdm import tqdm
 
-from pipeline.config import ConfigError, DataConfig, Params
+from pipeline.config import ConfigError, DataConfig, LinkingConfig, Params
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import fetch, ingest, reviews
+from stages import fetch, ingest, kg, linking, reviews, triples
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -153,4 +154,100 @@ def _scrape_imdb(cfg, imdb_ids: list[str], workspace: Path):
         return scraped, scraper.stats.as_dict()
 
 
-STAGE_BODIES: dict[str, Callable[[Params, Path], StageOutcome]] = {"ingest": ingest_stage, "reviews": reviews_stage}
+def _entity_linker(labels: dict[int, list[str]], degree: dict[int, int], stopwords: Path,
+                   cfg: LinkingConfig) -> linking.EntityLinker:
+    return linking.EntityLinker.build(labels, linking.read_stopwords(stopwords), degree=degree,
+                                      min_label_chars=cfg.min_label_chars, dominance_ratio=cfg.dominance_ratio,
+                                      min_dominant_degree=cfg.min_dominant_degree, use_variants=cfg.use_variants,
+                                      add_chat_stopwords=cfg.add_chat_stopwords)
+
+
+def kg_stage(params: Params, workspace: Path) -> StageOutcome:
+    cfg = params.kg
+    spec = STAGES["kg"]
+    movies_path, utterances_path = (workspace / dep for dep in spec.deps)
+    movies = pl.read_parquet(movies_path)
+    metadata = ("metadata_kg", "metadata_entity_ids", "metadata_relation_ids", "metadata_item_ids",
+                "metadata_entity_types", "movie_info")
+    files = raw_files(params.data, workspace, "dbpedia_subkg", "dbpedia_entity_ids", "stopwords",
+                      *(metadata if cfg.merge_metadata_kg else ()))
+    sources = [kg.load_kgsf_kg(files["dbpedia_subkg"], files["dbpedia_entity_ids"])]
+    if cfg.merge_metadata_kg:
+        sources.append(kg.load_movie_metadata_kg(
+            movies, files["metadata_kg"], files["metadata_entity_ids"], files["metadata_relation_ids"],
+            files["movie_info"], files["metadata_item_ids"], files["metadata_entity_types"]))
+    source = kg.merge_sources(*sources)
+    seeds: set[str] = set()
+    if cfg.link_seeds:
+        # Seeds are entities named in the conversations, found by linking against the whole input graph.
+        uris = sorted(source.entity_uris - set(movies["dbpedia_uri"].drop_nulls()))
+        ends = pl.concat([source.triples["head_uri"], source.triples["tail_uri"]])
+        degree_by_uri = dict(ends.value_counts().iter_rows())
+        linker = _entity_linker(linking.entity_labels(dict(enumerate(uris))),
+                                {i: degree_by_uri.get(uri, 0) for i, uri in enumerate(uris)},
+                                files["stopwords"], params.linking)
+        texts = pl.read_parquet(utterances_path)["text"]
+        seeds = {uris[m.entity_id] for text in tqdm(texts, desc="linking seeds", unit=" utt", disable=None)
+                 for m in linker.link(text)}
+    result = kg.build_kg(source.triples, movies, seed_uris=sorted(seeds), min_relation_edges=cfg.min_relation_edges,
+                         hops=cfg.hops, add_inverse=cfg.add_inverse, add_self_loops=cfg.add_self_loops)
+    metrics = {**result.metrics, "linked_seeds": len(seeds)}
+    entities_out, relations_out, edges_out = (workspace / out for out in spec.outs)
+    write_outputs({entities_out: result.entities, relations_out: result.relations, edges_out: result.edges,
+                   workspace / spec.metrics[0]: metrics})
+    return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)
+
+
+def triples_stage(params: Params, workspace: Path) -> StageOutcome:
+    cfg = params.triples
+    spec = STAGES["triples"]
+    dep = {Path(d).name: workspace / d for d in spec.deps}
+    files = raw_files(params.data, workspace, "stopwords", "linking_gold")
+    entities, edges = pl.read_parquet(dep["entities.parquet"]), pl.read_parquet(dep["edges.parquet"])
+    movies = pl.read_parquet(dep["movies.parquet"])
+    sentences = pl.read_parquet(dep["review_sentences.parquet"])
+    utterances = (pl.read_parquet(dep["utterances.parquet"])
+                  .join(pl.read_parquet(dep["conversations.parquet"]).select("conv_id", "split"), on="conv_id")
+                  .sort("conv_id", "turn_idx"))
+
+    items = entities.filter(pl.col("is_item"))
+    item_entity = dict(zip(items["movie_id"], items["entity_id"]))
+    others = entities.filter(~pl.col("is_item"))
+    proper_edges = edges.filter(pl.col("src") != pl.col("dst"))
+    degree = dict(proper_edges["src"].value_counts().iter_rows())
+    linker = _entity_linker(linking.entity_labels(dict(zip(others["entity_id"], others["uri"]))), degree,
+                            files["stopwords"], params.linking)
+    linked = triples.link_all(utterances, linker, item_entity)
+
+    train_rows = (utterances["split"] == "train").to_list()
+    vocabulary = triples.build_vocabulary((u.tokens for u, train in zip(linked, train_rows) if train),
+                                          cfg.min_token_frequency)
+    samples, context_mentions = triples.build_samples(utterances, linked, vocabulary, item_entity,
+                                                      cfg.context_max_tokens, cfg.response_max_tokens)
+    popularity = entities.join(movies.select("movie_id", pl.col("mentions_ingested").alias("mentions")),
+                               on="movie_id", how="left").with_columns(pl.col("mentions").fill_null(0))
+    candidates = triples.candidate_sentences(popularity, edges, sentences, cfg.max_movies_per_entity)
+    ratings = (sentences.join(pl.read_parquet(dep["reviews.parquet"]).select("movie_id", "source", "review_id",
+                                                                             "rating"),
+                              on=["movie_id", "source", "review_id"], how="left")
+               .sort("sentence_id")["rating"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
+    chooser = triples.SentenceChooser(cfg.sentence_rule, sentences, ratings,
+                                      dict(zip(entities["entity_id"], entities["label"])), candidates)
+    triple_table = triples.build_triples(context_mentions, linked, utterances, chooser)
+
+    bracketed = {f"<{uri}>": entity_id for entity_id, uri in zip(entities["entity_id"], entities["uri"])}
+    evaluation = linking.evaluate_linker(linker, files["linking_gold"], bracketed,
+                                         {f"<{uri}>" for uri in items["uri"]}, sample_size=params.linking.report_samples,
+                                         seed=params.seed)
+    metrics = {**triples.triple_metrics(samples, triple_table, linked), "vocabulary": vocabulary.height,
+               "linker": {k: evaluation[k] for k in ("precision", "recall", "f1", "macro_f1")},
+               "linker_counts": evaluation["counts"]}
+    vocab_out, samples_out, triples_out = (workspace / out for out in spec.outs)
+    report = linking.evaluation_report(evaluation, dict(zip(entities["entity_id"], entities["label"])))
+    write_outputs({vocab_out: vocabulary, samples_out: samples, triples_out: triple_table,
+                   workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: report})
+    return StageOutcome({**files, **dep}, metrics)
+
+
+STAGE_BODIES: dict[str, Callable[[Params, Path], StageOutcome]] = {
+    "ingest": ingest_stage, "reviews": reviews_stage, "kg": kg_stage, "triples": triples_stage}

@@ -67,6 +67,8 @@ def _stages(args) -> int:
             print(f"  output:  {out}")
         for metric in spec.metrics:
             print(f"  metrics: {metric}")
+        for report in spec.reports:
+            print(f"  report:  {report}")
     return 0
 
 

@@ -53,6 +53,8 @@ class RawFiles(Section):
     metadata_kg: str = "movie_metadata/kg.json"
     metadata_entity_ids: str = "movie_metadata/entity2id.json"
     metadata_relation_ids: str = "movie_metadata/relation2id.json"
+    metadata_item_ids: str = "movie_metadata/item_ids.json"
+    metadata_entity_types: str = "movie_metadata/entity2type.json"
     linking_gold: str = "crslab_redial/valid_data.json"
 
 
@@ -79,6 +81,8 @@ class Downloads(Section):
     metadata_kg: Download
     metadata_entity_ids: Download
     metadata_relation_ids: Download
+    metadata_item_ids: Download
+    metadata_entity_types: Download
     linking_gold: Download
 
 
@@ -143,12 +147,43 @@ class ReviewsConfig(Section):
         return self
 
 
+class LinkingConfig(Section):
+    """The entity linker of utterances to KG entities (used by kg, to find seeds, and by triples)."""
+
+    min_label_chars: int = Field(default=3, ge=1)
+    dominance_ratio: float = Field(default=3.0, ge=1.0)
+    min_dominant_degree: int = Field(default=1, ge=0)
+    use_variants: bool = True
+    add_chat_stopwords: bool = True
+    report_samples: int = Field(default=20, ge=0, le=500)
+
+
+class KgConfig(Section):
+    merge_metadata_kg: bool = False
+    min_relation_edges: int = Field(default=1001, ge=1)
+    hops: int | None = Field(default=2, ge=0, le=6)
+    add_inverse: bool = True
+    add_self_loops: bool = True
+    link_seeds: bool = True
+
+
+class TriplesConfig(Section):
+    min_token_frequency: int = Field(default=2, ge=1)
+    context_max_tokens: int = Field(default=256, ge=1)
+    response_max_tokens: int = Field(default=30, ge=1)
+    sentence_rule: Literal["bm25", "highest_rated", "first"] = "bm25"
+    max_movies_per_entity: int = Field(default=20, ge=1)
+
+
 class Params(Section):
     seed: int = Field(default=42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
     ingest: IngestConfig = IngestConfig()
     reviews: ReviewsConfig = ReviewsConfig()
+    linking: LinkingConfig = LinkingConfig()
+    kg: KgConfig = KgConfig()
+    triples: TriplesConfig = TriplesConfig()
 
 
 def resolve_device(device: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 
-def write_outputs(outputs: dict[Path, pl.DataFrame | dict]) -> None:
+def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
     """Write every output to a temporary file beside its target, then rename them into place.
 
     Nothing is renamed until every file is written, so an exception or a kill during the slow part leaves the
@@ -24,6 +24,8 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict]) -> None:
             staged.append((temporary, target))
             if isinstance(content, pl.DataFrame):
                 content.write_parquet(temporary, compression="zstd", statistics=True)
+            elif isinstance(content, str):
+                temporary.write_text(content, encoding="utf-8")
             else:
                 temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             with open(temporary, "rb") as f:

@@ -12,6 +12,7 @@ class StageSpec:
     deps: tuple[str, ...]  # outputs of earlier stages
     outs: tuple[str, ...]
     metrics: tuple[str, ...]
+    reports: tuple[str, ...] = ()  # human-readable outputs, kept in git like metrics
     external_inputs: str = ""  # data read from outside the workspace, for `pipeline stages`
 
     def all_deps(self) -> tuple[str, ...]:
@@ -41,6 +42,31 @@ STAGES: dict[str, StageSpec] = {
             outs=("data/reviews/reviews.parquet", "data/reviews/review_sentences.parquet"),
             metrics=("metrics/reviews.json",),
             external_inputs="aclImdb reviews, RevCore snippets, movie plots (mirror or download); IMDb (scraper)",
+        ),
+        StageSpec(
+            name="kg",
+            summary="DBpedia subgraph around the ReDial movies and linked entities; relation filter, inverses, "
+                    "self loops, compact ids; counts next to the reference's",
+            params=("data", "linking", "kg"),
+            code=("stages/kg.py", "stages/linking.py", "stages/safe_pickle.py"),
+            deps=("data/ingest/movies.parquet", "data/ingest/utterances.parquet"),
+            outs=("data/kg/entities.parquet", "data/kg/relations.parquet", "data/kg/edges.parquet"),
+            metrics=("metrics/kg.json",),
+            external_inputs="KGSF DBpedia subgraph pickles (+ optional movie-metadata KG)",
+        ),
+        StageSpec(
+            name="triples",
+            summary="vocabulary, entity linking (measured against CRSLab's annotations), samples per turn, "
+                    "word-entity-sentence triples",
+            params=("seed", "data", "linking", "triples"),
+            code=("stages/triples.py", "stages/linking.py"),
+            deps=("data/ingest/conversations.parquet", "data/ingest/utterances.parquet", "data/ingest/movies.parquet",
+                  "data/reviews/reviews.parquet", "data/reviews/review_sentences.parquet",
+                  "data/kg/entities.parquet", "data/kg/edges.parquet"),
+            outs=("data/triples/vocab.parquet", "data/triples/samples.parquet", "data/triples/triples.parquet"),
+            metrics=("metrics/triples.json",),
+            reports=("reports/linking.md",),
+            external_inputs="CRSLab's annotated validation conversations (linker evaluation); KGSF stopwords",
         ),
     ]
 }

@@ -447,3 +447,40 @@ def entity_labels(uris: Mapping[int, str]) -> dict[int, list[str]]:
         if label:
             labels[int(entity_id)] = [label]
     return labels
+
+
+def evaluation_report(evaluation: dict, labels: Mapping[int, str] | None = None) -> str:
+    """evaluate_linker's result as markdown: the scores, and the sampled misses and false hits for error analysis."""
+    labels = labels or {}
+    counts = evaluation["counts"]
+
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = [
+        "# Entity linking against CRSLab's annotations",
+        "",
+        f"Non-movie entities per utterance, {counts['utterances']:,} utterances of the 901 annotated validation "
+        "conversations (crslab_redial/valid_data.json; the gold comes from DBpedia Spotlight via KBRD, so it holds "
+        "noise, and entities outside our KG count as misses).",
+        "",
+        "| precision | recall | F1 | macro F1 | recall on gold in the KG | F1 on gold in the KG | gold | predicted | "
+        "true positives | gold outside the KG |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {evaluation['precision']:.3f} | {evaluation['recall']:.3f} | {evaluation['f1']:.3f} | "
+        f"{evaluation['macro_f1']:.3f} | {evaluation['recall_mapped']:.3f} | {evaluation['f1_mapped']:.3f} | "
+        f"{counts['gold']:,} | {counts['predicted']:,} | {counts['true_positives']:,} | {counts['gold_unmapped']:,} |",
+        "",
+        "## Sampled misses (gold entity not linked)",
+        "",
+        "| conversation | utterance | gold | text |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {m['conv_id']} | {m['utt_id']} | {cell(labels.get(m['gold'], m['gold']))} | {cell(m['text'])} |"
+              for m in evaluation["sample_misses"]]
+    lines += ["", "## Sampled false hits (linked, not in the gold)", "",
+              "| conversation | utterance | surface | entity | text |", "|---|---|---|---|---|"]
+    lines += [f"| {h['conv_id']} | {h['utt_id']} | {cell(h['surface'])} | "
+              f"{cell(labels.get(h['entity_id'], h['entity_id']))} | {cell(h['text'])} |"
+              for h in evaluation["sample_false_hits"]]
+    return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,26 @@ REVCORE_FIXTURE = {
 }
 
 
-def write_review_fixtures(mirror: Path) -> None:
-    """Binary review sources are made here rather than kept in git."""
+# A tiny DBpedia subgraph in KGSF's pickle form: entity ids, and head -> [(relation, tail)].
+DBPEDIA = "http://dbpedia.org/resource/"
+KG_ENTITIES = {f"<{DBPEDIA}Alpha_(film)>": 0, f"<{DBPEDIA}Gamma>": 1, f"<{DBPEDIA}Tom_Hanks>": 2,
+               f"<{DBPEDIA}Comedy_film>": 3, f"<{DBPEDIA}Meryl_Streep>": 4, f"<{DBPEDIA}Far_Away>": 5}
+KG_ADJACENCY = {0: [(7, 2), (9, 3)], 1: [(7, 4), (9, 3)], 4: [(7, 5)], 5: [(8, 5)]}
+
+
+def write_generated_fixtures(mirror: Path) -> None:
+    """Binary sources (gzip, pickles) are made here rather than kept in git."""
     (mirror / "reviews_aclimdb").mkdir(exist_ok=True)
     with gzip.open(mirror / "reviews_aclimdb" / "aclimdb_reviews.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(record) + "\n" for record in ACLIMDB_FIXTURE)
     (mirror / "reviews_revcore").mkdir(exist_ok=True)
     (mirror / "reviews_revcore" / "movie2tokenreview_helpful.pkl").write_bytes(pickle.dumps(REVCORE_FIXTURE))
+    kgsf = mirror / "dbpedia_kgsf"
+    kgsf.mkdir(exist_ok=True)
+    (kgsf / "subkg.pkl").write_bytes(pickle.dumps(defaultdict(list, KG_ADJACENCY)))
+    (kgsf / "entity2entityId.pkl").write_bytes(pickle.dumps(KG_ENTITIES))
+    (kgsf / "stopwords.txt").write_text("the\na\nand\ni\n")
+    shutil.copy(FIXTURES / "linking" / "valid_data.json", mirror / "crslab_redial" / "valid_data.json")
 
 
 @pytest.fixture
@@ -48,7 +62,7 @@ def mirror(tmp_path) -> Path:
     """A copy of the fixture mirror that a test may change."""
     target = tmp_path / "mirror"
     shutil.copytree(FIXTURES / "mirror", target)
-    write_review_fixtures(target)
+    write_generated_fixtures(target)
     return target
 
 
@@ -58,6 +72,8 @@ def fixture_params(mirror: Path, **ingest) -> dict:
     params["data"].update(source="mirror", mirror_dir=str(mirror))
     params["data"]["files"].update(redial_train="redial/train.jsonl", redial_test="redial/test.jsonl")
     params["ingest"].update(ingest)
+    params["kg"]["min_relation_edges"] = 1  # the fixture graph is tiny
+    params["triples"]["min_token_frequency"] = 1
     return params
 
 

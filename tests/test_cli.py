@@ -20,7 +20,7 @@ def test_stages_lists_each_stage_with_inputs_and_outputs():
     assert done.returncode == 0
     for spec in STAGES.values():
         assert f"{spec.name}: {spec.summary}" in done.stdout
-        for out in spec.outs + spec.metrics:
+        for out in spec.outs + spec.metrics + spec.reports:
             assert out in done.stdout
 
 

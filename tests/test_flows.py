@@ -50,6 +50,13 @@ def test_ingest_flow_writes_outputs_and_tracks_the_run(params_file, mlflow_store
 def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, mlflow_store):
     results = run_stage_flow("all", str(params_file))
     assert list(results) == list(STAGES)
+    workspace = params_file.parent
+    entities = pl.read_parquet(workspace / "data/kg/entities.parquet")
+    tom = entities.filter(pl.col("label") == "Tom Hanks")["entity_id"].item()
+    triples = pl.read_parquet(workspace / "data/triples/triples.parquet")
+    assert tom in triples["entity_id"].to_list()  # linked in "Any comedy with Tom Hanks?" and paired with a sentence
+    assert results["triples"]["samples"] == {"test": 3, "train": 10}  # 4 train conversations: none to valid at 10 %
+    assert (workspace / "reports/linking.md").read_text().startswith("# Entity linking")
 
     client = MlflowClient(mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("c2crs").experiment_id])
