@@ -240,7 +240,7 @@ def triples_stage(params: Params, workspace: Path) -> StageOutcome:
                                          {f"<{uri}>" for uri in items["uri"]}, sample_size=params.linking.report_samples,
                                          seed=params.seed)
     metrics = {**triples.triple_metrics(samples, triple_table, linked), "vocabulary": vocabulary.height,
-               "linker": {k: evaluation[k] for k in ("precision", "recall", "f1", "macro_f1")},
+               "linker": {k: round(evaluation[k], 4) for k in ("precision", "recall", "f1", "macro_f1", "f1_mapped")},
                "linker_counts": evaluation["counts"]}
     vocab_out, samples_out, triples_out = (workspace / out for out in spec.outs)
     report = linking.evaluation_report(evaluation, dict(zip(entities["entity_id"], entities["label"])))
