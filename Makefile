@@ -30,5 +30,6 @@ ui: setup
 	$(PY) -m pipeline ui
 
 bench: setup
-	$(PY) bench/ingest.py
+	$(PY) bench/stages.py
+	$(PY) bench/linker.py
 	$(PY) bench/overhead.py

@@ -15,21 +15,15 @@ Prints a table and writes bench/results/linker.json.
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for common, also when run with runpy
+from common import require_data_dir, write_results  # noqa: E402  (puts the project root on sys.path)
 
 from stages.linking import EntityLinker, evaluate_linker, mirror_linker_inputs  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results" / "linker.json"
-DATA_DIR_ENV = "C2CRS_DATA_DIR"  # the same name as pipeline.config.DATA_DIR_ENV
 
 # Settings compared by --sweep: each changes one build() argument from the defaults.
 SWEEP = {
@@ -76,14 +70,10 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also evaluate the filter settings in SWEEP")
     args = parser.parse_args()
 
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    if not data_dir:
-        sys.exit(f"error: {DATA_DIR_ENV} is not set; point it at the data mirror, e.g. {DATA_DIR_ENV}=/work/shared/data")
-    if not Path(data_dir).is_dir():
-        sys.exit(f"error: {DATA_DIR_ENV}={data_dir} is not a directory")
+    data_dir = require_data_dir()
     if args.repeats < 1:
         sys.exit("error: --repeats must be at least 1")
-    mirror = Path(data_dir).expanduser().resolve()
+    mirror = data_dir.expanduser().resolve()
 
     start = time.perf_counter()
     inputs = mirror_linker_inputs(mirror)
@@ -135,20 +125,14 @@ def main() -> int:
     print(f"\ngold: {c['gold']} entity annotations in {c['utterances']:,} utterances, {c['gold_unmapped']} outside the "
           f"KG (recall bound {evaluations['defaults']['recall_bound']:.3f}); 'map' columns score the mapped gold only")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "linker",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data_dir": data_dir,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+    write_results("linker", {
+        "data_dir": str(data_dir),
         "repeats": args.repeats,
         "build_seconds": builds,
         "link_seconds": passes,
         "summary": summary,
         "evaluation": evaluations,
-    }, indent=2) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    })
     return 0
 
 

@@ -26,24 +26,20 @@ Prints a table and writes bench/results/overhead.json.
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for common, also when run with runpy
+from common import ROOT, require_data_dir, write_results  # noqa: E402  (puts the project root on sys.path)
 
 import pipeline  # noqa: E402,F401  (sets DO_NOT_TRACK etc. in os.environ; the subprocesses inherit them)
 from pipeline import servers  # noqa: E402
-from pipeline.config import DATA_DIR_ENV  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "overhead.json"
 STAGE = "ingest"
 TARGET_SECONDS = 3.0
 RUN_TIMEOUT_SECONDS = 900
@@ -151,11 +147,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant (default 2)")
     args = parser.parse_args()
 
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    if not data_dir:
-        sys.exit(f"error: {DATA_DIR_ENV} is not set; point it at the data mirror, e.g. {DATA_DIR_ENV}=/work/shared/data")
-    if not Path(data_dir).is_dir():
-        sys.exit(f"error: {DATA_DIR_ENV}={data_dir} is not a directory")
+    data_dir = require_data_dir()
     if args.repeats < 1:
         sys.exit("error: --repeats must be at least 1")
 
@@ -202,14 +194,9 @@ def main() -> int:
     print(f"in one warm process: flow overhead {in_process_overhead:+.2f} s per stage (median), "
           f"stage body {statistics.median(in_process['direct']):.2f} s")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "overhead",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    write_results("overhead", {
         "stage": STAGE,
-        "data_dir": data_dir,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+        "data_dir": str(data_dir),
         "repeats": args.repeats,
         "wall_seconds": walls,
         "direct_median_seconds": direct,
@@ -221,8 +208,7 @@ def main() -> int:
         "in_process_overhead_median_seconds": in_process_overhead,
         "target_overhead_seconds": TARGET_SECONDS,
         "target_met_with_server": target_met,
-    }, indent=2) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    })
 
     shutil.rmtree(tmp)  # kept when a run fails (sys.exit above), for its logs
     return 0

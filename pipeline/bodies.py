@@ -162,6 +162,14 @@ def _entity_linker(labels: dict[int, list[str]], degree: dict[int, int], stopwor
                                       add_chat_stopwords=cfg.add_chat_stopwords)
 
 
+def kg_entity_linker(entities: pl.DataFrame, edges: pl.DataFrame, stopwords: Path,
+                     cfg: LinkingConfig) -> linking.EntityLinker:
+    """The linker over the kg stage's non-item entities, degrees from its edges (self loops aside)."""
+    others = entities.filter(~pl.col("is_item"))
+    degree = dict(edges.filter(pl.col("src") != pl.col("dst"))["src"].value_counts().iter_rows())
+    return _entity_linker(linking.entity_labels(dict(zip(others["entity_id"], others["uri"]))), degree, stopwords, cfg)
+
+
 def kg_stage(params: Params, workspace: Path) -> StageOutcome:
     cfg = params.kg
     spec = STAGES["kg"]
@@ -212,11 +220,7 @@ def triples_stage(params: Params, workspace: Path) -> StageOutcome:
 
     items = entities.filter(pl.col("is_item"))
     item_entity = dict(zip(items["movie_id"], items["entity_id"]))
-    others = entities.filter(~pl.col("is_item"))
-    proper_edges = edges.filter(pl.col("src") != pl.col("dst"))
-    degree = dict(proper_edges["src"].value_counts().iter_rows())
-    linker = _entity_linker(linking.entity_labels(dict(zip(others["entity_id"], others["uri"]))), degree,
-                            files["stopwords"], params.linking)
+    linker = kg_entity_linker(entities, edges, files["stopwords"], params.linking)
     linked = triples.link_all(utterances, linker, item_entity)
 
     train_rows = (utterances["split"] == "train").to_list()

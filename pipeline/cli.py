@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 until Ctrl-C")
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "repro":
+        args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui}[args.command](args)
     except ConfigError as exc:

@@ -46,3 +46,18 @@ def test_no_argument_prints_usage():
     done = cli()
     assert done.returncode == 2
     assert "usage: python -m pipeline" in done.stderr
+
+
+def test_repro_passes_options_through_to_dvc(monkeypatch):
+    from pipeline import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_repro", lambda args: seen.setdefault("args", args.dvc_args) and 0)
+    assert cli.main(["repro", "-f", "triples"]) == 0
+    assert seen["args"] == ["-f", "triples"]
+
+
+def test_unknown_options_of_other_commands_are_refused():
+    done = cli("stages", "--verbose")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --verbose" in done.stderr
