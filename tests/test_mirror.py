@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(not (MIRROR / "redial").is_dir(),
 
 @pytest.fixture(scope="module")
 def raw():
-    params = load_params(PROJECT / "params.yaml")
-    return ingest.locate_mirror_files(MIRROR, **params.data.files.model_dump())
+    from pipeline.bodies import redial_raw_files
+
+    return redial_raw_files(load_params(PROJECT / "params.yaml").data, PROJECT)
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,23 @@ def test_the_one_known_bad_mention_is_reported(raw, result):
     with pytest.raises(ingest.BadRecordError, match=r"train_partial.jsonl, line 107: conversation 1382: .*@115908"):
         ingest.ingest(raw, on_bad_record="error", valid_split="auto", valid_fraction=0.1,
                       full_train_conversations=10006, seed=42)
+
+
+def test_every_data_stage_on_the_mirror(tmp_path, monkeypatch):
+    """The stage bodies end to end on the real files, in a scratch workspace: the numbers the README reports."""
+    import shutil
+
+    from pipeline.bodies import STAGE_BODIES
+    from pipeline.registry import stage_names
+
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    params = load_params(tmp_path / "params.yaml")
+    metrics = {name: STAGE_BODIES[name](params, tmp_path).metrics for name in stage_names()}
+    assert metrics["reviews"]["coverage"]["overall"]["test_movies"] > 0.95
+    assert metrics["reviews"]["bad_records"] == 18
+    assert metrics["kg"]["reference"] == {"relations": 35, "edges": 316884, "entities": 64363,
+                                          "entities_with_edges": 59809}
+    assert metrics["kg"]["items"] == 6924 and metrics["kg"]["relations"] == 69
+    assert metrics["triples"]["samples"] == {"test": 14362, "train": 25810, "valid": 2761}
+    assert metrics["triples"]["linker"]["f1"] > 0.33
+    assert metrics["triples"]["samples_with_triple"] > 0.75
