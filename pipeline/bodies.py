@@ -79,13 +79,27 @@ def redial_raw_files(data: DataConfig, workspace: Path) -> ingest.RawRedialFiles
     return ingest.RawRedialFiles(**extracted, **raw_files(data, workspace, "movies_imdb", "movies_dbpedia"))
 
 
+class StageLog:
+    """Where a body reports progress while it runs: per-epoch metrics and trained models. This default drops
+    them (benchmarks, direct calls); the flows log them to MLflow (pipeline.tracking.StageRun)."""
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        pass
+
+    def model(self, name: str, model) -> None:
+        pass
+
+
+NO_LOG = StageLog()
+
+
 @dataclass
 class StageOutcome:
     inputs: dict[str, Path]  # what the stage read, hashed into its MLflow run
     metrics: dict
 
 
-def ingest_stage(params: Params, workspace: Path) -> StageOutcome:
+def ingest_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     raw = redial_raw_files(params.data, workspace)
     result = ingest.ingest(raw, seed=params.seed, **params.ingest.model_dump())
     spec = STAGES["ingest"]
@@ -99,7 +113,7 @@ def ingest_stage(params: Params, workspace: Path) -> StageOutcome:
     return StageOutcome(dict(raw.items()), result.metrics)
 
 
-def reviews_stage(params: Params, workspace: Path) -> StageOutcome:
+def reviews_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     cfg = params.reviews
     spec = STAGES["reviews"]
     movies_path, conversations_path, utterances_path = (workspace / dep for dep in spec.deps)
@@ -170,7 +184,7 @@ def kg_entity_linker(entities: pl.DataFrame, edges: pl.DataFrame, stopwords: Pat
     return _entity_linker(linking.entity_labels(dict(zip(others["entity_id"], others["uri"]))), degree, stopwords, cfg)
 
 
-def kg_stage(params: Params, workspace: Path) -> StageOutcome:
+def kg_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     cfg = params.kg
     spec = STAGES["kg"]
     movies_path, utterances_path = (workspace / dep for dep in spec.deps)
@@ -206,7 +220,7 @@ def kg_stage(params: Params, workspace: Path) -> StageOutcome:
     return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)
 
 
-def triples_stage(params: Params, workspace: Path) -> StageOutcome:
+def triples_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     cfg = params.triples
     spec = STAGES["triples"]
     dep = {Path(d).name: workspace / d for d in spec.deps}
@@ -253,5 +267,5 @@ def triples_stage(params: Params, workspace: Path) -> StageOutcome:
     return StageOutcome({**files, **dep}, metrics)
 
 
-STAGE_BODIES: dict[str, Callable[[Params, Path], StageOutcome]] = {
+STAGE_BODIES: dict[str, Callable[..., StageOutcome]] = {
     "ingest": ingest_stage, "reviews": reviews_stage, "kg": kg_stage, "triples": triples_stage}

@@ -175,6 +175,45 @@ class TriplesConfig(Section):
     max_movies_per_entity: int = Field(default=20, ge=1)
 
 
+class ModelConfig(Section):
+    """C2-CRS architecture (models/c2crs.py). CPU defaults; the reference's sizes are in README ("paper" set)."""
+
+    token_dim: int = Field(default=128, ge=8)
+    kg_dim: int = Field(default=128, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    n_heads: int = Field(default=2, ge=1)
+    ffn_dim: int = Field(default=256, ge=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    num_bases: int = Field(default=8, ge=1)
+    projection_dim: int = Field(default=128, ge=8)
+    max_context_entities: int = Field(default=32, ge=1)
+    max_review_sentences: int = Field(default=10, ge=1)
+    max_sentence_tokens: int = Field(default=40, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.token_dim % self.n_heads:
+            raise ValueError(f"token_dim ({self.token_dim}) must be a multiple of n_heads ({self.n_heads})")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=3, ge=0)
+    batch_size: int = Field(default=128, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    grad_clip: float = Field(default=0.1, gt=0)
+    patience: int | None = Field(default=None, ge=1)
+
+
+class CoarseConfig(TrainConfig):
+    temperature: float = Field(default=0.07, gt=0)
+
+
+class FineConfig(CoarseConfig):
+    coarse_weight: float = Field(default=0.2, ge=0)  # lambda of Eq. 7
+    max_triples_per_sample: int = Field(default=8, ge=1)
+
+
 class Params(Section):
     seed: int = Field(default=42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -184,6 +223,10 @@ class Params(Section):
     linking: LinkingConfig = LinkingConfig()
     kg: KgConfig = KgConfig()
     triples: TriplesConfig = TriplesConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain_coarse: CoarseConfig = CoarseConfig()
+    pretrain_fine: FineConfig = FineConfig()
+    finetune_rec: TrainConfig = TrainConfig(epochs=10, batch_size=256, patience=3)
 
 
 def resolve_device(device: str) -> str:

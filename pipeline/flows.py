@@ -10,14 +10,14 @@ from pathlib import Path
 from prefect import flow, tags
 
 from pipeline.bodies import STAGE_BODIES, StageOutcome
-from pipeline.config import Params, load_params
+from pipeline.config import load_params
 from pipeline.invocation import new_invocation
 from pipeline.paths import git_commit
 from pipeline.registry import STAGES, stage_names
 from pipeline.tracking import stage_run
 
 
-def _stage_flow(stage: str, body: Callable[[Params, Path], StageOutcome]):
+def _stage_flow(stage: str, body: Callable[..., StageOutcome]):
     """Wrap a stage body in a Prefect flow with an MLflow run that logs its params, inputs and metrics."""
 
     @flow(name=stage, description=STAGES[stage].summary)
@@ -26,7 +26,7 @@ def _stage_flow(stage: str, body: Callable[[Params, Path], StageOutcome]):
         workspace = Path(params_file).resolve().parent  # paths in params are relative to the params file
         sections = {key: params.model_dump()[key] for key in STAGES[stage].params}
         with stage_run(stage, sections) as run:
-            outcome = body(params, workspace)
+            outcome = body(params, workspace, run)
             run.log_inputs(outcome.inputs)
             run.log_metrics(outcome.metrics)
         return outcome.metrics

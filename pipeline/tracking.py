@@ -20,6 +20,7 @@ from pipeline.paths import git_commit, project_root
 
 EXPERIMENT = "c2crs"
 INVOCATION_TAG = "c2crs.invocation"
+MODEL_REQUIREMENTS = ["torch==2.13.0", "torch-geometric==2.8.1"]
 
 
 def tracking_uri() -> str:
@@ -60,7 +61,8 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 
 class StageRun:
-    """What a stage logs: its inputs' hashes and its metrics (numbers as metrics, the rest as tags)."""
+    """What a stage logs: its inputs' hashes, its metrics (numbers as metrics, the rest as tags), per-epoch
+    metrics while it trains, and its trained models (pipeline.bodies.StageLog is the interface)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
@@ -79,6 +81,17 @@ class StageRun:
         others = {k: str(v) for k, v in flat.items() if k not in numbers}
         if others:
             mlflow.set_tags(others)
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        self.log_metrics(metrics, step=epoch)
+
+    def model(self, name: str, model) -> None:
+        """The trained torch module, pickled (graph models do not export to pt2) with pinned requirements, so
+        loading it does not start an inference of the environment (about 8 s)."""
+        import mlflow.pytorch
+
+        mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                 pip_requirements=MODEL_REQUIREMENTS)
 
 
 @contextmanager

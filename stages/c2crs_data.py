@@ -1,0 +1,165 @@
+"""Tensors and batches for the C2-CRS training stages, from the triples stage's tables.
+
+CPU speed comes from here as much as from the model: batches are length-bucketed (samples of similar context
+length together, so a batch pads to its own longest context instead of 256), and each batch carries only the
+review sentences and entities it needs.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from stages.triples import UNK, token_texts
+
+
+@dataclass
+class Graph:
+    edge_index: torch.Tensor  # [2, E]: src -> dst
+    edge_type: torch.Tensor  # [E]
+    n_entities: int
+    n_relations: int
+    n_items: int
+
+
+def load_graph(entities: pl.DataFrame, relations: pl.DataFrame, edges: pl.DataFrame) -> Graph:
+    return Graph(
+        edge_index=torch.from_numpy(np.stack([edges["src"].to_numpy(), edges["dst"].to_numpy()])).long(),
+        edge_type=torch.from_numpy(edges["rel"].to_numpy()).long(),
+        n_entities=entities.height,
+        n_relations=relations.height,
+        n_items=int(entities["is_item"].sum()),
+    )
+
+
+def sentence_token_ids(sentences: pl.DataFrame, vocabulary: pl.DataFrame, max_tokens: int) -> list[list[int]]:
+    """Each review sentence as vocabulary ids (same tokenizer as the conversations), indexed by sentence_id."""
+    token_id = dict(zip(vocabulary["token"], vocabulary["token_id"]))
+    unk = token_id[UNK]
+    ordered = sentences.sort("sentence_id")
+    if ordered["sentence_id"].to_list() != list(range(ordered.height)):
+        raise ValueError("review_sentences.parquet: sentence_id must run 0..n-1")
+    return [[token_id.get(t, unk) for t in token_texts(text)][:max_tokens] or [unk] for text in ordered["text"]]
+
+
+def pad(rows: list[list[int]], value: int, min_length: int = 1) -> torch.Tensor:
+    width = max([min_length] + [len(r) for r in rows])
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Row indices in batches of similar length; batch order shuffled by rng (None: in length order, for eval).
+
+    Rows are shuffled, cut into chunks of 50 batches, sorted by length within a chunk, then batched: similar
+    lengths share a batch while an epoch still mixes short and long contexts.
+    """
+    order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start: start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class SampleTable:
+    """The samples of one split as Python lists, plus the triples and review sentences of each sample."""
+
+    sample_ids: np.ndarray
+    conv_ids: np.ndarray
+    roles: list[str]
+    context_tokens: list[list[int]]
+    context_entities: list[list[int]]
+    context_items: list[list[int]]
+    targets: list[list[int]]
+    triples: list[list[tuple[int, int, int]]]  # per sample: (token_position, entity_id, sentence_id)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def context_lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.context_tokens])
+
+    def review_sentences(self, row: int, limit: int) -> list[int]:
+        """The review document of a sample: the distinct sentences of its triples, most recent mention first."""
+        return list(dict.fromkeys(s for _, _, s in reversed(self.triples[row])))[:limit]
+
+
+def sample_table(samples: pl.DataFrame, triples: pl.DataFrame, split: str) -> SampleTable:
+    part = samples.filter(pl.col("split") == split).sort("sample_id")
+    grouped = (triples.join(part.select("sample_id"), on="sample_id")
+               .group_by("sample_id").agg("token_position", "entity_id", "sentence_id"))
+    by_sample = {s: list(zip(p, e, k)) for s, p, e, k in grouped.iter_rows()}
+    return SampleTable(
+        sample_ids=part["sample_id"].to_numpy(),
+        conv_ids=part["conv_id"].to_numpy(),
+        roles=part["role"].to_list(),
+        context_tokens=[list(x) for x in part["context_token_ids"].to_list()],
+        context_entities=[list(x) for x in part["context_entity_ids"].to_list()],
+        context_items=[list(x) for x in part["context_item_ids"].to_list()],
+        targets=[list(x) for x in part["target_item_ids"].to_list()],
+        triples=[by_sample.get(s, []) for s in part["sample_id"].to_list()],
+    )
+
+
+def context_batch(table: SampleTable, rows: np.ndarray, pad_id: int, max_entities: int) -> dict:
+    """Context tokens [B, L] and the most recent context entities [B, E] (padded with -1)."""
+    return {
+        "context_ids": pad([table.context_tokens[r] for r in rows], pad_id),
+        "entity_ids": pad([table.context_entities[r][-max_entities:] for r in rows], -1),
+    }
+
+
+def review_batch(table: SampleTable, rows: np.ndarray, sentence_tokens: list[list[int]], pad_id: int,
+                 max_sentences: int) -> dict:
+    """Each sample's review document as [B, K, Ls] token ids and a [B, K] mask of real sentences."""
+    documents = [table.review_sentences(r, max_sentences) for r in rows]
+    k = max([1] + [len(d) for d in documents])
+    width = max([1] + [len(sentence_tokens[s]) for d in documents for s in d])
+    ids = torch.full((len(rows), k, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), k), dtype=torch.bool)
+    for i, document in enumerate(documents):
+        for j, sentence in enumerate(document):
+            tokens = sentence_tokens[sentence]
+            ids[i, j, : len(tokens)] = torch.as_tensor(tokens)
+            mask[i, j] = True
+    return {"sentence_ids": ids, "sentence_mask": mask}
+
+
+def fine_batch(table: SampleTable, rows: np.ndarray, max_triples_per_sample: int,
+               rng: np.random.Generator | None) -> dict:
+    """The word-entity-sentence triples of a batch: (row in batch, token position, entity, sentence)."""
+    picked = []
+    for i, r in enumerate(rows):
+        triples = table.triples[r]
+        if len(triples) > max_triples_per_sample:
+            chosen = (rng.choice(len(triples), max_triples_per_sample, replace=False) if rng is not None
+                      else np.arange(max_triples_per_sample))
+            triples = [triples[c] for c in sorted(chosen)]
+        picked += [(i, p, e, s) for p, e, s in triples]
+    if not picked:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"triple_rows": empty, "triple_positions": empty, "triple_entities": empty, "triple_sentences": empty}
+    columns = torch.as_tensor(picked, dtype=torch.long).T
+    return {"triple_rows": columns[0], "triple_positions": columns[1], "triple_entities": columns[2],
+            "triple_sentences": columns[3]}
+
+
+def recommendation_rows(table: SampleTable) -> tuple[np.ndarray, np.ndarray]:
+    """Training instances of the recommender: one per (sample, target item), as in the reference."""
+    rows = [(r, item) for r in range(len(table)) for item in table.targets[r]]
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pairs = np.asarray(rows, dtype=np.int64)
+    return pairs[:, 0], pairs[:, 1]
+
+

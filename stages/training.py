@@ -1,0 +1,106 @@
+"""What every training stage shares: seeding, checkpoints that make a killed run resumable, early stopping.
+
+A checkpoint holds the model, the optimizer, every random generator's state and the loop's own state, written
+atomically after each epoch. A run killed midway restarts from its last checkpoint and, with the same seed, ends
+with the same weights and metrics as a run that was never interrupted: the batches of epoch k are drawn from a
+generator seeded with (seed, k), so they do not depend on how many epochs ran in this process.
+"""
+
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
+    """The batch order of one epoch, independent of what ran before it in the process."""
+    return np.random.default_rng([seed, epoch])
+
+
+@dataclass
+class LoopState:
+    """The training loop's own state, saved with the weights."""
+
+    epoch: int = 0  # epochs completed
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "loop": state.__dict__,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+    }, temporary)
+    temporary.replace(path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> LoopState:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    random.setstate(checkpoint["rng"]["python"])
+    np.random.set_state(checkpoint["rng"]["numpy"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    return LoopState(**checkpoint["loop"])
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: Path, epochs: int,
+          train_epoch: Callable[[int], dict], validate: Callable[[], dict] | None = None,
+          monitor: str | None = None, higher_is_better: bool = True, patience: int | None = None,
+          on_epoch: Callable[[int, dict], None] | None = None) -> LoopState:
+    """Run epochs, resuming from checkpoint_dir/last.pt; keep checkpoint_dir/best.pt by the monitored metric.
+
+    train_epoch(epoch) returns the epoch's training metrics; validate() the validation metrics (the test split is
+    never seen here). Early stopping after `patience` epochs without improvement of `monitor`.
+    """
+    last, best = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    state = LoopState()
+    if last.is_file():
+        state = load_checkpoint(last, model, optimizer)
+        log.info("resumed from %s after epoch %d", last, state.epoch)
+    while state.epoch < epochs and not (patience is not None and state.epochs_without_improvement >= patience):
+        epoch = state.epoch
+        model.train()
+        metrics = {f"train_{k}": v for k, v in train_epoch(epoch).items()}
+        if validate is not None:
+            model.eval()
+            with torch.no_grad():
+                metrics.update({f"valid_{k}": v for k, v in validate().items()})
+        state.epoch = epoch + 1
+        state.history.append({"epoch": state.epoch, **metrics})
+        if monitor is None:
+            improved = True
+        else:
+            value = metrics[monitor]
+            improved = state.best_metric is None or (value > state.best_metric if higher_is_better
+                                                     else value < state.best_metric)
+            if improved:
+                state.best_metric, state.best_epoch = value, state.epoch
+        state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
+        if improved:
+            save_checkpoint(best, model, optimizer, state)
+        save_checkpoint(last, model, optimizer, state)
+        if on_epoch is not None:
+            on_epoch(state.epoch, metrics)
+        log.info("epoch %d: %s", state.epoch, {k: round(v, 4) for k, v in metrics.items()})
+    return state
