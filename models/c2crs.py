@@ -1,0 +1,311 @@
+"""C2-CRS (Zhou et al., WSDM 2022): the three context encoders, the coarse-to-fine contrastive losses, the recommender.
+
+Paper map:
+    Eq. 1-2   conversation view   TokenEncoder + SelfAttentivePooling          -> e_C, F
+    Eq. 3     graph view          KGEncoder (entity table + basis R-GCN)       -> N, then pooling -> e_G
+    4.1.3     review view         TokenEncoder per sentence + pooling -> E, sentence-level pooling -> e_R
+    Eq. 4-5   coarse_contrastive_loss   InfoNCE over (e_C,e_G), (e_C,e_R), (e_G,e_R)
+    Eq. 6     fine_contrastive_loss     InfoNCE over (F_j,N_e), (F_j,E_k), (N_e,E_k) triples
+    Eq. 7     pretraining_loss          fine + lambda * coarse
+    Eq. 8-9   recommendation_logits / recommendation_loss
+
+Entity ids: items are entities 0..n_items-1, so N[:n_items] are the item embeddings n_i of Eq. 8.
+Everything takes tensors; nothing here knows about files or experiment tracking.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.nn import RGCNConv
+
+
+@dataclass
+class C2CRSConfig:
+    vocab_size: int
+    n_entities: int
+    n_relations: int
+    n_items: int  # items are entity ids 0..n_items-1
+    pad_id: int = 0
+    token_dim: int = 300
+    kg_dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_dim: int = 300
+    dropout: float = 0.1
+    num_bases: int = 8
+    projection_dim: int = 128
+    temperature: float = 0.07
+    max_positions: int = 256  # contexts are left-truncated to <= 256 tokens, review sentences to <= 40
+    # Eq. 8 has no bias; KBRD/KGSF's code adds a per-item bias (a learned popularity prior). Off = the paper.
+    item_bias: bool = False
+
+
+class SelfAttentivePooling(nn.Module):
+    """Eq. 2: e = F . softmax(b^T tanh(W F)), a learned weighted average of the rows of F.
+
+    mask is True at padding. A row with nothing to pool (e.g. a turn with no linked entity) gives a zero vector:
+    its softmax is computed unmasked and then zeroed, so neither the output nor the gradient contains NaN.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)  # W_sa
+        self.score = nn.Linear(dim, 1, bias=False)  # b
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(torch.tanh(self.proj(x))).squeeze(-1)  # [B, L]
+        empty = mask.all(dim=-1, keepdim=True)  # [B, 1]
+        weights = torch.softmax(scores.masked_fill(mask & ~empty, float("-inf")), dim=-1)
+        weights = weights.masked_fill(empty, 0.0)
+        return torch.einsum("bl,bld->bd", weights, x)
+
+
+class TokenEncoder(nn.Module):
+    """Eq. 1: token embedding + learned positions + a standard post-norm Transformer encoder -> F [B, L, D].
+
+    Instantiated twice with separate parameters: the conversation encoder and the review sentence encoder (4.1.3).
+    """
+
+    def __init__(self, cfg: C2CRSConfig):
+        super().__init__()
+        self.pad_id = cfg.pad_id
+        self.max_positions = cfg.max_positions
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.token_dim, padding_idx=cfg.pad_id)
+        self.positions = nn.Embedding(cfg.max_positions, cfg.token_dim)
+        nn.init.normal_(self.tokens.weight, std=cfg.token_dim ** -0.5)
+        nn.init.normal_(self.positions.weight, std=cfg.token_dim ** -0.5)
+        with torch.no_grad():
+            self.tokens.weight[cfg.pad_id].zero_()
+        self.dropout = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            d_model=cfg.token_dim, nhead=cfg.n_heads, dim_feedforward=cfg.ffn_dim,
+            dropout=cfg.dropout, batch_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers=cfg.n_layers, enable_nested_tensor=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, L] -> (F [B, L, D], padding mask [B, L], True at pad)."""
+        B, L = ids.shape
+        if L > self.max_positions:
+            raise ValueError(f"sequence length {L} > max_positions {self.max_positions}: truncate before encoding")
+        pad = ids.eq(self.pad_id)
+        # Trailing columns that are padding in every row change nothing (keys are masked, positions count from the
+        # left), so drop them: right-padded batches then cost only their longest row.
+        used = (~pad).any(dim=0).nonzero()
+        length = int(used[-1]) + 1 if used.numel() else 1
+        ids_, pad_ = ids[:, :length], pad[:, :length]
+        # An all-padding row would make attention softmax over nothing (NaN); let it attend to its first slot.
+        # Poolers still see the true mask, so such a row pools to zeros.
+        attn_pad = pad_.clone()
+        attn_pad[:, 0] &= ~pad_.all(dim=1)
+        x = self.tokens(ids_) + self.positions(torch.arange(length, device=ids.device))
+        x = self.transformer(self.dropout(x), src_key_padding_mask=attn_pad)
+        if length < L:
+            x = F.pad(x, (0, 0, 0, L - length))
+        return x, pad
+
+
+class KGEncoder(nn.Module):
+    """Eq. 3: a learned entity table (no one-hot features) + one basis-decomposed R-GCN layer -> N.
+
+    RGCNConv's mean aggregation per relation is the 1/Z_{e,r} of Eq. 3, its root weight is W n_e; self loops are
+    relations in the given graph already. Like the reference code (KGSF, C2-CRS) there is no nonlinearity after the
+    single layer: N is used directly in dot products for recommendation (Eq. 8), where a ReLU would clamp scores.
+    """
+
+    def __init__(self, cfg: C2CRSConfig):
+        super().__init__()
+        self.entities = nn.Embedding(cfg.n_entities, cfg.kg_dim)
+        nn.init.normal_(self.entities.weight, std=cfg.kg_dim ** -0.5)
+        self.rgcn = RGCNConv(cfg.kg_dim, cfg.kg_dim, cfg.n_relations, num_bases=cfg.num_bases)
+
+    def forward(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
+        """The whole graph: edge_index [2, E] (source, target), edge_type [E] -> N [n_entities, kg_dim]."""
+        return self.rgcn(self.entities.weight, edge_index, edge_type)
+
+    def forward_nodes(self, nodes: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
+        """Only the rows N[nodes], computed on the 1-hop in-neighbourhood of `nodes`; equals forward(...)[nodes].
+
+        One R-GCN layer reads a node's own row and its in-neighbours' rows, and the per-relation mean only counts
+        edges into that node, so keeping the edges whose target is in `nodes` is exact. This is the CPU speed
+        lever: a batch touches a few hundred entities of ~60k. Run as a bipartite (sources -> targets) graph so
+        the per-relation matmuls are only over target rows. (k_hop_subgraph(num_hops=1) gives the same rows but
+        also keeps edges among the neighbours, which this layer never reads.)
+        """
+        targets, inverse = torch.unique(nodes, return_inverse=True)
+        keep = torch.isin(edge_index[1], targets)
+        src, dst, rel = edge_index[0, keep], edge_index[1, keep], edge_type[keep]
+        sources, src_local = torch.unique(src, return_inverse=True)
+        dst_local = torch.searchsorted(targets, dst)
+        x = self.entities.weight
+        out = self.rgcn((x[sources], x[targets]), torch.stack([src_local, dst_local]), rel)
+        return out[inverse]
+
+
+def batch_entities(*entity_ids: torch.Tensor, n_items: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The entities a batch needs and its id tensors renumbered into that list (for KGEncoder.forward_nodes).
+
+    Returns (nodes, remapped): nodes = sorted unique valid ids (>= 0) of all given tensors, plus 0..n_items-1 if
+    n_items > 0; remapped = each input with ids replaced by their row in `nodes` (-1 padding stays -1). Because the
+    items are the smallest ids, N_sub = kg.forward_nodes(nodes, ...) keeps the layout of the full N: the items are
+    N_sub[:n_items], so graph_view / recommendation_logits take (N_sub, remapped) exactly like (N, ids).
+    """
+    valid = [ids[ids >= 0] for ids in entity_ids]
+    if n_items > 0:
+        valid.append(torch.arange(n_items, device=entity_ids[0].device if entity_ids else None))
+    nodes = torch.unique(torch.cat(valid)) if valid else torch.empty(0, dtype=torch.long)
+    if nodes.numel() == 0:  # a batch without any entity still needs one row to gather (and then mask) from
+        nodes = torch.zeros(1, dtype=torch.long, device=nodes.device)
+    remapped = [torch.where(ids >= 0, torch.searchsorted(nodes, ids.clamp(min=0)), ids) for ids in entity_ids]
+    return nodes, remapped
+
+
+def projection_head(dim: int, out_dim: int) -> nn.Module:
+    """2-layer MLP to the shared contrastive space (as the reference code), one per view."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out_dim))
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, valid: torch.Tensor | None = None,
+             not_negative: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5 with cosine similarity and in-batch negatives, averaged over rows: row i of a should pick row i of b.
+
+    valid [B] bool drops rows and columns where a view is missing (e.g. a user with no review sentence).
+    not_negative [B, B] bool removes (i, j) from row i's denominator (false negatives: the same entity or sentence
+    in two rows); the diagonal is never removed. Fewer than 2 valid rows -> 0 that still has a grad graph.
+    """
+    if valid is not None:
+        a, b = a[valid], b[valid]
+        if not_negative is not None:
+            not_negative = not_negative[valid][:, valid]
+    if a.size(0) < 2:
+        return (a.sum() + b.sum()) * 0.0
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    if not_negative is not None:
+        eye = torch.eye(a.size(0), dtype=torch.bool, device=a.device)
+        logits = logits.masked_fill(not_negative & ~eye, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(a.size(0), device=a.device))
+
+
+class C2CRS(nn.Module):
+    """The three views (conversation, graph, review), their projection heads, the losses and the recommender.
+
+    The KBRD-style baseline is this class's recommender without pre-training (use recommendation_logits only).
+    """
+
+    def __init__(self, cfg: C2CRSConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conversation_encoder = TokenEncoder(cfg)
+        self.conversation_pooling = SelfAttentivePooling(cfg.token_dim)
+        self.kg_encoder = KGEncoder(cfg)
+        self.graph_pooling = SelfAttentivePooling(cfg.kg_dim)
+        self.review_encoder = TokenEncoder(cfg)  # separate parameters from the conversation encoder (4.1.3)
+        self.sentence_pooling = SelfAttentivePooling(cfg.token_dim)  # tokens -> one sentence vector
+        self.review_pooling = SelfAttentivePooling(cfg.token_dim)  # a user's sentences -> e_R (noise filter)
+        self.projection = nn.ModuleDict({
+            "conversation": projection_head(cfg.token_dim, cfg.projection_dim),
+            "graph": projection_head(cfg.kg_dim, cfg.projection_dim),
+            "review": projection_head(cfg.token_dim, cfg.projection_dim),
+        })
+        self.user_pooling = SelfAttentivePooling(cfg.kg_dim)  # 4.3.1's own "self-attentive mechanism as in Eq. 2"
+        self.item_bias = nn.Parameter(torch.zeros(cfg.n_items)) if cfg.item_bias else None
+
+    # ---- views (4.1) -------------------------------------------------------------------------------------------
+    def conversation_view(self, context_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context_ids [B, L] -> (e_C [B, token_dim], F [B, L, token_dim]) (Eq. 1-2)."""
+        F_, pad = self.conversation_encoder(context_ids)
+        return self.conversation_pooling(F_, pad), F_
+
+    def entity_graph(self, edge_index: torch.Tensor, edge_type: torch.Tensor,
+                     nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """N for the whole graph, or only N[nodes] (see batch_entities for the matching id renumbering)."""
+        if nodes is None:
+            return self.kg_encoder(edge_index, edge_type)
+        return self.kg_encoder.forward_nodes(nodes, edge_index, edge_type)
+
+    def graph_view(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
+        """Self-attentive pooling over the context entities' rows of N: entity_ids [B, E] (-1 pad) -> e_G [B, kg_dim]."""
+        return self.graph_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
+
+    def encode_sentences(self, sentence_ids: torch.Tensor) -> torch.Tensor:
+        """Review sentences [S, Ls] -> sentence vectors [S, token_dim] (review Transformer + token pooling)."""
+        H, pad = self.review_encoder(sentence_ids)
+        return self.sentence_pooling(H, pad)
+
+    def review_view(self, sentence_ids: torch.Tensor, sentence_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sentence_ids [B, K, Ls], sentence_mask [B, K] (True = real) -> (e_R [B, token_dim], E [B, K, token_dim]).
+
+        Only the real sentences are encoded (flattened, then scattered back), so padding sentences cost nothing.
+        """
+        B, K, _ = sentence_ids.shape
+        vectors = self.encode_sentences(sentence_ids[sentence_mask]) if sentence_mask.any() else None
+        E = sentence_ids.new_zeros((B, K, self.cfg.token_dim), dtype=self.review_pooling.proj.weight.dtype)
+        if vectors is not None:
+            E = E.index_put(sentence_mask.nonzero(as_tuple=True), vectors)
+        return self.review_pooling(E, ~sentence_mask), E
+
+    # ---- contrastive pre-training (4.2) ---------------------------------------------------------------------------
+    def coarse_contrastive_loss(self, e_C: torch.Tensor, e_G: torch.Tensor, e_R: torch.Tensor,
+                                valid_graph: torch.Tensor, valid_review: torch.Tensor,
+                                valid_conversation: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 4: InfoNCE over (e_C,e_G), (e_C,e_R), (e_G,e_R) after projection; a pair uses rows valid in both views."""
+        if valid_conversation is None:
+            valid_conversation = torch.ones_like(valid_graph)
+        c, g, r = self.projection["conversation"](e_C), self.projection["graph"](e_G), self.projection["review"](e_R)
+        t = self.cfg.temperature
+        return (info_nce(c, g, t, valid_conversation & valid_graph)
+                + info_nce(c, r, t, valid_conversation & valid_review)
+                + info_nce(g, r, t, valid_graph & valid_review))
+
+    def fine_contrastive_loss(self, word_vectors: torch.Tensor, entity_vectors: torch.Tensor,
+                              sentence_vectors: torch.Tensor, entity_ids: torch.Tensor,
+                              sentence_ids: torch.Tensor) -> torch.Tensor:
+        """Eq. 6 over aligned triples: row t is (F_j, N_e, E_k) = (word_vectors[t], entity_vectors[t], sentence_vectors[t]).
+
+        Build the rows as F[sample, token_position], N[entity], encode_sentences(sentence tokens).
+        entity_ids / sentence_ids [T] identify each row's entity and sentence (sentence -1 = the entity has none;
+        such rows take part only in the word-entity pair). In-batch negatives, except that two rows sharing an entity
+        or a sentence are not negatives of each other: the same entity appears in many turns, so its N_e (and its
+        sentence E_k) would otherwise be pushed away from itself.
+        """
+        same_unit = (entity_ids[:, None] == entity_ids[None, :]) | (
+            (sentence_ids[:, None] == sentence_ids[None, :]) & (sentence_ids[:, None] >= 0))
+        has_sentence = sentence_ids >= 0
+        w, n, s = (self.projection["conversation"](word_vectors), self.projection["graph"](entity_vectors),
+                   self.projection["review"](sentence_vectors))
+        t = self.cfg.temperature
+        return (info_nce(w, n, t, None, same_unit)
+                + info_nce(w, s, t, has_sentence, same_unit)
+                + info_nce(n, s, t, has_sentence, same_unit))
+
+    @staticmethod
+    def pretraining_loss(fine: torch.Tensor, coarse: torch.Tensor, coarse_weight: float) -> torch.Tensor:
+        """Eq. 7: L = L_fine + lambda * L_coarse (lambda = 0.2 in the reference scripts)."""
+        return fine + coarse_weight * coarse
+
+    # ---- recommender (4.3.1) ----------------------------------------------------------------------------------
+    def user_vector(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
+        """e_u: self-attentive pooling over the context entities' rows of N (own parameters). No entities -> zeros."""
+        return self.user_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
+
+    def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
+        """Eq. 8 before the softmax: e_u . n_i for every item -> [B, n_items]."""
+        logits = self.user_vector(N, entity_ids) @ N[: self.cfg.n_items].T
+        return logits + self.item_bias if self.item_bias is not None else logits
+
+    @staticmethod
+    def recommendation_loss(logits: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+        """Eq. 9: cross-entropy with one ground-truth item per row (mean over rows)."""
+        return F.cross_entropy(logits, target_items)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "C2CRSConfig", "SelfAttentivePooling", "TokenEncoder", "KGEncoder", "C2CRS", "batch_entities", "info_nce",
+    "projection_head", "count_parameters",
+]

@@ -1,0 +1,192 @@
+"""The C2-CRS training stages: coarse pre-training, fine pre-training, recommender fine-tuning, and scoring.
+
+Each stage is a function of tensors, a model and its settings; it trains with stages.training.train (resumable,
+checkpointed every epoch) and reports per-epoch metrics through `on_epoch`. The knowledge-graph encoder runs, in
+each step, only on the entities the step needs (their one-hop neighbourhood), except where every item's row is
+needed (recommendation logits), where it runs on the whole graph.
+"""
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.c2crs import C2CRS, batch_entities
+from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
+                               recommendation_rows, review_batch)
+from stages.evaluate import rank_of_targets
+from stages.training import LoopState, epoch_generator, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What a training stage needs besides the model."""
+
+    graph: Graph
+    train: SampleTable
+    valid: SampleTable
+    sentence_tokens: list[list[int]]
+    pad_id: int
+    max_context_entities: int
+    max_review_sentences: int
+    device: torch.device
+    seed: int
+
+
+def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bool = False):
+    """N for the entities a batch needs (and every item, for recommendation), with the ids renumbered into it."""
+    nodes, remapped = batch_entities(*entity_ids, n_items=run.graph.n_items if with_items else 0)
+    if len(nodes) == 0:
+        return torch.zeros(1, model.cfg.kg_dim, device=run.device), remapped
+    rows = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device), nodes)
+    return rows, remapped
+
+
+def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray) -> torch.Tensor:
+    batch = {**context_batch(table, rows, run.pad_id, run.max_context_entities),
+             **review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)}
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    e_c, _ = model.conversation_view(batch["context_ids"])
+    n_rows, (entity_ids,) = _node_rows(model, run, batch["entity_ids"])
+    e_g = model.graph_view(n_rows, entity_ids)
+    e_r, _ = model.review_view(batch["sentence_ids"], batch["sentence_mask"])
+    return model.coarse_contrastive_loss(e_c, e_g, e_r, valid_graph=(entity_ids >= 0).any(1),
+                                         valid_review=batch["sentence_mask"].any(1))
+
+
+def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, max_triples: int,
+                rng: np.random.Generator | None) -> torch.Tensor:
+    batch = {**context_batch(table, rows, run.pad_id, run.max_context_entities),
+             **fine_batch(table, rows, max_triples, rng)}
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    if len(batch["triple_rows"]) < 2:
+        return torch.zeros((), device=run.device, requires_grad=True)
+    _, words = model.conversation_view(batch["context_ids"])
+    word_vectors = words[batch["triple_rows"], batch["triple_positions"]]
+    n_rows, (entity_index,) = _node_rows(model, run, batch["triple_entities"])
+    entity_vectors = n_rows[entity_index]
+    sentences = torch.unique(batch["triple_sentences"])
+    tokens = pad([run.sentence_tokens[s] for s in sentences.tolist()], run.pad_id).to(run.device)
+    sentence_vectors = model.encode_sentences(tokens)[torch.searchsorted(sentences, batch["triple_sentences"])]
+    return model.fine_contrastive_loss(word_vectors, entity_vectors, sentence_vectors,
+                                       entity_ids=batch["triple_entities"], sentence_ids=batch["triple_sentences"])
+
+
+def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float) -> dict:
+    total, count = 0.0, 0
+    for rows in batches:
+        loss = step_loss(rows)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        total += float(loss) * len(rows)
+        count += len(rows)
+    return {"loss": total / max(count, 1)}
+
+
+def _mean_loss(table: SampleTable, batch_size: int, step_loss: Callable[[np.ndarray], torch.Tensor]) -> dict:
+    batches = bucketed_batches(table.context_lengths, batch_size, None)
+    losses = [(float(step_loss(rows)), len(rows)) for rows in batches]
+    return {"loss": sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)}
+
+
+def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+    """Coarse-grained contrastive pre-training (4.2.1): conversation vs. subgraph vs. review document."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+
+    def step(table):
+        return lambda rows: coarse_losses(model, run, table, rows)
+
+    def train_epoch(epoch: int) -> dict:
+        batches = bucketed_batches(run.train.context_lengths, cfg.batch_size, epoch_generator(run.seed, epoch))
+        return _epoch(model, optimizer, batches, step(run.train), cfg.grad_clip)
+
+    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
+                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step(run.valid)),
+                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+
+
+def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+    """Fine-grained contrastive pre-training (4.2.2) with lambda x the coarse loss (Eq. 7)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+
+    def step_loss(table, rng):
+        def loss(rows):
+            fine = fine_losses(model, run, table, rows, cfg.max_triples_per_sample, rng)
+            coarse = coarse_losses(model, run, table, rows) if cfg.coarse_weight else torch.zeros(())
+            return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
+        return loss
+
+    def train_epoch(epoch: int) -> dict:
+        rng = epoch_generator(run.seed, epoch)
+        batches = bucketed_batches(run.train.context_lengths, cfg.batch_size, rng)
+        return _epoch(model, optimizer, batches, step_loss(run.train, rng), cfg.grad_clip)
+
+    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
+                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step_loss(run.valid, None)),
+                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+
+
+def recommendation_batch(table: SampleTable, rows: np.ndarray, max_entities: int, device) -> torch.Tensor:
+    return context_batch(table, rows, 0, max_entities)["entity_ids"].to(device)
+
+
+def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+    """Recommendation fine-tuning (4.3.1): self-attention over the context entities, softmax over all items.
+
+    One step runs the R-GCN on every item and the batch's context entities (every item's row is scored) and
+    trains on a batch of (sample, target item) pairs. Validation: recall@10 and recall@50 on the valid split, which picks the best epoch.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    sample_rows, target_items = recommendation_rows(run.train)
+
+    def train_epoch(epoch: int) -> dict:
+        rng = epoch_generator(run.seed, epoch)
+        order = rng.permutation(len(sample_rows))
+        total, count = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            picked = order[start: start + cfg.batch_size]
+            entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
+            nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
+            logits = model.recommendation_logits(nodes, entity_ids)
+            loss = model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total += float(loss) * len(picked)
+            count += len(picked)
+        return {"loss": total / max(count, 1)}
+
+    def validate() -> dict:
+        ranks = []
+        for rows, scores in score_samples(model, run, run.valid, cfg.batch_size):
+            targets = [(i, item) for i, row in enumerate(rows) for item in run.valid.targets[row]]
+            if targets:
+                index, items = np.asarray(targets).T
+                ranks.append(rank_of_targets(scores, index, items))
+        ranks = np.concatenate(ranks) if ranks else np.zeros(0)
+        return {"recall@10": float((ranks <= 10).mean()) if len(ranks) else 0.0,
+                "recall@50": float((ranks <= 50).mean()) if len(ranks) else 0.0}
+
+    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch, validate=validate,
+                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
+
+
+@torch.no_grad()
+def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Item scores for every sample of a table, in blocks: (row indices, scores [rows, n_items])."""
+    was_training = model.training
+    model.eval()
+    nodes = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
+    for start in range(0, len(table), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(table)))
+        entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
+        yield rows, model.recommendation_logits(nodes, entity_ids).float().cpu().numpy()
+    model.train(was_training)

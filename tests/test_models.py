@@ -1,0 +1,343 @@
+"""models/: shapes of every view, gradient flow per loss, InfoNCE by hand, masking, the R-GCN subgraph shortcut,
+and that each trainable thing can fit a toy problem. Small sizes, CPU, a few seconds in all."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.baselines import TextCNNRecommender, popularity_scores
+from models.c2crs import C2CRS, C2CRSConfig, KGEncoder, SelfAttentivePooling, batch_entities, info_nce
+
+B, L, K, LS, E_CTX = 4, 12, 3, 6, 3
+
+
+def tiny_config(**overrides) -> C2CRSConfig:
+    base = dict(vocab_size=50, n_entities=30, n_relations=5, n_items=10, token_dim=16, kg_dim=8, n_heads=2,
+                ffn_dim=16, num_bases=2, projection_dim=8, max_positions=32, dropout=0.0)
+    base.update(overrides)
+    return C2CRSConfig(**base)
+
+
+def random_graph(n_nodes: int, n_edges: int, n_relations: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, n_nodes, (2, n_edges), generator=g)
+    edge_type = torch.randint(0, n_relations, (n_edges,), generator=g)
+    return edge_index, edge_type
+
+
+def tiny_batch(cfg: C2CRSConfig):
+    torch.manual_seed(1)
+    context = torch.randint(1, cfg.vocab_size, (B, L))
+    context[0, 8:] = cfg.pad_id  # ragged row
+    entities = torch.randint(0, cfg.n_entities, (B, E_CTX))
+    entities[1, 1:] = -1
+    entities[3, :] = -1  # no context entity
+    sentences = torch.randint(1, cfg.vocab_size, (B, K, LS))
+    sentence_mask = torch.ones(B, K, dtype=torch.bool)
+    sentence_mask[0, 2] = False
+    sentence_mask[2, :] = False  # no review sentence
+    sentences[~sentence_mask] = cfg.pad_id
+    return context, entities, sentences, sentence_mask
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = C2CRS(cfg)
+    edge_index, edge_type = random_graph(cfg.n_entities, 120, cfg.n_relations)
+    return cfg, model, edge_index, edge_type, tiny_batch(cfg)
+
+
+def grads_of(module) -> dict:
+    return {name: p.grad for name, p in module.named_parameters()}
+
+
+def assert_all_have_grad(module, label: str):
+    for name, grad in grads_of(module).items():
+        assert grad is not None, f"{label}.{name} got no gradient"
+        assert torch.isfinite(grad).all(), f"{label}.{name} has a non-finite gradient"
+        assert grad.abs().sum() > 0, f"{label}.{name} has an all-zero gradient"
+
+
+# ---- views -------------------------------------------------------------------------------------------------------
+def test_view_shapes_and_no_nan(setup):
+    cfg, model, edge_index, edge_type, (context, entities, sentences, sentence_mask) = setup
+    e_C, F_ = model.conversation_view(context)
+    N = model.entity_graph(edge_index, edge_type)
+    e_G = model.graph_view(N, entities)
+    e_R, E = model.review_view(sentences, sentence_mask)
+    assert e_C.shape == (B, cfg.token_dim) and F_.shape == (B, L, cfg.token_dim)
+    assert N.shape == (cfg.n_entities, cfg.kg_dim)
+    assert e_G.shape == (B, cfg.kg_dim)
+    assert e_R.shape == (B, cfg.token_dim) and E.shape == (B, K, cfg.token_dim)
+    for t in (e_C, F_, N, e_G, e_R, E):
+        assert torch.isfinite(t).all()
+    assert torch.equal(e_G[3], torch.zeros(cfg.kg_dim))  # no entities -> zeros
+    assert torch.equal(e_R[2], torch.zeros(cfg.token_dim))  # no sentences -> zeros
+    assert torch.equal(E[0, 2], torch.zeros(cfg.token_dim))  # padding sentence is never encoded
+
+
+def test_trailing_padding_does_not_change_outputs(setup):
+    cfg, model, *_ = setup
+    model.eval()
+    ids = torch.randint(1, cfg.vocab_size, (2, 5))
+    padded = torch.cat([ids, torch.zeros(2, 7, dtype=torch.long)], dim=1)
+    e1, F1 = model.conversation_view(ids)
+    e2, F2 = model.conversation_view(padded)
+    assert torch.allclose(e1, e2, atol=1e-5) and torch.allclose(F1, F2[:, :5], atol=1e-5)
+    with pytest.raises(ValueError):
+        model.conversation_view(torch.ones(1, cfg.max_positions + 1, dtype=torch.long))
+
+
+def test_all_padding_context_gives_zero_vector(setup):
+    cfg, model, *_ = setup
+    e_C, F_ = model.conversation_view(torch.zeros(2, 6, dtype=torch.long))
+    assert torch.isfinite(F_).all() and torch.equal(e_C, torch.zeros(2, cfg.token_dim))
+
+
+def test_self_attentive_pooling_masking():
+    torch.manual_seed(0)
+    pool = SelfAttentivePooling(4)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[1, 2:] = True
+    mask[2, :] = True
+    out = pool(x, mask)
+    assert torch.equal(out[2], torch.zeros(4))
+    # a masked position has no influence: row 1 equals pooling its first two positions alone
+    assert torch.allclose(out[1], pool(x[1:2, :2], mask[1:2, :2])[0], atol=1e-6)
+    # a single unmasked position is returned as is
+    one = torch.ones(1, 5, dtype=torch.bool)
+    one[0, 3] = False
+    assert torch.allclose(pool(x[:1], one)[0], x[0, 3])
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in pool.parameters())
+    assert torch.equal(x.grad[2], torch.zeros(5, 4))
+
+
+# ---- KG encoder --------------------------------------------------------------------------------------------------
+def test_kg_forward_nodes_equals_full_forward():
+    torch.manual_seed(0)
+    cfg = tiny_config(n_entities=60, n_relations=7, num_bases=3)
+    kg = KGEncoder(cfg)
+    edge_index, edge_type = random_graph(60, 300, 7, seed=3)
+    full = kg(edge_index, edge_type)
+    nodes = torch.tensor([5, 0, 17, 5, 59, 33])  # unordered, with a duplicate
+    part = kg.forward_nodes(nodes, edge_index, edge_type)
+    assert part.shape == (len(nodes), cfg.kg_dim)
+    assert torch.allclose(part, full[nodes], atol=1e-5)
+    isolated = edge_index[1] != 42  # a node without in-edges: root weight + bias only
+    assert torch.allclose(kg.forward_nodes(torch.tensor([42]), edge_index[:, isolated], edge_type[isolated]),
+                          kg(edge_index[:, isolated], edge_type[isolated])[42:43], atol=1e-5)
+
+
+def test_batch_entities_keeps_item_layout(setup):
+    cfg, model, edge_index, edge_type, (_, entities, *_) = setup
+    entities = entities.clone()
+    entities[0, 0] = 25  # a non-item entity
+    nodes, (remapped,) = batch_entities(entities, n_items=cfg.n_items)
+    assert torch.equal(nodes[: cfg.n_items], torch.arange(cfg.n_items))
+    assert torch.equal(remapped < 0, entities < 0)
+    assert torch.equal(nodes[remapped[entities >= 0]], entities[entities >= 0])
+    none_nodes, (none_ids,) = batch_entities(torch.full((2, 3), -1))  # a batch without any entity
+    e_G = model.graph_view(model.entity_graph(edge_index, edge_type, nodes=none_nodes), none_ids)
+    assert torch.equal(e_G, torch.zeros(2, cfg.kg_dim))
+    model.eval()
+    N = model.entity_graph(edge_index, edge_type)
+    N_sub = model.entity_graph(edge_index, edge_type, nodes=nodes)
+    assert torch.allclose(model.graph_view(N_sub, remapped), model.graph_view(N, entities), atol=1e-5)
+    assert torch.allclose(model.recommendation_logits(N_sub, remapped), model.recommendation_logits(N, entities),
+                          atol=1e-5)
+
+
+# ---- InfoNCE -----------------------------------------------------------------------------------------------------
+def test_info_nce_matches_hand_computation_2x2():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
+    t = 0.5
+    # cosines: a0.b0 = 1/sqrt2, a0.b1 = 0, a1.b0 = 1/sqrt2, a1.b1 = 1
+    c = 1 / math.sqrt(2)
+    row0 = -math.log(math.exp(c / t) / (math.exp(c / t) + math.exp(0 / t)))
+    row1 = -math.log(math.exp(1 / t) / (math.exp(c / t) + math.exp(1 / t)))
+    assert info_nce(a, b, t).item() == pytest.approx((row0 + row1) / 2, rel=1e-5)
+
+
+def test_info_nce_matches_hand_computation_3x3_and_valid_mask():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 5.0]])
+    t = 0.1
+    cos = [[1.0, 1 / math.sqrt(2), 0.0], [0.0, 1 / math.sqrt(2), 1.0], [1 / math.sqrt(2), 1.0, 1 / math.sqrt(2)]]
+
+    def row_loss(i, cols):
+        return -cos[i][i] / t + math.log(sum(math.exp(cos[i][j] / t) for j in cols))
+
+    expected = sum(row_loss(i, range(3)) for i in range(3)) / 3
+    assert info_nce(a, b, t).item() == pytest.approx(expected, rel=1e-5)
+    valid = torch.tensor([True, False, True])
+    expected_valid = (row_loss(0, [0, 2]) + row_loss(2, [0, 2])) / 2
+    assert info_nce(a, b, t, valid).item() == pytest.approx(expected_valid, rel=1e-5)
+    # not_negative removes (0, 1) from row 0's denominator only
+    not_negative = torch.zeros(3, 3, dtype=torch.bool)
+    not_negative[0, 1] = True
+    expected_nn = (row_loss(0, [0, 2]) + row_loss(1, range(3)) + row_loss(2, range(3))) / 3
+    assert info_nce(a, b, t, not_negative=not_negative).item() == pytest.approx(expected_nn, rel=1e-5)
+
+
+def test_info_nce_fewer_than_two_valid_rows_is_zero_with_grad():
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    loss = info_nce(a, b, 0.07, torch.tensor([False, True, False]))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+def test_fine_loss_masks_duplicate_entities_and_sentences(setup):
+    cfg, model, *_ = setup
+    torch.manual_seed(2)
+    words, ents, sents = torch.randn(4, cfg.token_dim), torch.randn(4, cfg.kg_dim), torch.randn(4, cfg.token_dim)
+    entity_ids = torch.tensor([7, 7, 3, 4])
+    sentence_ids = torch.tensor([1, 2, 5, 5])
+    ents[1] = ents[0]  # the same entity gives the same N_e row
+    sents[3] = sents[2]
+    loss = model.fine_contrastive_loss(words, ents, sents, entity_ids, sentence_ids)
+    same = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    w, n, s = model.projection["conversation"](words), model.projection["graph"](ents), model.projection["review"](sents)
+
+    def by_hand(x, y):  # explicit per-row log-softmax over the allowed columns
+        cos = F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T / cfg.temperature
+        rows = [-(cos[i, i] - torch.logsumexp(cos[i][~same[i]], 0)) for i in range(4)]
+        return torch.stack(rows).mean()
+
+    expected = by_hand(w, n) + by_hand(w, s) + by_hand(n, s)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    unmasked = info_nce(w, n, cfg.temperature) + info_nce(w, s, cfg.temperature) + info_nce(n, s, cfg.temperature)
+    assert not torch.allclose(loss, unmasked)
+    # a row without a sentence (-1) only joins the word-entity pair
+    no_sentence = torch.tensor([1, 2, 5, -1])
+    loss_ns = model.fine_contrastive_loss(words, ents, sents, entity_ids, no_sentence)
+    assert torch.isfinite(loss_ns)
+
+
+# ---- gradient flow -----------------------------------------------------------------------------------------------
+def test_coarse_loss_reaches_every_view_parameter(setup):
+    cfg, model, edge_index, edge_type, (context, entities, sentences, sentence_mask) = setup
+    e_C, _ = model.conversation_view(context)
+    N = model.entity_graph(edge_index, edge_type)
+    e_G = model.graph_view(N, entities)
+    e_R, _ = model.review_view(sentences, sentence_mask)
+    loss = model.coarse_contrastive_loss(e_C, e_G, e_R, (entities >= 0).any(1), sentence_mask.any(1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name in ("conversation_encoder", "conversation_pooling", "kg_encoder", "graph_pooling", "review_encoder",
+                 "sentence_pooling", "review_pooling", "projection"):
+        assert_all_have_grad(getattr(model, name), name)
+    assert model.user_pooling.proj.weight.grad is None  # the recommender is not part of pre-training
+    touched = entities[entities >= 0].unique()
+    assert (model.kg_encoder.entities.weight.grad[touched].abs().sum(1) > 0).all()
+    assert (model.conversation_encoder.tokens.weight.grad[context[context > 0].unique()].abs().sum(1) > 0).all()
+    assert (model.review_encoder.tokens.weight.grad[sentences[sentences > 0].unique()].abs().sum(1) > 0).all()
+
+
+def test_fine_and_pretraining_loss_reach_their_parameters(setup):
+    cfg, model, edge_index, edge_type, (context, entities, sentences, sentence_mask) = setup
+    e_C, F_ = model.conversation_view(context)
+    nodes, (ctx_local,) = batch_entities(entities)
+    N = model.entity_graph(edge_index, edge_type, nodes=nodes)  # subgraph path must carry gradients too
+    e_G = model.graph_view(N, ctx_local)
+    e_R, _ = model.review_view(sentences, sentence_mask)
+    coarse = model.coarse_contrastive_loss(e_C, e_G, e_R, (entities >= 0).any(1), sentence_mask.any(1))
+    # triples: (sample, token position, entity row, sentence tokens)
+    sample, position = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([1, 2, 3, 4, 5])
+    entity_ids = torch.tensor([0, 1, 2, 0, 3])
+    entity_rows = torch.tensor([ctx_local[0, 0], ctx_local[0, 1], ctx_local[0, 2], ctx_local[0, 0], ctx_local[1, 0]])
+    sentence_tokens = sentences[1]  # [K, LS] -> 3 distinct sentences
+    sentence_ids = torch.tensor([0, 1, 2, 0, 1])
+    fine = model.fine_contrastive_loss(F_[sample, position], N[entity_rows],
+                                       model.encode_sentences(sentence_tokens)[sentence_ids], entity_ids, sentence_ids)
+    loss = model.pretraining_loss(fine, coarse, 0.2)
+    assert torch.allclose(loss, fine + 0.2 * coarse)
+    loss.backward()
+    for name in ("conversation_encoder", "kg_encoder", "review_encoder", "sentence_pooling", "projection"):
+        assert_all_have_grad(getattr(model, name), name)
+
+
+# ---- learning ----------------------------------------------------------------------------------------------------
+def test_info_nce_pulls_positive_pairs_together():
+    torch.manual_seed(0)
+    n, d = 64, 16
+    latent = torch.randn(n, d)
+    x_view, y_view = latent @ torch.randn(d, d), latent @ torch.randn(d, d)  # two views of the same thing
+    f, g = torch.nn.Linear(d, 8), torch.nn.Linear(d, 8)
+    opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=1e-2)
+
+    def positive_minus_negative():
+        with torch.no_grad():
+            cos = F.normalize(f(x_view), dim=-1) @ F.normalize(g(y_view), dim=-1).T
+            off = ~torch.eye(n, dtype=torch.bool)
+            return (cos.diag().mean() - cos[off].mean()).item()
+
+    before = positive_minus_negative()
+    for _ in range(100):
+        opt.zero_grad()
+        loss = info_nce(f(x_view), g(y_view), 0.1)
+        loss.backward()
+        opt.step()
+    after = positive_minus_negative()
+    assert after > 0.5 and after > before + 0.3
+
+
+def test_recommender_overfits_tiny_problem(setup):
+    cfg, model, edge_index, edge_type, (_, entities, *_) = setup
+    targets = torch.tensor([1, 4, 7, 2])
+    logits = model.recommendation_logits(model.entity_graph(edge_index, edge_type), entities)
+    assert logits.shape == (B, cfg.n_items)
+    assert torch.allclose(logits[3], torch.zeros(cfg.n_items))  # no context entity -> uniform
+    rec_params = [*model.kg_encoder.parameters(), *model.user_pooling.parameters()]
+    opt = torch.optim.Adam(rec_params, lr=1e-2)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss = model.recommendation_loss(model.recommendation_logits(model.entity_graph(edge_index, edge_type),
+                                                                     entities), targets)
+        first = loss.item() if first is None else first
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+    assert model.user_pooling.proj.weight.grad.abs().sum() > 0
+
+
+def test_item_bias_option():
+    model = C2CRS(tiny_config(item_bias=True))
+    assert model.item_bias.shape == (10,)
+    assert C2CRS(tiny_config()).item_bias is None
+
+
+# ---- baselines ---------------------------------------------------------------------------------------------------
+def test_textcnn_shapes_and_learns():
+    torch.manual_seed(0)
+    model = TextCNNRecommender(vocab_size=40, n_items=6, embed_dim=16, n_filters=8, dropout=0.1)
+    context = torch.randint(1, 40, (8, 10))
+    context[0, 4:] = 0
+    assert model(context).shape == (8, 6)
+    assert model(torch.tensor([[3, 4]])).shape == (1, 6)  # shorter than the widest filter
+    targets = torch.randint(0, 6, (8,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(context), targets)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_popularity_scores():
+    scores = popularity_scores(torch.tensor([2, 2, 2, 0]), n_items=4)
+    assert scores.shape == (4,)
+    assert torch.allclose(scores, torch.log(torch.tensor([2.0, 1.0, 4.0, 1.0])))
+    assert scores.argmax().item() == 2
