@@ -5,18 +5,26 @@ body in a flow and an MLflow run; benchmarks call the bodies directly to measure
 is imported only where a download needs its task retries.
 """
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import polars as pl
+import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, DataConfig, LinkingConfig, Params
+from models.baselines import TextCNNRecommender, popularity_scores
+from models.c2crs import C2CRS, C2CRSConfig
+from pipeline.config import ConfigError, DataConfig, LinkingConfig, Params, resolve_device
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import fetch, ingest, kg, linking, reviews, triples
+from stages import c2crs_data, c2crs_train, evaluate, fetch, ingest, kg, linking, reviews, triples
+from stages import training as c2crs_training
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -269,3 +277,213 @@ def triples_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> St
 
 STAGE_BODIES: dict[str, Callable[..., StageOutcome]] = {
     "ingest": ingest_stage, "reviews": reviews_stage, "kg": kg_stage, "triples": triples_stage}
+
+
+# ---------------------------------------------------------------- model stages
+
+
+def _device(params: Params) -> torch.device:
+    return torch.device(resolve_device(params.device))
+
+
+def _training_run(params: Params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig, dict[str, Path]]:
+    """Everything a C2-CRS training stage reads, as tensors and tables, and the model's configuration."""
+    inputs = {name: workspace / path for name, path in TRAINING_INPUTS.items()}
+    samples, triple_table = pl.read_parquet(inputs["samples"]), pl.read_parquet(inputs["triples"])
+    vocabulary = pl.read_parquet(inputs["vocab"])
+    graph = c2crs_data.load_graph(pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["relations"]),
+                                  pl.read_parquet(inputs["edges"]))
+    cfg = params.model
+    sentence_tokens = c2crs_data.sentence_token_ids(pl.read_parquet(inputs["review_sentences"]), vocabulary,
+                                                    cfg.max_sentence_tokens)
+    run = c2crs_train.Run(
+        graph=graph,
+        train=c2crs_data.sample_table(samples, triple_table, "train"),
+        valid=c2crs_data.sample_table(samples, triple_table, "valid"),
+        sentence_tokens=sentence_tokens, pad_id=0, max_context_entities=cfg.max_context_entities,
+        max_review_sentences=cfg.max_review_sentences, device=_device(params), seed=params.seed)
+    model_config = C2CRSConfig(
+        vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
+        n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_bases=cfg.num_bases,
+        projection_dim=cfg.projection_dim,
+        max_positions=max(int(samples["context_token_ids"].list.len().max()), cfg.max_sentence_tokens))
+    return run, model_config, inputs
+
+
+TRAINING_INPUTS = {
+    "samples": "data/triples/samples.parquet", "triples": "data/triples/triples.parquet",
+    "vocab": "data/triples/vocab.parquet", "review_sentences": "data/reviews/review_sentences.parquet",
+    "entities": "data/kg/entities.parquet", "relations": "data/kg/relations.parquet", "edges": "data/kg/edges.parquet",
+}
+
+
+def _checkpoint_dir(workspace: Path, stage: str, params: Params, inputs: dict[str, Path]) -> Path:
+    """Checkpoints of a run live outside DVC's outputs (DVC deletes those before a stage runs), under a key of the
+    stage's params and inputs, so a rerun resumes only the very same training."""
+    from pipeline.io import content_hash
+
+    key = json.dumps({"params": {k: params.model_dump()[k] for k in STAGES[stage].params},
+                      "inputs": {n: content_hash(p) for n, p in sorted(inputs.items())}}, sort_keys=True)
+    return workspace / "data" / "checkpoints" / f"{stage}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _save_model(path: Path, model: torch.nn.Module, config) -> None:
+    """Weights and the config that builds the module again, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": dataclasses.asdict(config), "state_dict": model.state_dict()}, temporary)
+    temporary.replace(path)
+
+
+def load_c2crs(path: Path) -> C2CRS:
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    model = C2CRS(C2CRSConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+def _training_outcome(stage: str, state, inputs: dict[str, Path], extra: dict | None = None) -> dict:
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
+                else {})
+    return {"epochs_run": state.epoch, "best_epoch": state.best_epoch, **{k: v for k, v in best.items()
+                                                                          if k != "epoch"}, **(extra or {})}
+
+
+def _pretraining_stage(stage: str, params: Params, workspace: Path, log: StageLog, start_from: str | None,
+                       train_fn) -> StageOutcome:
+    spec = STAGES[stage]
+    run, model_config, inputs = _training_run(params, workspace)
+    c2crs_training.seed_everything(params.seed)
+    if start_from:
+        inputs["start_from"] = workspace / start_from
+        model = load_c2crs(inputs["start_from"])
+    else:
+        model = C2CRS(model_config)
+    model.to(run.device)
+    checkpoints = _checkpoint_dir(workspace, stage, params, inputs)
+    state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
+    if (checkpoints / "best.pt").is_file():
+        c2crs_training.load_checkpoint(checkpoints / "best.pt", model)
+    metrics = _training_outcome(stage, state, inputs)
+    _save_model(workspace / spec.outs[0], model, model.cfg)
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    log.model(stage, model)
+    return StageOutcome(inputs, metrics)
+
+
+def pretrain_coarse_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    return _pretraining_stage("pretrain_coarse", params, workspace, log, None, c2crs_train.pretrain_coarse)
+
+
+def pretrain_fine_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    return _pretraining_stage("pretrain_fine", params, workspace, log, STAGES["pretrain_coarse"].outs[0],
+                              c2crs_train.pretrain_fine)
+
+
+def finetune_rec_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    return _pretraining_stage("finetune_rec", params, workspace, log, STAGES["pretrain_fine"].outs[0],
+                              c2crs_train.finetune_recommender)
+
+
+STAGE_BODIES.update({"pretrain_coarse": pretrain_coarse_stage, "pretrain_fine": pretrain_fine_stage,
+                     "finetune_rec": finetune_rec_stage})
+
+
+def baselines_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    """TextCNN over the context words, and the KBRD-style recommender (C2-CRS's recommender, no pre-training)."""
+    spec = STAGES["baselines"]
+    run, model_config, inputs = _training_run(params, workspace)
+    textcnn_out, kbrd_out = (workspace / out for out in spec.outs)
+
+    c2crs_training.seed_everything(params.seed)
+    cfg = params.baselines.textcnn
+    textcnn_config = TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
+                                   embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
+    textcnn = TextCNNRecommender(**dataclasses.asdict(textcnn_config)).to(run.device)
+    checkpoints = _checkpoint_dir(workspace, "baselines", params, inputs) / "textcnn"
+    textcnn_state = c2crs_train.train_textcnn(textcnn, run, cfg, checkpoints,
+                                              on_epoch=lambda e, m: log.epoch(e, {f"textcnn.{k}": v
+                                                                                  for k, v in m.items()}))
+    c2crs_training.load_checkpoint(checkpoints / "best.pt", textcnn)
+    _save_model(textcnn_out, textcnn, textcnn_config)
+
+    c2crs_training.seed_everything(params.seed)
+    kbrd = C2CRS(model_config).to(run.device)
+    checkpoints = _checkpoint_dir(workspace, "baselines", params, inputs) / "kbrd"
+    kbrd_state = c2crs_train.finetune_recommender(kbrd, run, params.finetune_rec, checkpoints,
+                                                  on_epoch=lambda e, m: log.epoch(e, {f"kbrd.{k}": v
+                                                                                      for k, v in m.items()}))
+    c2crs_training.load_checkpoint(checkpoints / "best.pt", kbrd)
+    _save_model(kbrd_out, kbrd, kbrd.cfg)
+
+    metrics = {"textcnn": _training_outcome("textcnn", textcnn_state, inputs),
+               "kbrd": _training_outcome("kbrd", kbrd_state, inputs)}
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    log.model("textcnn", textcnn)
+    log.model("kbrd", kbrd)
+    return StageOutcome(inputs, metrics)
+
+
+@dataclass
+class TextCNNConfig:
+    vocab_size: int
+    n_items: int
+    embed_dim: int
+    n_filters: int
+    dropout: float
+
+
+def load_textcnn(path: Path) -> TextCNNRecommender:
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    model = TextCNNRecommender(**saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
+                split: str = "test") -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+    """For each model, a function giving its score blocks (row indices, [rows, n_items]) on a split's samples."""
+    run, model_config, _ = _training_run(params, workspace)
+    table = c2crs_data.sample_table(samples, triple_table, split)
+    batch = params.evaluate.batch_size
+    train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
+    popularity = popularity_scores(train_targets, model_config.n_items).numpy()
+
+    def popularity_blocks():
+        for start in range(0, len(table), batch):
+            rows = np.arange(start, min(start + batch, len(table)))
+            yield rows, np.broadcast_to(popularity, (len(rows), len(popularity)))
+
+    c2crs = load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
+    kbrd = load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
+    textcnn = load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
+    return table, {
+        "popularity": popularity_blocks,
+        "textcnn": lambda: c2crs_train.score_textcnn(textcnn, run, table, batch),
+        "kbrd": lambda: c2crs_train.score_samples(kbrd, run, table, batch),
+        "c2crs": lambda: c2crs_train.score_samples(c2crs, run, table, batch),
+    }
+
+
+def evaluate_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    """Recommendation metrics on the test split (read here and nowhere else), both protocols, with 95 % intervals."""
+    spec = STAGES["evaluate"]
+    inputs = {Path(d).name: workspace / d for d in spec.deps}
+    samples = pl.read_parquet(workspace / TRAINING_INPUTS["samples"])
+    triple_table = pl.read_parquet(workspace / TRAINING_INPUTS["triples"])
+    table, models = score_split(params, workspace, samples, triple_table)
+    rows = evaluate.expand_mentions(samples.filter(pl.col("split") == "test").sort("sample_id"))
+    results = {}
+    for name, blocks in models.items():
+        ranks = evaluate.ranks_from_score_blocks(
+            ((table.sample_ids[r], scores) for r, scores in blocks()), rows)
+        results[name] = evaluate.evaluate_model(rows, ranks, params.evaluate.bootstrap_resamples, params.seed)
+        log.epoch(0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)}
+                             for p, m in results[name].items()}})
+    report = "# Recommendation on the ReDial test split\n\n" + evaluate.markdown_table(results, evaluate.PAPER_REC)
+    write_outputs({workspace / spec.metrics[0]: results, workspace / spec.reports[0]: report})
+    return StageOutcome(inputs, results)
+
+
+STAGE_BODIES.update({"baselines": baselines_stage, "evaluate": evaluate_stage})

@@ -207,11 +207,27 @@ class TrainConfig(Section):
 
 class CoarseConfig(TrainConfig):
     temperature: float = Field(default=0.07, gt=0)
+    samples_per_conversation: int | None = Field(default=2, ge=1)  # null: every turn, as the reference
 
 
 class FineConfig(CoarseConfig):
     coarse_weight: float = Field(default=0.2, ge=0)  # lambda of Eq. 7
     max_triples_per_sample: int = Field(default=8, ge=1)
+
+
+class TextCNNConfig(TrainConfig):
+    embed_dim: int = Field(default=128, ge=8)
+    n_filters: int = Field(default=100, ge=1)
+    dropout: float = Field(default=0.5, ge=0, lt=1)
+
+
+class BaselinesConfig(Section):
+    textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
+
+
+class EvaluateConfig(Section):
+    bootstrap_resamples: int = Field(default=1000, ge=10)
+    batch_size: int = Field(default=512, ge=1)
 
 
 class Params(Section):
@@ -227,6 +243,8 @@ class Params(Section):
     pretrain_coarse: CoarseConfig = CoarseConfig()
     pretrain_fine: FineConfig = FineConfig()
     finetune_rec: TrainConfig = TrainConfig(epochs=10, batch_size=256, patience=3)
+    baselines: BaselinesConfig = BaselinesConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def resolve_device(device: str) -> str:

@@ -19,6 +19,11 @@ class StageSpec:
         return self.code + self.deps
 
 
+TRAINING_CODE = ("models/c2crs.py", "stages/c2crs_data.py", "stages/c2crs_train.py", "stages/training.py")
+TRAINING_DATA = ("data/triples/samples.parquet", "data/triples/triples.parquet", "data/triples/vocab.parquet",
+                 "data/reviews/review_sentences.parquet", "data/kg/entities.parquet", "data/kg/relations.parquet",
+                 "data/kg/edges.parquet")
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
@@ -67,6 +72,52 @@ STAGES: dict[str, StageSpec] = {
             metrics=("metrics/triples.json",),
             reports=("reports/linking.md",),
             external_inputs="CRSLab's annotated validation conversations (linker evaluation); KGSF stopwords",
+        ),
+        StageSpec(
+            name="pretrain_coarse",
+            summary="coarse-grained contrastive pre-training (paper 4.2.1): conversation vs. subgraph vs. reviews",
+            params=("seed", "device", "model", "pretrain_coarse"),
+            code=TRAINING_CODE,
+            deps=TRAINING_DATA,
+            outs=("data/models/pretrain_coarse.pt",),
+            metrics=("metrics/pretrain_coarse.json",),
+        ),
+        StageSpec(
+            name="pretrain_fine",
+            summary="fine-grained contrastive pre-training (4.2.2): word vs. entity vs. sentence, + lambda coarse",
+            params=("seed", "device", "model", "pretrain_fine"),
+            code=TRAINING_CODE,
+            deps=TRAINING_DATA + ("data/models/pretrain_coarse.pt",),
+            outs=("data/models/pretrain_fine.pt",),
+            metrics=("metrics/pretrain_fine.json",),
+        ),
+        StageSpec(
+            name="finetune_rec",
+            summary="recommender fine-tuning (4.3.1) from the pre-trained representations; early stop on valid",
+            params=("seed", "device", "model", "finetune_rec"),
+            code=TRAINING_CODE,
+            deps=TRAINING_DATA + ("data/models/pretrain_fine.pt",),
+            outs=("data/models/c2crs_rec.pt",),
+            metrics=("metrics/finetune_rec.json",),
+        ),
+        StageSpec(
+            name="baselines",
+            summary="TextCNN over context words and the KBRD-style recommender (no pre-training), same splits",
+            params=("seed", "device", "model", "finetune_rec", "baselines"),
+            code=TRAINING_CODE + ("models/baselines.py",),
+            deps=TRAINING_DATA,
+            outs=("data/models/textcnn.pt", "data/models/kbrd_rec.pt"),
+            metrics=("metrics/baselines.json",),
+        ),
+        StageSpec(
+            name="evaluate",
+            summary="test-split recommendation metrics for C2-CRS and the baselines, both protocols, 95 % CIs",
+            params=("seed", "device", "model", "evaluate"),
+            code=TRAINING_CODE + ("models/baselines.py", "stages/evaluate.py"),
+            deps=TRAINING_DATA + ("data/models/c2crs_rec.pt", "data/models/textcnn.pt", "data/models/kbrd_rec.pt"),
+            outs=(),
+            metrics=("metrics/rec.json",),
+            reports=("reports/rec.md",),
         ),
     ]
 }

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.baselines import TextCNNRecommender
 from models.c2crs import C2CRS, batch_entities
 from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
+                               per_conversation,
                                recommendation_rows, review_batch)
 from stages.evaluate import rank_of_targets
 from stages.training import LoopState, epoch_generator, train
@@ -77,6 +79,11 @@ def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, ma
                                        entity_ids=batch["triple_entities"], sentence_ids=batch["triple_sentences"])
 
 
+def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.ndarray]:
+    rows = per_conversation(run.train.conv_ids, cfg.samples_per_conversation, rng)
+    return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
+
+
 def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float) -> dict:
     total, count = 0.0, 0
     for rows in batches:
@@ -85,35 +92,41 @@ def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Te
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        total += float(loss) * len(rows)
+        total += loss.item() * len(rows)
         count += len(rows)
     return {"loss": total / max(count, 1)}
 
 
-def _mean_loss(table: SampleTable, batch_size: int, step_loss: Callable[[np.ndarray], torch.Tensor]) -> dict:
-    batches = bucketed_batches(table.context_lengths, batch_size, None)
+def _mean_loss(table: SampleTable, batch_size: int, step_loss: Callable[[np.ndarray], torch.Tensor],
+               samples_per_conversation: int | None, seed: int) -> dict:
+    """Validation loss on a fixed draw of the valid samples (the same every epoch)."""
+    rows = per_conversation(table.conv_ids, samples_per_conversation, np.random.default_rng(seed))
+    batches = [rows[b] for b in bucketed_batches(table.context_lengths[rows], batch_size, None)]
     losses = [(float(step_loss(rows)), len(rows)) for rows in batches]
     return {"loss": sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)}
 
 
 def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
     """Coarse-grained contrastive pre-training (4.2.1): conversation vs. subgraph vs. review document."""
+    model.cfg.temperature = cfg.temperature
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
 
     def step(table):
         return lambda rows: coarse_losses(model, run, table, rows)
 
     def train_epoch(epoch: int) -> dict:
-        batches = bucketed_batches(run.train.context_lengths, cfg.batch_size, epoch_generator(run.seed, epoch))
-        return _epoch(model, optimizer, batches, step(run.train), cfg.grad_clip)
+        return _epoch(model, optimizer, _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
+                      step(run.train), cfg.grad_clip)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step(run.valid)),
+                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step(run.valid), cfg.samples_per_conversation,
+                                             run.seed),
                  monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
 
 
 def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
     """Fine-grained contrastive pre-training (4.2.2) with lambda x the coarse loss (Eq. 7)."""
+    model.cfg.temperature = cfg.temperature
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
 
     def step_loss(table, rng):
@@ -125,11 +138,11 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
 
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
-        batches = bucketed_batches(run.train.context_lengths, cfg.batch_size, rng)
-        return _epoch(model, optimizer, batches, step_loss(run.train, rng), cfg.grad_clip)
+        return _epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step_loss(run.valid, None)),
+                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step_loss(run.valid, None),
+                                             cfg.samples_per_conversation, run.seed),
                  monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
 
 
@@ -160,20 +173,12 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            total += float(loss) * len(picked)
+            total += loss.item() * len(picked)
             count += len(picked)
         return {"loss": total / max(count, 1)}
 
     def validate() -> dict:
-        ranks = []
-        for rows, scores in score_samples(model, run, run.valid, cfg.batch_size):
-            targets = [(i, item) for i, row in enumerate(rows) for item in run.valid.targets[row]]
-            if targets:
-                index, items = np.asarray(targets).T
-                ranks.append(rank_of_targets(scores, index, items))
-        ranks = np.concatenate(ranks) if ranks else np.zeros(0)
-        return {"recall@10": float((ranks <= 10).mean()) if len(ranks) else 0.0,
-                "recall@50": float((ranks <= 50).mean()) if len(ranks) else 0.0}
+        return _recall_at(_valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch, validate=validate,
                  monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
@@ -189,4 +194,63 @@ def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -
         rows = np.arange(start, min(start + batch_size, len(table)))
         entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
         yield rows, model.recommendation_logits(nodes, entity_ids).float().cpu().numpy()
+    model.train(was_training)
+
+
+# ---------------------------------------------------------------- baselines and scoring for evaluation
+
+
+def _recall_at(ranks: np.ndarray) -> dict:
+    return {"recall@10": float((ranks <= 10).mean()) if len(ranks) else 0.0,
+            "recall@50": float((ranks <= 50).mean()) if len(ranks) else 0.0}
+
+
+def _valid_ranks(blocks, table: SampleTable) -> np.ndarray:
+    ranks = []
+    for rows, scores in blocks:
+        targets = [(i, item) for i, row in enumerate(rows) for item in table.targets[row]]
+        if targets:
+            index, items = np.asarray(targets).T
+            ranks.append(rank_of_targets(scores, index, items))
+    return np.concatenate(ranks) if ranks else np.zeros(0)
+
+
+def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+    """The TextCNN baseline: context words only, softmax over all items, the same (sample, item) pairs."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    sample_rows, target_items = recommendation_rows(run.train)
+
+    def train_epoch(epoch: int) -> dict:
+        rng = epoch_generator(run.seed, epoch)
+        order = rng.permutation(len(sample_rows))
+        lengths = run.train.context_lengths[sample_rows[order]]
+        total, count = 0.0, 0
+        for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+            picked = order[batch]
+            ids = pad([run.train.context_tokens[r] for r in sample_rows[picked]], run.pad_id).to(run.device)
+            loss = torch.nn.functional.cross_entropy(model(ids), torch.as_tensor(target_items[picked],
+                                                                                 device=run.device))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total += loss.item() * len(picked)
+            count += len(picked)
+        return {"loss": total / max(count, 1)}
+
+    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
+                 validate=lambda: _recall_at(_valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size),
+                                                          run.valid)),
+                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
+
+
+@torch.no_grad()
+def score_textcnn(model: TextCNNRecommender, run: Run, table: SampleTable,
+                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(table), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(table)))
+        ids = pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)
+        yield rows, model(ids).float().cpu().numpy()
     model.train(was_training)
