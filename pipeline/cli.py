@@ -33,13 +33,17 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 until Ctrl-C")
 
+    score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
+    score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
+    score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
     args, unknown = parser.parse_known_args(argv)
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui}[args.command](args)
+        return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,6 +60,24 @@ def _run(args) -> int:
 
     metrics = run_stage_flow(args.stage, str(params_file))
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _score(args) -> int:
+    """Prints the metrics of every trained model on the file, in the metrics/rec.json shape and as tables."""
+    from pipeline.bodies import score_file
+    from stages.evaluate import markdown_table
+
+    params_file = Path(args.params).resolve()
+    params = load_params(params_file)
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"error: --data {data}: file not found", file=sys.stderr)
+        return 2
+    scored = score_file(params, params_file.parent, data)
+    print(f"{scored['conversations']} conversations read from {data}; bad records: {scored['bad_records'] or 0}")
+    print(markdown_table(scored["results"]))
+    print(json.dumps(scored["results"], indent=2, sort_keys=True))
     return 0
 
 

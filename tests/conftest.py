@@ -74,6 +74,12 @@ def fixture_params(mirror: Path, **ingest) -> dict:
     params["ingest"].update(ingest)
     params["kg"]["min_relation_edges"] = 1  # the fixture graph is tiny
     params["triples"]["min_token_frequency"] = 1
+    params["device"] = "cpu"
+    params["model"].update(token_dim=16, kg_dim=16, ffn_dim=32, projection_dim=16, num_bases=2)
+    for stage in ("pretrain_coarse", "pretrain_fine", "finetune_rec"):
+        params[stage].update(epochs=2, batch_size=4)
+    params["baselines"]["textcnn"].update(epochs=2, batch_size=4, embed_dim=16, n_filters=4)
+    params["evaluate"]["bootstrap_resamples"] = 20
     return params
 
 

@@ -1,0 +1,89 @@
+"""Training stages: a run resumed after an interruption ends where an uninterrupted one does; a tiny end-to-end
+training on the fixture mirror produces the metrics contract."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.bodies import STAGE_BODIES
+from pipeline.config import load_params
+from pipeline.registry import stage_names
+from stages.training import epoch_generator, seed_everything, train
+
+
+def tiny_problem(process_seed: int, seed: int = 0):
+    """The same data and run seed; process_seed stands for whatever state a fresh process starts in."""
+    data = torch.Generator().manual_seed(7)
+    x, y = torch.randn(32, 4, generator=data), torch.randint(0, 3, (32,), generator=data)
+    seed_everything(process_seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+
+    def train_epoch(epoch: int) -> dict:
+        order = epoch_generator(seed, epoch).permutation(32)
+        for batch in np.array_split(order, 4):
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return {"loss": loss.item()}
+
+    def validate() -> dict:
+        return {"loss": torch.nn.functional.cross_entropy(model(x), y).item()}
+
+    return model, optimizer, train_epoch, validate
+
+
+def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    model, optimizer, train_epoch, validate = tiny_problem(0)
+    straight = train(model, optimizer, tmp_path / "straight", 4, train_epoch, validate, monitor="valid_loss",
+                     higher_is_better=False)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer, train_epoch, validate = tiny_problem(0)
+    train(model, optimizer, tmp_path / "resumed", 2, train_epoch, validate, monitor="valid_loss",
+          higher_is_better=False)  # the process "dies" here, after two epochs
+    model, optimizer, train_epoch, validate = tiny_problem(123)  # a new process: fresh weights, other RNG state
+    resumed = train(model, optimizer, tmp_path / "resumed", 4, train_epoch, validate, monitor="valid_loss",
+                    higher_is_better=False)
+    assert resumed.history == straight.history
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected))
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    model, optimizer, train_epoch, _ = tiny_problem(0)
+    values = iter([0.5, 0.4, 0.45, 0.46, 0.47, 0.48])
+    state = train(model, optimizer, tmp_path, 6, train_epoch, validate=lambda: {"loss": next(values)},
+                  monitor="valid_loss", higher_is_better=False, patience=2)
+    assert (state.epoch, state.best_epoch) == (4, 2)
+    assert (tmp_path / "best.pt").is_file()
+
+
+@pytest.mark.usefixtures("mlflow_store")
+def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
+    params = load_params(params_file)
+    workspace = params_file.parent
+    for stage in stage_names():
+        STAGE_BODIES[stage](params, workspace)
+    results = json.loads((workspace / "metrics/rec.json").read_text())
+    assert set(results) == {"popularity", "textcnn", "kbrd", "c2crs"}
+    for protocols in results.values():
+        assert set(protocols) == {"all_turns", "recommender_turns"}
+        assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
+    assert results["c2crs"]["all_turns"]["n"] == results["popularity"]["all_turns"]["n"] > 0
+    assert "paper: C2-CRS" in (workspace / "reports/rec.md").read_text()
+    finetune = json.loads((workspace / "metrics/finetune_rec.json").read_text())
+    assert finetune["epochs_run"] == 2
+
+    # The same models on a file a user brings: the fixture's test conversations give the same numbers.
+    from pipeline.bodies import score_file
+
+    scored = score_file(params, workspace, mirror / "redial/test.jsonl")
+    assert scored["conversations"] == 2
+    for model in results:
+        for protocol in ("all_turns", "recommender_turns"):
+            for metric in ("recall@1", "recall@10", "recall@50", "n"):
+                assert scored["results"][model][protocol][metric] == results[model][protocol][metric]
