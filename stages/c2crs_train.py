@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models.baselines import TextCNNRecommender
 from models.c2crs import C2CRS, batch_entities
@@ -86,7 +87,7 @@ def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.nda
 
 def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float) -> dict:
     total, count = 0.0, 0
-    for rows in batches:
+    for rows in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
         loss = step_loss(rows)
         optimizer.zero_grad()
         loss.backward()
@@ -163,7 +164,8 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
         rng = epoch_generator(run.seed, epoch)
         order = rng.permutation(len(sample_rows))
         total, count = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
+        for start in tqdm(range(0, len(order), cfg.batch_size), desc="train", unit=" batch", leave=False,
+                          disable=None):
             picked = order[start: start + cfg.batch_size]
             entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
             nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
@@ -225,7 +227,8 @@ def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path
         order = rng.permutation(len(sample_rows))
         lengths = run.train.context_lengths[sample_rows[order]]
         total, count = 0.0, 0
-        for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+        for batch in tqdm(bucketed_batches(lengths, cfg.batch_size, rng), desc="train", unit=" batch", leave=False,
+                          disable=None):
             picked = order[batch]
             ids = pad([run.train.context_tokens[r] for r in sample_rows[picked]], run.pad_id).to(run.device)
             loss = torch.nn.functional.cross_entropy(model(ids), torch.as_tensor(target_items[picked],
