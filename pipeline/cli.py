@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -55,6 +56,8 @@ def _run(args) -> int:
         return 2
     params_file = Path(args.params).resolve()
     load_params(params_file)  # fail fast, before Prefect starts, on bad params
+    for name in ("stages", "pipeline"):  # progress (epochs, skipped records) shows in the terminal and Prefect UI
+        logging.getLogger(name).setLevel(logging.INFO)
 
     from pipeline.flows import run_stage_flow
 
