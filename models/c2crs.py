@@ -261,12 +261,13 @@ class C2CRS(nn.Module):
 
     def fine_contrastive_loss(self, word_vectors: torch.Tensor, entity_vectors: torch.Tensor,
                               sentence_vectors: torch.Tensor, entity_ids: torch.Tensor,
-                              sentence_ids: torch.Tensor) -> torch.Tensor:
+                              sentence_ids: torch.Tensor, use_words: bool = True) -> torch.Tensor:
         """Eq. 6 over aligned triples: row t is (F_j, N_e, E_k) = (word_vectors[t], entity_vectors[t], sentence_vectors[t]).
 
         Build the rows as F[sample, token_position], N[entity], encode_sentences(sentence tokens).
         entity_ids / sentence_ids [T] identify each row's entity and sentence (sentence -1 = the entity has none;
-        such rows take part only in the word-entity pair). In-batch negatives, except that two rows sharing an entity
+        such rows take part only in the word-entity pair; use_words=False drops both pairs with a word, for the
+        ablation without conversation history). In-batch negatives, except that two rows sharing an entity
         or a sentence are not negatives of each other: the same entity appears in many turns, so its N_e (and its
         sentence E_k) would otherwise be pushed away from itself.
         """
@@ -276,9 +277,10 @@ class C2CRS(nn.Module):
         w, n, s = (self.projection["conversation"](word_vectors), self.projection["graph"](entity_vectors),
                    self.projection["review"](sentence_vectors))
         t = self.cfg.temperature
-        return (info_nce(w, n, t, None, same_unit)
-                + info_nce(w, s, t, has_sentence, same_unit)
-                + info_nce(n, s, t, has_sentence, same_unit))
+        entity_sentence = info_nce(n, s, t, has_sentence, same_unit)
+        if not use_words:
+            return entity_sentence
+        return info_nce(w, n, t, None, same_unit) + info_nce(w, s, t, has_sentence, same_unit) + entity_sentence
 
     @staticmethod
     def pretraining_loss(fine: torch.Tensor, coarse: torch.Tensor, coarse_weight: float) -> torch.Tensor:

@@ -291,9 +291,11 @@ def _training_run(params: Params, workspace: Path) -> tuple[c2crs_train.Run, C2C
     inputs = {name: workspace / path for name, path in TRAINING_INPUTS.items()}
     samples, triple_table = pl.read_parquet(inputs["samples"]), pl.read_parquet(inputs["triples"])
     vocabulary = pl.read_parquet(inputs["vocab"])
-    graph = c2crs_data.load_graph(pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["relations"]),
-                                  pl.read_parquet(inputs["edges"]))
     cfg = params.model
+    edges = pl.read_parquet(inputs["edges"])
+    if not cfg.kg_edges:
+        edges = edges.filter(pl.col("src") == pl.col("dst"))
+    graph = c2crs_data.load_graph(pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["relations"]), edges)
     sentence_tokens = c2crs_data.sentence_token_ids(pl.read_parquet(inputs["review_sentences"]), vocabulary,
                                                     cfg.max_sentence_tokens)
     run = c2crs_train.Run(
@@ -301,7 +303,8 @@ def _training_run(params: Params, workspace: Path) -> tuple[c2crs_train.Run, C2C
         train=c2crs_data.sample_table(samples, triple_table, "train"),
         valid=c2crs_data.sample_table(samples, triple_table, "valid"),
         sentence_tokens=sentence_tokens, pad_id=0, max_context_entities=cfg.max_context_entities,
-        max_review_sentences=cfg.max_review_sentences, device=_device(params), seed=params.seed)
+        max_review_sentences=cfg.max_review_sentences, device=_device(params), seed=params.seed,
+        views=frozenset(cfg.views))
     model_config = C2CRSConfig(
         vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
         n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,

@@ -189,6 +189,11 @@ class ModelConfig(Section):
     max_context_entities: int = Field(default=32, ge=1)
     max_review_sentences: int = Field(default=10, ge=1)
     max_sentence_tokens: int = Field(default=40, ge=1)
+    # Ablations (paper Table 4): views used in pre-training (w/o CH drops conversation, w/o UD drops review);
+    # kg_edges: false keeps only self loops, so entities carry no structured knowledge (w/o SD).
+    views: list[Literal["conversation", "graph", "review"]] = Field(
+        default=["conversation", "graph", "review"], min_length=1)
+    kg_edges: bool = True
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -212,6 +217,13 @@ class CoarseConfig(TrainConfig):
 
 class FineConfig(CoarseConfig):
     coarse_weight: float = Field(default=0.2, ge=0)  # lambda of Eq. 7
+    max_triples_per_sample: int = Field(default=8, ge=1)
+
+
+class RecConfig(TrainConfig):
+    # > 0: the "multi-task" ablation, adding this weight x (fine + coarse_weight x coarse) to every step
+    pretraining_weight: float = Field(default=0.0, ge=0)
+    coarse_weight: float = Field(default=0.2, ge=0)
     max_triples_per_sample: int = Field(default=8, ge=1)
 
 
@@ -242,7 +254,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     pretrain_coarse: CoarseConfig = CoarseConfig()
     pretrain_fine: FineConfig = FineConfig()
-    finetune_rec: TrainConfig = TrainConfig(epochs=10, batch_size=256, patience=3)
+    finetune_rec: RecConfig = RecConfig(epochs=10, batch_size=256, patience=3)
     baselines: BaselinesConfig = BaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 

@@ -25,6 +25,8 @@ from stages.training import LoopState, epoch_generator, train
 
 log = logging.getLogger(__name__)
 
+VIEWS = ("conversation", "graph", "review")
+
 
 @dataclass
 class Run:
@@ -39,6 +41,7 @@ class Run:
     max_review_sentences: int
     device: torch.device
     seed: int
+    views: frozenset[str] = frozenset(VIEWS)  # the ablations drop "conversation" (w/o CH) or "review" (w/o UD)
 
 
 def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bool = False):
@@ -54,12 +57,20 @@ def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray) 
     batch = {**context_batch(table, rows, run.pad_id, run.max_context_entities),
              **review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)}
     batch = {k: v.to(run.device) for k, v in batch.items()}
-    e_c, _ = model.conversation_view(batch["context_ids"])
+    rows_valid = torch.ones(len(rows), dtype=torch.bool, device=run.device)
+    if "conversation" in run.views:
+        e_c, _ = model.conversation_view(batch["context_ids"])
+    else:
+        e_c, rows_valid = torch.zeros(len(rows), model.cfg.token_dim, device=run.device), ~rows_valid
     n_rows, (entity_ids,) = _node_rows(model, run, batch["entity_ids"])
     e_g = model.graph_view(n_rows, entity_ids)
-    e_r, _ = model.review_view(batch["sentence_ids"], batch["sentence_mask"])
+    valid_review = batch["sentence_mask"].any(1)
+    if "review" in run.views:
+        e_r, _ = model.review_view(batch["sentence_ids"], batch["sentence_mask"])
+    else:
+        e_r, valid_review = torch.zeros(len(rows), model.cfg.token_dim, device=run.device), valid_review & False
     return model.coarse_contrastive_loss(e_c, e_g, e_r, valid_graph=(entity_ids >= 0).any(1),
-                                         valid_review=batch["sentence_mask"].any(1))
+                                         valid_review=valid_review, valid_conversation=rows_valid)
 
 
 def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, max_triples: int,
@@ -69,15 +80,23 @@ def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, ma
     batch = {k: v.to(run.device) for k, v in batch.items()}
     if len(batch["triple_rows"]) < 2:
         return torch.zeros((), device=run.device, requires_grad=True)
-    _, words = model.conversation_view(batch["context_ids"])
-    word_vectors = words[batch["triple_rows"], batch["triple_positions"]]
+    if "conversation" in run.views:
+        _, words = model.conversation_view(batch["context_ids"])
+        word_vectors = words[batch["triple_rows"], batch["triple_positions"]]
+    else:
+        word_vectors = torch.zeros(len(batch["triple_rows"]), model.cfg.token_dim, device=run.device)
     n_rows, (entity_index,) = _node_rows(model, run, batch["triple_entities"])
     entity_vectors = n_rows[entity_index]
-    sentences = torch.unique(batch["triple_sentences"])
-    tokens = pad([run.sentence_tokens[s] for s in sentences.tolist()], run.pad_id).to(run.device)
-    sentence_vectors = model.encode_sentences(tokens)[torch.searchsorted(sentences, batch["triple_sentences"])]
+    sentence_ids = batch["triple_sentences"]
+    if "review" in run.views:
+        sentences = torch.unique(sentence_ids)
+        tokens = pad([run.sentence_tokens[s] for s in sentences.tolist()], run.pad_id).to(run.device)
+        sentence_vectors = model.encode_sentences(tokens)[torch.searchsorted(sentences, sentence_ids)]
+    else:
+        sentence_vectors, sentence_ids = torch.zeros_like(word_vectors), torch.full_like(sentence_ids, -1)
     return model.fine_contrastive_loss(word_vectors, entity_vectors, sentence_vectors,
-                                       entity_ids=batch["triple_entities"], sentence_ids=batch["triple_sentences"])
+                                       entity_ids=batch["triple_entities"], sentence_ids=sentence_ids,
+                                       use_words="conversation" in run.views)
 
 
 def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.ndarray]:
@@ -171,6 +190,12 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
             logits = model.recommendation_logits(nodes, entity_ids)
             loss = model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
+            if cfg.pretraining_weight:  # the "multi-task" ablation: every objective at once, no pre-training
+                samples = np.unique(sample_rows[picked])
+                pretraining = model.pretraining_loss(
+                    fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng),
+                    coarse_losses(model, run, run.train, samples), cfg.coarse_weight)
+                loss = loss + cfg.pretraining_weight * pretraining
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -87,3 +87,22 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
         for protocol in ("all_turns", "recommender_turns"):
             for metric in ("recall@1", "recall@10", "recall@50", "n"):
                 assert scored["results"][model][protocol][metric] == results[model][protocol][metric]
+
+
+@pytest.mark.parametrize("ablation", [
+    {"model": {"views": ["graph", "review"]}},  # w/o CH
+    {"model": {"views": ["conversation", "graph"]}},  # w/o UD
+    {"model": {"kg_edges": False}},  # w/o SD
+    {"pretrain_coarse": {"epochs": 0}, "pretrain_fine": {"epochs": 0},
+     "finetune_rec": {"pretraining_weight": 1.0}},  # multi-task
+])
+def test_each_ablation_trains(params_file, ablation):
+    raw = yaml.safe_load(params_file.read_text())
+    for section, values in ablation.items():
+        raw[section].update(values)
+    params_file.write_text(yaml.safe_dump(raw))
+    params = load_params(params_file)
+    workspace = params_file.parent
+    for stage in ("ingest", "reviews", "kg", "triples", "pretrain_coarse", "pretrain_fine", "finetune_rec"):
+        metrics = STAGE_BODIES[stage](params, workspace).metrics
+    assert np.isfinite(metrics["train_loss"])
