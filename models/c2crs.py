@@ -277,10 +277,11 @@ class C2CRS(nn.Module):
         w, n, s = (self.projection["conversation"](word_vectors), self.projection["graph"](entity_vectors),
                    self.projection["review"](sentence_vectors))
         t = self.cfg.temperature
-        entity_sentence = info_nce(n, s, t, has_sentence, same_unit)
         if not use_words:
-            return entity_sentence
-        return info_nce(w, n, t, None, same_unit) + info_nce(w, s, t, has_sentence, same_unit) + entity_sentence
+            return info_nce(n, s, t, has_sentence, same_unit)
+        return (info_nce(w, n, t, None, same_unit)
+                + info_nce(w, s, t, has_sentence, same_unit)
+                + info_nce(n, s, t, has_sentence, same_unit))
 
     @staticmethod
     def pretraining_loss(fine: torch.Tensor, coarse: torch.Tensor, coarse_weight: float) -> torch.Tensor:
