@@ -58,15 +58,15 @@ def test_the_one_known_bad_mention_is_reported(raw, result):
 
 
 def test_every_data_stage_on_the_mirror(tmp_path, monkeypatch):
-    """The stage bodies end to end on the real files, in a scratch workspace: the numbers the README reports."""
+    """The data stages end to end on the real files, in a scratch workspace: the numbers the README reports."""
     import shutil
 
     from pipeline.bodies import STAGE_BODIES
-    from pipeline.registry import stage_names
 
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     params = load_params(tmp_path / "params.yaml")
-    metrics = {name: STAGE_BODIES[name](params, tmp_path).metrics for name in stage_names()}
+    data_stages = ("ingest", "reviews", "kg", "triples")  # training on the mirror takes half an hour
+    metrics = {name: STAGE_BODIES[name](params, tmp_path).metrics for name in data_stages}
     assert metrics["reviews"]["coverage"]["overall"]["test_movies"] > 0.95
     assert metrics["reviews"]["bad_records"] == 18
     assert metrics["kg"]["reference"] == {"relations": 35, "edges": 316884, "entities": 64363,
