@@ -32,4 +32,5 @@ ui: setup
 bench: setup
 	$(PY) bench/stages.py
 	$(PY) bench/linker.py
+	$(PY) bench/train.py
 	$(PY) bench/overhead.py
