@@ -179,30 +179,24 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
 
+    def step_loss(picked: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
+        nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
+        logits = model.recommendation_logits(nodes, entity_ids)
+        loss = model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
+        if cfg.pretraining_weight:  # the "multi-task" ablation: every objective at once, no pre-training
+            samples = np.unique(sample_rows[picked])
+            pretraining = model.pretraining_loss(
+                fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng),
+                coarse_losses(model, run, run.train, samples), cfg.coarse_weight)
+            loss = loss + cfg.pretraining_weight * pretraining
+        return loss
+
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
         order = rng.permutation(len(sample_rows))
-        total, count = 0.0, 0
-        for start in tqdm(range(0, len(order), cfg.batch_size), desc="train", unit=" batch", leave=False,
-                          disable=None):
-            picked = order[start: start + cfg.batch_size]
-            entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
-            nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
-            logits = model.recommendation_logits(nodes, entity_ids)
-            loss = model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
-            if cfg.pretraining_weight:  # the "multi-task" ablation: every objective at once, no pre-training
-                samples = np.unique(sample_rows[picked])
-                pretraining = model.pretraining_loss(
-                    fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng),
-                    coarse_losses(model, run, run.train, samples), cfg.coarse_weight)
-                loss = loss + cfg.pretraining_weight * pretraining
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            total += loss.item() * len(picked)
-            count += len(picked)
-        return {"loss": total / max(count, 1)}
+        batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip)
 
     def validate() -> dict:
         return _recall_at(_valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
@@ -247,24 +241,16 @@ def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
 
+    def step_loss(picked: np.ndarray) -> torch.Tensor:
+        ids = pad([run.train.context_tokens[r] for r in sample_rows[picked]], run.pad_id).to(run.device)
+        return torch.nn.functional.cross_entropy(model(ids), torch.as_tensor(target_items[picked], device=run.device))
+
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
         order = rng.permutation(len(sample_rows))
         lengths = run.train.context_lengths[sample_rows[order]]
-        total, count = 0.0, 0
-        for batch in tqdm(bucketed_batches(lengths, cfg.batch_size, rng), desc="train", unit=" batch", leave=False,
-                          disable=None):
-            picked = order[batch]
-            ids = pad([run.train.context_tokens[r] for r in sample_rows[picked]], run.pad_id).to(run.device)
-            loss = torch.nn.functional.cross_entropy(model(ids), torch.as_tensor(target_items[picked],
-                                                                                 device=run.device))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            total += loss.item() * len(picked)
-            count += len(picked)
-        return {"loss": total / max(count, 1)}
+        batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
+        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _recall_at(_valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size),
