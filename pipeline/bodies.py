@@ -346,11 +346,12 @@ def load_c2crs(path: Path) -> C2CRS:
     return model
 
 
-def _training_outcome(stage: str, state, inputs: dict[str, Path], extra: dict | None = None) -> dict:
+def _training_outcome(state) -> dict:
+    """How many epochs ran, and the metrics of the kept (best) epoch."""
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
                 else {})
-    return {"epochs_run": state.epoch, "best_epoch": state.best_epoch, **{k: v for k, v in best.items()
-                                                                          if k != "epoch"}, **(extra or {})}
+    return {"epochs_run": state.epoch, "best_epoch": state.best_epoch,
+            **{k: v for k, v in best.items() if k != "epoch"}}
 
 
 def _pretraining_stage(stage: str, params: Params, workspace: Path, log: StageLog, start_from: str | None,
@@ -368,7 +369,7 @@ def _pretraining_stage(stage: str, params: Params, workspace: Path, log: StageLo
     state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
     if (checkpoints / "best.pt").is_file():
         c2crs_training.load_checkpoint(checkpoints / "best.pt", model)
-    metrics = _training_outcome(stage, state, inputs)
+    metrics = _training_outcome(state)
     _save_model(workspace / spec.outs[0], model, model.cfg)
     write_outputs({workspace / spec.metrics[0]: metrics})
     log.model(stage, model)
@@ -391,6 +392,15 @@ def finetune_rec_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) 
 
 STAGE_BODIES.update({"pretrain_coarse": pretrain_coarse_stage, "pretrain_fine": pretrain_fine_stage,
                      "finetune_rec": finetune_rec_stage})
+
+
+@dataclass
+class TextCNNConfig:
+    vocab_size: int
+    n_items: int
+    embed_dim: int
+    n_filters: int
+    dropout: float
 
 
 def baselines_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
@@ -420,21 +430,12 @@ def baselines_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> 
     c2crs_training.load_checkpoint(checkpoints / "best.pt", kbrd)
     _save_model(kbrd_out, kbrd, kbrd.cfg)
 
-    metrics = {"textcnn": _training_outcome("textcnn", textcnn_state, inputs),
-               "kbrd": _training_outcome("kbrd", kbrd_state, inputs)}
+    metrics = {"textcnn": _training_outcome(textcnn_state),
+               "kbrd": _training_outcome(kbrd_state)}
     write_outputs({workspace / spec.metrics[0]: metrics})
     log.model("textcnn", textcnn)
     log.model("kbrd", kbrd)
     return StageOutcome(inputs, metrics)
-
-
-@dataclass
-class TextCNNConfig:
-    vocab_size: int
-    n_items: int
-    embed_dim: int
-    n_filters: int
-    dropout: float
 
 
 def load_textcnn(path: Path) -> TextCNNRecommender:

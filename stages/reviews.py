@@ -11,7 +11,6 @@ sentence's position in its review; the first `max_sentences_per_movie` long enou
 """
 
 import gzip
-import io
 import json
 import logging
 import re
