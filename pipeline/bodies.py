@@ -8,7 +8,10 @@ is imported only where a download needs its task retries.
 import dataclasses
 import hashlib
 import json
+import logging
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from pipeline.io import write_outputs
 from pipeline.registry import STAGES
 from stages import c2crs_data, c2crs_train, evaluate, fetch, ingest, kg, linking, reviews, triples
 from stages import training as c2crs_training
+
+logger = logging.getLogger(__name__)
 
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -354,44 +359,138 @@ def _training_outcome(state) -> dict:
             **{k: v for k, v in best.items() if k != "epoch"}}
 
 
-def _pretraining_stage(stage: str, params: Params, workspace: Path, log: StageLog, start_from: str | None,
-                       train_fn) -> StageOutcome:
-    spec = STAGES[stage]
+# The recommendation path: (stage, the stage whose model it starts from, its training function).
+REC_PATH = (("pretrain_coarse", None, c2crs_train.pretrain_coarse),
+            ("pretrain_fine", "pretrain_coarse", c2crs_train.pretrain_fine),
+            ("finetune_rec", "pretrain_fine", c2crs_train.finetune_recommender))
+
+
+def _train_c2crs(stage: str, params: Params, workspace: Path, log: StageLog, start_from: Path | None,
+                 out: Path) -> tuple[C2CRS, dict, dict[str, Path]]:
+    """One step of the recommendation path: train from `start_from` (None: fresh weights), keep the best epoch,
+    save it to `out`. Returns the model, the training outcome and the inputs read."""
     run, model_config, inputs = _training_run(params, workspace)
     c2crs_training.seed_everything(params.seed)
-    if start_from:
-        inputs["start_from"] = workspace / start_from
-        model = load_c2crs(inputs["start_from"])
+    if start_from is not None:
+        inputs["start_from"] = start_from
+        model = load_c2crs(start_from)
     else:
         model = C2CRS(model_config)
     model.to(run.device)
+    train_fn = next(fn for name, _, fn in REC_PATH if name == stage)
     checkpoints = _checkpoint_dir(workspace, stage, params, inputs)
     state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
     if (checkpoints / "best.pt").is_file():
         c2crs_training.load_checkpoint(checkpoints / "best.pt", model)
-    metrics = _training_outcome(state)
-    _save_model(workspace / spec.outs[0], model, model.cfg)
+    _save_model(out, model, model.cfg)
+    return model, _training_outcome(state), inputs
+
+
+def _rec_path_stage(stage: str, params: Params, workspace: Path, log: StageLog) -> StageOutcome:
+    spec = STAGES[stage]
+    previous = next(before for name, before, _ in REC_PATH if name == stage)
+    start_from = workspace / STAGES[previous].outs[0] if previous else None
+    model, metrics, inputs = _train_c2crs(stage, params, workspace, log, start_from, workspace / spec.outs[0])
     write_outputs({workspace / spec.metrics[0]: metrics})
     log.model(stage, model)
     return StageOutcome(inputs, metrics)
 
 
 def pretrain_coarse_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    return _pretraining_stage("pretrain_coarse", params, workspace, log, None, c2crs_train.pretrain_coarse)
+    return _rec_path_stage("pretrain_coarse", params, workspace, log)
 
 
 def pretrain_fine_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    return _pretraining_stage("pretrain_fine", params, workspace, log, STAGES["pretrain_coarse"].outs[0],
-                              c2crs_train.pretrain_fine)
+    return _rec_path_stage("pretrain_fine", params, workspace, log)
 
 
 def finetune_rec_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    return _pretraining_stage("finetune_rec", params, workspace, log, STAGES["pretrain_fine"].outs[0],
-                              c2crs_train.finetune_recommender)
+    return _rec_path_stage("finetune_rec", params, workspace, log)
 
 
 STAGE_BODIES.update({"pretrain_coarse": pretrain_coarse_stage, "pretrain_fine": pretrain_fine_stage,
                      "finetune_rec": finetune_rec_stage})
+
+
+class _PrefixedLog(StageLog):
+    """Per-epoch metrics of one ablation variant and step, named '<variant>.<stage>.<metric>' in the stage's run."""
+
+    def __init__(self, log: StageLog, prefix: str):
+        self.log, self.prefix = log, prefix
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        self.log.epoch(epoch, {f"{self.prefix}.{k}": v for k, v in metrics.items()})
+
+
+def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_rec") -> Path:
+    return workspace / STAGES["ablations"].outs[0] / variant / f"{stage}.pt"
+
+
+def _train_variant(params: Params, workspace: Path, variant: str, log: StageLog) -> tuple[dict, dict[str, Path]]:
+    """One ablation variant's whole recommendation path; returns its outcome per stage and the inputs it read."""
+    variant_params = params.variant(variant)
+    start_from, outcome, inputs = None, {"overrides": params.ablations.variants[variant]}, {}
+    for stage, _, _ in REC_PATH:
+        out = ablation_model_path(workspace, variant, stage)
+        _, outcome[stage], read = _train_c2crs(stage, variant_params, workspace,
+                                               _PrefixedLog(log, f"{variant}.{stage}"), start_from, out)
+        inputs.update({name: path for name, path in read.items() if name != "start_from"})
+        start_from = out
+    return outcome, inputs
+
+
+class _RecordingLog(StageLog):
+    """Keeps a worker process's per-epoch metrics; the stage's own process logs them when the variant is done."""
+
+    def __init__(self):
+        self.epochs: list[tuple[int, dict]] = []
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        self.epochs.append((epoch, metrics))
+
+
+def _train_variant_in_worker(params_json: str, workspace: str, variant: str, threads: int):
+    torch.set_num_threads(threads)
+    log = _RecordingLog()
+    outcome, inputs = _train_variant(Params.model_validate_json(params_json), Path(workspace), variant, log)
+    return outcome, inputs, log.epochs
+
+
+def ablations_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    """The paper's Table 4: every variant in params.ablations.variants trains the whole recommendation path with its
+    overrides. A step whose params and inputs equal the main run's (e.g. w/o Fine's coarse stage) resumes the main
+    run's finished checkpoint instead of training again; a killed stage resumes each variant where it stopped.
+
+    With ablations.workers > 1 the variants train in that many processes at once, each with an equal share of the
+    CPU threads: on a small CPU two single-threaded trainings get more done than one using both cores.
+    """
+    spec = STAGES["ablations"]
+    variants = list(params.ablations.variants)
+    workers = min(params.ablations.workers, len(variants))
+    done: dict[str, tuple[dict, dict[str, Path]]] = {}
+    if workers <= 1:
+        for variant in variants:
+            done[variant] = _train_variant(params, workspace, variant, log)
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_variant_in_worker, params.model_dump_json(), str(workspace), variant,
+                                   threads): variant for variant in variants}
+            for future in as_completed(futures):
+                outcome, inputs, epochs = future.result()
+                for epoch, metrics in epochs:
+                    log.epoch(epoch, metrics)
+                done[futures[future]] = outcome, inputs
+                logger.info("ablation %s trained: %s", futures[future], outcome["finetune_rec"])
+    for variant in variants:
+        log.model(f"ablation_{variant}", load_c2crs(ablation_model_path(workspace, variant)))
+    (workspace / spec.outs[0]).mkdir(parents=True, exist_ok=True)
+    metrics = {variant: done[variant][0] for variant in variants}
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    return StageOutcome({name: path for _, inputs in done.values() for name, path in inputs.items()}, metrics)
+
+
+STAGE_BODIES["ablations"] = ablations_stage
 
 
 @dataclass
@@ -462,12 +561,22 @@ def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_t
     c2crs = load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
     kbrd = load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
     textcnn = load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
-    return table, {
+    models = {
         "popularity": popularity_blocks,
         "textcnn": lambda: c2crs_train.score_textcnn(textcnn, run, table, batch),
         "kbrd": lambda: c2crs_train.score_samples(kbrd, run, table, batch),
         "c2crs": lambda: c2crs_train.score_samples(c2crs, run, table, batch),
     }
+    runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
+    for variant in params.ablations.variants:
+        variant_params = params.variant(variant)
+        key = variant_params.model.model_dump_json()
+        if key not in runs:
+            runs[key] = _training_run(variant_params, workspace)[0]
+        model = load_c2crs(ablation_model_path(workspace, variant)).to(run.device)
+        models[evaluate.ABLATION_PREFIX + variant] = (
+            lambda model=model, run=runs[key]: c2crs_train.score_samples(model, run, table, batch))
+    return table, models
 
 
 def evaluate_samples(params: Params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
@@ -475,27 +584,41 @@ def evaluate_samples(params: Params, workspace: Path, samples: pl.DataFrame, tri
     """Every model's metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json shape)."""
     table, models = score_split(params, workspace, samples, triple_table, split)
     rows = evaluate.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
+    ranks = {name: evaluate.ranks_from_score_blocks(((table.sample_ids[r], scores) for r, scores in blocks()), rows)
+             for name, blocks in models.items()}
     results = {}
-    for name, blocks in models.items():
-        ranks = evaluate.ranks_from_score_blocks(((table.sample_ids[r], scores) for r, scores in blocks()), rows)
-        results[name] = evaluate.evaluate_model(rows, ranks, params.evaluate.bootstrap_resamples, params.seed)
+    for name, model_ranks in ranks.items():
+        others = {other: r for other, r in ranks.items() if other != name} if name == "c2crs" else None
+        results[name] = evaluate.evaluate_model(rows, model_ranks, params.evaluate.bootstrap_resamples, params.seed,
+                                                compare_with=others)
         log.epoch(0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)}
                              for p, m in results[name].items()}})
     return results
+
+
+def _setting(params: Params, samples: pl.DataFrame) -> str:
+    """One paragraph on how this run's setting differs from the paper's, from the data and params it used."""
+    conversations = dict(samples.group_by("split").agg(pl.col("conv_id").n_unique()).iter_rows())
+    pre = f"{params.pretrain_coarse.epochs} coarse + {params.pretrain_fine.epochs} fine pre-training epochs"
+    per_conversation = params.pretrain_coarse.samples_per_conversation
+    if per_conversation is not None:
+        pre += f" over {per_conversation} turns per conversation and epoch"
+    return (f"trained on {conversations.get('train', 0):,} train conversations (validation "
+            f"{conversations.get('valid', 0):,}), tested on {conversations.get('test', 0):,}; token dim "
+            f"{params.model.token_dim}, KG dim {params.model.kg_dim}, {pre}, at most {params.finetune_rec.epochs} "
+            "recommender epochs with early stopping on validation recall@50. The paper trained on the full ReDial "
+            "train split (about 10k conversations), with token dim 300 and 12 + 13 pre-training epochs over every "
+            "turn, and scored all turns: compare directions and gaps between rows, not levels.")
 
 
 def evaluate_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """Recommendation metrics on the test split (read here and nowhere else), both protocols, with 95 % intervals."""
     spec = STAGES["evaluate"]
     inputs = {Path(d).name: workspace / d for d in spec.deps}
-    results = evaluate_samples(params, workspace, pl.read_parquet(workspace / TRAINING_INPUTS["samples"]),
-                               pl.read_parquet(workspace / TRAINING_INPUTS["triples"]), "test", log)
-    report = ("# Recommendation on the ReDial test split\n\n"
-              "Every ground-truth movie mention of a scored turn is one sample (the first turn has no context and is "
-              "not scored); ranking over all 6,924 ReDial movies; nothing excluded. all_turns scores seeker and "
-              "recommender turns (the C2-CRS code and Table 1), recommender_turns only the recommender's (CRSLab's "
-              "KGSF and most later papers). 95 % intervals: bootstrap over test conversations.\n\n"
-              + evaluate.markdown_table(results, evaluate.PAPER_REC))
+    samples = pl.read_parquet(workspace / TRAINING_INPUTS["samples"])
+    results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / TRAINING_INPUTS["triples"]),
+                               "test", log)
+    report = evaluate.recommendation_report(results, _setting(params, samples))
     write_outputs({workspace / spec.metrics[0]: results, workspace / spec.reports[0]: report})
     return StageOutcome(inputs, results)
 

@@ -6,10 +6,10 @@ schema: an unknown key, a wrong type or an out-of-range value fails with the key
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DATA_DIR_ENV = "C2CRS_DATA_DIR"
 
@@ -225,6 +225,8 @@ class RecConfig(TrainConfig):
     pretraining_weight: float = Field(default=0.0, ge=0)
     coarse_weight: float = Field(default=0.2, ge=0)
     max_triples_per_sample: int = Field(default=8, ge=1)
+    # multi-task: the pre-training losses of a step use at most this many of its samples (null: all of them)
+    pretraining_samples_per_step: int | None = Field(default=128, ge=2)
 
 
 class TextCNNConfig(TrainConfig):
@@ -235,6 +237,13 @@ class TextCNNConfig(TrainConfig):
 
 class BaselinesConfig(Section):
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
+
+
+class AblationsConfig(Section):
+    """The paper's Table 4: variant name -> params overrides, as dotted keys (the keys `dvc exp run -S` takes)."""
+
+    workers: int = Field(default=1, ge=1)  # variants trained at once, each in its own process, sharing the cores
+    variants: dict[str, dict[str, Any]] = {}
 
 
 class EvaluateConfig(Section):
@@ -256,8 +265,59 @@ class Params(Section):
     pretrain_fine: FineConfig = FineConfig()
     finetune_rec: RecConfig = RecConfig(epochs=10, batch_size=256, patience=3)
     baselines: BaselinesConfig = BaselinesConfig()
+    ablations: AblationsConfig = AblationsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
+    @field_validator("ablations")
+    @classmethod
+    def _ablations_apply(cls, ablations: AblationsConfig, info: ValidationInfo) -> AblationsConfig:
+        """Each variant must name valid keys of the recommendation path and give values the schema accepts."""
+        for name, overrides in ablations.variants.items():
+            if not name.isidentifier():
+                raise ValueError(f"ablations.variants.{name}: a variant name must be an identifier "
+                                 "(letters, digits, _)")
+            apply_overrides(info.data, name, overrides)
+        return ablations
+
+    def variant(self, name: str) -> "Params":
+        """These params with ablation `name`'s overrides applied (and no ablations of their own)."""
+        variants = self.ablations.variants
+        if name not in variants:
+            raise ConfigError(f"params.yaml: ablations.variants has no {name!r}; it has {sorted(variants)}")
+        return Params.model_validate(apply_overrides(dict(self), name, variants[name]))
+
+
+# What an ablation may change: the sections the recommendation path (pretrain_coarse, pretrain_fine, finetune_rec)
+# reads. The data stages are shared by every variant.
+ABLATION_SECTIONS = ("seed", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec")
+
+
+def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any]) -> dict:
+    """The params as plain data with `overrides` ({"pretrain_fine.epochs": 0, ...}) applied and validated.
+
+    sections maps section name -> validated section (or plain value); the result has no ablations. Errors name
+    the variant and the key.
+    """
+    raw = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items() if k != "ablations"}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        where = f"ablations.variants.{variant}.{key}"
+        if parts[0] not in ABLATION_SECTIONS:
+            raise ValueError(f"{where}: an ablation may change only {', '.join(ABLATION_SECTIONS)}")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"{where}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"{where}: unknown key; allowed here: {', '.join(node)}")
+        node[parts[-1]] = value
+    try:
+        Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"ablations.variants.{variant}: {problems}") from None
+    return raw
 
 def resolve_device(device: str) -> str:
     """auto picks CUDA when torch sees a GPU; an explicit cuda without one is an error, not a silent fallback.
@@ -299,6 +359,8 @@ def format_validation_error(path: Path, exc: ValidationError) -> str:
             lines.append(f"  {key}: unknown key; allowed here: {allowed}")
         elif error["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif error["type"] == "value_error" and error["msg"].removeprefix("Value error, ").startswith(f"{key}."):
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")  # names its own, deeper key
         else:
             lines.append(f"  {key}: {error['msg']} (got {error['input']!r})")
     return "\n".join(lines)

@@ -186,6 +186,8 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
         loss = model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
         if cfg.pretraining_weight:  # the "multi-task" ablation: every objective at once, no pre-training
             samples = np.unique(sample_rows[picked])
+            if cfg.pretraining_samples_per_step and len(samples) > cfg.pretraining_samples_per_step:
+                samples = np.sort(rng.choice(samples, cfg.pretraining_samples_per_step, replace=False))
             pretraining = model.pretraining_loss(
                 fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng),
                 coarse_losses(model, run, run.train, samples), cfg.coarse_weight)

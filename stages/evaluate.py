@@ -22,23 +22,29 @@ PROTOCOLS: dict[str, Callable[[pl.DataFrame], np.ndarray]] = {
     "recommender_turns": lambda rows: (rows["role"] == "recommender").to_numpy(),
 }
 
-# The paper's numbers (Table 1 and the Table 4 ablations). They come from training on the FULL ReDial train split
-# and scoring all turns (seeker turns included), so they belong next to `all_turns`; this workplace's mirror holds
-# only about a quarter of the train split, so a gap is expected.
-PAPER_REC = {
-    "protocol": "all_turns",
-    "note": "Zhou et al., WSDM 2022 (Tables 1 and 4): full ReDial train split, all turns scored",
-    "rows": {
-        "C2-CRS": {"recall@1": 0.053, "recall@10": 0.233, "recall@50": 0.407},
-        "C2-CRS w/o Coarse-Fine": {"recall@1": 0.031, "recall@10": 0.150, "recall@50": 0.336},
-        "C2-CRS w/o Coarse": {"recall@1": 0.049, "recall@10": 0.220, "recall@50": 0.394},
-        "C2-CRS w/o Fine": {"recall@1": 0.048, "recall@10": 0.221, "recall@50": 0.400},
-        "C2-CRS Multi-task": {"recall@1": 0.052, "recall@10": 0.221, "recall@50": 0.404},
-        "C2-CRS w/o CH": {"recall@1": 0.048, "recall@10": 0.223, "recall@50": 0.403},
-        "C2-CRS w/o SD": {"recall@1": 0.051, "recall@10": 0.226, "recall@50": 0.403},
-        "C2-CRS w/o UD": {"recall@1": 0.051, "recall@10": 0.222, "recall@50": 0.395},
-    },
+# The paper's numbers (Tables 1 and 4, ReDial), keyed by our model names in metrics/rec.json. They come from
+# training on the FULL ReDial train split and scoring all turns (seeker turns included), so they belong next to
+# `all_turns`; this workplace's mirror holds only about a quarter of the train split, so a gap is expected.
+PAPER_PROTOCOL = "all_turns"
+PAPER_NOTE = "Zhou et al., WSDM 2022, Tables 1 and 4: full ReDial train split, reference sizes and epochs, all turns"
+PAPER_TABLE1 = {
+    "popularity": ("Popularity", {"recall@1": 0.011, "recall@10": 0.054, "recall@50": 0.183}),
+    "textcnn": ("TextCNN", {"recall@1": 0.013, "recall@10": 0.068, "recall@50": 0.191}),
+    "kbrd": ("KBRD", {"recall@1": 0.031, "recall@10": 0.150, "recall@50": 0.336}),
+    "c2crs": ("C2-CRS", {"recall@1": 0.053, "recall@10": 0.233, "recall@50": 0.407}),
 }
+ABLATION_PREFIX = "c2crs_"  # the model name of ablation variant v is c2crs_v
+PAPER_TABLE4 = {
+    "c2crs": ("C2-CRS", PAPER_TABLE1["c2crs"][1]),
+    "kbrd": ("w/o Coarse-Fine", PAPER_TABLE1["kbrd"][1]),  # the paper's KBRD row and this one are the same numbers
+    "c2crs_wo_coarse": ("w/o Coarse", {"recall@1": 0.049, "recall@10": 0.220, "recall@50": 0.394}),
+    "c2crs_wo_fine": ("w/o Fine", {"recall@1": 0.048, "recall@10": 0.221, "recall@50": 0.400}),
+    "c2crs_multitask": ("Multi-task", {"recall@1": 0.052, "recall@10": 0.221, "recall@50": 0.404}),
+    "c2crs_wo_ch": ("w/o CH", {"recall@1": 0.048, "recall@10": 0.223, "recall@50": 0.403}),
+    "c2crs_wo_sd": ("w/o SD", {"recall@1": 0.051, "recall@10": 0.226, "recall@50": 0.403}),
+    "c2crs_wo_ud": ("w/o UD", {"recall@1": 0.051, "recall@10": 0.222, "recall@50": 0.395}),
+}
+BASELINES = ("popularity", "textcnn", "kbrd")
 
 
 class EvaluationError(ValueError):
@@ -145,30 +151,55 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict:
     return {**{m: float(v) for m, v in zip(METRICS, means)}, "n": int(ranks.size)}
 
 
-def bootstrap_ci(rows: pl.DataFrame, ranks: np.ndarray | None = None, *, n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile interval of each metric, resampling conversations with replacement (cluster bootstrap).
+def _bootstrap_stats(rows: pl.DataFrame, values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """Each metric's mean over `n_resamples` resamples of conversations: [n_resamples, n_metrics].
 
     Rows of one conversation are correlated (the same movies recur turn after turn), so conversations, not rows,
     are the unit. A resample is a multinomial count per conversation; its metric is sum(count * conv_sum) /
-    sum(count * conv_rows), so the whole bootstrap is two matrix products. `ranks` defaults to rows["rank"].
+    sum(count * conv_rows), so the whole bootstrap is two matrix products. The same seed draws the same
+    resamples, which makes two models' statistics paired.
     """
+    _, conv = np.unique(rows["conv_id"].to_numpy(), return_inverse=True)
+    n_conv = int(conv.max()) + 1
+    sums = np.zeros((n_conv, values.shape[1]))
+    np.add.at(sums, conv, values)
+    counts = np.bincount(conv, minlength=n_conv).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_conv, np.full(n_conv, 1.0 / n_conv), size=n_resamples).astype(np.float64)
+    return (weights @ sums) / (weights @ counts)[:, None]
+
+
+def _percentiles(stats: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    tail = (1.0 - level) / 2.0 * 100.0
+    return np.percentile(stats, [tail, 100.0 - tail], axis=0)
+
+
+def bootstrap_ci(rows: pl.DataFrame, ranks: np.ndarray | None = None, *, n_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile interval of each metric, resampling conversations with replacement (cluster bootstrap).
+    `ranks` defaults to rows["rank"]."""
     ranks = rows["rank"].to_numpy() if ranks is None else np.asarray(ranks)
     if len(ranks) != rows.height:
         raise EvaluationError(f"{len(ranks)} ranks for {rows.height} rows")
     if len(ranks) == 0:
         return {m: [None, None] for m in METRICS}
-    _, conv = np.unique(rows["conv_id"].to_numpy(), return_inverse=True)
-    n_conv = int(conv.max()) + 1
-    sums = np.zeros((n_conv, len(METRICS)))
-    np.add.at(sums, conv, metric_values(ranks))
-    counts = np.bincount(conv, minlength=n_conv).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_conv, np.full(n_conv, 1.0 / n_conv), size=n_resamples).astype(np.float64)
-    stats = (weights @ sums) / (weights @ counts)[:, None]
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(stats, [tail, 100.0 - tail], axis=0)
+    low, high = _percentiles(_bootstrap_stats(rows, metric_values(ranks), n_resamples, seed), level)
     return {m: [float(lo), float(hi)] for m, lo, hi in zip(METRICS, low, high)}
+
+
+def paired_difference(rows: pl.DataFrame, ranks_a: np.ndarray, ranks_b: np.ndarray, *, n_resamples: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """Model a minus model b on the same rows: the difference of each metric and its paired cluster-bootstrap
+    interval (both models scored on the same resampled conversations). An interval above 0 means a beats b."""
+    ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
+    if not len(ranks_a) == len(ranks_b) == rows.height:
+        raise EvaluationError(f"{len(ranks_a)} and {len(ranks_b)} ranks for {rows.height} rows")
+    if rows.height == 0:
+        return {m: {"difference": None, "ci95": [None, None]} for m in METRICS}
+    values = metric_values(ranks_a) - metric_values(ranks_b)
+    low, high = _percentiles(_bootstrap_stats(rows, values, n_resamples, seed), level)
+    return {m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
+            for m, d, lo, hi in zip(METRICS, values.mean(axis=0), low, high)}
 
 
 def repeat_share(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, float | None]:
@@ -185,8 +216,13 @@ def repeat_share(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, float | Non
     return shares
 
 
-def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> dict:
-    """{protocol: metrics + n + ci95 + repeat_share} for one model; the caller writes {model: this} to rec.json."""
+def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                   compare_with: dict[str, np.ndarray] | None = None) -> dict:
+    """{protocol: metrics + n + ci95 + repeat_share} for one model; the caller writes {model: this} to rec.json.
+
+    compare_with {name: ranks of another model on the same rows} adds margin_over[name]: this model minus that one,
+    with a paired bootstrap interval.
+    """
     ranks = np.asarray(ranks)
     if len(ranks) != rows.height:
         raise EvaluationError(f"{len(ranks)} ranks for {rows.height} rows")
@@ -199,6 +235,11 @@ def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 100
             "ci95": bootstrap_ci(kept_rows, kept_ranks, n_resamples=n_resamples, seed=seed, level=0.95),
             "repeat_share": repeat_share(kept_rows, kept_ranks),
         }
+        if compare_with:
+            results[protocol]["margin_over"] = {
+                name: paired_difference(kept_rows, kept_ranks, np.asarray(other)[keep], n_resamples=n_resamples,
+                                        seed=seed)
+                for name, other in compare_with.items()}
     return results
 
 
@@ -218,10 +259,10 @@ def _cell(metrics: dict, key: str) -> str:
     return f"{value:.3f}"
 
 
-def markdown_table(results: dict[str, dict[str, dict]], paper: dict | None = None) -> str:
-    """One markdown table per protocol, models as rows, 'value [95% CI]' cells; paper rows under its protocol."""
-    protocols = list(dict.fromkeys([p for by_protocol in results.values() for p in by_protocol]
-                                   + ([paper["protocol"]] if paper else [])))
+def markdown_table(results: dict[str, dict[str, dict]], paper: dict[str, tuple[str, dict]] | None = None) -> str:
+    """One markdown table per protocol, models as rows, 'value [95% CI]' cells; the paper's rows (PAPER_TABLE1 or
+    PAPER_TABLE4: our model name -> (paper label, numbers)) under the protocol the paper used."""
+    protocols = list(dict.fromkeys(p for by_protocol in results.values() for p in by_protocol))
     header = "| model | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " | n |"
     rule = "|---|" + "---|" * (len(TABLE_COLUMNS) + 1)
     parts = []
@@ -232,10 +273,80 @@ def markdown_table(results: dict[str, dict[str, dict]], paper: dict | None = Non
                 metrics = by_protocol[protocol]
                 cells = [_cell(metrics, key) for _, key in TABLE_COLUMNS]
                 lines.append(f"| {model} | " + " | ".join(cells) + f" | {metrics.get('n', '–')} |")
-        if paper and paper["protocol"] == protocol:
-            for model, metrics in paper["rows"].items():
-                cells = [_cell(metrics, key) for _, key in TABLE_COLUMNS]
-                lines.append(f"| paper: {model} | " + " | ".join(cells) + " | – |")
-            lines += ["", f"Paper rows: {paper['note']}."]
+        if paper and protocol == PAPER_PROTOCOL:
+            for model, (label, metrics) in paper.items():
+                if model in results:
+                    cells = [_cell(metrics, key) for _, key in TABLE_COLUMNS]
+                    lines.append(f"| paper: {label} | " + " | ".join(cells) + " | – |")
+            lines += ["", f"Paper rows: {PAPER_NOTE}."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _signed(difference: dict) -> str:
+    lo, hi = difference["ci95"]
+    if difference["difference"] is None:
+        return "–"
+    verdict = "better" if lo > 0 else "worse" if hi < 0 else "tie"
+    return f"{difference['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+
+
+def margins_table(results: dict, model: str = "c2crs", others: tuple[str, ...] = BASELINES) -> str:
+    """`model` minus each of `others`, per protocol: R@10, R@50 and NDCG@10 differences with paired 95 % intervals;
+    'better' / 'worse' when the interval excludes 0, else 'tie'."""
+    lines = ["| protocol | C2-CRS minus | R@10 | R@50 | NDCG@10 |", "|---|---|---|---|---|"]
+    for protocol, metrics in results.get(model, {}).items():
+        for other, difference in metrics.get("margin_over", {}).items():
+            if other in others:
+                lines.append(f"| {protocol} | {other} | " + " | ".join(
+                    _signed(difference[m]) for m in ("recall@10", "recall@50", "ndcg@10")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(results: dict) -> str:
+    """The paper's Table 4: each variant's R@1/10/50 under the paper's protocol with the paper's numbers beside
+    them, and our recommender_turns numbers. Variants the paper does not have get no paper cells."""
+    keys = ("recall@1", "recall@10", "recall@50")
+    lines = ["| variant | model | R@1 | R@10 | R@50 | paper R@1 | paper R@10 | paper R@50 | C2-CRS minus this, R@50 | "
+             "recommender turns R@10 | recommender turns R@50 |", "|---|---|" + "---|" * 9]
+    margins = results.get("c2crs", {}).get(PAPER_PROTOCOL, {}).get("margin_over", {})
+    names = [m for m in PAPER_TABLE4 if m in results] + [
+        m for m in results if m.startswith(ABLATION_PREFIX) and m not in PAPER_TABLE4]
+    for model in names:
+        label, paper = PAPER_TABLE4.get(model, (model.removeprefix(ABLATION_PREFIX), {}))
+        ours, other = results[model].get(PAPER_PROTOCOL, {}), results[model].get("recommender_turns", {})
+        margin = _signed(margins[model]["recall@50"]) if model in margins else "–"
+        cells = ([_cell(ours, k) for k in keys] + [_cell(paper, k) for k in keys] + [margin]
+                 + [_cell(other, k) for k in ("recall@10", "recall@50")])
+        lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recommendation_report(results: dict, setting: str) -> str:
+    """reports/rec.md: the protocol, the setting next to the paper's, Table 1 with margins, Table 4."""
+    main = {m: results[m] for m in (*BASELINES, "c2crs") if m in results}
+    return "\n".join([
+        "# Recommendation on the ReDial test split",
+        "",
+        "Protocol: every ground-truth movie mention of a scored turn is one sample (the first turn has no context and "
+        "is not scored); ranking over all 6,924 ReDial movies; nothing excluded. all_turns scores seeker and "
+        "recommender turns (the C2-CRS code and Table 1), recommender_turns only the recommender's (CRSLab's KGSF "
+        "and most later papers). 95 % intervals: bootstrap over test conversations.",
+        "",
+        f"Setting: {setting}",
+        "",
+        "## C2-CRS and the baselines (the paper's Table 1)",
+        "",
+        markdown_table(main, PAPER_TABLE1),
+        "## Margins of C2-CRS",
+        "",
+        "C2-CRS minus each model on the same samples; 95 % paired bootstrap intervals over test conversations.",
+        "",
+        margins_table(results),
+        "## Ablations (the paper's Table 4)",
+        "",
+        f"Ours under {PAPER_PROTOCOL} with 95 % intervals, the paper's numbers beside them ({PAPER_NOTE}), "
+        "and ours under recommender_turns. w/o Coarse-Fine is the KBRD-style baseline.",
+        "",
+        ablation_table(results),
+    ])

@@ -102,3 +102,26 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_an_ablation_variant_is_the_params_with_its_overrides(tmp_path):
+    params = load_params(write(tmp_path, lambda p: p["ablations"].update(variants={
+        "wo_ch": {"model.views": ["graph", "review"]}, "wo_fine": {"pretrain_fine.epochs": 0}})))
+    variant = params.variant("wo_ch")
+    assert variant.model.views == ["graph", "review"] and variant.ablations.variants == {}
+    assert variant.pretrain_fine == params.pretrain_fine and params.model.views == ["conversation", "graph", "review"]
+    assert params.variant("wo_fine").pretrain_fine.epochs == 0
+    with pytest.raises(ConfigError, match="ablations.variants has no 'wo_ud'"):
+        params.variant("wo_ud")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.view": ["graph"]}, "ablations.variants.bad.model.view: unknown key; allowed here: token_dim"),
+    ({"triples.context_max_tokens": 64}, "ablations.variants.bad.triples.context_max_tokens: an ablation may change only"),
+    ({"pretrain_fine.epochs": -1}, "ablations.variants.bad: pretrain_fine.epochs: Input should be greater than or equal to 0"),
+    ({"model.views.graph": 1}, "ablations.variants.bad.model.views.graph: model.views is not a section"),
+])
+def test_a_bad_ablation_override_names_the_variant_and_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_params(write(tmp_path, lambda p: p["ablations"].update(variants={"bad": overrides})))
+    assert message in str(error.value)

@@ -148,11 +148,43 @@ def test_markdown_table_lists_models_and_paper_rows():
     rows = evaluate.expand_mentions(SAMPLES)
     results = {"popularity": evaluate.evaluate_model(rows, np.array([1, 2, 40, 5]), n_resamples=20),
                "c2crs": evaluate.evaluate_model(rows, np.array([3, 1, 4, 1]), n_resamples=20)}
-    table = evaluate.markdown_table(results, evaluate.PAPER_REC)
+    table = evaluate.markdown_table(results, evaluate.PAPER_TABLE1)
     assert "### all_turns" in table and "### recommender_turns" in table
     assert "| popularity |" in table and "| c2crs |" in table
     assert "| paper: C2-CRS | 0.053 | 0.233 | 0.407 | – | – | – |" in table
-    assert "paper: C2-CRS w/o Coarse-Fine" in table
+    assert "paper: KBRD" not in table  # only the paper's rows of models in the results
     assert table.index("paper: C2-CRS") < table.index("### recommender_turns")  # paper scored all turns
     assert "[" in table.split("| popularity |")[1].splitlines()[0]  # cells carry the interval
     assert "paper" not in evaluate.markdown_table(results)
+
+
+def test_paired_difference_by_hand():
+    rows = evaluate.expand_mentions(SAMPLES)  # conversation 1: rows 0-2, conversation 2: row 3
+    a, b = np.array([1, 20, 60, 5]), np.array([30, 20, 11, 70])
+    got = evaluate.paired_difference(rows, a, b, n_resamples=200, seed=0)
+    # recall@10: a hits rows 0 and 3, b none -> +2/4; recall@50: a 0,1,3 vs b 0,1,2 -> 0
+    assert got["recall@10"]["difference"] == pytest.approx(0.5)
+    assert got["recall@50"]["difference"] == pytest.approx(0.0)
+    low, high = got["recall@10"]["ci95"]
+    assert 0 < low <= 0.5 <= high <= 1  # every resample favours a on recall@10
+    same = evaluate.paired_difference(rows, a, a, n_resamples=50)
+    assert all(d["difference"] == 0 and d["ci95"] == [0.0, 0.0] for d in same.values())
+    with pytest.raises(evaluate.EvaluationError):
+        evaluate.paired_difference(rows, a, b[:3])
+
+
+def test_the_report_has_table_1_margins_and_table_4():
+    rows = evaluate.expand_mentions(SAMPLES)
+    ranks = {"kbrd": np.array([30, 20, 11, 70]), "c2crs_wo_fine": np.array([2, 20, 60, 5]),
+             "c2crs_mine": np.array([2, 2, 2, 2])}
+    results = {name: evaluate.evaluate_model(rows, r, n_resamples=50) for name, r in ranks.items()}
+    results["c2crs"] = evaluate.evaluate_model(rows, np.array([1, 20, 60, 5]), n_resamples=50, compare_with=ranks)
+    report = evaluate.recommendation_report(results, "a tiny hand-made setting.")
+    assert "Setting: a tiny hand-made setting." in report
+    margins = report.split("## Margins")[1].split("## Ablations")[0]
+    assert "| all_turns | kbrd | +0.500" in margins and "c2crs_wo_fine" not in margins
+    table4 = report.split("## Ablations")[1]
+    assert "| w/o Coarse-Fine | kbrd |" in table4 and "| w/o Fine | c2crs_wo_fine |" in table4
+    assert "| 0.048 | 0.221 | 0.400 |" in table4.split("| w/o Fine |")[1].splitlines()[0]  # the paper's row
+    assert "| mine | c2crs_mine |" in table4  # a variant the paper does not have: no paper cells
+    assert table4.index("w/o Coarse-Fine") < table4.index("w/o Fine") < table4.index("| mine |")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.bodies import STAGE_BODIES
+from pipeline.bodies import STAGE_BODIES, StageLog
 from pipeline.config import load_params
 from pipeline.registry import stage_names
 from stages.training import epoch_generator, seed_everything, train
@@ -69,14 +69,30 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     for stage in stage_names():
         STAGE_BODIES[stage](params, workspace)
     results = json.loads((workspace / "metrics/rec.json").read_text())
-    assert set(results) == {"popularity", "textcnn", "kbrd", "c2crs"}
+    variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
+    assert set(params.ablations.variants) == variants
+    assert set(results) == {"popularity", "textcnn", "kbrd", "c2crs"} | {f"c2crs_{v}" for v in variants}
     for protocols in results.values():
         assert set(protocols) == {"all_turns", "recommender_turns"}
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
     assert results["c2crs"]["all_turns"]["n"] == results["popularity"]["all_turns"]["n"] > 0
-    assert "paper: C2-CRS" in (workspace / "reports/rec.md").read_text()
+    assert set(results["c2crs"]["all_turns"]["margin_over"]) == set(results) - {"c2crs"}
+    report = (workspace / "reports/rec.md").read_text()
+    assert "paper: C2-CRS" in report and "| w/o SD | c2crs_wo_sd |" in report
     finetune = json.loads((workspace / "metrics/finetune_rec.json").read_text())
     assert finetune["epochs_run"] == 2
+
+    # Every variant trained its whole path with its overrides; w/o Fine's coarse step is the main run's.
+    ablations = json.loads((workspace / "metrics/ablations.json").read_text())
+    assert list(ablations) == list(params.ablations.variants)
+    for variant, outcome in ablations.items():
+        assert np.isfinite(outcome["finetune_rec"]["train_loss"]), variant
+    assert ablations["wo_coarse"]["pretrain_coarse"]["epochs_run"] == 0
+    assert ablations["multitask"]["pretrain_fine"]["epochs_run"] == 0
+    main_coarse = torch.load(workspace / "data/models/pretrain_coarse.pt", weights_only=False)["state_dict"]
+    reused = torch.load(workspace / "data/models/ablations/wo_fine/pretrain_coarse.pt",
+                        weights_only=False)["state_dict"]
+    assert all(torch.equal(main_coarse[k], reused[k]) for k in main_coarse)
 
     # The same models on a file a user brings: the fixture's test conversations give the same numbers.
     from pipeline.bodies import score_file
@@ -89,20 +105,28 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
                 assert scored["results"][model][protocol][metric] == results[model][protocol][metric]
 
 
-@pytest.mark.parametrize("ablation", [
-    {"model": {"views": ["graph", "review"]}},  # w/o CH
-    {"model": {"views": ["conversation", "graph"]}},  # w/o UD
-    {"model": {"kg_edges": False}},  # w/o SD
-    {"pretrain_coarse": {"epochs": 0}, "pretrain_fine": {"epochs": 0},
-     "finetune_rec": {"pretraining_weight": 1.0}},  # multi-task
-])
-def test_each_ablation_trains(params_file, ablation):
+def test_ablations_in_the_stage_process_record_each_variant(params_file):
+    """workers: 1 trains the variants one after another in the stage's own process, reporting epochs as they end."""
     raw = yaml.safe_load(params_file.read_text())
-    for section, values in ablation.items():
-        raw[section].update(values)
+    raw["ablations"] = {"workers": 1, "variants": {"wo_sd": {"model.kg_edges": False},
+                                                   "short": {"finetune_rec.epochs": 1}}}
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
     workspace = params_file.parent
-    for stage in ("ingest", "reviews", "kg", "triples", "pretrain_coarse", "pretrain_fine", "finetune_rec"):
-        metrics = STAGE_BODIES[stage](params, workspace).metrics
-    assert np.isfinite(metrics["train_loss"])
+    for stage in ("ingest", "reviews", "kg", "triples"):
+        STAGE_BODIES[stage](params, workspace)
+
+    class Epochs(StageLog):
+        def __init__(self):
+            self.names = set()
+
+        def epoch(self, epoch, metrics):
+            self.names |= set(metrics)
+
+    log = Epochs()
+    outcome = STAGE_BODIES["ablations"](params, workspace, log)
+    assert list(outcome.metrics) == ["short", "wo_sd"]  # yaml.safe_dump sorts the keys
+    assert outcome.metrics["short"]["finetune_rec"]["epochs_run"] == 1
+    assert outcome.metrics["wo_sd"]["overrides"] == {"model.kg_edges": False}
+    assert {"wo_sd.pretrain_coarse.train_loss", "short.finetune_rec.valid_recall@50"} <= log.names
+    assert (workspace / "data/models/ablations/short/finetune_rec.pt").is_file()
