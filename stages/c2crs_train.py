@@ -197,7 +197,11 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
         order = rng.permutation(len(sample_rows))
-        batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        if cfg.pretraining_weight:  # the step encodes contexts too: batch similar lengths, as pre-training does
+            lengths = run.train.context_lengths[sample_rows[order]]
+            batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
+        else:
+            batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
         return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip)
 
     def validate() -> dict:
