@@ -172,21 +172,19 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
                                                     c2crs_train.fine_batch, c2crs_train.pad)
     pad_id = run.pad_id
 
-    def context_batch_(*args, **kwargs):
-        batch = context_batch(*args, **kwargs)
-        if reference:
-            ids = batch["context_ids"]
-            batch["context_ids"] = F.pad(ids, (0, REFERENCE_CONTEXT_TOKENS - ids.shape[1]), value=pad_id)
-        widths["context"].append(batch["context_ids"].shape[1])
-        return batch
+    def padded(builder, key: str, reference_width: int, width_name: str):
+        """builder's batch with the token axis (last) of batch[key] padded to the reference width (reference
+        only); the width is recorded either way."""
+        def build(*args, **kwargs):
+            batch = builder(*args, **kwargs)
+            if reference:
+                batch[key] = F.pad(batch[key], (0, reference_width - batch[key].shape[-1]), value=pad_id)
+            widths[width_name].append(batch[key].shape[-1])
+            return batch
+        return build
 
-    def review_batch_(*args, **kwargs):
-        batch = review_batch(*args, **kwargs)
-        if reference:
-            ids = batch["sentence_ids"]
-            batch["sentence_ids"] = F.pad(ids, (0, REFERENCE_SENTENCE_TOKENS - ids.shape[2]), value=pad_id)
-        widths["sentence"].append(batch["sentence_ids"].shape[2])
-        return batch
+    context_batch_ = padded(context_batch, "context_ids", REFERENCE_CONTEXT_TOKENS, "context")
+    review_batch_ = padded(review_batch, "sentence_ids", REFERENCE_SENTENCE_TOKENS, "sentence")
 
     def pad_(rows, value, min_length=1):  # stages.c2crs_train uses pad for the fine step's review sentences only
         out = pad(rows, value, max(min_length, REFERENCE_SENTENCE_TOKENS) if reference else min_length)

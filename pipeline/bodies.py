@@ -360,16 +360,17 @@ def _training_outcome(state) -> dict:
 
 
 # The recommendation path: (stage, the stage whose model it starts from, its training function).
-REC_PATH = (("pretrain_coarse", None, c2crs_train.pretrain_coarse),
-            ("pretrain_fine", "pretrain_coarse", c2crs_train.pretrain_fine),
-            ("finetune_rec", "pretrain_fine", c2crs_train.finetune_recommender))
+REC_PATH = {"pretrain_coarse": (None, c2crs_train.pretrain_coarse),
+            "pretrain_fine": ("pretrain_coarse", c2crs_train.pretrain_fine),
+            "finetune_rec": ("pretrain_fine", c2crs_train.finetune_recommender)}
 
 
 def _train_c2crs(stage: str, params: Params, workspace: Path, log: StageLog, start_from: Path | None,
-                 out: Path) -> tuple[C2CRS, dict, dict[str, Path]]:
+                 out: Path, loaded=None) -> tuple[C2CRS, dict, dict[str, Path]]:
     """One step of the recommendation path: train from `start_from` (None: fresh weights), keep the best epoch,
     save it to `out`. Returns the model, the training outcome and the inputs read."""
-    run, model_config, inputs = _training_run(params, workspace)
+    run, model_config, inputs = loaded or _training_run(params, workspace)  # loaded: _training_run's, reused
+    inputs = dict(inputs)
     c2crs_training.seed_everything(params.seed)
     if start_from is not None:
         inputs["start_from"] = start_from
@@ -377,7 +378,7 @@ def _train_c2crs(stage: str, params: Params, workspace: Path, log: StageLog, sta
     else:
         model = C2CRS(model_config)
     model.to(run.device)
-    train_fn = next(fn for name, _, fn in REC_PATH if name == stage)
+    _, train_fn = REC_PATH[stage]
     checkpoints = _checkpoint_dir(workspace, stage, params, inputs)
     state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
     if (checkpoints / "best.pt").is_file():
@@ -388,7 +389,7 @@ def _train_c2crs(stage: str, params: Params, workspace: Path, log: StageLog, sta
 
 def _rec_path_stage(stage: str, params: Params, workspace: Path, log: StageLog) -> StageOutcome:
     spec = STAGES[stage]
-    previous = next(before for name, before, _ in REC_PATH if name == stage)
+    previous, _ = REC_PATH[stage]
     start_from = workspace / STAGES[previous].outs[0] if previous else None
     model, metrics, inputs = _train_c2crs(stage, params, workspace, log, start_from, workspace / spec.outs[0])
     write_outputs({workspace / spec.metrics[0]: metrics})
@@ -430,10 +431,11 @@ def _train_variant(params: Params, workspace: Path, variant: str, log: StageLog)
     """One ablation variant's whole recommendation path; returns its outcome per stage and the inputs it read."""
     variant_params = params.variant(variant)
     start_from, outcome, inputs = None, {"overrides": params.ablations.variants[variant]}, {}
-    for stage, _, _ in REC_PATH:
+    loaded = _training_run(variant_params, workspace)  # read once for the variant's three steps
+    for stage in REC_PATH:
         out = ablation_model_path(workspace, variant, stage)
         _, outcome[stage], read = _train_c2crs(stage, variant_params, workspace,
-                                               _PrefixedLog(log, f"{variant}.{stage}"), start_from, out)
+                                               _PrefixedLog(log, f"{variant}.{stage}"), start_from, out, loaded)
         inputs.update({name: path for name, path in read.items() if name != "start_from"})
         start_from = out
     return outcome, inputs
