@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from models.baselines import TextCNNRecommender, popularity_scores
 from models.c2crs import C2CRS, C2CRSConfig
+from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
 from pipeline.config import ConfigError, DataConfig, LinkingConfig, Params, resolve_device
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import c2crs_data, c2crs_train, evaluate, fetch, ingest, kg, linking, reviews, triples
+from stages import c2crs_data, c2crs_train, conv_train, evaluate, fetch, ingest, kg, linking, reviews, triples
 from stages import training as c2crs_training
 
 logger = logging.getLogger(__name__)
@@ -427,7 +428,7 @@ def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_re
     return workspace / STAGES["ablations"].outs[0] / variant / f"{stage}.pt"
 
 
-def _train_variant(params: Params, workspace: Path, variant: str, log: StageLog) -> tuple[dict, dict[str, Path]]:
+def _train_ablation(params: Params, workspace: Path, variant: str, log: StageLog) -> tuple[dict, dict[str, Path]]:
     """One ablation variant's whole recommendation path; returns its outcome per stage and the inputs it read."""
     variant_params = params.variant(variant)
     start_from, outcome, inputs = None, {"overrides": params.ablations.variants[variant]}, {}
@@ -451,43 +452,51 @@ class _RecordingLog(StageLog):
         self.epochs.append((epoch, metrics))
 
 
-def _train_variant_in_worker(params_json: str, workspace: str, variant: str, threads: int):
+def _train_variant_in_worker(kind: str, params_json: str, workspace: str, variant: str, threads: int):
     torch.set_num_threads(threads)
     log = _RecordingLog()
-    outcome, inputs = _train_variant(Params.model_validate_json(params_json), Path(workspace), variant, log)
+    outcome, inputs = VARIANT_TRAINERS[kind](Params.model_validate_json(params_json), Path(workspace), variant, log)
     return outcome, inputs, log.epochs
+
+
+def _train_variants(kind: str, params: Params, workspace: Path, log: StageLog) -> dict[str, tuple[dict, dict]]:
+    """Every variant of params.<kind> (ablations or conv_baselines): {variant: (outcome, inputs read)}.
+
+    With <kind>.workers > 1 the variants train in that many processes at once, each with an equal share of the
+    CPU threads: on a small CPU two single-threaded trainings get more done than one using both cores.
+    """
+    section = getattr(params, kind)
+    variants = list(section.variants)
+    workers = min(section.workers, len(variants))
+    done: dict[str, tuple[dict, dict[str, Path]]] = {}
+    if workers <= 1:
+        for variant in variants:
+            done[variant] = VARIANT_TRAINERS[kind](params, workspace, variant, log)
+        return done
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_variant_in_worker, kind, params.model_dump_json(), str(workspace), variant,
+                               threads): variant for variant in variants}
+        for future in as_completed(futures):
+            outcome, inputs, epochs = future.result()
+            for epoch, metrics in epochs:
+                log.epoch(epoch, metrics)
+            done[futures[future]] = outcome, inputs
+            logger.info("%s %s trained: %s", kind, futures[future], outcome)
+    return {variant: done[variant] for variant in variants}
 
 
 def ablations_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """The paper's Table 4: every variant in params.ablations.variants trains the whole recommendation path with its
     overrides. A step whose params and inputs equal the main run's (e.g. w/o Fine's coarse stage) resumes the main
     run's finished checkpoint instead of training again; a killed stage resumes each variant where it stopped.
-
-    With ablations.workers > 1 the variants train in that many processes at once, each with an equal share of the
-    CPU threads: on a small CPU two single-threaded trainings get more done than one using both cores.
     """
     spec = STAGES["ablations"]
-    variants = list(params.ablations.variants)
-    workers = min(params.ablations.workers, len(variants))
-    done: dict[str, tuple[dict, dict[str, Path]]] = {}
-    if workers <= 1:
-        for variant in variants:
-            done[variant] = _train_variant(params, workspace, variant, log)
-    else:
-        threads = max(1, torch.get_num_threads() // workers)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_variant_in_worker, params.model_dump_json(), str(workspace), variant,
-                                   threads): variant for variant in variants}
-            for future in as_completed(futures):
-                outcome, inputs, epochs = future.result()
-                for epoch, metrics in epochs:
-                    log.epoch(epoch, metrics)
-                done[futures[future]] = outcome, inputs
-                logger.info("ablation %s trained: %s", futures[future], outcome["finetune_rec"])
-    for variant in variants:
+    done = _train_variants("ablations", params, workspace, log)
+    for variant in done:
         log.model(f"ablation_{variant}", load_c2crs(ablation_model_path(workspace, variant)))
     (workspace / spec.outs[0]).mkdir(parents=True, exist_ok=True)
-    metrics = {variant: done[variant][0] for variant in variants}
+    metrics = {variant: outcome for variant, (outcome, _) in done.items()}
     write_outputs({workspace / spec.metrics[0]: metrics})
     return StageOutcome({name: path for _, inputs in done.values() for name, path in inputs.items()}, metrics)
 
@@ -544,6 +553,126 @@ def load_textcnn(path: Path) -> TextCNNRecommender:
     model = TextCNNRecommender(**saved["config"])
     model.load_state_dict(saved["state_dict"])
     return model
+
+
+# ---------------------------------------------------------------- response generation
+
+# Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
+# placeholder when its responses are shown: the one trained from the same representations.
+CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/kbrd_rec.pt", "none": None}
+CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "none": "textcnn"}
+
+
+@dataclass
+class ConvModelConfig:
+    """What builds a ConversationModel again: the encoders' and the generator's configs and the vocabulary facts."""
+
+    encoders: dict
+    generator: dict
+    movie_token_ids: list[int]
+    uncopyable_ids: list[int]
+    frozen: list[str]
+    pretrained: str
+
+
+def _conversation_model(config: ConvModelConfig, encoders: C2CRS | None = None) -> ConversationModel:
+    return ConversationModel(encoders or C2CRS(C2CRSConfig(**config.encoders)), ResponseGenerator(
+        GeneratorConfig(**config.generator)), config.movie_token_ids, config.uncopyable_ids, tuple(config.frozen))
+
+
+def load_conversation_model(path: Path) -> tuple[ConversationModel, ConvModelConfig]:
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    config = ConvModelConfig(**saved["config"])
+    model = _conversation_model(config)
+    model.load_state_dict(saved["state_dict"])
+    return model, config
+
+
+def conv_model_path(workspace: Path, variant: str | None = None) -> Path:
+    if variant is None:
+        return workspace / STAGES["finetune_conv"].outs[0]
+    return workspace / STAGES["conv_baselines"].outs[0] / f"{variant}.pt"
+
+
+def _conv_data(workspace: Path, run: c2crs_train.Run, inputs: dict[str, Path]):
+    """The output vocabulary and the train/valid responses."""
+    vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
+    samples = pl.read_parquet(inputs["samples"], columns=["sample_id", "split", "role", "response_token_ids"])
+    longest = int(samples["response_token_ids"].list.len().max() or 0)
+    return (vocabulary, conv_train.responses(samples, run.train, "train", vocabulary),
+            conv_train.responses(samples, run.valid, "valid", vocabulary), longest)
+
+
+def _train_conversation(params: Params, workspace: Path, log: StageLog, out: Path,
+                        loaded=None) -> tuple[ConversationModel, dict, dict[str, Path]]:
+    """Train one response generator with params.finetune_conv, keep its best epoch (valid perplexity), save it."""
+    cfg, m = params.finetune_conv, params.model
+    run, model_config, inputs = loaded or _training_run(params, workspace)
+    inputs = dict(inputs)
+    vocabulary, train_data, valid_data, longest = _conv_data(workspace, run, inputs)
+    c2crs_training.seed_everything(params.seed)
+    start = CONV_ENCODERS[cfg.pretrained]
+    if start is not None:
+        inputs["start_from"] = workspace / start
+    encoders = load_c2crs(workspace / start) if start else C2CRS(model_config)
+    dims = {"history": m.token_dim, "kg": m.kg_dim, "review": m.token_dim}
+    config = ConvModelConfig(
+        encoders=dataclasses.asdict(encoders.cfg),
+        generator=dataclasses.asdict(GeneratorConfig(
+            vocab_size=len(vocabulary.tokens), memory_dims={k: dims[k] for k in cfg.memories}, dim=m.token_dim,
+            n_layers=m.n_layers, n_heads=m.n_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
+            max_positions=longest + 1, copy=cfg.copy_mechanism)),
+        movie_token_ids=vocabulary.movie_token_ids, uncopyable_ids=vocabulary.uncopyable_ids,
+        frozen=list(cfg.freeze), pretrained=cfg.pretrained)
+    model = _conversation_model(config, encoders)
+    with torch.no_grad():  # the decoder's words start where the conversation encoder's are
+        table = encoders.conversation_encoder.tokens.weight
+        model.generator.tokens.weight[: table.size(0)] = table
+    model.to(run.device)
+    weights = (conv_train.loss_weights(train_data, vocabulary, cfg.weight_threshold, cfg.weight_floor)
+               if cfg.instance_weighting else None)
+    checkpoints = _checkpoint_dir(workspace, "finetune_conv", params, inputs)
+    state = conv_train.finetune_conversation(model, run, train_data, valid_data, weights, cfg, checkpoints,
+                                             on_epoch=log.epoch)
+    if (checkpoints / "best.pt").is_file():
+        c2crs_training.load_checkpoint(checkpoints / "best.pt", model)
+    _save_model(out, model, config)
+    outcome = {**_training_outcome(state), "train_responses": len(train_data), "valid_responses": len(valid_data)}
+    if weights is not None:
+        outcome["downweighted_tokens"] = int((weights < 1).sum())
+    return model, outcome, inputs
+
+
+def finetune_conv_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    spec = STAGES["finetune_conv"]
+    model, metrics, inputs = _train_conversation(params, workspace, log, workspace / spec.outs[0])
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    log.model("c2crs_conv", model)
+    return StageOutcome(inputs, metrics)
+
+
+def _train_conv_baseline(params: Params, workspace: Path, variant: str, log: StageLog) -> tuple[dict, dict]:
+    variant_params = params.variant(variant, kind="conv_baselines")
+    _, outcome, inputs = _train_conversation(variant_params, workspace, _PrefixedLog(log, variant),
+                                             conv_model_path(workspace, variant))
+    return {"overrides": params.conv_baselines.variants[variant], **outcome}, inputs
+
+
+def conv_baselines_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    """The paper's Table 2 rows, each a params.conv_baselines variant of finetune_conv. A variant equal to the main
+    model resumes finetune_conv's finished checkpoint; a killed stage resumes each variant where it stopped."""
+    spec = STAGES["conv_baselines"]
+    done = _train_variants("conv_baselines", params, workspace, log)
+    for variant in done:
+        log.model(f"conv_{variant}", load_conversation_model(conv_model_path(workspace, variant))[0])
+    (workspace / spec.outs[0]).mkdir(parents=True, exist_ok=True)
+    metrics = {variant: outcome for variant, (outcome, _) in done.items()}
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    return StageOutcome({name: path for _, inputs in done.values() for name, path in inputs.items()}, metrics)
+
+
+STAGE_BODIES.update({"finetune_conv": finetune_conv_stage, "conv_baselines": conv_baselines_stage})
+VARIANT_TRAINERS = {"ablations": _train_ablation, "conv_baselines": _train_conv_baseline}
 
 
 def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,

@@ -246,9 +246,53 @@ class AblationsConfig(Section):
     variants: dict[str, dict[str, Any]] = {}
 
 
+MEMORY = Literal["history", "kg", "review"]
+
+
+class FinetuneConvConfig(TrainConfig):
+    """Response generation (paper 4.3.2, models/generator.py); the conv_baselines variants override these keys."""
+
+    # Where the encoders start: c2crs = pretrain_fine's model, kbrd = the KBRD-style recommender's (its R-GCN is
+    # trained, its text encoders are not), none = fresh weights. The same choice picks the recommender that fills
+    # the movie placeholder at evaluation (c2crs, kbrd; none: TextCNN, which reads only the words).
+    pretrained: Literal["c2crs", "kbrd", "none"] = "c2crs"
+    memories: list[MEMORY] = Field(default=["history", "kg", "review"], min_length=1)  # Eq. 10's chain, in order
+    copy_mechanism: bool = True  # pointer-generator over the context's and the review sentences' tokens
+    instance_weighting: bool = True  # Eq. 11-12; false: plain cross-entropy
+    weight_threshold: float = Field(default=1500, gt=0)  # beta of Eq. 12 (a count in the train responses)
+    weight_floor: float = Field(default=0.02, gt=0, le=1)  # gamma of Eq. 12
+    freeze: list[MEMORY] = []  # encoders kept as pre-trained (no gradient): history, kg, review
+
+    @field_validator("memories")
+    @classmethod
+    def _chain_order(cls, memories: list[str]) -> list[str]:
+        order = ["history", "kg", "review"]
+        if memories != sorted(set(memories), key=order.index):
+            raise ValueError(f"list each memory once, in Eq. 10's order {order}")
+        return memories
+
+
+class ConvBaselinesConfig(Section):
+    """The paper's Table 2 rows trained by the same code: variant name -> overrides of finetune_conv keys."""
+
+    workers: int = Field(default=1, ge=1)  # variants trained at once, each in its own process, sharing the cores
+    variants: dict[str, dict[str, Any]] = {}
+
+
+class DecodingConfig(Section):
+    method: Literal["greedy", "beam"] = "greedy"
+    beam_size: int = Field(default=4, ge=1)
+    max_tokens: int = Field(default=30, ge=1)
+    block_ngram: int = Field(default=3, ge=0)  # never repeat an n-gram of this size within a response; 0: off
+    length_penalty: float = Field(default=0.0, ge=0)  # beam: score / length ** this
+    batch_size: int = Field(default=64, ge=1)
+
+
 class EvaluateConfig(Section):
     bootstrap_resamples: int = Field(default=1000, ge=10)
     batch_size: int = Field(default=512, ge=1)
+    decoding: DecodingConfig = DecodingConfig()
+    samples_for_reading: int = Field(default=50, ge=1)  # test contexts shown with every model's response
 
 
 class Params(Section):
@@ -266,6 +310,8 @@ class Params(Section):
     finetune_rec: RecConfig = RecConfig(epochs=10, batch_size=256, patience=3)
     baselines: BaselinesConfig = BaselinesConfig()
     ablations: AblationsConfig = AblationsConfig()
+    finetune_conv: FinetuneConvConfig = FinetuneConvConfig(epochs=6, batch_size=128, patience=2)
+    conv_baselines: ConvBaselinesConfig = ConvBaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("ablations")
@@ -279,31 +325,45 @@ class Params(Section):
             apply_overrides(info.data, name, overrides)
         return ablations
 
-    def variant(self, name: str) -> "Params":
-        """These params with ablation `name`'s overrides applied (and no ablations of their own)."""
-        variants = self.ablations.variants
+    @field_validator("conv_baselines")
+    @classmethod
+    def _conv_baselines_apply(cls, baselines: ConvBaselinesConfig, info: ValidationInfo) -> ConvBaselinesConfig:
+        for name, overrides in baselines.variants.items():
+            if not name.isidentifier():
+                raise ValueError(f"conv_baselines.variants.{name}: a variant name must be an identifier "
+                                 "(letters, digits, _)")
+            apply_overrides(info.data, name, overrides, kind="conv_baselines")
+        return baselines
+
+    def variant(self, name: str, kind: str = "ablations") -> "Params":
+        """These params with variant `name`'s overrides applied: an ablation (Table 4) or a conversation baseline
+        (kind="conv_baselines", Table 2). The result has no variants of its own."""
+        variants = getattr(self, kind).variants
         if name not in variants:
-            raise ConfigError(f"params.yaml: ablations.variants has no {name!r}; it has {sorted(variants)}")
-        return Params.model_validate(apply_overrides(dict(self), name, variants[name]))
+            raise ConfigError(f"params.yaml: {kind}.variants has no {name!r}; it has {sorted(variants)}")
+        return Params.model_validate(apply_overrides(dict(self), name, variants[name], kind))
 
 
-# What an ablation may change: the sections the recommendation path (pretrain_coarse, pretrain_fine, finetune_rec)
-# reads. The data stages are shared by every variant.
-ABLATION_SECTIONS = ("seed", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec")
+# What a variant may change. An ablation: the sections the recommendation path (pretrain_coarse, pretrain_fine,
+# finetune_rec) reads; a conversation baseline: finetune_conv. The stages before them are shared by every variant.
+VARIANT_SECTIONS = {"ablations": ("seed", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
+                    "conv_baselines": ("finetune_conv",)}
 
 
-def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any]) -> dict:
+def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations") -> dict:
     """The params as plain data with `overrides` ({"pretrain_fine.epochs": 0, ...}) applied and validated.
 
-    sections maps section name -> validated section (or plain value); the result has no ablations. Errors name
-    the variant and the key.
+    sections maps section name -> validated section (or plain value); the result has no variants (neither
+    ablations nor conv_baselines). Errors name the variant and the key.
     """
-    raw = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items() if k != "ablations"}
+    raw = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items()
+           if k not in VARIANT_SECTIONS}
+    allowed = VARIANT_SECTIONS[kind]
     for key, value in overrides.items():
         parts = key.split(".")
-        where = f"ablations.variants.{variant}.{key}"
-        if parts[0] not in ABLATION_SECTIONS:
-            raise ValueError(f"{where}: an ablation may change only {', '.join(ABLATION_SECTIONS)}")
+        where = f"{kind}.variants.{variant}.{key}"
+        if parts[0] not in allowed:
+            raise ValueError(f"{where}: a variant of {kind} may change only {', '.join(allowed)}")
         node = raw
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
@@ -316,7 +376,7 @@ def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any]) -> 
         Params.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"ablations.variants.{variant}: {problems}") from None
+        raise ValueError(f"{kind}.variants.{variant}: {problems}") from None
     return raw
 
 def resolve_device(device: str) -> str:

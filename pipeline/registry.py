@@ -24,6 +24,8 @@ TRAINING_DATA = ("data/triples/samples.parquet", "data/triples/triples.parquet",
                  "data/reviews/review_sentences.parquet", "data/kg/entities.parquet", "data/kg/relations.parquet",
                  "data/kg/edges.parquet")
 
+CONV_CODE = TRAINING_CODE + ("models/generator.py", "stages/conv_train.py")
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
@@ -119,16 +121,40 @@ STAGES: dict[str, StageSpec] = {
             metrics=("metrics/ablations.json",),
         ),
         StageSpec(
+            name="finetune_conv",
+            summary="response generation fine-tuning (4.3.2) from the pre-trained representations: decoder over "
+                    "history, KG and reviews, copy mechanism, instance-weighted loss; early stop on valid perplexity",
+            params=("seed", "device", "model", "finetune_conv"),
+            code=CONV_CODE,
+            deps=TRAINING_DATA + ("data/models/pretrain_fine.pt",),
+            outs=("data/models/c2crs_conv.pt",),
+            metrics=("metrics/finetune_conv.json",),
+        ),
+        StageSpec(
+            name="conv_baselines",
+            summary="the paper's Table 2 rows by the same code: Transformer, KGSF-style, C2-CRS w/o instance "
+                    "weighting (params.conv_baselines)",
+            params=("seed", "device", "model", "finetune_conv", "conv_baselines"),
+            code=CONV_CODE,
+            deps=TRAINING_DATA + ("data/models/pretrain_fine.pt", "data/models/kbrd_rec.pt"),
+            outs=("data/models/conv_baselines",),
+            metrics=("metrics/conv_baselines.json",),
+        ),
+        StageSpec(
             name="evaluate",
-            summary="test-split recommendation metrics for C2-CRS, the baselines and the ablations, both protocols, "
-                    "95 % CIs, margins",
-            params=("seed", "device", "model", "evaluate", "ablations"),
-            code=TRAINING_CODE + ("models/baselines.py", "stages/evaluate.py"),
-            deps=TRAINING_DATA + ("data/models/c2crs_rec.pt", "data/models/textcnn.pt", "data/models/kbrd_rec.pt",
-                                  "data/models/ablations"),
+            summary="test-split metrics: recommendation for C2-CRS, the baselines and the ablations (both protocols, "
+                    "95 % CIs, margins); conversation for the generators (Dist-n both ways, BLEU, perplexity), "
+                    "responses to read and a rating sheet",
+            params=("seed", "device", "data", "linking", "model", "finetune_conv", "evaluate", "ablations",
+                    "conv_baselines"),
+            code=CONV_CODE + ("models/baselines.py", "stages/evaluate.py", "stages/conv_evaluate.py",
+                              "stages/linking.py"),
+            deps=TRAINING_DATA + ("data/ingest/movies.parquet", "data/models/c2crs_rec.pt", "data/models/textcnn.pt",
+                                  "data/models/kbrd_rec.pt", "data/models/ablations", "data/models/c2crs_conv.pt",
+                                  "data/models/conv_baselines"),
             outs=(),
-            metrics=("metrics/rec.json",),
-            reports=("reports/rec.md",),
+            metrics=("metrics/rec.json", "metrics/conv.json"),
+            reports=("reports/rec.md", "reports/conv.md", "reports/conv_rating.csv", "reports/conv_rating_key.csv"),
         ),
     ]
 }

@@ -117,7 +117,7 @@ def test_an_ablation_variant_is_the_params_with_its_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"model.view": ["graph"]}, "ablations.variants.bad.model.view: unknown key; allowed here: token_dim"),
-    ({"triples.context_max_tokens": 64}, "ablations.variants.bad.triples.context_max_tokens: an ablation may change only"),
+    ({"triples.context_max_tokens": 64}, "ablations.variants.bad.triples.context_max_tokens: a variant of ablations may change only"),
     ({"pretrain_fine.epochs": -1}, "ablations.variants.bad: pretrain_fine.epochs: Input should be greater than or equal to 0"),
     ({"model.views.graph": 1}, "ablations.variants.bad.model.views.graph: model.views is not a section"),
 ])
@@ -125,3 +125,17 @@ def test_a_bad_ablation_override_names_the_variant_and_the_key(tmp_path, overrid
     with pytest.raises(ConfigError) as error:
         load_params(write(tmp_path, lambda p: p["ablations"].update(variants={"bad": overrides})))
     assert message in str(error.value)
+
+
+def test_a_conv_baseline_overrides_only_finetune_conv(tmp_path):
+    params = load_params(write(tmp_path, lambda p: p["conv_baselines"].update(variants={
+        "transformer": {"finetune_conv.memories": ["history"], "finetune_conv.copy_mechanism": False}})))
+    variant = params.variant("transformer", kind="conv_baselines")
+    assert variant.finetune_conv.memories == ["history"] and not variant.finetune_conv.copy_mechanism
+    assert variant.conv_baselines.variants == {} and variant.ablations.variants == {}
+    with pytest.raises(ConfigError) as error:
+        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(variants={"bad": {"model.token_dim": 64}})))
+    assert "conv_baselines.variants.bad.model.token_dim: a variant of conv_baselines may change only finetune_conv" \
+        in str(error.value)
+    with pytest.raises(ConfigError, match="finetune_conv.memories: Value error, list each memory once"):
+        load_params(write(tmp_path, lambda p: p["finetune_conv"].update(memories=["kg", "history"])))

@@ -1,0 +1,462 @@
+"""C2-CRS response generation (paper 4.3.2): a Transformer decoder that fuses history, KG entities and reviews.
+
+Paper map:
+    Eq. 10     DecoderLayer: self-attention over the words generated so far -> cross-attention to the
+               conversation history F -> to the KG entities N -> to the review sentences E -> feed-forward
+               (KGSF's chain, with reviews last). A memory left out of `memories` is skipped (the baselines).
+    copy       pointer-generator: a gate mixes the vocabulary softmax with an attention over the source tokens
+               (the context, and the review sentences' tokens), so a name in the context can be said even when
+               the vocabulary softmax gives it almost nothing. (The reference code builds a copy layer and never
+               uses it.)
+    Eq. 11-12  instance_weights, generation_loss
+Decoding: greedy_decode and beam_decode, with a key/value cache (memories are projected once per response,
+self-attention keys grow by one row a step), a maximum length and n-gram blocking.
+
+Nothing here knows about files or experiment tracking; the encoders that produce F, N and E are models/c2crs.py's.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.c2crs import C2CRS
+
+MEMORIES = ("history", "kg", "review")  # the order of Eq. 10's cross-attention chain
+
+
+@dataclass
+class GeneratorConfig:
+    vocab_size: int  # output vocabulary (the conversation vocabulary + the movie placeholder)
+    memory_dims: dict[str, int] = field(default_factory=lambda: {"history": 128, "kg": 128, "review": 128})
+    pad_id: int = 0
+    start_id: int = 1
+    end_id: int = 2
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_dim: int = 256
+    dropout: float = 0.1
+    max_positions: int = 32  # response tokens + the start token
+    copy: bool = True
+
+    def __post_init__(self):
+        unknown = set(self.memory_dims) - set(MEMORIES)
+        if unknown:
+            raise ValueError(f"memory_dims: unknown memories {sorted(unknown)}; known: {MEMORIES}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+
+
+@dataclass
+class Memory:
+    """What one cross-attention reads: states [B, M, d] and a padding mask [B, M] (True = padding)."""
+
+    states: torch.Tensor
+    pad: torch.Tensor
+
+
+@dataclass
+class CopySource:
+    """Tokens the copy path may point at: encoder states [B, S, dim], their output-vocabulary ids [B, S], and a
+    mask [B, S] of positions that may not be copied (padding, separators, unknown words)."""
+
+    states: torch.Tensor
+    ids: torch.Tensor
+    blocked: torch.Tensor
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose keys and values are computed separately, so they can be cached."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float, kv_dim: int | None = None):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(kv_dim or dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, kv_dim] -> keys, values [B, heads, L, dim / heads]."""
+        k, v = self.key_value(x).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """attend: bool, broadcastable to [B, heads, T, L], True where a query may look; causal: row t sees <= t."""
+        q = self._split(self.query(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        B, H, T, d = out.shape
+        return self.out(out.transpose(1, 2).reshape(B, T, H * d))
+
+
+def attendable(pad: torch.Tensor) -> torch.Tensor:
+    """A memory padding mask [B, M] as an attention mask [B, 1, 1, M]. A row with nothing to attend to (a turn
+    with no linked entity) may look at its first slot, whose states the caller zeroes: softmax over nothing is NaN."""
+    allowed = ~pad
+    allowed[:, 0] |= pad.all(dim=1)
+    return allowed[:, None, None, :]
+
+
+class DecoderLayer(nn.Module):
+    """Eq. 10's layer: R^l = Decoder(R^{l-1}, N, E, F), post-norm residual blocks as in KGSF's decoder."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.memories = [m for m in MEMORIES if m in cfg.memory_dims]
+        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.dropout)
+        self.cross_attention = nn.ModuleDict({m: Attention(cfg.dim, cfg.n_heads, cfg.dropout, cfg.memory_dims[m])
+                                              for m in self.memories})
+        self.norms = nn.ModuleDict({name: nn.LayerNorm(cfg.dim) for name in ("self", *self.memories, "ffn")})
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def memory_keys_values(self, memories: dict[str, Memory]) -> dict:
+        """Keys, values and attention mask of each memory, computed once per response (the cross-attention cache)."""
+        return {m: (*self.cross_attention[m].keys_values(memories[m].states), attendable(memories[m].pad))
+                for m in self.memories}
+
+    def forward(self, x: torch.Tensor, memory_kv: dict, cache: dict | None = None) -> torch.Tensor:
+        """x [B, T, dim]. With a cache (decoding), x holds the next position only and the cache the earlier ones."""
+        k, v = self.self_attention.keys_values(x)
+        if cache is not None:
+            if "k" in cache:
+                if x.size(1) != 1:
+                    raise ValueError("a decoding cache takes one new position per step")
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        x = self.norms["self"](x + self.dropout(self.self_attention(x, k, v, causal=x.size(1) > 1)))
+        for m in self.memories:
+            mk, mv, attend = memory_kv[m]
+            x = self.norms[m](x + self.dropout(self.cross_attention[m](x, mk, mv, attend)))
+        return self.norms["ffn"](x + self.dropout(self.ffn(x)))
+
+
+class ResponseGenerator(nn.Module):
+    """The decoder, its output layer (tied to the token embeddings) and the pointer-generator copy path."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_id)
+        self.positions = nn.Embedding(cfg.max_positions, cfg.dim)
+        nn.init.normal_(self.tokens.weight, std=cfg.dim ** -0.5)
+        nn.init.normal_(self.positions.weight, std=cfg.dim ** -0.5)
+        with torch.no_grad():
+            self.tokens.weight[cfg.pad_id].zero_()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.output_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.copy:
+            self.copy_query = nn.Linear(cfg.dim, cfg.dim)
+            self.copy_gate = nn.Linear(2 * cfg.dim, 1)  # [decoder state; attended source] -> p_gen
+
+    # ---- the decoder ------------------------------------------------------------------------------------------
+    def memory_keys_values(self, memories: dict[str, Memory]) -> list[dict]:
+        return [layer.memory_keys_values(memories) for layer in self.layers]
+
+    def decode(self, ids: torch.Tensor, memory_kv: list[dict], caches: list[dict] | None = None,
+               offset: int = 0) -> torch.Tensor:
+        """Decoder states for input tokens ids [B, T] at positions offset.. -> [B, T, dim] (causal)."""
+        T = ids.size(1)
+        if offset + T > self.cfg.max_positions:
+            raise ValueError(f"position {offset + T} > max_positions {self.cfg.max_positions}")
+        x = self.tokens(ids) + self.positions(torch.arange(offset, offset + T, device=ids.device))
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory_kv[i], None if caches is None else caches[i])
+        return x
+
+    # ---- the output distribution ------------------------------------------------------------------------------
+    def vocabulary_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.tokens.weight.T + self.output_bias
+
+    def copy_attention(self, hidden: torch.Tensor, source: CopySource) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention over source tokens [B, T, S], p_gen [B, T, 1]). Nothing copyable -> p_gen = 1."""
+        scores = self.copy_query(hidden) @ source.states.transpose(1, 2) / self.cfg.dim ** 0.5
+        blocked = source.blocked[:, None, :]
+        nothing = source.blocked.all(dim=1)[:, None, None]
+        attention = torch.softmax(scores.masked_fill(blocked, float("-inf")).masked_fill(nothing, 0.0), dim=-1)
+        attention = attention.masked_fill(blocked, 0.0)
+        attended = attention @ source.states
+        p_gen = torch.sigmoid(self.copy_gate(torch.cat([hidden, attended], dim=-1)))
+        return attention, p_gen.masked_fill(nothing, 1.0)
+
+    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor,
+                         source: CopySource | None = None) -> torch.Tensor:
+        """log P(w_t) of the given targets [B, T] under the mixture, without building the copy distribution over the
+        whole vocabulary: P = p_gen * softmax(logits)[w] + (1 - p_gen) * (attention on source positions holding w)."""
+        vocab_log_probs = torch.log_softmax(self.vocabulary_logits(hidden).float(), dim=-1)
+        generated = vocab_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if not self.cfg.copy or source is None:
+            return generated
+        attention, p_gen = self.copy_attention(hidden, source)
+        copied = (attention * (source.ids[:, None, :] == targets[:, :, None])).sum(-1)
+        p_gen = p_gen.squeeze(-1).float()
+        return torch.log(p_gen * generated.exp() + (1 - p_gen) * copied.float() + 1e-12)
+
+    def next_token_log_probs(self, hidden: torch.Tensor, source: CopySource | None = None) -> torch.Tensor:
+        """The full output distribution for decoder states hidden [B, dim] -> log P [B, vocab]."""
+        probs = torch.softmax(self.vocabulary_logits(hidden).float(), dim=-1)
+        if self.cfg.copy and source is not None:
+            attention, p_gen = self.copy_attention(hidden[:, None], source)
+            copied = torch.zeros_like(probs).scatter_add_(1, source.ids, attention[:, 0].float())
+            p_gen = p_gen[:, 0].float()
+            probs = p_gen * probs + (1 - p_gen) * copied
+        return torch.log(probs + 1e-12)
+
+
+# ---- the loss (Eq. 11-12) -----------------------------------------------------------------------------------------
+def instance_weights(frequency: torch.Tensor, threshold: float, floor: float) -> torch.Tensor:
+    """Eq. 12: alpha_w = max(gamma, beta / f_w) if f_w >= beta, else 1 (beta = threshold, gamma = floor)."""
+    frequency = frequency.float()
+    scaled = torch.clamp(threshold / frequency.clamp(min=1e-12), min=floor)
+    return torch.where(frequency >= threshold, scaled, torch.ones_like(frequency))
+
+
+def generation_loss(target_log_probs: torch.Tensor, targets: torch.Tensor, pad_id: int,
+                    token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 11 as a weighted negative log-likelihood, averaged over the real target tokens of the batch.
+
+    Eq. 11 writes log(alpha * P); taken literally that is log alpha + log P, whose gradient ignores alpha. The
+    reference code multiplies the token's cross-entropy by alpha, which is what punishes frequent tokens, and so
+    does this. token_weights [vocab] are Eq. 12's alpha per token; None = plain cross-entropy.
+    """
+    real = targets.ne(pad_id)
+    nll = -target_log_probs
+    if token_weights is not None:
+        nll = nll * token_weights[targets]
+    return (nll * real).sum() / real.sum().clamp(min=1)
+
+
+# ---- decoding -------------------------------------------------------------------------------------------------------
+def _banned_by_ngrams(prefix: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in prefix (n-gram blocking)."""
+    if n <= 0 or len(prefix) < n - 1:
+        return []
+    if n == 1:
+        return list(set(prefix))
+    tail = tuple(prefix[len(prefix) - n + 1:])
+    return [prefix[i + n - 1] for i in range(len(prefix) - n + 1) if tuple(prefix[i:i + n - 1]) == tail]
+
+
+def _mask_tokens(log_probs: torch.Tensor, prefixes: list[list[int]], banned_ids: list[int],
+                 block_ngram: int) -> torch.Tensor:
+    if banned_ids:
+        log_probs[:, banned_ids] = float("-inf")
+    if block_ngram > 0:
+        for row, prefix in enumerate(prefixes):
+            banned = _banned_by_ngrams(prefix, block_ngram)
+            if banned:
+                log_probs[row, banned] = float("-inf")
+    return log_probs
+
+
+def _repeat_rows(x, k: int):
+    """Each batch row k times in a row (for beam search): tensors, Memory and CopySource alike."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.repeat_interleave(k, dim=0)
+    return type(x)(**{name: _repeat_rows(value, k) for name, value in vars(x).items()})
+
+
+class _Stepper:
+    """Feeds one token per row per step and returns the next-token log-probabilities; with use_cache the decoder
+    sees only the new token (the cache holds the rest), without it the whole prefix again (for tests and benches)."""
+
+    def __init__(self, model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
+                 use_cache: bool):
+        self.model, self.source, self.use_cache = model, source, use_cache
+        self.memory_kv = model.memory_keys_values(memories)
+        self.caches = [{} for _ in model.layers] if use_cache else None
+
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix [B, t] (start token first) -> log P(next) [B, vocab]."""
+        if self.use_cache:
+            hidden = self.model.decode(prefix[:, -1:], self.memory_kv, self.caches, offset=prefix.size(1) - 1)
+        else:
+            hidden = self.model.decode(prefix, self.memory_kv)
+        return self.model.next_token_log_probs(hidden[:, -1], self.source)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep cache rows `rows` (beam search picks which hypotheses go on)."""
+        if self.caches:
+            for cache in self.caches:
+                cache["k"], cache["v"] = cache["k"][rows], cache["v"][rows]
+
+
+def _strip(tokens: list[int], end_id: int, pad_id: int) -> list[int]:
+    out = []
+    for t in tokens:
+        if t in (end_id, pad_id):
+            break
+        out.append(t)
+    return out
+
+
+def _check_length(model: ResponseGenerator, max_tokens: int) -> None:
+    if not 1 <= max_tokens <= model.cfg.max_positions:
+        raise ValueError(f"max_tokens must be in 1..{model.cfg.max_positions} (the decoder's max_positions), "
+                         f"got {max_tokens}")
+
+
+def _batch_size(memories: dict[str, Memory], source: CopySource | None) -> int:
+    if memories:
+        return next(iter(memories.values())).states.size(0)
+    if source is None:
+        raise ValueError("decoding needs at least one memory or a copy source (they give the batch size)")
+    return source.ids.size(0)
+
+
+@torch.no_grad()
+def greedy_decode(model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
+                  max_tokens: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
+                  use_cache: bool = True) -> list[list[int]]:
+    """The most likely next token at every step, until the end token or max_tokens; returns token ids per row
+    (without start and end tokens)."""
+    _check_length(model, max_tokens)
+    cfg, batch = model.cfg, _batch_size(memories, source)
+    step = _Stepper(model, memories, source, use_cache)
+    prefix = torch.full((batch, 1), cfg.start_id, dtype=torch.long, device=model.output_bias.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=prefix.device)
+    for _ in range(max_tokens):
+        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
+        token = log_probs.argmax(dim=-1).masked_fill(done, cfg.pad_id)
+        prefix = torch.cat([prefix, token[:, None]], dim=1)
+        done |= token.eq(cfg.end_id)
+        if bool(done.all()):
+            break
+    return [_strip(row, cfg.end_id, cfg.pad_id) for row in prefix[:, 1:].tolist()]
+
+
+@torch.no_grad()
+def beam_decode(model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
+                max_tokens: int, beam_size: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
+                length_penalty: float = 0.0, use_cache: bool = True) -> list[list[int]]:
+    """Beam search. A hypothesis ends with the end token (its log-probability counted) or after max_tokens
+    tokens; its score is its summed log-probability divided by length ** length_penalty (0: no normalisation)."""
+    _check_length(model, max_tokens)
+    cfg, batch, k = model.cfg, _batch_size(memories, source), beam_size
+    device = model.output_bias.device
+    step = _Stepper(model, {m: _repeat_rows(v, k) for m, v in memories.items()}, _repeat_rows(source, k), use_cache)
+    prefix = torch.full((batch * k, 1), cfg.start_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: keep one copy
+    done = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * k, device=device)
+    offsets = torch.arange(batch, device=device)[:, None] * k
+    for _ in range(max_tokens):
+        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
+        # A finished hypothesis goes on with padding at no cost, so it keeps competing with its score as it is.
+        log_probs[done] = float("-inf")
+        log_probs[done, cfg.pad_id] = 0.0
+        V = log_probs.size(1)
+        scores, index = (scores.view(-1, 1) + log_probs).view(batch, k * V).topk(k, dim=1)
+        rows = (index // V + offsets).view(-1)
+        token = (index % V).view(-1)
+        prefix = torch.cat([prefix[rows], token[:, None]], dim=1)
+        step.reorder(rows)
+        lengths = lengths[rows] + (~done[rows]).float()
+        done = done[rows] | token.eq(cfg.end_id)
+        alive = scores.view(-1) > float("-inf")
+        if bool(done[alive].all()):
+            break
+    final = (scores.view(-1) / lengths.clamp(min=1) ** length_penalty).view(batch, k)
+    final = final.masked_fill(scores == float("-inf"), float("-inf"))
+    best = (final.argmax(dim=1) + offsets[:, 0])
+    return [_strip(row, cfg.end_id, cfg.pad_id) for row in prefix[best, 1:].tolist()]
+
+
+class ConversationModel(nn.Module):
+    """C2-CRS's encoders (models/c2crs.py: conversation F, R-GCN N, review E) feeding the response generator.
+
+    The encoders read the conversation vocabulary; the generator writes an output vocabulary that adds one movie
+    placeholder, which every movie token ("@123") of a response becomes (the recommender fills it when a response
+    is shown). A copied movie token becomes the placeholder too. `frozen` encoders get no gradient and run without
+    autograd (cheaper on CPU).
+    """
+
+    def __init__(self, encoders: C2CRS, generator: ResponseGenerator, movie_token_ids: list[int],
+                 uncopyable_ids: list[int], frozen: tuple[str, ...] = ()):
+        super().__init__()
+        self.encoders, self.generator = encoders, generator
+        n_in = encoders.cfg.vocab_size
+        self.placeholder_id = generator.cfg.vocab_size - 1
+        if self.placeholder_id != n_in:
+            raise ValueError(f"the output vocabulary ({generator.cfg.vocab_size}) must be the input vocabulary "
+                             f"({n_in}) plus the movie placeholder")
+        to_output = torch.arange(n_in)
+        to_output[torch.as_tensor(movie_token_ids, dtype=torch.long)] = self.placeholder_id
+        uncopyable = torch.zeros(n_in, dtype=torch.bool)
+        uncopyable[torch.as_tensor(uncopyable_ids, dtype=torch.long)] = True
+        self.register_buffer("to_output", to_output)
+        self.register_buffer("uncopyable", uncopyable)
+        self.frozen = tuple(frozen)
+        for name in self.frozen:
+            self._encoder(name).requires_grad_(False)
+
+    def _encoder(self, name: str) -> nn.Module:
+        return {"history": self.encoders.conversation_encoder, "kg": self.encoders.kg_encoder,
+                "review": nn.ModuleList([self.encoders.review_encoder, self.encoders.sentence_pooling])}[name]
+
+    def _run(self, name: str, fn, *args):
+        if name in self.frozen:
+            module = self._encoder(name)
+            was_training = module.training
+            module.eval()
+            with torch.no_grad():
+                out = fn(*args)
+            module.train(was_training)
+            return out
+        return fn(*args)
+
+    def entity_rows(self, nodes: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
+        """N for the given entities only (KGEncoder.forward_nodes): a batch needs a few hundred of ~60k."""
+        return self._run("kg", self.encoders.kg_encoder.forward_nodes, nodes, edge_index, edge_type)
+
+    def memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor | None, entity_ids: torch.Tensor,
+                 sentence_ids: torch.Tensor, sentence_mask: torch.Tensor) -> tuple[dict[str, Memory], CopySource | None]:
+        """Eq. 10's memories for a batch, and the copy source (context tokens, then review sentence tokens).
+
+        context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
+        [B, E] indexing it (-1 padding); sentence_ids [B, K, Ls] with sentence_mask [B, K] (True = real).
+        """
+        wanted = self.generator.cfg.memory_dims
+        memories, sources = {}, []
+        F_, context_pad = self._run("history", self.encoders.conversation_encoder, context_ids)
+        if "history" in wanted:
+            memories["history"] = Memory(F_, context_pad)
+        sources.append((F_, context_ids))
+        if "kg" in wanted:
+            pad = entity_ids < 0
+            memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
+        if "review" in wanted:
+            B, K, Ls = sentence_ids.shape
+            H = sentence_ids.new_zeros((B, K, Ls, self.encoders.cfg.token_dim), dtype=F_.dtype)
+            E = sentence_ids.new_zeros((B, K, self.encoders.cfg.token_dim), dtype=F_.dtype)
+            if sentence_mask.any():
+                def encode(ids):
+                    states, pad = self.encoders.review_encoder(ids)
+                    return states, self.encoders.sentence_pooling(states, pad)
+                states, vectors = self._run("review", encode, sentence_ids[sentence_mask])
+                where = sentence_mask.nonzero(as_tuple=True)
+                H, E = H.index_put(where, states), E.index_put(where, vectors)
+            memories["review"] = Memory(E, ~sentence_mask)
+            sources.append((H.view(B, K * Ls, -1), sentence_ids.view(B, K * Ls)))
+        if not self.generator.cfg.copy:
+            return memories, None
+        states = torch.cat([s for s, _ in sources], dim=1)
+        ids = torch.cat([i for _, i in sources], dim=1)
+        return memories, CopySource(states=states, ids=self.to_output[ids], blocked=self.uncopyable[ids])
+
+
+__all__ = ["ConversationModel", "MEMORIES", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer", "ResponseGenerator",
+           "instance_weights", "generation_loss", "greedy_decode", "beam_decode"]

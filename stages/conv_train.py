@@ -1,0 +1,223 @@
+"""Stage finetune_conv (and the conversation baselines): response generation (paper 4.3.2) on the recommender's
+turns, validation perplexity, and decoding.
+
+A sample is a recommender turn with a response: its context (tokens, entities, review sentences) is the
+recommendation stages' (stages/c2crs_data.py), its target the turn's tokens with every movie token replaced by
+one placeholder, which the recommender's top items fill when a response is shown (fill_movies).
+"""
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from models.c2crs import batch_entities
+from models.generator import (ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights)
+from stages.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
+from stages.c2crs_train import Run
+from stages.training import LoopState, epoch_generator, train
+from stages.triples import END, PAD, SPECIAL_TOKENS, SPLIT, START, UNK
+
+PLACEHOLDER = "__movie__"
+
+
+@dataclass
+class ConvVocabulary:
+    """The generator's output vocabulary: the conversation vocabulary plus the movie placeholder."""
+
+    tokens: list[str]
+    movie_token_ids: list[int]  # "@123" tokens of the input vocabulary; in responses they become the placeholder
+    uncopyable_ids: list[int]  # pad, start, end, unk, split: the copy path never points at them
+    banned_ids: list[int]  # never generated: pad, start, unk, split and the movie tokens themselves
+
+    @property
+    def placeholder_id(self) -> int:
+        return len(self.tokens) - 1
+
+    @property
+    def token_id(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
+
+def conv_vocabulary(vocabulary: pl.DataFrame) -> ConvVocabulary:
+    ordered = vocabulary.sort("token_id")
+    tokens = ordered["token"].to_list()
+    if ordered["token_id"].to_list() != list(range(len(tokens))) or tokens[: len(SPECIAL_TOKENS)] != list(
+            SPECIAL_TOKENS):
+        raise ValueError(f"vocab.parquet: expected token ids 0..n-1 starting with {SPECIAL_TOKENS}")
+    if PLACEHOLDER in tokens:
+        raise ValueError(f"vocab.parquet: holds {PLACEHOLDER!r}, which the generator reserves for its placeholder")
+    index = {t: i for i, t in enumerate(tokens)}
+    movies = [i for i, t in enumerate(tokens) if t.startswith("@")]
+    return ConvVocabulary(tokens=tokens + [PLACEHOLDER], movie_token_ids=movies,
+                          uncopyable_ids=[index[t] for t in (PAD, START, END, UNK, SPLIT)],
+                          banned_ids=[index[t] for t in (PAD, START, UNK, SPLIT)] + movies)
+
+
+@dataclass
+class Responses:
+    """What a generator learns to say on one split: rows of the split's SampleTable (recommender turns with a
+    response) and each one's response as output-vocabulary ids."""
+
+    rows: np.ndarray
+    tokens: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def responses(samples: pl.DataFrame, table: SampleTable, split: str, vocabulary: ConvVocabulary) -> Responses:
+    part = samples.filter(pl.col("split") == split).sort("sample_id")
+    if not np.array_equal(part["sample_id"].to_numpy(), table.sample_ids):
+        raise ValueError(f"samples.parquet: the {split} samples do not match the sample table")
+    movies = set(vocabulary.movie_token_ids)
+    rows, tokens = [], []
+    for row, (role, response) in enumerate(zip(part["role"], part["response_token_ids"])):
+        if role == "recommender" and len(response):
+            rows.append(row)
+            tokens.append([vocabulary.placeholder_id if t in movies else int(t) for t in response])
+    return Responses(np.asarray(rows, dtype=np.int64), tokens)
+
+
+def token_frequencies(train: Responses, vocab_size: int) -> torch.Tensor:
+    """f_w of Eq. 12: how often each token occurs in the train responses."""
+    counts = Counter(t for tokens in train.tokens for t in tokens)
+    frequency = torch.zeros(vocab_size)
+    for token, count in counts.items():
+        frequency[token] = count
+    return frequency
+
+
+def loss_weights(train: Responses, vocabulary: ConvVocabulary, threshold: float, floor: float) -> torch.Tensor:
+    """Eq. 12's alpha per output token; the end token is not a word of the corpus and keeps weight 1."""
+    weights = instance_weights(token_frequencies(train, len(vocabulary.tokens)), threshold, floor)
+    weights[vocabulary.token_id[END]] = 1.0
+    return weights
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray) -> tuple[dict, object]:
+    """The memories and the copy source of a batch of table rows."""
+    wanted = model.generator.cfg.memory_dims
+    context = {k: v.to(run.device) for k, v in context_batch(table, rows, run.pad_id, run.max_context_entities).items()}
+    entity_rows, entity_ids = None, context["entity_ids"]
+    if "kg" in wanted:
+        nodes, (entity_ids,) = batch_entities(entity_ids)
+        entity_rows = model.entity_rows(nodes, run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
+    if "review" in wanted:
+        reviews = review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)
+    else:
+        reviews = {"sentence_ids": torch.zeros((len(rows), 1, 1), dtype=torch.long),
+                   "sentence_mask": torch.zeros((len(rows), 1), dtype=torch.bool)}
+    return model.memories(context["context_ids"], entity_rows, entity_ids, reviews["sentence_ids"].to(run.device),
+                          reviews["sentence_mask"].to(run.device))
+
+
+def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs (start + response) and targets (response + end), right-padded."""
+    return pad([[start_id] + t for t in tokens], pad_id), pad([t + [end_id] for t in tokens], pad_id)
+
+
+def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, data: Responses,
+                     picked: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """log P of every target token of the picked responses [B, T], and the targets [B, T]."""
+    cfg = model.generator.cfg
+    memories, source = _batch(model, run, table, data.rows[picked])
+    inputs, targets = teacher_forcing([data.tokens[i] for i in picked], cfg.start_id, cfg.end_id, cfg.pad_id)
+    inputs, targets = inputs.to(run.device), targets.to(run.device)
+    hidden = model.generator.decode(inputs, model.generator.memory_keys_values(memories))
+    return model.generator.target_log_probs(hidden, targets, source), targets
+
+
+def _length_batches(run: Run, table: SampleTable, data: Responses, batch_size: int,
+                    rng: np.random.Generator | None) -> list[np.ndarray]:
+    return bucketed_batches(table.context_lengths[data.rows], batch_size, rng)
+
+
+@torch.no_grad()
+def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Responses, batch_size: int) -> dict:
+    """exp(mean negative log-likelihood per target token, end token included), unweighted, and the token count
+    (nan with no tokens)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for picked in _length_batches(run, table, data, batch_size, None):
+        log_probs, targets = target_log_probs(model, run, table, data, picked)
+        real = targets.ne(model.generator.cfg.pad_id)
+        nll -= float(log_probs[real].sum())
+        count += int(real.sum())
+    model.train(was_training)
+    return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
+
+
+def finetune_conversation(model: ConversationModel, run: Run, train_data: Responses, valid_data: Responses,
+                          weights: torch.Tensor | None, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+    """Response generation fine-tuning with Eq. 11's loss (weights: Eq. 12's alpha per token, None: plain
+    cross-entropy); early stopping on validation perplexity."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate)
+    if weights is not None:
+        weights = weights.to(run.device)
+
+    def train_epoch(epoch: int) -> dict:
+        total, tokens = 0.0, 0
+        batches = _length_batches(run, run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
+        for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
+            log_probs, targets = target_log_probs(model, run, run.train, train_data, picked)
+            loss = generation_loss(log_probs, targets, model.generator.cfg.pad_id, weights)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            real = int(targets.ne(model.generator.cfg.pad_id).sum())
+            total, tokens = total + loss.item() * real, tokens + real
+        return {"loss": total / max(tokens, 1)}
+
+    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
+                 validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size),
+                 monitor="valid_perplexity", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@torch.no_grad()
+def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray, decoding,
+             banned_ids: list[int]) -> list[list[int]]:
+    """A response (output-vocabulary ids, no start/end) for each of the table's `rows`, in that order."""
+    was_training = model.training
+    model.eval()
+    out: list[list[int] | None] = [None] * len(rows)
+    for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
+                      unit=" batch", leave=False, disable=None):
+        memories, source = _batch(model, run, table, rows[batch])
+        if decoding.method == "beam":
+            tokens = beam_decode(model.generator, memories, source, decoding.max_tokens, decoding.beam_size,
+                                 decoding.block_ngram, tuple(banned_ids), decoding.length_penalty)
+        else:
+            tokens = greedy_decode(model.generator, memories, source, decoding.max_tokens, decoding.block_ngram,
+                                   tuple(banned_ids))
+        for i, response in zip(batch, tokens):
+            out[i] = response
+    model.train(was_training)
+    return out
+
+
+def fill_movies(words: list[str], titles: list[str]) -> list[str]:
+    """The response with its k-th movie placeholder replaced by the k-th title (the recommender's ranking), so
+    what the system says agrees with what it recommends."""
+    filled, k = [], 0
+    for word in words:
+        if word == PLACEHOLDER and k < len(titles):
+            filled.append(titles[k])
+            k += 1
+        else:
+            filled.append(word)
+    return filled

@@ -1,0 +1,195 @@
+"""The response generator (models/generator.py): masks, copy path, Eq. 11-12, decoding."""
+
+import itertools
+
+import pytest
+import torch
+
+from models.c2crs import C2CRS, C2CRSConfig
+from models.generator import (ConversationModel, CopySource, GeneratorConfig, Memory, ResponseGenerator,
+                              _banned_by_ngrams, beam_decode, generation_loss, greedy_decode, instance_weights)
+
+PAD, START, END = 0, 1, 2
+
+
+def tiny_generator(vocab_size=12, copy=True, memories=("history", "kg", "review"), seed=0, max_positions=8):
+    torch.manual_seed(seed)
+    cfg = GeneratorConfig(vocab_size=vocab_size, memory_dims={m: 8 if m != "kg" else 6 for m in memories}, dim=8,
+                          n_layers=2, n_heads=2, ffn_dim=16, dropout=0.0, max_positions=max_positions, copy=copy)
+    return ResponseGenerator(cfg).eval()
+
+
+def tiny_memories(batch=3, memories=("history", "kg", "review"), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dims = {"history": 8, "kg": 6, "review": 8}
+    out = {}
+    for m in memories:
+        states = torch.randn(batch, 5, dims[m], generator=g)
+        pad = torch.zeros(batch, 5, dtype=torch.bool)
+        pad[0, 3:] = True
+        out[m] = Memory(states, pad)
+    if "kg" in out and batch > 1:
+        out["kg"].pad[1] = True  # a turn without any linked entity
+    return out
+
+
+def tiny_source(batch=3, vocab_size=12, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, 6), generator=g)
+    blocked = torch.zeros(batch, 6, dtype=torch.bool)
+    blocked[:, -1] = True
+    return CopySource(torch.randn(batch, 6, 8, generator=g), ids, blocked)
+
+
+def test_the_decoder_never_looks_at_future_tokens():
+    model, memories = tiny_generator(), tiny_memories()
+    kv = model.memory_keys_values(memories)
+    ids = torch.tensor([[START, 5, 6, 7, 8]] * 3)
+    changed = ids.clone()
+    changed[:, 3:] = torch.tensor([9, 10])
+    a, b = model.decode(ids, kv), model.decode(changed, kv)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)
+    assert not torch.allclose(a[:, 3:], b[:, 3:])
+    assert torch.isfinite(a).all()  # the row whose KG memory is empty attends to its (zeroed) first slot
+
+
+def test_the_copy_path_emits_a_token_the_vocabulary_softmax_all_but_forbids():
+    model = tiny_generator(copy=True)
+    with torch.no_grad():
+        model.output_bias[9] = -40.0  # the generation path gives token 9 ~e^-40
+        model.copy_gate.bias.fill_(-20.0)  # and the gate leans fully on copying
+        model.copy_gate.weight.zero_()
+    memories = tiny_memories(batch=1)
+    source = CopySource(torch.randn(1, 3, 8), torch.tensor([[9, 9, 4]]), torch.tensor([[False, False, True]]))
+    hidden = model.decode(torch.tensor([[START]]), model.memory_keys_values(memories))
+    generated_only = torch.log_softmax(model.vocabulary_logits(hidden[:, -1]), -1)[0, 9]
+    assert generated_only < -30
+    log_probs = model.next_token_log_probs(hidden[:, -1], source)[0]
+    assert log_probs[9] > torch.log(torch.tensor(0.99))  # both unblocked source positions hold 9
+    assert log_probs[4] < -20  # a blocked position is never copied
+    assert torch.allclose(log_probs.exp().sum(), torch.tensor(1.0), atol=1e-4)
+    # target_log_probs (training) gives the same probability without building the full distribution
+    assert torch.allclose(model.target_log_probs(hidden, torch.tensor([[9]]), source)[0, 0], log_probs[9], atol=1e-5)
+
+
+def test_with_nothing_to_copy_the_distribution_is_the_vocabulary_softmax():
+    model = tiny_generator(copy=True)
+    memories = tiny_memories(batch=1)
+    source = CopySource(torch.randn(1, 2, 8), torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool))
+    hidden = model.decode(torch.tensor([[START]]), model.memory_keys_values(memories))[:, -1]
+    expected = torch.log_softmax(model.vocabulary_logits(hidden), -1)
+    assert torch.allclose(model.next_token_log_probs(hidden, source), expected, atol=1e-5)
+
+
+def test_instance_weights_follow_eq_12_on_hand_values():
+    frequency = torch.tensor([0.0, 10.0, 1499.0, 1500.0, 3000.0, 75000.0, 1e6])
+    weights = instance_weights(frequency, threshold=1500, floor=0.02)
+    # below the threshold: 1; at or above: max(0.02, 1500 / f)
+    assert weights.tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.5, 0.02, 0.02])
+
+
+def test_generation_loss_weights_each_token_and_averages_over_real_tokens():
+    log_probs = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.1, 1.0, 1.0]]))
+    targets = torch.tensor([[4, 5, 0], [4, 0, 0]])  # 0 is padding
+    weights = torch.ones(8)
+    weights[4] = 0.1
+    expected = (0.1 * -torch.log(torch.tensor(0.5)) - torch.log(torch.tensor(0.25))
+                + 0.1 * -torch.log(torch.tensor(0.1))) / 3
+    assert torch.allclose(generation_loss(log_probs, targets, 0, weights), expected)
+    plain = (-torch.log(torch.tensor([0.5, 0.25, 0.1]))).mean()
+    assert torch.allclose(generation_loss(log_probs, targets, 0), plain)
+
+
+def test_ngram_blocking_by_hand():
+    assert sorted(_banned_by_ngrams([5, 6, 7, 5, 6], 3)) == [7]
+    assert _banned_by_ngrams([5, 6, 7], 3) == []
+    assert sorted(_banned_by_ngrams([5, 6, 5], 2)) == [6]
+    assert sorted(_banned_by_ngrams([5, 6], 1)) == [5, 6]
+    assert _banned_by_ngrams([5], 0) == []
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_cached_and_uncached_decoding_give_the_same_tokens(copy):
+    model, memories = tiny_generator(copy=copy), tiny_memories()
+    source = tiny_source() if copy else None
+    cached = greedy_decode(model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START))
+    uncached = greedy_decode(model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START),
+                             use_cache=False)
+    assert cached == uncached and all(len(r) <= 7 for r in cached)
+    beam = beam_decode(model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START))
+    assert beam == beam_decode(model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START),
+                               use_cache=False)
+
+
+def test_greedy_decoding_blocks_repeated_ngrams():
+    model = tiny_generator(copy=False, memories=("history",), max_positions=16)
+    with torch.no_grad():
+        model.output_bias[7] = 30.0  # left alone it says 7 7 7 ...
+    memories = tiny_memories(memories=("history",))
+    assert greedy_decode(model, memories, None, max_tokens=5, banned_ids=(PAD, START))[0] == [7] * 5
+    blocked = greedy_decode(model, memories, None, max_tokens=12, block_ngram=2, banned_ids=(PAD, START))
+    for row in blocked:
+        bigrams = list(zip(row, row[1:]))
+        assert len(bigrams) == len(set(bigrams))
+
+
+def _sequence_log_prob(model, memories, source, tokens):
+    """log P of a whole response (as decoding scores it) by running the decoder on its prefix."""
+    kv = model.memory_keys_values(memories)
+    ids = torch.tensor([[START] + tokens[:-1]])
+    hidden = model.decode(ids, kv)
+    total = 0.0
+    for t, token in enumerate(tokens):
+        total += float(model.next_token_log_probs(hidden[:, t], source)[0, token].detach())
+    return total
+
+
+# Seeds where greedy search misses the best response (found by trying seeds), so the test can tell them apart.
+@pytest.mark.parametrize("seed, length_penalty", [(39, 0.0), (56, 0.0), (46, 1.0)])
+def test_beam_search_with_a_wide_beam_equals_exhaustive_search(seed, length_penalty):
+    vocab_size, max_tokens = 5, 3  # pad, start, end, a, b
+    model = tiny_generator(vocab_size=vocab_size, copy=True, seed=seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(4.0)  # sharper distributions: greedy choices then have consequences
+    memories = tiny_memories(batch=1, seed=4)
+    source = CopySource(torch.randn(1, 2, 8), torch.tensor([[3, 4]]), torch.zeros(1, 2, dtype=torch.bool))
+    # Every response: fewer than max_tokens words and the end token, or exactly max_tokens words.
+    candidates = [list(words) + [END] for length in range(max_tokens) for words in itertools.product([3, 4], repeat=length)]
+    candidates += [list(words) for words in itertools.product([3, 4], repeat=max_tokens)]
+
+    def score(c):
+        return _sequence_log_prob(model, memories, source, c) / len(c) ** length_penalty
+
+    best = max(candidates, key=score)
+    found = beam_decode(model, memories, source, max_tokens=max_tokens, beam_size=64, banned_ids=(PAD, START),
+                        length_penalty=length_penalty)[0]
+    assert found == [t for t in best if t != END]
+    assert greedy_decode(model, memories, source, max_tokens, banned_ids=(PAD, START))[0] != found
+
+
+def test_the_conversation_model_builds_memories_and_a_copy_source():
+    torch.manual_seed(0)
+    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
+                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    generator = ResponseGenerator(GeneratorConfig(vocab_size=11, memory_dims={"history": 8, "kg": 6, "review": 8},
+                                                  dim=8, n_heads=2, ffn_dim=16, max_positions=8))
+    model = ConversationModel(encoders, generator, movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4],
+                              frozen=("review",))
+    context = torch.tensor([[5, 9, 4, 6], [7, 0, 0, 0]])
+    entity_ids = torch.tensor([[0, 1], [-1, -1]])
+    rows = model.entity_rows(torch.tensor([0, 1]), torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 1]))
+    sentences = torch.tensor([[[5, 6, 0], [0, 0, 0]], [[7, 8, 6], [6, 0, 0]]])
+    mask = torch.tensor([[True, False], [True, True]])
+    memories, source = model.memories(context, rows, entity_ids, sentences, mask)
+    assert memories["history"].states.shape == (2, 4, 8) and memories["kg"].states.shape == (2, 2, 6)
+    assert memories["review"].states.shape == (2, 2, 8) and memories["kg"].pad[1].all()
+    assert source.ids.shape == (2, 4 + 2 * 3)
+    assert source.ids[0, 1] == 10  # the movie token is copied as the placeholder
+    assert source.blocked[0, 2] and source.blocked[1, 1]  # the separator and padding are not copyable
+    hidden = generator.decode(torch.tensor([[START, 5], [START, 6]]), generator.memory_keys_values(memories))
+    loss = generation_loss(generator.target_log_probs(hidden, torch.tensor([[5, END], [10, END]]), source),
+                           torch.tensor([[5, END], [10, END]]), PAD)
+    loss.backward()
+    assert encoders.review_encoder.tokens.weight.grad is None  # frozen
+    assert encoders.conversation_encoder.tokens.weight.grad is not None
