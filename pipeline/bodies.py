@@ -27,7 +27,7 @@ from models.generator import ConversationModel, GeneratorConfig, ResponseGenerat
 from pipeline.config import ConfigError, DataConfig, LinkingConfig, Params, resolve_device
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import c2crs_data, c2crs_train, conv_train, evaluate, fetch, ingest, kg, linking, reviews, triples
+from stages import c2crs_data, c2crs_train, conv_evaluate, conv_train, evaluate, fetch, ingest, kg, linking, reviews, triples
 from stages import training as c2crs_training
 
 logger = logging.getLogger(__name__)
@@ -742,16 +742,125 @@ def _setting(params: Params, samples: pl.DataFrame) -> str:
             "turn, and scored all turns: compare directions and gaps between rows, not levels.")
 
 
+def _item_titles(workspace: Path) -> dict[int, str]:
+    """Item entity id -> "Title (year)"."""
+    movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+    items = (pl.read_parquet(workspace / TRAINING_INPUTS["entities"]).filter(pl.col("is_item"))
+             .join(movies, on="movie_id", how="left"))
+    return {e: f"{t} ({y})" if y else (t or label) for e, t, y, label in
+            items.select("entity_id", "title", "year", "label").iter_rows()}
+
+
+def _top_items(params: Params, workspace: Path, run: c2crs_train.Run, table: c2crs_data.SampleTable,
+               rows: np.ndarray, k: int) -> dict[str, dict[int, list[int]]]:
+    """Each recommender's k best items for the given table rows: {recommender: {row: [item entity ids]}}."""
+    batch = params.evaluate.batch_size
+    c2crs = load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
+    kbrd = load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
+    textcnn = load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
+    blocks = {"c2crs": c2crs_train.score_samples(c2crs, run, table, batch),
+              "kbrd": c2crs_train.score_samples(kbrd, run, table, batch),
+              "textcnn": c2crs_train.score_textcnn(textcnn, run, table, batch)}
+    wanted = set(rows.tolist())
+    top = {}
+    for name, scored in blocks.items():
+        top[name] = {}
+        for block_rows, scores in scored:
+            for i, row in enumerate(block_rows):
+                if int(row) in wanted:
+                    top[name][int(row)] = np.argsort(-scores[i], kind="stable")[:k].tolist()
+    return top
+
+
+def _context_turns(table: c2crs_data.SampleTable, row: int, tokens: list[str], titles: dict[str, str],
+                   turns: int = 4) -> list[str]:
+    """The last turns of a sample's context as text, "@123" shown as the movie's title."""
+    words = [titles.get(tokens[t], tokens[t]) for t in table.context_tokens[row]]
+    text = " ".join(words).split(triples.SPLIT)
+    return [turn.strip() for turn in text if turn.strip()][-turns:]
+
+
+def evaluate_conversation(params: Params, workspace: Path, log: StageLog = NO_LOG) -> tuple[dict, str, str, str]:
+    """Every generator on the test split's recommender turns: metrics/conv.json's content, the report, the rating
+    sheet and its key."""
+    run, _, inputs = _training_run(params, workspace)
+    samples = pl.read_parquet(inputs["samples"])
+    table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
+    vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
+    data = conv_train.responses(samples, table, "test", vocabulary)
+    decoding = params.evaluate.decoding
+    entities = pl.read_parquet(inputs["entities"])
+    linker = kg_entity_linker(entities, pl.read_parquet(inputs["edges"]),
+                              raw_files(params.data, workspace, "stopwords")["stopwords"], params.linking)
+
+    def names_entity(words) -> bool:
+        return conv_train.PLACEHOLDER in words or bool(linker.link(" ".join(words)))
+
+    def words(tokens: list[int]) -> list[str]:
+        return [vocabulary.tokens[t] for t in tokens if vocabulary.tokens[t] not in triples.SPECIAL_TOKENS]
+
+    references = [words(t) for t in data.tokens]
+    paths = {variant: conv_model_path(workspace, variant) for variant in params.conv_baselines.variants}
+    paths["c2crs"] = conv_model_path(workspace)
+    rank = {name: i for i, name in enumerate(conv_evaluate.MODEL_NAMES)}  # the paper's order; others before C2-CRS
+    paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
+    results = {"human": conv_evaluate.generation_metrics(references, None, names_entity, None)}
+    generated, recommender = {}, {}
+    for name, path in paths.items():
+        model, config = load_conversation_model(path)
+        model.to(run.device)
+        perplexity = conv_train.perplexity(model, run, table, data, decoding.batch_size)["perplexity"]
+        generated[name] = [words(t) for t in conv_train.generate(model, run, table, data.rows, decoding,
+                                                                 vocabulary.banned_ids)]
+        recommender[name] = CONV_RECOMMENDER[config.pretrained]
+        results[name] = conv_evaluate.generation_metrics(generated[name], references, names_entity, perplexity)
+        log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
+        logger.info("conversation %s: %s", name, results[name])
+
+    picked = np.sort(np.random.default_rng(params.seed).choice(
+        len(data), min(params.evaluate.samples_for_reading, len(data)), replace=False))
+    rows = data.rows[picked]
+    top = _top_items(params, workspace, run, table, rows, k=3)
+    item_titles = _item_titles(workspace)
+    token_titles = {f"@{m}": f"{t} ({y})" if y else t for m, t, y in pl.read_parquet(
+        workspace / "data/ingest/movies.parquet").select("movie_id", "title", "year").iter_rows()}
+    readable = []
+    for index, row in zip(picked.tolist(), rows.tolist()):
+        def shown(response: list[str], recommender_name: str) -> str:
+            titles = [item_titles[i] for i in top[recommender_name][row]]
+            return " ".join(conv_train.fill_movies(response, titles))
+        readable.append({
+            "sample_id": int(table.sample_ids[row]),
+            "context": _context_turns(table, row, vocabulary.tokens, token_titles),
+            "gold": " ".join(references[index]),
+            "responses": {name: shown(generated[name][index], recommender[name]) for name in paths},
+        })
+    protocol = (f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
+                f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
+                f"{decoding.method} decoding" + (f" (beam {decoding.beam_size})" if decoding.method == "beam" else "")
+                + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; perplexity of the "
+                "gold responses under each model. Metrics are over word tokens with a movie placeholder as one word "
+                "(definitions in stages/conv_evaluate.py).")
+    report = conv_evaluate.conversation_report(results, protocol, readable, list(paths))
+    sheet, key = conv_evaluate.rating_sheet(readable, list(paths), params.seed)
+    return results, report, sheet, key
+
+
 def evaluate_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    """Recommendation metrics on the test split (read here and nowhere else), both protocols, with 95 % intervals."""
+    """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
+    intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
     spec = STAGES["evaluate"]
     inputs = {Path(d).name: workspace / d for d in spec.deps}
     samples = pl.read_parquet(workspace / TRAINING_INPUTS["samples"])
     results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / TRAINING_INPUTS["triples"]),
                                "test", log)
     report = evaluate.recommendation_report(results, _setting(params, samples))
-    write_outputs({workspace / spec.metrics[0]: results, workspace / spec.reports[0]: report})
-    return StageOutcome(inputs, results)
+    conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log)
+    rec_metrics, conv_metrics = (workspace / m for m in spec.metrics)
+    rec_report, conv_report_path, sheet_path, key_path = (workspace / r for r in spec.reports)
+    write_outputs({rec_metrics: results, conv_metrics: conversation, rec_report: report,
+                   conv_report_path: conv_report, sheet_path: sheet, key_path: key})
+    return StageOutcome(inputs, {"rec": results, "conv": conversation})
 
 
 def score_file(params: Params, workspace: Path, path: Path) -> dict:

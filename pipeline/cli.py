@@ -38,13 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
     score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
 
+    rate = commands.add_parser("rate", help="score filled copies of reports/conv_rating.csv: each model's mean "
+                                            "fluency and informativeness, and inter-rater agreement")
+    rate.add_argument("sheets", nargs="+", help="one filled rating sheet per rater (CSV)")
+    rate.add_argument("--key", default="reports/conv_rating_key.csv", help="which model wrote each item "
+                                                                             "(default: reports/conv_rating_key.csv)")
+
     args, unknown = parser.parse_known_args(argv)
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score}[args.command](args)
+        return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score,
+                "rate": _rate}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,6 +88,31 @@ def _score(args) -> int:
     print(f"{scored['conversations']} conversations read from {data}; bad records: {scored['bad_records'] or 0}")
     print(markdown_table(scored["results"]))
     print(json.dumps(scored["results"], indent=2, sort_keys=True))
+    return 0
+
+
+def _rate(args) -> int:
+    """Means per model over raters and items, Krippendorff's alpha (ordinal) per aspect; also as JSON."""
+    from stages.conv_evaluate import MODEL_NAMES, RATING_ASPECTS, RatingError, read_key, read_ratings, score_ratings
+
+    try:
+        for path in [args.key, *args.sheets]:
+            if not Path(path).is_file():
+                raise RatingError(f"{path}: file not found")
+        scored = score_ratings({sheet: read_ratings(Path(sheet)) for sheet in args.sheets}, read_key(Path(args.key)))
+    except RatingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{scored['raters']} rater(s), {scored['items']} items")
+    print("| model | " + " | ".join(RATING_ASPECTS) + " |")
+    print("|---|" + "---|" * len(RATING_ASPECTS))
+    for model, means in scored["models"].items():
+        print(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(f"{means[a]:.2f}" for a in RATING_ASPECTS) + " |")
+    for aspect, agreement in scored["agreement"].items():
+        alpha = agreement["krippendorff_alpha_ordinal"]
+        print(f"{aspect}: Krippendorff's alpha (ordinal) = "
+              + ("n/a (needs two raters and more than one distinct score)" if alpha is None else f"{alpha:.3f}"))
+    print(json.dumps(scored, indent=2, sort_keys=True))
     return 0
 
 

@@ -94,6 +94,26 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
                         weights_only=False)["state_dict"]
     assert all(torch.equal(main_coarse[k], reused[k]) for k in main_coarse)
 
+    # Conversation: every generator on the test responses, the metrics contract, the report and the rating sheet.
+    conversation = json.loads((workspace / "metrics/conv.json").read_text())
+    assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
+    assert set(params.conv_baselines.variants) == {"transformer", "kgsf", "wo_iw"}  # the shipped params.yaml's
+    for name, metrics in conversation.items():
+        for n in (2, 3, 4):
+            assert set(metrics[f"dist@{n}"]) == {"corpus", "per_sentence"}, name
+        assert {"perplexity", "avg_len", "entity_rate"} <= set(metrics)
+    assert conversation["c2crs"]["perplexity"] > 1 and {"bleu@1", "bleu@2"} <= set(conversation["c2crs"])
+    assert conversation["human"]["n"] == conversation["c2crs"]["n"] > 0
+    conv_report = (workspace / "reports/conv.md").read_text()
+    assert "| paper: C2-CRS | 0.163 | 0.291 | 0.417 |" in conv_report
+    assert "| C2-CRS w/o instance weighting |" in conv_report
+    sheet = (workspace / "reports/conv_rating.csv").read_text().splitlines()
+    assert sheet[0] == "item,sample_id,context,response,fluency,informativeness"
+    assert len(sheet) - 1 == 4 * min(params.evaluate.samples_for_reading, conversation["c2crs"]["n"])
+    conv_baselines = json.loads((workspace / "metrics/conv_baselines.json").read_text())
+    assert conv_baselines["transformer"]["overrides"]["finetune_conv.pretrained"] == "none"
+    assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
+
     # The same models on a file a user brings: the fixture's test conversations give the same numbers.
     from pipeline.bodies import score_file
 

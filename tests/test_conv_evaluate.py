@@ -1,0 +1,89 @@
+"""Conversation metrics and the rating sheet (stages/conv_evaluate.py), on hand-made sentences."""
+
+import csv
+import math
+
+import pytest
+
+from pipeline.cli import main
+from stages.conv_evaluate import (RatingError, bleu, distinct, generation_metrics, rating_sheet, read_key,
+                                  read_ratings, score_ratings)
+from stages.conv_train import PLACEHOLDER, fill_movies
+
+RESPONSES = [["i", "like", "it", "i", "like", "it"], ["i", "like", "comedies"], ["ok"]]
+
+
+def test_distinct_ngrams_under_both_definitions():
+    # bigrams: (i,like) (like,it) (it,i) (i,like) (like,it) | (i,like) (like,comedies) | none -> 7 in all, 4 distinct
+    assert distinct(RESPONSES, 2) == {"corpus": pytest.approx(4 / 7), "per_sentence": pytest.approx(4 / 3)}
+    # trigrams: (i,like,it) (like,it,i) (it,i,like) (i,like,it) | (i,like,comedies) -> 5 in all, 4 distinct
+    assert distinct(RESPONSES, 3) == {"corpus": pytest.approx(4 / 5), "per_sentence": pytest.approx(4 / 3)}
+    assert distinct([["a"]], 2) == {"corpus": 0.0, "per_sentence": 0.0}
+
+
+def test_bleu_by_hand():
+    hypothesis, reference = ["the", "cat", "sat", "down"], ["the", "cat", "is", "down", "here"]
+    brevity = math.exp(1 - 5 / 4)  # hypothesis shorter than the reference
+    assert bleu([hypothesis], [reference], 1) == pytest.approx(brevity * 3 / 4)
+    assert bleu([hypothesis], [reference], 2) == pytest.approx(brevity * 1 / 3)  # only (the, cat) of 3 bigrams
+    assert bleu([reference], [reference], 2) == pytest.approx(1.0)
+    assert bleu([["x"], reference], [reference, reference], 1) == pytest.approx(0.5)  # a mean over responses
+
+
+def test_generation_metrics_contract():
+    metrics = generation_metrics(RESPONSES, RESPONSES, lambda words: "comedies" in words, perplexity=12.5)
+    assert set(metrics) == {"dist@2", "dist@3", "dist@4", "bleu@1", "bleu@2", "perplexity", "avg_len",
+                            "entity_rate", "n"}
+    assert metrics["avg_len"] == pytest.approx(10 / 3) and metrics["entity_rate"] == pytest.approx(1 / 3)
+    assert metrics["bleu@1"] == pytest.approx(1.0) and metrics["perplexity"] == 12.5
+
+
+def test_fill_movies_puts_the_recommenders_items_in_order():
+    words = ["try", PLACEHOLDER, "or", PLACEHOLDER, "or", PLACEHOLDER]
+    assert fill_movies(words, ["Alpha (2001)", "Beta (1999)"]) == ["try", "Alpha (2001)", "or", "Beta (1999)", "or",
+                                                                   PLACEHOLDER]
+
+
+SAMPLES = [{"sample_id": 7, "context": ["hi", "any comedy?"], "responses": {"a": "try Alpha", "b": "hi hi"}},
+           {"sample_id": 9, "context": ["hello"], "responses": {"a": "what do you like?", "b": "ok"}}]
+
+
+def _filled(tmp_path, name, scores):
+    """The sheet as a rater returns it: scores[model] = (fluency, informativeness) for every item of that model."""
+    sheet, key = rating_sheet(SAMPLES, ["a", "b"], seed=0)
+    (tmp_path / "key.csv").write_text(key)
+    model_of = {int(r["item"]): r["model"] for r in csv.DictReader(key.splitlines())}
+    rows = list(csv.DictReader(sheet.splitlines()))
+    with open(tmp_path / name, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=rows[0].keys())
+        writer.writeheader()
+        for row in rows:
+            row["fluency"], row["informativeness"] = scores[model_of[int(row["item"])]]
+            writer.writerow(row)
+    return tmp_path / name
+
+
+def test_the_rating_sheet_hides_the_models_and_scores_means_and_agreement(tmp_path):
+    sheet, key = rating_sheet(SAMPLES, ["a", "b"], seed=0)
+    assert "model" not in sheet.splitlines()[0] and len(sheet.splitlines()) == 5
+    one = _filled(tmp_path, "one.csv", {"a": ("2", "2"), "b": ("1", "0")})
+    two = _filled(tmp_path, "two.csv", {"a": ("2", "2"), "b": ("1", "0")})
+    scored = score_ratings({"one": read_ratings(one), "two": read_ratings(two)}, read_key(tmp_path / "key.csv"))
+    assert scored["models"] == {"a": {"fluency": 2.0, "informativeness": 2.0},
+                                "b": {"fluency": 1.0, "informativeness": 0.0}}
+    assert scored["agreement"]["fluency"]["krippendorff_alpha_ordinal"] == pytest.approx(1.0)  # identical raters
+    three = _filled(tmp_path, "three.csv", {"a": ("0", "0"), "b": ("2", "2")})  # the opposite opinion
+    disagreeing = score_ratings({"one": read_ratings(one), "three": read_ratings(three)},
+                                read_key(tmp_path / "key.csv"))
+    assert disagreeing["agreement"]["fluency"]["krippendorff_alpha_ordinal"] < 0
+
+
+def test_a_bad_rating_names_the_file_line_and_what_was_expected(tmp_path, capsys):
+    path = _filled(tmp_path, "bad.csv", {"a": ("2", "3"), "b": ("1", "")})
+    with pytest.raises(RatingError, match=r"bad.csv, line \d+ \(item \d+\): informativeness must be 0, 1 or 2"):
+        read_ratings(path)
+    good = _filled(tmp_path, "good.csv", {"a": ("2", "1"), "b": ("1", "0")})
+    assert main(["rate", str(good), "--key", str(tmp_path / "key.csv")]) == 0
+    assert "| a | 2.00 | 1.00 |" in capsys.readouterr().out
+    assert main(["rate", str(path), "--key", str(tmp_path / "key.csv")]) == 2
+    assert "informativeness must be 0, 1 or 2" in capsys.readouterr().err
