@@ -234,6 +234,19 @@ def kg_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOu
     return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)
 
 
+def sentence_chooser(cfg, entities: pl.DataFrame, edges: pl.DataFrame, movies: pl.DataFrame,
+                     sentences: pl.DataFrame, review_table: pl.DataFrame) -> triples.SentenceChooser:
+    """The triples stage's rule for the review sentence of a mentioned entity (params.triples)."""
+    popularity = entities.join(movies.select("movie_id", pl.col("mentions_ingested").alias("mentions")),
+                               on="movie_id", how="left").with_columns(pl.col("mentions").fill_null(0))
+    candidates = triples.candidate_sentences(popularity, edges, sentences, cfg.max_movies_per_entity)
+    ratings = (sentences.join(review_table.select("movie_id", "source", "review_id", "rating"),
+                              on=["movie_id", "source", "review_id"], how="left")
+               .sort("sentence_id")["rating"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
+    return triples.SentenceChooser(cfg.sentence_rule, sentences, ratings,
+                                   dict(zip(entities["entity_id"], entities["label"])), candidates)
+
+
 def triples_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     cfg = params.triples
     spec = STAGES["triples"]
@@ -256,15 +269,7 @@ def triples_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> St
                                           cfg.min_token_frequency)
     samples, context_mentions = triples.build_samples(utterances, linked, vocabulary, item_entity,
                                                       cfg.context_max_tokens, cfg.response_max_tokens)
-    popularity = entities.join(movies.select("movie_id", pl.col("mentions_ingested").alias("mentions")),
-                               on="movie_id", how="left").with_columns(pl.col("mentions").fill_null(0))
-    candidates = triples.candidate_sentences(popularity, edges, sentences, cfg.max_movies_per_entity)
-    ratings = (sentences.join(pl.read_parquet(dep["reviews.parquet"]).select("movie_id", "source", "review_id",
-                                                                             "rating"),
-                              on=["movie_id", "source", "review_id"], how="left")
-               .sort("sentence_id")["rating"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
-    chooser = triples.SentenceChooser(cfg.sentence_rule, sentences, ratings,
-                                      dict(zip(entities["entity_id"], entities["label"])), candidates)
+    chooser = sentence_chooser(cfg, entities, edges, movies, sentences, pl.read_parquet(dep["reviews.parquet"]))
     triple_table = triples.build_triples(context_mentions, linked, utterances, chooser)
 
     bracketed = {f"<{uri}>": entity_id for entity_id, uri in zip(entities["entity_id"], entities["uri"])}

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     rate.add_argument("--key", default="reports/conv_rating_key.csv", help="which model wrote each item "
                                                                              "(default: reports/conv_rating_key.csv)")
 
+    talk = commands.add_parser("talk", help="talk with the trained C2-CRS model in the terminal")
+    talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
     args, unknown = parser.parse_known_args(argv)
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score,
-                "rate": _rate}[args.command](args)
+                "rate": _rate, "talk": _talk}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +117,13 @@ def _rate(args) -> int:
               + ("n/a (needs two raters and more than one distinct score)" if alpha is None else f"{alpha:.3f}"))
     print(json.dumps(scored, indent=2, sort_keys=True))
     return 0
+
+
+def _talk(args) -> int:
+    from pipeline.talk import talk
+
+    params_file = Path(args.params).resolve()
+    return talk(load_params(params_file), params_file.parent)
 
 
 def _stages(args) -> int:

@@ -114,6 +114,15 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert conv_baselines["transformer"]["overrides"]["finetune_conv.pretrained"] == "none"
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
 
+    # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
+    from pipeline.talk import Chat
+
+    chat = Chat(params, workspace)
+    answer, recommended, unknown = chat.reply('hi, I loved "Alpha" and "No Such Film"')
+    assert chat.turns[0].movie_ids == [100] and unknown == ["No Such Film"]
+    assert isinstance(answer, str) and "Alpha (2001)" not in recommended and len(recommended) == 3
+    assert chat.turns[-1].role == "recommender" and len(chat.turns) == 2
+
     # The same models on a file a user brings: the fixture's test conversations give the same numbers.
     from pipeline.bodies import score_file
 

@@ -1,0 +1,154 @@
+"""Benchmark: response decoding speed with and without the key/value cache, and finetune_conv's training speed.
+
+Why: evaluate answers about 7,000 test contexts with each of four generators, and a user talking to the model waits
+for one response at a time; training is finetune_conv's whole cost (its target: 30 minutes on 2 cores).
+
+How: the generator is built as finetune_conv builds it (pipeline.bodies: data/models/c2crs_conv.pt when it exists,
+otherwise the same architecture from params.yaml with fresh weights, which does the same work) and reads test
+contexts of the data the pipeline built (data/triples, data/kg, data/reviews). Decoding runs exactly --tokens
+steps for every response (the end token is banned, so cached and uncached decoding do the same number of steps)
+at batch 1 (the first --responses contexts one by one) and batch 64 (one batch), greedy and beam 4:
+    cached    models.generator greedy_decode / beam_decode as evaluate runs them: memories projected once,
+              self-attention keys and values grown by one row a step
+    uncached  the same with use_cache=False: the decoder reruns the whole prefix every step
+ms per response = wall time / responses (memories' encoding included), tokens/s = responses x tokens / wall time.
+Training: --steps timed steps (after one warm-up) of finetune_conv's step (stages.conv_train.target_log_probs,
+generation_loss with Eq. 12's weights, backward, clip, Adam) on epoch 0's length-bucketed batches, for params.yaml's
+freezing and with nothing frozen; samples/s = responses per batch / mean step time.
+
+    .venv/bin/python bench/decode.py [--tokens 30] [--responses 16] [--steps 5]
+
+Prints a table and writes bench/results/decode.json. Other processes using the CPU slow every number.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, proc_status_mib, write_results  # noqa: E402
+
+
+def _generator(params, workspace: Path, freeze: list[str]):
+    """(model, run, test table, test responses, vocabulary, train responses, weights) as the stages build them."""
+    import polars as pl
+    import torch
+
+    from pipeline import bodies
+    from stages import c2crs_data, conv_train
+
+    run, _, inputs = bodies._training_run(params, workspace)
+    trained = bodies.conv_model_path(workspace)
+    params = params.model_copy(update={"finetune_conv": params.finetune_conv.model_copy(
+        update={"freeze": freeze, "epochs": 0})})
+    if trained.is_file():
+        model, _ = bodies.load_conversation_model(trained)
+        for name in ("history", "kg", "review"):
+            model._encoder(name).requires_grad_(name not in freeze)
+        model.frozen = tuple(freeze)
+    else:
+        model, _, _ = bodies._train_conversation(params, workspace, bodies.NO_LOG,
+                                                 ROOT / "bench" / "results" / "decode_model.pt")
+    samples = pl.read_parquet(inputs["samples"])
+    test = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
+    vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
+    train = conv_train.responses(samples, run.train, "train", vocabulary)
+    weights = conv_train.loss_weights(train, vocabulary, params.finetune_conv.weight_threshold,
+                                      params.finetune_conv.weight_floor)
+    torch.manual_seed(0)
+    return (model.to(run.device), run, test, conv_train.responses(samples, test, "test", vocabulary), vocabulary,
+            train, weights)
+
+
+def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: str, batch: int,
+                    use_cache: bool) -> dict:
+    import torch
+
+    from models.generator import beam_decode, greedy_decode
+    from stages import conv_train
+
+    banned = tuple(vocabulary.banned_ids) + (vocabulary.token_id["__end__"],)
+    model.eval()
+    start = time.perf_counter()
+    for first in range(0, len(rows), batch):
+        with torch.no_grad():
+            memories, source = conv_train._batch(model, run, table, rows[first:first + batch])
+            if method == "beam":
+                out = beam_decode(model.generator, memories, source, tokens, 4, banned_ids=banned, use_cache=use_cache)
+            else:
+                out = greedy_decode(model.generator, memories, source, tokens, banned_ids=banned, use_cache=use_cache)
+        assert all(len(r) == tokens for r in out)
+    seconds = time.perf_counter() - start
+    return {"ms_per_response": 1000 * seconds / len(rows), "tokens_per_s": len(rows) * tokens / seconds,
+            "responses": len(rows)}
+
+
+def _train_timings(model, run, train, weights, params, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from models.generator import generation_loss
+    from stages import conv_train
+    from stages.training import epoch_generator
+
+    cfg = params.finetune_conv
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate)
+    batches = conv_train._length_batches(run, run.train, train, cfg.batch_size, epoch_generator(params.seed, 0))
+    model.train()
+    times, sizes = [], []
+    for i, picked in enumerate(batches[: steps + 1]):
+        start = time.perf_counter()
+        log_probs, targets = conv_train.target_log_probs(model, run, run.train, train, picked)
+        loss = generation_loss(log_probs, targets, 0, weights)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        if i:  # the first step is a warm-up
+            times.append(time.perf_counter() - start)
+            sizes.append(len(picked))
+    mean = statistics.mean(times)
+    return {"step_ms": 1000 * mean, "samples_per_s": float(np.mean(sizes)) / mean, "steps": len(times),
+            "batch_size": cfg.batch_size, "steps_per_epoch": len(batches)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=30, help="tokens per response (default 30, evaluate's maximum)")
+    parser.add_argument("--responses", type=int, default=16, help="responses timed one by one at batch 1")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from pipeline import bodies
+    from pipeline.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    model, run, test, responses, vocabulary, train, weights = _generator(params, ROOT, params.finetune_conv.freeze)
+    rows = responses.rows[np.argsort(test.context_lengths[responses.rows])][:: max(1, len(responses) // 64)][:64]
+    decoding = {}
+    for method in ("greedy", "beam"):
+        for batch, chosen in ((1, rows[: args.responses]), (64, rows)):
+            for use_cache in (True, False):
+                name = f"{method} batch {batch} {'cached' if use_cache else 'uncached'}"
+                decoding[name] = _decode_timings(model, run, test, chosen, vocabulary, args.tokens, method, batch,
+                                                 use_cache)
+                print(f"{name:28s} {decoding[name]['ms_per_response']:8.1f} ms/response "
+                      f"{decoding[name]['tokens_per_s']:8.0f} tokens/s", flush=True)
+    training = {}
+    for label, freeze in ((f"freeze {params.finetune_conv.freeze}", params.finetune_conv.freeze),
+                          ("nothing frozen", [])):
+        model, run, _, _, _, train, weights = _generator(params, ROOT, list(freeze))
+        training[label] = _train_timings(model, run, train, weights, params, args.steps)
+        print(f"training, {label:20s} {training[label]['step_ms']:8.0f} ms/step "
+              f"{training[label]['samples_per_s']:6.1f} samples/s", flush=True)
+    write_results("decode", {"tokens": args.tokens, "trained_model": bodies.conv_model_path(ROOT).is_file(),
+                             "decoding": decoding, "training": training, "peak_rss_mib": proc_status_mib("VmHWM")})
+
+
+if __name__ == "__main__":
+    main()

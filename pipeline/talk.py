@@ -1,0 +1,144 @@
+"""`python -m pipeline talk`: a conversation with the trained C2-CRS model in the terminal.
+
+Each of your turns is handled as a test sample is: merged into the conversation, linked to the KG (movies through
+"@id", other entities by name), its mentions given review sentences by the triples stage's rule; then the
+recommender ranks every movie and the generator answers, its movie placeholders filled with the recommender's top
+items. Movies already named in the conversation are not recommended again here (evaluation does not exclude them).
+Name a movie as "@<ReDial id>" or by its title in double quotes ("The Matrix"); `/find WORDS` lists matching titles.
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline import bodies
+from pipeline.config import Params
+from pipeline.registry import STAGES
+from stages import c2crs_data, c2crs_train, conv_train, ingest, triples
+
+QUOTED_TITLE = re.compile(r'"([^"]+)"')
+
+
+@dataclass
+class Turn:
+    role: str  # seeker (you) or recommender (the model)
+    text: str  # with movies as "@id"
+    movie_ids: list[int] = field(default_factory=list)
+
+
+class Chat:
+    """The models and tables a conversation needs, and the conversation so far."""
+
+    def __init__(self, params: Params, workspace: Path, top_k: int = 3):
+        self.params, self.workspace, self.top_k = params, workspace, top_k
+        self.run, _, inputs = bodies._training_run(params, workspace)
+        entities, edges = pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["edges"])
+        self.movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+        items = entities.filter(pl.col("is_item"))
+        self.item_entity = dict(zip(items["movie_id"], items["entity_id"]))
+        self.entity_movie = {e: m for m, e in self.item_entity.items()}
+        self.titles = {m: f"{t} ({y})" if y else t for m, t, y in self.movies.select("movie_id", "title", "year")
+                       .iter_rows()}
+        by_popularity = self.movies.sort("mentions_ingested", descending=True)
+        self.title_to_movie: dict[str, int] = {}
+        for movie_id, title in by_popularity.select("movie_id", "title").iter_rows():
+            for name in (title, self.titles[movie_id]):
+                self.title_to_movie.setdefault(name.lower(), movie_id)
+        stopwords = bodies.raw_files(params.data, workspace, "stopwords")["stopwords"]
+        self.linker = bodies.kg_entity_linker(entities, edges, stopwords, params.linking)
+        self.vocab_table = pl.read_parquet(inputs["vocab"])
+        self.vocabulary = conv_train.conv_vocabulary(self.vocab_table)
+        self.chooser = bodies.sentence_chooser(params.triples, entities, edges, self.movies,
+                                               pl.read_parquet(inputs["review_sentences"]),
+                                               pl.read_parquet(workspace / "data/reviews/reviews.parquet"))
+        device = self.run.device
+        self.recommender = bodies.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(device).eval()
+        self.generator, _ = bodies.load_conversation_model(bodies.conv_model_path(workspace))
+        self.generator.to(device).eval()
+        self.turns: list[Turn] = []
+
+    def find(self, words: str, limit: int = 10) -> list[str]:
+        wanted = words.lower()
+        hits = self.movies.filter(pl.col("title").str.to_lowercase().str.contains(wanted, literal=True)).sort(
+            "mentions_ingested", descending=True).head(limit)
+        return [f"@{m}  {self.titles[m]}" for m in hits["movie_id"]]
+
+    def _with_movie_ids(self, text: str) -> tuple[str, list[int], list[str]]:
+        """Quoted titles become "@id"; returns the text, the movies named and the titles not found."""
+        unknown = []
+
+        def replace(match: re.Match) -> str:
+            movie = self.title_to_movie.get(match.group(1).strip().lower())
+            if movie is None:
+                unknown.append(match.group(1))
+                return match.group(1)
+            return f"@{movie}"
+
+        text = QUOTED_TITLE.sub(replace, text)
+        movies = [int(m) for m in re.findall(r"@(\d+)", text) if int(m) in self.item_entity]
+        return text, movies, unknown
+
+    def _next_sample(self) -> c2crs_data.SampleTable:
+        """The conversation so far plus an empty recommender turn, built into samples as the triples stage does."""
+        turns = self.turns + [Turn("recommender", "")]
+        utterances = pl.DataFrame([(0, i, t.role, t.text, t.movie_ids) for i, t in enumerate(turns)],
+                                  schema=ingest.UTTERANCE_SCHEMA, orient="row").with_columns(split=pl.lit("test"))
+        linked = triples.link_all(utterances, self.linker, self.item_entity)
+        longest = min(self.params.triples.context_max_tokens, self.recommender.cfg.max_positions,
+                      self.generator.encoders.cfg.max_positions)  # the encoders know no later positions
+        samples, mentions = triples.build_samples(utterances, linked, self.vocab_table, self.item_entity, longest,
+                                                  self.params.triples.response_max_tokens)
+        triple_table = triples.build_triples(mentions, linked, utterances, self.chooser)
+        return c2crs_data.sample_table(samples, triple_table, "test")
+
+    @torch.no_grad()
+    def reply(self, text: str) -> tuple[str, list[str], list[str]]:
+        """Your turn in, the model's answer out: (answer, recommended titles, quoted titles not found)."""
+        text, movies, unknown = self._with_movie_ids(text)
+        self.turns.append(Turn("seeker", text, movies))
+        table = self._next_sample()
+        row = np.array([len(table) - 1])
+        blocks = c2crs_train.score_samples(self.recommender, self.run, table, len(table))
+        scores = np.concatenate([block for _, block in blocks])[-1].copy()
+        mentioned = [self.item_entity[m] for t in self.turns for m in t.movie_ids]
+        scores[mentioned] = -np.inf
+        top = [int(e) for e in np.argsort(-scores, kind="stable")[: self.top_k] if np.isfinite(scores[e])]
+        tokens = conv_train.generate(self.generator, self.run, table, row, self.params.evaluate.decoding,
+                                     self.vocabulary.banned_ids)[0]
+        words = [self.vocabulary.tokens[t] for t in tokens]
+        ids = [f"@{self.entity_movie[e]}" for e in top]
+        said = conv_train.fill_movies(words, ids)
+        self.turns.append(Turn("recommender", " ".join(said), [int(w[1:]) for w in said if w in ids]))
+        shown = conv_train.fill_movies(words, [self.titles[self.entity_movie[e]] for e in top])
+        return " ".join(shown), [self.titles[self.entity_movie[e]] for e in top], unknown
+
+
+def talk(params: Params, workspace: Path) -> int:
+    for needed in (STAGES["finetune_rec"].outs[0], STAGES["finetune_conv"].outs[0]):
+        if not (workspace / needed).is_file():
+            print(f"error: {needed} is missing; train it first (python -m pipeline repro finetune_conv)")
+            return 2
+    print("loading the models ...", flush=True)
+    chat = Chat(params, workspace)
+    print(__doc__.split("\n\n")[1].replace("\n", " "))
+    print("Empty line or Ctrl-D ends the conversation.\n")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not text:
+            return 0
+        if text.startswith("/find "):
+            print("\n".join(chat.find(text[6:].strip())) or "no title contains that")
+            continue
+        answer, recommended, unknown = chat.reply(text)
+        if unknown:
+            print(f"(not a ReDial title, kept as words: {', '.join(unknown)}; try /find)")
+        print(f"c2crs> {answer}")
+        print(f"       recommends: {'; '.join(recommended)}")
