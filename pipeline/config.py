@@ -239,8 +239,9 @@ class BaselinesConfig(Section):
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
 
 
-class AblationsConfig(Section):
-    """The paper's Table 4: variant name -> params overrides, as dotted keys (the keys `dvc exp run -S` takes)."""
+class VariantsConfig(Section):
+    """Models trained as variants of the main one: variant name -> params overrides, as dotted keys (the keys
+    `dvc exp run -S` takes). ablations: the paper's Table 4; conv_baselines: its Table 2 rows (finetune_conv keys)."""
 
     workers: int = Field(default=1, ge=1)  # variants trained at once, each in its own process, sharing the cores
     variants: dict[str, dict[str, Any]] = {}
@@ -270,13 +271,6 @@ class FinetuneConvConfig(TrainConfig):
         if memories != sorted(set(memories), key=order.index):
             raise ValueError(f"list each memory once, in Eq. 10's order {order}")
         return memories
-
-
-class ConvBaselinesConfig(Section):
-    """The paper's Table 2 rows trained by the same code: variant name -> overrides of finetune_conv keys."""
-
-    workers: int = Field(default=1, ge=1)  # variants trained at once, each in its own process, sharing the cores
-    variants: dict[str, dict[str, Any]] = {}
 
 
 class DecodingConfig(Section):
@@ -309,31 +303,21 @@ class Params(Section):
     pretrain_fine: FineConfig = FineConfig()
     finetune_rec: RecConfig = RecConfig(epochs=10, batch_size=256, patience=3)
     baselines: BaselinesConfig = BaselinesConfig()
-    ablations: AblationsConfig = AblationsConfig()
+    ablations: VariantsConfig = VariantsConfig()
     finetune_conv: FinetuneConvConfig = FinetuneConvConfig(epochs=6, batch_size=128, patience=2)
-    conv_baselines: ConvBaselinesConfig = ConvBaselinesConfig()
+    conv_baselines: VariantsConfig = VariantsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    @field_validator("ablations")
+    @field_validator("ablations", "conv_baselines")
     @classmethod
-    def _ablations_apply(cls, ablations: AblationsConfig, info: ValidationInfo) -> AblationsConfig:
-        """Each variant must name valid keys of the recommendation path and give values the schema accepts."""
-        for name, overrides in ablations.variants.items():
+    def _variants_apply(cls, section: "VariantsConfig", info: ValidationInfo) -> "VariantsConfig":
+        """Each variant must name keys its kind may change and give values the schema accepts."""
+        for name, overrides in section.variants.items():
             if not name.isidentifier():
-                raise ValueError(f"ablations.variants.{name}: a variant name must be an identifier "
+                raise ValueError(f"{info.field_name}.variants.{name}: a variant name must be an identifier "
                                  "(letters, digits, _)")
-            apply_overrides(info.data, name, overrides)
-        return ablations
-
-    @field_validator("conv_baselines")
-    @classmethod
-    def _conv_baselines_apply(cls, baselines: ConvBaselinesConfig, info: ValidationInfo) -> ConvBaselinesConfig:
-        for name, overrides in baselines.variants.items():
-            if not name.isidentifier():
-                raise ValueError(f"conv_baselines.variants.{name}: a variant name must be an identifier "
-                                 "(letters, digits, _)")
-            apply_overrides(info.data, name, overrides, kind="conv_baselines")
-        return baselines
+            apply_overrides(info.data, name, overrides, kind=info.field_name)
+        return section
 
     def variant(self, name: str, kind: str = "ablations") -> "Params":
         """These params with variant `name`'s overrides applied: an ablation (Table 4) or a conversation baseline
