@@ -94,9 +94,13 @@ def token_frequencies(train: Responses, vocab_size: int) -> torch.Tensor:
 
 
 def loss_weights(train: Responses, vocabulary: ConvVocabulary, threshold: float, floor: float) -> torch.Tensor:
-    """Eq. 12's alpha per output token; the end token is not a word of the corpus and keeps weight 1."""
+    """Eq. 12's alpha per output token. Two tokens keep weight 1: the end token, which is not a word of the corpus,
+    and the movie placeholder, which stands for many tokens: in the reference's vocabulary every movie is a token
+    of its own, far below the threshold (the placeholder itself is the most frequent response token here, and
+    weighting it down teaches the generator to stop naming movies)."""
     weights = instance_weights(token_frequencies(train, len(vocabulary.tokens)), threshold, floor)
     weights[vocabulary.token_id[END]] = 1.0
+    weights[vocabulary.placeholder_id] = 1.0
     return weights
 
 

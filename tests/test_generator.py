@@ -193,3 +193,20 @@ def test_the_conversation_model_builds_memories_and_a_copy_source():
     loss.backward()
     assert encoders.review_encoder.tokens.weight.grad is None  # frozen
     assert encoders.conversation_encoder.tokens.weight.grad is not None
+
+
+def test_loss_weights_spare_the_end_token_and_the_movie_placeholder():
+    import polars as pl
+
+    from stages.conv_train import PLACEHOLDER, Responses, conv_vocabulary, loss_weights
+    from stages.triples import SPECIAL_TOKENS
+
+    tokens = list(SPECIAL_TOKENS) + ["hi", "@123", "rare"]
+    vocabulary = conv_vocabulary(pl.DataFrame({"token_id": range(len(tokens)), "token": tokens,
+                                               "count": [0] * len(tokens)}))
+    hi, rare, placeholder = tokens.index("hi"), tokens.index("rare"), vocabulary.placeholder_id
+    assert vocabulary.tokens[placeholder] == PLACEHOLDER and vocabulary.movie_token_ids == [tokens.index("@123")]
+    train = Responses(rows=None, tokens=[[hi, placeholder, hi]] * 10 + [[rare]])  # hi 20x, placeholder 10x
+    weights = loss_weights(train, vocabulary, threshold=5, floor=0.3)
+    assert weights[hi] == pytest.approx(0.3)  # max(0.3, 5 / 20)
+    assert weights[placeholder] == 1.0 and weights[rare] == 1.0 and weights[vocabulary.token_id["__end__"]] == 1.0
