@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from models.generator import ConversationModel, GeneratorConfig, ResponseGenerat
 from pipeline.config import ConfigError, DataConfig, LinkingConfig, Params, resolve_device
 from pipeline.io import write_outputs
 from pipeline.registry import STAGES
-from stages import c2crs_data, c2crs_train, conv_evaluate, conv_train, evaluate, fetch, ingest, kg, linking, reviews, triples
+from stages import (c2crs_data, c2crs_train, conv_evaluate, conv_train, evaluate, fetch, ingest, kg, linking, reviews,
+                    triples)
 from stages import training as c2crs_training
 
 logger = logging.getLogger(__name__)
@@ -747,18 +749,9 @@ def _setting(params: Params, samples: pl.DataFrame) -> str:
             "turn, and scored all turns: compare directions and gaps between rows, not levels.")
 
 
-def _item_titles(workspace: Path) -> dict[int, str]:
-    """Item entity id -> "Title (year)"."""
-    movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
-    items = (pl.read_parquet(workspace / TRAINING_INPUTS["entities"]).filter(pl.col("is_item"))
-             .join(movies, on="movie_id", how="left"))
-    return {e: f"{t} ({y})" if y else (t or label) for e, t, y, label in
-            items.select("entity_id", "title", "year", "label").iter_rows()}
-
-
 def _top_items(params: Params, workspace: Path, run: c2crs_train.Run, table: c2crs_data.SampleTable,
-               rows: np.ndarray, k: int) -> dict[str, dict[int, list[int]]]:
-    """Each recommender's k best items for the given table rows: {recommender: {row: [item entity ids]}}."""
+               k: int) -> dict[str, np.ndarray]:
+    """Each recommender's k best items for every row of the table: {recommender: [rows, k] item entity ids}."""
     batch = params.evaluate.batch_size
     c2crs = load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
     kbrd = load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
@@ -766,28 +759,47 @@ def _top_items(params: Params, workspace: Path, run: c2crs_train.Run, table: c2c
     blocks = {"c2crs": c2crs_train.score_samples(c2crs, run, table, batch),
               "kbrd": c2crs_train.score_samples(kbrd, run, table, batch),
               "textcnn": c2crs_train.score_textcnn(textcnn, run, table, batch)}
-    wanted = set(rows.tolist())
     top = {}
+    k = min(k, run.graph.n_items)
     for name, scored in blocks.items():
-        top[name] = {}
-        for block_rows, scores in scored:
-            for i, row in enumerate(block_rows):
-                if int(row) in wanted:
-                    top[name][int(row)] = np.argsort(-scores[i], kind="stable")[:k].tolist()
+        top[name] = np.zeros((len(table), k), dtype=np.int64)
+        for rows, scores in scored:
+            best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
+            top[name][rows] = np.take_along_axis(best, order, axis=1)
     return top
 
 
-def _context_turns(table: c2crs_data.SampleTable, row: int, tokens: list[str], titles: dict[str, str],
+def _gold_words(workspace: Path, samples: pl.DataFrame, table: c2crs_data.SampleTable,
+                data: conv_train.Responses) -> list[list[str]]:
+    """The test responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
+    vocabulary ids), cut where the samples' responses are cut."""
+    part = samples.filter(pl.col("split") == "test").sort("sample_id").select("conv_id", "turn_idx",
+                                                                              "response_token_ids")
+    texts = part.join(pl.read_parquet(workspace / "data/ingest/utterances.parquet").select("conv_id", "turn_idx",
+                                                                                          "text"),
+                      on=["conv_id", "turn_idx"], how="left", maintain_order="left")
+    words = [triples.token_texts(text)[: len(ids)] for text, ids in zip(texts["text"], texts["response_token_ids"])]
+    return [words[row] for row in data.rows]
+
+
+def _context_turns(utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles: dict[str, str],
                    turns: int = 4) -> list[str]:
-    """The last turns of a sample's context as text, "@123" shown as the movie's title."""
-    words = [titles.get(tokens[t], tokens[t]) for t in table.context_tokens[row]]
-    text = " ".join(words).split(triples.SPLIT)
-    return [turn.strip() for turn in text if turn.strip()][-turns:]
+    """The last turns before a sample's turn, as "role: text" with "@123" shown as the movie's title."""
+    earlier = utterances.filter((pl.col("conv_id") == conv_id) & (pl.col("turn_idx") < turn_idx)).sort("turn_idx")
+    return [f"{role}: " + re.sub(r"@\d+", lambda m: titles.get(m.group(0), m.group(0)), text)
+            for role, text in earlier.select("role", "text").tail(turns).iter_rows()]
 
 
 def evaluate_conversation(params: Params, workspace: Path, log: StageLog = NO_LOG) -> tuple[dict, str, str, str]:
     """Every generator on the test split's recommender turns: metrics/conv.json's content, the report, the rating
-    sheet and its key."""
+    sheet and its key.
+
+    A model's response is scored as the system says it: each movie placeholder filled with the next of its
+    recommender's top items, as that movie's own "@id" token (the reference code's vocabulary has a token per
+    movie), against the gold response's words with its movies as "@id" too. generator_only holds Dist-n of the
+    responses with the placeholders left as they are.
+    """
     run, _, inputs = _training_run(params, workspace)
     samples = pl.read_parquet(inputs["samples"])
     table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
@@ -797,55 +809,61 @@ def evaluate_conversation(params: Params, workspace: Path, log: StageLog = NO_LO
     entities = pl.read_parquet(inputs["entities"])
     linker = kg_entity_linker(entities, pl.read_parquet(inputs["edges"]),
                               raw_files(params.data, workspace, "stopwords")["stopwords"], params.linking)
+    items = entities.filter(pl.col("is_item"))
+    movie_token = dict(zip(items["entity_id"], (f"@{m}" for m in items["movie_id"])))
+    movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+    title = {f"@{m}": f"{t} ({y})" if y else t for m, t, y in movies.select("movie_id", "title", "year").iter_rows()}
 
     def names_entity(words) -> bool:
-        return conv_train.PLACEHOLDER in words or bool(linker.link(" ".join(words)))
+        return (any(w.startswith("@") or w == conv_train.PLACEHOLDER for w in words)
+                or bool(linker.link(" ".join(words))))
 
     def words(tokens: list[int]) -> list[str]:
         return [vocabulary.tokens[t] for t in tokens if vocabulary.tokens[t] not in triples.SPECIAL_TOKENS]
 
-    references = [words(t) for t in data.tokens]
+    gold = _gold_words(workspace, samples, table, data)
+    top = _top_items(params, workspace, run, table, k=5)
     paths = {variant: conv_model_path(workspace, variant) for variant in params.conv_baselines.variants}
     paths["c2crs"] = conv_model_path(workspace)
     rank = {name: i for i, name in enumerate(conv_evaluate.MODEL_NAMES)}  # the paper's order; others before C2-CRS
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
-    results = {"human": conv_evaluate.generation_metrics(references, None, names_entity, None)}
-    generated, recommender = {}, {}
+    results = {"human": conv_evaluate.generation_metrics(gold, None, names_entity, None)}
+    said = {}
     for name, path in paths.items():
         model, config = load_conversation_model(path)
         model.to(run.device)
         perplexity = conv_train.perplexity(model, run, table, data, decoding.batch_size)["perplexity"]
-        generated[name] = [words(t) for t in conv_train.generate(model, run, table, data.rows, decoding,
-                                                                 vocabulary.banned_ids)]
-        recommender[name] = CONV_RECOMMENDER[config.pretrained]
-        results[name] = conv_evaluate.generation_metrics(generated[name], references, names_entity, perplexity)
+        generated = [words(t) for t in conv_train.generate(model, run, table, data.rows, decoding,
+                                                           vocabulary.banned_ids)]
+        recommended = top[CONV_RECOMMENDER[config.pretrained]]
+        said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
+                      for response, row in zip(generated, data.rows)]
+        results[name] = {**conv_evaluate.generation_metrics(said[name], gold, names_entity, perplexity),
+                         "generator_only": {f"dist@{n}": conv_evaluate.distinct(generated, n)
+                                            for n in conv_evaluate.DIST_NS}}
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
 
     picked = np.sort(np.random.default_rng(params.seed).choice(
         len(data), min(params.evaluate.samples_for_reading, len(data)), replace=False))
-    rows = data.rows[picked]
-    top = _top_items(params, workspace, run, table, rows, k=3)
-    item_titles = _item_titles(workspace)
-    token_titles = {f"@{m}": f"{t} ({y})" if y else t for m, t, y in pl.read_parquet(
-        workspace / "data/ingest/movies.parquet").select("movie_id", "title", "year").iter_rows()}
-    readable = []
-    for index, row in zip(picked.tolist(), rows.tolist()):
-        def shown(response: list[str], recommender_name: str) -> str:
-            titles = [item_titles[i] for i in top[recommender_name][row]]
-            return " ".join(conv_train.fill_movies(response, titles))
-        readable.append({
-            "sample_id": int(table.sample_ids[row]),
-            "context": _context_turns(table, row, vocabulary.tokens, token_titles),
-            "gold": " ".join(references[index]),
-            "responses": {name: shown(generated[name][index], recommender[name]) for name in paths},
-        })
+
+    def shown(response: list[str]) -> str:
+        return " ".join(title.get(w, w) for w in response)
+
+    utterances = pl.read_parquet(workspace / "data/ingest/utterances.parquet")
+    turn_of = dict(zip(samples["sample_id"], zip(samples["conv_id"], samples["turn_idx"])))
+    readable = [{"sample_id": int(table.sample_ids[data.rows[i]]),
+                 "context": _context_turns(utterances, *turn_of[int(table.sample_ids[data.rows[i]])], title),
+                 "gold": shown(gold[i]), "responses": {name: shown(said[name][i]) for name in paths}}
+                for i in picked.tolist()]
     protocol = (f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
                 f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
                 f"{decoding.method} decoding" + (f" (beam {decoding.beam_size})" if decoding.method == "beam" else "")
-                + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; perplexity of the "
-                "gold responses under each model. Metrics are over word tokens with a movie placeholder as one word "
-                "(definitions in stages/conv_evaluate.py).")
+                + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; each movie "
+                "placeholder filled with the next of the model's recommender's top items, every movie one word "
+                "(its id), as the reference code's vocabulary has it; the gold responses likewise; perplexity of "
+                "the gold responses under each model (movies as the placeholder). Definitions in "
+                "stages/conv_evaluate.py.")
     report = conv_evaluate.conversation_report(results, protocol, readable, list(paths))
     sheet, key = conv_evaluate.rating_sheet(readable, list(paths), params.seed)
     return results, report, sheet, key

@@ -1,14 +1,15 @@
 """Conversation evaluation: generation metrics, the paper's Table 2 beside ours, responses to read, and the human
 rating sheet with its scoring (means and inter-rater agreement).
 
-Metric definitions (over word tokens; special tokens removed; a movie placeholder counts as one word):
+Metric definitions (over word tokens, special tokens removed; the caller decides what a movie is: pipeline.bodies
+scores what the system says, every movie placeholder filled with a recommended movie's id token):
     dist@n corpus        distinct n-grams / all n-grams, over all responses (what the C2-CRS code computes)
     dist@n per_sentence  distinct n-grams over all responses / number of responses (KGSF's and CRSLab's)
     bleu@n               mean over responses of NLTK's sentence BLEU with all weight on n-grams of order n and the
                          gold response as the one reference (CRSLab's bleu@n); no smoothing
     perplexity           exp of the mean negative log-likelihood of the gold response's tokens (end token included)
     avg_len              mean words per response
-    entity_rate          share of responses that name a movie (placeholder) or a KG entity (the triples linker)
+    entity_rate          share of responses that name a movie or a KG entity (the triples linker)
 """
 
 import csv
@@ -104,6 +105,17 @@ def table2(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def generator_only_table(results: dict[str, dict]) -> str:
+    """Dist-n (corpus / per response) of the responses as generated, placeholders unfilled: the generator alone."""
+    lines = ["| model | Dist-2 | Dist-3 | Dist-4 |", "|---|---|---|---|"]
+    for model, m in results.items():
+        if "generator_only" in m:
+            dist = [m["generator_only"][f"dist@{n}"] for n in DIST_NS]
+            lines.append(f"| {MODEL_NAMES.get(model, model)} | "
+                         + " | ".join(f"{d['corpus']:.3f} / {d['per_sentence']:.2f}" for d in dist) + " |")
+    return "\n".join(lines)
+
+
 def samples_section(samples: list[dict], models: Sequence[str]) -> str:
     """Sampled test contexts with the gold response and each model's (placeholders filled by its recommender)."""
     parts = []
@@ -125,14 +137,17 @@ def conversation_report(results: dict[str, dict], protocol: str, samples: list[d
         "'per response' is KGSF's and CRSLab's definition (distinct n-grams / responses). The gold row is the test "
         "set's own responses, a reference for what people write.",
         table2(results),
+        "The generators alone, movie placeholders left unfilled (Dist-n corpus / per response): what the fill "
+        "adds is the recommenders' variety of movies.",
+        generator_only_table(results),
         "Human evaluation (the paper's Table 3: fluency / informativeness, 0-2, mean of three annotators): "
         + ", ".join(f"{k} {f:.2f} / {i:.2f}" for k, (f, i) in PAPER_TABLE3.items())
         + ". Ours is not measured: fill reports/conv_rating.csv (one copy per rater) and run "
           "`python -m pipeline rate FILLED.csv ...` for the means and Krippendorff's alpha.",
         "## Responses to read",
         "Movie placeholders are filled with the top items of each model's recommender (C2-CRS's for C2-CRS and "
-        "w/o instance weighting, KBRD-style's for KGSF-style, TextCNN's for the Transformer); `@` mentions in the "
-        "context are shown as titles.",
+        "w/o instance weighting, KBRD-style's for KGSF-style, TextCNN's for the Transformer); movies are shown as "
+        "titles.",
         samples_section(samples, models),
     ]) + "\n"
 

@@ -155,7 +155,8 @@ def test_beam_search_with_a_wide_beam_equals_exhaustive_search(seed, length_pena
     memories = tiny_memories(batch=1, seed=4)
     source = CopySource(torch.randn(1, 2, 8), torch.tensor([[3, 4]]), torch.zeros(1, 2, dtype=torch.bool))
     # Every response: fewer than max_tokens words and the end token, or exactly max_tokens words.
-    candidates = [list(words) + [END] for length in range(max_tokens) for words in itertools.product([3, 4], repeat=length)]
+    candidates = [list(words) + [END] for length in range(max_tokens)
+                  for words in itertools.product([3, 4], repeat=length)]
     candidates += [list(words) for words in itertools.product([3, 4], repeat=max_tokens)]
 
     def score(c):
