@@ -423,7 +423,8 @@ class ConversationModel(nn.Module):
         return self._run("kg", self.encoders.kg_encoder.forward_nodes, nodes, edge_index, edge_type)
 
     def memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor | None, entity_ids: torch.Tensor,
-                 sentence_ids: torch.Tensor, sentence_mask: torch.Tensor) -> tuple[dict[str, Memory], CopySource | None]:
+                 sentence_ids: torch.Tensor,
+                 sentence_mask: torch.Tensor) -> tuple[dict[str, Memory], CopySource | None]:
         """Eq. 10's memories for a batch, and the copy source (context tokens, then review sentence tokens).
 
         context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
@@ -458,5 +459,5 @@ class ConversationModel(nn.Module):
         return memories, CopySource(states=states, ids=self.to_output[ids], blocked=self.uncopyable[ids])
 
 
-__all__ = ["ConversationModel", "MEMORIES", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer", "ResponseGenerator",
-           "instance_weights", "generation_loss", "greedy_decode", "beam_decode"]
+__all__ = ["ConversationModel", "MEMORIES", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
+           "ResponseGenerator", "instance_weights", "generation_loss", "greedy_decode", "beam_decode"]

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from models.c2crs import batch_entities
-from models.generator import (ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights)
+from models.generator import ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
 from stages.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.c2crs_train import Run
 from stages.training import LoopState, epoch_generator, train
@@ -124,7 +124,8 @@ def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndar
                           reviews["sentence_mask"].to(run.device))
 
 
-def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder inputs (start + response) and targets (response + end), right-padded."""
     return pad([[start_id] + t for t in tokens], pad_id), pad([t + [end_id] for t in tokens], pad_id)
 
