@@ -683,9 +683,9 @@ VARIANT_TRAINERS = {"ablations": _train_ablation, "conv_baselines": _train_conv_
 
 
 def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                split: str = "test") -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+                split: str = "test", loaded=None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
     """For each model, a function giving its score blocks (row indices, [rows, n_items]) on a split's samples."""
-    run, model_config, _ = _training_run(params, workspace)
+    run, model_config, _ = loaded or _training_run(params, workspace)  # loaded: _training_run's, reused
     table = c2crs_data.sample_table(samples, triple_table, split)
     batch = params.evaluate.batch_size
     train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
@@ -718,9 +718,9 @@ def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_t
 
 
 def evaluate_samples(params: Params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                     split: str = "test", log: StageLog = NO_LOG) -> dict:
+                     split: str = "test", log: StageLog = NO_LOG, loaded=None) -> dict:
     """Every model's metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json shape)."""
-    table, models = score_split(params, workspace, samples, triple_table, split)
+    table, models = score_split(params, workspace, samples, triple_table, split, loaded)
     rows = evaluate.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks = {name: evaluate.ranks_from_score_blocks(((table.sample_ids[r], scores) for r, scores in blocks()), rows)
              for name, blocks in models.items()}
@@ -791,7 +791,8 @@ def _context_turns(utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles
             for role, text in earlier.select("role", "text").tail(turns).iter_rows()]
 
 
-def evaluate_conversation(params: Params, workspace: Path, log: StageLog = NO_LOG) -> tuple[dict, str, str, str]:
+def evaluate_conversation(params: Params, workspace: Path, log: StageLog = NO_LOG,
+                          loaded=None) -> tuple[dict, str, str, str]:
     """Every generator on the test split's recommender turns: metrics/conv.json's content, the report, the rating
     sheet and its key.
 
@@ -800,7 +801,7 @@ def evaluate_conversation(params: Params, workspace: Path, log: StageLog = NO_LO
     movie), against the gold response's words with its movies as "@id" too. generator_only holds Dist-n of the
     responses with the placeholders left as they are.
     """
-    run, _, inputs = _training_run(params, workspace)
+    run, _, inputs = loaded or _training_run(params, workspace)
     samples = pl.read_parquet(inputs["samples"])
     table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
     vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
@@ -875,10 +876,11 @@ def evaluate_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> S
     spec = STAGES["evaluate"]
     inputs = {Path(d).name: workspace / d for d in spec.deps}
     samples = pl.read_parquet(workspace / TRAINING_INPUTS["samples"])
+    loaded = _training_run(params, workspace)  # read once for both tasks
     results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / TRAINING_INPUTS["triples"]),
-                               "test", log)
+                               "test", log, loaded)
     report = evaluate.recommendation_report(results, _setting(params, samples))
-    conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log)
+    conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log, loaded)
     rec_metrics, conv_metrics = (workspace / m for m in spec.metrics)
     rec_report, conv_report_path, sheet_path, key_path = (workspace / r for r in spec.reports)
     write_outputs({rec_metrics: results, conv_metrics: conversation, rec_report: report,

@@ -141,7 +141,7 @@ def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, dat
     return model.generator.target_log_probs(hidden, targets, source), targets
 
 
-def _length_batches(run: Run, table: SampleTable, data: Responses, batch_size: int,
+def _length_batches(table: SampleTable, data: Responses, batch_size: int,
                     rng: np.random.Generator | None) -> list[np.ndarray]:
     return bucketed_batches(table.context_lengths[data.rows], batch_size, rng)
 
@@ -153,7 +153,7 @@ def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Res
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    for picked in _length_batches(run, table, data, batch_size, None):
+    for picked in _length_batches(table, data, batch_size, None):
         log_probs, targets = target_log_probs(model, run, table, data, picked)
         real = targets.ne(model.generator.cfg.pad_id)
         nll -= float(log_probs[real].sum())
@@ -173,7 +173,7 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
 
     def train_epoch(epoch: int) -> dict:
         total, tokens = 0.0, 0
-        batches = _length_batches(run, run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
+        batches = _length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
         for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
             log_probs, targets = target_log_probs(model, run, run.train, train_data, picked)
             loss = generation_loss(log_probs, targets, model.generator.cfg.pad_id, weights)
