@@ -3,6 +3,7 @@
 Paper map:
     Eq. 1-2   conversation view   TokenEncoder + SelfAttentivePooling          -> e_C, F
     Eq. 3     graph view          KGEncoder (entity table + basis R-GCN)       -> N, then pooling -> e_G
+                                  or FeaturelessRGCN (the reference code's parameterisation)
     4.1.3     review view         TokenEncoder per sentence + pooling -> E, sentence-level pooling -> e_R
     Eq. 4-5   coarse_contrastive_loss   InfoNCE over (e_C,e_G), (e_C,e_R), (e_G,e_R)
     Eq. 6     fine_contrastive_loss     InfoNCE over (F_j,N_e), (F_j,E_k), (N_e,E_k) triples
@@ -11,6 +12,10 @@ Paper map:
 
 Entity ids: items are entities 0..n_items-1, so N[:n_items] are the item embeddings n_i of Eq. 8.
 Everything takes tensors; nothing here knows about files or experiment tracking.
+
+Where the paper leaves a choice open, C2CRSConfig has a switch whose other value is what the authors' released code
+does (DESIGN.md, "Reference implementation facts"): kg_encoder, rec_pooling, item_bias, projection_heads,
+contrastive_loss. The defaults are this project's choices; `params/reference.yaml` sets the reference's.
 """
 
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import RGCNConv
+from torch_geometric.nn.inits import glorot
 
 
 @dataclass
@@ -38,8 +44,28 @@ class C2CRSConfig:
     projection_dim: int = 128
     temperature: float = 0.07
     max_positions: int = 256  # contexts are left-truncated to <= 256 tokens, review sentences to <= 40
-    # Eq. 8 has no bias; KBRD/KGSF's code adds a per-item bias (a learned popularity prior). Off = the paper.
+    # Eq. 8 has no bias; the reference code adds a per-entity bias (a learned popularity prior). Off = the paper.
     item_bias: bool = False
+    # "table": an entity embedding table fed to a basis R-GCN (ours); "featureless": the reference's R-GCN with
+    # x=None, whose basis tables are indexed by entity (num_bases x n_entities x kg_dim parameters).
+    kg_encoder: str = "table"
+    # The recommender's user vector: "own" self-attention, fresh at fine-tuning (paper 4.3.1 as we read it), or
+    # "graph": the graph view's pooling that pre-training trained (the reference code's kg_attn).
+    rec_pooling: str = "own"
+    # "per_view": one projection head per view, shared by the coarse and the fine loss; "per_view_and_level": six,
+    # user-level and unit-level per view (the reference).
+    projection_heads: str = "per_view"
+    # "cross_view": InfoNCE with the other view's B rows as candidates; "nt_xent": SimCLR's 2B-1 candidates, the
+    # same view's other rows included (the reference).
+    contrastive_loss: str = "cross_view"
+
+    def __post_init__(self):
+        allowed = {"kg_encoder": ("table", "featureless"), "rec_pooling": ("own", "graph"),
+                   "projection_heads": ("per_view", "per_view_and_level"),
+                   "contrastive_loss": ("cross_view", "nt_xent")}
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise ValueError(f"C2CRSConfig.{name} must be one of {values}, got {getattr(self, name)!r}")
 
 
 class SelfAttentivePooling(nn.Module):
@@ -144,6 +170,50 @@ class KGEncoder(nn.Module):
         return out[inverse]
 
 
+class FeaturelessRGCN(nn.Module):
+    """The reference code's KG encoder: one basis R-GCN layer with no input features (PyG RGCNConv with x=None).
+
+    With x=None the layer's weights are indexed by entity: relation r's message from entity j is
+    W_r[j] = sum_b comp[r, b] * basis[b, j], so each entity owns num_bases rows plus its root row. PyG builds W_r for
+    every relation and entity at once (n_relations x n_entities x kg_dim floats, ~2 GB here); this layer builds only
+    the rows of the sources that the wanted targets read, relation by relation, and gives the same N (mean over each
+    relation's in-edges, plus root and bias, as RGCNConv's defaults).
+    """
+
+    def __init__(self, cfg: "C2CRSConfig"):
+        super().__init__()
+        self.n_relations = cfg.n_relations
+        self.basis = nn.Parameter(torch.empty(cfg.num_bases, cfg.n_entities, cfg.kg_dim))
+        self.comp = nn.Parameter(torch.empty(cfg.n_relations, cfg.num_bases))
+        self.root = nn.Parameter(torch.empty(cfg.n_entities, cfg.kg_dim))
+        self.bias = nn.Parameter(torch.zeros(cfg.kg_dim))
+        for weight in (self.basis, self.comp, self.root):
+            glorot(weight)
+
+    def forward(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
+        return self.forward_nodes(torch.arange(self.root.size(0), device=edge_index.device), edge_index, edge_type)
+
+    def forward_nodes(self, nodes: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
+        targets, inverse = torch.unique(nodes, return_inverse=True)
+        keep = torch.isin(edge_index[1], targets)
+        src, rel = edge_index[0, keep], edge_type[keep]
+        dst = torch.searchsorted(targets, edge_index[1, keep])
+        # 1 / Z_{e,r}: the number of edges of relation r into each target
+        _, group, count = torch.unique(dst * self.n_relations + rel, return_inverse=True, return_counts=True)
+        norm = (1.0 / count.to(self.root.dtype))[group]
+        out = self.root[targets] + self.bias
+        for r in torch.unique(rel).tolist():
+            edges = (rel == r).nonzero().squeeze(1)
+            sources, local = torch.unique(src[edges], return_inverse=True)
+            rows = torch.einsum("b,bsd->sd", self.comp[r], self.basis[:, sources])  # W_r[sources]
+            out = out.index_add(0, dst[edges], rows[local] * norm[edges, None])
+        return out[inverse]
+
+
+def build_kg_encoder(cfg: "C2CRSConfig") -> nn.Module:
+    return FeaturelessRGCN(cfg) if cfg.kg_encoder == "featureless" else KGEncoder(cfg)
+
+
 def batch_entities(*entity_ids: torch.Tensor, n_items: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The entities a batch needs and its id tensors renumbered into that list (for KGEncoder.forward_nodes).
 
@@ -168,24 +238,36 @@ def projection_head(dim: int, out_dim: int) -> nn.Module:
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, valid: torch.Tensor | None = None,
-             not_negative: torch.Tensor | None = None) -> torch.Tensor:
+             not_negative: torch.Tensor | None = None, same_view_negatives: bool = False) -> torch.Tensor:
     """Eq. 5 with cosine similarity and in-batch negatives, averaged over rows: row i of a should pick row i of b.
 
     valid [B] bool drops rows and columns where a view is missing (e.g. a user with no review sentence).
     not_negative [B, B] bool removes (i, j) from row i's denominator (false negatives: the same entity or sentence
     in two rows); the diagonal is never removed. Fewer than 2 valid rows -> 0 that still has a grad graph.
+    same_view_negatives: SimCLR's NT-Xent (the reference code): both directions, each row's candidates are the
+    2B-1 other rows of [a; b], its own view's included.
     """
     if valid is not None:
         a, b = a[valid], b[valid]
         if not_negative is not None:
             not_negative = not_negative[valid][:, valid]
-    if a.size(0) < 2:
+    n = a.size(0)
+    if n < 2:
         return (a.sum() + b.sum()) * 0.0
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    if not same_view_negatives:
+        logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+        if not_negative is not None:
+            logits = logits.masked_fill(not_negative & ~eye, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(n, device=a.device))
+    z = F.normalize(torch.cat([a, b]), dim=-1)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=a.device),
+                                                 float("-inf"))
     if not_negative is not None:
-        eye = torch.eye(a.size(0), dtype=torch.bool, device=a.device)
-        logits = logits.masked_fill(not_negative & ~eye, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(a.size(0), device=a.device))
+        excluded = (not_negative & ~eye).repeat(2, 2)
+        excluded[torch.arange(2 * n), torch.arange(2 * n).roll(n)] = False  # the positive stays
+        logits = logits.masked_fill(excluded, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(2 * n, device=a.device).roll(n))
 
 
 class C2CRS(nn.Module):
@@ -199,18 +281,21 @@ class C2CRS(nn.Module):
         self.cfg = cfg
         self.conversation_encoder = TokenEncoder(cfg)
         self.conversation_pooling = SelfAttentivePooling(cfg.token_dim)
-        self.kg_encoder = KGEncoder(cfg)
+        self.kg_encoder = build_kg_encoder(cfg)
         self.graph_pooling = SelfAttentivePooling(cfg.kg_dim)
         self.review_encoder = TokenEncoder(cfg)  # separate parameters from the conversation encoder (4.1.3)
         self.sentence_pooling = SelfAttentivePooling(cfg.token_dim)  # tokens -> one sentence vector
         self.review_pooling = SelfAttentivePooling(cfg.token_dim)  # a user's sentences -> e_R (noise filter)
-        self.projection = nn.ModuleDict({
-            "conversation": projection_head(cfg.token_dim, cfg.projection_dim),
-            "graph": projection_head(cfg.kg_dim, cfg.projection_dim),
-            "review": projection_head(cfg.token_dim, cfg.projection_dim),
-        })
-        self.user_pooling = SelfAttentivePooling(cfg.kg_dim)  # 4.3.1's own "self-attentive mechanism as in Eq. 2"
-        self.item_bias = nn.Parameter(torch.zeros(cfg.n_items)) if cfg.item_bias else None
+        dims = {"conversation": cfg.token_dim, "graph": cfg.kg_dim, "review": cfg.token_dim}
+        self.projection = nn.ModuleDict({view: projection_head(dim, cfg.projection_dim) for view, dim in dims.items()})
+        # The fine (unit-level) loss's heads: the same as the coarse loss's, or their own (the reference's six).
+        self.unit_projection = (nn.ModuleDict({view: projection_head(dim, cfg.projection_dim)
+                                               for view, dim in dims.items()})
+                                if cfg.projection_heads == "per_view_and_level" else None)
+        # 4.3.1's "self-attentive mechanism as in Eq. 2": its own (fresh at fine-tuning), or the graph view's
+        self.user_pooling = SelfAttentivePooling(cfg.kg_dim) if cfg.rec_pooling == "own" else None
+        # a learned popularity prior, per entity (softmax over all entities in training uses every row)
+        self.item_bias = nn.Parameter(torch.zeros(cfg.n_entities)) if cfg.item_bias else None
 
     # ---- views (4.1) -------------------------------------------------------------------------------------------
     def conversation_view(self, context_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,10 +339,10 @@ class C2CRS(nn.Module):
         if valid_conversation is None:
             valid_conversation = torch.ones_like(valid_graph)
         c, g, r = self.projection["conversation"](e_C), self.projection["graph"](e_G), self.projection["review"](e_R)
-        t = self.cfg.temperature
-        return (info_nce(c, g, t, valid_conversation & valid_graph)
-                + info_nce(c, r, t, valid_conversation & valid_review)
-                + info_nce(g, r, t, valid_graph & valid_review))
+        t, nt_xent = self.cfg.temperature, self.cfg.contrastive_loss == "nt_xent"
+        return (info_nce(c, g, t, valid_conversation & valid_graph, same_view_negatives=nt_xent)
+                + info_nce(c, r, t, valid_conversation & valid_review, same_view_negatives=nt_xent)
+                + info_nce(g, r, t, valid_graph & valid_review, same_view_negatives=nt_xent))
 
     def fine_contrastive_loss(self, word_vectors: torch.Tensor, entity_vectors: torch.Tensor,
                               sentence_vectors: torch.Tensor, entity_ids: torch.Tensor,
@@ -274,14 +359,14 @@ class C2CRS(nn.Module):
         same_unit = (entity_ids[:, None] == entity_ids[None, :]) | (
             (sentence_ids[:, None] == sentence_ids[None, :]) & (sentence_ids[:, None] >= 0))
         has_sentence = sentence_ids >= 0
-        w, n, s = (self.projection["conversation"](word_vectors), self.projection["graph"](entity_vectors),
-                   self.projection["review"](sentence_vectors))
-        t = self.cfg.temperature
+        heads = self.unit_projection if self.unit_projection is not None else self.projection
+        w, n, s = heads["conversation"](word_vectors), heads["graph"](entity_vectors), heads["review"](sentence_vectors)
+        t, nt_xent = self.cfg.temperature, self.cfg.contrastive_loss == "nt_xent"
         if not use_words:
-            return info_nce(n, s, t, has_sentence, same_unit)
-        return (info_nce(w, n, t, None, same_unit)
-                + info_nce(w, s, t, has_sentence, same_unit)
-                + info_nce(n, s, t, has_sentence, same_unit))
+            return info_nce(n, s, t, has_sentence, same_unit, nt_xent)
+        return (info_nce(w, n, t, None, same_unit, nt_xent)
+                + info_nce(w, s, t, has_sentence, same_unit, nt_xent)
+                + info_nce(n, s, t, has_sentence, same_unit, nt_xent))
 
     @staticmethod
     def pretraining_loss(fine: torch.Tensor, coarse: torch.Tensor, coarse_weight: float) -> torch.Tensor:
@@ -290,13 +375,17 @@ class C2CRS(nn.Module):
 
     # ---- recommender (4.3.1) ----------------------------------------------------------------------------------
     def user_vector(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
-        """e_u: self-attentive pooling over the context entities' rows of N (own parameters). No entities -> zeros."""
-        return self.user_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
+        """e_u: self-attentive pooling over the context entities' rows of N. No entities -> zeros."""
+        pooling = self.user_pooling if self.user_pooling is not None else self.graph_pooling
+        return pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
 
-    def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
-        """Eq. 8 before the softmax: e_u . n_i for every item -> [B, n_items]."""
-        logits = self.user_vector(N, entity_ids) @ N[: self.cfg.n_items].T
-        return logits + self.item_bias if self.item_bias is not None else logits
+    def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor,
+                              all_entities: bool = False) -> torch.Tensor:
+        """Eq. 8 before the softmax: e_u . n_i (+ bias_i) for every item -> [B, n_items], or for every row of N
+        (all_entities, the reference's training softmax; N must then be the whole graph's)."""
+        candidates = N if all_entities else N[: self.cfg.n_items]
+        logits = self.user_vector(N, entity_ids) @ candidates.T
+        return logits + self.item_bias[: len(candidates)] if self.item_bias is not None else logits
 
     @staticmethod
     def recommendation_loss(logits: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
@@ -309,6 +398,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "C2CRSConfig", "SelfAttentivePooling", "TokenEncoder", "KGEncoder", "C2CRS", "batch_entities", "info_nce",
+    "C2CRSConfig", "SelfAttentivePooling", "TokenEncoder", "KGEncoder", "FeaturelessRGCN", "C2CRS", "batch_entities",
+    "info_nce",
     "projection_head", "count_parameters",
 ]

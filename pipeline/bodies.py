@@ -322,7 +322,8 @@ def _training_run(params: Params, workspace: Path) -> tuple[c2crs_train.Run, C2C
         vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
         n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
         n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_bases=cfg.num_bases,
-        projection_dim=cfg.projection_dim,
+        projection_dim=cfg.projection_dim, item_bias=cfg.item_bias, kg_encoder=cfg.kg_encoder,
+        rec_pooling=cfg.rec_pooling, projection_heads=cfg.projection_heads, contrastive_loss=cfg.contrastive_loss,
         max_positions=max(int(samples["context_token_ids"].list.len().max()), cfg.max_sentence_tokens))
     return run, model_config, inputs
 
@@ -690,17 +691,22 @@ def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_t
     batch = params.evaluate.batch_size
     train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
     popularity = popularity_scores(train_targets, model_config.n_items).numpy()
+    recent = evaluate.context_items_by_recency(samples.filter(pl.col("split") == split).sort("sample_id"))
 
-    def popularity_blocks():
+    def naive_blocks(score: Callable[[np.ndarray], np.ndarray]):
         for start in range(0, len(table), batch):
             rows = np.arange(start, min(start + batch, len(table)))
-            yield rows, np.broadcast_to(popularity, (len(rows), len(popularity)))
+            yield rows, score(rows)
 
     c2crs = load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
     kbrd = load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
     textcnn = load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
     models = {
-        "popularity": popularity_blocks,
+        "popularity": lambda: naive_blocks(lambda rows: np.broadcast_to(popularity, (len(rows), len(popularity)))),
+        "repeat": lambda: naive_blocks(
+            lambda rows: evaluate.repeat_scores([recent[r] for r in rows], model_config.n_items)),
+        "repeat_popularity": lambda: naive_blocks(
+            lambda rows: evaluate.repeat_popularity_scores([recent[r] for r in rows], popularity)),
         "textcnn": lambda: c2crs_train.score_textcnn(textcnn, run, table, batch),
         "kbrd": lambda: c2crs_train.score_samples(kbrd, run, table, batch),
         "c2crs": lambda: c2crs_train.score_samples(c2crs, run, table, batch),
@@ -722,13 +728,18 @@ def evaluate_samples(params: Params, workspace: Path, samples: pl.DataFrame, tri
     """Every model's metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json shape)."""
     table, models = score_split(params, workspace, samples, triple_table, split, loaded)
     rows = evaluate.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
-    ranks = {name: evaluate.ranks_from_score_blocks(((table.sample_ids[r], scores) for r, scores in blocks()), rows)
-             for name, blocks in models.items()}
+    ranks, masked = {}, {}
+    for name, blocks in models.items():  # one pass per model gives both rankings
+        ranks[name], masked[name] = evaluate.ranks_and_masked_ranks(
+            ((table.sample_ids[r], scores) for r, scores in blocks()), rows, rows["context_item_ids"])
     results = {}
-    for name, model_ranks in ranks.items():
-        others = {other: r for other, r in ranks.items() if other != name} if name == "c2crs" else None
-        results[name] = evaluate.evaluate_model(rows, model_ranks, params.evaluate.bootstrap_resamples, params.seed,
-                                                compare_with=others)
+    for name in models:
+        compare = name == "c2crs"
+        results[name] = evaluate.evaluate_model(
+            rows, ranks[name], params.evaluate.bootstrap_resamples, params.seed,
+            compare_with={other: r for other, r in ranks.items() if other != name} if compare else None,
+            masked_ranks=masked[name],
+            compare_masked={other: r for other, r in masked.items() if other != name} if compare else None)
         log.epoch(0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)}
                              for p, m in results[name].items()}})
     return results

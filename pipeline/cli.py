@@ -47,6 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     talk = commands.add_parser("talk", help="talk with the trained C2-CRS model in the terminal")
     talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
 
+    study = commands.add_parser("study", help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
+                                              "model per setting and seed (resumable); `report` writes "
+                                              "reports/pretraining.md from the finished runs")
+    study.add_argument("action", choices=("run", "report", "list"))
+    study.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
+    study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    study.add_argument("--workers", type=int, help="runs at once (default: params.study.workers)")
+
+    reference = commands.add_parser("reference", help="print the `dvc exp run` command that sets the authors' "
+                                                      "configuration (params/reference.yaml)")
+    reference.add_argument("--file", default="params/reference.yaml")
+
     args, unknown = parser.parse_known_args(argv)
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
@@ -54,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score,
-                "rate": _rate, "talk": _talk}[args.command](args)
+                "rate": _rate, "talk": _talk, "study": _study, "reference": _reference}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +86,39 @@ def _run(args) -> int:
 
     metrics = run_stage_flow(args.stage, str(params_file))
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _study(args) -> int:
+    from pipeline import study
+
+    params_file = Path(args.params).resolve()
+    params = load_params(params_file)
+    workspace = params_file.parent
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        todo = study.jobs(params, args.settings, args.seeds)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        for job in todo:
+            print(f"{job.setting:24} seed {job.seed:<4} {job.arm:16} "
+                  f"{'done' if job.done(params, workspace) else 'to do'}")
+    elif args.action == "run":
+        study.run_study(params, workspace, args.settings, args.seeds, args.workers)
+        print(study.write_report(params, workspace))
+    else:
+        print(study.write_report(params, workspace))
+    return 0
+
+
+def _reference(args) -> int:
+    """The reference overrides as one command line; validated against params.yaml first."""
+    from pipeline.config import reference_overrides
+
+    print(" ".join(["dvc exp run"] + [f"-S '{key}={json.dumps(value)}'"
+                                      for key, value in reference_overrides(Path(args.file)).items()]))
     return 0
 
 

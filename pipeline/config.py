@@ -186,7 +186,7 @@ class ModelConfig(Section):
     dropout: float = Field(default=0.1, ge=0, lt=1)
     num_bases: int = Field(default=8, ge=1)
     projection_dim: int = Field(default=128, ge=8)
-    max_context_entities: int = Field(default=32, ge=1)
+    max_context_entities: int | None = Field(default=32, ge=1)  # most recent ones; null: all (the reference)
     max_review_sentences: int = Field(default=10, ge=1)
     max_sentence_tokens: int = Field(default=40, ge=1)
     # Ablations (paper Table 4): views used in pre-training (w/o CH drops conversation, w/o UD drops review);
@@ -194,6 +194,13 @@ class ModelConfig(Section):
     views: list[Literal["conversation", "graph", "review"]] = Field(
         default=["conversation", "graph", "review"], min_length=1)
     kg_edges: bool = True
+    # Where this project and the authors' code differ (models/c2crs.py C2CRSConfig; params/reference.yaml sets
+    # the reference's side of each):
+    kg_encoder: Literal["table", "featureless"] = "table"
+    rec_pooling: Literal["own", "graph"] = "own"
+    item_bias: bool = False
+    projection_heads: Literal["per_view", "per_view_and_level"] = "per_view"
+    contrastive_loss: Literal["cross_view", "nt_xent"] = "cross_view"
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -212,7 +219,10 @@ class TrainConfig(Section):
 
 class CoarseConfig(TrainConfig):
     temperature: float = Field(default=0.07, gt=0)
-    samples_per_conversation: int | None = Field(default=2, ge=1)  # null: every turn, as the reference
+    # turn: one sample per turn; mention: one per (turn, movie it mentions), only turns that mention one (the
+    # reference's pre-training samples)
+    sample_unit: Literal["turn", "mention"] = "turn"
+    samples_per_conversation: int | None = Field(default=2, ge=1)  # drawn per conversation and epoch; null: all
 
 
 class FineConfig(CoarseConfig):
@@ -221,6 +231,8 @@ class FineConfig(CoarseConfig):
 
 
 class RecConfig(TrainConfig):
+    # the training softmax: over the items, or over every KG entity as the reference (evaluation ranks items)
+    softmax_over: Literal["items", "entities"] = "items"
     # > 0: the "multi-task" ablation, adding this weight x (fine + coarse_weight x coarse) to every step
     pretraining_weight: float = Field(default=0.0, ge=0)
     coarse_weight: float = Field(default=0.2, ge=0)
@@ -289,6 +301,20 @@ class EvaluateConfig(Section):
     samples_for_reading: int = Field(default=50, ge=1)  # test contexts shown with every model's response
 
 
+class StudyConfig(Section):
+    """`python -m pipeline study`: does coarse-to-fine pre-training improve the recommender? In each setting (params
+    overrides, as `dvc exp run -S` keys), C2-CRS against the KBRD-style model (the same code without pre-training),
+    once per seed; extensions (beyond the paper) are more C2-CRS arms, their overrides applied on top of a setting."""
+
+    seeds: list[int] = Field(default=[1, 2, 3], min_length=1)
+    workers: int = Field(default=2, ge=1)  # runs trained at once, each in its own process with a share of the cores
+    settings: dict[str, dict[str, Any]] = Field(default={"ours": {}}, min_length=1)
+    extensions: dict[str, dict[str, Any]] = {}
+    probe_epochs: int = Field(default=10, ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
+    out_dir: str = "data/study/pretraining"
+    report: str = "reports/pretraining.md"
+
+
 class Params(Section):
     seed: int = Field(default=42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -307,6 +333,23 @@ class Params(Section):
     finetune_conv: FinetuneConvConfig = FinetuneConvConfig(epochs=6, batch_size=128, patience=2)
     conv_baselines: VariantsConfig = VariantsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    study: StudyConfig = StudyConfig()
+
+    @field_validator("study")
+    @classmethod
+    def _study_overrides_apply(cls, study: StudyConfig, info: ValidationInfo) -> StudyConfig:
+        for group in ("settings", "extensions"):
+            for name, overrides in getattr(study, group).items():
+                if not name.isidentifier():
+                    raise ValueError(f"study.{group}.{name}: a name must be an identifier (letters, digits, _)")
+                apply_overrides(info.data, name, overrides, kind="study", where=f"study.{group}.{name}")
+        return study
+
+    def study_params(self, setting: str, seed: int, extension: str | None = None) -> "Params":
+        """The params of one study run: a setting's overrides, then an extension's, then the seed."""
+        raw = apply_overrides(dict(self), setting, self.study.settings[setting], kind="study")
+        overrides = {**(self.study.extensions[extension] if extension else {}), "seed": seed}
+        return Params.model_validate(apply_overrides(raw, setting, overrides, kind="study"))
 
     @field_validator("ablations", "conv_baselines")
     @classmethod
@@ -331,21 +374,24 @@ class Params(Section):
 # What a variant may change. An ablation: the sections the recommendation path (pretrain_coarse, pretrain_fine,
 # finetune_rec) reads; a conversation baseline: finetune_conv. The stages before them are shared by every variant.
 VARIANT_SECTIONS = {"ablations": ("seed", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
-                    "conv_baselines": ("finetune_conv",)}
+                    "conv_baselines": ("finetune_conv",),
+                    "study": ("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec")}
 
 
-def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations") -> dict:
+def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations",
+                    where: str | None = None) -> dict:
     """The params as plain data with `overrides` ({"pretrain_fine.epochs": 0, ...}) applied and validated.
 
     sections maps section name -> validated section (or plain value); the result has no variants (neither
-    ablations nor conv_baselines). Errors name the variant and the key.
+    ablations, conv_baselines nor study settings). Errors name the variant (or `where`) and the key.
     """
     raw = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items()
            if k not in VARIANT_SECTIONS}
     allowed = VARIANT_SECTIONS[kind]
+    prefix = where or f"{kind}.variants.{variant}"
     for key, value in overrides.items():
         parts = key.split(".")
-        where = f"{kind}.variants.{variant}.{key}"
+        where = f"{prefix}.{key}"
         if parts[0] not in allowed:
             raise ValueError(f"{where}: a variant of {kind} may change only {', '.join(allowed)}")
         node = raw
@@ -360,8 +406,26 @@ def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kin
         Params.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{kind}.variants.{variant}: {problems}") from None
+        raise ValueError(f"{prefix}: {problems}") from None
     return raw
+
+def reference_overrides(path: Path, params_path: Path | None = None) -> dict[str, Any]:
+    """params/reference.yaml: the authors' configuration as dotted overrides, checked against params.yaml."""
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: expected a mapping of dotted keys to values")
+    params = load_params(params_path or path.resolve().parents[1] / "params.yaml")
+    try:
+        apply_overrides(dict(params), "reference", overrides, kind="study", where=str(path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return overrides
+
 
 def resolve_device(device: str) -> str:
     """auto picks CUDA when torch sees a GPU; an explicit cuda without one is an error, not a silent fallback.

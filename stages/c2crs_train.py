@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from models.baselines import TextCNNRecommender
-from models.c2crs import C2CRS, batch_entities
+from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
 from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
                                per_conversation,
                                recommendation_rows, review_batch)
@@ -37,7 +37,7 @@ class Run:
     valid: SampleTable
     sentence_tokens: list[list[int]]
     pad_id: int
-    max_context_entities: int
+    max_context_entities: int | None
     max_review_sentences: int
     device: torch.device
     seed: int
@@ -99,8 +99,16 @@ def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, ma
                                        use_words="conversation" in run.views)
 
 
+def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator) -> np.ndarray:
+    """The sample rows of one pre-training epoch: every turn (cfg.sample_unit "turn") or one row per (turn, movie
+    it mentions) ("mention", the reference's samples), at most cfg.samples_per_conversation per conversation."""
+    candidates = (recommendation_rows(table)[0] if cfg.sample_unit == "mention"
+                  else np.arange(len(table), dtype=np.int64))
+    return candidates[per_conversation(table.conv_ids[candidates], cfg.samples_per_conversation, rng)]
+
+
 def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.ndarray]:
-    rows = per_conversation(run.train.conv_ids, cfg.samples_per_conversation, rng)
+    rows = pretraining_rows(run.train, cfg, rng)
     return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
 
 
@@ -117,11 +125,10 @@ def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Te
     return {"loss": total / max(count, 1)}
 
 
-def _mean_loss(table: SampleTable, batch_size: int, step_loss: Callable[[np.ndarray], torch.Tensor],
-               samples_per_conversation: int | None, seed: int) -> dict:
+def _mean_loss(table: SampleTable, cfg, step_loss: Callable[[np.ndarray], torch.Tensor], seed: int) -> dict:
     """Validation loss on a fixed draw of the valid samples (the same every epoch)."""
-    rows = per_conversation(table.conv_ids, samples_per_conversation, np.random.default_rng(seed))
-    batches = [rows[b] for b in bucketed_batches(table.context_lengths[rows], batch_size, None)]
+    rows = pretraining_rows(table, cfg, np.random.default_rng(seed))
+    batches = [rows[b] for b in bucketed_batches(table.context_lengths[rows], cfg.batch_size, None)]
     losses = [(float(step_loss(rows)), len(rows)) for rows in batches]
     return {"loss": sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)}
 
@@ -139,8 +146,7 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
                       step(run.train), cfg.grad_clip)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step(run.valid), cfg.samples_per_conversation,
-                                             run.seed),
+                 validate=lambda: _mean_loss(run.valid, cfg, step(run.valid), run.seed),
                  monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
 
 
@@ -161,8 +167,7 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
         return _epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _mean_loss(run.valid, cfg.batch_size, step_loss(run.valid, None),
-                                             cfg.samples_per_conversation, run.seed),
+                 validate=lambda: _mean_loss(run.valid, cfg, step_loss(run.valid, None), run.seed),
                  monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
 
 
@@ -171,7 +176,8 @@ def recommendation_batch(table: SampleTable, rows: np.ndarray, max_entities: int
 
 
 def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
-    """Recommendation fine-tuning (4.3.1): self-attention over the context entities, softmax over all items.
+    """Recommendation fine-tuning (4.3.1): self-attention over the context entities, softmax over all items (or
+    all entities, cfg.softmax_over).
 
     One step runs the R-GCN on every item and the batch's context entities (every item's row is scored) and
     trains on a batch of (sample, target item) pairs. Validation: recall@10 and recall@50 on the valid split, which picks the best epoch.
@@ -181,8 +187,12 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
 
     def step_loss(picked: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
-        nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
-        logits = model.recommendation_logits(nodes, entity_ids)
+        if cfg.softmax_over == "entities":  # every entity is a candidate: the whole graph's N
+            nodes = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
+            logits = model.recommendation_logits(nodes, entity_ids, all_entities=True)
+        else:
+            nodes, (entity_ids,) = _node_rows(model, run, entity_ids, with_items=True)
+            logits = model.recommendation_logits(nodes, entity_ids)
         loss = model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
         if cfg.pretraining_weight:  # the "multi-task" ablation: every objective at once, no pre-training
             samples = np.unique(sample_rows[picked])
@@ -274,3 +284,82 @@ def score_textcnn(model: TextCNNRecommender, run: Run, table: SampleTable,
         ids = pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)
         yield rows, model(ids).float().cpu().numpy()
     model.train(was_training)
+
+
+# ---------------------------------------------------------------- diagnostics of pre-training (no fine-tuning)
+
+
+@torch.no_grad()
+def zero_shot_blocks(model: C2CRS, run: Run, table: SampleTable,
+                     batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Item scores with no recommendation training: the graph view e_G of the context (the pooling pre-training
+    trained) dotted with the item rows of N. Above an untrained model's, pre-training put item signal in N."""
+    was_training = model.training
+    model.eval()
+    nodes = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
+    items = nodes[: run.graph.n_items]
+    for start in range(0, len(table), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(table)))
+        entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
+        yield rows, (model.graph_view(nodes, entity_ids) @ items.T).float().cpu().numpy()
+    model.train(was_training)
+
+
+class FrozenProbe(torch.nn.Module):
+    """A recommender on frozen entity rows N: only a fresh self-attentive pooling and a per-item bias are trained.
+
+    Trained on N from pre-training and on N from an untrained model, it says how much item signal the rows carry
+    by themselves, with nothing that fine-tuning could overwrite."""
+
+    def __init__(self, N: torch.Tensor, n_items: int):
+        super().__init__()
+        self.register_buffer("N", N.detach())
+        self.n_items = n_items
+        self.pooling = SelfAttentivePooling(N.size(1))
+        self.item_bias = torch.nn.Parameter(torch.zeros(n_items))
+
+    def forward(self, entity_ids: torch.Tensor) -> torch.Tensor:
+        user = self.pooling(self.N[entity_ids.clamp(min=0)], entity_ids < 0)
+        return user @ self.N[: self.n_items].T + self.item_bias
+
+
+def train_frozen_probe(model: C2CRS, run: Run, epochs: int, batch_size: int, learning_rate: float,
+                       seed: int) -> tuple[FrozenProbe, list[dict]]:
+    """Fit a FrozenProbe on model's N (train split), keeping the epoch with the best validation recall@50."""
+    with torch.no_grad():
+        model.eval()
+        N = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
+    torch.manual_seed(seed)
+    probe = FrozenProbe(N, run.graph.n_items).to(run.device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
+    sample_rows, target_items = recommendation_rows(run.train)
+    history, best = [], None
+    for epoch in range(epochs):
+        probe.train()
+        order = epoch_generator(seed, epoch).permutation(len(sample_rows))
+        for start in range(0, len(order), batch_size):
+            picked = order[start: start + batch_size]
+            entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
+            loss = torch.nn.functional.cross_entropy(probe(entity_ids),
+                                                     torch.as_tensor(target_items[picked], device=run.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        metrics = {"epoch": epoch + 1, **_recall_at(_valid_ranks(score_probe(probe, run, run.valid, batch_size),
+                                                                 run.valid))}
+        history.append(metrics)
+        if best is None or metrics["recall@50"] > best[0]:
+            best = (metrics["recall@50"], {k: v.clone() for k, v in probe.state_dict().items()})
+    probe.load_state_dict(best[1])
+    return probe, history
+
+
+@torch.no_grad()
+def score_probe(probe: FrozenProbe, run: Run, table: SampleTable,
+                batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    was_training = probe.training
+    probe.eval()
+    for start in range(0, len(table), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(table)))
+        yield rows, probe(recommendation_batch(table, rows, run.max_context_entities, run.device)).float().cpu().numpy()
+    probe.train(was_training)

@@ -1,26 +1,44 @@
 """Recommendation evaluation: one row per ground-truth mention, ranks over all items, metrics with cluster CIs.
 
 The protocol follows DESIGN.md 'Evaluation protocol': every target item of every scored sample (turns after the
-first) is one evaluation row, ranked against all n_items movies; nothing already mentioned is excluded, and no
-mention is ever dropped, so two models are always scored on the same rows. Two protocols are reported side by
-side (`all_turns`, what C2-CRS's Table 1 used, and `recommender_turns`, what CRSLab and later papers use), each
-with a conversation-level bootstrap interval and the share of hits that were repeats of a movie in the context.
+first) is one evaluation row, ranked against all n_items movies; no mention is ever dropped, so two models are always
+scored on the same rows. Four protocols are reported side by side, each with a conversation-level bootstrap interval,
+the share of hits that were repeats of a movie in the context, and recall split by whether the context has linked
+entities:
+- `all_turns` (what C2-CRS's Table 1 used) and `recommender_turns` (what CRSLab and later papers use) keep every
+  target, repeats of context movies included, and rank it among all movies;
+- `new_items` (Kostric and Balog's re-evaluation of ReDial CRS) keeps only recommender-turn targets that were not
+  mentioned earlier in the conversation, with the same ranks: the context's movies still compete with the target;
+- `new_items_masked` scores the same rows with the context's movies removed from the ranking, so a target ranks only
+  among movies not yet mentioned (a model is not penalised for ranking a movie already mentioned above it).
+Two naive baselines show how much recall repeats alone buy: `repeat` (the context's movies, most recent first) and
+`repeat_popularity` (the same, then every other movie by train popularity).
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import polars as pl
 
 METRICS = ("recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10")
 REPEAT_KS = (10, 50)
-ROW_COLUMNS = ("sample_id", "conv_id", "turn_idx", "role", "target_item", "in_context")
+ROW_COLUMNS = ("sample_id", "conv_id", "turn_idx", "role", "target_item", "in_context", "context_item_ids",
+               "has_entities")
+
+
+def _new_items(rows: pl.DataFrame) -> np.ndarray:
+    return ((rows["role"] == "recommender") & ~rows["in_context"]).to_numpy()
+
 
 # Protocol name -> boolean row mask. all_turns keeps seeker turns too (C2-CRS code, paper Table 1).
 PROTOCOLS: dict[str, Callable[[pl.DataFrame], np.ndarray]] = {
     "all_turns": lambda rows: np.ones(rows.height, dtype=bool),
     "recommender_turns": lambda rows: (rows["role"] == "recommender").to_numpy(),
+    "new_items": _new_items,
+    "new_items_masked": _new_items,
 }
+# Protocols scored with the ranks that leave the context's movies out (evaluate_model's masked_ranks).
+MASKED_PROTOCOLS = frozenset({"new_items_masked"})
 
 # The paper's numbers (Tables 1 and 4, ReDial), keyed by our model names in metrics/rec.json. They come from
 # training on the FULL ReDial train split and scoring all turns (seeker turns included), so they belong next to
@@ -44,7 +62,8 @@ PAPER_TABLE4 = {
     "c2crs_wo_sd": ("w/o SD", {"recall@1": 0.051, "recall@10": 0.226, "recall@50": 0.403}),
     "c2crs_wo_ud": ("w/o UD", {"recall@1": 0.051, "recall@10": 0.222, "recall@50": 0.395}),
 }
-BASELINES = ("popularity", "textcnn", "kbrd")
+NAIVE_BASELINES = ("repeat", "repeat_popularity")  # no training: the context's movies (then popularity)
+BASELINES = ("popularity", *NAIVE_BASELINES, "textcnn", "kbrd")
 
 
 class EvaluationError(ValueError):
@@ -58,9 +77,13 @@ def expand_mentions(samples: pl.DataFrame) -> pl.DataFrame:
     """One row per (sample, ground-truth item), in sample order; in_context flags a repeat of a context movie.
 
     Samples without targets give no row; duplicate targets in one sample stay (a mention is never dropped).
+    context_item_ids travels with each row (the masked protocol leaves those movies out of the ranking), and
+    has_entities says whether the context has any linked entity (context_entity_ids holds every linked mention,
+    movies included).
     """
     return (samples.filter(pl.col("target_item_ids").list.len() > 0)
             .select("sample_id", "conv_id", "turn_idx", "role", "context_item_ids",
+                    (pl.col("context_entity_ids").list.len() > 0).alias("has_entities"),
                     pl.col("target_item_ids").alias("target_item"))
             .explode("target_item")
             .with_columns(pl.col("context_item_ids").list.contains(pl.col("target_item")).alias("in_context"))
@@ -77,13 +100,32 @@ def protocol_rows(rows: pl.DataFrame, protocol: str) -> np.ndarray:
 # ---------------------------------------------------------------- ranks
 
 
+def _excluded_at_least(scores: np.ndarray, sample_index: np.ndarray, target_items: np.ndarray,
+                       target_score: np.ndarray, exclude: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per row, how many of its excluded items (the target itself never, each item once) score at least as high
+    as the target: what rank_of_targets counted but must not."""
+    lengths = np.array([len(items) for items in exclude], dtype=np.int64)
+    if len(lengths) != len(target_items):
+        raise EvaluationError(f"exclude has {len(lengths)} rows for {len(target_items)} targets")
+    if not lengths.sum():
+        return np.zeros(len(target_items), dtype=np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    item = np.concatenate([np.asarray(items, dtype=np.int64) for items in exclude if len(items)])
+    if item.min() < 0 or item.max() >= scores.shape[1]:
+        raise EvaluationError(f"excluded items must lie in 0..{scores.shape[1] - 1}")
+    row, item = np.unique(np.stack([row, item]), axis=1)
+    counted = (scores[sample_index[row], item] >= target_score[row]) & (item != target_items[row])
+    return np.bincount(row[counted], minlength=len(target_items))
+
+
 def rank_of_targets(scores: np.ndarray, sample_index: np.ndarray, target_items: np.ndarray,
-                    chunk: int = 1024) -> np.ndarray:
+                    chunk: int = 1024, exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """1-based rank of each target among all items: the number of items scoring at least as high as it.
 
     Ties count against the target (pessimistic): a model that gives many items the same score (popularity: equal
     counts) cannot win recall from the tie, and one that scores every item alike ranks each target last. Rows
-    are processed in chunks so only chunk x n_items floats are copied at a time.
+    are processed in chunks so only chunk x n_items floats are copied at a time. exclude (per target row, item ids)
+    takes those items out of the ranking: they are never counted, whatever they score (ties included).
     """
     sample_index = np.asarray(sample_index, dtype=np.int64)
     target_items = np.asarray(target_items, dtype=np.int64)
@@ -92,24 +134,28 @@ def rank_of_targets(scores: np.ndarray, sample_index: np.ndarray, target_items: 
     if target_items.size and (target_items.min() < 0 or target_items.max() >= scores.shape[1]):
         raise EvaluationError(f"target items must lie in 0..{scores.shape[1] - 1}")
     ranks = np.empty(len(target_items), dtype=np.int64)
+    target_score = scores[sample_index, target_items]
+    if np.isnan(target_score).any():
+        raise EvaluationError("a target item has a NaN score")
     for start in range(0, len(target_items), chunk):
         block = scores[sample_index[start:start + chunk]]
-        target_score = block[np.arange(len(block)), target_items[start:start + chunk]]
-        if np.isnan(target_score).any():
-            raise EvaluationError("a target item has a NaN score")
-        ranks[start:start + chunk] = (block >= target_score[:, None]).sum(axis=1)
+        ranks[start:start + chunk] = (block >= target_score[start:start + chunk, None]).sum(axis=1)
+    if exclude is not None:
+        ranks -= _excluded_at_least(scores, sample_index, target_items, target_score, exclude)
     return ranks
 
 
-def ranks_from_score_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame) -> np.ndarray:
-    """Ranks for every row (aligned with `rows`) from (sample_ids, scores[len(sample_ids), n_items]) blocks.
-
-    Lets a model score the test set a block at a time (e.g. 1024 x 6,924 float32, 28 MB) instead of holding the
-    whole matrix. Every sample of `rows` must appear in exactly one block; extra samples are ignored.
-    """
+def _ranks_from_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
+                       excludes: Sequence[pl.Series | Sequence[Sequence[int]] | None]) -> list[np.ndarray]:
+    """One rank array per entry of excludes (None: nothing excluded), all from a single pass over the blocks."""
     row_samples = rows["sample_id"].to_numpy()
     targets = rows["target_item"].to_numpy()
-    ranks = np.zeros(rows.height, dtype=np.int64)
+    excludes = [None if exclude is None else exclude.to_list() if isinstance(exclude, pl.Series) else list(exclude)
+                for exclude in excludes]
+    for exclude in excludes:
+        if exclude is not None and len(exclude) != rows.height:
+            raise EvaluationError(f"exclude has {len(exclude)} entries for {rows.height} rows")
+    ranks = [np.zeros(rows.height, dtype=np.int64) for _ in excludes]
     for sample_ids, scores in blocks:
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         if scores.shape[0] != len(sample_ids):
@@ -121,13 +167,79 @@ def ranks_from_score_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], row
         hit = sample_ids[order[position]] == row_samples
         if not hit.any():
             continue
-        if (ranks[hit] != 0).any():
+        if (ranks[0][hit] != 0).any():
             raise EvaluationError("a sample appears in more than one score block")
-        ranks[hit] = rank_of_targets(scores, order[position[hit]], targets[hit])
-    if (ranks == 0).any():
-        missing = np.unique(row_samples[ranks == 0])
+        hit_rows = np.flatnonzero(hit)
+        for kept, exclude in zip(ranks, excludes):
+            kept[hit] = rank_of_targets(scores, order[position[hit]], targets[hit],
+                                        exclude=None if exclude is None else [exclude[i] for i in hit_rows])
+    if (ranks[0] == 0).any():
+        missing = np.unique(row_samples[ranks[0] == 0])
         raise EvaluationError(f"{len(missing)} samples have no scores, e.g. sample_id {missing[:5].tolist()}")
     return ranks
+
+
+def ranks_from_score_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
+                            exclude: pl.Series | Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Ranks for every row (aligned with `rows`) from (sample_ids, scores[len(sample_ids), n_items]) blocks.
+
+    Lets a model score the test set a block at a time (e.g. 1024 x 6,924 float32, 28 MB) instead of holding the
+    whole matrix. Every sample of `rows` must appear in exactly one block; extra samples are ignored. exclude (one
+    list of item ids per row, e.g. rows["context_item_ids"]) leaves those items out of each row's ranking.
+    """
+    return _ranks_from_blocks(blocks, rows, [exclude])[0]
+
+
+def ranks_and_masked_ranks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
+                           exclude: pl.Series | Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks over all items, ranks without each row's `exclude` items) from one pass, so a model is scored once."""
+    ranks, masked = _ranks_from_blocks(blocks, rows, [None, exclude])
+    return ranks, masked
+
+
+# ---------------------------------------------------------------- naive baselines
+
+
+def context_items_by_recency(samples: pl.DataFrame) -> list[list[int]]:
+    """Each sample's context movies, most recently mentioned first, aligned with `samples`.
+
+    context_item_ids keeps a movie once, at its first mention, so a movie named early and again just now would look
+    old. A conversation's mentions are replayed instead: its first sample's context movies (the first turn's), then
+    each sample's targets (the movies of its turn) in turn order. A context movie that the replay misses keeps its
+    first-mention order, after the others.
+    """
+    history: dict[int, list[int]] = {}
+    by_sample = {}
+    ordered = samples.sort("conv_id", "turn_idx").select("sample_id", "conv_id", "context_item_ids", "target_item_ids")
+    for sample_id, conv_id, context, targets in ordered.iter_rows():
+        mentions = history.setdefault(conv_id, list(context))
+        in_context = set(context)
+        recent = [item for item in dict.fromkeys(reversed(mentions)) if item in in_context]
+        replayed = set(recent)
+        by_sample[sample_id] = recent + [item for item in reversed(context) if item not in replayed]
+        mentions.extend(targets)
+    return [by_sample[sample_id] for sample_id in samples["sample_id"]]
+
+
+def repeat_scores(context_items: Sequence[Sequence[int]], n_items: int) -> np.ndarray:
+    """The `repeat` baseline, [len(context_items), n_items]: each row's context movies (most recent first) score
+    m, m-1, ..., 1 and every other movie 0, so those tie below them and a target outside the context ranks last."""
+    lengths = np.array([len(items) for items in context_items], dtype=np.int64)
+    scores = np.zeros((len(context_items), n_items), dtype=np.float32)
+    if lengths.sum():
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        position = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        item = np.concatenate([np.asarray(items, dtype=np.int64) for items in context_items if len(items)])
+        scores[row, item] = (lengths[row] - position).astype(np.float32)
+    return scores
+
+
+def repeat_popularity_scores(context_items: Sequence[Sequence[int]], popularity: np.ndarray) -> np.ndarray:
+    """The `repeat_popularity` baseline: the context's movies most recent first, above every other movie, which
+    keeps its train popularity score (popularity ties stay ties)."""
+    popularity = np.asarray(popularity, dtype=np.float32)
+    repeat = repeat_scores(context_items, len(popularity))
+    return np.where(repeat > 0, popularity.max() + repeat, popularity[None, :]).astype(np.float32)
 
 
 # ---------------------------------------------------------------- metrics
@@ -194,12 +306,19 @@ def paired_difference(rows: pl.DataFrame, ranks_a: np.ndarray, ranks_b: np.ndarr
     ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
     if not len(ranks_a) == len(ranks_b) == rows.height:
         raise EvaluationError(f"{len(ranks_a)} and {len(ranks_b)} ranks for {rows.height} rows")
+    return paired_values_difference(rows, metric_values(ranks_a) - metric_values(ranks_b), n_resamples=n_resamples,
+                                    seed=seed, level=level)
+
+
+def paired_values_difference(rows: pl.DataFrame, differences: np.ndarray, *, n_resamples: int = 1000, seed: int = 0,
+                             level: float = 0.95) -> dict[str, dict]:
+    """The mean of per-row metric differences [n_rows, len(METRICS)] (e.g. averaged over several seeds' runs) with
+    its cluster-bootstrap interval over conversations."""
     if rows.height == 0:
         return {m: {"difference": None, "ci95": [None, None]} for m in METRICS}
-    values = metric_values(ranks_a) - metric_values(ranks_b)
-    low, high = _percentiles(_bootstrap_stats(rows, values, n_resamples, seed), level)
+    low, high = _percentiles(_bootstrap_stats(rows, differences, n_resamples, seed), level)
     return {m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
-            for m, d, lo, hi in zip(METRICS, values.mean(axis=0), low, high)}
+            for m, d, lo, hi in zip(METRICS, differences.mean(axis=0), low, high)}
 
 
 def repeat_share(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, float | None]:
@@ -216,30 +335,51 @@ def repeat_share(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, float | Non
     return shares
 
 
-def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                   compare_with: dict[str, np.ndarray] | None = None) -> dict:
-    """{protocol: metrics + n + ci95 + repeat_share} for one model; the caller writes {model: this} to rec.json.
+def by_context(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict]:
+    """Metrics (with n) of the rows whose context has linked entities and of those whose context has none: a model
+    that reads the KG can only use it on the first kind."""
+    has_entities = rows["has_entities"].to_numpy().astype(bool)
+    ranks = np.asarray(ranks)
+    return {"with_entities": metrics_from_ranks(ranks[has_entities]),
+            "without_entities": metrics_from_ranks(ranks[~has_entities])}
 
-    compare_with {name: ranks of another model on the same rows} adds margin_over[name]: this model minus that one,
-    with a paired bootstrap interval.
+
+def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                   compare_with: dict[str, np.ndarray] | None = None, masked_ranks: np.ndarray | None = None,
+                   compare_masked: dict[str, np.ndarray] | None = None) -> dict:
+    """{protocol: metrics + n + ci95 + repeat_share + by_context} for one model; the caller writes {model: this} to
+    rec.json.
+
+    masked_ranks (ranks_and_masked_ranks' second array) score the MASKED_PROTOCOLS, `ranks` every other one; without
+    masked_ranks the masked protocols are left out. compare_with {name: ranks of another model on the same rows}
+    adds margin_over[name]: this model minus that one, with a paired bootstrap interval; under a masked protocol
+    the pair is masked_ranks and compare_masked[name], so both sides are ranked the same way.
     """
     ranks = np.asarray(ranks)
-    if len(ranks) != rows.height:
-        raise EvaluationError(f"{len(ranks)} ranks for {rows.height} rows")
+    for name, other in {"ranks": ranks, "masked_ranks": masked_ranks}.items():
+        if other is not None and len(other) != rows.height:
+            raise EvaluationError(f"{len(other)} {name} for {rows.height} rows")
+    if compare_with and masked_ranks is not None and set(compare_masked or {}) != set(compare_with):
+        raise EvaluationError("compare_masked must hold the masked ranks of every model in compare_with")
     results = {}
     for protocol in PROTOCOLS:
+        masked = protocol in MASKED_PROTOCOLS
+        if masked and masked_ranks is None:
+            continue
+        protocol_ranks, others = (np.asarray(masked_ranks), compare_masked) if masked else (ranks, compare_with)
         keep = protocol_rows(rows, protocol)
-        kept_rows, kept_ranks = rows.filter(pl.Series(keep)), ranks[keep]
+        kept_rows, kept_ranks = rows.filter(pl.Series(keep)), protocol_ranks[keep]
         results[protocol] = {
             **metrics_from_ranks(kept_ranks),
             "ci95": bootstrap_ci(kept_rows, kept_ranks, n_resamples=n_resamples, seed=seed, level=0.95),
             "repeat_share": repeat_share(kept_rows, kept_ranks),
+            "by_context": by_context(kept_rows, kept_ranks),
         }
         if compare_with:
             results[protocol]["margin_over"] = {
                 name: paired_difference(kept_rows, kept_ranks, np.asarray(other)[keep], n_resamples=n_resamples,
                                         seed=seed)
-                for name, other in compare_with.items()}
+                for name, other in others.items()}
     return results
 
 
@@ -322,16 +462,43 @@ def ablation_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONTEXT_PROTOCOLS = ("all_turns", "new_items_masked")
+
+
+def by_context_table(results: dict, protocols: tuple[str, ...] = CONTEXT_PROTOCOLS) -> str:
+    """R@10 and R@50 of each model on samples whose context has linked entities and on those whose context has
+    none, per protocol (point values: a split of the rows above, no intervals)."""
+    lines = ["| protocol | model | R@10 with entities | R@50 with entities | n with | R@10 without | R@50 without | "
+             "n without |", "|---|---|" + "---|" * 6]
+    for protocol in protocols:
+        for model, by_protocol in results.items():
+            split = by_protocol.get(protocol, {}).get("by_context")
+            if split:
+                cells = [_cell(split[part], key) if key != "n" else str(split[part]["n"])
+                         for part in ("with_entities", "without_entities") for key in ("recall@10", "recall@50", "n")]
+                lines.append(f"| {protocol} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def recommendation_report(results: dict, setting: str) -> str:
-    """reports/rec.md: the protocol, the setting next to the paper's, Table 1 with margins, Table 4."""
+    """reports/rec.md: the protocol, the setting next to the paper's, Table 1 with the naive baselines and margins,
+    recall by context, Table 4."""
     main = {m: results[m] for m in (*BASELINES, "c2crs") if m in results}
     return "\n".join([
         "# Recommendation on the ReDial test split",
         "",
         "Protocol: every ground-truth movie mention of a scored turn is one sample (the first turn has no context and "
-        "is not scored); ranking over all 6,924 ReDial movies; nothing excluded. all_turns scores seeker and "
-        "recommender turns (the C2-CRS code and Table 1), recommender_turns only the recommender's (CRSLab's KGSF "
-        "and most later papers). 95 % intervals: bootstrap over test conversations.",
+        "is not scored). all_turns scores seeker and recommender turns (the C2-CRS code and Table 1), "
+        "recommender_turns only the recommender's (CRSLab's KGSF and most later papers); both rank each target "
+        "among all 6,924 ReDial movies and keep targets already mentioned in the context. new_items (Kostric and "
+        "Balog's re-evaluation of ReDial CRS) keeps only the recommender turns' targets that were not mentioned "
+        "before in the conversation, with the same ranks, so movies already mentioned still compete with the target; "
+        "new_items_masked scores the same samples with the context's movies removed from the ranking, so a target "
+        "ranks only among movies not mentioned yet. repeat ranks the context's movies, most recent mention first, "
+        "above all other movies (tied, which counts against the target); repeat_popularity ranks the rest by train "
+        "popularity. Neither is trained: what they score under all_turns and recommender_turns is what repeats "
+        "alone buy, and repeat scores 0 under new_items by construction. 95 % intervals: bootstrap over test "
+        "conversations.",
         "",
         f"Setting: {setting}",
         "",
@@ -340,9 +507,16 @@ def recommendation_report(results: dict, setting: str) -> str:
         markdown_table(main, PAPER_TABLE1),
         "## Margins of C2-CRS",
         "",
-        "C2-CRS minus each model on the same samples; 95 % paired bootstrap intervals over test conversations.",
+        "C2-CRS minus each model on the same samples, ranked the same way (masked ranks for both under "
+        "new_items_masked); 95 % paired bootstrap intervals over test conversations.",
         "",
         margins_table(results),
+        "## Recall by context",
+        "",
+        "Samples whose context has at least one linked entity (a movie or another KG entity) and samples whose "
+        "context has none; a model that reads the KG can only use it on the first kind.",
+        "",
+        by_context_table(main),
         "## Ablations (the paper's Table 4)",
         "",
         f"Ours under {PAPER_PROTOCOL} with 95 % intervals, the paper's numbers beside them ({PAPER_NOTE}), "

@@ -1,4 +1,5 @@
-"""Recommendation evaluation on hand-made rankings: metrics, ties, blocks, mention rows, protocols, bootstrap."""
+"""Recommendation evaluation on hand-made rankings: metrics, ties, masking, blocks, mention rows, protocols, naive
+baselines, bootstrap, the report."""
 
 import math
 import time
@@ -12,14 +13,15 @@ from stages.triples import SAMPLE_SCHEMA
 
 
 def samples_table(rows):
-    """rows: (sample_id, conv_id, turn_idx, role, context_item_ids, target_item_ids)."""
+    """rows: (sample_id, conv_id, turn_idx, role, context_item_ids, target_item_ids[, context_entity_ids])."""
     return pl.DataFrame(
-        [(sid, conv, turn, role, "test", [], [], ctx, targets, []) for sid, conv, turn, role, ctx, targets in rows],
+        [(sid, conv, turn, role, "test", [], entities[0] if entities else [], ctx, targets, [])
+         for sid, conv, turn, role, ctx, targets, *entities in rows],
         schema=SAMPLE_SCHEMA, orient="row")
 
 
 SAMPLES = samples_table([
-    (0, 1, 1, "recommender", [3], [5, 3]),   # two targets, the second a repeat of the context
+    (0, 1, 1, "recommender", [3], [5, 3], [3, 40]),   # two targets, the second a repeat of the context
     (1, 1, 2, "seeker", [3, 5], []),         # no target: no row
     (2, 1, 3, "recommender", [3, 5], [7]),
     (3, 2, 1, "seeker", [], [7]),
@@ -79,14 +81,18 @@ def test_ranks_from_blocks_catch_missing_and_repeated_samples():
 def test_expand_mentions_keeps_every_mention_and_flags_repeats():
     rows = evaluate.expand_mentions(SAMPLES)
     assert rows.columns == list(evaluate.ROW_COLUMNS)
-    assert rows.select("sample_id", "target_item", "in_context").rows() == [
-        (0, 5, False), (0, 3, True), (2, 7, False), (3, 7, False)]
+    assert rows.select("sample_id", "target_item", "in_context", "has_entities").rows() == [
+        (0, 5, False, True), (0, 3, True, True), (2, 7, False, False), (3, 7, False, False)]
+    assert rows["context_item_ids"].to_list() == [[3], [3], [3, 5], []]
 
 
 def test_protocols_select_rows():
     rows = evaluate.expand_mentions(SAMPLES)
     assert evaluate.protocol_rows(rows, "all_turns").tolist() == [True] * 4
     assert evaluate.protocol_rows(rows, "recommender_turns").tolist() == [True, True, True, False]
+    # new_items: recommender turns without the repeat (row 1) and without the seeker turn (row 3)
+    assert evaluate.protocol_rows(rows, "new_items").tolist() == [True, False, True, False]
+    assert evaluate.protocol_rows(rows, "new_items_masked").tolist() == [True, False, True, False]
     with pytest.raises(ValueError):
         evaluate.protocol_rows(rows, "seeker_only")
 
@@ -133,12 +139,13 @@ def test_repeat_share_by_hand():
     assert evaluate.repeat_share(rows, np.array([99] * 5)) == {"recall@10": None, "recall@50": None}
 
 
-def test_evaluate_model_reports_both_protocols():
+def test_evaluate_model_reports_every_protocol():
     rows = evaluate.expand_mentions(SAMPLES)
     ranks = np.array([1, 2, 40, 5])
     result = evaluate.evaluate_model(rows, ranks, n_resamples=50, seed=0)
-    assert set(result) == set(evaluate.PROTOCOLS)
+    assert set(result) == {"all_turns", "recommender_turns", "new_items"}  # no masked ranks: no masked protocol
     assert result["all_turns"]["n"] == 4 and result["recommender_turns"]["n"] == 3
+    assert result["new_items"]["n"] == 2 and result["new_items"]["recall@1"] == pytest.approx(1 / 2)
     assert result["recommender_turns"]["recall@10"] == pytest.approx(2 / 3)
     assert result["all_turns"]["repeat_share"] == {"recall@10": pytest.approx(1 / 3), "recall@50": 0.25}
     assert set(result["all_turns"]["ci95"]) == set(evaluate.METRICS)
@@ -181,10 +188,152 @@ def test_the_report_has_table_1_margins_and_table_4():
     results["c2crs"] = evaluate.evaluate_model(rows, np.array([1, 20, 60, 5]), n_resamples=50, compare_with=ranks)
     report = evaluate.recommendation_report(results, "a tiny hand-made setting.")
     assert "Setting: a tiny hand-made setting." in report
-    margins = report.split("## Margins")[1].split("## Ablations")[0]
+    margins = report.split("## Margins")[1].split("## Recall by context")[0]
     assert "| all_turns | kbrd | +0.500" in margins and "c2crs_wo_fine" not in margins
     table4 = report.split("## Ablations")[1]
     assert "| w/o Coarse-Fine | kbrd |" in table4 and "| w/o Fine | c2crs_wo_fine |" in table4
     assert "| 0.048 | 0.221 | 0.400 |" in table4.split("| w/o Fine |")[1].splitlines()[0]  # the paper's row
     assert "| mine | c2crs_mine |" in table4  # a variant the paper does not have: no paper cells
     assert table4.index("w/o Coarse-Fine") < table4.index("w/o Fine") < table4.index("| mine |")
+
+
+# ---------------------------------------------------------------- masking, new_items, naive baselines, by context
+
+
+def test_masked_rank_never_counts_an_excluded_item():
+    scores = np.array([[0.9, 0.8, 0.5, 0.5, 0.1]], dtype=np.float32)
+    index, target = np.zeros(4, dtype=int), np.full(4, 2)
+    # Unmasked: items 0, 1, 2 and 3 (a tie) score at least 0.5 -> rank 4. Excluding item 0 (above) and item 3 (the
+    # tie) leaves items 1 and 2 -> 2; item 4 scores below the target, so excluding it changes nothing; a duplicate
+    # counts once; the target itself is never taken away.
+    exclude = [[0, 3], [4], [0, 0], [2]]
+    assert evaluate.rank_of_targets(scores, index, target).tolist() == [4, 4, 4, 4]
+    assert evaluate.rank_of_targets(scores, index, target, exclude=exclude).tolist() == [2, 4, 3, 4]
+    with pytest.raises(evaluate.EvaluationError):
+        evaluate.rank_of_targets(scores, index[:1], target[:1], exclude=[[5]])
+
+
+def test_masked_ranks_from_blocks_by_hand():
+    rows = evaluate.expand_mentions(SAMPLES)  # targets 5, 3, 7, 7; contexts [3], [3], [3, 5], []
+    scores = np.array([[0, 0, 0, 9, 0, 8, 0, 1],    # sample 0: the context movie 3 above the target 5
+                       [0] * 8,                     # sample 1 has no row
+                       [0, 0, 0, 9, 0, 9, 0, 5],    # sample 2: both context movies above the target 7
+                       [0, 0, 0, 0, 0, 0, 0, 1]], dtype=np.float32)
+    blocks = [(np.array([2, 3]), scores[2:]), (np.array([0, 1]), scores[:2])]
+    exclude = rows["context_item_ids"].to_list()
+    ranks, masked = evaluate.ranks_and_masked_ranks(iter(blocks), rows, exclude)
+    assert ranks.tolist() == [2, 1, 3, 1]
+    assert masked.tolist() == [1, 1, 1, 1]  # row 1's target 3 is itself in the context: it still counts once
+    assert evaluate.ranks_from_score_blocks(iter(blocks), rows, rows["context_item_ids"]).tolist() == masked.tolist()
+    assert evaluate.ranks_from_score_blocks(iter(blocks), rows).tolist() == ranks.tolist()
+    with pytest.raises(evaluate.EvaluationError, match="entries"):
+        evaluate.ranks_from_score_blocks(iter(blocks), rows, exclude[:3])
+
+
+def test_masked_protocol_and_its_margins_use_the_masked_ranks():
+    rows = evaluate.expand_mentions(SAMPLES)  # new_items rows: 0 and 2
+    ranks, masked = np.array([20, 1, 60, 5]), np.array([1, 1, 9, 5])
+    other, other_masked = np.array([1, 1, 1, 1]), np.array([30, 30, 30, 30])
+    result = evaluate.evaluate_model(rows, ranks, n_resamples=50, compare_with={"kbrd": other}, masked_ranks=masked,
+                                     compare_masked={"kbrd": other_masked})
+    assert set(result) == set(evaluate.PROTOCOLS)
+    assert result["new_items"]["recall@10"] == 0.0 and result["new_items_masked"]["recall@10"] == 1.0
+    assert result["new_items_masked"]["n"] == result["new_items"]["n"] == 2
+    assert result["all_turns"]["recall@1"] == pytest.approx(1 / 4)  # unmasked ranks outside the masked protocol
+    assert result["new_items"]["margin_over"]["kbrd"]["recall@10"]["difference"] == pytest.approx(-1.0)
+    assert result["new_items_masked"]["margin_over"]["kbrd"]["recall@10"]["difference"] == pytest.approx(1.0)
+    with pytest.raises(evaluate.EvaluationError, match="compare_masked"):
+        evaluate.evaluate_model(rows, ranks, n_resamples=10, compare_with={"kbrd": other}, masked_ranks=masked)
+
+
+def test_context_items_by_recency_replays_later_mentions():
+    samples = samples_table([
+        (0, 1, 1, "seeker", [10, 11], [12]),               # the first turn named 10 then 11
+        (1, 1, 2, "recommender", [10, 11, 12], [10]),
+        (2, 1, 3, "seeker", [10, 11, 12], []),
+        (4, 2, 1, "seeker", [20], []),
+    ])
+    # context_item_ids keeps first mentions (10, 11, 12); 10 named again in turn 2 is the most recent for sample 2
+    assert evaluate.context_items_by_recency(samples) == [[11, 10], [12, 11, 10], [10, 12, 11], [20]]
+    assert evaluate.context_items_by_recency(samples.reverse()) == [[20], [10, 12, 11], [12, 11, 10], [11, 10]]
+
+
+def test_repeat_scores_by_hand():
+    context = [[3, 1], [], [2]]  # most recent first
+    assert evaluate.repeat_scores(context, 5).tolist() == [[0, 1, 0, 2, 0], [0] * 5, [0, 0, 1, 0, 0]]
+    popularity = np.array([0.5, 2.0, 1.0, 0.0, 2.0], dtype=np.float32)
+    got = evaluate.repeat_popularity_scores(context, popularity)
+    assert got.tolist() == [[0.5, 3.0, 1.0, 4.0, 2.0], popularity.tolist(), [0.5, 2.0, 3.0, 0.0, 2.0]]
+    # row 0: 3 then 1 (context), then 4 (popularity 2.0) above 2 above 0; row 2: 2, then the tie 1 = 4 counts
+    ranks = evaluate.rank_of_targets(got, np.array([0, 0, 0, 0, 0, 2, 2]), np.array([3, 1, 4, 2, 0, 2, 4]))
+    assert ranks.tolist() == [1, 2, 3, 4, 5, 1, 3]
+
+
+REPEAT_SAMPLES = samples_table([
+    (0, 1, 1, "seeker", [10], [11]),
+    (1, 1, 2, "recommender", [10, 11], [10, 12]),
+    (2, 1, 3, "seeker", [10, 11, 12], [12]),
+    (3, 1, 4, "recommender", [10, 11, 12], [10]),
+    (4, 1, 5, "seeker", [10, 11, 12], [10]),
+    (5, 2, 1, "recommender", [], [20]),
+    (6, 2, 2, "seeker", [20], [20]),
+])
+
+
+def test_repeat_recall_at_1_is_the_share_of_targets_that_are_the_latest_context_movie():
+    n_items = 60
+    rows = evaluate.expand_mentions(REPEAT_SAMPLES)
+    recent = evaluate.context_items_by_recency(REPEAT_SAMPLES)
+    blocks = [(REPEAT_SAMPLES["sample_id"].to_numpy(), evaluate.repeat_scores(recent, n_items))]
+    ranks, masked = evaluate.ranks_and_masked_ranks(blocks, rows, rows["context_item_ids"].to_list())
+    # rows (sample, target): (0, 11) new, (1, 10) 2nd latest, (1, 12) new, (2, 12) latest, (3, 10) 2nd latest,
+    # (4, 10) latest (named again in turn 4; by first mention it would be the oldest), (5, 20) new, (6, 20) latest
+    assert ranks.tolist() == [60, 2, 60, 1, 2, 1, 60, 1]
+    latest = [context[0] if context else None for context in recent]
+    share = np.mean([latest[s] == t for s, t in rows.select("sample_id", "target_item").iter_rows()])
+    result = evaluate.evaluate_model(rows, ranks, n_resamples=20, masked_ranks=masked)
+    assert result["all_turns"]["recall@1"] == pytest.approx(share) == pytest.approx(3 / 8)
+    assert result["recommender_turns"]["recall@1"] == 0.0 and result["recommender_turns"]["recall@10"] == 0.5
+    for protocol in ("new_items", "new_items_masked"):
+        assert result[protocol]["n"] == 2  # (1, 12) and (5, 20)
+        assert all(result[protocol][f"recall@{k}"] == 0.0 for k in (1, 10, 50)), protocol
+    assert masked[[2, 6]].tolist() == [58, 60]  # among the movies not yet mentioned, all tied
+
+
+def test_by_context_splits_rows_on_linked_entities():
+    rows = evaluate.expand_mentions(SAMPLES)  # sample 0 (rows 0, 1) has entities; samples 2 and 3 have none
+    result = evaluate.evaluate_model(rows, np.array([1, 2, 40, 5]), n_resamples=20)
+    split = result["all_turns"]["by_context"]
+    assert split["with_entities"]["n"] == 2 and split["without_entities"]["n"] == 2
+    assert split["with_entities"]["recall@1"] == pytest.approx(1 / 2)
+    assert split["without_entities"]["recall@10"] == pytest.approx(1 / 2)
+    assert split["without_entities"]["recall@1"] == 0.0
+    assert result["recommender_turns"]["by_context"]["without_entities"]["n"] == 1
+    assert result["new_items"]["by_context"]["with_entities"] == {**evaluate.metrics_from_ranks(np.array([1])), "n": 1}
+    assert set(split["with_entities"]) == {*evaluate.METRICS, "n"}
+
+
+def test_the_report_shows_the_new_protocols_the_naive_baselines_and_recall_by_context():
+    rows = evaluate.expand_mentions(SAMPLES)
+    names = ("popularity", "repeat", "repeat_popularity", "kbrd")
+    ranks = {name: np.array([30, 1, 11, 70]) + i for i, name in enumerate(names)}
+    masked = {name: r - 1 for name, r in ranks.items()}
+    results = {name: evaluate.evaluate_model(rows, ranks[name], n_resamples=20, masked_ranks=masked[name])
+               for name in names}
+    results["c2crs"] = evaluate.evaluate_model(rows, np.array([1, 20, 60, 5]), n_resamples=20, compare_with=ranks,
+                                               masked_ranks=np.array([1, 20, 5, 5]), compare_masked=masked)
+    report = evaluate.recommendation_report(results, "tiny.")
+    assert "new_items_masked" in report.split("Setting:")[0]  # the protocol text names the masked variant
+    table1 = report.split("## C2-CRS and the baselines")[1].split("## Margins")[0]
+    for protocol in evaluate.PROTOCOLS:
+        section = table1.split(f"### {protocol}\n")[1].split("###")[0]
+        assert "| repeat |" in section and "| repeat_popularity |" in section and "| c2crs |" in section, protocol
+    margins = report.split("## Margins")[1].split("## Recall by context")[0]
+    for protocol in evaluate.PROTOCOLS:
+        for other in ("repeat", "repeat_popularity"):
+            assert f"| {protocol} | {other} |" in margins
+    by_context = report.split("## Recall by context")[1].split("## Ablations")[0]
+    # repeat's ranks 31, 2 (with entities) and 12, 71 (without); c2crs's masked new_items ranks 1 (with), 5 (without)
+    assert "| all_turns | repeat | 0.500 | 1.000 | 2 | 0.000 | 0.500 | 2 |" in by_context
+    assert "| new_items_masked | c2crs | 1.000 | 1.000 | 1 | 1.000 | 1.000 | 1 |" in by_context
+    assert "| new_items |" not in by_context and "| recommender_turns |" not in by_context

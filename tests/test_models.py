@@ -310,10 +310,86 @@ def test_recommender_overfits_tiny_problem(setup):
     assert model.user_pooling.proj.weight.grad.abs().sum() > 0
 
 
-def test_item_bias_option():
+def test_item_bias_is_per_entity_and_added_to_the_logits(setup):
+    cfg, _, edge_index, edge_type, (_, entities, *_) = setup
     model = C2CRS(tiny_config(item_bias=True))
-    assert model.item_bias.shape == (10,)
+    assert model.item_bias.shape == (cfg.n_entities,)
     assert C2CRS(tiny_config()).item_bias is None
+    with torch.no_grad():
+        model.item_bias.copy_(torch.arange(cfg.n_entities, dtype=torch.float))
+    N = model.entity_graph(edge_index, edge_type)
+    plain = model.user_vector(N, entities) @ N.T
+    assert torch.allclose(model.recommendation_logits(N, entities), plain[:, :cfg.n_items] + torch.arange(10.0))
+    assert torch.allclose(model.recommendation_logits(N, entities, all_entities=True),
+                          plain + torch.arange(float(cfg.n_entities)))
+
+
+def test_rec_pooling_graph_reuses_the_pretrained_graph_pooling(setup):
+    cfg, _, edge_index, edge_type, (_, entities, *_) = setup
+    model = C2CRS(tiny_config(rec_pooling="graph"))
+    assert model.user_pooling is None
+    N = model.entity_graph(edge_index, edge_type)
+    assert torch.equal(model.user_vector(N, entities), model.graph_view(N, entities))
+    model.recommendation_loss(model.recommendation_logits(N, entities), torch.tensor([1, 2, 3, 4])).backward()
+    assert model.graph_pooling.proj.weight.grad.abs().sum() > 0
+
+
+def test_featureless_rgcn_equals_pyg_rgcnconv_with_x_none():
+    """Our relation-by-relation layer gives PyG's featureless RGCNConv output, on the whole graph and on a subset."""
+    from torch_geometric.nn import RGCNConv
+
+    torch.manual_seed(0)
+    cfg = tiny_config(kg_encoder="featureless")
+    layer = C2CRS(cfg).kg_encoder
+    edge_index, edge_type = random_graph(cfg.n_entities, 150, cfg.n_relations, seed=3)
+    reference = RGCNConv(cfg.n_entities, cfg.kg_dim, cfg.n_relations, num_bases=cfg.num_bases)
+    with torch.no_grad():
+        reference.weight.copy_(layer.basis)
+        reference.comp.copy_(layer.comp)
+        reference.root.copy_(layer.root)
+        reference.bias.copy_(torch.randn(cfg.kg_dim))
+        layer.bias.copy_(reference.bias)
+    expected = reference(None, edge_index, edge_type)
+    assert torch.allclose(layer(edge_index, edge_type), expected, atol=1e-5)
+    nodes = torch.tensor([7, 0, 7, 29, 12])
+    assert torch.allclose(layer.forward_nodes(nodes, edge_index, edge_type), expected[nodes], atol=1e-5)
+    assert layer.basis.shape == (cfg.num_bases, cfg.n_entities, cfg.kg_dim)
+
+
+def test_six_projection_heads_give_the_fine_loss_its_own_heads(setup):
+    cfg, _, *_ = setup
+    torch.manual_seed(0)
+    model = C2CRS(tiny_config(projection_heads="per_view_and_level"))
+    assert C2CRS(tiny_config()).unit_projection is None
+    T = 6
+    loss = model.fine_contrastive_loss(torch.randn(T, cfg.token_dim), torch.randn(T, cfg.kg_dim),
+                                       torch.randn(T, cfg.token_dim), torch.arange(T), torch.arange(T))
+    loss.backward()
+    assert all(p.grad is not None for p in model.unit_projection.parameters())
+    assert all(p.grad is None for p in model.projection.parameters())
+
+
+def test_nt_xent_by_hand():
+    """SimCLR's loss: rows of [a; b], each row's positive is its counterpart, candidates the 2B-1 other rows."""
+    a = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    b = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    t = 0.5
+    z = F.normalize(torch.cat([a, b]), dim=-1)
+    total = 0.0
+    for i in range(4):
+        positive = (i + 2) % 4
+        others = [j for j in range(4) if j != i]
+        total += -(z[i] @ z[positive] / t - torch.logsumexp(torch.stack([z[i] @ z[j] / t for j in others]), 0))
+    assert info_nce(a, b, t, same_view_negatives=True).item() == pytest.approx(total.item() / 4, rel=1e-5)
+    assert info_nce(a, b, t, same_view_negatives=True).item() != pytest.approx(info_nce(a, b, t).item(), rel=1e-3)
+    # a false negative removed in both views keeps the positive
+    not_negative = torch.tensor([[False, True], [True, False]])
+    assert torch.isfinite(info_nce(a, b, t, not_negative=not_negative, same_view_negatives=True))
+
+
+def test_invalid_switch_value_is_refused():
+    with pytest.raises(ValueError, match="kg_encoder"):
+        tiny_config(kg_encoder="onehot")
 
 
 # ---- baselines ---------------------------------------------------------------------------------------------------

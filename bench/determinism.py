@@ -1,0 +1,106 @@
+"""Benchmark: is CPU training reproducible run to run, and what does making it so cost?
+
+Why: a resumed run should end with the same weights as an uninterrupted one, and two uninterrupted runs with the same
+seed should agree; the README states what holds. Sources of run-to-run differences on CPU: the order of rows the
+data code produces (multi-threaded joins), and floating-point sums whose order depends on threads or on memory
+alignment (Intel MKL picks code paths by alignment unless MKL_CBWR fixes them).
+
+How: each configuration trains pretrain_coarse for --steps steps from the same seed on the mirror's data, twice, each
+time in a fresh interpreter, and prints the training loss, a hash of the data batches it drew and the largest
+weight difference between the two runs, with the mean step time.
+    default        params.yaml as is, torch's default threads
+    mkl_cbwr       the same with MKL_CBWR=COMPATIBLE (MKL's reproducible code path)
+    one_thread     torch.set_num_threads(1)
+Needs the data stages' outputs (data/triples, data/kg, data/reviews) and C2CRS_DATA_DIR.
+Run: C2CRS_DATA_DIR=../shared/data .venv/bin/python bench/determinism.py [--steps 20]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+CONFIGS = {"default": ({}, None), "mkl_cbwr": ({"MKL_CBWR": "COMPATIBLE"}, None), "one_thread": ({}, 1)}
+
+
+def one_run(steps: int, threads: int | None, out: Path) -> None:
+    """Train `steps` coarse steps; save the weights and print a JSON line (loss, data hash, ms per step)."""
+    import numpy as np
+    import torch
+
+    from models.c2crs import C2CRS
+    from pipeline.bodies import _training_run
+    from pipeline.config import load_params
+    from stages import c2crs_train
+    from stages.training import epoch_generator, seed_everything
+
+    if threads:
+        torch.set_num_threads(threads)
+    params = load_params(common.ROOT / "params.yaml")
+    run, config, _ = _training_run(params, common.ROOT)
+    seed_everything(params.seed)
+    model = C2CRS(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.pretrain_coarse.learning_rate)
+    batches = c2crs_train._pretraining_batches(run, params.pretrain_coarse, epoch_generator(params.seed, 0))[:steps]
+    data_hash = hashlib.sha256()
+    for rows in batches:
+        data_hash.update(np.asarray(rows).tobytes())
+        for row in rows:
+            data_hash.update(repr(run.train.triples[row]).encode())
+    losses, started = [], time.perf_counter()
+    for rows in batches:
+        loss = c2crs_train.coarse_losses(model, run, run.train, rows)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.pretrain_coarse.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+    elapsed = time.perf_counter() - started
+    torch.save(model.state_dict(), out)
+    print(json.dumps({"loss": sum(losses) / len(losses), "data": data_hash.hexdigest()[:16],
+                      "ms_per_step": 1000 * elapsed / len(batches)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--one-run", nargs=2, metavar=("THREADS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_run:
+        one_run(args.steps, int(args.one_run[0]) or None, Path(args.one_run[1]))
+        return
+    common.require_data_dir()
+    import torch
+
+    results = {}
+    scratch = common.RESULTS_DIR / "determinism"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in args.configs:
+        env, threads = CONFIGS[name]
+        runs = []
+        for attempt in range(2):
+            out = scratch / f"{name}-{attempt}.pt"
+            printed = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one-run",
+                                      str(threads or 0), str(out)], env={**os.environ, **env}, check=True,
+                                     capture_output=True, text=True).stdout
+            runs.append(json.loads(printed.strip().splitlines()[-1]))
+        first, second = (torch.load(scratch / f"{name}-{i}.pt") for i in range(2))
+        largest = max(float((first[k] - second[k]).abs().max()) for k in first)
+        results[name] = {"losses": [r["loss"] for r in runs], "data_hashes": [r["data"] for r in runs],
+                         "same_data": runs[0]["data"] == runs[1]["data"], "max_weight_difference": largest,
+                         "ms_per_step": [round(r["ms_per_step"], 1) for r in runs]}
+        print(f"{name:11} loss {runs[0]['loss']:.7f} vs {runs[1]['loss']:.7f}; same data: "
+              f"{results[name]['same_data']}; largest weight difference {largest:.3g}; ms/step "
+              f"{results[name]['ms_per_step']}")
+    common.write_results("determinism", {"steps": args.steps, "configs": results})
+
+
+if __name__ == "__main__":
+    main()

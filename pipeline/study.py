@@ -1,0 +1,205 @@
+"""`python -m pipeline study run|report`: does coarse-to-fine pre-training improve the recommender?
+
+For every setting of params.study and every seed, two runs of the same code: C2-CRS (pretrain_coarse ->
+pretrain_fine -> finetune_rec) and the KBRD-style model (finetune_rec from fresh weights); extensions are more
+C2-CRS arms. Each run's test ranks and validation metrics are written to study.out_dir/<setting>/seed<k>/ when it
+finishes; training itself is checkpointed every epoch, so a killed study resumes where it stopped and a finished run
+is never trained again. The C2-CRS run also measures its pre-trained model without fine-tuning (zero-shot recall and
+a frozen probe, against an untrained model of the same seed). The report is built from whatever runs exist.
+"""
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from models.c2crs import C2CRS
+from pipeline import bodies
+from pipeline.config import Params
+from pipeline.io import write_outputs
+from stages import c2crs_data, c2crs_train, evaluate, pretraining_study
+from stages import training as c2crs_training
+
+logger = logging.getLogger(__name__)
+
+KBRD, C2CRS_ARM = "kbrd", "c2crs"
+
+
+@dataclass(frozen=True)
+class Job:
+    setting: str
+    seed: int
+    arm: str  # c2crs, kbrd, or an extension's name
+
+    def directory(self, params: Params, workspace: Path) -> Path:
+        return workspace / params.study.out_dir / self.setting / f"seed{self.seed}"
+
+    def done(self, params: Params, workspace: Path) -> bool:
+        return (self.directory(params, workspace) / f"{self.arm}.json").is_file()
+
+
+def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | None = None) -> list[Job]:
+    """Seed by seed, so that a cut-off study has whole seeds of every arm; extensions last (they resume the C2-CRS
+    run's finished pre-training when their overrides leave it unchanged)."""
+    settings = settings or list(params.study.settings)
+    seeds = seeds or params.study.seeds
+    unknown = [s for s in settings if s not in params.study.settings]
+    if unknown:
+        raise ValueError(f"study: no setting {unknown[0]!r}; params.study.settings has {sorted(params.study.settings)}")
+    core = [Job(setting, seed, arm) for seed in seeds for setting in settings for arm in (C2CRS_ARM, KBRD)]
+    extra = [Job(setting, seed, name) for seed in seeds for setting in settings for name in params.study.extensions]
+    return core + extra
+
+
+def _changes_pretraining(overrides: dict) -> bool:
+    return any(key.split(".")[0] != "finetune_rec" for key in overrides)
+
+
+def _waits_for(params: Params, job: Job) -> Job | None:
+    """An extension that changes only fine-tuning starts from its setting and seed's C2-CRS pre-training."""
+    if job.arm in (C2CRS_ARM, KBRD) or _changes_pretraining(params.study.extensions[job.arm]):
+        return None
+    return Job(job.setting, job.seed, C2CRS_ARM)
+
+
+def _ranks(model, run: c2crs_train.Run, table: c2crs_data.SampleTable, rows: pl.DataFrame, batch: int,
+           blocks=c2crs_train.score_samples) -> tuple[np.ndarray, np.ndarray]:
+    scored = ((table.sample_ids[r], scores) for r, scores in blocks(model, run, table, batch))
+    return evaluate.ranks_and_masked_ranks(scored, rows, rows["context_item_ids"].to_list())
+
+
+def _split(samples: pl.DataFrame, triples: pl.DataFrame, split: str):
+    return (c2crs_data.sample_table(samples, triples, split),
+            evaluate.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id")))
+
+
+def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bodies.NO_LOG) -> dict:
+    """Train one arm for one setting and seed, score it on test, write <arm>.json and <arm>.npz; return the json."""
+    started = time.monotonic()
+    extension = job.arm if job.arm not in (C2CRS_ARM, KBRD) else None
+    run_params = params.study_params(job.setting, job.seed, extension)
+    loaded = bodies._training_run(run_params, workspace)
+    run, model_config, inputs = loaded
+    out = job.directory(params, workspace)
+    outcome, arrays = {}, {}
+    if job.arm == KBRD:
+        model, outcome["finetune_rec"], _ = bodies._train_c2crs("finetune_rec", run_params, workspace, log, None,
+                                                                out / "kbrd.finetune_rec.pt", loaded)
+    elif extension and not _changes_pretraining(params.study.extensions[extension]):
+        model, outcome["finetune_rec"], _ = bodies._train_c2crs("finetune_rec", run_params, workspace, log,
+                                                                out / f"{C2CRS_ARM}.pretrain_fine.pt",
+                                                                out / f"{job.arm}.finetune_rec.pt", loaded)
+    else:
+        start_from = None
+        for stage in bodies.REC_PATH:
+            path = out / f"{job.arm}.{stage}.pt"
+            model, outcome[stage], _ = bodies._train_c2crs(stage, run_params, workspace, log, start_from, path,
+                                                           loaded)
+            start_from = path
+    samples = pl.read_parquet(inputs["samples"])
+    triples = pl.read_parquet(inputs["triples"])
+    test_table, test_rows = _split(samples, triples, "test")
+    batch = params.evaluate.batch_size
+    arrays["ranks"], arrays["masked_ranks"] = _ranks(model, run, test_table, test_rows, batch)
+    result = {"setting": job.setting, "seed": job.seed, "arm": job.arm,
+              "overrides": {**params.study.settings[job.setting],
+                            **(params.study.extensions[extension] if extension else {})},
+              "training": outcome}
+    if job.arm == C2CRS_ARM:
+        result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples, triples,
+                                                               batch, params.study.probe_epochs)
+        arrays.update(diagnostic_ranks)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    npz = out / f"{job.arm}.npz"
+    temporary = npz.with_name(f".{npz.name}.tmp.npz")
+    np.savez_compressed(temporary, **arrays)
+    temporary.replace(npz)
+    write_outputs({out / f"{job.arm}.json": result})  # last: its presence marks the run done
+    return result
+
+
+def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Path, samples: pl.DataFrame,
+                 triples: pl.DataFrame, batch: int, probe_epochs: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Zero-shot recall and the frozen probe, for the pre-trained model and for an untrained one of the same seed."""
+    pretrained = bodies.load_c2crs(out / f"{C2CRS_ARM}.pretrain_fine.pt").to(run.device)
+    c2crs_training.seed_everything(run_params.seed)
+    untrained = C2CRS(model_config).to(run.device)
+    valid_table, valid_rows = _split(samples, triples, "valid")
+    test_table, test_rows = _split(samples, triples, "test")
+    found, arrays = {}, {}
+    for name, model in (("pretrained", pretrained), ("untrained", untrained)):
+        valid_ranks, _ = _ranks(model, run, valid_table, valid_rows, batch, c2crs_train.zero_shot_blocks)
+        found[f"zero_shot_{name}"] = {"valid": evaluate.metrics_from_ranks(valid_ranks)}
+        arrays[f"zero_shot_{name}"], arrays[f"zero_shot_{name}_masked"] = _ranks(
+            model, run, test_table, test_rows, batch, c2crs_train.zero_shot_blocks)
+        probe, history = c2crs_train.train_frozen_probe(model, run, probe_epochs,
+                                                        run_params.finetune_rec.batch_size,
+                                                        run_params.finetune_rec.learning_rate, run_params.seed)
+        found[f"probe_{name}"] = {"valid_history": history,
+                                  "valid": max(history, key=lambda h: h["recall@50"])}
+        arrays[f"probe_{name}"], arrays[f"probe_{name}_masked"] = _ranks(probe, run, test_table, test_rows, batch,
+                                                                        c2crs_train.score_probe)
+    return found, arrays
+
+
+def _run_in_worker(params_json: str, workspace: str, job: Job, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run_job(Params.model_validate_json(params_json), Path(workspace), job)
+
+
+def run_study(params: Params, workspace: Path, settings: list[str] | None = None, seeds: list[int] | None = None,
+              workers: int | None = None) -> list[dict]:
+    """Every job not yet done, `workers` at a time (each with an equal share of the CPU threads); a job that starts
+    from another's model is started once that one is done."""
+    todo = [job for job in jobs(params, settings, seeds) if not job.done(params, workspace)]
+    missing = [_waits_for(params, j) for j in todo if _waits_for(params, j) and _waits_for(params, j) not in todo
+               and not _waits_for(params, j).done(params, workspace)]
+    todo = missing + todo  # a dependency outside the selection is run too
+    workers = max(1, min(workers or params.study.workers, len(todo) or 1))
+    logger.info("study: %d runs to do, %d at a time", len(todo), workers)
+    results = []
+    if workers == 1:
+        for job in todo:
+            results.append(run_job(params, workspace, job))
+            logger.info("study: %s done in %.0f s", job, results[-1]["seconds"])
+        return results
+    threads = max(1, torch.get_num_threads() // workers)
+    finished: set[Job] = set()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        while todo or running:
+            ready = [j for j in todo if _waits_for(params, j) is None or _waits_for(params, j) in finished
+                     or _waits_for(params, j).done(params, workspace)]
+            for job in ready[: workers - len(running)]:
+                todo.remove(job)
+                running[pool.submit(_run_in_worker, params.model_dump_json(), str(workspace), job, threads)] = job
+            future = next(as_completed(running))
+            job = running.pop(future)
+            results.append(future.result())
+            finished.add(job)
+            logger.info("study: %s done in %.0f s", job, results[-1]["seconds"])
+    return results
+
+
+def write_report(params: Params, workspace: Path) -> str:
+    """reports/pretraining.md (and its numbers as JSON beside the runs) from the finished runs."""
+    inputs = {name: workspace / path for name, path in bodies.TRAINING_INPUTS.items()}
+    samples = pl.read_parquet(inputs["samples"])
+    test = samples.filter(pl.col("split") == "test").sort("sample_id")
+    rows = evaluate.expand_mentions(test)
+    n_items = int(pl.read_parquet(inputs["entities"])["is_item"].sum())
+    train_targets = samples.filter(pl.col("split") == "train")["target_item_ids"].explode().drop_nulls().to_numpy()
+    naive = pretraining_study.naive_ranks(test, rows, train_targets, n_items)
+    runs = pretraining_study.load_runs(workspace / params.study.out_dir)
+    summary = pretraining_study.summarise(runs, rows, naive, params.evaluate.bootstrap_resamples, params.seed)
+    report = pretraining_study.report(summary, params)
+    write_outputs({workspace / params.study.report: report,
+                   workspace / params.study.out_dir / "summary.json": summary})
+    return report

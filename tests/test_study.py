@@ -1,0 +1,135 @@
+"""The pre-training study: the reference parameter set, the CPU setting that mirrors its switches, the study runs
+(resumable, every arm scored on the same rows), diagnostics and the generated report, on the fixture mirror."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.bodies import STAGE_BODIES
+from pipeline.config import ConfigError, load_params, reference_overrides
+from stages.c2crs_data import recommendation_rows
+from stages.c2crs_train import pretraining_rows
+
+PROJECT = Path(__file__).resolve().parents[1]
+# What a CPU setting may keep at this project's value although the reference differs: how much is trained, sizes,
+# where it runs, and the training softmax (over every entity it needs the whole graph's R-GCN in every step).
+VOLUME_KEYS = {"device", "model.token_dim", "model.ffn_dim", "model.max_review_sentences",
+               "pretrain_coarse.samples_per_conversation", "pretrain_coarse.epochs", "pretrain_coarse.batch_size",
+               "pretrain_fine.samples_per_conversation", "pretrain_fine.epochs", "pretrain_fine.batch_size",
+               "finetune_rec.softmax_over", "finetune_rec.epochs", "finetune_rec.patience"}
+
+
+def test_reference_file_is_valid_and_the_cpu_setting_matches_its_switches():
+    reference = reference_overrides(PROJECT / "params/reference.yaml")
+    assert reference["model.kg_encoder"] == "featureless" and reference["pretrain_fine.epochs"] == 13
+    switches = load_params(PROJECT / "params.yaml").study.settings["reference_switches"]
+    for key, value in switches.items():
+        assert reference[key] == value, key
+    assert set(reference) - set(switches) <= VOLUME_KEYS
+
+
+def test_reference_file_with_an_unknown_key_names_file_and_key(tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
+    bad = tmp_path / "params/reference.yaml"
+    bad.write_text("model.kg_encoder: featureless\nmodel.kg_encodr: table\n")
+    with pytest.raises(ConfigError, match=r"reference.yaml.model.kg_encodr: unknown key"):
+        reference_overrides(bad)
+    bad.write_text("model.kg_encoder: onehot\n")
+    with pytest.raises(ConfigError, match="kg_encoder"):
+        reference_overrides(bad)
+
+
+def test_reference_command_prints_every_key():
+    printed = subprocess.run([sys.executable, "-m", "pipeline", "reference"], cwd=PROJECT, capture_output=True,
+                             text=True, check=True).stdout
+    reference = yaml.safe_load((PROJECT / "params/reference.yaml").read_text())
+    assert printed.startswith("dvc exp run ")
+    assert printed.count(" -S ") == len(reference)
+    assert "-S 'model.rec_pooling=\"graph\"'" in printed
+
+
+def test_a_study_setting_with_a_bad_override_is_refused(params_file):
+    raw = yaml.safe_load(params_file.read_text())
+    raw["study"]["settings"]["broken"] = {"model.rec_pooling": "shared"}
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="study.settings.broken"):
+        load_params(params_file)
+
+
+def test_mention_samples_are_one_per_turn_and_movie(params_file):
+    from pipeline.bodies import _training_run
+
+    params = load_params(params_file)
+    workspace = params_file.parent
+    for stage in ("ingest", "reviews", "kg", "triples"):
+        STAGE_BODIES[stage](params, workspace)
+    run, _, _ = _training_run(params, workspace)
+    cfg = params.pretrain_coarse.model_copy(update={"sample_unit": "mention", "samples_per_conversation": None})
+    rows = pretraining_rows(run.train, cfg, np.random.default_rng(0))
+    assert sorted(rows.tolist()) == sorted(recommendation_rows(run.train)[0].tolist())
+    assert all(run.train.targets[r] for r in rows)
+    turns = pretraining_rows(run.train, params.pretrain_coarse, np.random.default_rng(0))
+    per_conversation = np.bincount(run.train.conv_ids[turns])
+    assert per_conversation.max() <= params.pretrain_coarse.samples_per_conversation
+
+
+def test_study_runs_resume_and_report(params_file, mlflow_store):
+    from pipeline import study
+
+    raw = yaml.safe_load(params_file.read_text())
+    raw["study"].update(seeds=[1, 2], workers=1, probe_epochs=2,
+                        extensions={"keep_contrastive": {"finetune_rec.pretraining_weight": 1.0}})
+    raw["finetune_rec"]["epochs"] = 1
+    params_file.write_text(yaml.safe_dump(raw))
+    params = load_params(params_file)
+    workspace = params_file.parent
+    for stage in ("ingest", "reviews", "kg", "triples"):
+        STAGE_BODIES[stage](params, workspace)
+
+    done = study.run_study(params, workspace, seeds=[1])
+    assert {(r["setting"], r["arm"]) for r in done} == {
+        (s, a) for s in ("ours", "reference_switches") for a in ("c2crs", "kbrd", "keep_contrastive")}
+    c2crs = next(r for r in done if r["setting"] == "reference_switches" and r["arm"] == "c2crs")
+    assert c2crs["training"]["pretrain_fine"]["epochs_run"] == 2
+    assert set(c2crs["diagnostics"]) == {"zero_shot_pretrained", "zero_shot_untrained", "probe_pretrained",
+                                         "probe_untrained"}
+    arrays = np.load(workspace / "data/study/pretraining/reference_switches/seed1/c2crs.npz")
+    assert arrays["ranks"].shape == arrays["masked_ranks"].shape == arrays["probe_untrained"].shape
+    assert (arrays["masked_ranks"] <= arrays["ranks"]).all()
+    # An extension that changes only fine-tuning starts from C2-CRS's pre-trained model of the same seed.
+    extension = next(r for r in done if r["setting"] == "ours" and r["arm"] == "keep_contrastive")
+    assert set(extension["training"]) == {"finetune_rec"}
+    assert not (workspace / "data/study/pretraining/ours/seed1/keep_contrastive.pretrain_fine.pt").exists()
+
+    marker = workspace / "data/study/pretraining/ours/seed1/c2crs.json"
+    written = marker.stat().st_mtime_ns
+    assert [j.seed for j in study.jobs(params) if not j.done(params, workspace)] == [2] * 6
+    study.run_study(params, workspace, settings=["ours"], seeds=[1])  # nothing left to do: nothing rewritten
+    assert marker.stat().st_mtime_ns == written
+    study.run_study(params, workspace, settings=["ours"], seeds=[2])
+
+    report = study.write_report(params, workspace)
+    assert (workspace / "reports/pretraining.md").read_text() == report
+    assert "## Answer" in report and "under `ours` (2 seed(s)) pre-training" in report
+    assert "under `reference_switches` (1 seed(s))" in report
+    assert "### new_items_masked" in report and "| repeat_popularity (naive) |" in report
+    assert "keep_contrastive (beyond the paper)" in report and "probe: pre-trained N minus untrained N" in report
+    summary = json.loads((workspace / "data/study/pretraining/summary.json").read_text())
+    ours = summary["settings"]["ours"]
+    assert ours["seeds"] == {"c2crs": [1, 2], "kbrd": [1, 2], "keep_contrastive": [1, 2]}
+    assert ours["arms"]["c2crs"]["all_turns"]["recall@10"]["seeds"] == 2
+    assert ours["minus_kbrd"]["c2crs"]["seeds"] == [1, 2]
+    assert summary["naive"]["repeat"]["new_items"]["recall@1"] == 0.0  # the fixture has fewer than 50 items
+
+
+def test_study_with_an_unknown_setting_is_refused(params_file):
+    from pipeline import study
+
+    with pytest.raises(ValueError, match="no setting 'paper'"):
+        study.jobs(load_params(params_file), settings=["paper"])
