@@ -311,6 +311,7 @@ class StudyConfig(Section):
     settings: dict[str, dict[str, Any]] = Field(default={"ours": {}}, min_length=1)
     extensions: dict[str, dict[str, Any]] = {}
     probe_epochs: int = Field(default=10, ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
+    max_recency: int = Field(default=8, ge=1)  # the recency bonus: one learned bonus per position up to this
     out_dir: str = "data/study/pretraining"
     report: str = "reports/pretraining.md"
 

@@ -111,6 +111,17 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
               "overrides": {**params.study.settings[job.setting],
                             **(params.study.extensions[extension] if extension else {})},
               "training": outcome}
+    # The same model with a learned bonus for re-mentioning the context's movies (beyond the paper), fitted on
+    # the validation split with the model frozen.
+    recent = {split: c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
+        samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("valid", "test")}
+    bonus = c2crs_train.fit_recency_bonus(c2crs_train.score_samples(model, run, run.valid, batch), recent["valid"],
+                                          run.valid, params.study.max_recency)
+    result["recency_bonus"] = [round(float(b), 4) for b in bonus.bonus]
+    scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_recency_bonus(
+        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], bonus))
+    arrays["recency"], arrays["recency_masked"] = evaluate.ranks_and_masked_ranks(
+        scored, test_rows, test_rows["context_item_ids"].to_list())
     if job.arm == C2CRS_ARM:
         result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples, triples,
                                                                batch, params.study.probe_epochs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.baselines import TextCNNRecommender
+from models.baselines import RecencyBonus, TextCNNRecommender
 from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
 from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
                                per_conversation,
@@ -363,3 +363,37 @@ def score_probe(probe: FrozenProbe, run: Run, table: SampleTable,
         rows = np.arange(start, min(start + batch_size, len(table)))
         yield rows, probe(recommendation_batch(table, rows, run.max_context_entities, run.device)).float().cpu().numpy()
     probe.train(was_training)
+
+
+# ---------------------------------------------------------------- repeats
+
+
+def recent_items_tensor(recent: list[list[int]]) -> torch.Tensor:
+    """Each sample's context movies, most recent first (evaluate.context_items_by_recency), as [n, K] padded -1."""
+    return pad(recent, -1)
+
+
+def fit_recency_bonus(blocks, recent: torch.Tensor, table: SampleTable, max_recency: int, steps: int = 200,
+                      learning_rate: float = 0.1) -> RecencyBonus:
+    """Fit a RecencyBonus on one split's (sample, target) pairs with the recommender's scores fixed (`blocks`:
+    score_samples' (rows, scores) over the whole table, in order). Used on the validation split: the recommender's
+    own training split would teach it how sure the recommender is on movies it has already fitted."""
+    bonus = RecencyBonus(max_recency)
+    sample_rows, target_items = recommendation_rows(table)
+    if len(sample_rows) == 0:  # nothing to fit on: no bonus
+        return bonus
+    scores = torch.cat([torch.from_numpy(np.ascontiguousarray(s)) for _, s in blocks])
+    optimizer = torch.optim.Adam(bonus.parameters(), lr=learning_rate)
+    rows, targets = torch.as_tensor(sample_rows), torch.as_tensor(target_items)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(bonus(scores[rows], recent[rows]), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return bonus
+
+
+@torch.no_grad()
+def with_recency_bonus(blocks, recent: torch.Tensor, bonus: RecencyBonus) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for rows, scores in blocks:
+        yield rows, bonus(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows]).numpy()

@@ -21,6 +21,8 @@ KBRD = "kbrd"
 C2CRS = "c2crs"
 KEYS = ("recall@1", "recall@10", "recall@50")
 REPORTED_PROTOCOLS = ("all_turns", "recommender_turns", "new_items", "new_items_masked")
+NAIVE = ("repeat", "repeat_popularity")
+RECENCY = "recency"
 DIAGNOSTICS = ("zero_shot_pretrained", "zero_shot_untrained", "probe_pretrained", "probe_untrained")
 
 
@@ -53,6 +55,11 @@ def load_runs(directory: Path) -> list[dict]:
     return runs
 
 
+def _as_runs(ranks: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    """A deterministic model's ranks (a naive baseline) in the shape of one run, to pair with every seed."""
+    return [{"seed": None, "arrays": {"ranks": ranks[0], "masked_ranks": ranks[1]}}]
+
+
 def _ranks_for(arrays: dict, protocol: str, key: str = "ranks") -> np.ndarray:
     masked = f"{key}_masked" if key != "ranks" else "masked_ranks"
     return arrays[masked] if protocol in evaluate.MASKED_PROTOCOLS else arrays[key]
@@ -77,6 +84,8 @@ def _per_seed(runs: list[dict], rows: pl.DataFrame, key: str = "ranks") -> dict:
 def _paired(runs_a: list[dict], runs_b: list[dict], rows: pl.DataFrame, n_resamples: int, seed: int,
             key_a: str = "ranks", key_b: str = "ranks") -> dict:
     """a minus b on the seeds both have: per-row metric values averaged over those seeds, paired bootstrap."""
+    if len(runs_b) == 1 and runs_b[0]["seed"] is None:  # a naive baseline: the same ranks for every seed
+        runs_b = [{**runs_b[0], "seed": r["seed"]} for r in runs_a]
     seeds = sorted({r["seed"] for r in runs_a} & {r["seed"] for r in runs_b})
     if not seeds:
         return {}
@@ -96,9 +105,9 @@ def _paired(runs_a: list[dict], runs_b: list[dict], rows: pl.DataFrame, n_resamp
 def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: int, seed: int) -> dict:
     """Everything the report shows, as JSON-able data."""
     summary = {"naive": {}, "settings": {}}
-    for name, (ranks, masked) in naive.items():
-        fake = [{"seed": 0, "arrays": {"ranks": ranks, "masked_ranks": masked}}]
-        summary["naive"][name] = {p: {m: v[m]["mean"] for m in KEYS} for p, v in _per_seed(fake, rows).items()}
+    for name, ranks in naive.items():
+        summary["naive"][name] = {p: {m: v[m]["mean"] for m in KEYS}
+                                  for p, v in _per_seed(_as_runs(ranks), rows).items()}
     for setting in dict.fromkeys(r["setting"] for r in runs):
         of_setting = [r for r in runs if r["setting"] == setting]
         arms = {arm: [r for r in of_setting if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in of_setting)}
@@ -109,7 +118,16 @@ def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: in
                  "valid_recall@50": {arm: _mean_sd([r["training"]["finetune_rec"]["valid_recall@50"]
                                                     for r in arm_runs]) for arm, arm_runs in arms.items()},
                  "minus_kbrd": {arm: _paired(arm_runs, arms[KBRD], rows, n_resamples, seed)
-                                for arm, arm_runs in arms.items() if arm != KBRD and KBRD in arms}}
+                                for arm, arm_runs in arms.items() if arm != KBRD and KBRD in arms},
+                 # every arm with the learned recency bonus (beyond the paper), and each against the naive baselines
+                 "with_recency": {arm: _per_seed(arm_runs, rows, RECENCY) for arm, arm_runs in arms.items()
+                                  if all(RECENCY in r["arrays"] for r in arm_runs)},
+                 "minus_naive": {f"{arm}{suffix}": {name: _paired(arm_runs, _as_runs(naive[name]), rows, n_resamples,
+                                                                  seed, key)
+                                                    for name in NAIVE}
+                                 for arm, arm_runs in arms.items() for suffix, key in (("", "ranks"),
+                                                                                        ("+recency", RECENCY))
+                                 if all(key in r["arrays"] or key == "ranks" for r in arm_runs)}}
         with_diagnostics = [r for r in arms.get(C2CRS, []) if "diagnostics" in r]
         if with_diagnostics:
             entry["diagnostics"] = {
@@ -188,6 +206,11 @@ def report(summary: dict, params) -> str:
             for arm, by_protocol in entry["arms"].items():
                 m = by_protocol[protocol]
                 lines.append(f"| {_label(arm)} | " + " | ".join(_fmt(m[k]) for k in KEYS) + f" | {m['n']} |")
+            if protocol != "new_items_masked":  # with the context's movies masked the bonus changes nothing
+                for arm, by_protocol in entry["with_recency"].items():
+                    m = by_protocol[protocol]
+                    lines.append(f"| {_label(arm)} + recency bonus (beyond the paper) | "
+                                 + " | ".join(_fmt(m[k]) for k in KEYS) + f" | {m['n']} |")
             for name, by_protocol in summary["naive"].items():
                 lines.append(f"| {name} (naive) | " + " | ".join(f"{by_protocol[protocol][k]:.3f}" for k in KEYS)
                              + " | |")
@@ -200,6 +223,18 @@ def report(summary: dict, params) -> str:
                     if protocol in by_protocol:
                         lines.append(f"| {_label(arm)} | {protocol} | "
                                      + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")
+            lines.append("")
+        if entry["minus_naive"]:
+            lines += ["Against the naive baselines (paired; model minus baseline):", "",
+                      "| model | baseline | protocol | R@1 | R@10 | R@50 |", "|---|---|---|---|---|---|"]
+            for arm, by_baseline in entry["minus_naive"].items():
+                label = _label(arm.removesuffix("+recency")) + (" + recency bonus" if arm.endswith("+recency") else "")
+                for name, by_protocol in by_baseline.items():
+                    for protocol in REPORTED_PROTOCOLS:
+                        if protocol in by_protocol and not (arm.endswith("+recency")
+                                                            and protocol == "new_items_masked"):
+                            lines.append(f"| {label} | {name} | {protocol} | "
+                                         + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")
             lines.append("")
         if "diagnostics" in entry:
             lines += _diagnostics_section(entry["diagnostics"])

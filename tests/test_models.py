@@ -3,6 +3,7 @@ and that each trainable thing can fit a toy problem. Small sizes, CPU, a few sec
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -417,3 +418,28 @@ def test_popularity_scores():
     assert scores.shape == (4,)
     assert torch.allclose(scores, torch.log(torch.tensor([2.0, 1.0, 4.0, 1.0])))
     assert scores.argmax().item() == 2
+
+
+def test_recency_bonus_adds_per_position_and_learns_to_repeat():
+    from models.baselines import RecencyBonus
+    from stages.c2crs_data import SampleTable
+    from stages.c2crs_train import fit_recency_bonus
+
+    bonus = RecencyBonus(max_recency=2)
+    with torch.no_grad():
+        bonus.bonus.copy_(torch.tensor([3.0, 2.0, 1.0]))
+    recent = torch.tensor([[4, 1, 0, 2], [3, -1, -1, -1]])
+    out = bonus(torch.zeros(2, 6), recent)
+    assert out.tolist() == [[1.0, 2.0, 1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 3.0, 0.0, 0.0]]
+
+    # Targets are always the most recent context movie, which the frozen scores rank low: bonus[0] must grow.
+    n, n_items = 40, 12
+    g = torch.Generator().manual_seed(0)
+    recent = torch.stack([torch.randperm(n_items, generator=g)[:3] for _ in range(n)])
+    targets = [[int(r[0])] for r in recent]
+    table = SampleTable(sample_ids=np.arange(n), conv_ids=np.arange(n), roles=["recommender"] * n,
+                        context_tokens=[[1]] * n, context_entities=[[]] * n, context_items=[[]] * n,
+                        targets=targets, triples=[[]] * n)
+    scores = torch.randn(n, n_items, generator=g).numpy()
+    fitted = fit_recency_bonus([(np.arange(n), scores)], recent, table, max_recency=2)
+    assert fitted.bonus[0] > 1.0 and fitted.bonus[0] > fitted.bonus[1]

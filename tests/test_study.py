@@ -102,6 +102,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     arrays = np.load(workspace / "data/study/pretraining/reference_switches/seed1/c2crs.npz")
     assert arrays["ranks"].shape == arrays["masked_ranks"].shape == arrays["probe_untrained"].shape
     assert (arrays["masked_ranks"] <= arrays["ranks"]).all()
+    assert arrays["recency"].shape == arrays["ranks"].shape and len(c2crs["recency_bonus"]) == 9
     # An extension that changes only fine-tuning starts from C2-CRS's pre-trained model of the same seed.
     extension = next(r for r in done if r["setting"] == "ours" and r["arm"] == "keep_contrastive")
     assert set(extension["training"]) == {"finetune_rec"}
@@ -120,6 +121,8 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     assert "under `reference_switches` (1 seed(s))" in report
     assert "### new_items_masked" in report and "| repeat_popularity (naive) |" in report
     assert "keep_contrastive (beyond the paper)" in report and "probe: pre-trained N minus untrained N" in report
+    assert "| C2-CRS + recency bonus (beyond the paper) |" in report
+    assert "| C2-CRS + recency bonus | repeat_popularity | all_turns |" in report
     summary = json.loads((workspace / "data/study/pretraining/summary.json").read_text())
     ours = summary["settings"]["ours"]
     assert ours["seeds"] == {"c2crs": [1, 2], "kbrd": [1, 2], "keep_contrastive": [1, 2]}
@@ -133,3 +136,26 @@ def test_study_with_an_unknown_setting_is_refused(params_file):
 
     with pytest.raises(ValueError, match="no setting 'paper'"):
         study.jobs(load_params(params_file), settings=["paper"])
+
+
+def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
+    """Every switch of params/reference.yaml at the reference's value (sizes and epochs made tiny, CPU)."""
+    from pipeline.config import Params, apply_overrides
+
+    reference = reference_overrides(PROJECT / "params/reference.yaml")
+    tiny = {"device": "cpu", "model.token_dim": 16, "model.ffn_dim": 32, "pretrain_coarse.epochs": 1,
+            "pretrain_fine.epochs": 1, "finetune_rec.epochs": 1, "pretrain_coarse.batch_size": 4,
+            "pretrain_fine.batch_size": 4}
+    base = load_params(params_file)
+    params = Params.model_validate(apply_overrides(dict(base), "reference", {**reference, **tiny}, kind="study"))
+    assert params.finetune_rec.softmax_over == "entities" and params.model.kg_encoder == "featureless"
+    workspace = params_file.parent
+    for stage in ("ingest", "reviews", "kg", "triples", "pretrain_coarse", "pretrain_fine", "finetune_rec"):
+        outcome = STAGE_BODIES[stage](params, workspace)
+    assert outcome.metrics["epochs_run"] == 1 and np.isfinite(outcome.metrics["train_loss"])
+    import torch
+
+    saved = torch.load(workspace / "data/models/c2crs_rec.pt", weights_only=False)
+    assert saved["config"]["kg_encoder"] == "featureless" and "kg_encoder.basis" in saved["state_dict"]
+    assert "user_pooling.proj.weight" not in saved["state_dict"]  # the recommender pools with graph_pooling
+    assert saved["state_dict"]["item_bias"].shape[0] == saved["config"]["n_entities"]
