@@ -53,17 +53,21 @@ class RecencyBonus(nn.Module):
 
     In ReDial about half of the ground-truth mentions repeat a movie of the context, and a recommender that reads the
     context only through entity embeddings cannot tell a movie just named from an unrelated one. This adds a learned
-    bonus to the k-th most recently mentioned context movie (k = 1..max_recency; older ones share the last bonus):
-    max_recency + 1 numbers, fitted on held-out data with the recommender frozen.
+    bonus to the k-th most recently mentioned context movie (k = 1..max_recency; older ones share the last bonus),
+    one set per speaker of the turn (a seeker often names again what was just recommended, a recommender rarely
+    does): 2 x (max_recency + 1) numbers, fitted on held-out data with the recommender frozen.
     """
+
+    ROLES = ("seeker", "recommender")
 
     def __init__(self, max_recency: int = 8):
         super().__init__()
         self.max_recency = max_recency
-        self.bonus = nn.Parameter(torch.zeros(max_recency + 1))
+        self.bonus = nn.Parameter(torch.zeros(len(self.ROLES), max_recency + 1))
 
-    def forward(self, scores: torch.Tensor, recent_items: torch.Tensor) -> torch.Tensor:
-        """scores [B, n_items]; recent_items [B, K] item ids, most recent first, -1 padded -> scores + bonuses."""
+    def forward(self, scores: torch.Tensor, recent_items: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+        """scores [B, n_items]; recent_items [B, K] item ids, most recent first, -1 padded; roles [B] indices into
+        ROLES -> scores + bonuses."""
         position = torch.arange(recent_items.size(1), device=scores.device).clamp(max=self.max_recency)
-        bonus = self.bonus[position].expand_as(recent_items) * recent_items.ge(0)
+        bonus = self.bonus[roles[:, None], position[None, :]] * recent_items.ge(0)
         return scores.scatter_add(1, recent_items.clamp(min=0), bonus.to(scores.dtype))

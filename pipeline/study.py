@@ -117,9 +117,10 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
         samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("valid", "test")}
     bonus = c2crs_train.fit_recency_bonus(c2crs_train.score_samples(model, run, run.valid, batch), recent["valid"],
                                           run.valid, params.study.max_recency)
-    result["recency_bonus"] = [round(float(b), 4) for b in bonus.bonus]
+    result["recency_bonus"] = {role: [round(float(b), 4) for b in row]
+                               for role, row in zip(bonus.ROLES, bonus.bonus.detach())}
     scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_recency_bonus(
-        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], bonus))
+        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], test_table, bonus))
     arrays["recency"], arrays["recency_masked"] = evaluate.ranks_and_masked_ranks(
         scored, test_rows, test_rows["context_item_ids"].to_list())
     if job.arm == C2CRS_ARM:

@@ -385,15 +385,23 @@ def fit_recency_bonus(blocks, recent: torch.Tensor, table: SampleTable, max_rece
     scores = torch.cat([torch.from_numpy(np.ascontiguousarray(s)) for _, s in blocks])
     optimizer = torch.optim.Adam(bonus.parameters(), lr=learning_rate)
     rows, targets = torch.as_tensor(sample_rows), torch.as_tensor(target_items)
+    roles = role_ids(table)[rows]
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(bonus(scores[rows], recent[rows]), targets)
+        loss = torch.nn.functional.cross_entropy(bonus(scores[rows], recent[rows], roles), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return bonus
 
 
+def role_ids(table: SampleTable) -> torch.Tensor:
+    """Who speaks in each sample's turn, as indices into RecencyBonus.ROLES."""
+    return torch.as_tensor([RecencyBonus.ROLES.index(role) for role in table.roles], dtype=torch.long)
+
+
 @torch.no_grad()
-def with_recency_bonus(blocks, recent: torch.Tensor, bonus: RecencyBonus) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def with_recency_bonus(blocks, recent: torch.Tensor, table: SampleTable,
+                       bonus: RecencyBonus) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    roles = role_ids(table)
     for rows, scores in blocks:
-        yield rows, bonus(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows]).numpy()
+        yield rows, bonus(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows]).numpy()

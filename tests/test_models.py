@@ -420,26 +420,30 @@ def test_popularity_scores():
     assert scores.argmax().item() == 2
 
 
-def test_recency_bonus_adds_per_position_and_learns_to_repeat():
+def test_recency_bonus_adds_per_role_and_position_and_learns_to_repeat():
     from models.baselines import RecencyBonus
     from stages.c2crs_data import SampleTable
     from stages.c2crs_train import fit_recency_bonus
 
     bonus = RecencyBonus(max_recency=2)
     with torch.no_grad():
-        bonus.bonus.copy_(torch.tensor([3.0, 2.0, 1.0]))
+        bonus.bonus.copy_(torch.tensor([[3.0, 2.0, 1.0], [30.0, 20.0, 10.0]]))
     recent = torch.tensor([[4, 1, 0, 2], [3, -1, -1, -1]])
-    out = bonus(torch.zeros(2, 6), recent)
-    assert out.tolist() == [[1.0, 2.0, 1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 3.0, 0.0, 0.0]]
+    out = bonus(torch.zeros(2, 6), recent, torch.tensor([0, 1]))
+    assert out.tolist() == [[1.0, 2.0, 1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 30.0, 0.0, 0.0]]
 
-    # Targets are always the most recent context movie, which the frozen scores rank low: bonus[0] must grow.
-    n, n_items = 40, 12
+    # Seekers always name the most recent context movie again, recommenders never: the frozen scores know neither.
+    n, n_items = 60, 12
     g = torch.Generator().manual_seed(0)
     recent = torch.stack([torch.randperm(n_items, generator=g)[:3] for _ in range(n)])
-    targets = [[int(r[0])] for r in recent]
-    table = SampleTable(sample_ids=np.arange(n), conv_ids=np.arange(n), roles=["recommender"] * n,
+    roles = ["seeker" if i % 2 else "recommender" for i in range(n)]
+    targets = [[int(r[0])] if role == "seeker" else [int(next(i for i in range(n_items) if i not in r.tolist()))]
+               for r, role in zip(recent, roles)]
+    table = SampleTable(sample_ids=np.arange(n), conv_ids=np.arange(n), roles=roles,
                         context_tokens=[[1]] * n, context_entities=[[]] * n, context_items=[[]] * n,
                         targets=targets, triples=[[]] * n)
     scores = torch.randn(n, n_items, generator=g).numpy()
-    fitted = fit_recency_bonus([(np.arange(n), scores)], recent, table, max_recency=2)
-    assert fitted.bonus[0] > 1.0 and fitted.bonus[0] > fitted.bonus[1]
+    fitted = fit_recency_bonus([(np.arange(n), scores)], recent, table, max_recency=2).bonus
+    seeker, recommender = RecencyBonus.ROLES.index("seeker"), RecencyBonus.ROLES.index("recommender")
+    assert fitted[seeker, 0] > 1.0 and fitted[seeker, 0] > fitted[seeker, 1]
+    assert fitted[recommender, 0] < 0

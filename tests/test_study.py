@@ -102,7 +102,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     arrays = np.load(workspace / "data/study/pretraining/reference_switches/seed1/c2crs.npz")
     assert arrays["ranks"].shape == arrays["masked_ranks"].shape == arrays["probe_untrained"].shape
     assert (arrays["masked_ranks"] <= arrays["ranks"]).all()
-    assert arrays["recency"].shape == arrays["ranks"].shape and len(c2crs["recency_bonus"]) == 9
+    assert arrays["recency"].shape == arrays["ranks"].shape and len(c2crs["recency_bonus"]["seeker"]) == 9
     # An extension that changes only fine-tuning starts from C2-CRS's pre-trained model of the same seed.
     extension = next(r for r in done if r["setting"] == "ours" and r["arm"] == "keep_contrastive")
     assert set(extension["training"]) == {"finetune_rec"}
