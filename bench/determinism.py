@@ -11,6 +11,8 @@ weight difference between the two runs, with the mean step time.
     default        params.yaml as is, torch's default threads
     mkl_cbwr       the same with MKL_CBWR=COMPATIBLE (MKL's reproducible code path)
     one_thread     torch.set_num_threads(1)
+    deterministic  MKL_CBWR=COMPATIBLE and torch.use_deterministic_algorithms(True) (CPU index_put_ with accumulate,
+                   the backward of a gather, then sorts instead of accumulating in thread order)
 Needs the data stages' outputs (data/triples, data/kg, data/reviews) and C2CRS_DATA_DIR.
 Run: C2CRS_DATA_DIR=../shared/data .venv/bin/python bench/determinism.py [--steps 20]
 """
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import common
 
-CONFIGS = {"default": ({}, None), "mkl_cbwr": ({"MKL_CBWR": "COMPATIBLE"}, None), "one_thread": ({}, 1)}
+CONFIGS = {"default": ({}, None), "mkl_cbwr": ({"MKL_CBWR": "COMPATIBLE"}, None), "one_thread": ({}, 1),
+           "deterministic": ({"MKL_CBWR": "COMPATIBLE", "C2CRS_DETERMINISTIC": "1"}, None)}
 
 
 def one_run(steps: int, threads: int | None, out: Path) -> None:
@@ -42,6 +45,8 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
 
     if threads:
         torch.set_num_threads(threads)
+    if os.environ.get("C2CRS_DETERMINISTIC"):
+        torch.use_deterministic_algorithms(True)
     params = load_params(common.ROOT / "params.yaml")
     run, config, _ = _training_run(params, common.ROOT)
     seed_everything(params.seed)

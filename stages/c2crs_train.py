@@ -6,6 +6,7 @@ each step, only on the entities the step needs (their one-hop neighbourhood), ex
 needed (recommendation logits), where it runs on the whole graph.
 """
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,16 +223,29 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
 
 
 @torch.no_grad()
-def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Item scores for every sample of a table, in blocks: (row indices, scores [rows, n_items])."""
+def score_in_blocks(model: torch.nn.Module, table: SampleTable, batch_size: int,
+                    scores_of: Callable[[np.ndarray], torch.Tensor]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, scores [rows, n_items]) for every sample of a table, `batch_size` rows at a time, with the model
+    in eval mode meanwhile; scores_of(rows) scores one block."""
     was_training = model.training
     model.eval()
-    nodes = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
     for start in range(0, len(table), batch_size):
         rows = np.arange(start, min(start + batch_size, len(table)))
-        entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
-        yield rows, model.recommendation_logits(nodes, entity_ids).float().cpu().numpy()
+        yield rows, scores_of(rows).float().cpu().numpy()
     model.train(was_training)
+
+
+def _whole_graph(model: C2CRS, run: Run) -> Callable[[], torch.Tensor]:
+    """N of every entity, computed on first use (inside score_in_blocks, so in eval mode) and then reused."""
+    return functools.cache(lambda: model.entity_graph(run.graph.edge_index.to(run.device),
+                                                      run.graph.edge_type.to(run.device)))
+
+
+def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The recommender's item scores (Eq. 8) for every sample of a table, in blocks."""
+    nodes = _whole_graph(model, run)
+    return score_in_blocks(model, table, batch_size, lambda rows: model.recommendation_logits(
+        nodes(), recommendation_batch(table, rows, run.max_context_entities, run.device)))
 
 
 # ---------------------------------------------------------------- baselines and scoring for evaluation
@@ -274,35 +288,23 @@ def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path
                  monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
 
 
-@torch.no_grad()
 def score_textcnn(model: TextCNNRecommender, run: Run, table: SampleTable,
                   batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(table), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(table)))
-        ids = pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)
-        yield rows, model(ids).float().cpu().numpy()
-    model.train(was_training)
+    return score_in_blocks(model, table, batch_size,
+                           lambda rows: model(pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)))
 
 
 # ---------------------------------------------------------------- diagnostics of pre-training (no fine-tuning)
 
 
-@torch.no_grad()
 def zero_shot_blocks(model: C2CRS, run: Run, table: SampleTable,
                      batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Item scores with no recommendation training: the graph view e_G of the context (the pooling pre-training
     trained) dotted with the item rows of N. Above an untrained model's, pre-training put item signal in N."""
-    was_training = model.training
-    model.eval()
-    nodes = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
-    items = nodes[: run.graph.n_items]
-    for start in range(0, len(table), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(table)))
-        entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
-        yield rows, (model.graph_view(nodes, entity_ids) @ items.T).float().cpu().numpy()
-    model.train(was_training)
+    nodes = _whole_graph(model, run)
+    return score_in_blocks(model, table, batch_size, lambda rows: model.graph_view(
+        nodes(), recommendation_batch(table, rows, run.max_context_entities, run.device))
+        @ nodes()[: run.graph.n_items].T)
 
 
 class FrozenProbe(torch.nn.Module):
@@ -354,15 +356,10 @@ def train_frozen_probe(model: C2CRS, run: Run, epochs: int, batch_size: int, lea
     return probe, history
 
 
-@torch.no_grad()
 def score_probe(probe: FrozenProbe, run: Run, table: SampleTable,
                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    was_training = probe.training
-    probe.eval()
-    for start in range(0, len(table), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(table)))
-        yield rows, probe(recommendation_batch(table, rows, run.max_context_entities, run.device)).float().cpu().numpy()
-    probe.train(was_training)
+    return score_in_blocks(probe, table, batch_size, lambda rows: probe(
+        recommendation_batch(table, rows, run.max_context_entities, run.device)))
 
 
 # ---------------------------------------------------------------- repeats
