@@ -2,9 +2,9 @@
 
 For every setting of params.study and every seed, two runs of the same code: C2-CRS (pretrain_coarse ->
 pretrain_fine -> finetune_rec) and the KBRD-style model (finetune_rec from fresh weights); extensions are more
-C2-CRS arms. Each run's test ranks and validation metrics are written to study.out_dir/<setting>/seed<k>/ when it
-finishes; training itself is checkpointed every epoch, so a killed study resumes where it stopped and a finished run
-is never trained again. The C2-CRS run also measures its pre-trained model without fine-tuning (zero-shot recall and
+C2-CRS arms. Each run's test ranks and validation metrics are written to study.results_dir/<setting>/seed<k>/ (kept
+in git) when it finishes; training itself is checkpointed every epoch, so a killed study resumes where it stopped
+and a finished run is never trained again. The C2-CRS run also measures its pre-trained model without fine-tuning (zero-shot recall and
 a frozen probe, against an untrained model of the same seed). The report is built from whatever runs exist.
 """
 
@@ -37,11 +37,14 @@ class Job:
     seed: int
     arm: str  # c2crs, kbrd, or an extension's name
 
-    def directory(self, params: Params, workspace: Path) -> Path:
-        return workspace / params.study.out_dir / self.setting / f"seed{self.seed}"
+    def results(self, params: Params, workspace: Path) -> Path:
+        return workspace / params.study.results_dir / self.setting / f"seed{self.seed}"
+
+    def models(self, params: Params, workspace: Path) -> Path:
+        return workspace / params.study.models_dir / self.setting / f"seed{self.seed}"
 
     def done(self, params: Params, workspace: Path) -> bool:
-        return (self.directory(params, workspace) / f"{self.arm}.json").is_file()
+        return (self.results(params, workspace) / f"{self.arm}.json").is_file()
 
 
 def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | None = None) -> list[Job]:
@@ -55,6 +58,11 @@ def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | N
     core = [Job(setting, seed, arm) for seed in seeds for setting in settings for arm in (C2CRS_ARM, KBRD)]
     extra = [Job(setting, seed, name) for seed in seeds for setting in settings for name in params.study.extensions]
     return core + extra
+
+
+def _compact(ranks: np.ndarray) -> np.ndarray:
+    """Ranks as the smallest integer type that holds them (they are kept in git)."""
+    return ranks.astype(np.int16) if ranks.max(initial=0) <= np.iinfo(np.int16).max else ranks.astype(np.int32)
 
 
 def _changes_pretraining(overrides: dict) -> bool:
@@ -86,7 +94,7 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
     run_params = params.study_params(job.setting, job.seed, extension)
     loaded = bodies._training_run(run_params, workspace)
     run, model_config, inputs = loaded
-    out = job.directory(params, workspace)
+    out, results = job.models(params, workspace), job.results(params, workspace)
     outcome, arrays = {}, {}
     if job.arm == KBRD:
         model, outcome["finetune_rec"], _ = bodies._train_c2crs("finetune_rec", run_params, workspace, log, None,
@@ -128,11 +136,12 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
                                                                batch, params.study.probe_epochs)
         arrays.update(diagnostic_ranks)
     result["seconds"] = round(time.monotonic() - started, 1)
-    npz = out / f"{job.arm}.npz"
+    npz = results / f"{job.arm}.npz"
+    npz.parent.mkdir(parents=True, exist_ok=True)
     temporary = npz.with_name(f".{npz.name}.tmp.npz")
-    np.savez_compressed(temporary, **arrays)
+    np.savez_compressed(temporary, **{name: _compact(ranks) for name, ranks in arrays.items()})
     temporary.replace(npz)
-    write_outputs({out / f"{job.arm}.json": result})  # last: its presence marks the run done
+    write_outputs({results / f"{job.arm}.json": result})  # last: its presence marks the run done
     return result
 
 
@@ -209,9 +218,9 @@ def write_report(params: Params, workspace: Path) -> str:
     n_items = int(pl.read_parquet(inputs["entities"])["is_item"].sum())
     train_targets = samples.filter(pl.col("split") == "train")["target_item_ids"].explode().drop_nulls().to_numpy()
     naive = pretraining_study.naive_ranks(test, rows, train_targets, n_items)
-    runs = pretraining_study.load_runs(workspace / params.study.out_dir)
+    runs = pretraining_study.load_runs(workspace / params.study.results_dir)
     summary = pretraining_study.summarise(runs, rows, naive, params.evaluate.bootstrap_resamples, params.seed)
     report = pretraining_study.report(summary, params)
     write_outputs({workspace / params.study.report: report,
-                   workspace / params.study.out_dir / "summary.json": summary})
+                   workspace / params.study.results_dir / "summary.json": summary})
     return report

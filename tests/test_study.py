@@ -99,7 +99,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     assert c2crs["training"]["pretrain_fine"]["epochs_run"] == 2
     assert set(c2crs["diagnostics"]) == {"zero_shot_pretrained", "zero_shot_untrained", "probe_pretrained",
                                          "probe_untrained"}
-    arrays = np.load(workspace / "data/study/pretraining/reference_switches/seed1/c2crs.npz")
+    arrays = np.load(workspace / "reports/pretraining_runs/reference_switches/seed1/c2crs.npz")
     assert arrays["ranks"].shape == arrays["masked_ranks"].shape == arrays["probe_untrained"].shape
     assert (arrays["masked_ranks"] <= arrays["ranks"]).all()
     assert arrays["recency"].shape == arrays["ranks"].shape and len(c2crs["recency_bonus"]["seeker"]) == 9
@@ -108,7 +108,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     assert set(extension["training"]) == {"finetune_rec"}
     assert not (workspace / "data/study/pretraining/ours/seed1/keep_contrastive.pretrain_fine.pt").exists()
 
-    marker = workspace / "data/study/pretraining/ours/seed1/c2crs.json"
+    marker = workspace / "reports/pretraining_runs/ours/seed1/c2crs.json"
     written = marker.stat().st_mtime_ns
     assert [j.seed for j in study.jobs(params) if not j.done(params, workspace)] == [2] * 6
     study.run_study(params, workspace, settings=["ours"], seeds=[1])  # nothing left to do: nothing rewritten
@@ -123,7 +123,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     assert "keep_contrastive (beyond the paper)" in report and "probe: pre-trained N minus untrained N" in report
     assert "| C2-CRS + recency bonus (beyond the paper) |" in report
     assert "| C2-CRS + recency bonus | repeat_popularity | all_turns |" in report
-    summary = json.loads((workspace / "data/study/pretraining/summary.json").read_text())
+    summary = json.loads((workspace / "reports/pretraining_runs/summary.json").read_text())
     ours = summary["settings"]["ours"]
     assert ours["seeds"] == {"c2crs": [1, 2], "kbrd": [1, 2], "keep_contrastive": [1, 2]}
     assert ours["arms"]["c2crs"]["all_turns"]["recall@10"]["seeds"] == 2
