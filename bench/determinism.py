@@ -13,6 +13,9 @@ weight difference between the two runs, with the mean step time.
     one_thread     torch.set_num_threads(1)
     deterministic  MKL_CBWR=COMPATIBLE and torch.use_deterministic_algorithms(True) (CPU index_put_ with accumulate,
                    the backward of a gather, then sorts instead of accumulating in thread order)
+    torch_deterministic     torch.use_deterministic_algorithms(True) alone
+    mkl_auto_deterministic  the same with MKL_CBWR=AUTO (MKL's reproducible mode on the processor's best code path,
+                            where COMPATIBLE falls back to SSE2)
 Needs the data stages' outputs (data/triples, data/kg, data/reviews) and C2CRS_DATA_DIR.
 Run: C2CRS_DATA_DIR=../shared/data .venv/bin/python bench/determinism.py [--steps 20]
 """
@@ -29,7 +32,9 @@ from pathlib import Path
 import common
 
 CONFIGS = {"default": ({}, None), "mkl_cbwr": ({"MKL_CBWR": "COMPATIBLE"}, None), "one_thread": ({}, 1),
-           "deterministic": ({"MKL_CBWR": "COMPATIBLE", "C2CRS_DETERMINISTIC": "1"}, None)}
+           "deterministic": ({"MKL_CBWR": "COMPATIBLE", "C2CRS_DETERMINISTIC": "1"}, None),
+           "torch_deterministic": ({"C2CRS_DETERMINISTIC": "1"}, None),
+           "mkl_auto_deterministic": ({"MKL_CBWR": "AUTO", "C2CRS_DETERMINISTIC": "1"}, None)}
 
 
 def one_run(steps: int, threads: int | None, out: Path) -> None:

@@ -4,8 +4,9 @@ For every setting of params.study and every seed, two runs of the same code: C2-
 pretrain_fine -> finetune_rec) and the KBRD-style model (finetune_rec from fresh weights); extensions are more
 C2-CRS arms. Each run's test ranks and validation metrics are written to study.results_dir/<setting>/seed<k>/ (kept
 in git) when it finishes; training itself is checkpointed every epoch, so a killed study resumes where it stopped
-and a finished run is never trained again. The C2-CRS run also measures its pre-trained model without fine-tuning (zero-shot recall and
-a frozen probe, against an untrained model of the same seed). The report is built from whatever runs exist.
+and a finished run is never trained again. The C2-CRS run also measures its pre-trained model without fine-tuning
+(zero-shot recall and a frozen probe, against an untrained model of the same seed). The report is built from
+whatever runs exist.
 """
 
 import logging
@@ -119,18 +120,8 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
               "overrides": {**params.study.settings[job.setting],
                             **(params.study.extensions[extension] if extension else {})},
               "training": outcome}
-    # The same model with a learned bonus for re-mentioning the context's movies (beyond the paper), fitted on
-    # the validation split with the model frozen.
-    recent = {split: c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
-        samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("valid", "test")}
-    bonus = c2crs_train.fit_recency_bonus(c2crs_train.score_samples(model, run, run.valid, batch), recent["valid"],
-                                          run.valid, params.study.max_recency)
-    result["recency_bonus"] = {role: [round(float(b), 4) for b in row]
-                               for role, row in zip(bonus.ROLES, bonus.bonus.detach())}
-    scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_recency_bonus(
-        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], test_table, bonus))
-    arrays["recency"], arrays["recency_masked"] = evaluate.ranks_and_masked_ranks(
-        scored, test_rows, test_rows["context_item_ids"].to_list())
+    result["recency_bonus"], arrays["recency"], arrays["recency_masked"] = _with_recency_bonus(
+        model, run, samples, test_table, test_rows, batch, params.study.max_recency)
     if job.arm == C2CRS_ARM:
         result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples, triples,
                                                                batch, params.study.probe_epochs)
@@ -143,6 +134,21 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
     temporary.replace(npz)
     write_outputs({results / f"{job.arm}.json": result})  # last: its presence marks the run done
     return result
+
+
+def _with_recency_bonus(model, run: c2crs_train.Run, samples: pl.DataFrame, test_table: c2crs_data.SampleTable,
+                        test_rows: pl.DataFrame, batch: int, max_recency: int):
+    """The model with a learned bonus for re-mentioning the context's movies (beyond the paper), fitted on the
+    validation split with the model frozen: (the bonuses per speaker, test ranks, masked test ranks)."""
+    recent = {split: c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
+        samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("valid", "test")}
+    bonus = c2crs_train.fit_recency_bonus(c2crs_train.score_samples(model, run, run.valid, batch), recent["valid"],
+                                          run.valid, max_recency)
+    scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_recency_bonus(
+        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], test_table, bonus))
+    ranks, masked = evaluate.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
+    bonuses = {role: [round(float(b), 4) for b in row] for role, row in zip(bonus.ROLES, bonus.bonus.detach())}
+    return bonuses, ranks, masked
 
 
 def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Path, samples: pl.DataFrame,
