@@ -48,26 +48,56 @@ def popularity_scores(train_target_items: torch.Tensor, n_items: int, smoothing:
     return torch.log(counts + smoothing)
 
 
-class RecencyBonus(nn.Module):
-    """A learned choice between re-mentioning a context movie and a new one, on top of any recommender's scores.
+class RepeatChoice(nn.Module):
+    """A learned choice between re-mentioning a context movie and a new one, around any recommender (a copy/generate
+    mixture, as pointer networks do for words).
 
     In ReDial about half of the ground-truth mentions repeat a movie of the context, and a recommender that reads the
-    context only through entity embeddings cannot tell a movie just named from an unrelated one. This adds a learned
-    bonus to the k-th most recently mentioned context movie (k = 1..max_recency; older ones share the last bonus),
-    one set per speaker of the turn (a seeker often names again what was just recommended, a recommender rarely
-    does): 2 x (max_recency + 1) numbers, fitted on held-out data with the recommender frozen.
+    context only through entity embeddings cannot tell a movie just named from an unrelated one. Here the next movie
+    is a repeat with probability p_repeat[role] (the speaker of the turn: a seeker often names again what was just
+    recommended, a recommender rarely does); a repeat is the k-th most recent context movie with probability
+    proportional to by_recency[role, k] (older ones share the last bucket); a new movie follows the recommender's
+    softmax over the movies not in the context. Scores are the log-probabilities, so ranks follow the mixture. The
+    statistics are counts (RepeatChoice.fit), independent of the recommender.
     """
 
     ROLES = ("seeker", "recommender")
 
-    def __init__(self, max_recency: int = 8):
+    def __init__(self, p_repeat: torch.Tensor, by_recency: torch.Tensor):
         super().__init__()
-        self.max_recency = max_recency
-        self.bonus = nn.Parameter(torch.zeros(len(self.ROLES), max_recency + 1))
+        self.register_buffer("p_repeat", p_repeat.float())  # [roles]
+        self.register_buffer("by_recency", by_recency.float())  # [roles, max_recency + 1], rows sum to 1
+
+    @classmethod
+    def fit(cls, positions: list[int | None], roles: list[int], max_recency: int) -> "RepeatChoice":
+        """From observed targets: positions[t] = the target's recency position among its sample's context movies
+        (0 = most recent) or None for a new movie, roles[t] its turn's speaker. Add-one smoothing."""
+        repeats = torch.ones(len(cls.ROLES))
+        news = torch.ones(len(cls.ROLES))
+        by_recency = torch.ones(len(cls.ROLES), max_recency + 1)
+        for position, role in zip(positions, roles):
+            if position is None:
+                news[role] += 1
+            else:
+                repeats[role] += 1
+                by_recency[role, min(position, max_recency)] += 1
+        return cls(repeats / (repeats + news), by_recency / by_recency.sum(1, keepdim=True))
 
     def forward(self, scores: torch.Tensor, recent_items: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-        """scores [B, n_items]; recent_items [B, K] item ids, most recent first, -1 padded; roles [B] indices into
-        ROLES -> scores + bonuses."""
-        position = torch.arange(recent_items.size(1), device=scores.device).clamp(max=self.max_recency)
-        bonus = self.bonus[roles[:, None], position[None, :]] * recent_items.ge(0)
-        return scores.scatter_add(1, recent_items.clamp(min=0), bonus.to(scores.dtype))
+        """scores [B, n_items] (the recommender's logits); recent_items [B, K] item ids, most recent first, -1
+        padded; roles [B] indices into ROLES -> log-probabilities [B, n_items] of the mixture."""
+        present = recent_items.ge(0)
+        rows, slots = present.nonzero(as_tuple=True)  # the real context movies: (sample, slot)
+        items = recent_items[rows, slots]
+        in_context = torch.zeros_like(scores, dtype=torch.bool).index_put((rows, items), torch.tensor(True))
+        has_context = present.any(1, keepdim=True)
+        p_repeat = torch.where(has_context, self.p_repeat[roles][:, None], torch.zeros(()))
+        new = torch.log_softmax(scores.masked_fill(in_context, float("-inf")), dim=1) + torch.log1p(-p_repeat)
+        max_recency = self.by_recency.size(1) - 1
+        position = torch.arange(recent_items.size(1), device=scores.device).clamp(max=max_recency)
+        bucket_size = torch.zeros(len(scores), max_recency + 1).scatter_add_(1, position.expand_as(recent_items),
+                                                                            present.float())
+        weight = (self.by_recency[roles] / bucket_size.clamp(min=1))[torch.arange(len(scores))[:, None], position]
+        weight = weight * present
+        repeat = torch.log(weight / weight.sum(1, keepdim=True).clamp(min=1e-12)) + torch.log(p_repeat)
+        return new.index_put((rows, items), repeat[rows, slots])

@@ -311,7 +311,7 @@ class StudyConfig(Section):
     settings: dict[str, dict[str, Any]] = Field(default={"ours": {}}, min_length=1)
     extensions: dict[str, dict[str, Any]] = {}
     probe_epochs: int = Field(default=10, ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
-    max_recency: int = Field(default=8, ge=1)  # the recency bonus: one learned bonus per position up to this
+    max_recency: int = Field(default=8, ge=1)  # the repeat choice: recency positions told apart (older: one)
     # Each finished run's results (test ranks, validation metrics, diagnostics; small) are kept in git, so a study
     # cut off in one session goes on in the next; its models and checkpoints stay under data/.
     results_dir: str = "reports/pretraining_runs"

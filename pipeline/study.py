@@ -120,7 +120,7 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
               "overrides": {**params.study.settings[job.setting],
                             **(params.study.extensions[extension] if extension else {})},
               "training": outcome}
-    result["recency_bonus"], arrays["recency"], arrays["recency_masked"] = _with_recency_bonus(
+    result["repeat_choice"], arrays["repeat_choice"], arrays["repeat_choice_masked"] = _with_repeat_choice(
         model, run, samples, test_table, test_rows, batch, params.study.max_recency)
     if job.arm == C2CRS_ARM:
         result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples, triples,
@@ -136,19 +136,20 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
     return result
 
 
-def _with_recency_bonus(model, run: c2crs_train.Run, samples: pl.DataFrame, test_table: c2crs_data.SampleTable,
+def _with_repeat_choice(model, run: c2crs_train.Run, samples: pl.DataFrame, test_table: c2crs_data.SampleTable,
                         test_rows: pl.DataFrame, batch: int, max_recency: int):
-    """The model with a learned bonus for re-mentioning the context's movies (beyond the paper), fitted on the
-    validation split with the model frozen: (the bonuses per speaker, test ranks, masked test ranks)."""
+    """The model inside a learned choice between re-mentioning a context movie and a new one (beyond the paper;
+    models.baselines.RepeatChoice, its counts from the train split): (the fitted statistics, test ranks, masked)."""
     recent = {split: c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
-        samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("valid", "test")}
-    bonus = c2crs_train.fit_recency_bonus(c2crs_train.score_samples(model, run, run.valid, batch), recent["valid"],
-                                          run.valid, max_recency)
-    scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_recency_bonus(
-        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], test_table, bonus))
+        samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("train", "test")}
+    choice = c2crs_train.fit_repeat_choice(run.train, recent["train"], max_recency)
+    scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_repeat_choice(
+        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], test_table, choice))
     ranks, masked = evaluate.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
-    bonuses = {role: [round(float(b), 4) for b in row] for role, row in zip(bonus.ROLES, bonus.bonus.detach())}
-    return bonuses, ranks, masked
+    statistics = {role: {"p_repeat": round(float(choice.p_repeat[i]), 4),
+                         "by_recency": [round(float(w), 4) for w in choice.by_recency[i]]}
+                  for i, role in enumerate(choice.ROLES)}
+    return statistics, ranks, masked
 
 
 def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Path, samples: pl.DataFrame,

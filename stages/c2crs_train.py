@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.baselines import RecencyBonus, TextCNNRecommender
+from models.baselines import RepeatChoice, TextCNNRecommender
 from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
 from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
                                per_conversation,
@@ -370,35 +370,26 @@ def recent_items_tensor(recent: list[list[int]]) -> torch.Tensor:
     return pad(recent, -1)
 
 
-def fit_recency_bonus(blocks, recent: torch.Tensor, table: SampleTable, max_recency: int, steps: int = 200,
-                      learning_rate: float = 0.1) -> RecencyBonus:
-    """Fit a RecencyBonus on one split's (sample, target) pairs with the recommender's scores fixed (`blocks`:
-    score_samples' (rows, scores) over the whole table, in order). Used on the validation split: the recommender's
-    own training split would teach it how sure the recommender is on movies it has already fitted."""
-    bonus = RecencyBonus(max_recency)
+def fit_repeat_choice(table: SampleTable, recent: torch.Tensor, max_recency: int) -> RepeatChoice:
+    """RepeatChoice's counts from one split's (sample, target) pairs: is the target a context movie, and which."""
     sample_rows, target_items = recommendation_rows(table)
-    if len(sample_rows) == 0:  # nothing to fit on: no bonus
-        return bonus
-    scores = torch.cat([torch.from_numpy(np.ascontiguousarray(s)) for _, s in blocks])
-    optimizer = torch.optim.Adam(bonus.parameters(), lr=learning_rate)
-    rows, targets = torch.as_tensor(sample_rows), torch.as_tensor(target_items)
-    roles = role_ids(table)[rows]
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(bonus(scores[rows], recent[rows], roles), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return bonus
+    roles = role_ids(table)
+    positions = []
+    for row, item in zip(sample_rows.tolist(), target_items.tolist()):
+        order = recent[row].tolist()
+        positions.append(order.index(item) if item in order else None)
+    return RepeatChoice.fit(positions, roles[sample_rows].tolist(), max_recency)
 
 
 def role_ids(table: SampleTable) -> torch.Tensor:
-    """Who speaks in each sample's turn, as indices into RecencyBonus.ROLES."""
-    return torch.as_tensor([RecencyBonus.ROLES.index(role) for role in table.roles], dtype=torch.long)
+    """Who speaks in each sample's turn, as indices into RepeatChoice.ROLES."""
+    return torch.as_tensor([RepeatChoice.ROLES.index(role) for role in table.roles], dtype=torch.long)
 
 
 @torch.no_grad()
-def with_recency_bonus(blocks, recent: torch.Tensor, table: SampleTable,
-                       bonus: RecencyBonus) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def with_repeat_choice(blocks, recent: torch.Tensor, table: SampleTable,
+                       choice: RepeatChoice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A recommender's score blocks turned into the RepeatChoice mixture's log-probabilities."""
     roles = role_ids(table)
     for rows, scores in blocks:
-        yield rows, bonus(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows]).numpy()
+        yield rows, choice(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows]).numpy()

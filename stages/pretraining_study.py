@@ -22,7 +22,7 @@ C2CRS = "c2crs"
 KEYS = ("recall@1", "recall@10", "recall@50")
 REPORTED_PROTOCOLS = ("all_turns", "recommender_turns", "new_items", "new_items_masked")
 NAIVE = ("repeat", "repeat_popularity")
-RECENCY = "recency"
+REPEAT_CHOICE = "repeat_choice"
 DIAGNOSTICS = ("zero_shot_pretrained", "zero_shot_untrained", "probe_pretrained", "probe_untrained")
 
 
@@ -119,14 +119,14 @@ def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: in
                                                     for r in arm_runs]) for arm, arm_runs in arms.items()},
                  "minus_kbrd": {arm: _paired(arm_runs, arms[KBRD], rows, n_resamples, seed)
                                 for arm, arm_runs in arms.items() if arm != KBRD and KBRD in arms},
-                 # every arm with the learned recency bonus (beyond the paper), and each against the naive baselines
-                 "with_recency": {arm: _per_seed(arm_runs, rows, RECENCY) for arm, arm_runs in arms.items()
-                                  if all(RECENCY in r["arrays"] for r in arm_runs)},
+                 # every arm inside the learned repeat choice (beyond the paper), and each against the naive baselines
+                 "with_repeat_choice": {arm: _per_seed(arm_runs, rows, REPEAT_CHOICE) for arm, arm_runs in arms.items()
+                                  if all(REPEAT_CHOICE in r["arrays"] for r in arm_runs)},
                  "minus_naive": {f"{arm}{suffix}": {name: _paired(arm_runs, _as_runs(naive[name]), rows, n_resamples,
                                                                   seed, key)
                                                     for name in NAIVE}
                                  for arm, arm_runs in arms.items() for suffix, key in (("", "ranks"),
-                                                                                        ("+recency", RECENCY))
+                                                                                        ("+repeat_choice", REPEAT_CHOICE))
                                  if all(key in r["arrays"] or key == "ranks" for r in arm_runs)}}
         with_diagnostics = [r for r in arms.get(C2CRS, []) if "diagnostics" in r]
         if with_diagnostics:
@@ -214,10 +214,10 @@ def report(summary: dict, params) -> str:
             for arm, by_protocol in entry["arms"].items():
                 m = by_protocol[protocol]
                 lines.append(f"| {_label(arm)} | " + " | ".join(_fmt(m[k]) for k in KEYS) + f" | {m['n']} |")
-            if protocol != "new_items_masked":  # with the context's movies masked the bonus changes nothing
-                for arm, by_protocol in entry["with_recency"].items():
+            if protocol != "new_items_masked":  # with the context's movies masked the choice changes nothing
+                for arm, by_protocol in entry["with_repeat_choice"].items():
                     m = by_protocol[protocol]
-                    lines.append(f"| {_label(arm)} + recency bonus (beyond the paper) | "
+                    lines.append(f"| {_label(arm)} + repeat choice (beyond the paper) | "
                                  + " | ".join(_fmt(m[k]) for k in KEYS) + f" | {m['n']} |")
             for name, by_protocol in summary["naive"].items():
                 lines.append(f"| {name} (naive) | " + " | ".join(f"{by_protocol[protocol][k]:.3f}" for k in KEYS)
@@ -236,10 +236,11 @@ def report(summary: dict, params) -> str:
             lines += ["Against the naive baselines (paired; model minus baseline):", "",
                       "| model | baseline | protocol | R@1 | R@10 | R@50 |", "|---|---|---|---|---|---|"]
             for arm, by_baseline in entry["minus_naive"].items():
-                label = _label(arm.removesuffix("+recency")) + (" + recency bonus" if arm.endswith("+recency") else "")
+                label = (_label(arm.removesuffix("+repeat_choice"))
+                         + (" + repeat choice" if arm.endswith("+repeat_choice") else ""))
                 for name, by_protocol in by_baseline.items():
                     for protocol in REPORTED_PROTOCOLS:
-                        if protocol in by_protocol and not (arm.endswith("+recency")
+                        if protocol in by_protocol and not (arm.endswith("+repeat_choice")
                                                             and protocol == "new_items_masked"):
                             lines.append(f"| {label} | {name} | {protocol} | "
                                          + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")

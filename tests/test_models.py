@@ -420,30 +420,43 @@ def test_popularity_scores():
     assert scores.argmax().item() == 2
 
 
-def test_recency_bonus_adds_per_role_and_position_and_learns_to_repeat():
-    from models.baselines import RecencyBonus
+def test_repeat_choice_by_hand():
+    """p(repeat) per speaker, the recency distribution among repeats, the recommender's softmax over new movies."""
+    from models.baselines import RepeatChoice
+
+    seeker, recommender = RepeatChoice.ROLES.index("seeker"), RepeatChoice.ROLES.index("recommender")
+    # seeker targets: 2 repeats at position 0, 1 at position 1, 1 new; recommender: 1 repeat at position 3, 3 new
+    fitted = RepeatChoice.fit([0, 0, 1, None, 3, None, None, None],
+                              [seeker] * 4 + [recommender] * 4, max_recency=2)
+    assert fitted.p_repeat[seeker].item() == pytest.approx(4 / 6)  # add-one: (3 + 1) / (3 + 1 + 1 + 1)
+    assert fitted.p_repeat[recommender].item() == pytest.approx(2 / 6)
+    assert fitted.by_recency[seeker].tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6])
+    assert fitted.by_recency[recommender].tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 4])
+
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
+    recent = torch.tensor([[3, 0, -1], [-1, -1, -1]])  # sample 0: movie 3 then movie 0; sample 1: no context
+    out = fitted(scores, recent, torch.tensor([seeker, recommender]))
+    p = 4 / 6
+    new = torch.log_softmax(torch.tensor([1.0, 2.0, 0.0]), 0) + math.log(1 - p)  # movies 1, 2, 4
+    assert out[0, [1, 2, 4]].tolist() == pytest.approx(new.tolist(), rel=1e-5)
+    assert out[0, 3].item() == pytest.approx(math.log(p * 3 / 5), rel=1e-5)  # positions 0 and 1: weights 3/6, 2/6
+    assert out[0, 0].item() == pytest.approx(math.log(p * 2 / 5), rel=1e-5)
+    assert torch.exp(out[0]).sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(out[1], torch.log_softmax(scores[1], 0))  # no context: the recommender alone
+    # a context movie ranks by recency, whatever the recommender thought of it
+    assert out[0, 3] > out[0, 0]
+
+
+def test_repeat_choice_fitted_on_a_table():
     from stages.c2crs_data import SampleTable
-    from stages.c2crs_train import fit_recency_bonus
+    from stages.c2crs_train import fit_repeat_choice
 
-    bonus = RecencyBonus(max_recency=2)
-    with torch.no_grad():
-        bonus.bonus.copy_(torch.tensor([[3.0, 2.0, 1.0], [30.0, 20.0, 10.0]]))
-    recent = torch.tensor([[4, 1, 0, 2], [3, -1, -1, -1]])
-    out = bonus(torch.zeros(2, 6), recent, torch.tensor([0, 1]))
-    assert out.tolist() == [[1.0, 2.0, 1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 30.0, 0.0, 0.0]]
-
-    # Seekers always name the most recent context movie again, recommenders never: the frozen scores know neither.
-    n, n_items = 60, 12
-    g = torch.Generator().manual_seed(0)
-    recent = torch.stack([torch.randperm(n_items, generator=g)[:3] for _ in range(n)])
-    roles = ["seeker" if i % 2 else "recommender" for i in range(n)]
-    targets = [[int(r[0])] if role == "seeker" else [int(next(i for i in range(n_items) if i not in r.tolist()))]
-               for r, role in zip(recent, roles)]
-    table = SampleTable(sample_ids=np.arange(n), conv_ids=np.arange(n), roles=roles,
-                        context_tokens=[[1]] * n, context_entities=[[]] * n, context_items=[[]] * n,
-                        targets=targets, triples=[[]] * n)
-    scores = torch.randn(n, n_items, generator=g).numpy()
-    fitted = fit_recency_bonus([(np.arange(n), scores)], recent, table, max_recency=2).bonus
-    seeker, recommender = RecencyBonus.ROLES.index("seeker"), RecencyBonus.ROLES.index("recommender")
-    assert fitted[seeker, 0] > 1.0 and fitted[seeker, 0] > fitted[seeker, 1]
-    assert fitted[recommender, 0] < 0
+    table = SampleTable(sample_ids=np.arange(3), conv_ids=np.zeros(3, dtype=int),
+                        roles=["seeker", "recommender", "seeker"], context_tokens=[[1]] * 3,
+                        context_entities=[[]] * 3, context_items=[[]] * 3, targets=[[5], [7, 5], [9]],
+                        triples=[[]] * 3)
+    recent = torch.tensor([[5, -1], [5, 2], [5, 7]])
+    choice = fit_repeat_choice(table, recent, max_recency=1)
+    # seeker: 5 at position 0 (repeat), 9 new; recommender: 7 new, 5 at position 0 (repeat)
+    assert choice.p_repeat.tolist() == pytest.approx([2 / 4, 2 / 4])
+    assert choice.by_recency.flatten().tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 3, 1 / 3])

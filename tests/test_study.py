@@ -102,7 +102,8 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     arrays = np.load(workspace / "reports/pretraining_runs/reference_switches/seed1/c2crs.npz")
     assert arrays["ranks"].shape == arrays["masked_ranks"].shape == arrays["probe_untrained"].shape
     assert (arrays["masked_ranks"] <= arrays["ranks"]).all()
-    assert arrays["recency"].shape == arrays["ranks"].shape and len(c2crs["recency_bonus"]["seeker"]) == 9
+    assert arrays["repeat_choice"].shape == arrays["ranks"].shape
+    assert len(c2crs["repeat_choice"]["seeker"]["by_recency"]) == 9
     # An extension that changes only fine-tuning starts from C2-CRS's pre-trained model of the same seed.
     extension = next(r for r in done if r["setting"] == "ours" and r["arm"] == "keep_contrastive")
     assert set(extension["training"]) == {"finetune_rec"}
@@ -121,8 +122,8 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     assert "under `reference_switches` (1 seed(s))" in report
     assert "### new_items_masked" in report and "| repeat_popularity (naive) |" in report
     assert "keep_contrastive (beyond the paper)" in report and "probe: pre-trained N minus untrained N" in report
-    assert "| C2-CRS + recency bonus (beyond the paper) |" in report
-    assert "| C2-CRS + recency bonus | repeat_popularity | all_turns |" in report
+    assert "| C2-CRS + repeat choice (beyond the paper) |" in report
+    assert "| C2-CRS + repeat choice | repeat_popularity | all_turns |" in report
     summary = json.loads((workspace / "reports/pretraining_runs/summary.json").read_text())
     ours = summary["settings"]["ours"]
     assert ours["seeds"] == {"c2crs": [1, 2], "kbrd": [1, 2], "keep_contrastive": [1, 2]}
