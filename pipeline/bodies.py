@@ -380,7 +380,7 @@ def _train_c2crs(stage: str, params: Params, workspace: Path, log: StageLog, sta
     save it to `out`. Returns the model, the training outcome and the inputs read."""
     run, model_config, inputs = loaded or _training_run(params, workspace)  # loaded: _training_run's, reused
     inputs = dict(inputs)
-    c2crs_training.seed_everything(params.seed)
+    c2crs_training.seed_everything(params.seed, params.deterministic)
     if start_from is not None:
         inputs["start_from"] = start_from
         model = load_c2crs(start_from)
@@ -527,7 +527,7 @@ def baselines_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> 
     run, model_config, inputs = _training_run(params, workspace)
     textcnn_out, kbrd_out = (workspace / out for out in spec.outs)
 
-    c2crs_training.seed_everything(params.seed)
+    c2crs_training.seed_everything(params.seed, params.deterministic)
     cfg = params.baselines.textcnn
     textcnn_config = TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
                                    embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
@@ -539,7 +539,7 @@ def baselines_stage(params: Params, workspace: Path, log: StageLog = NO_LOG) -> 
     c2crs_training.load_checkpoint(checkpoints / "best.pt", textcnn)
     _save_model(textcnn_out, textcnn, textcnn_config)
 
-    c2crs_training.seed_everything(params.seed)
+    c2crs_training.seed_everything(params.seed, params.deterministic)
     kbrd = C2CRS(model_config).to(run.device)
     checkpoints = _checkpoint_dir(workspace, "baselines", params, inputs) / "kbrd"
     kbrd_state = c2crs_train.finetune_recommender(kbrd, run, params.finetune_rec, checkpoints,
@@ -618,7 +618,7 @@ def _train_conversation(params: Params, workspace: Path, log: StageLog, out: Pat
     run, model_config, inputs = loaded or _training_run(params, workspace)
     inputs = dict(inputs)
     vocabulary, train_data, valid_data, longest = _conv_data(workspace, run, inputs)
-    c2crs_training.seed_everything(params.seed)
+    c2crs_training.seed_everything(params.seed, params.deterministic)
     start = CONV_ENCODERS[cfg.pretrained]
     if start is not None:
         inputs["start_from"] = workspace / start

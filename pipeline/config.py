@@ -322,6 +322,7 @@ class StudyConfig(Section):
 class Params(Section):
     seed: int = Field(default=42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True  # torch's deterministic kernels: reruns agree bit for bit (bench/determinism.py)
     data: DataConfig
     ingest: IngestConfig = IngestConfig()
     reviews: ReviewsConfig = ReviewsConfig()

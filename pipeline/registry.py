@@ -78,7 +78,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="pretrain_coarse",
             summary="coarse-grained contrastive pre-training (paper 4.2.1): conversation vs. subgraph vs. reviews",
-            params=("seed", "device", "model", "pretrain_coarse"),
+            params=("seed", "device", "deterministic", "model", "pretrain_coarse"),
             code=TRAINING_CODE,
             deps=TRAINING_DATA,
             outs=("data/models/pretrain_coarse.pt",),
@@ -87,7 +87,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="pretrain_fine",
             summary="fine-grained contrastive pre-training (4.2.2): word vs. entity vs. sentence, + lambda coarse",
-            params=("seed", "device", "model", "pretrain_fine"),
+            params=("seed", "device", "deterministic", "model", "pretrain_fine"),
             code=TRAINING_CODE,
             deps=TRAINING_DATA + ("data/models/pretrain_coarse.pt",),
             outs=("data/models/pretrain_fine.pt",),
@@ -96,7 +96,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="finetune_rec",
             summary="recommender fine-tuning (4.3.1) from the pre-trained representations; early stop on valid",
-            params=("seed", "device", "model", "finetune_rec"),
+            params=("seed", "device", "deterministic", "model", "finetune_rec"),
             code=TRAINING_CODE,
             deps=TRAINING_DATA + ("data/models/pretrain_fine.pt",),
             outs=("data/models/c2crs_rec.pt",),
@@ -105,7 +105,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="baselines",
             summary="TextCNN over context words and the KBRD-style recommender (no pre-training), same splits",
-            params=("seed", "device", "model", "finetune_rec", "baselines"),
+            params=("seed", "device", "deterministic", "model", "finetune_rec", "baselines"),
             code=TRAINING_CODE + ("models/baselines.py",),
             deps=TRAINING_DATA,
             outs=("data/models/textcnn.pt", "data/models/kbrd_rec.pt"),
@@ -114,7 +114,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="ablations",
             summary="the paper's Table 4: the recommendation path retrained per variant in params.ablations",
-            params=("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec", "ablations"),
+            params=("seed", "device", "deterministic", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec", "ablations"),
             code=TRAINING_CODE,
             deps=TRAINING_DATA,
             outs=("data/models/ablations",),
@@ -124,7 +124,7 @@ STAGES: dict[str, StageSpec] = {
             name="finetune_conv",
             summary="response generation fine-tuning (4.3.2) from the pre-trained representations: decoder over "
                     "history, KG and reviews, copy mechanism, instance-weighted loss; early stop on valid perplexity",
-            params=("seed", "device", "model", "finetune_conv"),
+            params=("seed", "device", "deterministic", "model", "finetune_conv"),
             code=CONV_CODE,
             deps=TRAINING_DATA + ("data/models/pretrain_fine.pt",),
             outs=("data/models/c2crs_conv.pt",),
@@ -134,7 +134,7 @@ STAGES: dict[str, StageSpec] = {
             name="conv_baselines",
             summary="the paper's Table 2 rows by the same code: Transformer, KGSF-style, C2-CRS w/o instance "
                     "weighting (params.conv_baselines)",
-            params=("seed", "device", "model", "finetune_conv", "conv_baselines"),
+            params=("seed", "device", "deterministic", "model", "finetune_conv", "conv_baselines"),
             code=CONV_CODE,
             deps=TRAINING_DATA + ("data/models/pretrain_fine.pt", "data/models/kbrd_rec.pt"),
             outs=("data/models/conv_baselines",),
@@ -145,7 +145,7 @@ STAGES: dict[str, StageSpec] = {
             summary="test-split metrics: recommendation for C2-CRS, the baselines and the ablations (both protocols, "
                     "95 % CIs, margins); conversation for the generators (Dist-n both ways, BLEU, perplexity), "
                     "responses to read and a rating sheet",
-            params=("seed", "device", "data", "linking", "model", "finetune_conv", "evaluate", "ablations",
+            params=("seed", "device", "deterministic", "data", "linking", "model", "finetune_conv", "evaluate", "ablations",
                     "conv_baselines"),
             code=CONV_CODE + ("models/baselines.py", "stages/evaluate.py", "stages/conv_evaluate.py",
                               "stages/linking.py"),

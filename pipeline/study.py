@@ -156,7 +156,7 @@ def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Pa
                  triples: pl.DataFrame, batch: int, probe_epochs: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Zero-shot recall and the frozen probe, for the pre-trained model and for an untrained one of the same seed."""
     pretrained = bodies.load_c2crs(out / f"{C2CRS_ARM}.pretrain_fine.pt").to(run.device)
-    c2crs_training.seed_everything(run_params.seed)
+    c2crs_training.seed_everything(run_params.seed, run_params.deterministic)
     untrained = C2CRS(model_config).to(run.device)
     valid_table, valid_rows = _split(samples, triples, "valid")
     test_table, test_rows = _split(samples, triples, "test")

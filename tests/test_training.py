@@ -160,3 +160,10 @@ def test_ablations_in_the_stage_process_record_each_variant(params_file):
     assert outcome.metrics["wo_sd"]["overrides"] == {"model.kg_edges": False}
     assert {"wo_sd.pretrain_coarse.train_loss", "short.finetune_rec.valid_recall@50"} <= log.names
     assert (workspace / "data/models/ablations/short/finetune_rec.pt").is_file()
+
+
+def test_seed_everything_switches_torchs_deterministic_kernels():
+    seed_everything(0, deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    seed_everything(0)  # params.yaml's default
+    assert torch.are_deterministic_algorithms_enabled()
