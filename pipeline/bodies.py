@@ -683,6 +683,14 @@ STAGE_BODIES.update({"finetune_conv": finetune_conv_stage, "conv_baselines": con
 VARIANT_TRAINERS = {"ablations": _train_ablation, "conv_baselines": _train_conv_baseline}
 
 
+def _repeat_choice(params: Params, workspace: Path, run: c2crs_train.Run):
+    """RepeatChoice's counts from the train split (whether a turn's movie repeats a context movie, and which)."""
+    train = (pl.read_parquet(workspace / TRAINING_INPUTS["samples"]).filter(pl.col("split") == "train")
+             .sort("sample_id"))
+    recent = c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(train))
+    return c2crs_train.fit_repeat_choice(run.train, recent, params.evaluate.max_recency)
+
+
 def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                 split: str = "test", loaded=None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
     """For each model, a function giving its score blocks (row indices, [rows, n_items]) on a split's samples."""
@@ -710,6 +718,9 @@ def score_split(params: Params, workspace: Path, samples: pl.DataFrame, triple_t
         "textcnn": lambda: c2crs_train.score_textcnn(textcnn, run, table, batch),
         "kbrd": lambda: c2crs_train.score_samples(kbrd, run, table, batch),
         "c2crs": lambda: c2crs_train.score_samples(c2crs, run, table, batch),
+        evaluate.REPEAT_CHOICE: lambda: c2crs_train.with_repeat_choice(
+            c2crs_train.score_samples(c2crs, run, table, batch), c2crs_train.recent_items_tensor(recent), table,
+            _repeat_choice(params, workspace, run)),
     }
     runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
     for variant in params.ablations.variants:

@@ -299,6 +299,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(default=512, ge=1)
     decoding: DecodingConfig = DecodingConfig()
     samples_for_reading: int = Field(default=50, ge=1)  # test contexts shown with every model's response
+    max_recency: int = Field(default=8, ge=1)  # c2crs+repeat_choice: recency positions told apart (older: one)
 
 
 class StudyConfig(Section):
@@ -311,7 +312,6 @@ class StudyConfig(Section):
     settings: dict[str, dict[str, Any]] = Field(default={"ours": {}}, min_length=1)
     extensions: dict[str, dict[str, Any]] = {}
     probe_epochs: int = Field(default=10, ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
-    max_recency: int = Field(default=8, ge=1)  # the repeat choice: recency positions told apart (older: one)
     # Each finished run's results (test ranks, validation metrics, diagnostics; small) are kept in git, so a study
     # cut off in one session goes on in the next; its models and checkpoints stay under data/.
     results_dir: str = "reports/pretraining_runs"

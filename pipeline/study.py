@@ -121,7 +121,7 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
                             **(params.study.extensions[extension] if extension else {})},
               "training": outcome}
     result["repeat_choice"], arrays["repeat_choice"], arrays["repeat_choice_masked"] = _with_repeat_choice(
-        model, run, samples, test_table, test_rows, batch, params.study.max_recency)
+        params, workspace, model, run, samples, test_table, test_rows, batch)
     if job.arm == C2CRS_ARM:
         result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples, triples,
                                                                batch, params.study.probe_epochs)
@@ -136,15 +136,15 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
     return result
 
 
-def _with_repeat_choice(model, run: c2crs_train.Run, samples: pl.DataFrame, test_table: c2crs_data.SampleTable,
-                        test_rows: pl.DataFrame, batch: int, max_recency: int):
+def _with_repeat_choice(params: Params, workspace: Path, model, run: c2crs_train.Run, samples: pl.DataFrame,
+                        test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int):
     """The model inside a learned choice between re-mentioning a context movie and a new one (beyond the paper;
-    models.baselines.RepeatChoice, its counts from the train split): (the fitted statistics, test ranks, masked)."""
-    recent = {split: c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
-        samples.filter(pl.col("split") == split).sort("sample_id"))) for split in ("train", "test")}
-    choice = c2crs_train.fit_repeat_choice(run.train, recent["train"], max_recency)
+    models.baselines.RepeatChoice, counted on the train split): (the fitted statistics, test ranks, masked)."""
+    choice = bodies._repeat_choice(params, workspace, run)
+    recent = c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
+        samples.filter(pl.col("split") == "test").sort("sample_id")))
     scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_repeat_choice(
-        c2crs_train.score_samples(model, run, test_table, batch), recent["test"], test_table, choice))
+        c2crs_train.score_samples(model, run, test_table, batch), recent, test_table, choice))
     ranks, masked = evaluate.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
     statistics = {role: {"p_repeat": round(float(choice.p_repeat[i]), 4),
                          "by_recency": [round(float(w), 4) for w in choice.by_recency[i]]}
