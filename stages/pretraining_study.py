@@ -81,6 +81,19 @@ def _per_seed(runs: list[dict], rows: pl.DataFrame, key: str = "ranks") -> dict:
     return out
 
 
+def _by_context(runs: list[dict], rows: pl.DataFrame, key: str = "ranks") -> dict:
+    """{protocol: {with_entities / without_entities: {metric: mean/sd over runs, n}}} for all_turns and new_items_masked:
+    without a linked entity in the context the KG recommenders output one fixed ranking."""
+    out = {}
+    for protocol in evaluate.CONTEXT_PROTOCOLS:
+        keep = evaluate.protocol_rows(rows, protocol)
+        kept = rows.filter(pl.Series(keep))
+        splits = [evaluate.by_context(kept, _ranks_for(r["arrays"], protocol, key)[keep]) for r in runs]
+        out[protocol] = {part: {**{m: _mean_sd([s[part][m] for s in splits]) for m in ("recall@10", "recall@50")},
+                                "n": splits[0][part]["n"]} for part in ("with_entities", "without_entities")}
+    return out
+
+
 def _paired(runs_a: list[dict], runs_b: list[dict], rows: pl.DataFrame, n_resamples: int, seed: int,
             key_a: str = "ranks", key_b: str = "ranks") -> dict:
     """a minus b on the seeds both have: per-row metric values averaged over those seeds, paired bootstrap."""
@@ -115,6 +128,7 @@ def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: in
                  "seeds": {arm: sorted(r["seed"] for r in arm_runs) for arm, arm_runs in arms.items()},
                  "minutes": {arm: round(float(np.mean([r["seconds"] for r in arm_runs])) / 60, 1)
                              for arm, arm_runs in arms.items()},
+                 "by_context": {arm: _by_context(arm_runs, rows) for arm, arm_runs in arms.items()},
                  "valid_recall@50": {arm: _mean_sd([r["training"]["finetune_rec"]["valid_recall@50"]
                                                     for r in arm_runs]) for arm, arm_runs in arms.items()},
                  "minus_kbrd": {arm: _paired(arm_runs, arms[KBRD], rows, n_resamples, seed)
@@ -232,6 +246,14 @@ def report(summary: dict, params) -> str:
                         lines.append(f"| {_label(arm)} | {protocol} | "
                                      + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")
             lines.append("")
+        lines += ["By context (linked entities in the context or none; R@10 / R@50, mean over seeds):", "",
+                  "| model | protocol | with entities | n | without | n |", "|---|---|---|---|---|---|"]
+        for arm, by_protocol in entry["by_context"].items():
+            for protocol, parts in by_protocol.items():
+                cells = [f"{_fmt(parts[part]['recall@10'])} / {_fmt(parts[part]['recall@50'])} | {parts[part]['n']}"
+                         for part in ("with_entities", "without_entities")]
+                lines.append(f"| {_label(arm)} | {protocol} | " + " | ".join(cells) + " |")
+        lines.append("")
         if entry["minus_naive"]:
             lines += ["Against the naive baselines (paired; model minus baseline):", "",
                       "| model | baseline | protocol | R@1 | R@10 | R@50 |", "|---|---|---|---|---|---|"]

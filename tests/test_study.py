@@ -119,6 +119,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     report = study.write_report(params, workspace)
     assert (workspace / "reports/pretraining.md").read_text() == report
     assert "## Answer" in report and "under `ours` (2 seed(s)) pre-training" in report
+    assert "By context" in report and "| C2-CRS | new_items_masked |" in report
     assert "under `reference_switches` (1 seed(s))" in report
     assert "### new_items_masked" in report and "| repeat_popularity (naive) |" in report
     assert "keep_contrastive (beyond the paper)" in report and "probe: pre-trained N minus untrained N" in report
