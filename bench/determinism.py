@@ -72,14 +72,43 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
                       "ms_per_step": 1000 * elapsed / len(batches)}))
 
 
+def kernel_cost(repeats: int = 200) -> dict:
+    """ms per forward + backward of the gather whose backward is the nondeterministic sum, at a finetune_rec step's
+    shapes (the R-GCN rows of every item plus the context entities, 256 contexts of 32 entities), both ways.
+    A micro-measurement: the step around it is much larger (README)."""
+    import time
+
+    import torch
+
+    rows = torch.randn(8000, 128, requires_grad=True)
+    index = torch.randint(0, 8000, (256, 32))
+    result = {}
+    for deterministic in (False, True, False, True):  # interleaved, so background load hits both alike
+        torch.use_deterministic_algorithms(deterministic)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            rows.grad = None
+            rows[index].sum().backward()
+        result.setdefault("on" if deterministic else "off", []).append(
+            1000 * (time.perf_counter() - started) / repeats)
+    torch.use_deterministic_algorithms(False)
+    return {k: round(min(v), 3) for k, v in result.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--kernel-only", action="store_true", help="only the gather kernel's cost, both ways")
     parser.add_argument("--one-run", nargs=2, metavar=("THREADS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_run:
         one_run(args.steps, int(args.one_run[0]) or None, Path(args.one_run[1]))
+        return
+    kernel = kernel_cost()
+    print(f"gather forward + backward, ms (best of 2): default kernels {kernel['off']}, deterministic {kernel['on']}")
+    if args.kernel_only:
+        common.write_results("determinism_kernel", {"kernel_ms": kernel})
         return
     common.require_data_dir()
     import torch
@@ -104,7 +133,7 @@ def main() -> None:
         print(f"{name:11} loss {runs[0]['loss']:.7f} vs {runs[1]['loss']:.7f}; same data: "
               f"{results[name]['same_data']}; largest weight difference {largest:.3g}; ms/step "
               f"{results[name]['ms_per_step']}")
-    common.write_results("determinism", {"steps": args.steps, "configs": results})
+    common.write_results("determinism", {"steps": args.steps, "configs": results, "kernel_ms": kernel})
 
 
 if __name__ == "__main__":
