@@ -299,7 +299,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(default=512, ge=1)
     decoding: DecodingConfig = DecodingConfig()
     samples_for_reading: int = Field(default=50, ge=1)  # test contexts shown with every model's response
-    max_recency: int = Field(default=8, ge=1)  # c2crs+repeat_choice: recency positions told apart (older: one)
+    max_recency: int = Field(default=8, ge=1)  # c2crs-repeat-choice: recency positions told apart (older: one)
 
 
 class StudyConfig(Section):

@@ -72,7 +72,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
     assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "kbrd", "c2crs",
-                             "c2crs+repeat_choice"} | {f"c2crs_{v}" for v in variants})
+                             "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
     for protocols in results.values():
         assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked"}
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
