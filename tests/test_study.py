@@ -84,6 +84,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
 
     raw = yaml.safe_load(params_file.read_text())
     raw["study"].update(seeds=[1, 2], workers=1, probe_epochs=2,
+                        settings={name: raw["study"]["settings"][name] for name in ("ours", "reference_switches")},
                         extensions={"keep_contrastive": {"finetune_rec.pretraining_weight": 1.0}})
     raw["finetune_rec"]["epochs"] = 1
     params_file.write_text(yaml.safe_dump(raw))
