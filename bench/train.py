@@ -1,6 +1,9 @@
 """Benchmark: time per training step of each C2-CRS training stage, split into data / forward / backward, against a
 reference-style step (the original code's choices) measured in the same run.
 
+Over 400 lines because one script measures both configurations in child processes with their timers and memory caps;
+split them and the two measurements could drift apart.
+
 Why: the training stages are the pipeline's long part on a CPU. Our steps are built for it: the R-GCN runs only on
 the entities a batch needs (KGEncoder.forward_nodes, the one-hop neighbourhood), contexts are length-bucketed and a
 batch pads only to its own longest context (TokenEncoder also drops all-padding trailing columns), review sentences

@@ -1,5 +1,8 @@
 """C2-CRS (Zhou et al., WSDM 2022): the three context encoders, the coarse-to-fine contrastive losses, the recommender.
 
+One model file, as nanoGPT: the views, the losses, the KG encoders and the recommender read top to bottom against
+the paper map below.
+
 Paper map:
     Eq. 1-2   conversation view   TokenEncoder + SelfAttentivePooling          -> e_C, F
     Eq. 3     graph view          KGEncoder (entity table + basis R-GCN)       -> N, then pooling -> e_G

@@ -1,5 +1,8 @@
 """C2-CRS response generation (paper 4.3.2): a Transformer decoder that fuses history, KG entities and reviews.
 
+One decoder file: the layers, the copy path, the loss and both decoders share the cache layout, so they stay
+together.
+
 Paper map:
     Eq. 10     DecoderLayer: self-attention over the words generated so far -> cross-attention to the
                conversation history F -> to the KG entities N -> to the review sentences E -> feed-forward

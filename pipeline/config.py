@@ -1,5 +1,8 @@
 """params.yaml, loaded and validated.
 
+Over 400 lines because it is the one schema of params.yaml (every section, its checks and the override rules); a
+section split across files would hide the keys from one another.
+
 Every hyperparameter and path of the pipeline is in params.yaml, one section per stage. The models below are the
 schema: an unknown key, a wrong type or an out-of-range value fails with the key's path and what is allowed.
 """

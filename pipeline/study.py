@@ -83,11 +83,6 @@ def _ranks(model, run: c2crs_train.Run, table: c2crs_data.SampleTable, rows: pl.
     return evaluate.ranks_and_masked_ranks(scored, rows, rows["context_item_ids"].to_list())
 
 
-def _split(samples: pl.DataFrame, triples: pl.DataFrame, split: str):
-    return (c2crs_data.sample_table(samples, triples, split),
-            evaluate.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id")))
-
-
 def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bodies.NO_LOG) -> dict:
     """Train one arm for one setting and seed, score it on test, write <arm>.json and <arm>.npz; return the json."""
     started = time.monotonic()
@@ -112,8 +107,8 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
                                                            loaded)
             start_from = path
     samples = pl.read_parquet(inputs["samples"])
-    triples = pl.read_parquet(inputs["triples"])
-    test_table, test_rows = _split(samples, triples, "test")
+    test_table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
+    test_rows = evaluate.expand_mentions(samples.filter(pl.col("split") == "test").sort("sample_id"))
     batch = params.evaluate.batch_size
     arrays["ranks"], arrays["masked_ranks"] = _ranks(model, run, test_table, test_rows, batch)
     result = {"setting": job.setting, "seed": job.seed, "arm": job.arm,
@@ -123,8 +118,9 @@ def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bo
     result["repeat_choice"], arrays["repeat_choice"], arrays["repeat_choice_masked"] = _with_repeat_choice(
         params, workspace, model, run, samples, test_table, test_rows, batch)
     if job.arm == C2CRS_ARM:
-        result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples, triples,
-                                                               batch, params.study.probe_epochs)
+        result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples,
+                                                               test_table, test_rows, batch,
+                                                               params.study.probe_epochs)
         arrays.update(diagnostic_ranks)
     result["seconds"] = round(time.monotonic() - started, 1)
     npz = results / f"{job.arm}.npz"
@@ -153,13 +149,14 @@ def _with_repeat_choice(params: Params, workspace: Path, model, run: c2crs_train
 
 
 def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Path, samples: pl.DataFrame,
-                 triples: pl.DataFrame, batch: int, probe_epochs: int) -> tuple[dict, dict[str, np.ndarray]]:
+                 test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int,
+                 probe_epochs: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Zero-shot recall and the frozen probe, for the pre-trained model and for an untrained one of the same seed."""
     pretrained = bodies.load_c2crs(out / f"{C2CRS_ARM}.pretrain_fine.pt").to(run.device)
     c2crs_training.seed_everything(run_params.seed, run_params.deterministic)
     untrained = C2CRS(model_config).to(run.device)
-    valid_table, valid_rows = _split(samples, triples, "valid")
-    test_table, test_rows = _split(samples, triples, "test")
+    valid_table = run.valid
+    valid_rows = evaluate.expand_mentions(samples.filter(pl.col("split") == "valid").sort("sample_id"))
     found, arrays = {}, {}
     for name, model in (("pretrained", pretrained), ("untrained", untrained)):
         valid_ranks, _ = _ranks(model, run, valid_table, valid_rows, batch, c2crs_train.zero_shot_blocks)
@@ -187,8 +184,8 @@ def run_study(params: Params, workspace: Path, settings: list[str] | None = None
     """Every job not yet done, `workers` at a time (each with an equal share of the CPU threads); a job that starts
     from another's model is started once that one is done."""
     todo = [job for job in jobs(params, settings, seeds) if not job.done(params, workspace)]
-    missing = [_waits_for(params, j) for j in todo if _waits_for(params, j) and _waits_for(params, j) not in todo
-               and not _waits_for(params, j).done(params, workspace)]
+    needed = (_waits_for(params, job) for job in todo)
+    missing = [job for job in dict.fromkeys(needed) if job and job not in todo and not job.done(params, workspace)]
     todo = missing + todo  # a dependency outside the selection is run too
     workers = max(1, min(workers or params.study.workers, len(todo) or 1))
     logger.info("study: %d runs to do, %d at a time", len(todo), workers)

@@ -1,5 +1,8 @@
 """Recommendation evaluation: one row per ground-truth mention, ranks over all items, metrics with cluster CIs.
 
+Over 400 lines: ranks, protocols, intervals, baselines without training and the report tables share the row layout;
+the report part moves out with issue 11's stage layout.
+
 The protocol follows DESIGN.md 'Evaluation protocol': every target item of every scored sample (turns after the
 first) is one evaluation row, ranked against all n_items movies; no mention is ever dropped, so two models are always
 scored on the same rows. Four protocols are reported side by side, each with a conversation-level bootstrap interval,
@@ -243,6 +246,18 @@ def repeat_popularity_scores(context_items: Sequence[Sequence[int]], popularity:
     popularity = np.asarray(popularity, dtype=np.float32)
     repeat = repeat_scores(context_items, len(popularity))
     return np.where(repeat > 0, popularity.max() + repeat, popularity[None, :]).astype(np.float32)
+
+
+def naive_scorers(recent: Sequence[Sequence[int]],
+                  popularity: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The models that need no training, as functions of sample rows -> scores [rows, n_items]: popularity, repeat
+    and repeat_popularity; recent[row] = that sample's context movies, most recent first (context_items_by_recency)."""
+    popularity = np.asarray(popularity)
+    return {
+        "popularity": lambda rows: np.broadcast_to(popularity, (len(rows), len(popularity))),
+        "repeat": lambda rows: repeat_scores([recent[r] for r in rows], len(popularity)),
+        "repeat_popularity": lambda rows: repeat_popularity_scores([recent[r] for r in rows], popularity),
+    }
 
 
 # ---------------------------------------------------------------- metrics

@@ -1,5 +1,8 @@
 """IMDb user reviews for the `reviews` stage: a polite, resumable scraper and a parser of IMDb's review pages.
 
+Over 400 lines because the politeness rules (robots, rate limit, allowed hosts per hop, retries, cache) and the page
+parser are one contract with the stage; splitting them would scatter it.
+
 A plain library (no Prefect, no MLflow, no params): the stage passes every setting to `ImdbReviewScraper`.
 
 Politeness: at most one request per second by default (slower if robots.txt asks for a Crawl-delay), a User-Agent

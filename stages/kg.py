@@ -1,5 +1,8 @@
 """Stage 3, kg: the DBpedia subgraph around the ReDial movies, with entity and relation id maps.
 
+Over 400 lines: three KG readers and the build rules share one triples layout; issue 11 moves the readers to a kg
+package.
+
 Sources come as a uniform triples table (head_uri, relation, tail_uri, source) so that the KGSF pickles, CRSLab's
 JSON copy of the same graph and the optional movie-metadata KG can be combined. URIs are kept without angle brackets
 ("http://dbpedia.org/resource/Tom_Hanks"), as in the ingest stage's movies table; ReDial movies that have no DBpedia

@@ -30,13 +30,8 @@ def naive_ranks(test_samples: pl.DataFrame, rows: pl.DataFrame, train_targets: n
                 n_items: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(ranks, masked ranks) of popularity, repeat and repeat-then-popularity on the test rows."""
     popularity = popularity_scores(torch.as_tensor(train_targets, dtype=torch.long), n_items).numpy()
-    recent = evaluate.context_items_by_recency(test_samples)
+    scorers = evaluate.naive_scorers(evaluate.context_items_by_recency(test_samples), popularity)
     sample_ids = test_samples["sample_id"].to_numpy()
-    scorers = {
-        "popularity": lambda batch: np.broadcast_to(popularity, (len(batch), n_items)),
-        "repeat": lambda batch: evaluate.repeat_scores([recent[r] for r in batch], n_items),
-        "repeat_popularity": lambda batch: evaluate.repeat_popularity_scores([recent[r] for r in batch], popularity),
-    }
     exclude = rows["context_item_ids"].to_list()
     ranks = {}
     for name, score in scorers.items():
@@ -82,8 +77,8 @@ def _per_seed(runs: list[dict], rows: pl.DataFrame, key: str = "ranks") -> dict:
 
 
 def _by_context(runs: list[dict], rows: pl.DataFrame, key: str = "ranks") -> dict:
-    """{protocol: {with_entities / without_entities: {metric: mean/sd over runs, n}}} for all_turns and new_items_masked:
-    without a linked entity in the context the KG recommenders output one fixed ranking."""
+    """{protocol: {with_entities / without_entities: {metric: mean/sd over runs, n}}} for all_turns and
+    new_items_masked: without a linked entity in the context the KG recommenders output one fixed ranking."""
     out = {}
     for protocol in evaluate.CONTEXT_PROTOCOLS:
         keep = evaluate.protocol_rows(rows, protocol)
@@ -115,6 +110,21 @@ def _paired(runs_a: list[dict], runs_b: list[dict], rows: pl.DataFrame, n_resamp
     return out
 
 
+def _has(runs: list[dict], key: str) -> bool:
+    return all(key in r["arrays"] for r in runs)
+
+
+def _minus_naive(arms: dict[str, list[dict]], naive: dict, rows: pl.DataFrame, n_resamples: int, seed: int) -> dict:
+    """{arm (or arm+repeat_choice): {naive baseline: paired difference}}: does a model beat repeating the context?"""
+    out = {}
+    for arm, runs in arms.items():
+        for label, key in ((arm, "ranks"), (f"{arm}+repeat_choice", REPEAT_CHOICE)):
+            if key == "ranks" or _has(runs, key):
+                out[label] = {name: _paired(runs, _as_runs(naive[name]), rows, n_resamples, seed, key)
+                              for name in NAIVE}
+    return out
+
+
 def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: int, seed: int) -> dict:
     """Everything the report shows, as JSON-able data."""
     summary = {"naive": {}, "settings": {}}
@@ -134,14 +144,9 @@ def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: in
                  "minus_kbrd": {arm: _paired(arm_runs, arms[KBRD], rows, n_resamples, seed)
                                 for arm, arm_runs in arms.items() if arm != KBRD and KBRD in arms},
                  # every arm inside the learned repeat choice (beyond the paper), and each against the naive baselines
-                 "with_repeat_choice": {arm: _per_seed(arm_runs, rows, REPEAT_CHOICE) for arm, arm_runs in arms.items()
-                                  if all(REPEAT_CHOICE in r["arrays"] for r in arm_runs)},
-                 "minus_naive": {f"{arm}{suffix}": {name: _paired(arm_runs, _as_runs(naive[name]), rows, n_resamples,
-                                                                  seed, key)
-                                                    for name in NAIVE}
-                                 for arm, arm_runs in arms.items() for suffix, key in (("", "ranks"),
-                                                                                        ("+repeat_choice", REPEAT_CHOICE))
-                                 if all(key in r["arrays"] or key == "ranks" for r in arm_runs)}}
+                 "with_repeat_choice": {arm: _per_seed(arm_runs, rows, REPEAT_CHOICE)
+                                        for arm, arm_runs in arms.items() if _has(arm_runs, REPEAT_CHOICE)},
+                 "minus_naive": _minus_naive(arms, naive, rows, n_resamples, seed)}
         with_diagnostics = [r for r in arms.get(C2CRS, []) if "diagnostics" in r]
         if with_diagnostics:
             entry["diagnostics"] = {
@@ -282,7 +287,8 @@ def _diagnostics_section(diagnostics: dict) -> list[str]:
              "recommendation training; probe: N frozen, only a fresh self-attentive pooling and an item bias trained "
              "(best epoch on validation recall@50). 'untrained': the same on a model of the same seed that never "
              "trained.", "",
-             "| diagnostic | valid R@10 | valid R@50 | test all_turns R@10 | R@50 | test new_items_masked R@10 | R@50 |",
+             "| diagnostic | valid R@10 | valid R@50 | test all_turns R@10 | R@50 "
+             "| test new_items_masked R@10 | R@50 |",
              "|---|---|---|---|---|---|---|"]
     for name in DIAGNOSTICS:
         valid, test = diagnostics["valid"][name], diagnostics["test"][name]

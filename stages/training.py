@@ -53,18 +53,26 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "loop": state.__dict__,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        "rng": {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()},
     }, temporary)
     temporary.replace(path)
 
 
+def _numpy_state() -> tuple:
+    """numpy's generator state as plain values and a tensor, which torch.load(weights_only=True) accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> LoopState:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """weights_only: a checkpoint is tensors, numbers, strings and containers; nothing in it is code to run."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
+    name, keys, position, has_gauss, cached = checkpoint["rng"]["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(checkpoint["rng"]["torch"])
     return LoopState(**checkpoint["loop"])
 

@@ -1,5 +1,7 @@
 """IMDb review scraper: parsing the fixture pages, pagination, cache, politeness and failures, all offline.
 
+Over 400 lines: one fixture site and fake clock serve every case; split, each file would rebuild them.
+
 The site is an httpx.MockTransport serving tests/fixtures/imdb; a fake clock stands in for time, so nothing sleeps.
 """
 

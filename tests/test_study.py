@@ -158,7 +158,7 @@ def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
     assert outcome.metrics["epochs_run"] == 1 and np.isfinite(outcome.metrics["train_loss"])
     import torch
 
-    saved = torch.load(workspace / "data/models/c2crs_rec.pt", weights_only=False)
+    saved = torch.load(workspace / "data/models/c2crs_rec.pt", weights_only=True)
     assert saved["config"]["kg_encoder"] == "featureless" and "kg_encoder.basis" in saved["state_dict"]
     assert "user_pooling.proj.weight" not in saved["state_dict"]  # the recommender pools with graph_pooling
     assert saved["state_dict"]["item_bias"].shape[0] == saved["config"]["n_entities"]

@@ -90,9 +90,9 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
         assert np.isfinite(outcome["finetune_rec"]["train_loss"]), variant
     assert ablations["wo_coarse"]["pretrain_coarse"]["epochs_run"] == 0
     assert ablations["multitask"]["pretrain_fine"]["epochs_run"] == 0
-    main_coarse = torch.load(workspace / "data/models/pretrain_coarse.pt", weights_only=False)["state_dict"]
+    main_coarse = torch.load(workspace / "data/models/pretrain_coarse.pt", weights_only=True)["state_dict"]
     reused = torch.load(workspace / "data/models/ablations/wo_fine/pretrain_coarse.pt",
-                        weights_only=False)["state_dict"]
+                        weights_only=True)["state_dict"]
     assert all(torch.equal(main_coarse[k], reused[k]) for k in main_coarse)
 
     # Conversation: every generator on the test responses, the metrics contract, the report and the rating sheet.
@@ -167,3 +167,21 @@ def test_seed_everything_switches_torchs_deterministic_kernels():
     assert not torch.are_deterministic_algorithms_enabled()
     seed_everything(0)  # params.yaml's default
     assert torch.are_deterministic_algorithms_enabled()
+
+
+class _NotData:
+    """Anything that is not a tensor, number, string or container: a full pickle would rebuild (and could run) it."""
+
+
+def test_model_and_checkpoint_files_are_loaded_without_unpickling_objects(tmp_path):
+    import pickle
+
+    from pipeline.bodies import load_c2crs
+    from stages.training import load_checkpoint
+
+    path = tmp_path / "model.pt"
+    torch.save({"config": {"vocab_size": 3}, "state_dict": {}, "payload": _NotData()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_c2crs(path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path, torch.nn.Linear(1, 1))
