@@ -91,11 +91,11 @@ def _train_timings(model, run, train, weights, params, steps: int) -> dict:
 
     from models.generator import generation_loss
     from stages import conv_train
-    from stages.training import epoch_generator
+    from stages.training import adam, epoch_generator
 
     cfg = params.finetune_conv
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate)
+    optimizer = adam(trainable, cfg.learning_rate)
     batches = conv_train._length_batches(run.train, train, cfg.batch_size, epoch_generator(params.seed, 0))
     model.train()
     times, sizes = [], []

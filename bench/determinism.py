@@ -43,7 +43,7 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
     from pipeline.bodies import _training_run
     from pipeline.config import load_params
     from stages import c2crs_train
-    from stages.training import epoch_generator, seed_everything
+    from stages.training import adam, epoch_generator, seed_everything
 
     if threads:
         torch.set_num_threads(threads)
@@ -51,7 +51,7 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
     run, config, _ = _training_run(params, common.ROOT)
     seed_everything(params.seed, deterministic=os.environ["C2CRS_DETERMINISTIC"] == "1")
     model = C2CRS(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.pretrain_coarse.learning_rate)
+    optimizer = adam(model.parameters(), params.pretrain_coarse.learning_rate)
     batches = c2crs_train._pretraining_batches(run, params.pretrain_coarse, epoch_generator(params.seed, 0))[:steps]
     data_hash = hashlib.sha256()
     for rows in batches:

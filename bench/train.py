@@ -150,7 +150,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     from pipeline.config import load_params
     from stages import c2crs_train
     from stages.c2crs_data import recommendation_rows
-    from stages.training import epoch_generator, seed_everything
+    from stages.training import adam, epoch_generator, seed_everything
 
     params = load_params(ROOT / "params.yaml")
     load_start = time.perf_counter()
@@ -224,7 +224,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         return entity_graph(edge_index, edge_type, nodes)
 
     model.entity_graph = graph_clock.wrap(entity_graph_)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = adam(model.parameters(), cfg.learning_rate)
     rng = epoch_generator(run.seed, 0)
 
     if stage == "finetune_rec":

@@ -22,7 +22,7 @@ from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_bat
                                per_conversation,
                                recommendation_rows, review_batch)
 from stages.evaluate import rank_of_targets
-from stages.training import LoopState, epoch_generator, train
+from stages.training import LoopState, adam, epoch_generator, train
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _mean_loss(table: SampleTable, cfg, step_loss: Callable[[np.ndarray], torch.
 def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
     """Coarse-grained contrastive pre-training (4.2.1): conversation vs. subgraph vs. review document."""
     model.cfg.temperature = cfg.temperature
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = adam(model.parameters(), cfg.learning_rate)
 
     def step(table):
         return lambda rows: coarse_losses(model, run, table, rows)
@@ -154,7 +154,7 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
 def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
     """Fine-grained contrastive pre-training (4.2.2) with lambda x the coarse loss (Eq. 7)."""
     model.cfg.temperature = cfg.temperature
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = adam(model.parameters(), cfg.learning_rate)
 
     def step_loss(table, rng):
         def loss(rows):
@@ -183,7 +183,7 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
     One step runs the R-GCN on every item and the batch's context entities (every item's row is scored) and
     trains on a batch of (sample, target item) pairs. Validation: recall@10 and recall@50 on the valid split, which picks the best epoch.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = adam(model.parameters(), cfg.learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
 
     def step_loss(picked: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -268,7 +268,7 @@ def _valid_ranks(blocks, table: SampleTable) -> np.ndarray:
 
 def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
     """The TextCNN baseline: context words only, softmax over all items, the same (sample, item) pairs."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = adam(model.parameters(), cfg.learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
 
     def step_loss(picked: np.ndarray) -> torch.Tensor:
@@ -333,7 +333,7 @@ def train_frozen_probe(model: C2CRS, run: Run, epochs: int, batch_size: int, lea
         N = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
     torch.manual_seed(seed)
     probe = FrozenProbe(N, run.graph.n_items).to(run.device)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
+    optimizer = adam(probe.parameters(), learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
     history, best = [], None
     for epoch in range(epochs):

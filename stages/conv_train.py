@@ -20,7 +20,7 @@ from models.c2crs import batch_entities
 from models.generator import ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
 from stages.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.c2crs_train import Run
-from stages.training import LoopState, epoch_generator, train
+from stages.training import LoopState, adam, epoch_generator, train
 from stages.triples import END, PAD, SPECIAL_TOKENS, SPLIT, START, UNK
 
 PLACEHOLDER = "__movie__"
@@ -167,7 +167,7 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
     """Response generation fine-tuning with Eq. 11's loss (weights: Eq. 12's alpha per token, None: plain
     cross-entropy); early stopping on validation perplexity."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate)
+    optimizer = adam(trainable, cfg.learning_rate)
     if weights is not None:
         weights = weights.to(run.device)
 
