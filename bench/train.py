@@ -25,22 +25,21 @@ finetune_rec from the previous stage's weights; the values do not change the wor
 
 Configurations:
   ours       params.yaml as is.
-  reference  the reference code's choices, as far as our model can express them:
+  reference  params.yaml with params/reference.yaml applied (every key but device: the authors' sizes, the
+             featureless R-GCN, six heads, NT-Xent, every context entity, one sample per (turn, movie) over every
+             turn, batch 256 for pre-training, the training softmax over all entities), and the reference code's
+             way of running it:
              - the R-GCN over the whole graph every step: model.entity_graph(edge_index, edge_type) with nodes=None,
                ids used unrenumbered, once per step (pretrain_fine's fine and coarse losses share it, as one forward
-               of the reference model computes it once; ours runs forward_nodes in each, as the stage does). The
-               reference's R-GCN is featureless (one-hot input, its weight is the entity table); our KGEncoder
-               always has an entity embedding table, so featureless is not available and the full-graph forward of
-               our encoder is the stand-in (same graph, same rows computed);
+               of the reference model computes it once; ours runs forward_nodes in each, as the stage does). Our
+               FeaturelessRGCN builds W_r only for the (source, relation) pairs with an edge, where PyG's RGCNConv
+               builds it for every entity and relation, so this is a lower bound of the reference's R-GCN cost;
              - contexts padded to 256 tokens and review sentences (review view and fine sentences) to 40 tokens,
                and the Transformer run over every column: TokenEncoder's drop of all-padding trailing columns is
                replaced in that process by the same forward without it (otherwise the padding would be cut again
                before the Transformer and cost only the data step);
-             - token_dim 300, ffn_dim 300, max_review_sentences 20 (params.yaml's reference set), batch 256 for
-               pre-training (--reference-batch; if that process fails, e.g. out of memory, it is retried at half the
-               batch and the table says so). finetune_rec keeps params.yaml's batch (256) in both.
-             The rows of a batch are drawn the same way in both (bucketed, samples_per_conversation as params.yaml):
-             with every context padded to 256 which rows share a batch no longer changes the work.
+             - --reference-batch (default 256) for pre-training; if that process fails, e.g. out of memory, it is
+               retried at half the batch and the table says so. finetune_rec keeps params.yaml's batch (256).
 Speed-up = reference step time / our step time (per step; the batches differ in size for pre-training), and per
 sample = (reference s/sample) / (our s/sample), i.e. our samples/s over the reference's.
 
@@ -75,8 +74,7 @@ from common import DATA_DIR_ENV, MIB, ROOT, proc_status_mib, write_results  # no
 
 TRAIN_STAGES = ("pretrain_coarse", "pretrain_fine", "finetune_rec")
 CONFIGS = ("ours", "reference")
-REFERENCE_MODEL = {"token_dim": 300, "ffn_dim": 300}
-REFERENCE_REVIEW_SENTENCES = 20
+REFERENCE_PARAMS = ROOT / "params/reference.yaml"
 REFERENCE_CONTEXT_TOKENS = 256
 REFERENCE_SENTENCE_TOKENS = 40
 CHILD_TIMEOUT_SECONDS = 3600
@@ -147,22 +145,24 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     from models import c2crs as c2crs_model
     from models.c2crs import C2CRS
     from pipeline.bodies import _training_run
-    from pipeline.config import load_params
+    from pipeline.config import Params, apply_overrides, load_params, reference_overrides
     from stages import c2crs_train
     from stages.c2crs_data import recommendation_rows
     from stages.training import adam, epoch_generator, seed_everything
 
     params = load_params(ROOT / "params.yaml")
+    reference = config == "reference"
+    if reference:  # the machine's device, as ours
+        overrides = {k: v for k, v in reference_overrides(REFERENCE_PARAMS).items() if k != "device"}
+        params = Params.model_validate(apply_overrides(dict(params), "reference", overrides, kind="study"))
     load_start = time.perf_counter()
     run, model_config, _ = _training_run(params, ROOT)
     load_seconds = time.perf_counter() - load_start
     memory_cap_mib = cap_memory()
     cfg = getattr(params, stage)
-    reference = config == "reference"
     if reference:
-        model_config = dataclasses.replace(model_config, **REFERENCE_MODEL,
+        model_config = dataclasses.replace(model_config,
                                            max_positions=max(model_config.max_positions, REFERENCE_CONTEXT_TOKENS))
-        run.max_review_sentences = REFERENCE_REVIEW_SENTENCES
         if stage != "finetune_rec":
             cfg = cfg.model_copy(update={"batch_size": reference_batch})
     if batch_override:
@@ -235,8 +235,9 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         def step_loss(picked):  # the body of finetune_recommender's train_epoch loop, up to the loss
             entity_ids = c2crs_train.recommendation_batch(run.train, sample_rows[picked], run.max_context_entities,
                                                           run.device)
-            nodes, (entity_ids,) = c2crs_train._node_rows(model, run, entity_ids, with_items=True)
-            logits = model.recommendation_logits(nodes, entity_ids)
+            all_entities = cfg.softmax_over == "entities"
+            nodes, (entity_ids,) = c2crs_train._node_rows(model, run, entity_ids, with_items=not all_entities)
+            logits = model.recommendation_logits(nodes, entity_ids, all_entities=all_entities)
             return model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
     else:
         model.cfg.temperature = cfg.temperature
@@ -297,7 +298,11 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         "config": config,
         "batch_size": cfg.batch_size,
         "model": {k: getattr(model_config, k) for k in ("token_dim", "kg_dim", "ffn_dim", "n_layers", "n_heads",
-                                                         "max_positions")},
+                                                         "max_positions", "kg_encoder", "projection_heads",
+                                                         "contrastive_loss")},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sample_unit": getattr(cfg, "sample_unit", None),
+        "softmax_over": getattr(cfg, "softmax_over", None),
         "max_review_sentences": run.max_review_sentences,
         "device": str(run.device),
         "torch_threads": torch.get_num_threads(),
@@ -448,11 +453,11 @@ def main() -> int:
         "warmup_steps": 1,
         "batch_override": args.batch,
         "reference": {
-            "model": REFERENCE_MODEL, "max_review_sentences": REFERENCE_REVIEW_SENTENCES,
+            "params": str(REFERENCE_PARAMS.relative_to(ROOT)) + " (every key but device)",
             "context_tokens": REFERENCE_CONTEXT_TOKENS, "sentence_tokens": REFERENCE_SENTENCE_TOKENS,
             "pretraining_batch_asked": args.reference_batch,
-            "rgcn": "whole graph every step (entity_graph with nodes=None); featureless R-GCN not available in our "
-                    "model (KGEncoder always has an entity table), so the full-graph forward is the stand-in",
+            "rgcn": "whole graph every step (entity_graph with nodes=None), featureless: W_r built for the "
+                    "(source, relation) pairs with an edge (PyG builds every entity's: a lower bound of its cost)",
             "transformer": "every padded column (TokenEncoder's trailing-padding trim disabled in that process)",
         },
         "reference_failures": failures,
