@@ -3,7 +3,7 @@
 Why: evaluate answers about 7,000 test contexts with each of four generators, and a user talking to the model waits
 for one response at a time; training is finetune_conv's whole cost (its target: 30 minutes on 2 cores).
 
-How: the generator is built as finetune_conv builds it (pipeline.bodies: data/models/c2crs_conv.pt when it exists,
+How: the generator is built as finetune_conv builds it (stages/training/runs.py: data/models/c2crs_conv.pt when it exists,
 otherwise the same architecture from params.yaml with fresh weights, which does the same work) and reads test
 contexts of the data the pipeline built (data/triples, data/kg, data/reviews). Decoding runs exactly --tokens
 steps for every response (the end token is banned, so cached and uncached decoding do the same number of steps)
@@ -36,20 +36,20 @@ def _generator(params, workspace: Path, freeze: list[str]):
     import polars as pl
     import torch
 
-    from pipeline import bodies
-    from stages import c2crs_data, conv_train
+    from stages.io.stage_log import NO_LOG
+    from stages.training import c2crs_data, conv_train, runs
 
-    run, _, inputs = bodies._training_run(params, workspace)
-    trained = bodies.conv_model_path(workspace)
+    run, _, inputs = runs.training_run(params, workspace)
+    trained = runs.conv_model_path(workspace)
     params = params.model_copy(update={"finetune_conv": params.finetune_conv.model_copy(
         update={"freeze": freeze, "epochs": 0})})
     if trained.is_file():
-        model, _ = bodies.load_conversation_model(trained)
+        model, _ = runs.load_conversation_model(trained)
         for name in ("history", "kg", "review"):
             model._encoder(name).requires_grad_(name not in freeze)
         model.frozen = tuple(freeze)
     else:
-        model, _, _ = bodies._train_conversation(params, workspace, bodies.NO_LOG,
+        model, _, _ = runs.train_conversation(params, workspace, NO_LOG,
                                                  ROOT / "bench" / "results" / "decode_model.pt")
     samples = pl.read_parquet(inputs["samples"])
     test = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
@@ -67,7 +67,7 @@ def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: st
     import torch
 
     from models.generator import beam_decode, greedy_decode
-    from stages import conv_train
+    from stages.training import conv_train
 
     banned = tuple(vocabulary.banned_ids) + (vocabulary.token_id["__end__"],)
     model.eval()
@@ -90,8 +90,8 @@ def _train_timings(model, run, train, weights, params, steps: int) -> dict:
     import torch
 
     from models.generator import generation_loss
-    from stages import conv_train
-    from stages.training import adam, epoch_generator
+    from stages.training import conv_train
+    from stages.training.loop import adam, epoch_generator
 
     cfg = params.finetune_conv
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -124,7 +124,6 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline import bodies
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")
@@ -146,7 +145,7 @@ def main() -> None:
         training[label] = _train_timings(model, run, train, weights, params, args.steps)
         print(f"training, {label:20s} {training[label]['step_ms']:8.0f} ms/step "
               f"{training[label]['samples_per_s']:6.1f} samples/s", flush=True)
-    write_results("decode", {"tokens": args.tokens, "trained_model": bodies.conv_model_path(ROOT).is_file(),
+    write_results("decode", {"tokens": args.tokens, "trained_model": runs.conv_model_path(ROOT).is_file(),
                              "decoding": decoding, "training": training, "peak_rss_mib": proc_status_mib("VmHWM")})
 
 

@@ -40,15 +40,15 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
     import torch
 
     from models.c2crs import C2CRS
-    from pipeline.bodies import _training_run
+    from stages.training.runs import training_run
     from pipeline.config import load_params
-    from stages import c2crs_train
-    from stages.training import adam, epoch_generator, seed_everything
+    from stages.training import c2crs_train
+    from stages.training.loop import adam, epoch_generator, seed_everything
 
     if threads:
         torch.set_num_threads(threads)
     params = load_params(common.ROOT / "params.yaml")
-    run, config, _ = _training_run(params, common.ROOT)
+    run, config, _ = training_run(params, common.ROOT)
     seed_everything(params.seed, deterministic=os.environ["C2CRS_DETERMINISTIC"] == "1")
     model = C2CRS(config)
     optimizer = adam(model.parameters(), params.pretrain_coarse.learning_rate)

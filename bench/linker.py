@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for common, also when run with runpy
 from common import require_data_dir, write_results  # noqa: E402  (puts the project root on sys.path)
 
-from stages.linking import EntityLinker, evaluate_linker, mirror_linker_inputs  # noqa: E402
+from stages.text.linking import EntityLinker, evaluate_linker, mirror_linker_inputs  # noqa: E402
 
 # Settings compared by --sweep: each changes one build() argument from the defaults.
 SWEEP = {

@@ -48,8 +48,8 @@ RUN_TIMEOUT_SECONDS = 900
 DIRECT_INGEST = """
 from pathlib import Path
 import pipeline
-from pipeline.bodies import ingest_stage
 from pipeline.config import load_params
+from stages.ingest import run as ingest_stage
 ingest_stage(load_params(Path.cwd() / "params.yaml"), Path.cwd())
 """
 # Variant d: one warm process (imports done, stores open): the stage body alone, then the same body as a flow.
@@ -57,9 +57,9 @@ IN_PROCESS = """
 import json, sys, time
 from pathlib import Path
 import pipeline
-from pipeline.bodies import ingest_stage
 from pipeline.config import load_params
 from pipeline.flows import run_stage_flow
+from stages.ingest import run as ingest_stage
 params_file = Path.cwd() / "params.yaml"
 run_stage_flow("ingest", str(params_file))  # warm-up: flow engine, MLflow store, caches
 timings = {"direct": [], "flow": []}

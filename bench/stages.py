@@ -1,7 +1,7 @@
 """Benchmark: wall time and peak memory of each data stage (ingest, reviews, kg, triples) on the data mirror.
 
 Why: this tells how long each stage takes and how much memory it needs on its own, without Prefect or MLflow
-(bench/overhead.py measures what those add). Each stage is run by calling its body from pipeline.bodies.STAGE_BODIES
+(bench/overhead.py measures what those add). Each stage is run by calling its run() (stages/<stage>.py)
 with the values of params.yaml: the body reads its inputs, runs the stage and writes its outputs, so the outputs in
 data/ and metrics/ are rewritten with the same content `python -m pipeline run <stage>` writes. The stages run in
 registry order (pipeline/registry.py), because each reads what the earlier ones wrote to data/.
@@ -13,7 +13,7 @@ inherits the parent's peak. Throughput comes from the metrics the body returns (
 median wall time.
 
 A separate line measures the entity linker alone (stages.linking), which the kg and triples stages both use:
-the build is pipeline.bodies.kg_entity_linker, as the triples stage calls it (labels of the non-item entities of
+the build is stages.text.linking.kg_entity_linker, as the triples stage calls it (labels of the non-item entities of
 data/kg/entities.parquet, degrees from data/kg/edges.parquet, settings from params.yaml's linking section; the
 label preparation counts as build), then EntityLinker.link over every utterance of data/ingest/utterances.parquet.
 It needs the outputs of ingest and kg.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for common, also whe
 # common puts the project root first on sys.path and takes bench/ off it: bench/stages.py would shadow stages/.
 from common import ROOT, proc_status_mib, require_data_dir, write_results  # noqa: E402
 
-from pipeline.registry import STAGES, stage_names  # noqa: E402  (plain dataclasses: imports nothing heavy)
+from stages.io.graph import STAGES, stage_names  # noqa: E402  (plain dataclasses: imports nothing heavy)
 
 LINKER = "linker"  # the extra line: the entity linker alone
 LINKER_DEPS = ("data/ingest/utterances.parquet", "data/kg/entities.parquet", "data/kg/edges.parquet")
@@ -60,14 +60,14 @@ def throughput_count(stage: str, metrics: dict) -> tuple[int, str]:
 def measure_stage(stage: str) -> dict:
     """One repeat of one stage: import, then time its body (which reads its inputs and writes its outputs)."""
     import pipeline  # noqa: F401  (first: sets the environment the libraries read at import)
-    from pipeline.bodies import STAGE_BODIES
+    from stages.io.graph import stage_body
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     rss_after_imports = proc_status_mib("VmRSS")
 
     start = time.perf_counter()
-    outcome = STAGE_BODIES[stage](params, ROOT)
+    outcome = stage_body(stage)(params, ROOT)
     wall = time.perf_counter() - start
 
     count, unit = throughput_count(stage, outcome.metrics)
@@ -86,13 +86,13 @@ def measure_linker() -> dict:
     import polars as pl
 
     import pipeline  # noqa: F401
-    from pipeline.bodies import kg_entity_linker
+    from stages.text.linking import kg_entity_linker
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     rss_after_imports = proc_status_mib("VmRSS")
 
-    # The triples stage's linker inputs (pipeline/bodies.py, triples_stage); reading them is not timed as build.
+    # The triples stage's linker inputs (stages/triples.py, run); reading them is not timed as build.
     start = time.perf_counter()
     entities = pl.read_parquet(ROOT / "data/kg/entities.parquet")
     edges = pl.read_parquet(ROOT / "data/kg/edges.parquet")

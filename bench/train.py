@@ -11,7 +11,7 @@ pad to the batch's longest, and the model sizes are CPU-sized. This measures wha
 the data the pipeline built (data/triples, data/kg, data/reviews: the outputs of the data stages run on the mirror).
 
 How: for each stage (pretrain_coarse, pretrain_fine, finetune_rec) and each configuration, a fresh interpreter
-builds Run and C2CRSConfig as the stage does (pipeline.bodies._training_run, params.yaml), draws epoch 0's batches
+builds Run and C2CRSConfig as the stage does (stages.training.runs.training_run, params.yaml), draws epoch 0's batches
 as the stage does (stages.c2crs_train._pretraining_batches, or the shuffled (sample, item) pairs of
 finetune_recommender), runs 1 warm-up step and then --steps timed steps, each one as the stage does it:
     pretrain_coarse  coarse_losses                              then zero_grad, backward, clip, Adam step
@@ -144,11 +144,11 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     import pipeline  # noqa: F401  (first: sets the environment the libraries read at import)
     from models import c2crs as c2crs_model
     from models.c2crs import C2CRS
-    from pipeline.bodies import _training_run
+    from stages.training.runs import training_run
     from pipeline.config import Params, apply_overrides, load_params, reference_overrides
-    from stages import c2crs_train
-    from stages.c2crs_data import recommendation_rows
-    from stages.training import adam, epoch_generator, seed_everything
+    from stages.training import c2crs_train
+    from stages.training.c2crs_data import recommendation_rows
+    from stages.training.loop import adam, epoch_generator, seed_everything
 
     params = load_params(ROOT / "params.yaml")
     reference = config == "reference"
@@ -156,7 +156,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         overrides = {k: v for k, v in reference_overrides(REFERENCE_PARAMS).items() if k != "device"}
         params = Params.model_validate(apply_overrides(dict(params), "reference", overrides, kind="study"))
     load_start = time.perf_counter()
-    run, model_config, _ = _training_run(params, ROOT)
+    run, model_config, _ = training_run(params, ROOT)
     load_seconds = time.perf_counter() - load_start
     memory_cap_mib = cap_memory()
     cfg = getattr(params, stage)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
 from pipeline.paths import project_root
-from pipeline.registry import STAGES, stage_names
+from stages.io.graph import STAGES, stage_names
 
 PREFECT_UI_PORT = 4200
 MLFLOW_UI_PORT = 5000
@@ -124,8 +124,8 @@ def _reference(args) -> int:
 
 def _score(args) -> int:
     """Prints the metrics of every trained model on the file, in the metrics/rec.json shape and as tables."""
-    from pipeline.bodies import score_file
-    from stages.evaluate import markdown_table
+    from stages.evaluate import score_file
+    from stages.evaluation.rec_metrics import markdown_table
 
     params_file = Path(args.params).resolve()
     params = load_params(params_file)
@@ -142,7 +142,7 @@ def _score(args) -> int:
 
 def _rate(args) -> int:
     """Means per model over raters and items, Krippendorff's alpha (ordinal) per aspect; also as JSON."""
-    from stages.conv_evaluate import MODEL_NAMES, RATING_ASPECTS, RatingError, read_key, read_ratings, score_ratings
+    from stages.evaluation.conv_metrics import MODEL_NAMES, RATING_ASPECTS, RatingError, read_key, read_ratings, score_ratings
 
     try:
         for path in [args.key, *args.sheets]:

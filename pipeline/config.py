@@ -435,20 +435,6 @@ def reference_overrides(path: Path, params_path: Path | None = None) -> dict[str
     return overrides
 
 
-def resolve_device(device: str) -> str:
-    """auto picks CUDA when torch sees a GPU; an explicit cuda without one is an error, not a silent fallback.
-
-    Checked when a stage needs a device, not at load time, so params stay loadable on a machine without CUDA.
-    """
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("params.yaml: device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
-    return device
-
-
 def load_params(path: str | Path) -> Params:
     """Read and validate params.yaml; every problem is reported with its key path."""
     path = Path(path)

@@ -1,6 +1,6 @@
 """Prefect flows: one per stage, and `all`, which runs every stage as a subflow of one parent flow.
 
-A stage's flow loads params and wraps the stage body (pipeline/bodies.py) in an MLflow run that logs params,
+A stage's flow loads params and wraps the stage's run() (stages/<stage>.py) in an MLflow run that logs params,
 input hashes and metrics.
 """
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 from prefect import flow, tags
 
-from pipeline.bodies import STAGE_BODIES, StageOutcome
 from pipeline.config import load_params
 from pipeline.invocation import new_invocation
 from pipeline.paths import git_commit
-from pipeline.registry import STAGES, stage_names
+from stages.io.graph import STAGES, stage_body, stage_names
+from stages.io.stage_log import StageOutcome
 from pipeline.tracking import stage_run
 
 
@@ -34,7 +34,7 @@ def _stage_flow(stage: str, body: Callable[..., StageOutcome]):
     return stage_flow
 
 
-STAGE_FLOWS = {name: _stage_flow(name, body) for name, body in STAGE_BODIES.items()}
+STAGE_FLOWS = {name: _stage_flow(name, stage_body(name)) for name in STAGES}
 
 
 @flow(name="all")

@@ -21,11 +21,11 @@ import polars as pl
 import torch
 
 from models.c2crs import C2CRS
-from pipeline import bodies
 from pipeline.config import Params
-from pipeline.io import write_outputs
-from stages import c2crs_data, c2crs_train, evaluate, pretraining_study
-from stages import training as c2crs_training
+from stages.evaluation import rec_metrics, study_report
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog
+from stages.training import c2crs_data, c2crs_train, loop, runs
 
 logger = logging.getLogger(__name__)
 
@@ -80,35 +80,35 @@ def _waits_for(params: Params, job: Job) -> Job | None:
 def _ranks(model, run: c2crs_train.Run, table: c2crs_data.SampleTable, rows: pl.DataFrame, batch: int,
            blocks=c2crs_train.score_samples) -> tuple[np.ndarray, np.ndarray]:
     scored = ((table.sample_ids[r], scores) for r, scores in blocks(model, run, table, batch))
-    return evaluate.ranks_and_masked_ranks(scored, rows, rows["context_item_ids"].to_list())
+    return rec_metrics.ranks_and_masked_ranks(scored, rows, rows["context_item_ids"].to_list())
 
 
-def run_job(params: Params, workspace: Path, job: Job, log: bodies.StageLog = bodies.NO_LOG) -> dict:
+def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -> dict:
     """Train one arm for one setting and seed, score it on test, write <arm>.json and <arm>.npz; return the json."""
     started = time.monotonic()
     extension = job.arm if job.arm not in (C2CRS_ARM, KBRD) else None
     run_params = params.study_params(job.setting, job.seed, extension)
-    loaded = bodies._training_run(run_params, workspace)
+    loaded = runs.training_run(run_params, workspace)
     run, model_config, inputs = loaded
     out, results = job.models(params, workspace), job.results(params, workspace)
     outcome, arrays = {}, {}
     if job.arm == KBRD:
-        model, outcome["finetune_rec"], _ = bodies._train_c2crs("finetune_rec", run_params, workspace, log, None,
+        model, outcome["finetune_rec"], _ = runs.train_c2crs("finetune_rec", run_params, workspace, log, None,
                                                                 out / "kbrd.finetune_rec.pt", loaded)
     elif extension and not _changes_pretraining(params.study.extensions[extension]):
-        model, outcome["finetune_rec"], _ = bodies._train_c2crs("finetune_rec", run_params, workspace, log,
+        model, outcome["finetune_rec"], _ = runs.train_c2crs("finetune_rec", run_params, workspace, log,
                                                                 out / f"{C2CRS_ARM}.pretrain_fine.pt",
                                                                 out / f"{job.arm}.finetune_rec.pt", loaded)
     else:
         start_from = None
-        for stage in bodies.REC_PATH:
+        for stage in runs.REC_PATH:
             path = out / f"{job.arm}.{stage}.pt"
-            model, outcome[stage], _ = bodies._train_c2crs(stage, run_params, workspace, log, start_from, path,
+            model, outcome[stage], _ = runs.train_c2crs(stage, run_params, workspace, log, start_from, path,
                                                            loaded)
             start_from = path
     samples = pl.read_parquet(inputs["samples"])
     test_table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
-    test_rows = evaluate.expand_mentions(samples.filter(pl.col("split") == "test").sort("sample_id"))
+    test_rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == "test").sort("sample_id"))
     batch = params.evaluate.batch_size
     arrays["ranks"], arrays["masked_ranks"] = _ranks(model, run, test_table, test_rows, batch)
     result = {"setting": job.setting, "seed": job.seed, "arm": job.arm,
@@ -136,12 +136,12 @@ def _with_repeat_choice(params: Params, workspace: Path, model, run: c2crs_train
                         test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int):
     """The model inside a learned choice between re-mentioning a context movie and a new one (beyond the paper;
     models.baselines.RepeatChoice, counted on the train split): (the fitted statistics, test ranks, masked)."""
-    choice = bodies._repeat_choice(params, workspace, run)
-    recent = c2crs_train.recent_items_tensor(evaluate.context_items_by_recency(
+    choice = runs.repeat_choice(params, workspace, run)
+    recent = c2crs_train.recent_items_tensor(rec_metrics.context_items_by_recency(
         samples.filter(pl.col("split") == "test").sort("sample_id")))
     scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_repeat_choice(
         c2crs_train.score_samples(model, run, test_table, batch), recent, test_table, choice))
-    ranks, masked = evaluate.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
+    ranks, masked = rec_metrics.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
     statistics = {role: {"p_repeat": round(float(choice.p_repeat[i]), 4),
                          "by_recency": [round(float(w), 4) for w in choice.by_recency[i]]}
                   for i, role in enumerate(choice.ROLES)}
@@ -152,15 +152,15 @@ def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Pa
                  test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int,
                  probe_epochs: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Zero-shot recall and the frozen probe, for the pre-trained model and for an untrained one of the same seed."""
-    pretrained = bodies.load_c2crs(out / f"{C2CRS_ARM}.pretrain_fine.pt").to(run.device)
-    c2crs_training.seed_everything(run_params.seed, run_params.deterministic)
+    pretrained = runs.load_c2crs(out / f"{C2CRS_ARM}.pretrain_fine.pt").to(run.device)
+    loop.seed_everything(run_params.seed, run_params.deterministic)
     untrained = C2CRS(model_config).to(run.device)
     valid_table = run.valid
-    valid_rows = evaluate.expand_mentions(samples.filter(pl.col("split") == "valid").sort("sample_id"))
+    valid_rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == "valid").sort("sample_id"))
     found, arrays = {}, {}
     for name, model in (("pretrained", pretrained), ("untrained", untrained)):
         valid_ranks, _ = _ranks(model, run, valid_table, valid_rows, batch, c2crs_train.zero_shot_blocks)
-        found[f"zero_shot_{name}"] = {"valid": evaluate.metrics_from_ranks(valid_ranks)}
+        found[f"zero_shot_{name}"] = {"valid": rec_metrics.metrics_from_ranks(valid_ranks)}
         arrays[f"zero_shot_{name}"], arrays[f"zero_shot_{name}_masked"] = _ranks(
             model, run, test_table, test_rows, batch, c2crs_train.zero_shot_blocks)
         probe, history = c2crs_train.train_frozen_probe(model, run, probe_epochs,
@@ -215,16 +215,16 @@ def run_study(params: Params, workspace: Path, settings: list[str] | None = None
 
 def write_report(params: Params, workspace: Path) -> str:
     """reports/pretraining.md (and its numbers as JSON beside the runs) from the finished runs."""
-    inputs = {name: workspace / path for name, path in bodies.TRAINING_INPUTS.items()}
+    inputs = {name: workspace / path for name, path in runs.TRAINING_INPUTS.items()}
     samples = pl.read_parquet(inputs["samples"])
     test = samples.filter(pl.col("split") == "test").sort("sample_id")
-    rows = evaluate.expand_mentions(test)
+    rows = rec_metrics.expand_mentions(test)
     n_items = int(pl.read_parquet(inputs["entities"])["is_item"].sum())
     train_targets = samples.filter(pl.col("split") == "train")["target_item_ids"].explode().drop_nulls().to_numpy()
-    naive = pretraining_study.naive_ranks(test, rows, train_targets, n_items)
-    runs = pretraining_study.load_runs(workspace / params.study.results_dir)
-    summary = pretraining_study.summarise(runs, rows, naive, params.evaluate.bootstrap_resamples, params.seed)
-    report = pretraining_study.report(summary, params)
+    naive = study_report.naive_ranks(test, rows, train_targets, n_items)
+    finished = study_report.load_runs(workspace / params.study.results_dir)
+    summary = study_report.summarise(finished, rows, naive, params.evaluate.bootstrap_resamples, params.seed)
+    report = study_report.report(summary, params)
     write_outputs({workspace / params.study.report: report,
                    workspace / params.study.results_dir / "summary.json": summary})
     return report

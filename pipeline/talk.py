@@ -15,10 +15,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import bodies
 from pipeline.config import Params
-from pipeline.registry import STAGES
-from stages import c2crs_data, c2crs_train, conv_train, ingest, triples
+from stages import ingest, triples
+from stages.io.graph import STAGES
+from stages.sources import raw
+from stages.text import linking
+from stages.training import c2crs_data, c2crs_train, conv_train, runs
 
 QUOTED_TITLE = re.compile(r'"([^"]+)"')
 
@@ -35,7 +37,7 @@ class Chat:
 
     def __init__(self, params: Params, workspace: Path, top_k: int = 3):
         self.params, self.workspace, self.top_k = params, workspace, top_k
-        self.run, _, inputs = bodies._training_run(params, workspace)
+        self.run, _, inputs = runs.training_run(params, workspace)
         entities, edges = pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["edges"])
         self.movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
         items = entities.filter(pl.col("is_item"))
@@ -48,16 +50,16 @@ class Chat:
         for movie_id, title in by_popularity.select("movie_id", "title").iter_rows():
             for name in (title, self.titles[movie_id]):
                 self.title_to_movie.setdefault(name.lower(), movie_id)
-        stopwords = bodies.raw_files(params.data, workspace, "stopwords")["stopwords"]
-        self.linker = bodies.kg_entity_linker(entities, edges, stopwords, params.linking)
+        stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
+        self.linker = linking.kg_entity_linker(entities, edges, stopwords, params.linking)
         self.vocab_table = pl.read_parquet(inputs["vocab"])
         self.vocabulary = conv_train.conv_vocabulary(self.vocab_table)
-        self.chooser = bodies.sentence_chooser(params.triples, entities, edges, self.movies,
+        self.chooser = triples.sentence_chooser(params.triples, entities, edges, self.movies,
                                                pl.read_parquet(inputs["review_sentences"]),
                                                pl.read_parquet(workspace / "data/reviews/reviews.parquet"))
         device = self.run.device
-        self.recommender = bodies.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(device).eval()
-        self.generator, _ = bodies.load_conversation_model(bodies.conv_model_path(workspace))
+        self.recommender = runs.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(device).eval()
+        self.generator, _ = runs.load_conversation_model(runs.conv_model_path(workspace))
         self.generator.to(device).eval()
         self.turns: list[Turn] = []
 

@@ -15,7 +15,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.invocation import current_invocation
-from pipeline.io import content_hash
+from stages.io.outputs import content_hash
 from pipeline.paths import git_commit, project_root
 
 EXPERIMENT = "c2crs"
@@ -62,7 +62,7 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 class StageRun:
     """What a stage logs: its inputs' hashes, its metrics (numbers as metrics, the rest as tags), per-epoch
-    metrics while it trains, and its trained models (pipeline.bodies.StageLog is the interface)."""
+    metrics while it trains, and its trained models (stages.io.stage_log.StageLog is the interface)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id

@@ -1,544 +1,270 @@
-"""Recommendation evaluation: one row per ground-truth mention, ranks over all items, metrics with cluster CIs.
+"""The evaluate stage: every trained model on the test split (read here and nowhere else).
 
-Over 400 lines: ranks, protocols, intervals, baselines without training and the report tables share the row layout;
-the report part moves out with issue 11's stage layout.
-
-The protocol follows DESIGN.md 'Evaluation protocol': every target item of every scored sample (turns after the
-first) is one evaluation row, ranked against all n_items movies; no mention is ever dropped, so two models are always
-scored on the same rows. Four protocols are reported side by side, each with a conversation-level bootstrap interval,
-the share of hits that were repeats of a movie in the context, and recall split by whether the context has linked
-entities:
-- `all_turns` (what C2-CRS's Table 1 used) and `recommender_turns` (what CRSLab and later papers use) keep every
-  target, repeats of context movies included, and rank it among all movies;
-- `new_items` (Kostric and Balog's re-evaluation of ReDial CRS) keeps only recommender-turn targets that were not
-  mentioned earlier in the conversation, with the same ranks: the context's movies still compete with the target;
-- `new_items_masked` scores the same rows with the context's movies removed from the ranking, so a target ranks only
-  among movies not yet mentioned (a model is not penalised for ranking a movie already mentioned above it).
-Two naive baselines show how much recall repeats alone buy: `repeat` (the context's movies, most recent first) and
-`repeat_popularity` (the same, then every other movie by train popularity).
+Recommendation: C2-CRS, the baselines, the ablations and the naive scorers in every protocol of
+stages/evaluation/rec_metrics.py, with 95 % bootstrap intervals and paired differences (metrics/rec.json,
+reports/rec.md). Conversation: each generator's perplexity and greedy responses, scored with
+stages/evaluation/conv_metrics.py (metrics/conv.json, reports/conv.md), responses to read and a blind rating sheet.
+score_file runs the same recommendation evaluation on conversations a user brings (`python -m pipeline score`).
 """
 
-from collections.abc import Callable, Iterable, Sequence
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
-METRICS = ("recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10")
-REPEAT_KS = (10, 50)
-ROW_COLUMNS = ("sample_id", "conv_id", "turn_idx", "role", "target_item", "in_context", "context_item_ids",
-               "has_entities")
+from models.baselines import popularity_scores
+from stages import ingest, triples
+from stages.evaluation import conv_metrics, rec_metrics
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.sources import raw
+from stages.text import linking
+from stages.training import c2crs_data, c2crs_train, conv_train, runs
 
-
-def _new_items(rows: pl.DataFrame) -> np.ndarray:
-    return ((rows["role"] == "recommender") & ~rows["in_context"]).to_numpy()
-
-
-# Protocol name -> boolean row mask. all_turns keeps seeker turns too (C2-CRS code, paper Table 1).
-PROTOCOLS: dict[str, Callable[[pl.DataFrame], np.ndarray]] = {
-    "all_turns": lambda rows: np.ones(rows.height, dtype=bool),
-    "recommender_turns": lambda rows: (rows["role"] == "recommender").to_numpy(),
-    "new_items": _new_items,
-    "new_items_masked": _new_items,
-}
-# Protocols scored with the ranks that leave the context's movies out (evaluate_model's masked_ranks).
-MASKED_PROTOCOLS = frozenset({"new_items_masked"})
-
-# The paper's numbers (Tables 1 and 4, ReDial), keyed by our model names in metrics/rec.json. They come from
-# training on the FULL ReDial train split and scoring all turns (seeker turns included), so they belong next to
-# `all_turns`; this workplace's mirror holds only about a quarter of the train split, so a gap is expected.
-PAPER_PROTOCOL = "all_turns"
-PAPER_NOTE = "Zhou et al., WSDM 2022, Tables 1 and 4: full ReDial train split, reference sizes and epochs, all turns"
-PAPER_TABLE1 = {
-    "popularity": ("Popularity", {"recall@1": 0.011, "recall@10": 0.054, "recall@50": 0.183}),
-    "textcnn": ("TextCNN", {"recall@1": 0.013, "recall@10": 0.068, "recall@50": 0.191}),
-    "kbrd": ("KBRD", {"recall@1": 0.031, "recall@10": 0.150, "recall@50": 0.336}),
-    "c2crs": ("C2-CRS", {"recall@1": 0.053, "recall@10": 0.233, "recall@50": 0.407}),
-}
-ABLATION_PREFIX = "c2crs_"  # the model name of ablation variant v is c2crs_v
-PAPER_TABLE4 = {
-    "c2crs": ("C2-CRS", PAPER_TABLE1["c2crs"][1]),
-    "kbrd": ("w/o Coarse-Fine", PAPER_TABLE1["kbrd"][1]),  # the paper's KBRD row and this one are the same numbers
-    "c2crs_wo_coarse": ("w/o Coarse", {"recall@1": 0.049, "recall@10": 0.220, "recall@50": 0.394}),
-    "c2crs_wo_fine": ("w/o Fine", {"recall@1": 0.048, "recall@10": 0.221, "recall@50": 0.400}),
-    "c2crs_multitask": ("Multi-task", {"recall@1": 0.052, "recall@10": 0.221, "recall@50": 0.404}),
-    "c2crs_wo_ch": ("w/o CH", {"recall@1": 0.048, "recall@10": 0.223, "recall@50": 0.403}),
-    "c2crs_wo_sd": ("w/o SD", {"recall@1": 0.051, "recall@10": 0.226, "recall@50": 0.403}),
-    "c2crs_wo_ud": ("w/o UD", {"recall@1": 0.051, "recall@10": 0.222, "recall@50": 0.395}),
-}
-NAIVE_BASELINES = ("repeat", "repeat_popularity")  # no training: the context's movies (then popularity)
-BASELINES = ("popularity", *NAIVE_BASELINES, "textcnn", "kbrd")
-# C2-CRS inside a learned choice between re-mentioning a context movie and a new one (models.baselines.RepeatChoice;
-# beyond the paper), shown next to C2-CRS
-REPEAT_CHOICE = "c2crs-repeat-choice"  # MLflow metric names allow no "+"; "c2crs_" would read as an ablation
+logger = logging.getLogger(__name__)
 
 
-class EvaluationError(ValueError):
-    """Scores that cannot be ranked (NaN, missing samples, wrong width); names what is wrong."""
+def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
+                split: str = "test", loaded=None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+    """For each model, a function giving its score blocks (row indices, [rows, n_items]) on a split's samples."""
+    run, model_config, _ = loaded or runs.training_run(params, workspace)  # loaded: training_run's, reused
+    table = c2crs_data.sample_table(samples, triple_table, split)
+    batch = params.evaluate.batch_size
+    train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
+    popularity = popularity_scores(train_targets, model_config.n_items).numpy()
+    recent = rec_metrics.context_items_by_recency(samples.filter(pl.col("split") == split).sort("sample_id"))
+    naive = rec_metrics.naive_scorers(recent, popularity)
 
+    def naive_blocks(name: str):
+        for start in range(0, len(table), batch):
+            rows = np.arange(start, min(start + batch, len(table)))
+            yield rows, naive[name](rows)
 
-# ---------------------------------------------------------------- rows
-
-
-def expand_mentions(samples: pl.DataFrame) -> pl.DataFrame:
-    """One row per (sample, ground-truth item), in sample order; in_context flags a repeat of a context movie.
-
-    Samples without targets give no row; duplicate targets in one sample stay (a mention is never dropped).
-    context_item_ids travels with each row (the masked protocol leaves those movies out of the ranking), and
-    has_entities says whether the context has any linked entity (context_entity_ids holds every linked mention,
-    movies included).
-    """
-    return (samples.filter(pl.col("target_item_ids").list.len() > 0)
-            .select("sample_id", "conv_id", "turn_idx", "role", "context_item_ids",
-                    (pl.col("context_entity_ids").list.len() > 0).alias("has_entities"),
-                    pl.col("target_item_ids").alias("target_item"))
-            .explode("target_item")
-            .with_columns(pl.col("context_item_ids").list.contains(pl.col("target_item")).alias("in_context"))
-            .select(ROW_COLUMNS))
-
-
-def protocol_rows(rows: pl.DataFrame, protocol: str) -> np.ndarray:
-    """Boolean mask of the rows a protocol scores."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
-    return PROTOCOLS[protocol](rows)
-
-
-# ---------------------------------------------------------------- ranks
-
-
-def _excluded_at_least(scores: np.ndarray, sample_index: np.ndarray, target_items: np.ndarray,
-                       target_score: np.ndarray, exclude: Sequence[Sequence[int]]) -> np.ndarray:
-    """Per row, how many of its excluded items (the target itself never, each item once) score at least as high
-    as the target: what rank_of_targets counted but must not."""
-    lengths = np.array([len(items) for items in exclude], dtype=np.int64)
-    if len(lengths) != len(target_items):
-        raise EvaluationError(f"exclude has {len(lengths)} rows for {len(target_items)} targets")
-    if not lengths.sum():
-        return np.zeros(len(target_items), dtype=np.int64)
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    item = np.concatenate([np.asarray(items, dtype=np.int64) for items in exclude if len(items)])
-    if item.min() < 0 or item.max() >= scores.shape[1]:
-        raise EvaluationError(f"excluded items must lie in 0..{scores.shape[1] - 1}")
-    row, item = np.unique(np.stack([row, item]), axis=1)
-    counted = (scores[sample_index[row], item] >= target_score[row]) & (item != target_items[row])
-    return np.bincount(row[counted], minlength=len(target_items))
-
-
-def rank_of_targets(scores: np.ndarray, sample_index: np.ndarray, target_items: np.ndarray,
-                    chunk: int = 1024, exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """1-based rank of each target among all items: the number of items scoring at least as high as it.
-
-    Ties count against the target (pessimistic): a model that gives many items the same score (popularity: equal
-    counts) cannot win recall from the tie, and one that scores every item alike ranks each target last. Rows
-    are processed in chunks so only chunk x n_items floats are copied at a time. exclude (per target row, item ids)
-    takes those items out of the ranking: they are never counted, whatever they score (ties included).
-    """
-    sample_index = np.asarray(sample_index, dtype=np.int64)
-    target_items = np.asarray(target_items, dtype=np.int64)
-    if scores.ndim != 2:
-        raise EvaluationError(f"scores must be [n_samples, n_items], got shape {scores.shape}")
-    if target_items.size and (target_items.min() < 0 or target_items.max() >= scores.shape[1]):
-        raise EvaluationError(f"target items must lie in 0..{scores.shape[1] - 1}")
-    ranks = np.empty(len(target_items), dtype=np.int64)
-    target_score = scores[sample_index, target_items]
-    if np.isnan(target_score).any():
-        raise EvaluationError("a target item has a NaN score")
-    for start in range(0, len(target_items), chunk):
-        block = scores[sample_index[start:start + chunk]]
-        ranks[start:start + chunk] = (block >= target_score[start:start + chunk, None]).sum(axis=1)
-    if exclude is not None:
-        ranks -= _excluded_at_least(scores, sample_index, target_items, target_score, exclude)
-    return ranks
-
-
-def _ranks_from_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
-                       excludes: Sequence[pl.Series | Sequence[Sequence[int]] | None]) -> list[np.ndarray]:
-    """One rank array per entry of excludes (None: nothing excluded), all from a single pass over the blocks."""
-    row_samples = rows["sample_id"].to_numpy()
-    targets = rows["target_item"].to_numpy()
-    excludes = [None if exclude is None else exclude.to_list() if isinstance(exclude, pl.Series) else list(exclude)
-                for exclude in excludes]
-    for exclude in excludes:
-        if exclude is not None and len(exclude) != rows.height:
-            raise EvaluationError(f"exclude has {len(exclude)} entries for {rows.height} rows")
-    ranks = [np.zeros(rows.height, dtype=np.int64) for _ in excludes]
-    for sample_ids, scores in blocks:
-        sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        if scores.shape[0] != len(sample_ids):
-            raise EvaluationError(f"a block has {len(sample_ids)} sample ids but {scores.shape[0]} score rows")
-        if len(sample_ids) == 0:
-            continue
-        order = np.argsort(sample_ids, kind="stable")
-        position = np.minimum(np.searchsorted(sample_ids, row_samples, sorter=order), len(sample_ids) - 1)
-        hit = sample_ids[order[position]] == row_samples
-        if not hit.any():
-            continue
-        if (ranks[0][hit] != 0).any():
-            raise EvaluationError("a sample appears in more than one score block")
-        hit_rows = np.flatnonzero(hit)
-        for kept, exclude in zip(ranks, excludes):
-            kept[hit] = rank_of_targets(scores, order[position[hit]], targets[hit],
-                                        exclude=None if exclude is None else [exclude[i] for i in hit_rows])
-    if (ranks[0] == 0).any():
-        missing = np.unique(row_samples[ranks[0] == 0])
-        raise EvaluationError(f"{len(missing)} samples have no scores, e.g. sample_id {missing[:5].tolist()}")
-    return ranks
-
-
-def ranks_from_score_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
-                            exclude: pl.Series | Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """Ranks for every row (aligned with `rows`) from (sample_ids, scores[len(sample_ids), n_items]) blocks.
-
-    Lets a model score the test set a block at a time (e.g. 1024 x 6,924 float32, 28 MB) instead of holding the
-    whole matrix. Every sample of `rows` must appear in exactly one block; extra samples are ignored. exclude (one
-    list of item ids per row, e.g. rows["context_item_ids"]) leaves those items out of each row's ranking.
-    """
-    return _ranks_from_blocks(blocks, rows, [exclude])[0]
-
-
-def ranks_and_masked_ranks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
-                           exclude: pl.Series | Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(ranks over all items, ranks without each row's `exclude` items) from one pass, so a model is scored once."""
-    ranks, masked = _ranks_from_blocks(blocks, rows, [None, exclude])
-    return ranks, masked
-
-
-# ---------------------------------------------------------------- naive baselines
-
-
-def context_items_by_recency(samples: pl.DataFrame) -> list[list[int]]:
-    """Each sample's context movies, most recently mentioned first, aligned with `samples`.
-
-    context_item_ids keeps a movie once, at its first mention, so a movie named early and again just now would look
-    old. A conversation's mentions are replayed instead: its first sample's context movies (the first turn's), then
-    each sample's targets (the movies of its turn) in turn order. A context movie that the replay misses keeps its
-    first-mention order, after the others.
-    """
-    history: dict[int, list[int]] = {}
-    by_sample = {}
-    ordered = samples.sort("conv_id", "turn_idx").select("sample_id", "conv_id", "context_item_ids", "target_item_ids")
-    for sample_id, conv_id, context, targets in ordered.iter_rows():
-        mentions = history.setdefault(conv_id, list(context))
-        in_context = set(context)
-        recent = [item for item in dict.fromkeys(reversed(mentions)) if item in in_context]
-        replayed = set(recent)
-        by_sample[sample_id] = recent + [item for item in reversed(context) if item not in replayed]
-        mentions.extend(targets)
-    return [by_sample[sample_id] for sample_id in samples["sample_id"]]
-
-
-def repeat_scores(context_items: Sequence[Sequence[int]], n_items: int) -> np.ndarray:
-    """The `repeat` baseline, [len(context_items), n_items]: each row's context movies (most recent first) score
-    m, m-1, ..., 1 and every other movie 0, so those tie below them and a target outside the context ranks last."""
-    lengths = np.array([len(items) for items in context_items], dtype=np.int64)
-    scores = np.zeros((len(context_items), n_items), dtype=np.float32)
-    if lengths.sum():
-        row = np.repeat(np.arange(len(lengths)), lengths)
-        position = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        item = np.concatenate([np.asarray(items, dtype=np.int64) for items in context_items if len(items)])
-        scores[row, item] = (lengths[row] - position).astype(np.float32)
-    return scores
-
-
-def repeat_popularity_scores(context_items: Sequence[Sequence[int]], popularity: np.ndarray) -> np.ndarray:
-    """The `repeat_popularity` baseline: the context's movies most recent first, above every other movie, which
-    keeps its train popularity score (popularity ties stay ties)."""
-    popularity = np.asarray(popularity, dtype=np.float32)
-    repeat = repeat_scores(context_items, len(popularity))
-    return np.where(repeat > 0, popularity.max() + repeat, popularity[None, :]).astype(np.float32)
-
-
-def naive_scorers(recent: Sequence[Sequence[int]],
-                  popularity: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """The models that need no training, as functions of sample rows -> scores [rows, n_items]: popularity, repeat
-    and repeat_popularity; recent[row] = that sample's context movies, most recent first (context_items_by_recency)."""
-    popularity = np.asarray(popularity)
-    return {
-        "popularity": lambda rows: np.broadcast_to(popularity, (len(rows), len(popularity))),
-        "repeat": lambda rows: repeat_scores([recent[r] for r in rows], len(popularity)),
-        "repeat_popularity": lambda rows: repeat_popularity_scores([recent[r] for r in rows], popularity),
+    c2crs = runs.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
+    kbrd = runs.load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
+    textcnn = runs.load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
+    models = {
+        **{name: (lambda name=name: naive_blocks(name)) for name in naive},
+        "textcnn": lambda: c2crs_train.score_textcnn(textcnn, run, table, batch),
+        "kbrd": lambda: c2crs_train.score_samples(kbrd, run, table, batch),
+        "c2crs": lambda: c2crs_train.score_samples(c2crs, run, table, batch),
+        rec_metrics.REPEAT_CHOICE: lambda: c2crs_train.with_repeat_choice(
+            c2crs_train.score_samples(c2crs, run, table, batch), c2crs_train.recent_items_tensor(recent), table,
+            runs.repeat_choice(params, workspace, run)),
     }
+    variant_runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
+    for variant in params.ablations.variants:
+        variant_params = params.variant(variant)
+        key = variant_params.model.model_dump_json()
+        if key not in variant_runs:
+            variant_runs[key] = runs.training_run(variant_params, workspace)[0]
+        model = runs.load_c2crs(runs.ablation_model_path(workspace, variant)).to(run.device)
+        models[rec_metrics.ABLATION_PREFIX + variant] = (
+            lambda model=model, run=variant_runs[key]: c2crs_train.score_samples(model, run, table, batch))
+    return table, models
 
 
-# ---------------------------------------------------------------- metrics
-
-
-def metric_values(ranks: np.ndarray) -> np.ndarray:
-    """Per-row value of each metric in METRICS (one relevant item per row), shape [n_rows, len(METRICS)]."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    top10 = ranks <= 10
-    return np.stack([ranks <= 1, top10, ranks <= 50,
-                     np.where(top10, 1.0 / np.log2(ranks + 1.0), 0.0),
-                     np.where(top10, 1.0 / ranks, 0.0)], axis=1).astype(np.float64)
-
-
-def metrics_from_ranks(ranks: np.ndarray) -> dict:
-    """Recall@1/10/50, NDCG@10 (1/log2(rank+1) within the top 10), MRR@10 and n; metrics are None when n is 0."""
-    ranks = np.asarray(ranks)
-    if ranks.size == 0:
-        return {**{m: None for m in METRICS}, "n": 0}
-    means = metric_values(ranks).mean(axis=0)
-    return {**{m: float(v) for m, v in zip(METRICS, means)}, "n": int(ranks.size)}
-
-
-def _bootstrap_stats(rows: pl.DataFrame, values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """Each metric's mean over `n_resamples` resamples of conversations: [n_resamples, n_metrics].
-
-    Rows of one conversation are correlated (the same movies recur turn after turn), so conversations, not rows,
-    are the unit. A resample is a multinomial count per conversation; its metric is sum(count * conv_sum) /
-    sum(count * conv_rows), so the whole bootstrap is two matrix products. The same seed draws the same
-    resamples, which makes two models' statistics paired.
-    """
-    _, conv = np.unique(rows["conv_id"].to_numpy(), return_inverse=True)
-    n_conv = int(conv.max()) + 1
-    sums = np.zeros((n_conv, values.shape[1]))
-    np.add.at(sums, conv, values)
-    counts = np.bincount(conv, minlength=n_conv).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_conv, np.full(n_conv, 1.0 / n_conv), size=n_resamples).astype(np.float64)
-    return (weights @ sums) / (weights @ counts)[:, None]
-
-
-def _percentiles(stats: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    tail = (1.0 - level) / 2.0 * 100.0
-    return np.percentile(stats, [tail, 100.0 - tail], axis=0)
-
-
-def bootstrap_ci(rows: pl.DataFrame, ranks: np.ndarray | None = None, *, n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile interval of each metric, resampling conversations with replacement (cluster bootstrap).
-    `ranks` defaults to rows["rank"]."""
-    ranks = rows["rank"].to_numpy() if ranks is None else np.asarray(ranks)
-    if len(ranks) != rows.height:
-        raise EvaluationError(f"{len(ranks)} ranks for {rows.height} rows")
-    if len(ranks) == 0:
-        return {m: [None, None] for m in METRICS}
-    low, high = _percentiles(_bootstrap_stats(rows, metric_values(ranks), n_resamples, seed), level)
-    return {m: [float(lo), float(hi)] for m, lo, hi in zip(METRICS, low, high)}
-
-
-def paired_difference(rows: pl.DataFrame, ranks_a: np.ndarray, ranks_b: np.ndarray, *, n_resamples: int = 1000,
-                      seed: int = 0, level: float = 0.95) -> dict[str, dict]:
-    """Model a minus model b on the same rows: the difference of each metric and its paired cluster-bootstrap
-    interval (both models scored on the same resampled conversations). An interval above 0 means a beats b."""
-    ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
-    if not len(ranks_a) == len(ranks_b) == rows.height:
-        raise EvaluationError(f"{len(ranks_a)} and {len(ranks_b)} ranks for {rows.height} rows")
-    return paired_values_difference(rows, metric_values(ranks_a) - metric_values(ranks_b), n_resamples=n_resamples,
-                                    seed=seed, level=level)
-
-
-def paired_values_difference(rows: pl.DataFrame, differences: np.ndarray, *, n_resamples: int = 1000, seed: int = 0,
-                             level: float = 0.95) -> dict[str, dict]:
-    """The mean of per-row metric differences [n_rows, len(METRICS)] (e.g. averaged over several seeds' runs) with
-    its cluster-bootstrap interval over conversations."""
-    if rows.height == 0:
-        return {m: {"difference": None, "ci95": [None, None]} for m in METRICS}
-    low, high = _percentiles(_bootstrap_stats(rows, differences, n_resamples, seed), level)
-    return {m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
-            for m, d, lo, hi in zip(METRICS, differences.mean(axis=0), low, high)}
-
-
-def repeat_share(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, float | None]:
-    """Of the hits at k, the share whose target was already in the context (None when there is no hit).
-
-    A high share means the model's recall mostly re-ranks movies already mentioned, which `all_turns` rewards.
-    """
-    ranks = np.asarray(ranks)
-    repeat = rows["in_context"].to_numpy().astype(bool)
-    shares = {}
-    for k in REPEAT_KS:
-        hits = ranks <= k
-        shares[f"recall@{k}"] = float((hits & repeat).sum() / hits.sum()) if hits.any() else None
-    return shares
-
-
-def by_context(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict]:
-    """Metrics (with n) of the rows whose context has linked entities and of those whose context has none: a model
-    that reads the KG can only use it on the first kind."""
-    has_entities = rows["has_entities"].to_numpy().astype(bool)
-    ranks = np.asarray(ranks)
-    return {"with_entities": metrics_from_ranks(ranks[has_entities]),
-            "without_entities": metrics_from_ranks(ranks[~has_entities])}
-
-
-def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                   compare_with: dict[str, np.ndarray] | None = None, masked_ranks: np.ndarray | None = None,
-                   compare_masked: dict[str, np.ndarray] | None = None) -> dict:
-    """{protocol: metrics + n + ci95 + repeat_share + by_context} for one model; the caller writes {model: this} to
-    rec.json.
-
-    masked_ranks (ranks_and_masked_ranks' second array) score the MASKED_PROTOCOLS, `ranks` every other one; without
-    masked_ranks the masked protocols are left out. compare_with {name: ranks of another model on the same rows}
-    adds margin_over[name]: this model minus that one, with a paired bootstrap interval; under a masked protocol
-    the pair is masked_ranks and compare_masked[name], so both sides are ranked the same way.
-    """
-    ranks = np.asarray(ranks)
-    for name, other in {"ranks": ranks, "masked_ranks": masked_ranks}.items():
-        if other is not None and len(other) != rows.height:
-            raise EvaluationError(f"{len(other)} {name} for {rows.height} rows")
-    if compare_with and masked_ranks is not None and set(compare_masked or {}) != set(compare_with):
-        raise EvaluationError("compare_masked must hold the masked ranks of every model in compare_with")
+def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
+                     split: str = "test", log: StageLog = NO_LOG, loaded=None) -> dict:
+    """Every model's metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json shape)."""
+    table, models = score_split(params, workspace, samples, triple_table, split, loaded)
+    rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
+    ranks, masked = {}, {}
+    for name, blocks in models.items():  # one pass per model gives both rankings
+        ranks[name], masked[name] = rec_metrics.ranks_and_masked_ranks(
+            ((table.sample_ids[r], scores) for r, scores in blocks()), rows, rows["context_item_ids"])
     results = {}
-    for protocol in PROTOCOLS:
-        masked = protocol in MASKED_PROTOCOLS
-        if masked and masked_ranks is None:
-            continue
-        protocol_ranks, others = (np.asarray(masked_ranks), compare_masked) if masked else (ranks, compare_with)
-        keep = protocol_rows(rows, protocol)
-        kept_rows, kept_ranks = rows.filter(pl.Series(keep)), protocol_ranks[keep]
-        results[protocol] = {
-            **metrics_from_ranks(kept_ranks),
-            "ci95": bootstrap_ci(kept_rows, kept_ranks, n_resamples=n_resamples, seed=seed, level=0.95),
-            "repeat_share": repeat_share(kept_rows, kept_ranks),
-            "by_context": by_context(kept_rows, kept_ranks),
-        }
-        if compare_with:
-            results[protocol]["margin_over"] = {
-                name: paired_difference(kept_rows, kept_ranks, np.asarray(other)[keep], n_resamples=n_resamples,
-                                        seed=seed)
-                for name, other in others.items()}
+    for name in models:
+        compare = name == "c2crs"
+        results[name] = rec_metrics.evaluate_model(
+            rows, ranks[name], params.evaluate.bootstrap_resamples, params.seed,
+            compare_with={other: r for other, r in ranks.items() if other != name} if compare else None,
+            masked_ranks=masked[name],
+            compare_masked={other: r for other, r in masked.items() if other != name} if compare else None)
+        log.epoch(0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)}
+                             for p, m in results[name].items()}})
     return results
 
 
-# ---------------------------------------------------------------- report
-
-TABLE_COLUMNS = (("R@1", "recall@1"), ("R@10", "recall@10"), ("R@50", "recall@50"), ("NDCG@10", "ndcg@10"),
-                 ("MRR@10", "mrr@10"))
-
-
-def _cell(metrics: dict, key: str) -> str:
-    value = metrics.get(key)
-    if value is None:
-        return "–"
-    interval = (metrics.get("ci95") or {}).get(key)
-    if interval and interval[0] is not None:
-        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-    return f"{value:.3f}"
-
-
-def markdown_table(results: dict[str, dict[str, dict]], paper: dict[str, tuple[str, dict]] | None = None) -> str:
-    """One markdown table per protocol, models as rows, 'value [95% CI]' cells; the paper's rows (PAPER_TABLE1 or
-    PAPER_TABLE4: our model name -> (paper label, numbers)) under the protocol the paper used."""
-    protocols = list(dict.fromkeys(p for by_protocol in results.values() for p in by_protocol))
-    header = "| model | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " | n |"
-    rule = "|---|" + "---|" * (len(TABLE_COLUMNS) + 1)
-    parts = []
-    for protocol in protocols:
-        lines = [f"### {protocol}", "", header, rule]
-        for model, by_protocol in results.items():
-            if protocol in by_protocol:
-                metrics = by_protocol[protocol]
-                cells = [_cell(metrics, key) for _, key in TABLE_COLUMNS]
-                lines.append(f"| {model} | " + " | ".join(cells) + f" | {metrics.get('n', '–')} |")
-        if paper and protocol == PAPER_PROTOCOL:
-            for model, (label, metrics) in paper.items():
-                if model in results:
-                    cells = [_cell(metrics, key) for _, key in TABLE_COLUMNS]
-                    lines.append(f"| paper: {label} | " + " | ".join(cells) + " | – |")
-            lines += ["", f"Paper rows: {PAPER_NOTE}."]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+def _setting(params, samples: pl.DataFrame) -> str:
+    """One paragraph on how this run's setting differs from the paper's, from the data and params it used."""
+    conversations = dict(samples.group_by("split").agg(pl.col("conv_id").n_unique()).iter_rows())
+    pre = f"{params.pretrain_coarse.epochs} coarse + {params.pretrain_fine.epochs} fine pre-training epochs"
+    per_conversation = params.pretrain_coarse.samples_per_conversation
+    if per_conversation is not None:
+        pre += f" over {per_conversation} turns per conversation and epoch"
+    return (f"trained on {conversations.get('train', 0):,} train conversations (validation "
+            f"{conversations.get('valid', 0):,}), tested on {conversations.get('test', 0):,}; token dim "
+            f"{params.model.token_dim}, KG dim {params.model.kg_dim}, {pre}, at most {params.finetune_rec.epochs} "
+            "recommender epochs with early stopping on validation recall@50. The paper trained on the full ReDial "
+            "train split (about 10k conversations), with token dim 300 and 12 + 13 pre-training epochs over every "
+            "turn, and scored all turns: compare directions and gaps between rows, not levels.")
 
 
-def _signed(difference: dict) -> str:
-    lo, hi = difference["ci95"]
-    if difference["difference"] is None:
-        return "–"
-    verdict = "better" if lo > 0 else "worse" if hi < 0 else "tie"
-    return f"{difference['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+def _top_items(params, workspace: Path, run: c2crs_train.Run, table: c2crs_data.SampleTable,
+               k: int) -> dict[str, np.ndarray]:
+    """Each recommender's k best items for every row of the table: {recommender: [rows, k] item entity ids}."""
+    batch = params.evaluate.batch_size
+    c2crs = runs.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
+    kbrd = runs.load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
+    textcnn = runs.load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
+    blocks = {"c2crs": c2crs_train.score_samples(c2crs, run, table, batch),
+              "kbrd": c2crs_train.score_samples(kbrd, run, table, batch),
+              "textcnn": c2crs_train.score_textcnn(textcnn, run, table, batch)}
+    top = {}
+    k = min(k, run.graph.n_items)
+    for name, scored in blocks.items():
+        top[name] = np.zeros((len(table), k), dtype=np.int64)
+        for rows, scores in scored:
+            best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
+            top[name][rows] = np.take_along_axis(best, order, axis=1)
+    return top
 
 
-def margins_table(results: dict, model: str = "c2crs", others: tuple[str, ...] = BASELINES) -> str:
-    """`model` minus each of `others`, per protocol: R@10, R@50 and NDCG@10 differences with paired 95 % intervals;
-    'better' / 'worse' when the interval excludes 0, else 'tie'."""
-    lines = ["| protocol | C2-CRS minus | R@10 | R@50 | NDCG@10 |", "|---|---|---|---|---|"]
-    for protocol, metrics in results.get(model, {}).items():
-        for other, difference in metrics.get("margin_over", {}).items():
-            if other in others:
-                lines.append(f"| {protocol} | {other} | " + " | ".join(
-                    _signed(difference[m]) for m in ("recall@10", "recall@50", "ndcg@10")) + " |")
-    return "\n".join(lines) + "\n"
+def _gold_words(workspace: Path, samples: pl.DataFrame, table: c2crs_data.SampleTable,
+                data: conv_train.Responses) -> list[list[str]]:
+    """The test responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
+    vocabulary ids), cut where the samples' responses are cut."""
+    part = samples.filter(pl.col("split") == "test").sort("sample_id").select("conv_id", "turn_idx",
+                                                                              "response_token_ids")
+    texts = part.join(pl.read_parquet(workspace / "data/ingest/utterances.parquet").select("conv_id", "turn_idx",
+                                                                                          "text"),
+                      on=["conv_id", "turn_idx"], how="left", maintain_order="left")
+    words = [triples.token_texts(text)[: len(ids)] for text, ids in zip(texts["text"], texts["response_token_ids"])]
+    return [words[row] for row in data.rows]
 
 
-def ablation_table(results: dict) -> str:
-    """The paper's Table 4: each variant's R@1/10/50 under the paper's protocol with the paper's numbers beside
-    them, and our recommender_turns numbers. Variants the paper does not have get no paper cells."""
-    keys = ("recall@1", "recall@10", "recall@50")
-    lines = ["| variant | model | R@1 | R@10 | R@50 | paper R@1 | paper R@10 | paper R@50 | C2-CRS minus this, R@50 | "
-             "recommender turns R@10 | recommender turns R@50 |", "|---|---|" + "---|" * 9]
-    margins = results.get("c2crs", {}).get(PAPER_PROTOCOL, {}).get("margin_over", {})
-    names = [m for m in PAPER_TABLE4 if m in results] + [
-        m for m in results if m.startswith(ABLATION_PREFIX) and m not in PAPER_TABLE4]
-    for model in names:
-        label, paper = PAPER_TABLE4.get(model, (model.removeprefix(ABLATION_PREFIX), {}))
-        ours, other = results[model].get(PAPER_PROTOCOL, {}), results[model].get("recommender_turns", {})
-        margin = _signed(margins[model]["recall@50"]) if model in margins else "–"
-        cells = ([_cell(ours, k) for k in keys] + [_cell(paper, k) for k in keys] + [margin]
-                 + [_cell(other, k) for k in ("recall@10", "recall@50")])
-        lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _context_turns(utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles: dict[str, str],
+                   turns: int = 4) -> list[str]:
+    """The last turns before a sample's turn, as "role: text" with "@123" shown as the movie's title."""
+    earlier = utterances.filter((pl.col("conv_id") == conv_id) & (pl.col("turn_idx") < turn_idx)).sort("turn_idx")
+    return [f"{role}: " + re.sub(r"@\d+", lambda m: titles.get(m.group(0), m.group(0)), text)
+            for role, text in earlier.select("role", "text").tail(turns).iter_rows()]
 
 
-CONTEXT_PROTOCOLS = ("all_turns", "new_items_masked")
+def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
+                          loaded=None) -> tuple[dict, str, str, str]:
+    """Every generator on the test split's recommender turns: metrics/conv.json's content, the report, the rating
+    sheet and its key.
+
+    A model's response is scored as the system says it: each movie placeholder filled with the next of its
+    recommender's top items, as that movie's own "@id" token (the reference code's vocabulary has a token per
+    movie), against the gold response's words with its movies as "@id" too. generator_only holds Dist-n of the
+    responses with the placeholders left as they are.
+    """
+    run, _, inputs = loaded or runs.training_run(params, workspace)
+    samples = pl.read_parquet(inputs["samples"])
+    table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
+    vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
+    data = conv_train.responses(samples, table, "test", vocabulary)
+    decoding = params.evaluate.decoding
+    entities = pl.read_parquet(inputs["entities"])
+    linker = linking.kg_entity_linker(entities, pl.read_parquet(inputs["edges"]),
+                              raw.raw_files(params.data, workspace, "stopwords")["stopwords"], params.linking)
+    items = entities.filter(pl.col("is_item"))
+    movie_token = dict(zip(items["entity_id"], (f"@{m}" for m in items["movie_id"])))
+    movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+    title = {f"@{m}": f"{t} ({y})" if y else t for m, t, y in movies.select("movie_id", "title", "year").iter_rows()}
+
+    def names_entity(words) -> bool:
+        return (any(w.startswith("@") or w == conv_train.PLACEHOLDER for w in words)
+                or bool(linker.link(" ".join(words))))
+
+    def words(tokens: list[int]) -> list[str]:
+        return [vocabulary.tokens[t] for t in tokens if vocabulary.tokens[t] not in triples.SPECIAL_TOKENS]
+
+    gold = _gold_words(workspace, samples, table, data)
+    top = _top_items(params, workspace, run, table, k=5)
+    paths = {variant: runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.variants}
+    paths["c2crs"] = runs.conv_model_path(workspace)
+    rank = {name: i for i, name in enumerate(conv_metrics.MODEL_NAMES)}  # the paper's order; others before C2-CRS
+    paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
+    results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
+    said = {}
+    for name, path in paths.items():
+        model, config = runs.load_conversation_model(path)
+        model.to(run.device)
+        perplexity = conv_train.perplexity(model, run, table, data, decoding.batch_size)["perplexity"]
+        generated = [words(t) for t in conv_train.generate(model, run, table, data.rows, decoding,
+                                                           vocabulary.banned_ids)]
+        recommended = top[runs.CONV_RECOMMENDER[config.pretrained]]
+        said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
+                      for response, row in zip(generated, data.rows)]
+        results[name] = {**conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
+                         "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n)
+                                            for n in conv_metrics.DIST_NS}}
+        log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
+        logger.info("conversation %s: %s", name, results[name])
+
+    picked = np.sort(np.random.default_rng(params.seed).choice(
+        len(data), min(params.evaluate.samples_for_reading, len(data)), replace=False))
+
+    def shown(response: list[str]) -> str:
+        return " ".join(title.get(w, w) for w in response)
+
+    utterances = pl.read_parquet(workspace / "data/ingest/utterances.parquet")
+    turn_of = dict(zip(samples["sample_id"], zip(samples["conv_id"], samples["turn_idx"])))
+    readable = [{"sample_id": int(table.sample_ids[data.rows[i]]),
+                 "context": _context_turns(utterances, *turn_of[int(table.sample_ids[data.rows[i]])], title),
+                 "gold": shown(gold[i]), "responses": {name: shown(said[name][i]) for name in paths}}
+                for i in picked.tolist()]
+    protocol = (f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
+                f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
+                f"{decoding.method} decoding" + (f" (beam {decoding.beam_size})" if decoding.method == "beam" else "")
+                + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; each movie "
+                "placeholder filled with the next of the model's recommender's top items, every movie one word "
+                "(its id), as the reference code's vocabulary has it; the gold responses likewise; perplexity of "
+                "the gold responses under each model (movies as the placeholder). Definitions in "
+                "stages/evaluation/conv_metrics.py.")
+    report = conv_metrics.conversation_report(results, protocol, readable, list(paths))
+    sheet, key = conv_metrics.rating_sheet(readable, list(paths), params.seed)
+    return results, report, sheet, key
 
 
-def by_context_table(results: dict, protocols: tuple[str, ...] = CONTEXT_PROTOCOLS) -> str:
-    """R@10 and R@50 of each model on samples whose context has linked entities and on those whose context has
-    none, per protocol (point values: a split of the rows above, no intervals)."""
-    lines = ["| protocol | model | R@10 with entities | R@50 with entities | n with | R@10 without | R@50 without | "
-             "n without |", "|---|---|" + "---|" * 6]
-    for protocol in protocols:
-        for model, by_protocol in results.items():
-            split = by_protocol.get(protocol, {}).get("by_context")
-            if split:
-                cells = [_cell(split[part], key) if key != "n" else str(split[part]["n"])
-                         for part in ("with_entities", "without_entities") for key in ("recall@10", "recall@50", "n")]
-                lines.append(f"| {protocol} | {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
+    intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
+    spec = STAGES["evaluate"]
+    inputs = {Path(d).name: workspace / d for d in spec.deps}
+    samples = pl.read_parquet(workspace / runs.TRAINING_INPUTS["samples"])
+    loaded = runs.training_run(params, workspace)  # read once for both tasks
+    results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
+                               "test", log, loaded)
+    report = rec_metrics.recommendation_report(results, _setting(params, samples))
+    conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log, loaded)
+    rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
+    rec_report, conv_report_path, sheet_path, key_path = (workspace / r for r in spec.reports)
+    write_outputs({rec_metrics_path: results, conv_metrics_path: conversation, rec_report: report,
+                   conv_report_path: conv_report, sheet_path: sheet, key_path: key})
+    return StageOutcome(inputs, {"rec": results, "conv": conversation})
 
 
-def recommendation_report(results: dict, setting: str) -> str:
-    """reports/rec.md: the protocol, the setting next to the paper's, Table 1 with the naive baselines and margins,
-    recall by context, Table 4."""
-    main = {m: results[m] for m in (*BASELINES, "c2crs", REPEAT_CHOICE) if m in results}
-    return "\n".join([
-        "# Recommendation on the ReDial test split",
-        "",
-        "Protocol: every ground-truth movie mention of a scored turn is one sample (the first turn has no context and "
-        "is not scored). all_turns scores seeker and recommender turns (the C2-CRS code and Table 1), "
-        "recommender_turns only the recommender's (CRSLab's KGSF and most later papers); both rank each target "
-        "among all 6,924 ReDial movies and keep targets already mentioned in the context. new_items (Kostric and "
-        "Balog's re-evaluation of ReDial CRS) keeps only the recommender turns' targets that were not mentioned "
-        "before in the conversation, with the same ranks, so movies already mentioned still compete with the target; "
-        "new_items_masked scores the same samples with the context's movies removed from the ranking, so a target "
-        "ranks only among movies not mentioned yet. repeat ranks the context's movies, most recent mention first, "
-        "above all other movies (tied, which counts against the target); repeat_popularity ranks the rest by train "
-        "popularity. Neither is trained: what they score under all_turns and recommender_turns is what repeats "
-        "alone buy, and repeat scores 0 under new_items by construction. 95 % intervals: bootstrap over test "
-        "conversations.",
-        "",
-        f"Setting: {setting}",
-        "",
-        "## C2-CRS and the baselines (the paper's Table 1)",
-        "",
-        markdown_table(main, PAPER_TABLE1),
-        "## Margins of C2-CRS",
-        "",
-        "C2-CRS minus each model on the same samples, ranked the same way (masked ranks for both under "
-        "new_items_masked); 95 % paired bootstrap intervals over test conversations.",
-        "",
-        margins_table(results),
-        "## Recall by context",
-        "",
-        "Samples whose context has at least one linked entity (a movie or another KG entity) and samples whose "
-        "context has none; a model that reads the KG can only use it on the first kind.",
-        "",
-        by_context_table(main),
-        "## Ablations (the paper's Table 4)",
-        "",
-        f"Ours under {PAPER_PROTOCOL} with 95 % intervals, the paper's numbers beside them ({PAPER_NOTE}), "
-        "and ours under recommender_turns. w/o Coarse-Fine is the KBRD-style baseline.",
-        "",
-        ablation_table(results),
-    ])
+def score_file(params, workspace: Path, path: Path) -> dict:
+    """The trained models on conversations a user brings (ReDial JSONL), with the pipeline's own rules: merged
+    turns, the kg stage's entities and linker, the triples stage's vocabulary; every conversation is scored."""
+    bad = ingest.BadRecords(params.ingest.on_bad_record)
+    conversations, utterance_rows = ingest.read_conversations(Path(path), "test", bad, {})
+    if not conversations:
+        raise ValueError(f"{path}: no conversation could be read")
+    utterances = (pl.DataFrame(utterance_rows, schema=ingest.UTTERANCE_SCHEMA)
+                  .join(pl.DataFrame(conversations, schema=ingest.CONVERSATION_SCHEMA).select("conv_id", "split"),
+                        on="conv_id").sort("conv_id", "turn_idx"))
+    entities = pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"])
+    items = entities.filter(pl.col("is_item"))
+    item_entity = dict(zip(items["movie_id"], items["entity_id"]))
+    stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
+    linker = linking.kg_entity_linker(entities, pl.read_parquet(workspace / runs.TRAINING_INPUTS["edges"]), stopwords,
+                              params.linking)
+    linked = triples.link_all(utterances, linker, item_entity)
+    samples, _ = triples.build_samples(utterances, linked, pl.read_parquet(workspace / runs.TRAINING_INPUTS["vocab"]),
+                                       item_entity, params.triples.context_max_tokens,
+                                       params.triples.response_max_tokens)
+    no_triples = pl.DataFrame(schema=triples.TRIPLE_SCHEMA)
+    return {"conversations": len(conversations), "bad_records": dict(bad.counts),
+            "results": evaluate_samples(params, workspace, samples, no_triples, "test")}

@@ -17,7 +17,11 @@ from pathlib import Path
 import polars as pl
 from tqdm import tqdm
 
-from stages.fetch import missing_mirror_files
+from stages.sources.fetch import extract_member, missing_mirror_files
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.sources import raw
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +357,30 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
         "bad_records": dict(sorted(bad.counts.items())),
     }
     return IngestResult(conversations_df, utterances_df, movies_df, metrics)
+
+
+def redial_raw_files(data, workspace: Path) -> RawRedialFiles:
+    """The raw ReDial files; without a mirror the conversations come from the official zip."""
+    if data.resolved_source() == "mirror":
+        return locate_mirror_files(raw.mirror_dir(data, workspace), **data.files.model_dump(
+            include={"redial_train", "redial_test", "movies", "movies_imdb", "movies_dbpedia"}))
+    cache = workspace / data.cache_dir
+    zipped = data.downloads.redial_zip
+    archive = raw.download(data, zipped.url, cache / "redial_dataset.zip", zipped.sha256)
+    extracted = {name: extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
+                 for name in ("redial_train", "redial_test", "movies")}
+    return RawRedialFiles(**extracted, **raw.raw_files(data, workspace, "movies_imdb", "movies_dbpedia"))
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    files = redial_raw_files(params.data, workspace)
+    result = ingest(files, seed=params.seed, **params.ingest.model_dump())
+    spec = STAGES["ingest"]
+    conversations, utterances, movies = (workspace / out for out in spec.outs)
+    write_outputs({
+        conversations: result.conversations,
+        utterances: result.utterances,
+        movies: result.movies,
+        workspace / spec.metrics[0]: result.metrics,
+    })
+    return StageOutcome(dict(files.items()), result.metrics)

@@ -1,7 +1,7 @@
 """Stage 3, kg: the DBpedia subgraph around the ReDial movies, with entity and relation id maps.
 
-Over 400 lines: three KG readers and the build rules share one triples layout; issue 11 moves the readers to a kg
-package.
+Over 400 lines: three KG readers and the build rules share one triples layout and its checks (KgDataError names
+the file and record), and the stage's run() is here as every stage's is.
 
 Sources come as a uniform triples table (head_uri, relation, tail_uri, source) so that the KGSF pickles, CRSLab's
 JSON copy of the same graph and the optional movie-metadata KG can be combined. URIs are kept without angle brackets
@@ -23,7 +23,12 @@ from urllib.parse import unquote
 import polars as pl
 from tqdm import tqdm
 
-from stages import safe_pickle
+from stages.sources import safe_pickle
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.sources import raw
+from stages.text import linking
 
 log = logging.getLogger(__name__)
 
@@ -550,3 +555,39 @@ def _reference_counts_coded(coded: pl.DataFrame, n_vocabulary: int,
     touched = pl.concat([edges["head"], edges["tail"]]).n_unique()
     return {"relations": kept.height, "edges": edges.height, "entities": n_vocabulary + 1,
             "entities_with_edges": touched}
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    cfg = params.kg
+    spec = STAGES["kg"]
+    movies_path, utterances_path = (workspace / dep for dep in spec.deps)
+    movies = pl.read_parquet(movies_path)
+    metadata = ("metadata_kg", "metadata_entity_ids", "metadata_relation_ids", "metadata_item_ids",
+                "metadata_entity_types", "movie_info")
+    files = raw.raw_files(params.data, workspace, "dbpedia_subkg", "dbpedia_entity_ids", "stopwords",
+                      *(metadata if cfg.merge_metadata_kg else ()))
+    sources = [load_kgsf_kg(files["dbpedia_subkg"], files["dbpedia_entity_ids"])]
+    if cfg.merge_metadata_kg:
+        sources.append(load_movie_metadata_kg(
+            movies, files["metadata_kg"], files["metadata_entity_ids"], files["metadata_relation_ids"],
+            files["movie_info"], files["metadata_item_ids"], files["metadata_entity_types"]))
+    source = merge_sources(*sources)
+    seeds: set[str] = set()
+    if cfg.link_seeds:
+        # Seeds are entities named in the conversations, found by linking against the whole input graph.
+        uris = sorted(source.entity_uris - set(movies["dbpedia_uri"].drop_nulls()))
+        ends = pl.concat([source.triples["head_uri"], source.triples["tail_uri"]])
+        degree_by_uri = dict(ends.value_counts().iter_rows())
+        linker = linking.build_linker(linking.entity_labels(dict(enumerate(uris))),
+                                {i: degree_by_uri.get(uri, 0) for i, uri in enumerate(uris)},
+                                files["stopwords"], params.linking)
+        texts = pl.read_parquet(utterances_path)["text"]
+        seeds = {uris[m.entity_id] for text in tqdm(texts, desc="linking seeds", unit=" utt", disable=None)
+                 for m in linker.link(text)}
+    result = build_kg(source.triples, movies, seed_uris=sorted(seeds), min_relation_edges=cfg.min_relation_edges,
+                         hops=cfg.hops, add_inverse=cfg.add_inverse, add_self_loops=cfg.add_self_loops)
+    metrics = {**result.metrics, "linked_seeds": len(seeds)}
+    entities_out, relations_out, edges_out = (workspace / out for out in spec.outs)
+    write_outputs({entities_out: result.entities, relations_out: result.relations, edges_out: result.edges,
+                   workspace / spec.metrics[0]: metrics})
+    return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)

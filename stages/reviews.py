@@ -5,7 +5,7 @@ source is explicit and measurable:
 - aclimdb: IMDb user reviews of the Large Movie Review Dataset (Maas et al. 2011), joined by IMDb id;
 - revcore: RevCore's snippet of the most helpful IMDb review per movie (20 tokens);
 - plots: the movie's plot summary (the paper allows "descriptive text of the entity");
-- imdb_scraper: IMDb user reviews fetched live (stages/imdb_scraper.py), for machines with internet.
+- imdb_scraper: IMDb user reviews fetched live (stages/sources/imdb_scraper.py), for machines with internet.
 Which sentences stay: per movie, the order of the sources in params, then the most helpful review first, then the
 sentence's position in its review; the first `max_sentences_per_movie` long enough to say something are kept.
 """
@@ -22,7 +22,11 @@ import polars as pl
 from sentencex import segment
 from tqdm import tqdm
 
-from stages.safe_pickle import load_pickle_restricted
+from stages.sources.safe_pickle import load_pickle_restricted
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.sources import raw
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +259,58 @@ def coverage(sentences: pl.DataFrame, all_movies: set[int], test_movies: set[int
     for source in sources:
         result[source] = shares(set(sentences.filter(pl.col("source") == source)["movie_id"]))
     return result
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    cfg = params.reviews
+    spec = STAGES["reviews"]
+    movies_path, conversations_path, utterances_path = (workspace / dep for dep in spec.deps)
+    movies = pl.read_parquet(movies_path)
+    test_movies = set(
+        pl.read_parquet(utterances_path)
+        .join(pl.read_parquet(conversations_path).filter(pl.col("split") == "test"), on="conv_id")
+        .select(pl.col("movie_ids").explode()).drop_nulls()["movie_ids"])
+    local = {"aclimdb": "aclimdb_reviews", "revcore": "revcore_reviews"}
+    files = raw.raw_files(params.data, workspace, "movie_info", *(local[s] for s in cfg.sources if s in local))
+    movie_info = read_movie_info(files["movie_info"])
+    imdb_to_movies = movie_imdb_ids(movies, movie_info)
+    movie_ids = set(movies["movie_id"])
+    bad = BadReviews(cfg.on_bad_record)
+    tables, scraper_stats = [], None
+    for source in cfg.sources:
+        if source == "aclimdb":
+            tables.append(aclimdb_reviews(files["aclimdb_reviews"], imdb_to_movies, bad))
+        elif source == "revcore":
+            tables.append(revcore_reviews(files["revcore_reviews"], movie_ids, bad))
+        elif source == "plots":
+            tables.append(plot_reviews(movie_info, movie_ids, files["movie_info"], bad))
+        else:
+            scraped, scraper_stats = _scrape_imdb(cfg.scraper, sorted(imdb_to_movies), workspace)
+            tables.append(scraped_reviews(scraped, imdb_to_movies, bad))
+    review_table = pl.concat(tables)
+    sentences = split_sentences(review_table, cfg.sources, cfg.min_sentence_tokens,
+                                        cfg.max_sentence_tokens, cfg.max_sentences_per_movie)
+    metrics = {
+        "coverage": coverage(sentences, movie_ids, test_movies, cfg.sources),
+        "reviews": dict(review_table.group_by("source").len().iter_rows()),
+        "sentences": dict(sentences.group_by("source").len().iter_rows()),
+        "movies_with_sentences": sentences["movie_id"].n_unique(),
+        "bad_records": bad.count,
+    }
+    if scraper_stats:
+        metrics["scraper"] = scraper_stats
+    reviews_out, sentences_out = (workspace / out for out in spec.outs)
+    write_outputs({reviews_out: review_table, sentences_out: sentences, workspace / spec.metrics[0]: metrics})
+    return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)
+
+
+def _scrape_imdb(cfg, imdb_ids: list[str], workspace: Path):
+    from stages.sources.imdb_scraper import ImdbReviewScraper  # httpx and the parser only when scraping
+
+    ids = imdb_ids[: cfg.max_movies] if cfg.max_movies else imdb_ids
+    with ImdbReviewScraper(workspace / cfg.cache_dir, user_agent=cfg.user_agent,
+                           requests_per_second=cfg.requests_per_second, max_retries=cfg.max_retries,
+                           max_pages=cfg.max_pages_per_movie, allowed_hosts=cfg.allowed_hosts,
+                           timeout=cfg.timeout_seconds) as scraper:
+        scraped = list(scraper.scrape(ids))
+        return scraped, scraper.stats.as_dict()

@@ -9,13 +9,19 @@ review sentence): the sentence is the one most related to the entity under the p
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import bm25s
 import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from stages.linking import EntityLinker, tokenize
+from stages.text.linking import EntityLinker, tokenize
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.sources import raw
+from stages.text import linking
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +231,55 @@ def triple_metrics(samples: pl.DataFrame, triples: pl.DataFrame, linked: list[Li
         "linked_entity_mentions_per_utterance": round(entity_mentions / max(len(linked), 1), 3),
         "item_mentions_per_utterance": round(item_mentions / max(len(linked), 1), 3),
     }
+
+
+def sentence_chooser(cfg, entities: pl.DataFrame, edges: pl.DataFrame, movies: pl.DataFrame,
+                     sentences: pl.DataFrame, review_table: pl.DataFrame) -> SentenceChooser:
+    """The triples stage's rule for the review sentence of a mentioned entity (params.triples)."""
+    popularity = entities.join(movies.select("movie_id", pl.col("mentions_ingested").alias("mentions")),
+                               on="movie_id", how="left").with_columns(pl.col("mentions").fill_null(0))
+    candidates = candidate_sentences(popularity, edges, sentences, cfg.max_movies_per_entity)
+    ratings = (sentences.join(review_table.select("movie_id", "source", "review_id", "rating"),
+                              on=["movie_id", "source", "review_id"], how="left")
+               .sort("sentence_id")["rating"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
+    return SentenceChooser(cfg.sentence_rule, sentences, ratings,
+                                   dict(zip(entities["entity_id"], entities["label"])), candidates)
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    cfg = params.triples
+    spec = STAGES["triples"]
+    dep = {Path(d).name: workspace / d for d in spec.deps}
+    files = raw.raw_files(params.data, workspace, "stopwords", "linking_gold")
+    entities, edges = pl.read_parquet(dep["entities.parquet"]), pl.read_parquet(dep["edges.parquet"])
+    movies = pl.read_parquet(dep["movies.parquet"])
+    sentences = pl.read_parquet(dep["review_sentences.parquet"])
+    utterances = (pl.read_parquet(dep["utterances.parquet"])
+                  .join(pl.read_parquet(dep["conversations.parquet"]).select("conv_id", "split"), on="conv_id")
+                  .sort("conv_id", "turn_idx"))
+
+    items = entities.filter(pl.col("is_item"))
+    item_entity = dict(zip(items["movie_id"], items["entity_id"]))
+    linker = linking.kg_entity_linker(entities, edges, files["stopwords"], params.linking)
+    linked = link_all(utterances, linker, item_entity)
+
+    train_rows = (utterances["split"] == "train").to_list()
+    vocabulary = build_vocabulary((u.tokens for u, train in zip(linked, train_rows) if train),
+                                          cfg.min_token_frequency)
+    samples, context_mentions = build_samples(utterances, linked, vocabulary, item_entity,
+                                                      cfg.context_max_tokens, cfg.response_max_tokens)
+    chooser = sentence_chooser(cfg, entities, edges, movies, sentences, pl.read_parquet(dep["reviews.parquet"]))
+    triple_table = build_triples(context_mentions, linked, utterances, chooser)
+
+    bracketed = {f"<{uri}>": entity_id for entity_id, uri in zip(entities["entity_id"], entities["uri"])}
+    evaluation = linking.evaluate_linker(linker, files["linking_gold"], bracketed,
+                                         {f"<{uri}>" for uri in items["uri"]}, sample_size=params.linking.report_samples,
+                                         seed=params.seed)
+    metrics = {**triple_metrics(samples, triple_table, linked), "vocabulary": vocabulary.height,
+               "linker": {k: round(evaluation[k], 4) for k in ("precision", "recall", "f1", "macro_f1", "f1_mapped")},
+               "linker_counts": evaluation["counts"]}
+    vocab_out, samples_out, triples_out = (workspace / out for out in spec.outs)
+    report = linking.evaluation_report(evaluation, dict(zip(entities["entity_id"], entities["label"])))
+    write_outputs({vocab_out: vocabulary, samples_out: samples, triples_out: triple_table,
+                   workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: report})
+    return StageOutcome({**files, **dep}, metrics)

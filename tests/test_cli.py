@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from pipeline.registry import STAGES
+from stages.io.graph import STAGES
 from tests.conftest import PROJECT
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_params, resolve_device
+from pipeline.config import ConfigError, load_params
+from stages.training.loop import resolve_device
 from tests.conftest import PROJECT
 
 
@@ -100,7 +101,7 @@ def test_device_resolution():
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
+        with pytest.raises(ValueError, match="device: cuda was asked for but torch sees no CUDA device"):
             resolve_device("cuda")
 
 

@@ -1,4 +1,4 @@
-"""Conversation metrics and the rating sheet (stages/conv_evaluate.py), on hand-made sentences."""
+"""Conversation metrics and the rating sheet (stages/evaluation/conv_metrics.py), on hand-made sentences."""
 
 import csv
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 
 from pipeline.cli import main
-from stages.conv_evaluate import (RatingError, bleu, distinct, generation_metrics, rating_sheet, read_key,
+from stages.evaluation.conv_metrics import (RatingError, bleu, distinct, generation_metrics, rating_sheet, read_key,
                                   read_ratings, score_ratings)
-from stages.conv_train import PLACEHOLDER, fill_movies
+from stages.training.conv_train import PLACEHOLDER, fill_movies
 
 RESPONSES = [["i", "like", "it", "i", "like", "it"], ["i", "like", "comedies"], ["ok"]]
 

@@ -8,8 +8,10 @@ import httpx
 import pytest
 
 from pipeline.config import load_params
-from pipeline.bodies import is_transient, redial_raw_files
-from stages import fetch, ingest
+from stages.ingest import redial_raw_files
+from stages.sources.raw import is_transient
+from stages import ingest
+from stages.sources import fetch
 from tests.conftest import FIXTURES
 
 

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
 from pipeline.flows import run_stage_flow
 from pipeline.paths import git_commit
-from pipeline.registry import STAGES
+from stages.io.graph import STAGES
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

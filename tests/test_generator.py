@@ -199,7 +199,7 @@ def test_the_conversation_model_builds_memories_and_a_copy_source():
 def test_loss_weights_spare_the_end_token_and_the_movie_placeholder():
     import polars as pl
 
-    from stages.conv_train import PLACEHOLDER, Responses, conv_vocabulary, loss_weights
+    from stages.training.conv_train import PLACEHOLDER, Responses, conv_vocabulary, loss_weights
     from stages.triples import SPECIAL_TOKENS
 
     tokens = list(SPECIAL_TOKENS) + ["hi", "@123", "rare"]

@@ -10,7 +10,7 @@ import re
 import httpx
 import pytest
 
-from stages.imdb_scraper import (USER_AGENT, ImdbReviewScraper, MovieReviews, PageParseError, RefusedError, Review,
+from stages.sources.imdb_scraper import (USER_AGENT, ImdbReviewScraper, MovieReviews, PageParseError, RefusedError, Review,
                                  ScrapeError, parse_reviews_page)
 from tests.conftest import FIXTURES
 

@@ -10,7 +10,7 @@ import time
 import polars as pl
 import pytest
 
-from pipeline.io import content_hash, write_outputs
+from stages.io.outputs import content_hash, write_outputs
 from tests.conftest import PROJECT
 
 
@@ -47,7 +47,7 @@ def test_a_kill_midway_keeps_the_previous_outputs(tmp_path):
     script = textwrap.dedent(f"""
         import time, polars as pl
         from pathlib import Path
-        from pipeline.io import write_outputs
+        from stages.io.outputs import write_outputs
         original, calls = pl.DataFrame.write_parquet, []
         def slow_write(self, path, **kwargs):
             calls.append(path)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.linking import (EntityLinker, dbpedia_label, evaluate_linker, label_variants, mirror_linker_inputs,
+from stages.text.linking import (EntityLinker, dbpedia_label, evaluate_linker, label_variants, mirror_linker_inputs,
                             normalize, normalized_tokens, tokenize)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "linking" / "valid_data.json"

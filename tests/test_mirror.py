@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (MIRROR / "redial").is_dir(),
 
 @pytest.fixture(scope="module")
 def raw():
-    from pipeline.bodies import redial_raw_files
+    from stages.ingest import redial_raw_files
 
     return redial_raw_files(load_params(PROJECT / "params.yaml").data, PROJECT)
 
@@ -61,12 +61,12 @@ def test_every_data_stage_on_the_mirror(tmp_path, monkeypatch):
     """The data stages end to end on the real files, in a scratch workspace: the numbers the README reports."""
     import shutil
 
-    from pipeline.bodies import STAGE_BODIES
+    from stages.io.graph import stage_body
 
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     params = load_params(tmp_path / "params.yaml")
     data_stages = ("ingest", "reviews", "kg", "triples")  # training on the mirror takes half an hour
-    metrics = {name: STAGE_BODIES[name](params, tmp_path).metrics for name in data_stages}
+    metrics = {name: stage_body(name)(params, tmp_path).metrics for name in data_stages}
     assert metrics["reviews"]["coverage"]["overall"]["test_movies"] > 0.95
     assert metrics["reviews"]["bad_records"] == 18
     assert metrics["kg"]["reference"] == {"relations": 35, "edges": 316884, "entities": 64363,

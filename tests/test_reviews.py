@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from stages import reviews
-from stages.safe_pickle import PickleSafetyError
+from stages.sources.safe_pickle import PickleSafetyError
 from tests.conftest import ACLIMDB_FIXTURE
 
 MOVIES = pl.DataFrame({"movie_id": [100, 200, 300, 400, 500], "imdb_id": ["tt0012345", None, None, "tt0000123", None]})

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.bodies import STAGE_BODIES
+from stages.io.graph import stage_body
 from pipeline.config import ConfigError, load_params, reference_overrides
-from stages.c2crs_data import recommendation_rows
-from stages.c2crs_train import pretraining_rows
+from stages.training.c2crs_data import recommendation_rows
+from stages.training.c2crs_train import pretraining_rows
 
 PROJECT = Path(__file__).resolve().parents[1]
 # What a CPU setting may keep at this project's value although the reference differs: how much is trained, sizes,
@@ -63,13 +63,13 @@ def test_a_study_setting_with_a_bad_override_is_refused(params_file):
 
 
 def test_mention_samples_are_one_per_turn_and_movie(params_file):
-    from pipeline.bodies import _training_run
+    from stages.training.runs import training_run
 
     params = load_params(params_file)
     workspace = params_file.parent
     for stage in ("ingest", "reviews", "kg", "triples"):
-        STAGE_BODIES[stage](params, workspace)
-    run, _, _ = _training_run(params, workspace)
+        stage_body(stage)(params, workspace)
+    run, _, _ = training_run(params, workspace)
     cfg = params.pretrain_coarse.model_copy(update={"sample_unit": "mention", "samples_per_conversation": None})
     rows = pretraining_rows(run.train, cfg, np.random.default_rng(0))
     assert sorted(rows.tolist()) == sorted(recommendation_rows(run.train)[0].tolist())
@@ -91,7 +91,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     params = load_params(params_file)
     workspace = params_file.parent
     for stage in ("ingest", "reviews", "kg", "triples"):
-        STAGE_BODIES[stage](params, workspace)
+        stage_body(stage)(params, workspace)
 
     done = study.run_study(params, workspace, seeds=[1])
     assert {(r["setting"], r["arm"]) for r in done} == {
@@ -154,7 +154,7 @@ def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
     assert params.finetune_rec.softmax_over == "entities" and params.model.kg_encoder == "featureless"
     workspace = params_file.parent
     for stage in ("ingest", "reviews", "kg", "triples", "pretrain_coarse", "pretrain_fine", "finetune_rec"):
-        outcome = STAGE_BODIES[stage](params, workspace)
+        outcome = stage_body(stage)(params, workspace)
     assert outcome.metrics["epochs_run"] == 1 and np.isfinite(outcome.metrics["train_loss"])
     import torch
 

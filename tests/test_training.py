@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.bodies import STAGE_BODIES, StageLog
+from stages.io.graph import stage_body
+from stages.io.stage_log import StageLog
 from pipeline.config import load_params
-from pipeline.registry import stage_names
-from stages.training import epoch_generator, seed_everything, train
+from stages.io.graph import stage_names
+from stages.training.loop import epoch_generator, seed_everything, train
 
 
 def tiny_problem(process_seed: int, seed: int = 0):
@@ -67,7 +68,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     params = load_params(params_file)
     workspace = params_file.parent
     for stage in stage_names():
-        STAGE_BODIES[stage](params, workspace)
+        stage_body(stage)(params, workspace)
     results = json.loads((workspace / "metrics/rec.json").read_text())
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
@@ -125,7 +126,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert chat.turns[-1].role == "recommender" and len(chat.turns) == 2
 
     # The same models on a file a user brings: the fixture's test conversations give the same numbers.
-    from pipeline.bodies import score_file
+    from stages.evaluate import score_file
 
     scored = score_file(params, workspace, mirror / "redial/test.jsonl")
     assert scored["conversations"] == 2
@@ -144,7 +145,7 @@ def test_ablations_in_the_stage_process_record_each_variant(params_file):
     params = load_params(params_file)
     workspace = params_file.parent
     for stage in ("ingest", "reviews", "kg", "triples"):
-        STAGE_BODIES[stage](params, workspace)
+        stage_body(stage)(params, workspace)
 
     class Epochs(StageLog):
         def __init__(self):
@@ -154,7 +155,7 @@ def test_ablations_in_the_stage_process_record_each_variant(params_file):
             self.names |= set(metrics)
 
     log = Epochs()
-    outcome = STAGE_BODIES["ablations"](params, workspace, log)
+    outcome = stage_body("ablations")(params, workspace, log)
     assert list(outcome.metrics) == ["short", "wo_sd"]  # yaml.safe_dump sorts the keys
     assert outcome.metrics["short"]["finetune_rec"]["epochs_run"] == 1
     assert outcome.metrics["wo_sd"]["overrides"] == {"model.kg_edges": False}
@@ -176,8 +177,8 @@ class _NotData:
 def test_model_and_checkpoint_files_are_loaded_without_unpickling_objects(tmp_path):
     import pickle
 
-    from pipeline.bodies import load_c2crs
-    from stages.training import load_checkpoint
+    from stages.training.runs import load_c2crs
+    from stages.training.loop import load_checkpoint
 
     path = tmp_path / "model.pt"
     torch.save({"config": {"vocab_size": 3}, "state_dict": {}, "payload": _NotData()}, path)

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from stages import triples
-from stages.linking import EntityLinker
+from stages.text.linking import EntityLinker
 
 # Items 0 (movie 100) and 1 (movie 200); entity 2 "Tom Hanks" starred in movie 100; entity 3 "comedy".
 ITEM_ENTITY = {100: 0, 200: 1}

@@ -1,6 +1,6 @@
 """Getting raw files: from a local mirror, or downloaded once with a checksum check.
 
-Retries are not here: the pipeline wraps download_file in a Prefect task that retries transient failures.
+Retries are not here: stages/sources/raw.py retries transient failures around download_file.
 """
 
 import hashlib

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from models.baselines import RepeatChoice, TextCNNRecommender
 from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
-from stages.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
+from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
                                per_conversation,
                                recommendation_rows, review_batch)
-from stages.evaluate import rank_of_targets
-from stages.training import LoopState, adam, epoch_generator, train
+from stages.evaluation.rec_metrics import rank_of_targets
+from stages.training.loop import LoopState, adam, epoch_generator, train
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 turns, validation perplexity, and decoding.
 
 A sample is a recommender turn with a response: its context (tokens, entities, review sentences) is the
-recommendation stages' (stages/c2crs_data.py), its target the turn's tokens with every movie token replaced by
+recommendation stages' (stages/training/c2crs_data.py), its target the turn's tokens with every movie token replaced by
 one placeholder, which the recommender's top items fill when a response is shown (fill_movies).
 """
 
@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from models.c2crs import batch_entities
 from models.generator import ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
-from stages.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
-from stages.c2crs_train import Run
-from stages.training import LoopState, adam, epoch_generator, train
+from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
+from stages.training.c2crs_train import Run
+from stages.training.loop import LoopState, adam, epoch_generator, train
 from stages.triples import END, PAD, SPECIAL_TOKENS, SPLIT, START, UNK
 
 PLACEHOLDER = "__movie__"

@@ -1,7 +1,7 @@
 """Conversation evaluation: generation metrics, the paper's Table 2 beside ours, responses to read, and the human
 rating sheet with its scoring (means and inter-rater agreement).
 
-Metric definitions (over word tokens, special tokens removed; the caller decides what a movie is: pipeline.bodies
+Metric definitions (over word tokens, special tokens removed; the caller decides what a movie is: stages/evaluate.py
 scores what the system says, every movie placeholder filled with a recommended movie's id token):
     dist@n corpus        distinct n-grams / all n-grams, over all responses (what the C2-CRS code computes)
     dist@n per_sentence  distinct n-grams over all responses / number of responses (KGSF's and CRSLab's)

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import ahocorasick
+import polars as pl
 
 # A movie mention, a word (letters/digits with any combining accents, inner apostrophes kept: "don't", "Ocean's"), or
 # any other single non-space character.
@@ -487,3 +488,21 @@ def evaluation_report(evaluation: dict, labels: Mapping[int, str] | None = None)
               f"{cell(labels.get(h['entity_id'], h['entity_id']))} | {cell(h['text'])} |"
               for h in evaluation["sample_false_hits"]]
     return "\n".join(lines) + "\n"
+
+
+def build_linker(labels: dict[int, list[str]], degree: dict[int, int], stopwords: Path,
+                   cfg) -> EntityLinker:
+    """The linker with params.linking's rules (cfg) over these labels."""
+    return EntityLinker.build(labels, read_stopwords(stopwords), degree=degree,
+                              min_label_chars=cfg.min_label_chars, dominance_ratio=cfg.dominance_ratio,
+                              min_dominant_degree=cfg.min_dominant_degree, use_variants=cfg.use_variants,
+                              add_chat_stopwords=cfg.add_chat_stopwords)
+
+
+
+def kg_entity_linker(entities: pl.DataFrame, edges: pl.DataFrame, stopwords: Path,
+                     cfg) -> EntityLinker:
+    """The linker over the kg stage's non-item entities, degrees from its edges (self loops aside)."""
+    others = entities.filter(~pl.col("is_item"))
+    degree = dict(edges.filter(pl.col("src") != pl.col("dst"))["src"].value_counts().iter_rows())
+    return build_linker(entity_labels(dict(zip(others["entity_id"], others["uri"]))), degree, stopwords, cfg)

@@ -1,0 +1,49 @@
+"""The baselines stage: TextCNN over the context words, and the KBRD-style recommender, which is C2-CRS's own
+recommender trained from fresh weights (no pre-training), on the same splits by the same code."""
+
+import dataclasses
+from pathlib import Path
+
+from models.baselines import TextCNNRecommender
+from models.c2crs import C2CRS
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.training import c2crs_train, loop, runs
+
+SECTIONS = runs.TRAINING_SECTIONS + ("finetune_rec", "baselines")  # what a checkpoint of this stage depends on
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    """TextCNN over the context words, and the KBRD-style recommender (C2-CRS's recommender, no pre-training)."""
+    spec = STAGES["baselines"]
+    run, model_config, inputs = runs.training_run(params, workspace)
+    textcnn_out, kbrd_out = (workspace / out for out in spec.outs)
+
+    loop.seed_everything(params.seed, params.deterministic)
+    cfg = params.baselines.textcnn
+    textcnn_config = runs.TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
+                                   embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
+    textcnn = TextCNNRecommender(**dataclasses.asdict(textcnn_config)).to(run.device)
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "textcnn"
+    textcnn_state = c2crs_train.train_textcnn(textcnn, run, cfg, checkpoints,
+                                              on_epoch=lambda e, m: log.epoch(e, {f"textcnn.{k}": v
+                                                                                  for k, v in m.items()}))
+    loop.load_checkpoint(checkpoints / "best.pt", textcnn)
+    runs.save_model(textcnn_out, textcnn, textcnn_config)
+
+    loop.seed_everything(params.seed, params.deterministic)
+    kbrd = C2CRS(model_config).to(run.device)
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "kbrd"
+    kbrd_state = c2crs_train.finetune_recommender(kbrd, run, params.finetune_rec, checkpoints,
+                                                  on_epoch=lambda e, m: log.epoch(e, {f"kbrd.{k}": v
+                                                                                      for k, v in m.items()}))
+    loop.load_checkpoint(checkpoints / "best.pt", kbrd)
+    runs.save_model(kbrd_out, kbrd, kbrd.cfg)
+
+    metrics = {"textcnn": runs.training_outcome(textcnn_state),
+               "kbrd": runs.training_outcome(kbrd_state)}
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    log.model("textcnn", textcnn)
+    log.model("kbrd", kbrd)
+    return StageOutcome(inputs, metrics)

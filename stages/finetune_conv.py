@@ -1,0 +1,18 @@
+"""The finetune_conv stage: response generation (paper 4.3.2) from the pre-trained encoders: a Transformer decoder
+over the history, the KG entities and the review sentences, a copy mechanism and the instance-weighted loss, early
+stopping on validation perplexity (stages/training/conv_train.py)."""
+
+from pathlib import Path
+
+from stages.io.graph import STAGES
+from stages.io.outputs import write_outputs
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.training import runs
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    spec = STAGES["finetune_conv"]
+    model, metrics, inputs = runs.train_conversation(params, workspace, log, workspace / spec.outs[0])
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    log.model("c2crs_conv", model)
+    return StageOutcome(inputs, metrics)

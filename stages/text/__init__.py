@@ -1,0 +1,1 @@
+"""Text shared by several stages: tokenizing and linking words to KG entities."""

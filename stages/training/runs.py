@@ -1,0 +1,258 @@
+"""What the model stages share: the training inputs read into tensors, checkpoint folders keyed by what a run
+depends on, saving and loading trained models, and one training run of the recommendation path or of a generator.
+
+The stages (pretrain_coarse ... conv_baselines, evaluate) and the pre-training study call these, so the same
+configuration always trains the same way.
+"""
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from models.baselines import TextCNNRecommender
+from models.c2crs import C2CRS, C2CRSConfig
+from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
+from stages.io.graph import STAGES
+from stages.io.outputs import content_hash, write_outputs
+from stages.io.stage_log import StageLog, StageOutcome
+from stages.evaluation import rec_metrics
+from stages.training import c2crs_data, c2crs_train, conv_train, loop
+from stages.training.loop import resolve_device
+
+# The params sections every model's training reads; a stage adds its own (checkpoint keys use them).
+TRAINING_SECTIONS = ("seed", "device", "deterministic", "model")
+
+
+TRAINING_INPUTS = {
+    "samples": "data/triples/samples.parquet", "triples": "data/triples/triples.parquet",
+    "vocab": "data/triples/vocab.parquet", "review_sentences": "data/reviews/review_sentences.parquet",
+    "entities": "data/kg/entities.parquet", "relations": "data/kg/relations.parquet", "edges": "data/kg/edges.parquet",
+}
+
+
+def device_of(params) -> torch.device:
+    return torch.device(resolve_device(params.device))
+
+
+def training_run(params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig, dict[str, Path]]:
+    """Everything a C2-CRS training stage reads, as tensors and tables, and the model's configuration."""
+    inputs = {name: workspace / path for name, path in TRAINING_INPUTS.items()}
+    samples, triple_table = pl.read_parquet(inputs["samples"]), pl.read_parquet(inputs["triples"])
+    vocabulary = pl.read_parquet(inputs["vocab"])
+    cfg = params.model
+    edges = pl.read_parquet(inputs["edges"])
+    if not cfg.kg_edges:
+        edges = edges.filter(pl.col("src") == pl.col("dst"))
+    graph = c2crs_data.load_graph(pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["relations"]), edges)
+    sentence_tokens = c2crs_data.sentence_token_ids(pl.read_parquet(inputs["review_sentences"]), vocabulary,
+                                                    cfg.max_sentence_tokens)
+    run = c2crs_train.Run(
+        graph=graph,
+        train=c2crs_data.sample_table(samples, triple_table, "train"),
+        valid=c2crs_data.sample_table(samples, triple_table, "valid"),
+        sentence_tokens=sentence_tokens, pad_id=0, max_context_entities=cfg.max_context_entities,
+        max_review_sentences=cfg.max_review_sentences, device=device_of(params), seed=params.seed,
+        views=frozenset(cfg.views))
+    model_config = C2CRSConfig(
+        vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
+        n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_bases=cfg.num_bases,
+        projection_dim=cfg.projection_dim, item_bias=cfg.item_bias, kg_encoder=cfg.kg_encoder,
+        rec_pooling=cfg.rec_pooling, projection_heads=cfg.projection_heads, contrastive_loss=cfg.contrastive_loss,
+        max_positions=max(int(samples["context_token_ids"].list.len().max()), cfg.max_sentence_tokens))
+    return run, model_config, inputs
+
+
+def checkpoint_dir(workspace: Path, name: str, params, sections: tuple[str, ...], inputs: dict[str, Path]) -> Path:
+    """Checkpoints of a run live outside DVC's outputs (DVC deletes those before a stage runs), under a key of the
+    params sections the training reads and its inputs, so a rerun resumes only the very same training."""
+    key = json.dumps({"params": {k: params.model_dump()[k] for k in sections},
+                      "inputs": {n: content_hash(p) for n, p in sorted(inputs.items())}}, sort_keys=True)
+    return workspace / "data" / "checkpoints" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def save_model(path: Path, model: torch.nn.Module, config) -> None:
+    """Weights and the config that builds the module again, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": dataclasses.asdict(config), "state_dict": model.state_dict()}, temporary)
+    temporary.replace(path)
+
+
+def load_saved(path: Path) -> dict:
+    """A file written by save_model: weights and a config of plain values, loaded without unpickling code (a model
+    file may come from someone else)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_c2crs(path: Path) -> C2CRS:
+    saved = load_saved(path)
+    model = C2CRS(C2CRSConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+@dataclass
+class TextCNNConfig:
+    vocab_size: int
+    n_items: int
+    embed_dim: int
+    n_filters: int
+    dropout: float
+
+
+def load_textcnn(path: Path) -> TextCNNRecommender:
+    saved = load_saved(path)
+    model = TextCNNRecommender(**saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+def training_outcome(state) -> dict:
+    """How many epochs ran, and the metrics of the kept (best) epoch."""
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
+                else {})
+    return {"epochs_run": state.epoch, "best_epoch": state.best_epoch,
+            **{k: v for k, v in best.items() if k != "epoch"}}
+
+
+# The recommendation path: (stage, the stage whose model it starts from, its training function).
+REC_PATH = {"pretrain_coarse": (None, c2crs_train.pretrain_coarse),
+            "pretrain_fine": ("pretrain_coarse", c2crs_train.pretrain_fine),
+            "finetune_rec": ("pretrain_fine", c2crs_train.finetune_recommender)}
+
+
+def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: Path | None,
+                 out: Path, loaded=None) -> tuple[C2CRS, dict, dict[str, Path]]:
+    """One step of the recommendation path: train from `start_from` (None: fresh weights), keep the best epoch,
+    save it to `out`. Returns the model, the training outcome and the inputs read."""
+    run, model_config, inputs = loaded or training_run(params, workspace)  # loaded: training_run's, reused
+    inputs = dict(inputs)
+    loop.seed_everything(params.seed, params.deterministic)
+    if start_from is not None:
+        inputs["start_from"] = start_from
+        model = load_c2crs(start_from)
+    else:
+        model = C2CRS(model_config)
+    model.to(run.device)
+    _, train_fn = REC_PATH[stage]
+    checkpoints = checkpoint_dir(workspace, stage, params, TRAINING_SECTIONS + (stage,), inputs)
+    state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
+    if (checkpoints / "best.pt").is_file():
+        loop.load_checkpoint(checkpoints / "best.pt", model)
+    save_model(out, model, model.cfg)
+    return model, training_outcome(state), inputs
+
+
+def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageOutcome:
+    """A stage of the recommendation path: train from the previous stage's model, save, write its metrics."""
+    spec = STAGES[stage]
+    previous, _ = REC_PATH[stage]
+    start_from = workspace / STAGES[previous].outs[0] if previous else None
+    model, metrics, inputs = train_c2crs(stage, params, workspace, log, start_from, workspace / spec.outs[0])
+    write_outputs({workspace / spec.metrics[0]: metrics})
+    log.model(stage, model)
+    return StageOutcome(inputs, metrics)
+
+
+# Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
+# placeholder when its responses are shown: the one trained from the same representations.
+CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/kbrd_rec.pt", "none": None}
+CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "none": "textcnn"}
+
+
+@dataclass
+class ConvModelConfig:
+    """What builds a ConversationModel again: the encoders' and the generator's configs and the vocabulary facts."""
+
+    encoders: dict
+    generator: dict
+    movie_token_ids: list[int]
+    uncopyable_ids: list[int]
+    frozen: list[str]
+    pretrained: str
+
+
+def conversation_model(config: ConvModelConfig, encoders: C2CRS | None = None) -> ConversationModel:
+    return ConversationModel(encoders or C2CRS(C2CRSConfig(**config.encoders)), ResponseGenerator(
+        GeneratorConfig(**config.generator)), config.movie_token_ids, config.uncopyable_ids, tuple(config.frozen))
+
+
+def load_conversation_model(path: Path) -> tuple[ConversationModel, ConvModelConfig]:
+    saved = load_saved(path)
+    config = ConvModelConfig(**saved["config"])
+    model = conversation_model(config)
+    model.load_state_dict(saved["state_dict"])
+    return model, config
+
+
+def conv_model_path(workspace: Path, variant: str | None = None) -> Path:
+    if variant is None:
+        return workspace / STAGES["finetune_conv"].outs[0]
+    return workspace / STAGES["conv_baselines"].outs[0] / f"{variant}.pt"
+
+
+def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_rec") -> Path:
+    return workspace / STAGES["ablations"].outs[0] / variant / f"{stage}.pt"
+
+
+def conv_data(run: c2crs_train.Run, inputs: dict[str, Path]):
+    """The output vocabulary and the train/valid responses."""
+    vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
+    samples = pl.read_parquet(inputs["samples"], columns=["sample_id", "split", "role", "response_token_ids"])
+    longest = int(samples["response_token_ids"].list.len().max() or 0)
+    return (vocabulary, conv_train.responses(samples, run.train, "train", vocabulary),
+            conv_train.responses(samples, run.valid, "valid", vocabulary), longest)
+
+
+def train_conversation(params, workspace: Path, log: StageLog, out: Path,
+                        loaded=None) -> tuple[ConversationModel, dict, dict[str, Path]]:
+    """Train one response generator with params.finetune_conv, keep its best epoch (valid perplexity), save it."""
+    cfg, m = params.finetune_conv, params.model
+    run, model_config, inputs = loaded or training_run(params, workspace)
+    inputs = dict(inputs)
+    vocabulary, train_data, valid_data, longest = conv_data(run, inputs)
+    loop.seed_everything(params.seed, params.deterministic)
+    start = CONV_ENCODERS[cfg.pretrained]
+    if start is not None:
+        inputs["start_from"] = workspace / start
+    encoders = load_c2crs(workspace / start) if start else C2CRS(model_config)
+    dims = {"history": m.token_dim, "kg": m.kg_dim, "review": m.token_dim}
+    config = ConvModelConfig(
+        encoders=dataclasses.asdict(encoders.cfg),
+        generator=dataclasses.asdict(GeneratorConfig(
+            vocab_size=len(vocabulary.tokens), memory_dims={k: dims[k] for k in cfg.memories}, dim=m.token_dim,
+            n_layers=m.n_layers, n_heads=m.n_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
+            max_positions=longest + 1, copy=cfg.copy_mechanism)),
+        movie_token_ids=vocabulary.movie_token_ids, uncopyable_ids=vocabulary.uncopyable_ids,
+        frozen=list(cfg.freeze), pretrained=cfg.pretrained)
+    model = conversation_model(config, encoders)
+    with torch.no_grad():  # the decoder's words start where the conversation encoder's are
+        table = encoders.conversation_encoder.tokens.weight
+        model.generator.tokens.weight[: table.size(0)] = table
+    model.to(run.device)
+    weights = (conv_train.loss_weights(train_data, vocabulary, cfg.weight_threshold, cfg.weight_floor)
+               if cfg.instance_weighting else None)
+    checkpoints = checkpoint_dir(workspace, "finetune_conv", params, TRAINING_SECTIONS + ("finetune_conv",), inputs)
+    state = conv_train.finetune_conversation(model, run, train_data, valid_data, weights, cfg, checkpoints,
+                                             on_epoch=log.epoch)
+    if (checkpoints / "best.pt").is_file():
+        loop.load_checkpoint(checkpoints / "best.pt", model)
+    save_model(out, model, config)
+    outcome = {**training_outcome(state), "train_responses": len(train_data), "valid_responses": len(valid_data)}
+    if weights is not None:
+        outcome["downweighted_tokens"] = int((weights < 1).sum())
+    return model, outcome, inputs
+
+
+def repeat_choice(params, workspace: Path, run: c2crs_train.Run):
+    """RepeatChoice's counts from the train split (whether a turn's movie repeats a context movie, and which)."""
+    train = (pl.read_parquet(workspace / TRAINING_INPUTS["samples"]).filter(pl.col("split") == "train")
+             .sort("sample_id"))
+    recent = c2crs_train.recent_items_tensor(rec_metrics.context_items_by_recency(train))
+    return c2crs_train.fit_repeat_choice(run.train, recent, params.evaluate.max_recency)
