@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
 from pipeline.paths import project_root
-from stages.io.graph import STAGES, stage_names
+from stages.io.graph import STAGES, stage_body, stage_names
+from stages.io.outputs import is_main_process
 
 PREFECT_UI_PORT = 4200
 MLFLOW_UI_PORT = 5000
@@ -81,6 +82,13 @@ def _run(args) -> int:
     load_params(params_file)  # fail fast, before Prefect starts, on bad params
     for name in ("stages", "pipeline"):  # progress (epochs, skipped records) shows in the terminal and Prefect UI
         logging.getLogger(name).setLevel(logging.INFO)
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.stage == "all":
+        print("error: under torchrun, run one stage at a time (python -m pipeline run STAGE)", file=sys.stderr)
+        return 2
+    if not is_main_process():  # torchrun's other processes train their share; the first one tracks and writes
+        stage_body(args.stage)(load_params(params_file), params_file.parent)
+        return 0
 
     from pipeline.flows import run_stage_flow
 

@@ -8,12 +8,20 @@ from pathlib import Path
 import polars as pl
 
 
+def is_main_process() -> bool:
+    """False only in a non-first process of a torchrun launch (RANK set by torchrun): those write nothing."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
     """Write every output to a temporary file beside its target, then rename them into place.
 
     Nothing is renamed until every file is written, so an exception or a kill during the slow part leaves the
-    previous outputs untouched; a rename within one directory is atomic.
+    previous outputs untouched; a rename within one directory is atomic. In a distributed run only the first
+    process writes.
     """
+    if not is_main_process():
+        return
     staged: list[tuple[Path, Path]] = []
     try:
         for target, content in outputs.items():

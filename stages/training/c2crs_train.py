@@ -22,6 +22,7 @@ from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, co
                                per_conversation,
                                recommendation_rows, review_batch)
 from stages.evaluation.rec_metrics import rank_of_targets
+from stages.training.distributed import SINGLE_PROCESS, Ranks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Run:
     device: torch.device
     seed: int
     views: frozenset[str] = frozenset(VIEWS)  # the ablations drop "conversation" (w/o CH) or "review" (w/o UD)
+    ranks: Ranks = SINGLE_PROCESS  # the processes of a torchrun launch that share each batch
 
 
 def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bool = False):
@@ -113,17 +115,21 @@ def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.nda
     return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
 
 
-def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float) -> dict:
+def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float,
+           ranks: Ranks = SINGLE_PROCESS) -> dict:
+    """One pass over the batches; distributed, each process steps on its share of every batch (ranks.shard)."""
+    run_step = ranks.step_runner(model)
     total, count = 0.0, 0
     for rows in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
-        loss = step_loss(rows)
+        mine, share = ranks.shard(rows)
+        loss = run_step(step_loss, mine)
         optimizer.zero_grad()
-        loss.backward()
+        (loss * share).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        total += loss.item() * len(rows)
-        count += len(rows)
-    return {"loss": total / max(count, 1)}
+        total += loss.item() * len(mine)
+        count += len(mine)
+    return {"loss": ranks.mean(total, count)}
 
 
 def _mean_loss(table: SampleTable, cfg, step_loss: Callable[[np.ndarray], torch.Tensor], seed: int) -> dict:
@@ -144,7 +150,7 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
 
     def train_epoch(epoch: int) -> dict:
         return _epoch(model, optimizer, _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
-                      step(run.train), cfg.grad_clip)
+                      step(run.train), cfg.grad_clip, run.ranks)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _mean_loss(run.valid, cfg, step(run.valid), run.seed),
@@ -165,7 +171,8 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
 
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
-        return _epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip)
+        return _epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip,
+                      run.ranks)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _mean_loss(run.valid, cfg, step_loss(run.valid, None), run.seed),
@@ -213,7 +220,7 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
         else:
             batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip)
+        return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip, run.ranks)
 
     def validate() -> dict:
         return _recall_at(_valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
@@ -280,7 +287,7 @@ def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path
         order = rng.permutation(len(sample_rows))
         lengths = run.train.context_lengths[sample_rows[order]]
         batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
-        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip)
+        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run.ranks)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _recall_at(_valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size),

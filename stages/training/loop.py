@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages.training.distributed import barrier, is_main_process
+
 log = logging.getLogger(__name__)
 
 
@@ -128,10 +130,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_d
             if improved:
                 state.best_metric, state.best_epoch = value, state.epoch
         state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
-        if improved:
+        if improved and is_main_process():
             save_checkpoint(best, model, optimizer, state)
-        save_checkpoint(last, model, optimizer, state)
+        if is_main_process():
+            save_checkpoint(last, model, optimizer, state)
         if on_epoch is not None:
             on_epoch(state.epoch, metrics)
         log.info("epoch %d: %s", state.epoch, {k: round(v, 4) for k, v in metrics.items()})
+    barrier()  # distributed: the others read best.pt next, once the first process has written it
     return state

@@ -21,7 +21,8 @@ from stages.io.graph import STAGES
 from stages.io.outputs import content_hash, write_outputs
 from stages.io.stage_log import StageLog, StageOutcome
 from stages.evaluation import rec_metrics
-from stages.training import c2crs_data, c2crs_train, conv_train, loop
+from stages.training import c2crs_data, c2crs_train, conv_train, distributed, loop
+from stages.training.distributed import barrier, is_main_process
 from stages.training.loop import resolve_device
 
 # The params sections every model's training reads; a stage adds its own (checkpoint keys use them).
@@ -51,13 +52,14 @@ def training_run(params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig,
     graph = c2crs_data.load_graph(pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["relations"]), edges)
     sentence_tokens = c2crs_data.sentence_token_ids(pl.read_parquet(inputs["review_sentences"]), vocabulary,
                                                     cfg.max_sentence_tokens)
+    ranks, device = distributed.setup(params.distributed, device_of(params))
     run = c2crs_train.Run(
         graph=graph,
         train=c2crs_data.sample_table(samples, triple_table, "train"),
         valid=c2crs_data.sample_table(samples, triple_table, "valid"),
         sentence_tokens=sentence_tokens, pad_id=0, max_context_entities=cfg.max_context_entities,
-        max_review_sentences=cfg.max_review_sentences, device=device_of(params), seed=params.seed,
-        views=frozenset(cfg.views))
+        max_review_sentences=cfg.max_review_sentences, device=device, seed=params.seed,
+        views=frozenset(cfg.views), ranks=ranks)
     model_config = C2CRSConfig(
         vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
         n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
@@ -77,11 +79,16 @@ def checkpoint_dir(workspace: Path, name: str, params, sections: tuple[str, ...]
 
 
 def save_model(path: Path, model: torch.nn.Module, config) -> None:
-    """Weights and the config that builds the module again, written atomically."""
+    """Weights and the config that builds the module again, written atomically (distributed: by the first process,
+    which the others wait for)."""
+    if not is_main_process():
+        barrier()
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save({"config": dataclasses.asdict(config), "state_dict": model.state_dict()}, temporary)
     temporary.replace(path)
+    barrier()
 
 
 def load_saved(path: Path) -> dict:
