@@ -18,7 +18,7 @@ def train_ablation(params, workspace: Path, variant: str, log: StageLog) -> tupl
     for stage in runs.REC_PATH:
         out = runs.ablation_model_path(workspace, variant, stage)
         _, outcome[stage], read = runs.train_c2crs(stage, variant_params, workspace,
-                                               PrefixedLog(log, f"{variant}.{stage}"), start_from, out, loaded)
+                                                   PrefixedLog(log, f"{variant}.{stage}"), start_from, out, loaded)
         inputs.update({name: path for name, path in read.items() if name != "start_from"})
         start_from = out
     return outcome, inputs

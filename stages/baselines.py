@@ -23,7 +23,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     loop.seed_everything(params.seed, params.deterministic)
     cfg = params.baselines.textcnn
     textcnn_config = runs.TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
-                                   embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
+                                        embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
     textcnn = TextCNNRecommender(**dataclasses.asdict(textcnn_config)).to(run.device)
     checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "textcnn"
     textcnn_state = c2crs_train.train_textcnn(textcnn, run, cfg, checkpoints,

@@ -166,7 +166,7 @@ def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
     decoding = params.evaluate.decoding
     entities = pl.read_parquet(inputs["entities"])
     linker = linking.kg_entity_linker(entities, pl.read_parquet(inputs["edges"]),
-                              raw.raw_files(params.data, workspace, "stopwords")["stopwords"], params.linking)
+                                      raw.raw_files(params.data, workspace, "stopwords")["stopwords"], params.linking)
     items = entities.filter(pl.col("is_item"))
     movie_token = dict(zip(items["entity_id"], (f"@{m}" for m in items["movie_id"])))
     movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
@@ -260,7 +260,7 @@ def score_file(params, workspace: Path, path: Path) -> dict:
     item_entity = dict(zip(items["movie_id"], items["entity_id"]))
     stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
     linker = linking.kg_entity_linker(entities, pl.read_parquet(workspace / runs.TRAINING_INPUTS["edges"]), stopwords,
-                              params.linking)
+                                      params.linking)
     linked = triples.link_all(utterances, linker, item_entity)
     samples, _ = triples.build_samples(utterances, linked, pl.read_parquet(workspace / runs.TRAINING_INPUTS["vocab"]),
                                        item_entity, params.triples.context_max_tokens,

@@ -1,6 +1,6 @@
-"""The finetune_rec stage: recommendation fine-tuning (paper 4.3.1) from the pre-trained model: the context entities' user vector
-scored against every item, early stopping on validation recall@50 (stages/training/c2crs_train.py,
-finetune_recommender)."""
+"""The finetune_rec stage: recommendation fine-tuning (paper 4.3.1) from the pre-trained model: the context
+entities' user vector scored against every item, early stopping on validation recall@50
+(stages/training/c2crs_train.py, finetune_recommender)."""
 
 from pathlib import Path
 

@@ -565,7 +565,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     metadata = ("metadata_kg", "metadata_entity_ids", "metadata_relation_ids", "metadata_item_ids",
                 "metadata_entity_types", "movie_info")
     files = raw.raw_files(params.data, workspace, "dbpedia_subkg", "dbpedia_entity_ids", "stopwords",
-                      *(metadata if cfg.merge_metadata_kg else ()))
+                          *(metadata if cfg.merge_metadata_kg else ()))
     sources = [load_kgsf_kg(files["dbpedia_subkg"], files["dbpedia_entity_ids"])]
     if cfg.merge_metadata_kg:
         sources.append(load_movie_metadata_kg(
@@ -579,13 +579,13 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         ends = pl.concat([source.triples["head_uri"], source.triples["tail_uri"]])
         degree_by_uri = dict(ends.value_counts().iter_rows())
         linker = linking.build_linker(linking.entity_labels(dict(enumerate(uris))),
-                                {i: degree_by_uri.get(uri, 0) for i, uri in enumerate(uris)},
-                                files["stopwords"], params.linking)
+                                      {i: degree_by_uri.get(uri, 0) for i, uri in enumerate(uris)},
+                                      files["stopwords"], params.linking)
         texts = pl.read_parquet(utterances_path)["text"]
         seeds = {uris[m.entity_id] for text in tqdm(texts, desc="linking seeds", unit=" utt", disable=None)
                  for m in linker.link(text)}
     result = build_kg(source.triples, movies, seed_uris=sorted(seeds), min_relation_edges=cfg.min_relation_edges,
-                         hops=cfg.hops, add_inverse=cfg.add_inverse, add_self_loops=cfg.add_self_loops)
+                      hops=cfg.hops, add_inverse=cfg.add_inverse, add_self_loops=cfg.add_self_loops)
     metrics = {**result.metrics, "linked_seeds": len(seeds)}
     entities_out, relations_out, edges_out = (workspace / out for out in spec.outs)
     write_outputs({entities_out: result.entities, relations_out: result.relations, edges_out: result.edges,

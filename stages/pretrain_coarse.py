@@ -1,6 +1,6 @@
-"""The pretrain_coarse stage: coarse-grained contrastive pre-training (paper 4.2.1): the conversation, the user's KG subgraph and
-her review document, pulled together by InfoNCE over the three pairs (stages/training/c2crs_train.py,
-pretrain_coarse)."""
+"""The pretrain_coarse stage: coarse-grained contrastive pre-training (paper 4.2.1): the conversation, the user's KG
+subgraph and her review document, pulled together by InfoNCE over the three pairs
+(stages/training/c2crs_train.py, pretrain_coarse)."""
 
 from pathlib import Path
 

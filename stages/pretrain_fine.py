@@ -1,5 +1,6 @@
-"""The pretrain_fine stage: fine-grained contrastive pre-training (paper 4.2.2): word vs. entity vs. review sentence, plus lambda x
-the coarse loss, from the coarse stage's model (stages/training/c2crs_train.py, pretrain_fine)."""
+"""The pretrain_fine stage: fine-grained contrastive pre-training (paper 4.2.2), word vs. entity vs. review
+sentence, plus lambda x the coarse loss, from the coarse stage's model (stages/training/c2crs_train.py,
+pretrain_fine)."""
 
 from pathlib import Path
 

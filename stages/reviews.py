@@ -289,7 +289,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             tables.append(scraped_reviews(scraped, imdb_to_movies, bad))
     review_table = pl.concat(tables)
     sentences = split_sentences(review_table, cfg.sources, cfg.min_sentence_tokens,
-                                        cfg.max_sentence_tokens, cfg.max_sentences_per_movie)
+                                cfg.max_sentence_tokens, cfg.max_sentences_per_movie)
     metrics = {
         "coverage": coverage(sentences, movie_ids, test_movies, cfg.sources),
         "reviews": dict(review_table.group_by("source").len().iter_rows()),

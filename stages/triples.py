@@ -243,7 +243,7 @@ def sentence_chooser(cfg, entities: pl.DataFrame, edges: pl.DataFrame, movies: p
                               on=["movie_id", "source", "review_id"], how="left")
                .sort("sentence_id")["rating"].cast(pl.Float64).fill_null(float("nan")).to_numpy())
     return SentenceChooser(cfg.sentence_rule, sentences, ratings,
-                                   dict(zip(entities["entity_id"], entities["label"])), candidates)
+                           dict(zip(entities["entity_id"], entities["label"])), candidates)
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
@@ -265,16 +265,16 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
 
     train_rows = (utterances["split"] == "train").to_list()
     vocabulary = build_vocabulary((u.tokens for u, train in zip(linked, train_rows) if train),
-                                          cfg.min_token_frequency)
+                                  cfg.min_token_frequency)
     samples, context_mentions = build_samples(utterances, linked, vocabulary, item_entity,
-                                                      cfg.context_max_tokens, cfg.response_max_tokens)
+                                              cfg.context_max_tokens, cfg.response_max_tokens)
     chooser = sentence_chooser(cfg, entities, edges, movies, sentences, pl.read_parquet(dep["reviews.parquet"]))
     triple_table = build_triples(context_mentions, linked, utterances, chooser)
 
     bracketed = {f"<{uri}>": entity_id for entity_id, uri in zip(entities["entity_id"], entities["uri"])}
     evaluation = linking.evaluate_linker(linker, files["linking_gold"], bracketed,
-                                         {f"<{uri}>" for uri in items["uri"]}, sample_size=params.linking.report_samples,
-                                         seed=params.seed)
+                                         {f"<{uri}>" for uri in items["uri"]},
+                                         sample_size=params.linking.report_samples, seed=params.seed)
     metrics = {**triple_metrics(samples, triple_table, linked), "vocabulary": vocabulary.height,
                "linker": {k: round(evaluation[k], 4) for k in ("precision", "recall", "f1", "macro_f1", "f1_mapped")},
                "linker_counts": evaluation["counts"]}

@@ -61,7 +61,7 @@ def test_imports_point_one_way_pipeline_stages_models():
     for package, banned in forbidden.items():
         for path in (PROJECT / package).rglob("*.py"):
             found = banned & set(_runtime_imports(path))
-            assert not found, f"{path.relative_to(PROJECT)} imports {found}: the direction is pipeline -> stages -> models"
+            assert not found, f"{path.relative_to(PROJECT)} imports {found}: imports go pipeline -> stages -> models"
 
 
 def test_dvc_analytics_are_off():

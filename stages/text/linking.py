@@ -491,7 +491,7 @@ def evaluation_report(evaluation: dict, labels: Mapping[int, str] | None = None)
 
 
 def build_linker(labels: dict[int, list[str]], degree: dict[int, int], stopwords: Path,
-                   cfg) -> EntityLinker:
+                 cfg) -> EntityLinker:
     """The linker with params.linking's rules (cfg) over these labels."""
     return EntityLinker.build(labels, read_stopwords(stopwords), degree=degree,
                               min_label_chars=cfg.min_label_chars, dominance_ratio=cfg.dominance_ratio,

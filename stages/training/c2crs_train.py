@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from models.baselines import RepeatChoice, TextCNNRecommender
 from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
-from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
-                               per_conversation,
-                               recommendation_rows, review_batch)
 from stages.evaluation.rec_metrics import rank_of_targets
+from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
+                                        per_conversation, recommendation_rows, review_batch)
 from stages.training.distributed import SINGLE_PROCESS, Ranks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 

@@ -135,7 +135,7 @@ REC_PATH = {"pretrain_coarse": (None, c2crs_train.pretrain_coarse),
 
 
 def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: Path | None,
-                 out: Path, loaded=None) -> tuple[C2CRS, dict, dict[str, Path]]:
+                out: Path, loaded=None) -> tuple[C2CRS, dict, dict[str, Path]]:
     """One step of the recommendation path: train from `start_from` (None: fresh weights), keep the best epoch,
     save it to `out`. Returns the model, the training outcome and the inputs read."""
     run, model_config, inputs = loaded or training_run(params, workspace)  # loaded: training_run's, reused
@@ -218,7 +218,7 @@ def conv_data(run: c2crs_train.Run, inputs: dict[str, Path]):
 
 
 def train_conversation(params, workspace: Path, log: StageLog, out: Path,
-                        loaded=None) -> tuple[ConversationModel, dict, dict[str, Path]]:
+                       loaded=None) -> tuple[ConversationModel, dict, dict[str, Path]]:
     """Train one response generator with params.finetune_conv, keep its best epoch (valid perplexity), save it."""
     cfg, m = params.finetune_conv, params.model
     run, model_config, inputs = loaded or training_run(params, workspace)
