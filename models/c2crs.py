@@ -159,17 +159,26 @@ class KGEncoder(nn.Module):
 
         One R-GCN layer reads a node's own row and its in-neighbours' rows, and the per-relation mean only counts
         edges into that node, so keeping the edges whose target is in `nodes` is exact. This is the CPU speed
-        lever: a batch touches a few hundred entities of ~60k. Run as a bipartite (sources -> targets) graph so
-        the per-relation matmuls are only over target rows. (k_hop_subgraph(num_hops=1) gives the same rows but
-        also keeps edges among the neighbours, which this layer never reads.)
+        lever: a batch touches a few hundred entities of ~60k (and recommendation every item). With RGCNConv's own
+        weights, the mean is taken per (target, relation) pair that has an edge and only those pairs are
+        multiplied by W_r: RGCNConv multiplies every target row by every relation's W_r (69 of them), which made
+        this layer 85 % of a fine-tuning step.
         """
+        conv = self.rgcn
         targets, inverse = torch.unique(nodes, return_inverse=True)
         keep = torch.isin(edge_index[1], targets)
-        src, dst, rel = edge_index[0, keep], edge_index[1, keep], edge_type[keep]
-        sources, src_local = torch.unique(src, return_inverse=True)
-        dst_local = torch.searchsorted(targets, dst)
+        src, rel = edge_index[0, keep], edge_type[keep]
+        dst = torch.searchsorted(targets, edge_index[1, keep])
         x = self.entities.weight
-        out = self.rgcn((x[sources], x[targets]), torch.stack([src_local, dst_local]), rel)
+        # (relation, target) pairs, grouped by relation: one contiguous block of rows per W_r
+        pairs, pair_of_edge, count = torch.unique(rel * len(targets) + dst, return_inverse=True, return_counts=True)
+        mean = x.new_zeros(len(pairs), x.size(1)).index_add(0, pair_of_edge, x[src]) / count[:, None].to(x.dtype)
+        relations, per_relation = torch.unique_consecutive(pairs // len(targets), return_counts=True)
+        weight = (conv.comp @ conv.weight.view(conv.num_bases, -1)).view(conv.num_relations, *conv.weight.shape[1:])
+        messages = [block @ weight[r] for block, r in zip(mean.split(per_relation.tolist()), relations.tolist())]
+        out = x[targets] @ conv.root + conv.bias
+        if messages:
+            out = out.index_add(0, pairs % len(targets), torch.cat(messages))
         return out[inverse]
 
 
