@@ -162,3 +162,18 @@ def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
     assert saved["config"]["kg_encoder"] == "featureless" and "kg_encoder.basis" in saved["state_dict"]
     assert "user_pooling.proj.weight" not in saved["state_dict"]  # the recommender pools with graph_pooling
     assert saved["state_dict"]["item_bias"].shape[0] == saved["config"]["n_entities"]
+
+
+def test_the_answer_says_better_or_worse_only_when_every_interval_does():
+    from stages.evaluation.study_report import verdict
+
+    def minus(*intervals):
+        cells = iter(intervals)
+        return {p: {m: {"ci95": next(cells)} for m in ("recall@10", "recall@50")}
+                for p in ("all_turns", "recommender_turns")}
+
+    assert verdict(minus(*[(0.01, 0.02)] * 4)) == "improves recommendation"
+    assert verdict(minus(*[(-0.02, -0.01)] * 4)) == "worsens recommendation"
+    assert verdict(minus((-0.01, -0.002), (-0.01, 0.001), (-0.01, 0.01), (-0.01, 0.01))).startswith(
+        "worsens recommendation on some metrics")
+    assert verdict(minus(*[(-0.01, 0.01)] * 4)) == "does not measurably change recommendation"

@@ -177,17 +177,18 @@ def _diff(d: dict) -> str:
 
 
 def verdict(minus_kbrd: dict) -> str:
-    """Better / worse only when every R@10 and R@50 interval of both standard protocols says so."""
+    """What pre-training does to recommendation: better / worse only when every R@10 and R@50 interval of both
+    standard protocols says so, "on some metrics" when some do and the others include 0."""
     cells = [minus_kbrd[p][m]["ci95"] for p in ("all_turns", "recommender_turns") for m in ("recall@10", "recall@50")]
     if all(lo > 0 for lo, _ in cells):
-        return "improves"
+        return "improves recommendation"
     if all(hi < 0 for _, hi in cells):
-        return "worsens"
+        return "worsens recommendation"
     if any(lo > 0 for lo, _ in cells):
-        return "improves on some metrics (not all intervals exclude 0)"
+        return "improves recommendation on some metrics (the other intervals include 0)"
     if any(hi < 0 for _, hi in cells):
-        return "worsens on some metrics (not all intervals exclude 0)"
-    return "does not measurably change"
+        return "worsens recommendation on some metrics (the other intervals include 0)"
+    return "does not measurably change recommendation"
 
 
 def report(summary: dict, params) -> str:
@@ -197,8 +198,8 @@ def report(summary: dict, params) -> str:
              "Protocol: the ReDial test split, one evaluation row per ground-truth movie mention of a scored turn, "
              "ranked over all movies (stages/evaluation/rec_metrics.py). all_turns: seeker and recommender turns "
              "(the C2-CRS code); recommender_turns: the recommender's only; new_items: recommender turns whose movie "
-             "was not mentioned before, ranked over all movies; new_items_masked: the same rows with the context's movies "
-             "removed from every ranking. Each arm is trained once per seed with the same code; 'KBRD-style' is "
+             "was not mentioned before, ranked over all movies; new_items_masked: the same rows with the context's "
+             "movies removed from every ranking. Each arm is trained once per seed with the same code; 'KBRD-style' is "
              "the C2-CRS recommender trained from fresh weights (no pre-training). Cells: mean ± standard deviation "
              "over seeds. Differences: per-row metric values averaged over the seeds both arms finished, 95 % "
              "paired cluster-bootstrap interval over test conversations; 'better'/'worse' when it excludes 0. "
@@ -209,7 +210,7 @@ def report(summary: dict, params) -> str:
             seeds = entry["minus_kbrd"][C2CRS]["seeds"]
             d = entry["minus_kbrd"][C2CRS]["all_turns"]
             answers.append(f"under `{setting}` ({len(seeds)} seed(s)) pre-training "
-                           f"{verdict(entry['minus_kbrd'][C2CRS])} recommendation (all turns R@10 "
+                           f"{verdict(entry['minus_kbrd'][C2CRS])} (all turns R@10 "
                            f"{_diff(d['recall@10'])}, R@50 {_diff(d['recall@50'])})")
     lines += ["## Answer", "", ("On this data, " + "; ".join(answers) + ".") if answers
               else "No setting has both arms finished yet.", ""]
