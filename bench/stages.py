@@ -4,7 +4,7 @@ Why: this tells how long each stage takes and how much memory it needs on its ow
 (bench/overhead.py measures what those add). Each stage is run by calling its run() (stages/<stage>.py)
 with the values of params.yaml: the body reads its inputs, runs the stage and writes its outputs, so the outputs in
 data/ and metrics/ are rewritten with the same content `python -m pipeline run <stage>` writes. The stages run in
-registry order (pipeline/registry.py), because each reads what the earlier ones wrote to data/.
+stage order (dvc.yaml, read by stages/io/graph.py), because each reads what the earlier ones wrote to data/.
 
 Each stage and repeat runs in a fresh interpreter, so the peak RSS is that stage's alone and not what earlier
 stages or repeats left behind. Memory is read from /proc/self/status: VmRSS after the imports, and VmHWM (the
