@@ -4,7 +4,8 @@ Why: every stage runs as a Prefect flow with an MLflow run; the target is at mos
 Prefect server is running (as under `python -m pipeline repro`). Three variants of the ingest stage, each a fresh
 process whose whole wall time is measured (interpreter start, imports, the stage's work, the writing of outputs):
 
-  a. direct     `python -c ...`: load params, call the stage functions, write outputs with stages.io.outputs.write_outputs
+  a. direct     `python -c ...`: load params, call the stage functions, write outputs with
+                stages.io.outputs.write_outputs
                 (the same work as the flow, without Prefect or MLflow);
   b. ephemeral  `python -m pipeline run ingest` with PREFECT_API_URL unset: Prefect starts a temporary server in
                 the process (the first run also creates Prefect's database);
