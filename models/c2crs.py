@@ -1,6 +1,6 @@
 """C2-CRS (Zhou et al., WSDM 2022): the three context encoders, the coarse-to-fine contrastive losses, the recommender.
 
-One model file, as nanoGPT: the views, the losses, the KG encoders and the recommender read top to bottom against
+Over 400 lines on purpose: one model file, as nanoGPT: the views, the losses, the KG encoders and the recommender read top to bottom against
 the paper map below.
 
 Paper map:
