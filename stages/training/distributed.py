@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stages.io.outputs import is_main_process  # noqa: F401  (the writers' rule, re-exported for the trainers)
-
 
 class _Step(torch.nn.Module):
     """Lets DistributedDataParallel wrap a training step that calls the model's methods rather than forward: the
@@ -68,9 +66,6 @@ class Ranks:
             dist.all_reduce(values)
             total, count = values.tolist()
         return total / max(count, 1)
-
-    def barrier(self) -> None:
-        barrier()
 
 
 SINGLE_PROCESS = Ranks()

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.training.distributed import barrier, is_main_process
+from stages.io.outputs import is_main_process
+from stages.training.distributed import barrier
 
 log = logging.getLogger(__name__)
 

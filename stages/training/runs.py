@@ -22,7 +22,8 @@ from stages.io.outputs import content_hash, write_outputs
 from stages.io.stage_log import StageLog, StageOutcome
 from stages.evaluation import rec_metrics
 from stages.training import c2crs_data, c2crs_train, conv_train, distributed, loop
-from stages.training.distributed import barrier, is_main_process
+from stages.io.outputs import is_main_process
+from stages.training.distributed import barrier
 from stages.training.loop import resolve_device
 
 # The params sections every model's training reads; a stage adds its own (checkpoint keys use them).
