@@ -172,7 +172,8 @@ def print_table(summaries: dict[str, dict], repeats: int) -> None:
 
 
 def main() -> int:
-    choices = [*stage_names(), LINKER]
+    data_stages = stage_names()[: stage_names().index("triples") + 1]  # the training stages: bench/train.py
+    choices = [*data_stages, LINKER]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", nargs="+", choices=choices, default=choices, metavar="STAGE",
                         help=f"what to measure, run in this order whatever the order given: {' '.join(choices)} "

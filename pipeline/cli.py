@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
 from pipeline.paths import project_root
-from stages.io.graph import STAGES, stage_body, stage_names
+from stages.io.graph import STAGES, stage_body, stage_instances, stage_names, variants_of
 from stages.io.outputs import is_main_process
 
 PREFECT_UI_PORT = 4200
@@ -25,13 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one stage, or all of them, as a Prefect flow")
-    run.add_argument("stage", help=f"one of: {', '.join(stage_names())}, all")
+    run.add_argument("stage", help=f"one of: {', '.join(stage_names())}, all; a foreach stage's variant as "
+                                   "STAGE@VARIANT (ablations@wo_coarse; the stage alone: every variant)")
     run.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
 
     commands.add_parser("stages", help="list the stages with their inputs and outputs")
 
-    repro = commands.add_parser("repro", help="`dvc repro` with one Prefect server and one MLflow parent run")
-    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
+    repro = commands.add_parser("repro", help="`dvc repro` with one Prefect server and one MLflow parent run; "
+                                              "without dvc options, independent stages run side by side")
+    repro.add_argument("--jobs", type=int, default=2, help="stages at once, each with its share of the cores "
+                                                           "(default 2; 1: plain `dvc repro`)")
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (then stages run one at a "
+                                                                  "time, as dvc repro runs them)")
 
     commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 until Ctrl-C")
 
@@ -75,11 +80,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    if args.stage not in STAGES and args.stage != "all":
+    family, _, variant = args.stage.partition("@")
+    if family not in STAGES and args.stage != "all":
         print(f"error: unknown stage {args.stage!r}; choose one of: {', '.join(stage_names())}, all", file=sys.stderr)
         return 2
     params_file = Path(args.params).resolve()
-    load_params(params_file)  # fail fast, before Prefect starts, on bad params
+    params = load_params(params_file)  # fail fast, before Prefect starts, on bad params
+    if variant and not STAGES[family].foreach:
+        print(f"error: {args.stage!r}: stage {family!r} has no variants", file=sys.stderr)
+        return 2
+    if variant and variant not in variants_of(STAGES[family], params):
+        known = ", ".join(variants_of(STAGES[family], params)) or "none"
+        print(f"error: {args.stage!r}: {params_file.name} {STAGES[family].foreach} has no {variant!r}; it has {known}",
+              file=sys.stderr)
+        return 2
     for name in ("stages", "pipeline"):  # progress (epochs, skipped records) shows in the terminal and Prefect UI
         logging.getLogger(name).setLevel(logging.INFO)
 
@@ -87,7 +101,8 @@ def _run(args) -> int:
         print("error: under torchrun, run one stage at a time (python -m pipeline run STAGE)", file=sys.stderr)
         return 2
     if not is_main_process():  # torchrun's other processes train their share; the first one tracks and writes
-        stage_body(args.stage)(load_params(params_file), params_file.parent)
+        for name in stage_instances(params, [family]) if args.stage == family else [args.stage]:
+            stage_body(name)(params, params_file.parent)
         return 0
 
     from pipeline.flows import run_stage_flow
@@ -183,6 +198,8 @@ def _talk(args) -> int:
 def _stages(args) -> int:
     for spec in STAGES.values():
         print(f"{spec.name}: {spec.summary}")
+        if spec.foreach:
+            print(f"  one stage per variant of params {spec.foreach}: {spec.name}@<variant>")
         print(f"  params:  {', '.join(spec.params)}")
         if spec.external_inputs:
             print(f"  reads:   {spec.external_inputs}")
@@ -203,11 +220,19 @@ def _repro(args) -> int:
     from pipeline import servers
     from pipeline.invocation import new_invocation
 
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}: expected a whole number >= 1", file=sys.stderr)
+        return 2
     dvc = shutil.which("dvc") or str(servers.BIN / "dvc")
-    new_invocation()
+    invocation = new_invocation()
     env = dict(os.environ)
     server = None
-    if "PREFECT_API_URL" not in env and _pipeline_has_work(dvc):
+    has_work = _pipeline_has_work(dvc)
+    if has_work:  # made here, so stages that start together do not each make one
+        from pipeline.tracking import parent_run
+
+        parent_run(invocation)
+    if "PREFECT_API_URL" not in env and has_work:
         ui_url = f"http://127.0.0.1:{PREFECT_UI_PORT}"
         if servers.is_healthy(f"{ui_url}/api/health"):
             env["PREFECT_API_URL"] = f"{ui_url}/api"
@@ -217,10 +242,27 @@ def _repro(args) -> int:
             env["PREFECT_API_URL"] = f"{server.url}/api"
         print(f"Prefect API: {env['PREFECT_API_URL']}", flush=True)
     try:
-        return subprocess.run([dvc, "repro", *args.dvc_args], cwd=project_root(), env=env).returncode
+        if args.dvc_args or args.jobs == 1 or not has_work:
+            return subprocess.run([dvc, "repro", *args.dvc_args], cwd=project_root(), env=env).returncode
+        return _repro_side_by_side(dvc, args.jobs, env)
     finally:
         if server:
             server.stop()
+
+
+def _repro_side_by_side(dvc: str, jobs: int, env: dict[str, str]) -> int:
+    """Every stage through `dvc repro --single-item`, independent ones at once; a per-stage time table at the end
+    (also in logs/repro/times.md)."""
+    from pipeline import parallel
+
+    root = project_root()
+    started = time.monotonic()
+    results = parallel.run_stages(parallel.dvc_stage_graph(root), lambda stage: [dvc, "repro", "--single-item", stage],
+                                  jobs, root, env, root / "logs" / "repro", echo=lambda line: print(line, flush=True))
+    table = parallel.summary(results, time.monotonic() - started)
+    (root / "logs" / "repro" / "times.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 1 if any(result.status in ("failed", "not run") for result in results) else 0
 
 
 def _pipeline_has_work(dvc: str) -> bool:

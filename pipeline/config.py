@@ -256,9 +256,9 @@ class BaselinesConfig(Section):
 
 class VariantsConfig(Section):
     """Models trained as variants of the main one: variant name -> params overrides, as dotted keys (the keys
-    `dvc exp run -S` takes). ablations: the paper's Table 4; conv_baselines: its Table 2 rows (finetune_conv keys)."""
+    `dvc exp run -S` takes). ablations: the paper's Table 4; conv_baselines: its Table 2 rows (finetune_conv keys).
+    dvc.yaml makes each variant its own stage (ablations@<variant>)."""
 
-    workers: int = Field(default=1, ge=1)  # variants trained at once, each in its own process, sharing the cores
     variants: dict[str, dict[str, Any]] = {}
 
 

@@ -1,10 +1,10 @@
 """Prefect flows: one per stage, and `all`, which runs every stage as a subflow of one parent flow.
 
 A stage's flow loads params and wraps the stage's run() (stages/<stage>.py) in an MLflow run that logs params,
-input hashes and metrics.
+input hashes and metrics. A foreach stage's flow runs one variant (its `variant` parameter), or every variant of
+the params when none is given.
 """
 
-from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, tags
@@ -12,42 +12,67 @@ from prefect import flow, tags
 from pipeline.config import load_params
 from pipeline.invocation import new_invocation
 from pipeline.paths import git_commit
-from stages.io.graph import STAGES, stage_body, stage_names
-from stages.io.stage_log import StageOutcome
+from stages.io.graph import STAGES, stage_body, stage_instances, stage_spec
 from pipeline.tracking import stage_run
 
 
-def _stage_flow(stage: str, body: Callable[..., StageOutcome]):
-    """Wrap a stage body in a Prefect flow with an MLflow run that logs its params, inputs and metrics."""
+def params_value(params: dict, key: str):
+    """A params key as dvc.yaml names it: a section (model) or a dotted path into one (ablations.variants.wo_ch)."""
+    value = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _run_stage(name: str, params_file: str) -> dict:
+    """One stage (a foreach stage's variant: family@variant) in an MLflow run."""
+    params = load_params(params_file)
+    workspace = Path(params_file).resolve().parent  # paths in params are relative to the params file
+    dumped = params.model_dump()
+    sections = {key: params_value(dumped, key) for key in stage_spec(name).params}
+    with stage_run(name, sections) as run:
+        outcome = stage_body(name)(params, workspace, run)
+        run.log_inputs(outcome.inputs)
+        run.log_metrics(outcome.metrics)
+    return outcome.metrics
+
+
+def _stage_flow(stage: str):
+    """A stage's Prefect flow; a foreach stage's takes the variant to run (none: every variant in the params)."""
+    if not STAGES[stage].foreach:
+        @flow(name=stage, description=STAGES[stage].summary)
+        def stage_flow(params_file: str = "params.yaml") -> dict:
+            return _run_stage(stage, params_file)
+        return stage_flow
 
     @flow(name=stage, description=STAGES[stage].summary)
-    def stage_flow(params_file: str = "params.yaml") -> dict:
-        params = load_params(params_file)
-        workspace = Path(params_file).resolve().parent  # paths in params are relative to the params file
-        sections = {key: params.model_dump()[key] for key in STAGES[stage].params}
-        with stage_run(stage, sections) as run:
-            outcome = body(params, workspace, run)
-            run.log_inputs(outcome.inputs)
-            run.log_metrics(outcome.metrics)
-        return outcome.metrics
-
-    return stage_flow
+    def variant_flow(params_file: str = "params.yaml", variant: str = "") -> dict:
+        if variant:
+            return _run_stage(f"{stage}@{variant}", params_file)
+        return {name: STAGE_FLOWS[stage](params_file, name.partition("@")[2])
+                for name in stage_instances(load_params(params_file), [stage])}
+    return variant_flow
 
 
-STAGE_FLOWS = {name: _stage_flow(name, stage_body(name)) for name in STAGES}
+STAGE_FLOWS = {name: _stage_flow(name) for name in STAGES}
 
 
 @flow(name="all")
 def all_flow(params_file: str = "params.yaml") -> dict:
-    """Every stage in order, each a subflow of this one, all MLflow runs under one parent run."""
-    return {name: run_stage_flow(name, params_file) for name in stage_names()}
+    """Every stage in order (a foreach stage once per variant), each a subflow of this one, all MLflow runs under
+    one parent run."""
+    return {name: run_stage_flow(name, params_file) for name in stage_instances(load_params(params_file))}
 
 
 def run_stage_flow(stage: str, params_file: str = "params.yaml") -> dict:
-    """Run one stage (or `all`) as a flow, tagged with the stage name and the git commit."""
+    """Run one stage (family@variant for one variant of a foreach stage, or `all`) as a flow, tagged with the stage
+    name and the git commit."""
     if stage == "all":
         new_invocation()
         with tags("stage:all", f"git:{git_commit()}"):
             return all_flow(params_file)
+    family, _, variant = stage.partition("@")
     with tags(f"stage:{stage}", f"git:{git_commit()}"):
-        return STAGE_FLOWS[stage](params_file)
+        if STAGES[family].foreach:
+            return STAGE_FLOWS[family](params_file, variant)
+        return STAGE_FLOWS[family](params_file)

@@ -39,7 +39,9 @@ def experiment_id() -> str:
     return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root())
 
 
-def _parent_run(client: MlflowClient, exp_id: str, invocation: str) -> str:
+def parent_run(invocation: str) -> str:
+    """The MLflow run that groups one pipeline invocation's stage runs, made on first use."""
+    client, exp_id = MlflowClient(), experiment_id()
     found = client.search_runs([exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
     if found:
         return found[0].info.run_id
@@ -100,7 +102,7 @@ def stage_run(stage: str, params: dict) -> Iterator[StageRun]:
     exp_id = experiment_id()
     client = MlflowClient()
     invocation = current_invocation()
-    parent_id = _parent_run(client, exp_id, invocation) if invocation else None
+    parent_id = parent_run(invocation) if invocation else None
     tags = {"stage": stage, "git_commit": git_commit()}
     status = "FAILED"
     try:

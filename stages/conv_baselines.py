@@ -1,30 +1,23 @@
-"""The conv_baselines stage: the paper's Table 2 rows by the same code, each a params.conv_baselines variant of
-finetune_conv (Transformer, KGSF-style, C2-CRS w/o instance weighting)."""
+"""The conv_baselines stage: one row of the paper's Table 2 by the same code, finetune_conv with one
+params.conv_baselines variant's overrides (Transformer, KGSF-style, C2-CRS w/o instance weighting). dvc.yaml runs
+it once per variant (conv_baselines@transformer, ...)."""
 
 from pathlib import Path
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, PrefixedLog, StageLog, StageOutcome
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
 from stages.training import runs
-from stages.training.variants import train_variants
 
 
-def train_conv_baseline(params, workspace: Path, variant: str, log: StageLog) -> tuple[dict, dict]:
+def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> StageOutcome:
+    """Train the variant's generator. A variant equal to the main model resumes finetune_conv's finished checkpoint;
+    a killed stage resumes where it stopped."""
+    spec = STAGES["conv_baselines"].for_variant(variant)
     variant_params = params.variant(variant, kind="conv_baselines")
-    _, outcome, inputs = runs.train_conversation(variant_params, workspace, PrefixedLog(log, variant),
-                                                 runs.conv_model_path(workspace, variant))
-    return {"overrides": params.conv_baselines.variants[variant], **outcome}, inputs
-
-
-def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    """The paper's Table 2 rows, each a params.conv_baselines variant of finetune_conv. A variant equal to the main
-    model resumes finetune_conv's finished checkpoint; a killed stage resumes each variant where it stopped."""
-    spec = STAGES["conv_baselines"]
-    done = train_variants("conv_baselines", train_conv_baseline, params, workspace, log)
-    for variant in done:
-        log.model(f"conv_{variant}", runs.load_conversation_model(runs.conv_model_path(workspace, variant))[0])
-    (workspace / spec.outs[0]).mkdir(parents=True, exist_ok=True)
-    metrics = {variant: outcome for variant, (outcome, _) in done.items()}
+    model, outcome, inputs = runs.train_conversation(variant_params, workspace, log,
+                                                     runs.conv_model_path(workspace, variant))
+    metrics = {"overrides": params.conv_baselines.variants[variant], **outcome}
     write_outputs({workspace / spec.metrics[0]: metrics})
-    return StageOutcome({name: path for _, inputs in done.values() for name, path in inputs.items()}, metrics)
+    log.model(f"conv_{variant}", model)
+    return StageOutcome(inputs, metrics)

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from pipeline.config import load_params
-from stages.io.graph import stage_names, stage_body
+from stages.io.graph import stage_body, stage_instances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() "
                                 "is False (the CUDA path is exercised on a GPU machine)")
@@ -23,7 +23,7 @@ def test_every_stage_runs_on_cuda(params_file):
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
     workspace = params_file.parent
-    for stage in stage_names():
+    for stage in stage_instances(params):
         stage_body(stage)(params, workspace)
     saved = torch.load(workspace / "data/models/c2crs_rec.pt", weights_only=True, map_location="cpu")
     assert all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())

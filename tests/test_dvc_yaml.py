@@ -4,7 +4,9 @@ direction holds, and DVC is configured to stay offline."""
 import ast
 import configparser
 
-from stages.io.graph import STAGES, load_stage_graph, stage_body
+import pytest
+
+from stages.io.graph import STAGES, load_stage_graph, stage_body, stage_instances, stage_spec
 from tests.conftest import PROJECT
 
 
@@ -12,7 +14,7 @@ def test_every_stage_is_one_module_with_a_run_that_dvc_tracks():
     for name, spec in STAGES.items():
         module = f"stages/{name}.py"
         assert module in spec.code, f"{name}: dvc.yaml does not list {module} among its deps"
-        assert callable(stage_body(name))
+        assert callable(stage_body(spec.for_variant("v").name if spec.foreach else name))
         assert spec.summary, f"{name}: dvc.yaml gives no desc"
     stage_modules = {path.stem for path in (PROJECT / "stages").glob("*.py")} - {"__init__"}
     assert stage_modules == set(STAGES), "stages/*.py holds exactly the DVC stages (shared code: subpackages)"
@@ -22,7 +24,41 @@ def test_every_stage_runs_through_the_pipeline_cli():
     import yaml
 
     for name, stage in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].items():
-        assert stage["cmd"] == f"python -m pipeline run {name}"
+        if "foreach" in stage:
+            assert stage["do"]["cmd"] == f"python -m pipeline run {name}@${{key}}"
+        else:
+            assert stage["cmd"] == f"python -m pipeline run {name}"
+
+
+def test_a_foreach_stage_is_one_stage_per_variant_of_its_params_section():
+    from pipeline.config import load_params
+
+    params = load_params(PROJECT / "params.yaml")
+    for family in ("ablations", "conv_baselines"):
+        spec = STAGES[family]
+        assert spec.foreach == f"{family}.variants"
+        assert [name for name in stage_instances(params) if name.startswith(f"{family}@")] == \
+            [f"{family}@{variant}" for variant in getattr(params, family).variants]
+    wo_ch = stage_spec("ablations@wo_ch")
+    assert wo_ch.outs == ("data/models/ablations/wo_ch",) and wo_ch.metrics == ("metrics/ablations/wo_ch.json",)
+    assert "ablations.variants.wo_ch" in wo_ch.params
+    with pytest.raises(ValueError, match="name one as ablations@<variant>"):
+        stage_spec("ablations")
+    with pytest.raises(ValueError, match="has no variants"):
+        stage_spec("ingest@x")
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        stage_body("nope")
+
+
+def test_dvc_expands_the_graph_as_the_reader_does():
+    """DVC's own expansion of dvc.yaml (what `pipeline repro` schedules) has the stages stage_instances names."""
+    from pipeline.config import load_params
+    from pipeline.parallel import dvc_stage_graph
+
+    graph = dvc_stage_graph(PROJECT)
+    assert list(graph) == stage_instances(load_params(PROJECT / "params.yaml"))
+    assert set(graph["evaluate"]) >= {"ablations@wo_ch", "conv_baselines@kgsf", "finetune_rec", "baselines"}
+    assert set(graph["ablations@wo_ch"]) == {"triples", "reviews", "kg"}
 
 
 def test_every_code_dependency_exists():

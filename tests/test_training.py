@@ -8,10 +8,9 @@ import pytest
 import torch
 import yaml
 
-from stages.io.graph import stage_body
-from stages.io.stage_log import StageLog
 from pipeline.config import load_params
-from stages.io.graph import stage_names
+from stages.io.graph import stage_body, stage_instances
+from stages.io.stage_log import StageLog
 from stages.training.loop import epoch_generator, seed_everything, train
 
 
@@ -67,7 +66,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
 def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     params = load_params(params_file)
     workspace = params_file.parent
-    for stage in stage_names():
+    for stage in stage_instances(params):
         stage_body(stage)(params, workspace)
     results = json.loads((workspace / "metrics/rec.json").read_text())
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
@@ -85,8 +84,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert finetune["epochs_run"] == 2
 
     # Every variant trained its whole path with its overrides; w/o Fine's coarse step is the main run's.
-    ablations = json.loads((workspace / "metrics/ablations.json").read_text())
-    assert list(ablations) == list(params.ablations.variants)
+    ablations = {variant: json.loads((workspace / f"metrics/ablations/{variant}.json").read_text())
+                 for variant in params.ablations.variants}
     for variant, outcome in ablations.items():
         assert np.isfinite(outcome["finetune_rec"]["train_loss"]), variant
     assert ablations["wo_coarse"]["pretrain_coarse"]["epochs_run"] == 0
@@ -112,8 +111,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     sheet = (workspace / "reports/conv_rating.csv").read_text().splitlines()
     assert sheet[0] == "item,sample_id,context,response,fluency,informativeness"
     assert len(sheet) - 1 == 4 * min(params.evaluate.samples_for_reading, conversation["c2crs"]["n"])
-    conv_baselines = json.loads((workspace / "metrics/conv_baselines.json").read_text())
-    assert conv_baselines["transformer"]["overrides"]["finetune_conv.pretrained"] == "none"
+    transformer = json.loads((workspace / "metrics/conv_baselines/transformer.json").read_text())
+    assert transformer["overrides"]["finetune_conv.pretrained"] == "none"
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
 
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
@@ -136,14 +135,15 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
                 assert scored["results"][model][protocol][metric] == results[model][protocol][metric]
 
 
-def test_ablations_in_the_stage_process_record_each_variant(params_file):
-    """workers: 1 trains the variants one after another in the stage's own process, reporting epochs as they end."""
+def test_an_ablation_variant_is_its_own_stage_and_logs_each_step(params_file):
+    """ablations@short trains that variant alone, into its own folder and metrics file, naming each step's epochs."""
     raw = yaml.safe_load(params_file.read_text())
-    raw["ablations"] = {"workers": 1, "variants": {"wo_sd": {"model.kg_edges": False},
-                                                   "short": {"finetune_rec.epochs": 1}}}
+    raw["ablations"] = {"variants": {"wo_sd": {"model.kg_edges": False}, "short": {"finetune_rec.epochs": 1}}}
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
     workspace = params_file.parent
+    assert [name for name in stage_instances(params) if name.startswith("ablations")] == \
+        ["ablations@short", "ablations@wo_sd"]  # yaml.safe_dump sorts the keys
     for stage in ("ingest", "reviews", "kg", "triples"):
         stage_body(stage)(params, workspace)
 
@@ -155,12 +155,42 @@ def test_ablations_in_the_stage_process_record_each_variant(params_file):
             self.names |= set(metrics)
 
     log = Epochs()
-    outcome = stage_body("ablations")(params, workspace, log)
-    assert list(outcome.metrics) == ["short", "wo_sd"]  # yaml.safe_dump sorts the keys
-    assert outcome.metrics["short"]["finetune_rec"]["epochs_run"] == 1
-    assert outcome.metrics["wo_sd"]["overrides"] == {"model.kg_edges": False}
-    assert {"wo_sd.pretrain_coarse.train_loss", "short.finetune_rec.valid_recall@50"} <= log.names
+    outcome = stage_body("ablations@short")(params, workspace, log)
+    assert outcome.metrics["finetune_rec"]["epochs_run"] == 1
+    assert outcome.metrics["overrides"] == {"finetune_rec.epochs": 1}
+    assert {"pretrain_coarse.train_loss", "finetune_rec.valid_recall@50"} <= log.names
     assert (workspace / "data/models/ablations/short/finetune_rec.pt").is_file()
+    assert json.loads((workspace / "metrics/ablations/short.json").read_text()) == outcome.metrics
+    assert not (workspace / "data/models/ablations/wo_sd").exists()
+
+
+def test_two_processes_with_one_checkpoint_folder_take_turns(tmp_path):
+    """Stages side by side that share a training run: the second waits for the first, then resumes its finished
+    run instead of training the same epochs again (or both writing one checkpoint)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        histories = pool.starmap(_train_tiny, [(tmp_path, 0.3), (tmp_path, 0.0)])
+    assert histories[0] == histories[1] and len(histories[0]) == 3
+    epochs_trained = sorted(int(line) for line in (tmp_path / "trained").read_text().split())
+    assert epochs_trained == [0, 1, 2]  # each epoch once, by whichever process came first
+
+
+def _train_tiny(folder, delay: float):
+    import time
+
+    time.sleep(delay)
+    model, optimizer, train_epoch, validate = tiny_problem(0)
+
+    def counted_epoch(epoch: int) -> dict:
+        with open(folder / "trained", "a") as record:
+            record.write(f"{epoch}\n")
+        time.sleep(0.2)
+        return train_epoch(epoch)
+
+    state = train(model, optimizer, folder / "run", 3, counted_epoch, validate)
+    return [(h["epoch"], round(h["train_loss"], 6)) for h in state.history]
 
 
 def test_seed_everything_switches_torchs_deterministic_kernels():

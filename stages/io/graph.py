@@ -2,8 +2,12 @@
 
 A stage's run() takes its output paths from here, and the orchestration (pipeline/) its flows, CLI listing and
 MLflow params; DVC reads the same file. Paths under data/ are a stage's data inputs, the other deps its code.
+A `foreach` stage is one stage per variant of a params section, named as DVC names it (ablations@wo_coarse): its
+spec here holds `${key}` in its paths until for_variant() fills them in.
 """
 
+import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +28,22 @@ class StageSpec:
     metrics: tuple[str, ...]
     reports: tuple[str, ...] = ()  # human-readable outputs (outs with cache: false), kept in git like metrics
     external_inputs: str = ""  # dvc.yaml meta.external_inputs: data read from outside the workspace
+    foreach: str = ""  # a foreach stage: the params key of its variants (e.g. ablations.variants)
 
     def all_deps(self) -> tuple[str, ...]:
         return self.code + self.deps
+
+    def for_variant(self, variant: str) -> "StageSpec":
+        """One variant's stage of a foreach stage: its name and paths with DVC's ${key} filled in."""
+        if not self.foreach:
+            raise ValueError(f"stage {self.name!r} has no variants")
+
+        def fill(values: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(value.replace("${key}", variant) for value in values)
+
+        return dataclasses.replace(self, name=f"{self.name}@{variant}", params=fill(self.params),
+                                   outs=fill(self.outs), metrics=fill(self.metrics), reports=fill(self.reports),
+                                   foreach="")
 
 
 def _path(entry) -> str:
@@ -42,6 +59,9 @@ def load_stage_graph(path: Path = DVC_YAML) -> dict[str, StageSpec]:
         raise ValueError(f"{path}: cannot read the stage graph ({exc})") from None
     graph = {}
     for name, stage in stages.items():
+        foreach = ""
+        if "foreach" in stage:  # foreach: ${section.key}, do: the stage's body
+            foreach, stage = str(stage["foreach"]).removeprefix("${").removesuffix("}"), stage.get("do", {})
         deps = [str(d) for d in stage.get("deps", [])]
         outs = stage.get("outs", [])
         graph[name] = StageSpec(
@@ -52,7 +72,8 @@ def load_stage_graph(path: Path = DVC_YAML) -> dict[str, StageSpec]:
             outs=tuple(o for o in outs if not isinstance(o, dict)),
             metrics=tuple(_path(m) for m in stage.get("metrics", [])),
             reports=tuple(_path(o) for o in outs if isinstance(o, dict)),
-            external_inputs=" ".join(str(stage.get("meta", {}).get("external_inputs", "")).split()))
+            external_inputs=" ".join(str(stage.get("meta", {}).get("external_inputs", "")).split()),
+            foreach=foreach)
     return graph
 
 
@@ -60,12 +81,43 @@ STAGES = load_stage_graph()
 
 
 def stage_names() -> list[str]:
-    """Stages in execution order."""
+    """Stages in execution order (a foreach stage by its own name, standing for all its variants)."""
     return list(STAGES)
 
 
-def stage_body(name: str):
-    """The run(params, workspace, log) of a stage: the module stages/<name>.py."""
-    if name not in STAGES:
+def variants_of(spec: StageSpec, params) -> list[str]:
+    """A foreach stage's variants in these params, in their order (e.g. params.ablations.variants)."""
+    section = params
+    for part in spec.foreach.split("."):
+        section = getattr(section, part)
+    return list(section)
+
+
+def stage_instances(params, names: list[str] | None = None) -> list[str]:
+    """The stages DVC runs for these params, in order: a foreach stage once per variant (ablations@wo_coarse)."""
+    expanded = []
+    for name in names or stage_names():
+        spec = STAGES[name]
+        expanded += [f"{name}@{variant}" for variant in variants_of(spec, params)] if spec.foreach else [name]
+    return expanded
+
+
+def stage_spec(name: str) -> StageSpec:
+    """A stage's spec by its DVC name; `family@variant` gives a foreach stage's variant."""
+    family, _, variant = name.partition("@")
+    if family not in STAGES:
         raise ValueError(f"unknown stage {name!r}; dvc.yaml has {', '.join(STAGES)}")
-    return importlib.import_module(f"stages.{name}").run
+    spec = STAGES[family]
+    if bool(variant) != bool(spec.foreach):
+        raise ValueError(f"stage {family!r} " + (f"runs once per variant of params {spec.foreach}: "
+                                                 f"name one as {family}@<variant>" if spec.foreach
+                                                 else "has no variants"))
+    return spec.for_variant(variant) if variant else spec
+
+
+def stage_body(name: str):
+    """The run(params, workspace, log) of a stage: the module stages/<family>.py (a variant's with variant=)."""
+    stage_spec(name)  # an unknown name, or a foreach stage without its variant, fails here with what to write
+    run = importlib.import_module(f"stages.{name.partition('@')[0]}").run
+    _, _, variant = name.partition("@")
+    return functools.partial(run, variant=variant) if variant else run

@@ -26,20 +26,11 @@ class StageOutcome:
 
 
 class PrefixedLog(StageLog):
-    """Per-epoch metrics of one variant (and step), named '<variant>.<stage>.<metric>' in the stage's run."""
+    """Per-epoch metrics of one step of a stage that trains several (an ablation's pretrain_coarse, ...), named
+    '<step>.<metric>' in the stage's run."""
 
     def __init__(self, log: StageLog, prefix: str):
         self.log, self.prefix = log, prefix
 
     def epoch(self, epoch: int, metrics: dict) -> None:
         self.log.epoch(epoch, {f"{self.prefix}.{k}": v for k, v in metrics.items()})
-
-
-class RecordingLog(StageLog):
-    """Keeps a worker process's per-epoch metrics; the stage's own process logs them when the variant is done."""
-
-    def __init__(self):
-        self.epochs: list[tuple[int, dict]] = []
-
-    def epoch(self, epoch: int, metrics: dict) -> None:
-        self.epochs.append((epoch, metrics))

@@ -7,10 +7,12 @@ generator seeded with (seed, k), so they do not depend on how many epochs ran in
 bit on CPU with params `deterministic: true` (torch's deterministic kernels) or with one thread.
 """
 
+import contextlib
+import fcntl
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +107,36 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_d
     """Run epochs, resuming from checkpoint_dir/last.pt; keep checkpoint_dir/best.pt by the monitored metric.
 
     train_epoch(epoch) returns the epoch's training metrics; validate() the validation metrics (the test split is
-    never seen here). Early stopping after `patience` epochs without improvement of `monitor`.
+    never seen here). Early stopping after `patience` epochs without improvement of `monitor`. Two processes with
+    the same checkpoint_dir (stages side by side that share a run, e.g. an ablation variant and the main model) take
+    turns: the second waits, then resumes the first's finished run.
     """
+    with _exclusive(checkpoint_dir):
+        return _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, monitor, higher_is_better,
+                      patience, on_epoch)
+
+
+@contextlib.contextmanager
+def _exclusive(checkpoint_dir: Path) -> Iterator[None]:
+    """Hold checkpoint_dir's lock file (the first process only: the others of a distributed run follow it)."""
+    if not is_main_process():
+        yield
+        return
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process trains this run; waiting for it", checkpoint_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, monitor, higher_is_better, patience,
+           on_epoch) -> LoopState:
     last, best = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     state = LoopState()
     if last.is_file():

@@ -202,11 +202,11 @@ def load_conversation_model(path: Path) -> tuple[ConversationModel, ConvModelCon
 def conv_model_path(workspace: Path, variant: str | None = None) -> Path:
     if variant is None:
         return workspace / STAGES["finetune_conv"].outs[0]
-    return workspace / STAGES["conv_baselines"].outs[0] / f"{variant}.pt"
+    return workspace / STAGES["conv_baselines"].for_variant(variant).outs[0]
 
 
 def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_rec") -> Path:
-    return workspace / STAGES["ablations"].outs[0] / variant / f"{stage}.pt"
+    return workspace / STAGES["ablations"].for_variant(variant).outs[0] / f"{stage}.pt"
 
 
 def conv_data(run: c2crs_train.Run, inputs: dict[str, Path]):
