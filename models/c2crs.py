@@ -178,7 +178,7 @@ class KGEncoder(nn.Module):
         messages = [block @ weight[r] for block, r in zip(mean.split(per_relation.tolist()), relations.tolist())]
         out = x[targets] @ conv.root + conv.bias
         if messages:
-            out = out.index_add(0, pairs % len(targets), torch.cat(messages))
+            out = out.index_add(0, pairs % len(targets), torch.cat(messages).to(out.dtype))  # bf16 autocast: float32
         return out[inverse]
 
 
@@ -340,7 +340,7 @@ class C2CRS(nn.Module):
         vectors = self.encode_sentences(sentence_ids[sentence_mask]) if sentence_mask.any() else None
         E = sentence_ids.new_zeros((B, K, self.cfg.token_dim), dtype=self.review_pooling.proj.weight.dtype)
         if vectors is not None:
-            E = E.index_put(sentence_mask.nonzero(as_tuple=True), vectors)
+            E = E.index_put(sentence_mask.nonzero(as_tuple=True), vectors.to(E.dtype))
         return self.review_pooling(E, ~sentence_mask), E
 
     # ---- contrastive pre-training (4.2) ---------------------------------------------------------------------------

@@ -452,7 +452,7 @@ class ConversationModel(nn.Module):
                     return states, self.encoders.sentence_pooling(states, pad)
                 states, vectors = self._run("review", encode, sentence_ids[sentence_mask])
                 where = sentence_mask.nonzero(as_tuple=True)
-                H, E = H.index_put(where, states), E.index_put(where, vectors)
+                H, E = H.index_put(where, states.to(H.dtype)), E.index_put(where, vectors.to(E.dtype))
             memories["review"] = Memory(E, ~sentence_mask)
             sources.append((H.view(B, K * Ls, -1), sentence_ids.view(B, K * Ls)))
         if not self.generator.cfg.copy:

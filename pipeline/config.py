@@ -326,6 +326,7 @@ class Params(Section):
     seed: int = Field(default=42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True  # torch's deterministic kernels: reruns agree bit for bit (bench/determinism.py)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: training forward passes under bf16 autocast (GPU)
     distributed: bool = False  # under torchrun: the C2-CRS training steps split each batch across the processes
     data: DataConfig
     ingest: IngestConfig = IngestConfig()

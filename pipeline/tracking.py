@@ -41,7 +41,8 @@ def experiment_id() -> str:
 
 def parent_run(invocation: str) -> str:
     """The MLflow run that groups one pipeline invocation's stage runs, made on first use."""
-    client, exp_id = MlflowClient(), experiment_id()
+    exp_id = experiment_id()  # first: it points MLflow at the project's store, which the client then opens
+    client = MlflowClient()
     found = client.search_runs([exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
     if found:
         return found[0].info.run_id

@@ -78,3 +78,19 @@ def test_stages_started_by_one_plain_dvc_process_share_an_invocation(tmp_path, m
     second = subprocess.run([str(fake_dvc)], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
     assert first[0] == first[1] and first[0].startswith("dvc-")
     assert second[0] == second[1] and second[0] != first[0]
+
+
+def test_the_parent_run_lands_in_the_project_store_when_no_tracking_uri_is_set(tmp_path, monkeypatch):
+    """`pipeline repro` makes the invocation's parent run before any stage starts, in the project's store (not in
+    MLflow's default ./mlflow.db)."""
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "project_root", lambda: tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_id = tracking.parent_run("run-parent-test")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert client.get_run(run_id).data.tags[tracking.INVOCATION_TAG] == "run-parent-test"
+    assert tracking.parent_run("run-parent-test") == run_id  # found again, not made twice
+    assert not (tmp_path / "mlflow.db").exists()
+    mlflow.set_tracking_uri(None)

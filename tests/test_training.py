@@ -216,3 +216,44 @@ def test_model_and_checkpoint_files_are_loaded_without_unpickling_objects(tmp_pa
         load_c2crs(path)
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path, torch.nn.Linear(1, 1))
+
+
+def test_precision_bf16_runs_the_forward_pass_under_autocast():
+    from stages.training.loop import autocast
+
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "fp32"):
+        assert layer(x).dtype == torch.float32
+
+
+def test_a_bf16_training_stage_trains_close_to_fp32(params_file):
+    """precision: bf16 changes the numbers (the forward runs in bfloat16) but not what is learned; its checkpoints are
+    kept apart from fp32's (precision is part of the checkpoint key)."""
+    workspace = params_file.parent
+    params = load_params(params_file)
+    for stage in ("ingest", "reviews", "kg", "triples"):
+        stage_body(stage)(params, workspace)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        raw = yaml.safe_load(params_file.read_text())
+        raw["precision"] = precision
+        params_file.write_text(yaml.safe_dump(raw))
+        losses[precision] = stage_body("pretrain_coarse")(load_params(params_file), workspace).metrics["train_loss"]
+    assert np.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
+    assert len(list((workspace / "data/checkpoints").glob("pretrain_coarse-*"))) == 2
+    bf16 = load_params(params_file)
+    for stage in ("pretrain_fine", "finetune_rec", "baselines", "finetune_conv"):  # every training step's layers
+        metrics = stage_body(stage)(bf16, workspace).metrics
+        losses = [value for key, value in _flat(metrics) if key.endswith("train_loss")]
+        assert losses and all(np.isfinite(losses)), stage
+
+
+def _flat(metrics: dict, prefix: str = ""):
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -24,7 +24,7 @@ from stages.evaluation.rec_metrics import rank_of_targets
 from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
                                         per_conversation, recommendation_rows, review_batch)
 from stages.training.distributed import SINGLE_PROCESS, Ranks
-from stages.training.loop import LoopState, adam, epoch_generator, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Run:
     seed: int
     views: frozenset[str] = frozenset(VIEWS)  # the ablations drop "conversation" (w/o CH) or "review" (w/o UD)
     ranks: Ranks = SINGLE_PROCESS  # the processes of a torchrun launch that share each batch
+    precision: str = "fp32"  # params precision: bf16 runs training forward passes under autocast (loop.autocast)
 
 
 def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bool = False):
@@ -117,13 +118,16 @@ def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.nda
 
 
 def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float,
-           ranks: Ranks = SINGLE_PROCESS) -> dict:
-    """One pass over the batches; distributed, each process steps on its share of every batch (ranks.shard)."""
+           run: Run) -> dict:
+    """One pass over the batches; distributed, each process steps on its share of every batch (run.ranks.shard).
+    The forward pass runs under run.precision's autocast, the backward and the update in float32."""
+    ranks = run.ranks
     run_step = ranks.step_runner(model)
     total, count = 0.0, 0
     for rows in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
         mine, share = ranks.shard(rows)
-        loss = run_step(step_loss, mine)
+        with autocast(run.device, run.precision):
+            loss = run_step(step_loss, mine).float()
         optimizer.zero_grad()
         (loss * share).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -151,7 +155,7 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
 
     def train_epoch(epoch: int) -> dict:
         return _epoch(model, optimizer, _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
-                      step(run.train), cfg.grad_clip, run.ranks)
+                      step(run.train), cfg.grad_clip, run)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _mean_loss(run.valid, cfg, step(run.valid), run.seed),
@@ -173,7 +177,7 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
         return _epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip,
-                      run.ranks)
+                      run)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _mean_loss(run.valid, cfg, step_loss(run.valid, None), run.seed),
@@ -221,7 +225,7 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
         else:
             batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip, run.ranks)
+        return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip, run)
 
     def validate() -> dict:
         return _recall_at(_valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
@@ -288,7 +292,7 @@ def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path
         order = rng.permutation(len(sample_rows))
         lengths = run.train.context_lengths[sample_rows[order]]
         batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
-        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run.ranks)
+        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _recall_at(_valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size),

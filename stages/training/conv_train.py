@@ -20,7 +20,7 @@ from models.c2crs import batch_entities
 from models.generator import ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.training.c2crs_train import Run
-from stages.training.loop import LoopState, adam, epoch_generator, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
 from stages.triples import END, PAD, SPECIAL_TOKENS, SPLIT, START, UNK
 
 PLACEHOLDER = "__movie__"
@@ -175,8 +175,9 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
         total, tokens = 0.0, 0
         batches = _length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
         for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
-            log_probs, targets = target_log_probs(model, run, run.train, train_data, picked)
-            loss = generation_loss(log_probs, targets, model.generator.cfg.pad_id, weights)
+            with autocast(run.device, run.precision):
+                log_probs, targets = target_log_probs(model, run, run.train, train_data, picked)
+                loss = generation_loss(log_probs.float(), targets, model.generator.cfg.pad_id, weights)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)

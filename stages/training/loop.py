@@ -100,6 +100,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return LoopState(**checkpoint["loop"])
 
 
+def autocast(device: torch.device, precision: str):
+    """params precision: bf16 runs the forward pass under torch.autocast with bfloat16 (matrix products in bf16,
+    softmax, norms and losses in float32; the weights, gradients and Adam stay float32), made for CUDA GPUs with bf16
+    (Ampere and later); fp32 changes nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: Path, epochs: int,
           train_epoch: Callable[[int], dict], validate: Callable[[], dict] | None = None,
           monitor: str | None = None, higher_is_better: bool = True, patience: int | None = None,

@@ -27,7 +27,7 @@ from stages.training.distributed import barrier
 from stages.training.loop import resolve_device
 
 # The params sections every model's training reads; a stage adds its own (checkpoint keys use them).
-TRAINING_SECTIONS = ("seed", "device", "deterministic", "model")
+TRAINING_SECTIONS = ("seed", "device", "deterministic", "precision", "model")
 
 
 TRAINING_INPUTS = {
@@ -60,7 +60,7 @@ def training_run(params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig,
         valid=c2crs_data.sample_table(samples, triple_table, "valid"),
         sentence_tokens=sentence_tokens, pad_id=0, max_context_entities=cfg.max_context_entities,
         max_review_sentences=cfg.max_review_sentences, device=device, seed=params.seed,
-        views=frozenset(cfg.views), ranks=ranks)
+        views=frozenset(cfg.views), ranks=ranks, precision=params.precision)
     model_config = C2CRSConfig(
         vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
         n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
