@@ -9,6 +9,7 @@ cache: DVC 3 holds its repository lock only while it checks and records a stage,
 """
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -61,8 +62,10 @@ def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str
     """Run command(stage) for every stage, in `upstream`'s order as far as the dependencies allow, `jobs` at once.
 
     Each stage's output goes to log_dir/<stage>.log. After a failure no new stage starts; the running ones finish.
-    A stage that found DVC's lock busy starts again (up to lock_retries times).
+    A stage that found DVC's lock busy starts again (up to lock_retries times). Interrupted (Ctrl-C, or SIGTERM,
+    which this turns into the same), it stops the running stages with their child processes and re-raises.
     """
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, StageResult] = {}
     running: dict[str, _Running] = {}
@@ -79,7 +82,9 @@ def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str
         log = log_dir / f"{name}.log"
         stage_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with log.open("w", encoding="utf-8") as out:
-            process = subprocess.Popen(command(name), cwd=cwd, env=stage_env, stdout=out, stderr=subprocess.STDOUT)
+            # its own process group: stopping the stage stops dvc and the stage process dvc started
+            process = subprocess.Popen(command(name), cwd=cwd, env=stage_env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
         running[name] = _Running(process, time.monotonic(), threads, log, attempts)
         waiting.remove(name)
         echo(f"started  {name} ({threads} thread{'s' if threads > 1 else ''})")
@@ -109,8 +114,10 @@ def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str
                 echo(f"{status:8} {name} in {_duration(seconds)}" + (f"; its output: {job.log}" if code else ""))
                 failed = failed or code != 0
     finally:
-        for job in running.values():  # interrupted: stop what still runs
-            job.process.terminate()
+        signal.signal(signal.SIGTERM, previous_handler)
+        for name, job in running.items():  # interrupted: stop what still runs
+            echo(f"stopping {name}")
+            os.killpg(job.process.pid, signal.SIGTERM)
         for job in running.values():
             job.process.wait()
     return [results.get(name) or StageResult(name, "not run") for name in upstream]

@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+from tests.conftest import PROJECT
+
 from pipeline.parallel import LOCK_BUSY, run_stages, summary
 
 # a stage: record when it starts and ends and its thread count, then sleep; "fail" exits 1
@@ -103,3 +105,45 @@ def test_real_dvc_stages_side_by_side_keep_one_lock_file(tmp_path):
     assert set(yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]) == {"make@x", "make@y", "join"}
     again = run_stages(graph, command, 2, tmp_path, env, tmp_path / "logs", echo=lambda line: None)
     assert [r.status for r in again] == ["unchanged"] * 3
+
+
+def test_sigterm_stops_the_running_stages_and_their_children(tmp_path):
+    """`pipeline repro` killed with SIGTERM leaves no stage process behind (each stage runs in its own process
+    group, which the scheduler stops)."""
+    import signal
+    import textwrap
+    import time
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(PROJECT)!r})
+        from pathlib import Path
+        from pipeline.parallel import run_stages
+        here = Path({str(tmp_path)!r})
+        child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)"
+        try:
+            run_stages({{"a": []}}, lambda name: [sys.executable, "-c", child, str(here / "grandchild.pid")], 1, here,
+                       dict(os.environ), here / "logs", echo=lambda line: None)
+        except KeyboardInterrupt:
+            open(here / "interrupted", "w").close()
+    """))
+    process = subprocess.Popen([sys.executable, str(runner)])
+    pid_file = tmp_path / "grandchild.pid"
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert (tmp_path / "interrupted").exists()
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        raise AssertionError("the stage's child process outlived the scheduler")
