@@ -216,7 +216,8 @@ def _stages(args) -> int:
 
 def _repro(args) -> int:
     """One pipeline invocation: one MLflow parent run, and one Prefect server for all stages instead of one
-    ephemeral server per stage process (8-20 s each). A server already on the UI port is used as it is."""
+    ephemeral server per stage process (8-20 s each). The Prefect server of this checkout's `make ui`, when it runs,
+    is used as it is; never another checkout's."""
     from pipeline import servers
     from pipeline.invocation import new_invocation
 
@@ -233,8 +234,8 @@ def _repro(args) -> int:
 
         parent_run(invocation)
     if "PREFECT_API_URL" not in env and has_work:
-        ui_url = f"http://127.0.0.1:{PREFECT_UI_PORT}"
-        if servers.is_healthy(f"{ui_url}/api/health"):
+        ui_url = servers.own_ui_server()  # `make ui` of this checkout, if it runs
+        if ui_url:
             env["PREFECT_API_URL"] = f"{ui_url}/api"
         else:
             server = servers.start_prefect(servers.free_port())
@@ -284,6 +285,7 @@ def _ui(args) -> int:
         started.append(servers.start_mlflow(MLFLOW_UI_PORT, tracking_uri(), artifact_root()))
         for server in started:
             server.wait_until_healthy()
+        servers.record_ui_server(started[0])  # this checkout's `pipeline repro` reports to it while it runs
         print(f"Prefect UI: {started[0].url}")
         print(f"MLflow UI:  {started[1].url}")
         print("Ctrl-C stops both.", flush=True)
@@ -295,5 +297,6 @@ def _ui(args) -> int:
         print("\nstopping the servers")
         return 0
     finally:
+        servers.forget_ui_server()
         for server in started:
             server.stop()

@@ -1,5 +1,6 @@
 """Where the project lives on disk, and the git commit it runs from."""
 
+import fnmatch
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -24,16 +25,37 @@ def project_root() -> Path:
 
 @cache
 def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the code being run, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+    """The commit of the code being run, with '-dirty' when tracked files differ from it; 'unknown' outside git.
+
+    What the stages themselves write into git-tracked files (metrics, reports, dvc.lock) does not count: DVC
+    deletes a stage's metrics before running it, so otherwise every run from a clean clone would be "dirty".
+    """
     here = cwd or Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
+        changed = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=here, capture_output=True, text=True, check=True,
-        ).stdout.strip()
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    outputs = stage_written_files()
+    dirty = [line for line in changed
+             if not any(fnmatch.fnmatch(path, pattern) for path in _paths(line) for pattern in outputs)]
     return f"{commit}-dirty" if dirty else commit
+
+
+def stage_written_files() -> list[str]:
+    """Patterns of the git-tracked files that stages write: every stage's metrics and reports (a foreach stage's
+    as a pattern over its variants) and dvc.lock."""
+    from stages.io.graph import STAGES
+
+    return ["dvc.lock"] + [path.replace("${key}", "*") for spec in STAGES.values()
+                           for path in spec.metrics + spec.reports]
+
+
+def _paths(status_line: str) -> list[str]:
+    """The path(s) of one `git status --porcelain` line ("XY path", or "XY old -> new" for a rename)."""
+    return [part.strip('"') for part in status_line[3:].split(" -> ")]

@@ -1,5 +1,6 @@
 """Local Prefect and MLflow servers on 127.0.0.1, started and stopped as child process groups."""
 
+import json
 import os
 import signal
 import socket
@@ -44,6 +45,32 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def ui_record() -> Path:
+    """Where `make ui` notes the Prefect server it started, so this checkout's `pipeline repro` can report to it."""
+    return project_root() / ".prefect" / "ui-server.json"
+
+
+def record_ui_server(server: Server) -> None:
+    ui_record().parent.mkdir(parents=True, exist_ok=True)
+    ui_record().write_text(json.dumps({"url": server.url, "pid": server.process.pid}), encoding="utf-8")
+
+
+def forget_ui_server() -> None:
+    ui_record().unlink(missing_ok=True)
+
+
+def own_ui_server() -> str | None:
+    """The URL of the Prefect server this checkout's `make ui` started, if it still runs and answers; never just
+    whatever answers on the UI port (another checkout's server, which may go away mid-run)."""
+    try:
+        noted = json.loads(ui_record().read_text(encoding="utf-8"))
+        os.kill(int(noted["pid"]), 0)
+        url = str(noted["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if is_healthy(f"{url}/api/health") else None
 
 
 def is_healthy(url: str) -> bool:

@@ -8,9 +8,8 @@ import sys
 
 import yaml
 
-from tests.conftest import PROJECT
-
 from pipeline.parallel import LOCK_BUSY, run_stages, summary
+from tests.conftest import PROJECT
 
 # a stage: record when it starts and ends and its thread count, then sleep; "fail" exits 1
 STAGE = """

@@ -31,3 +31,39 @@ def test_a_server_that_dies_is_reported_with_its_log(tmp_path):
     server = start("import sys; print('port in use'); sys.exit(3)", tmp_path)
     with pytest.raises(RuntimeError, match=r"demo server exited with code 3; see .*server.log"):
         server.wait_until_healthy(timeout=30)
+
+
+def test_repro_reports_only_to_the_ui_server_of_this_checkout(tmp_path, monkeypatch):
+    """Whatever answers on port 4200 may be another checkout's server; only the one `make ui` noted (alive and
+    healthy) is used."""
+    import http.server
+    import threading
+
+    from pipeline import servers
+
+    monkeypatch.setattr(servers, "project_root", lambda: tmp_path)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    httpd = http.server.HTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert servers.own_ui_server() is None  # a healthy server, but not noted by this checkout
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        noted = Server("prefect", f"http://127.0.0.1:{port}", "", process, tmp_path / "log")
+        servers.record_ui_server(noted)
+        assert servers.own_ui_server() == f"http://127.0.0.1:{port}"
+        process.kill()
+        process.wait()
+        assert servers.own_ui_server() is None  # the process that made it is gone
+        servers.forget_ui_server()
+        assert not servers.ui_record().exists()
+    finally:
+        httpd.shutdown()

@@ -94,3 +94,32 @@ def test_the_parent_run_lands_in_the_project_store_when_no_tracking_uri_is_set(t
     assert tracking.parent_run("run-parent-test") == run_id  # found again, not made twice
     assert not (tmp_path / "mlflow.db").exists()
     mlflow.set_tracking_uri(None)
+
+
+def test_a_run_is_dirty_for_changed_code_not_for_what_the_stages_write(tmp_path):
+    """DVC deletes a stage's git-tracked metrics before running it: that must not tag every run `-dirty`."""
+    import subprocess
+
+    from pipeline.paths import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "metrics" / "ablations").mkdir(parents=True)
+    files = ["code.py", "metrics/ingest.json", "metrics/ablations/wo_ch.json", "reports/rec.md", "dvc.lock"]
+    (tmp_path / "reports").mkdir()
+    for name in files:
+        (tmp_path / name).write_text("1")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", "--allow-empty")
+    git("add", *files)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "files")
+    for name in files[1:]:
+        (tmp_path / name).unlink()  # what DVC does before a stage runs
+    (tmp_path / "dvc.lock").write_text("2")
+    git_commit.cache_clear()
+    assert not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "code.py").write_text("2")
+    git_commit.cache_clear()
+    assert git_commit(tmp_path).endswith("-dirty")
+    git_commit.cache_clear()
