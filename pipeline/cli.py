@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
     score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
     score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    score.add_argument("--models", nargs="+", metavar="MODEL", help="only these models (default: every trained "
+                                                                    "model whose file exists, and the naive ones)")
 
     rate = commands.add_parser("rate", help="score filled copies of reports/conv_rating.csv: each model's mean "
                                             "fluency and informativeness, and inter-rater agreement")
@@ -156,8 +158,14 @@ def _score(args) -> int:
     if not data.is_file():
         print(f"error: --data {data}: file not found", file=sys.stderr)
         return 2
-    scored = score_file(params, params_file.parent, data)
+    try:
+        scored = score_file(params, params_file.parent, data, args.models)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{scored['conversations']} conversations read from {data}; bad records: {scored['bad_records'] or 0}")
+    for name, where in scored["missing"].items():
+        print(f"not scored: {name}: {where} is missing")
     print(markdown_table(scored["results"]))
     print(json.dumps(scored["results"], indent=2, sort_keys=True))
     return 0

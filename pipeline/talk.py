@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import Params
 from stages import ingest, triples
-from stages.io.graph import STAGES
+from stages.io.graph import STAGES, stage_making
 from stages.sources import raw
 from stages.text import linking
 from stages.training import c2crs_data, c2crs_train, conv_train, runs
@@ -122,7 +122,8 @@ class Chat:
 def talk(params: Params, workspace: Path) -> int:
     for needed in (STAGES["finetune_rec"].outs[0], STAGES["finetune_conv"].outs[0]):
         if not (workspace / needed).is_file():
-            print(f"error: {needed} is missing; train it first (python -m pipeline repro finetune_conv)")
+            stage = stage_making(needed)
+            print(f"error: {needed} is missing; stage {stage} makes it: python -m pipeline repro {stage}")
             return 2
     print("loading the models ...", flush=True)
     chat = Chat(params, workspace)

@@ -19,7 +19,7 @@ import torch
 from models.baselines import popularity_scores
 from stages import ingest, triples
 from stages.evaluation import conv_metrics, rec_metrics
-from stages.io.graph import STAGES
+from stages.io.graph import STAGES, stage_making
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
 from stages.sources import raw
@@ -29,9 +29,22 @@ from stages.training import c2crs_data, c2crs_train, conv_train, runs
 logger = logging.getLogger(__name__)
 
 
+def model_files(params, workspace: Path) -> dict[str, Path]:
+    """Each trained recommender that evaluate scores, and the file it is read from (c2crs-repeat-choice is C2-CRS's
+    scores re-ranked, so it reads C2-CRS's)."""
+    c2crs = workspace / STAGES["finetune_rec"].outs[0]
+    files = {"textcnn": workspace / STAGES["baselines"].outs[0], "kbrd": workspace / STAGES["baselines"].outs[1],
+             "c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs}
+    for variant in params.ablations.variants:
+        files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
+    return files
+
+
 def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                split: str = "test", loaded=None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
-    """For each model, a function giving its score blocks (row indices, [rows, n_items]) on a split's samples."""
+                split: str = "test", loaded=None,
+                skip: frozenset[str] = frozenset()) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+    """For each model (but those in skip), a function giving its score blocks (row indices, [rows, n_items]) on a
+    split's samples."""
     run, model_config, _ = loaded or runs.training_run(params, workspace)  # loaded: training_run's, reused
     table = c2crs_data.sample_table(samples, triple_table, split)
     batch = params.evaluate.batch_size
@@ -45,20 +58,24 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
             rows = np.arange(start, min(start + batch, len(table)))
             yield rows, naive[name](rows)
 
-    c2crs = runs.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
-    kbrd = runs.load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
-    textcnn = runs.load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
-    models = {
-        **{name: (lambda name=name: naive_blocks(name)) for name in naive},
-        "textcnn": lambda: c2crs_train.score_textcnn(textcnn, run, table, batch),
-        "kbrd": lambda: c2crs_train.score_samples(kbrd, run, table, batch),
-        "c2crs": lambda: c2crs_train.score_samples(c2crs, run, table, batch),
-        rec_metrics.REPEAT_CHOICE: lambda: c2crs_train.with_repeat_choice(
+    files = model_files(params, workspace)
+    models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
+    if "textcnn" not in skip:
+        textcnn = runs.load_textcnn(files["textcnn"]).to(run.device)
+        models["textcnn"] = lambda: c2crs_train.score_textcnn(textcnn, run, table, batch)
+    if "kbrd" not in skip:
+        kbrd = runs.load_c2crs(files["kbrd"]).to(run.device)
+        models["kbrd"] = lambda: c2crs_train.score_samples(kbrd, run, table, batch)
+    if "c2crs" not in skip:
+        c2crs = runs.load_c2crs(files["c2crs"]).to(run.device)
+        models["c2crs"] = lambda: c2crs_train.score_samples(c2crs, run, table, batch)
+        models[rec_metrics.REPEAT_CHOICE] = lambda: c2crs_train.with_repeat_choice(
             c2crs_train.score_samples(c2crs, run, table, batch), c2crs_train.recent_items_tensor(recent), table,
-            runs.repeat_choice(params, workspace, run)),
-    }
+            runs.repeat_choice(params, workspace, run))
     variant_runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
     for variant in params.ablations.variants:
+        if rec_metrics.ABLATION_PREFIX + variant in skip:
+            continue
         variant_params = params.variant(variant)
         key = variant_params.model.model_dump_json()
         if key not in variant_runs:
@@ -70,9 +87,11 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
 
 
 def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                     split: str = "test", log: StageLog = NO_LOG, loaded=None) -> dict:
-    """Every model's metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json shape)."""
-    table, models = score_split(params, workspace, samples, triple_table, split, loaded)
+                     split: str = "test", log: StageLog = NO_LOG, loaded=None,
+                     skip: frozenset[str] = frozenset()) -> dict:
+    """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json
+    shape)."""
+    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip)
     rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks, masked = {}, {}
     for name, blocks in models.items():  # one pass per model gives both rankings
@@ -245,9 +264,21 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     return StageOutcome(inputs, {"rec": results, "conv": conversation})
 
 
-def score_file(params, workspace: Path, path: Path) -> dict:
+def score_file(params, workspace: Path, path: Path, names: list[str] | None = None) -> dict:
     """The trained models on conversations a user brings (ReDial JSONL), with the pipeline's own rules: merged
-    turns, the kg stage's entities and linker, the triples stage's vocabulary; every conversation is scored."""
+    turns, the kg stage's entities and linker, the triples stage's vocabulary; every conversation is scored.
+
+    Scores the models whose files exist (of `names`, when given; the naive scorers always), and says in "missing"
+    which are not there and which stage makes each."""
+    files = model_files(params, workspace)
+    unknown = sorted(set(names or ()) - set(files) - set(rec_metrics.NAIVE_MODELS))
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; the trained ones are {', '.join(files)} "
+                         f"(and the naive {', '.join(rec_metrics.NAIVE_MODELS)})")
+    wanted = set(names) if names else set(files)
+    missing = {name: f"{file.relative_to(workspace)} (made by stage {stage_making(str(file.relative_to(workspace)))})"
+               for name, file in files.items() if name in wanted and not file.is_file()}
+    skip = frozenset(set(files) - wanted | set(missing))
     bad = ingest.BadRecords(params.ingest.on_bad_record)
     conversations, utterance_rows = ingest.read_conversations(Path(path), "test", bad, {})
     if not conversations:
@@ -266,5 +297,5 @@ def score_file(params, workspace: Path, path: Path) -> dict:
                                        item_entity, params.triples.context_max_tokens,
                                        params.triples.response_max_tokens)
     no_triples = pl.DataFrame(schema=triples.TRIPLE_SCHEMA)
-    return {"conversations": len(conversations), "bad_records": dict(bad.counts),
-            "results": evaluate_samples(params, workspace, samples, no_triples, "test")}
+    return {"conversations": len(conversations), "bad_records": dict(bad.counts), "missing": missing,
+            "results": evaluate_samples(params, workspace, samples, no_triples, "test", skip=skip)}

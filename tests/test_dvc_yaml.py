@@ -6,7 +6,7 @@ import configparser
 
 import pytest
 
-from stages.io.graph import STAGES, load_stage_graph, stage_body, stage_instances, stage_spec
+from stages.io.graph import STAGES, load_stage_graph, stage_body, stage_instances, stage_making, stage_spec
 from tests.conftest import PROJECT
 
 
@@ -48,6 +48,14 @@ def test_a_foreach_stage_is_one_stage_per_variant_of_its_params_section():
         stage_spec("ingest@x")
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         stage_body("nope")
+
+
+def test_the_stage_that_makes_a_file_is_named():
+    assert stage_making("data/models/c2crs_rec.pt") == "finetune_rec"
+    assert stage_making("data/models/ablations/wo_ch/finetune_rec.pt") == "ablations@wo_ch"
+    assert stage_making("metrics/conv_baselines/kgsf.json") == "conv_baselines@kgsf"
+    assert stage_making("reports/rec.md") == "evaluate"
+    assert stage_making("data/nothing.pt") is None
 
 
 def test_dvc_expands_the_graph_as_the_reader_does():

@@ -128,11 +128,19 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     from stages.evaluate import score_file
 
     scored = score_file(params, workspace, mirror / "redial/test.jsonl")
-    assert scored["conversations"] == 2
+    assert scored["conversations"] == 2 and scored["missing"] == {}
     for model in results:
         for protocol in ("all_turns", "recommender_turns", "new_items", "new_items_masked"):
             for metric in ("recall@1", "recall@10", "recall@50", "n"):
                 assert scored["results"][model][protocol][metric] == results[model][protocol][metric]
+    # Only the models asked for, and those whose file exists: a missing one is named with the stage that makes it.
+    (workspace / "data/models/ablations/wo_ch/finetune_rec.pt").unlink()
+    partial = score_file(params, workspace, mirror / "redial/test.jsonl", ["c2crs", "c2crs_wo_ch"])
+    assert set(partial["results"]) == {"c2crs", "popularity", "repeat", "repeat_popularity"}
+    assert partial["missing"] == {
+        "c2crs_wo_ch": "data/models/ablations/wo_ch/finetune_rec.pt (made by stage ablations@wo_ch)"}
+    with pytest.raises(ValueError, match="unknown model.s. nope"):
+        score_file(params, workspace, mirror / "redial/test.jsonl", ["nope"])
 
 
 def test_an_ablation_variant_is_its_own_stage_and_logs_each_step(params_file):

@@ -69,6 +69,7 @@ NAIVE_BASELINES = ("repeat", "repeat_popularity")  # no training: the context's 
 BASELINES = ("popularity", *NAIVE_BASELINES, "textcnn", "kbrd")
 # C2-CRS inside a learned choice between re-mentioning a context movie and a new one (models.baselines.RepeatChoice;
 # beyond the paper), shown next to C2-CRS
+NAIVE_MODELS = ("popularity", "repeat", "repeat_popularity")  # naive_scorers: nothing to train
 REPEAT_CHOICE = "c2crs-repeat-choice"  # MLflow metric names allow no "+"; "c2crs_" would read as an ablation
 
 

@@ -9,6 +9,7 @@ spec here holds `${key}` in its paths until for_variant() fills them in.
 import dataclasses
 import functools
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,18 @@ def stage_spec(name: str) -> StageSpec:
                                                  f"name one as {family}@<variant>" if spec.foreach
                                                  else "has no variants"))
     return spec.for_variant(variant) if variant else spec
+
+
+def stage_making(path: str) -> str | None:
+    """The stage that writes `path` (an output, or a file inside an output folder); a foreach stage's variant as
+    family@variant. None: no stage declares it."""
+    for spec in STAGES.values():
+        for out in spec.outs + spec.metrics + spec.reports:
+            pattern = re.escape(out).replace(re.escape("${key}"), "(?P<key>[^/]+)")
+            found = re.fullmatch(pattern + "(/.+)?", path)
+            if found:
+                return f"{spec.name}@{found.group('key')}" if spec.foreach else spec.name
+    return None
 
 
 def stage_body(name: str):
