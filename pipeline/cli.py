@@ -109,9 +109,23 @@ def _run(args) -> int:
 
     from pipeline.flows import run_stage_flow
 
+    started = time.monotonic()
     metrics = run_stage_flow(args.stage, str(params_file))
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(summary_line(args.stage, metrics, time.monotonic() - started))
     return 0
+
+
+def summary_line(stage: str, metrics: dict, seconds: float, shown: int = 6) -> str:
+    """One line for a finished stage: its time and its first few numbers; the whole set is in its metrics file and
+    MLflow run (`dvc metrics show`)."""
+    from pipeline.tracking import flatten
+
+    numbers = [(key, value) for key, value in flatten(metrics).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    text = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in numbers[:shown])
+    more = f" (+{len(numbers) - shown} more)" if len(numbers) > shown else ""
+    return f"{stage}: done in {seconds:.1f} s; {text}{more}"
 
 
 def _study(args) -> int:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from stages.sources.fetch import extract_member, missing_mirror_files
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, WarningTally
 from stages.sources import raw
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,17 @@ class BadRecords:
     """Applies the on_bad_record policy: raise at once, or count per kind and go on."""
 
     policy: str
-    counts: Counter = field(default_factory=Counter)
+    tally: WarningTally = field(default_factory=lambda: WarningTally(log))
+
+    @property
+    def counts(self) -> Counter:
+        return self.tally.counts
 
     def report(self, kind: str, path: Path, line: int, reason: str) -> None:
         message = f"{path}, line {line}: {reason} [{kind}]"
         if self.policy == "error":
             raise BadRecordError(f"{message}. Set ingest.on_bad_record: skip to drop such records and count them.")
-        self.counts[kind] += 1
-        log.warning("skipped: %s", message)
+        self.tally.warn(kind, message)
 
 
 # ---------------------------------------------------------------- finding the raw files
@@ -356,6 +359,7 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
         "mentions_outside_movie_list": outside,
         "bad_records": dict(sorted(bad.counts.items())),
     }
+    bad.tally.summary()
     return IngestResult(conversations_df, utterances_df, movies_df, metrics)
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from stages.sources.safe_pickle import load_pickle_restricted
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, WarningTally
 from stages.sources import raw
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,16 @@ class BadReviews:
     """on_bad_record for review sources: raise at once, or count and go on."""
 
     policy: str
-    count: int = 0
+    tally: WarningTally = field(default_factory=lambda: WarningTally(log))
+
+    @property
+    def count(self) -> int:
+        return sum(self.tally.counts.values())
 
     def report(self, where: str, problem: str) -> None:
         if self.policy == "error":
             raise ReviewDataError(f"{where}: {problem}. Set reviews.on_bad_record: skip to drop such records.")
-        self.count += 1
-        log.warning("skipped: %s: %s", where, problem)
+        self.tally.warn(problem, f"{where}: {problem}")
 
 
 def clean_text(text: str) -> str:
@@ -288,6 +291,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             scraped, scraper_stats = _scrape_imdb(cfg.scraper, sorted(imdb_to_movies), workspace)
             tables.append(scraped_reviews(scraped, imdb_to_movies, bad))
     review_table = pl.concat(tables)
+    bad.tally.summary()
     sentences = split_sentences(review_table, cfg.sources, cfg.min_sentence_tokens,
                                 cfg.max_sentence_tokens, cfg.max_sentences_per_movie)
     metrics = {

@@ -76,3 +76,22 @@ def test_a_kill_midway_keeps_the_previous_outputs(tmp_path):
     write_outputs({first: pl.DataFrame({"x": [3]}), second: pl.DataFrame({"x": [3]})})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
     assert pl.read_parquet(second)["x"].to_list() == [3]
+
+
+def test_repeated_skip_warnings_are_shown_a_few_times_then_counted(caplog):
+    import logging
+
+    from stages.io.stage_log import WarningTally
+
+    logger = logging.getLogger("tally-test")
+    tally = WarningTally(logger, shown=3)
+    with caplog.at_level(logging.WARNING, logger="tally-test"):
+        for i in range(18):
+            tally.warn("empty review text", f"review {i}: empty review text")
+        tally.warn("bad json", "line 7: bad json")
+        tally.summary()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["skipped: review 0: empty review text", "skipped: review 1: empty review text",
+                     "skipped: review 2: empty review text", "skipped: line 7: bad json",
+                     "skipped 18 records of kind 'empty review text' in all (15 not shown above)"]
+    assert tally.counts == {"empty review text": 18, "bad json": 1}
