@@ -96,8 +96,7 @@ def _run(args) -> int:
         print(f"error: {args.stage!r}: {params_file.name} {STAGES[family].foreach} has no {variant!r}; it has {known}",
               file=sys.stderr)
         return 2
-    for name in ("stages", "pipeline"):  # progress (epochs, skipped records) shows in the terminal and Prefect UI
-        logging.getLogger(name).setLevel(logging.INFO)
+    stage_logging()
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.stage == "all":
         print("error: under torchrun, run one stage at a time (python -m pipeline run STAGE)", file=sys.stderr)
@@ -113,6 +112,14 @@ def _run(args) -> int:
     metrics = run_stage_flow(args.stage, str(params_file))
     print(summary_line(args.stage, metrics, time.monotonic() - started))
     return 0
+
+
+def stage_logging() -> None:
+    """Our progress (epochs, skipped records) shows in the terminal and the Prefect UI; libraries say only what
+    matters (bm25s logs every index build at DEBUG, which Prefect's handler would print)."""
+    for name in ("stages", "pipeline"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def summary_line(stage: str, metrics: dict, seconds: float, shown: int = 6) -> str:

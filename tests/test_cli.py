@@ -61,3 +61,13 @@ def test_unknown_options_of_other_commands_are_refused():
     done = cli("stages", "--verbose")
     assert done.returncode == 2
     assert "unrecognized arguments: --verbose" in done.stderr
+
+
+def test_stage_logging_shows_our_progress_and_quiets_chatty_libraries():
+    import logging
+
+    from pipeline.cli import stage_logging
+
+    stage_logging()
+    assert logging.getLogger("stages.training.loop").getEffectiveLevel() == logging.INFO
+    assert logging.getLogger("bm25s").getEffectiveLevel() >= logging.WARNING
