@@ -107,7 +107,9 @@ def _run(args) -> int:
         return 0
 
     from pipeline.flows import run_stage_flow
+    from pipeline.tracking import interrupt_on_sigterm
 
+    interrupt_on_sigterm()  # a stopped stage ends its MLflow run as KILLED and its Prefect flow run as crashed
     started = time.monotonic()
     metrics = run_stage_flow(args.stage, str(params_file))
     print(summary_line(args.stage, metrics, time.monotonic() - started))

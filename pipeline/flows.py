@@ -8,6 +8,7 @@ the params when none is given.
 from pathlib import Path
 
 from prefect import flow, tags
+from prefect.runtime import flow_run as current_flow_run
 
 from pipeline.config import load_params
 from pipeline.invocation import new_invocation
@@ -30,7 +31,7 @@ def _run_stage(name: str, params_file: str) -> dict:
     workspace = Path(params_file).resolve().parent  # paths in params are relative to the params file
     dumped = params.model_dump()
     sections = {key: params_value(dumped, key) for key in stage_spec(name).params}
-    with stage_run(name, sections) as run:
+    with stage_run(name, sections, flow_run_id=current_flow_run.id) as run:
         outcome = stage_body(name)(params, workspace, run)
         run.log_inputs(outcome.inputs)
         run.log_metrics(outcome.metrics)

@@ -6,6 +6,8 @@ Each stage run is a child of one parent run per pipeline invocation, so one `dvc
 """
 
 import os
+import signal
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -48,7 +50,7 @@ def parent_run(invocation: str) -> str:
         return found[0].info.run_id
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     run = client.create_run(exp_id, run_name=f"pipeline {started}",
-                            tags={INVOCATION_TAG: invocation, "git_commit": git_commit()})
+                            tags={INVOCATION_TAG: invocation, "git_commit": git_commit(), **process_tags()})
     return run.info.run_id
 
 
@@ -98,19 +100,86 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict) -> Iterator[StageRun]:
-    """An MLflow run for one stage execution, under the parent run of the current pipeline invocation."""
+def stage_run(stage: str, params: dict, flow_run_id: str | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage execution, under the parent run of the current pipeline invocation.
+
+    An interrupted stage (Ctrl-C, or SIGTERM through interrupt_on_sigterm) ends as KILLED, a failed one as FAILED;
+    runs that a kill -9 left RUNNING are closed as KILLED when the next stage starts (close_abandoned_runs).
+    """
     exp_id = experiment_id()
     client = MlflowClient()
+    close_abandoned_runs(client, exp_id)
     invocation = current_invocation()
     parent_id = parent_run(invocation) if invocation else None
-    tags = {"stage": stage, "git_commit": git_commit()}
+    tags = {"stage": stage, "git_commit": git_commit(), **process_tags()}
+    if flow_run_id:
+        tags[FLOW_RUN_TAG] = flow_run_id
     status = "FAILED"
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:
             mlflow.log_params(flatten(params))
-            yield StageRun(run.info.run_id)
+            try:
+                yield StageRun(run.info.run_id)
+            except KeyboardInterrupt:
+                status = "KILLED"
+                mlflow.end_run(status)
+                raise
         status = "FINISHED"
     finally:
         if parent_id:
             client.set_terminated(parent_id, status=status)
+
+
+# Which process made a run, so that a run it left RUNNING (killed with -9, machine lost) can be told apart from one
+# that still runs: host, pid and the process's start time (a pid is reused; its start time is not).
+HOST_TAG, PID_TAG, PROCESS_START_TAG = "c2crs.host", "c2crs.pid", "c2crs.process_start"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            PROCESS_START_TAG: _process_start(os.getpid()) or ""}
+
+
+def close_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:
+    """End as KILLED every RUNNING run of the experiment whose process on this host is gone, and mark its Prefect
+    flow run crashed when the Prefect API answers. Returns the runs closed."""
+    closed = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if _process_start(int(tags[PID_TAG])) == tags.get(PROCESS_START_TAG):
+            continue  # its process still runs
+        client.set_tag(run.info.run_id, "c2crs.ended_by", "its process was gone when a later stage started")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+        if tags.get(FLOW_RUN_TAG):
+            _crash_flow_run(tags[FLOW_RUN_TAG])
+    return closed
+
+
+def _crash_flow_run(flow_run_id: str) -> None:
+    """Best effort: the Prefect server of that run may be gone too (an ephemeral one always is)."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as prefect:
+            run = prefect.read_flow_run(flow_run_id)
+            if run.state is not None and not run.state.is_final():
+                prefect.set_flow_run_state(flow_run_id, Crashed(message="its process was gone"), force=True)
+    except Exception:  # noqa: BLE001 - the API may be unreachable or the run unknown to it: nothing to mark
+        pass
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler stopping a stage) unwinds like Ctrl-C, so the runs end as KILLED."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -123,3 +123,64 @@ def test_a_run_is_dirty_for_changed_code_not_for_what_the_stages_write(tmp_path)
     git_commit.cache_clear()
     assert git_commit(tmp_path).endswith("-dirty")
     git_commit.cache_clear()
+
+
+def test_an_interrupted_stage_run_ends_killed(mlflow_store):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run("demo", {}):
+            raise KeyboardInterrupt
+    [logged] = runs(mlflow_store)
+    assert logged.info.status == "KILLED"
+
+
+def test_a_sigterm_ends_the_stage_run_killed(mlflow_store, tmp_path):
+    """`kill PID` on a stage process: its MLflow run must not stay RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from tests.conftest import PROJECT
+
+    started = tmp_path / "started"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(PROJECT)!r})
+        from pipeline import tracking
+        tracking.interrupt_on_sigterm()
+        with tracking.stage_run("slow", {{}}):
+            open({str(started)!r}, "w").close()
+            time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store})
+    for _ in range(300):
+        if started.exists():
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    [logged] = runs(mlflow_store)
+    assert logged.info.status == "KILLED"
+
+
+def test_a_run_left_running_by_a_dead_process_is_closed_at_the_next_start(mlflow_store):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client = MlflowClient(mlflow_store)
+    exp_id = tracking.experiment_id()
+    abandoned = client.create_run(exp_id, run_name="killed -9", tags={
+        **tracking.process_tags(), tracking.PID_TAG: str(dead.pid), tracking.PROCESS_START_TAG: "1"}).info.run_id
+    alive = client.create_run(exp_id, run_name="still running", tags=tracking.process_tags()).info.run_id
+    elsewhere = client.create_run(exp_id, run_name="other host", tags={
+        tracking.HOST_TAG: "another-machine", tracking.PID_TAG: "1", tracking.PROCESS_START_TAG: "1"}).info.run_id
+    assert tracking.close_abandoned_runs(client, exp_id) == [abandoned]
+    assert client.get_run(abandoned).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING" and client.get_run(elsewhere).info.status == "RUNNING"
+    with tracking.stage_run("next", {}):  # a new stage start does the same
+        pass
+    assert client.get_run(alive).info.status == "RUNNING"
