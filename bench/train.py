@@ -15,7 +15,7 @@ builds Run and C2CRSConfig as the stage does (stages.training.runs.training_run,
 as the stage does (stages.c2crs_train._pretraining_batches, or the shuffled (sample, item) pairs of
 finetune_recommender), runs 1 warm-up step and then --steps timed steps, each one as the stage does it:
     pretrain_coarse  coarse_losses                              then zero_grad, backward, clip, Adam step
-    pretrain_fine    fine_losses + coarse_weight x coarse_losses then the same
+    pretrain_fine    fine_losses + coarse_weight x coarse_losses (one encode_context for both) then the same
     finetune_rec     recommendation_batch, _node_rows(with_items), recommendation_logits/_loss, then the same
 The split: data = the time inside the batch builders the step calls (context_batch, review_batch, fine_batch and
 pad, wrapped with a timer in stages.c2crs_train); forward = the rest of the time up to the loss (of which "R-GCN"
@@ -247,8 +247,9 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
                 return c2crs_train.coarse_losses(model, run, run.train, rows)
         else:
             def step_loss(rows):  # pretrain_fine's step_loss(run.train, rng)
-                fine = c2crs_train.fine_losses(model, run, run.train, rows, cfg.max_triples_per_sample, rng)
-                coarse = (c2crs_train.coarse_losses(model, run, run.train, rows) if cfg.coarse_weight
+                context = c2crs_train.encode_context(model, run, run.train, rows)
+                fine = c2crs_train.fine_losses(model, run, run.train, rows, cfg.max_triples_per_sample, rng, context)
+                coarse = (c2crs_train.coarse_losses(model, run, run.train, rows, context) if cfg.coarse_weight
                           else torch.zeros(()))
                 return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
 

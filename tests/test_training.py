@@ -265,3 +265,23 @@ def _flat(metrics: dict, prefix: str = ""):
             yield from _flat(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def test_a_fine_pretraining_step_encodes_its_contexts_once(params_file, monkeypatch):
+    """The fine and the coarse loss of a step share one pass of the conversation encoder (the step's largest part)."""
+    from models.c2crs import C2CRS
+
+    workspace = params_file.parent
+    params = load_params(params_file)
+    for stage in ("ingest", "reviews", "kg", "triples", "pretrain_coarse"):
+        stage_body(stage)(params, workspace)
+    encoded = []
+    original = C2CRS.conversation_view
+
+    def counted(self, context_ids):
+        encoded.append(context_ids.clone())
+        return original(self, context_ids)
+
+    monkeypatch.setattr(C2CRS, "conversation_view", counted)
+    stage_body("pretrain_fine")(params, workspace)
+    assert encoded and all(not torch.equal(a, b) for a, b in zip(encoded, encoded[1:]))

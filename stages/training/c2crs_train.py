@@ -58,13 +58,32 @@ def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bo
     return rows, remapped
 
 
-def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray) -> torch.Tensor:
-    batch = {**context_batch(table, rows, run.pad_id, run.max_context_entities),
-             **review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)}
-    batch = {k: v.to(run.device) for k, v in batch.items()}
+@dataclass
+class EncodedContext:
+    """A batch's context tensors and its conversation view, computed once for the coarse and the fine loss of a
+    step (as one forward of the reference model does): the Transformer over the context is a step's largest part."""
+
+    batch: dict[str, torch.Tensor]
+    e_c: torch.Tensor | None  # None: the conversation view is not used (w/o CH)
+    words: torch.Tensor | None
+
+
+def encode_context(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray) -> EncodedContext:
+    batch = {k: v.to(run.device) for k, v in context_batch(table, rows, run.pad_id, run.max_context_entities).items()}
+    if "conversation" not in run.views:
+        return EncodedContext(batch, None, None)
+    e_c, words = model.conversation_view(batch["context_ids"])
+    return EncodedContext(batch, e_c, words)
+
+
+def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray,
+                  context: EncodedContext | None = None) -> torch.Tensor:
+    context = context or encode_context(model, run, table, rows)
+    reviews = review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)
+    batch = {**context.batch, **{k: v.to(run.device) for k, v in reviews.items()}}
     rows_valid = torch.ones(len(rows), dtype=torch.bool, device=run.device)
-    if "conversation" in run.views:
-        e_c, _ = model.conversation_view(batch["context_ids"])
+    if context.e_c is not None:
+        e_c = context.e_c
     else:
         e_c, rows_valid = torch.zeros(len(rows), model.cfg.token_dim, device=run.device), ~rows_valid
     n_rows, (entity_ids,) = _node_rows(model, run, batch["entity_ids"])
@@ -79,14 +98,12 @@ def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray) 
 
 
 def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, max_triples: int,
-                rng: np.random.Generator | None) -> torch.Tensor:
-    batch = {**context_batch(table, rows, run.pad_id, run.max_context_entities),
-             **fine_batch(table, rows, max_triples, rng)}
-    batch = {k: v.to(run.device) for k, v in batch.items()}
+                rng: np.random.Generator | None, context: EncodedContext | None = None) -> torch.Tensor:
+    batch = {k: v.to(run.device) for k, v in fine_batch(table, rows, max_triples, rng).items()}
     if len(batch["triple_rows"]) < 2:
         return torch.zeros((), device=run.device, requires_grad=True)
     if "conversation" in run.views:
-        _, words = model.conversation_view(batch["context_ids"])
+        words = (context or encode_context(model, run, table, rows)).words
         word_vectors = words[batch["triple_rows"], batch["triple_positions"]]
     else:
         word_vectors = torch.zeros(len(batch["triple_rows"]), model.cfg.token_dim, device=run.device)
@@ -169,8 +186,9 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
 
     def step_loss(table, rng):
         def loss(rows):
-            fine = fine_losses(model, run, table, rows, cfg.max_triples_per_sample, rng)
-            coarse = coarse_losses(model, run, table, rows) if cfg.coarse_weight else torch.zeros(())
+            context = encode_context(model, run, table, rows)
+            fine = fine_losses(model, run, table, rows, cfg.max_triples_per_sample, rng, context)
+            coarse = coarse_losses(model, run, table, rows, context) if cfg.coarse_weight else torch.zeros(())
             return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
         return loss
 
@@ -211,9 +229,10 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             samples = np.unique(sample_rows[picked])
             if cfg.pretraining_samples_per_step and len(samples) > cfg.pretraining_samples_per_step:
                 samples = np.sort(rng.choice(samples, cfg.pretraining_samples_per_step, replace=False))
+            context = encode_context(model, run, run.train, samples)
             pretraining = model.pretraining_loss(
-                fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng),
-                coarse_losses(model, run, run.train, samples), cfg.coarse_weight)
+                fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng, context),
+                coarse_losses(model, run, run.train, samples, context), cfg.coarse_weight)
             loss = loss + cfg.pretraining_weight * pretraining
         return loss
 
