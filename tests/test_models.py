@@ -136,6 +136,13 @@ def test_kg_forward_nodes_equals_full_forward():
     isolated = edge_index[1] != 42  # a node without in-edges: root weight + bias only
     assert torch.allclose(kg.forward_nodes(torch.tensor([42]), edge_index[:, isolated], edge_type[isolated]),
                           kg(edge_index[:, isolated], edge_type[isolated])[42:43], atol=1e-5)
+    weights = torch.randn(len(nodes), cfg.kg_dim)  # and the same gradients for every weight
+    grads = []
+    for output in (lambda: kg(edge_index, edge_type)[nodes], lambda: kg.forward_nodes(nodes, edge_index, edge_type)):
+        kg.zero_grad()
+        (output() * weights).sum().backward()
+        grads.append([p.grad.clone() for p in kg.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
 def test_batch_entities_keeps_item_layout(setup):
