@@ -115,12 +115,41 @@ def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str
                 failed = failed or code != 0
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        for name, job in running.items():  # interrupted: stop what still runs
+        for name, job in running.items():  # interrupted: stop what still runs, and wait until it has
             echo(f"stopping {name}")
-            os.killpg(job.process.pid, signal.SIGTERM)
-        for job in running.values():
-            job.process.wait()
+            _stop_group(job.process)
     return [results.get(name) or StageResult(name, "not run") for name in upstream]
+
+
+def _stop_group(process: subprocess.Popen, grace_seconds: float = 60.0) -> None:
+    """SIGTERM to a stage's process group (dvc and the stage process it started), then wait until every process
+    of the group is gone, so that the stage can still end its MLflow and Prefect runs while their servers are up;
+    SIGKILL after the grace period."""
+    group = process.pid
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        process.poll()  # reap dvc, the group leader, once it exits
+        if not _group_alive(group):
+            return
+        time.sleep(0.2)
+    _signal_group(group, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _duration(seconds: float) -> str:

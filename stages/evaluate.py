@@ -66,9 +66,11 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if "kbrd" not in skip:
         kbrd = runs.load_c2crs(files["kbrd"]).to(run.device)
         models["kbrd"] = lambda: c2crs_train.score_samples(kbrd, run, table, batch)
-    if "c2crs" not in skip:
+    if {"c2crs", rec_metrics.REPEAT_CHOICE} - skip:
         c2crs = runs.load_c2crs(files["c2crs"]).to(run.device)
+    if "c2crs" not in skip:
         models["c2crs"] = lambda: c2crs_train.score_samples(c2crs, run, table, batch)
+    if rec_metrics.REPEAT_CHOICE not in skip:
         models[rec_metrics.REPEAT_CHOICE] = lambda: c2crs_train.with_repeat_choice(
             c2crs_train.score_samples(c2crs, run, table, batch), c2crs_train.recent_items_tensor(recent), table,
             runs.repeat_choice(params, workspace, run))

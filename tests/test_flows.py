@@ -97,5 +97,5 @@ def test_cli_runs_a_stage_against_a_prefect_server(params_file, mlflow_store):
                           cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     [summary] = [line for line in done.stdout.splitlines() if line.startswith("ingest: done in ")]
-    assert "movies" in summary and len(summary) < 300 and "{" not in done.stdout  # one line, not the metrics as JSON
+    assert "conversations" in summary and len(summary) < 300 and "{" not in done.stdout  # one line, not the metrics as JSON
     assert "Starting temporary server" not in done.stderr  # the given server was used, not an ephemeral one

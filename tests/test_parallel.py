@@ -115,17 +115,21 @@ def test_sigterm_stops_the_running_stages_and_their_children(tmp_path):
 
     runner = tmp_path / "runner.py"
     runner.write_text(textwrap.dedent(f"""
-        import os, sys
+        import os, subprocess, sys
         sys.path.insert(0, {str(PROJECT)!r})
         from pathlib import Path
         from pipeline.parallel import run_stages
         here = Path({str(tmp_path)!r})
-        child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)"
+        # the stage starts a grandchild that needs a second to exit after SIGTERM (as a stage ending its runs)
+        slow_exit = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), sys.exit(0))); time.sleep(60)"
+        child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', %r]); "
+                 "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)" % slow_exit)
         try:
             run_stages({{"a": []}}, lambda name: [sys.executable, "-c", child, str(here / "grandchild.pid")], 1, here,
                        dict(os.environ), here / "logs", echo=lambda line: None)
         except KeyboardInterrupt:
-            open(here / "interrupted", "w").close()
+            gone = subprocess.run(["ps", "-p", open(here / "grandchild.pid").read()], capture_output=True).returncode
+            open(here / "interrupted", "w").write(str(gone))
     """))
     process = subprocess.Popen([sys.executable, str(runner)])
     pid_file = tmp_path / "grandchild.pid"
@@ -136,7 +140,7 @@ def test_sigterm_stops_the_running_stages_and_their_children(tmp_path):
     grandchild = int(pid_file.read_text())
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
-    assert (tmp_path / "interrupted").exists()
+    assert (tmp_path / "interrupted").read_text() == "1"  # the grandchild had exited before the scheduler returned
     for _ in range(50):
         try:
             os.kill(grandchild, 0)
