@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from prefect.exceptions import TerminationSignal
 
 from pipeline.invocation import current_invocation
 from stages.io.outputs import content_hash
@@ -120,7 +121,7 @@ def stage_run(stage: str, params: dict, flow_run_id: str | None = None) -> Itera
             mlflow.log_params(flatten(params))
             try:
                 yield StageRun(run.info.run_id)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C; SIGTERM (Prefect's flow turns it into the latter)
                 status = "KILLED"
                 mlflow.end_run(status)
                 raise
