@@ -25,9 +25,24 @@ def test_every_stage_runs_through_the_pipeline_cli():
 
     for name, stage in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].items():
         if "foreach" in stage:
-            assert stage["do"]["cmd"] == f"python -m pipeline run {name}@${{key}}"
+            assert stage["do"]["cmd"] == f"bin/run-stage {name}@${{key}}"
         else:
-            assert stage["cmd"] == f"python -m pipeline run {name}"
+            assert stage["cmd"] == f"bin/run-stage {name}"
+
+
+def test_the_stage_command_finds_the_checkouts_python_without_an_activated_environment():
+    """DVC runs `bin/run-stage STAGE` with whatever PATH it has: the project's .venv must be used, not the system
+    Python (which lacks prefect)."""
+    import os
+    import subprocess
+
+    if not (PROJECT / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv in this checkout (make setup creates it)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    done = subprocess.run([str(PROJECT / "bin" / "run-stage"), "--help"], env=env, capture_output=True, text=True,
+                          cwd="/", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m pipeline run" in done.stdout
 
 
 def test_a_foreach_stage_is_one_stage_per_variant_of_its_params_section():
