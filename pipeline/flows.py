@@ -13,16 +13,8 @@ from prefect.runtime import flow_run as current_flow_run
 from pipeline.config import load_params
 from pipeline.invocation import new_invocation
 from pipeline.paths import git_commit
-from stages.io.graph import STAGES, stage_body, stage_instances, stage_spec
+from stages.io.graph import STAGES, params_value, stage_body, stage_instances, stage_spec
 from pipeline.tracking import stage_run
-
-
-def params_value(params: dict, key: str):
-    """A params key as dvc.yaml names it: a section (model) or a dotted path into one (ablations.variants.wo_ch)."""
-    value = params
-    for part in key.split("."):
-        value = value[part]
-    return value
 
 
 def _run_stage(name: str, params_file: str) -> dict:

@@ -1,6 +1,5 @@
 """Where the project lives on disk, and the git commit it runs from."""
 
-import fnmatch
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -41,19 +40,11 @@ def git_commit(cwd: Path | None = None) -> str:
         ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    outputs = stage_written_files()
+    from stages.io.graph import stage_making
+
     dirty = [line for line in changed
-             if not any(fnmatch.fnmatch(path, pattern) for path in _paths(line) for pattern in outputs)]
+             if not all(path == "dvc.lock" or stage_making(path) for path in _paths(line))]
     return f"{commit}-dirty" if dirty else commit
-
-
-def stage_written_files() -> list[str]:
-    """Patterns of the git-tracked files that stages write: every stage's metrics and reports (a foreach stage's
-    as a pattern over its variants) and dvc.lock."""
-    from stages.io.graph import STAGES
-
-    return ["dvc.lock"] + [path.replace("${key}", "*") for spec in STAGES.values()
-                           for path in spec.metrics + spec.reports]
 
 
 def _paths(status_line: str) -> list[str]:

@@ -86,12 +86,17 @@ def stage_names() -> list[str]:
     return list(STAGES)
 
 
+def params_value(params: dict, key: str):
+    """A params key as dvc.yaml names it: a section (model) or a dotted path into one (ablations.variants.wo_ch)."""
+    value = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def variants_of(spec: StageSpec, params) -> list[str]:
     """A foreach stage's variants in these params, in their order (e.g. params.ablations.variants)."""
-    section = params
-    for part in spec.foreach.split("."):
-        section = getattr(section, part)
-    return list(section)
+    return list(params_value(params.model_dump(), spec.foreach))
 
 
 def stage_instances(params, names: list[str] | None = None) -> list[str]:
