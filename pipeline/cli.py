@@ -16,6 +16,8 @@ from pipeline.paths import project_root
 from stages.io.graph import STAGES, stage_body, stage_instances, stage_names, variants_of
 from stages.io.outputs import is_main_process
 
+MODELS_FROM_HELP = ("registry (default): each model's champion in the MLflow registry (models:/NAME@champion) when it "
+                    "was trained on the workspace's data, else the workspace's file; workspace: the DVC outputs")
 PREFECT_UI_PORT = 4200
 MLFLOW_UI_PORT = 5000
 
@@ -38,13 +40,33 @@ def main(argv: list[str] | None = None) -> int:
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (then stages run one at a "
                                                                   "time, as dvc repro runs them)")
 
-    commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 until Ctrl-C")
+    ui = commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 and a Prefect worker for "
+                                        "the stage deployments, until Ctrl-C")
+    ui.add_argument("--no-worker", action="store_true", help="the UIs only: no deployments, no worker")
+
+    worker = commands.add_parser("worker", help="deploy every stage to a process work pool and run its worker (flow "
+                                                "runs started in the Prefect UI run here) until Ctrl-C")
+    worker.add_argument("--pool", default="c2crs-local", help="work pool (default: c2crs-local; made if missing)")
+    worker.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: stages share a checkout)")
+
+    deploy = commands.add_parser("deploy", help="register one Prefect deployment per stage and `all` on a work pool")
+    deploy.add_argument("--pool", default="c2crs-local", help="work pool (default: c2crs-local)")
+    deploy.add_argument("--type", default="process", dest="pool_type",
+                        help="type of the pool when it has to be made: process (default), docker, kubernetes")
+    deploy.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="set_params",
+                        help="default params overrides of the deployments, as `dvc exp run -S` (device=cuda)")
+    deploy.add_argument("--job-variables", type=Path, help="JSON file of job variables for the pool's job template "
+                                                           "(image, volumes, GPU request: deploy/README.md)")
+    deploy.add_argument("--checkout", type=Path, help="the project directory the runs use (default: this one; for "
+                                                      "Docker mount it at the same path)")
 
     score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
     score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
     score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     score.add_argument("--models", nargs="+", metavar="MODEL", help="only these models (default: every trained "
                                                                     "model whose file exists, and the naive ones)")
+    score.add_argument("--models-from", choices=("registry", "workspace"), default="registry",
+                       help=MODELS_FROM_HELP)
 
     rate = commands.add_parser("rate", help="score filled copies of reports/conv_rating.csv: each model's mean "
                                             "fluency and informativeness, and inter-rater agreement")
@@ -54,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     talk = commands.add_parser("talk", help="talk with the trained C2-CRS model in the terminal")
     talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    talk.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
 
     study = commands.add_parser("study", help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
                                               "model per setting and seed (resumable); `report` writes "
@@ -63,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
     study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     study.add_argument("--workers", type=int, help="runs at once (default: params.study.workers)")
+
+    models = commands.add_parser("models", help="the MLflow model registry: `list` the registered models with their "
+                                                "champion; `compare` versions side by side")
+    models.add_argument("action", choices=("list", "compare"))
+    models.add_argument("references", nargs="*", metavar="MODEL",
+                        help="compare: NAME (its champion, else its newest version), NAME@ALIAS or NAME/VERSION")
+    models.add_argument("--markdown", action="store_true", help="a markdown table (default: aligned text)")
 
     reference = commands.add_parser("reference", help="print the `dvc exp run` command that sets the authors' "
                                                       "configuration (params/reference.yaml)")
@@ -75,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score,
-                "rate": _rate, "talk": _talk, "study": _study, "reference": _reference}[args.command](args)
+                "rate": _rate, "talk": _talk, "study": _study, "reference": _reference,
+                "models": _models, "worker": _worker, "deploy": _deploy}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -161,6 +192,36 @@ def _study(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import registry
+    from pipeline.tracking import experiment_id, tracking_uri
+
+    experiment_id()  # the project's store, made when missing
+    client = MlflowClient(tracking_uri())
+    if args.action == "list":
+        if args.references:
+            print("error: `models list` takes no model names", file=sys.stderr)
+            return 2
+        table = registry.list_models(client)
+        if not table.rows:
+            print("no registered models yet: the training stages register them (make run)")
+            return 0
+    else:
+        if not args.references:
+            print("error: `models compare` needs one or more MODEL (NAME, NAME@ALIAS or NAME/VERSION)",
+                  file=sys.stderr)
+            return 2
+        try:
+            table = registry.compare(client, args.references)
+        except registry.RegistryError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(table.render(markdown=args.markdown))
+    return 0
+
+
 def _reference(args) -> int:
     """The reference overrides as one command line; validated against params.yaml first."""
     from pipeline.config import reference_overrides
@@ -171,9 +232,10 @@ def _reference(args) -> int:
 
 
 def _score(args) -> int:
-    """Prints the metrics of every trained model on the file, in the metrics/rec.json shape and as tables."""
-    from stages.evaluate import score_file
-    from stages.evaluation.rec_metrics import markdown_table
+    """Prints the metrics of every trained model on the file, in the reports/rec.json shape and as tables."""
+    from stages.evaluate import model_files, score_file
+    from stages.evaluation.rec_metrics import REPEAT_CHOICE, markdown_table
+    from stages.io.stage_log import registered_name
 
     params_file = Path(args.params).resolve()
     params = load_params(params_file)
@@ -181,8 +243,17 @@ def _score(args) -> int:
     if not data.is_file():
         print(f"error: --data {data}: file not found", file=sys.stderr)
         return 2
+    workspace = params_file.parent
+    trained = {name: file for name, file in model_files(params, workspace).items()
+               if name != REPEAT_CHOICE and (not args.models or name in args.models
+                                             or (name == "c2crs" and REPEAT_CHOICE in args.models))}
+    by_registered = model_sources({registered_name(name, "recommender"): file for name, file in trained.items()},
+                                  workspace, args.models_from)
+    files = {name: by_registered[registered_name(name, "recommender")] for name in trained}
+    if "c2crs" in files:
+        files[REPEAT_CHOICE] = files["c2crs"]
     try:
-        scored = score_file(params, params_file.parent, data, args.models)
+        scored = score_file(params, workspace, data, args.models, files or None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -192,6 +263,25 @@ def _score(args) -> int:
     print(markdown_table(scored["results"]))
     print(json.dumps(scored["results"], indent=2, sort_keys=True))
     return 0
+
+
+def model_sources(wanted: dict[str, Path], workspace: Path, models_from: str) -> dict[str, Path]:
+    """Registered name (-> the workspace's file) -> the file to load: the registry's champion, or the workspace's
+    file (models_from "workspace", or no champion trained on this data); says which, one line per model."""
+    if models_from == "workspace":
+        return wanted
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import registry
+    from pipeline.tracking import experiment_id, tracking_uri
+    from stages.training.runs import TRAINING_INPUTS
+
+    experiment_id()
+    files, notes = registry.registry_files(MlflowClient(tracking_uri()), wanted,
+                                           {name: workspace / path for name, path in TRAINING_INPUTS.items()})
+    for note in notes:
+        print(f"model {note}", flush=True)
+    return files
 
 
 def _rate(args) -> int:
@@ -223,7 +313,7 @@ def _talk(args) -> int:
     from pipeline.talk import talk
 
     params_file = Path(args.params).resolve()
-    return talk(load_params(params_file), params_file.parent)
+    return talk(load_params(params_file), params_file.parent, args.models_from)
 
 
 def _stages(args) -> int:
@@ -302,6 +392,73 @@ def _pipeline_has_work(dvc: str) -> bool:
     return status.returncode != 0 or status.stdout.strip() not in ("{}", "")
 
 
+def _prefect_api() -> str | None:
+    """The Prefect API the deployments go to: PREFECT_API_URL, else this checkout's `make ui` server."""
+    from pipeline import servers
+
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    ui_url = servers.own_ui_server()
+    return f"{ui_url}/api" if ui_url else None
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs, each VALUE read as YAML (0.001, true, [a, b]) as `dvc exp run -S` reads it."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (finetune_rec.lr=0.0005)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _deploy(args) -> int:
+    from pipeline.deployments import deploy
+
+    api = _prefect_api()
+    if not api:
+        print("error: no Prefect server: start `make ui` or set PREFECT_API_URL", file=sys.stderr)
+        return 2
+    os.environ["PREFECT_API_URL"] = api
+    job_variables = {}
+    if args.job_variables:
+        try:
+            job_variables = json.loads(args.job_variables.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: --job-variables {args.job_variables}: {exc}", file=sys.stderr)
+            return 2
+    names = deploy(args.pool, args.checkout, _parse_overrides(args.set_params), job_variables, args.pool_type)
+    print(f"{len(names)} deployments on work pool {args.pool!r} ({api}): {', '.join(names)}")
+    print(f"run one: prefect deployment run '{names[1]}'   (or from the Prefect UI's Deployments page)")
+    return 0
+
+
+def _worker(args) -> int:
+    from pipeline import servers
+    from pipeline.deployments import deploy
+
+    api = _prefect_api()
+    if not api:
+        print("error: no Prefect server: start `make ui` (it starts a worker too) or set PREFECT_API_URL",
+              file=sys.stderr)
+        return 2
+    os.environ["PREFECT_API_URL"] = api
+    names = deploy(args.pool)
+    print(f"{len(names)} deployments on work pool {args.pool!r}; worker polling it (log: logs/prefect-worker.log). "
+          "Ctrl-C stops it.", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    worker = servers.start_worker(args.pool, api, args.limit)
+    try:
+        return worker.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        worker.stop()
+
+
 def _ui(args) -> int:
     from pipeline import servers
     from pipeline.tracking import artifact_root, experiment_id, tracking_uri
@@ -319,10 +476,18 @@ def _ui(args) -> int:
         servers.record_ui_server(started[0])  # this checkout's `pipeline repro` reports to it while it runs
         print(f"Prefect UI: {started[0].url}")
         print(f"MLflow UI:  {started[1].url}")
-        print("Ctrl-C stops both.", flush=True)
+        if not args.no_worker:
+            from pipeline.deployments import LOCAL_POOL, deploy
+
+            os.environ["PREFECT_API_URL"] = f"{started[0].url}/api"
+            names = deploy(LOCAL_POOL)
+            started.append(servers.start_worker(LOCAL_POOL, os.environ["PREFECT_API_URL"]))
+            print(f"{len(names)} stage deployments on work pool {LOCAL_POOL!r}, a worker polls it "
+                  "(logs/prefect-worker.log): run stages from the Deployments page")
+        print("Ctrl-C stops them all.", flush=True)
         while all(server.process.poll() is None for server in started):
             time.sleep(1)
-        print("a server exited; stopping the other", file=sys.stderr)
+        print("a server exited; stopping the others", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping the servers")

@@ -297,12 +297,27 @@ class DecodingConfig(Section):
     batch_size: int = Field(default=64, ge=1)
 
 
+class ChampionMetric(Section):
+    metric: str  # a validation metric of the training stage's metrics file (valid_recall@50, valid_perplexity)
+    higher_is_better: bool
+
+
+class ChampionRule(Section):
+    """When evaluate moves a registered model's `champion` alias to the version it just scored: when that version
+    beats the champion's validation metric by more than min_improvement (never on test numbers)."""
+
+    recommender: ChampionMetric = ChampionMetric(metric="valid_recall@50", higher_is_better=True)
+    generator: ChampionMetric = ChampionMetric(metric="valid_perplexity", higher_is_better=False)
+    min_improvement: float = Field(default=0.0, ge=0)
+
+
 class EvaluateConfig(Section):
     bootstrap_resamples: int = Field(default=1000, ge=10)
     batch_size: int = Field(default=512, ge=1)
     decoding: DecodingConfig = DecodingConfig()
     samples_for_reading: int = Field(default=50, ge=1)  # test contexts shown with every model's response
     max_recency: int = Field(default=8, ge=1)  # c2crs-repeat-choice: recency positions told apart (older: one)
+    champion: ChampionRule = ChampionRule()
 
 
 class StudyConfig(Section):

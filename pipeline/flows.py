@@ -5,12 +5,14 @@ input hashes and metrics. A foreach stage's flow runs one variant (its `variant`
 the params when none is given.
 """
 
+import os
 from pathlib import Path
 
 from prefect import flow, tags
 from prefect.runtime import flow_run as current_flow_run
 
 from pipeline.config import load_params
+from pipeline.deployments import TRIGGERED_BY_ENV
 from pipeline.invocation import new_invocation
 from pipeline.paths import git_commit
 from stages.io.graph import STAGES, params_value, stage_body, stage_instances, stage_spec
@@ -27,6 +29,7 @@ def _run_stage(name: str, params_file: str) -> dict:
         outcome = stage_body(name)(params, workspace, run)
         run.log_inputs(outcome.inputs)
         run.log_metrics(outcome.metrics)
+        run.log_reports([workspace / report for report in stage_spec(name).reports])
     return outcome.metrics
 
 
@@ -65,7 +68,8 @@ def run_stage_flow(stage: str, params_file: str = "params.yaml") -> dict:
         with tags("stage:all", f"git:{git_commit()}"):
             return all_flow(params_file)
     family, _, variant = stage.partition("@")
-    with tags(f"stage:{stage}", f"git:{git_commit()}"):
+    triggered = [f"triggered-by:{os.environ[TRIGGERED_BY_ENV]}"] if os.environ.get(TRIGGERED_BY_ENV) else []
+    with tags(f"stage:{stage}", f"git:{git_commit()}", *triggered):
         if STAGES[family].foreach:
             return STAGE_FLOWS[family](params_file, variant)
         return STAGE_FLOWS[family](params_file)

@@ -102,6 +102,20 @@ def start_prefect(port: int) -> Server:
                   url, f"{url}/api/health")
 
 
+def start_worker(pool: str, api_url: str, limit: int = 1) -> Server:
+    """A Prefect process worker polling `pool`: flow runs of the deployments on it (from the UI or `prefect
+    deployment run`) run here, `limit` at a time."""
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    logs = project_root() / "logs"
+    logs.mkdir(exist_ok=True)
+    log_path = logs / "prefect-worker.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                                    "--limit", str(limit)], stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=project_root(), env=env)
+    return Server("prefect-worker", api_url, f"{api_url}/health", process, log_path)
+
+
 def start_mlflow(port: int, backend_store_uri: str, artifact_root: str) -> Server:
     url = f"http://127.0.0.1:{port}"
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

@@ -18,6 +18,7 @@ import torch
 from pipeline.config import Params
 from stages import ingest, triples
 from stages.io.graph import STAGES, stage_making
+from stages.io.stage_log import registered_name
 from stages.sources import raw
 from stages.text import linking
 from stages.training import c2crs_data, c2crs_train, conv_train, runs
@@ -35,7 +36,8 @@ class Turn:
 class Chat:
     """The models and tables a conversation needs, and the conversation so far."""
 
-    def __init__(self, params: Params, workspace: Path, top_k: int = 3):
+    def __init__(self, params: Params, workspace: Path, top_k: int = 3, recommender_file: Path | None = None,
+                 generator_file: Path | None = None):
         self.params, self.workspace, self.top_k = params, workspace, top_k
         self.run, _, inputs = runs.training_run(params, workspace)
         entities, edges = pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["edges"])
@@ -58,8 +60,9 @@ class Chat:
                                                pl.read_parquet(inputs["review_sentences"]),
                                                pl.read_parquet(workspace / "data/reviews/reviews.parquet"))
         device = self.run.device
-        self.recommender = runs.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(device).eval()
-        self.generator, _ = runs.load_conversation_model(runs.conv_model_path(workspace))
+        self.recommender = runs.load_c2crs(recommender_file or workspace / STAGES["finetune_rec"].outs[0])
+        self.recommender.to(device).eval()
+        self.generator, _ = runs.load_conversation_model(generator_file or runs.conv_model_path(workspace))
         self.generator.to(device).eval()
         self.turns: list[Turn] = []
 
@@ -119,14 +122,22 @@ class Chat:
         return " ".join(shown), [self.titles[self.entity_movie[e]] for e in top], unknown
 
 
-def talk(params: Params, workspace: Path) -> int:
-    for needed in (STAGES["finetune_rec"].outs[0], STAGES["finetune_conv"].outs[0]):
-        if not (workspace / needed).is_file():
+def talk(params: Params, workspace: Path, models_from: str = "registry") -> int:
+    """models_from: "registry" loads the champions (models:/c2crs-recommender@champion, c2crs-generator) when they
+    were trained on the workspace's data, else the workspace's files; "workspace" the DVC outputs."""
+    from pipeline.cli import model_sources
+
+    print("loading the models ...", flush=True)
+    recommender, generator = registered_name("c2crs", "recommender"), registered_name("c2crs", "generator")
+    files = model_sources({recommender: workspace / STAGES["finetune_rec"].outs[0],
+                           generator: workspace / STAGES["finetune_conv"].outs[0]}, workspace, models_from)
+    for file in files.values():
+        if not file.is_file():
+            needed = str(file.relative_to(workspace))
             stage = stage_making(needed)
             print(f"error: {needed} is missing; stage {stage} makes it: python -m pipeline repro {stage}")
             return 2
-    print("loading the models ...", flush=True)
-    chat = Chat(params, workspace)
+    chat = Chat(params, workspace, recommender_file=files[recommender], generator_file=files[generator])
     print(__doc__.split("\n\n")[1].replace("\n", " "))
     print("Empty line or Ctrl-D ends the conversation.\n")
     while True:

@@ -5,25 +5,34 @@ with artifacts beside it: no server is needed, and `make ui` serves the same sto
 Each stage run is a child of one parent run per pipeline invocation, so one `dvc repro` groups in the UI.
 """
 
+import hashlib
+import json
+import logging
 import os
 import signal
 import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 
+from pipeline import registry
 from pipeline.invocation import current_invocation
 from stages.io.outputs import content_hash
 from pipeline.paths import git_commit, project_root
 
+logger = logging.getLogger(__name__)
+
 EXPERIMENT = "c2crs"
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 INVOCATION_TAG = "c2crs.invocation"
-MODEL_REQUIREMENTS = ["torch==2.13.0", "torch-geometric==2.8.1"]
 
 
 def tracking_uri() -> str:
@@ -39,7 +48,14 @@ def experiment_id() -> str:
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root())
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(), tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+
+
+def mark_model_development(client: MlflowClient, exp_id: str) -> None:
+    """The UI opens a classic model-development experiment on its training runs, not on the GenAI views (stores made
+    before the tag existed get it here)."""
+    if client.get_experiment(exp_id).tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
 
 
 def parent_run(invocation: str) -> str:
@@ -67,17 +83,33 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 
 class StageRun:
-    """What a stage logs: its inputs' hashes, its metrics (numbers as metrics, the rest as tags), per-epoch
-    metrics while it trains, and its trained models (stages.io.stage_log.StageLog is the interface)."""
+    """What a stage logs: its inputs (hashes, and as MLflow datasets), its metrics (numbers as metrics, the rest as
+    tags), per-epoch metrics while it trains, its trained models as registry versions (pipeline/registry.py), test
+    metrics and champion decisions, and its reports (stages.io.stage_log.StageLog is the interface)."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, stage: str = "", params_hash: str = ""):
+        self.run_id, self.stage, self.params_hash = run_id, stage, params_hash
+        self.versions = []  # registered by this run; tagged with the input hashes once the stage says what it read
 
     def log_inputs(self, inputs: dict[str, Path]) -> dict[str, str]:
         hashes = {name: content_hash(path) for name, path in inputs.items()}
         mlflow.log_params({f"input_sha256.{name}": digest for name, digest in hashes.items()})
         mlflow.log_dict({name: {"path": str(inputs[name]), "sha256": h} for name, h in hashes.items()}, "inputs.json")
+        with warnings.catch_warnings():  # a local path matches two registered source types; both mean a local file
+            warnings.simplefilter("ignore")
+            for name, digest in hashes.items():
+                mlflow.log_input(MetaDataset(resolve_dataset_source(str(inputs[name].resolve())), name=name,
+                                             digest=digest[:16]), context="input")
+        client = MlflowClient()
+        for version in self.versions:
+            for name, digest in hashes.items():
+                client.set_model_version_tag(version.name, version.version, f"{registry.DATA_TAG}{name}", digest)
         return hashes
+
+    def log_reports(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.is_file():
+                mlflow.log_artifact(str(path), artifact_path="reports")
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Nested keys are joined with dots; '@' (recall@10) becomes '_at_', which MLflow names allow."""
@@ -91,13 +123,26 @@ class StageRun:
     def epoch(self, epoch: int, metrics: dict) -> None:
         self.log_metrics(metrics, step=epoch)
 
-    def model(self, name: str, model) -> None:
-        """The trained torch module, pickled (graph models do not export to pt2) with pinned requirements, so
-        loading it does not start an inference of the environment (about 8 s)."""
-        import mlflow.pytorch
+    def model(self, name: str | None, model, file: Path, validation: dict | None = None) -> None:
+        """The trained module as a registry version (pinned requirements, so loading it does not start an inference
+        of the environment, about 8 s)."""
+        version = registry.register(name, model, file, validation or {},
+                                    {registry.GIT_TAG: git_commit(), registry.PARAMS_TAG: self.params_hash,
+                                     registry.STAGE_TAG: self.stage})
+        if version is not None:
+            self.versions.append(version)
 
-        mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                 pip_requirements=MODEL_REQUIREMENTS)
+    def evaluated(self, name: str, file: Path, test: dict, champion_metric, min_improvement: float) -> None:
+        client = MlflowClient()
+        version = registry.version_of_file(client, name, file)
+        if version is None:
+            logger.warning("%s: no registered version holds the weights of %s (trained outside the pipeline's "
+                           "flows?): its test metrics are not in the registry", name, file)
+            return
+        registry.log_test_metrics(version, test)
+        decision = registry.promote(client, name, version, champion_metric, min_improvement)
+        logger.info("%s", decision)
+        mlflow.set_tag(f"champion.{name}", decision)
 
 
 @contextmanager
@@ -109,6 +154,7 @@ def stage_run(stage: str, params: dict, flow_run_id: str | None = None) -> Itera
     """
     exp_id = experiment_id()
     client = MlflowClient()
+    mark_model_development(client, exp_id)
     close_abandoned_runs(client, exp_id)
     invocation = current_invocation()
     parent_id = parent_run(invocation) if invocation else None
@@ -119,8 +165,9 @@ def stage_run(stage: str, params: dict, flow_run_id: str | None = None) -> Itera
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:
             mlflow.log_params(flatten(params))
+            params_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
             try:
-                yield StageRun(run.info.run_id)
+                yield StageRun(run.info.run_id, stage, params_hash)
             except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C; SIGTERM (Prefect's flow turns it into the latter)
                 status = "KILLED"
                 mlflow.end_run(status)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, PrefixedLog, StageLog, StageOutcome
+from stages.evaluation.rec_metrics import ABLATION_PREFIX
+from stages.io.stage_log import NO_LOG, PrefixedLog, StageLog, StageOutcome, registered_name
 from stages.training import runs
 
 
@@ -24,6 +25,6 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
                                                        start_from, out, loaded)
         inputs.update({name: path for name, path in read.items() if name != "start_from"})
         start_from = out
-    log.model(f"ablation_{variant}", model)
+    log.model(registered_name(ABLATION_PREFIX + variant, "recommender"), model, start_from, metrics["finetune_rec"])
     write_outputs({workspace / spec.metrics[0]: metrics})
     return StageOutcome(inputs, metrics)

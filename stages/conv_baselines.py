@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.training import runs
 
 
@@ -19,5 +19,5 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
                                                      runs.conv_model_path(workspace, variant))
     metrics = {"overrides": params.conv_baselines.variants[variant], **outcome}
     write_outputs({workspace / spec.metrics[0]: metrics})
-    log.model(f"conv_{variant}", model)
+    log.model(registered_name(variant, "generator"), model, runs.conv_model_path(workspace, variant), outcome)
     return StageOutcome(inputs, metrics)

@@ -1,9 +1,10 @@
 """The evaluate stage: every trained model on the test split (read here and nowhere else).
 
 Recommendation: C2-CRS, the baselines, the ablations and the naive scorers in every protocol of
-stages/evaluation/rec_metrics.py, with 95 % bootstrap intervals and paired differences (metrics/rec.json,
-reports/rec.md). Conversation: each generator's perplexity and greedy responses, scored with
-stages/evaluation/conv_metrics.py (metrics/conv.json, reports/conv.md), responses to read and a blind rating sheet.
+stages/evaluation/rec_metrics.py, with 95 % bootstrap intervals and paired differences (reports/rec.json,
+reports/rec.md; the headline numbers flat in metrics/rec.json). Conversation: each generator's perplexity and greedy
+responses, scored with stages/evaluation/conv_metrics.py (reports/conv.json, reports/conv.md, metrics/conv.json),
+responses to read and a blind rating sheet.
 score_file runs the same recommendation evaluation on conversations a user brings (`python -m pipeline score`).
 """
 
@@ -21,7 +22,7 @@ from stages import ingest, triples
 from stages.evaluation import conv_metrics, rec_metrics
 from stages.io.graph import STAGES, stage_making
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
+from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
 from stages.training import c2crs_data, c2crs_train, conv_train, runs
@@ -40,11 +41,17 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     return files
 
 
+def conv_model_files(params, workspace: Path) -> dict[str, Path]:
+    """Each trained generator that evaluate scores, and its file."""
+    files = {variant: runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.variants}
+    return {**files, "c2crs": runs.conv_model_path(workspace)}
+
+
 def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                split: str = "test", loaded=None,
-                skip: frozenset[str] = frozenset()) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+                split: str = "test", loaded=None, skip: frozenset[str] = frozenset(),
+                files: dict[str, Path] | None = None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
     """For each model (but those in skip), a function giving its score blocks (row indices, [rows, n_items]) on a
-    split's samples."""
+    split's samples; the models are read from `files` (default: model_files, the workspace's)."""
     run, model_config, _ = loaded or runs.training_run(params, workspace)  # loaded: training_run's, reused
     table = c2crs_data.sample_table(samples, triple_table, split)
     batch = params.evaluate.batch_size
@@ -58,7 +65,7 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
             rows = np.arange(start, min(start + batch, len(table)))
             yield rows, naive[name](rows)
 
-    files = model_files(params, workspace)
+    files = files or model_files(params, workspace)
     models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
     if "textcnn" not in skip:
         textcnn = runs.load_textcnn(files["textcnn"]).to(run.device)
@@ -82,7 +89,7 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
         key = variant_params.model.model_dump_json()
         if key not in variant_runs:
             variant_runs[key] = runs.training_run(variant_params, workspace)[0]
-        model = runs.load_c2crs(runs.ablation_model_path(workspace, variant)).to(run.device)
+        model = runs.load_c2crs(files[rec_metrics.ABLATION_PREFIX + variant]).to(run.device)
         models[rec_metrics.ABLATION_PREFIX + variant] = (
             lambda model=model, run=variant_runs[key]: c2crs_train.score_samples(model, run, table, batch))
     return table, models
@@ -90,10 +97,10 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
 
 def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                      split: str = "test", log: StageLog = NO_LOG, loaded=None,
-                     skip: frozenset[str] = frozenset()) -> dict:
-    """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the metrics/rec.json
+                     skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None) -> dict:
+    """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the reports/rec.json
     shape)."""
-    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip)
+    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files)
     rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks, masked = {}, {}
     for name, blocks in models.items():  # one pass per model gives both rankings
@@ -171,7 +178,7 @@ def _context_turns(utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles
 
 def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
                           loaded=None) -> tuple[dict, str, str, str]:
-    """Every generator on the test split's recommender turns: metrics/conv.json's content, the report, the rating
+    """Every generator on the test split's recommender turns: reports/conv.json's content, the report, the rating
     sheet and its key.
 
     A model's response is scored as the system says it: each movie placeholder filled with the next of its
@@ -202,8 +209,7 @@ def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
 
     gold = _gold_words(workspace, samples, table, data)
     top = _top_items(params, workspace, run, table, k=5)
-    paths = {variant: runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.variants}
-    paths["c2crs"] = runs.conv_model_path(workspace)
+    paths = conv_model_files(params, workspace)
     rank = {name: i for i, name in enumerate(conv_metrics.MODEL_NAMES)}  # the paper's order; others before C2-CRS
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
@@ -248,6 +254,25 @@ def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
     return results, report, sheet, key
 
 
+# What metrics/rec.json and metrics/conv.json hold, flat, so `dvc metrics show/diff` stays readable in a terminal;
+# every protocol, interval and comparison is in reports/rec.json and reports/conv.json (and the MLflow runs).
+REC_HEADLINE = ("all_turns.recall@10", "all_turns.recall@50")
+CONV_HEADLINE = ("bleu@2", "dist@2.corpus", "perplexity")
+
+
+def headline(results: dict, keys: tuple[str, ...]) -> dict[str, float]:
+    """{"<model>.<key>": value} for each model and each dotted key it has."""
+    flat = {}
+    for model, values in results.items():
+        for key in keys:
+            value = values
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, (int, float)):
+                flat[f"{model}.{key}"] = value
+    return flat
+
+
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
     intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
@@ -260,19 +285,31 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     report = rec_metrics.recommendation_report(results, _setting(params, samples))
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log, loaded)
     rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
-    rec_report, conv_report_path, sheet_path, key_path = (workspace / r for r in spec.reports)
-    write_outputs({rec_metrics_path: results, conv_metrics_path: conversation, rec_report: report,
+    rec_report, conv_report_path, rec_results, conv_results, sheet_path, key_path = (workspace / r
+                                                                                      for r in spec.reports)
+    write_outputs({rec_metrics_path: headline(results, REC_HEADLINE), conv_metrics_path: headline(conversation,
+                                                                                                  CONV_HEADLINE),
+                   rec_results: results, conv_results: conversation, rec_report: report,
                    conv_report_path: conv_report, sheet_path: sheet, key_path: key})
+    rule = params.evaluate.champion
+    for name, file in model_files(params, workspace).items():
+        if name != rec_metrics.REPEAT_CHOICE:  # C2-CRS's own model, re-ranked: nothing of its own to register
+            log.evaluated(registered_name(name, "recommender"), file, results[name], rule.recommender,
+                          rule.min_improvement)
+    for name, file in conv_model_files(params, workspace).items():
+        log.evaluated(registered_name(name, "generator"), file, conversation[name], rule.generator,
+                      rule.min_improvement)
     return StageOutcome(inputs, {"rec": results, "conv": conversation})
 
 
-def score_file(params, workspace: Path, path: Path, names: list[str] | None = None) -> dict:
+def score_file(params, workspace: Path, path: Path, names: list[str] | None = None,
+               files: dict[str, Path] | None = None) -> dict:
     """The trained models on conversations a user brings (ReDial JSONL), with the pipeline's own rules: merged
     turns, the kg stage's entities and linker, the triples stage's vocabulary; every conversation is scored.
 
-    Scores the models whose files exist (of `names`, when given; the naive scorers always), and says in "missing"
-    which are not there and which stage makes each."""
-    files = model_files(params, workspace)
+    Scores the models whose files exist (of `names`, when given; the naive scorers always), read from `files`
+    (default: the workspace's, model_files), and says in "missing" which are not there and which stage makes each."""
+    files = files or model_files(params, workspace)
     unknown = sorted(set(names or ()) - set(files) - set(rec_metrics.NAIVE_MODELS))
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; the trained ones are {', '.join(files)} "
@@ -300,4 +337,4 @@ def score_file(params, workspace: Path, path: Path, names: list[str] | None = No
                                        params.triples.response_max_tokens)
     no_triples = pl.DataFrame(schema=triples.TRIPLE_SCHEMA)
     return {"conversations": len(conversations), "bad_records": dict(bad.counts), "missing": missing,
-            "results": evaluate_samples(params, workspace, samples, no_triples, "test", skip=skip)}
+            "results": evaluate_samples(params, workspace, samples, no_triples, "test", skip=skip, files=files)}

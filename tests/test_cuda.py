@@ -27,5 +27,5 @@ def test_every_stage_runs_on_cuda(params_file):
         stage_body(stage)(params, workspace)
     saved = torch.load(workspace / "data/models/c2crs_rec.pt", weights_only=True, map_location="cpu")
     assert all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())
-    results = json.loads((workspace / "metrics/rec.json").read_text())
+    results = json.loads((workspace / "reports/rec.json").read_text())
     assert results["c2crs"]["all_turns"]["n"] > 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,17 +14,21 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
 from pipeline.flows import run_stage_flow
+from pipeline import registry
 from pipeline.paths import git_commit
 from pipeline.config import load_params
 from stages.io.graph import STAGES, stage_instances
+from stages.io.stage_log import registered_name
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def flow_runs_tagged(tag: str):
+def flow_runs_tagged(tag: str, params_file):
+    """This test's flow runs with the tag (the Prefect database is shared by the session's tests)."""
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+    return [run for run in runs if run.parameters.get("params_file") == str(params_file)]
 
 
 def test_ingest_flow_writes_outputs_and_tracks_the_run(params_file, mlflow_store):
@@ -43,12 +48,12 @@ def test_ingest_flow_writes_outputs_and_tracks_the_run(params_file, mlflow_store
     assert run.data.metrics["test.conversations"] == 2
     assert run.data.tags["validation_rule"] == "fraction"
 
-    [flow_run] = flow_runs_tagged("stage:ingest")
+    [flow_run] = flow_runs_tagged("stage:ingest", params_file)
     assert f"git:{git_commit()}" in flow_run.tags
     assert flow_run.state.is_completed()
 
 
-def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, mlflow_store):
+def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, mlflow_store, capsys):
     results = run_stage_flow("all", str(params_file))
     instances = stage_instances(load_params(params_file))  # a foreach stage once per variant: ablations@wo_ch, ...
     assert list(results) == instances and "ablations@wo_ch" in instances
@@ -69,12 +74,36 @@ def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, 
     assert all(client.get_run(p).info.status == "FINISHED" for p in parents)
 
     # Subflows inherit the parent's tags and add their own stage tag.
-    [parent_flow] = [run for run in flow_runs_tagged("stage:all") if run.parent_task_run_id is None]
+    [parent_flow] = [run for run in flow_runs_tagged("stage:all", params_file) if run.parent_task_run_id is None]
     with get_client(sync_client=True) as prefect:
         subflows = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id={"any_": [parent_flow.id]}))
     assert len(subflows) == len(instances) and all(flow.state.is_completed() for flow in subflows)
     assert all("stage:all" in flow.tags for flow in subflows)
+
+    # Every trained model is a registered version; evaluate made each the champion (the first of its name).
+    params = load_params(params_file)
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered == ({"c2crs-recommender", "kbrd-recommender", "textcnn-recommender", "c2crs-generator"}
+                          | {registered_name(f"c2crs_{v}", "recommender") for v in params.ablations.variants}
+                          | {registered_name(v, "generator") for v in params.conv_baselines.variants})
+    for name in registered:
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert registry.logged_metrics(client, champion).keys() & {"test.all_turns.recall_at_10", "test.perplexity"}
+        assert champion.tags["data.samples"] and champion.tags[registry.FILE_TAG]
+    [evaluate_run] = [r for r in children if r.info.run_name == "evaluate"]
+    assert {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "reports")} >= {
+        "reports/rec.md", "reports/conv.md", "reports/conv_rating.csv"}
+
+    from pipeline.cli import main
+
+    assert main(["models", "compare", "c2crs-recommender", "kbrd-recommender@champion", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| version | c2crs-recommender/1 | kbrd-recommender/1 |")
+    assert re.search(r"\| test\.all_turns\.recall_at_10 \| \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\] \|", table)
+    assert "| stage run | finetune_rec " in table
+    assert main(["models", "list"]) == 0
+    assert "c2crs-generator" in capsys.readouterr().out
 
 
 def test_a_failing_stage_marks_its_runs_failed_and_keeps_old_outputs(params_file, mlflow_store, mirror):

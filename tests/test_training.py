@@ -68,7 +68,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     workspace = params_file.parent
     for stage in stage_instances(params):
         stage_body(stage)(params, workspace)
-    results = json.loads((workspace / "metrics/rec.json").read_text())
+    results = json.loads((workspace / "reports/rec.json").read_text())
+    flat = json.loads((workspace / "metrics/rec.json").read_text())  # what `dvc metrics show` prints: flat, small
+    assert flat["c2crs.all_turns.recall@10"] == results["c2crs"]["all_turns"]["recall@10"]
+    assert all(isinstance(v, float) for v in flat.values()) and len(flat) == 2 * len(results)
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
     assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "kbrd", "c2crs",
@@ -96,7 +99,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert all(torch.equal(main_coarse[k], reused[k]) for k in main_coarse)
 
     # Conversation: every generator on the test responses, the metrics contract, the report and the rating sheet.
-    conversation = json.loads((workspace / "metrics/conv.json").read_text())
+    conversation = json.loads((workspace / "reports/conv.json").read_text())
+    conv_flat = json.loads((workspace / "metrics/conv.json").read_text())
+    assert conv_flat["c2crs.perplexity"] == conversation["c2crs"]["perplexity"] and "human.perplexity" not in conv_flat
+    assert conv_flat["human.dist@2.corpus"] == conversation["human"]["dist@2"]["corpus"]
     assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
     assert set(params.conv_baselines.variants) == {"transformer", "kgsf", "wo_iw"}  # the shipped params.yaml's
     for name, metrics in conversation.items():

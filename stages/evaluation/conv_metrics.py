@@ -70,7 +70,7 @@ def bleu(responses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]
 
 def generation_metrics(responses: Sequence[Sequence[str]], references: Sequence[Sequence[str]] | None,
                        names_entity: Callable[[Sequence[str]], bool], perplexity: float | None) -> dict:
-    """The metrics/conv.json entry of one model (references None: no BLEU, e.g. for the gold responses)."""
+    """The reports/conv.json entry of one model (references None: no BLEU, e.g. for the gold responses)."""
     metrics: dict = {f"dist@{n}": distinct(responses, n) for n in DIST_NS}
     if references is not None:
         metrics.update({"bleu@1": bleu(responses, references, 1), "bleu@2": bleu(responses, references, 2)})

@@ -43,7 +43,7 @@ PROTOCOLS: dict[str, Callable[[pl.DataFrame], np.ndarray]] = {
 # Protocols scored with the ranks that leave the context's movies out (evaluate_model's masked_ranks).
 MASKED_PROTOCOLS = frozenset({"new_items_masked"})
 
-# The paper's numbers (Tables 1 and 4, ReDial), keyed by our model names in metrics/rec.json. They come from
+# The paper's numbers (Tables 1 and 4, ReDial), keyed by our model names in reports/rec.json. They come from
 # training on the FULL ReDial train split and scoring all turns (seeker turns included), so they belong next to
 # `all_turns`; this workplace's mirror holds only about a quarter of the train split, so a gap is expected.
 PAPER_PROTOCOL = "all_turns"
@@ -367,7 +367,7 @@ def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 100
                    compare_with: dict[str, np.ndarray] | None = None, masked_ranks: np.ndarray | None = None,
                    compare_masked: dict[str, np.ndarray] | None = None) -> dict:
     """{protocol: metrics + n + ci95 + repeat_share + by_context} for one model; the caller writes {model: this} to
-    rec.json.
+    reports/rec.json.
 
     masked_ranks (ranks_and_masked_ranks' second array) score the MASKED_PROTOCOLS, `ranks` every other one; without
     masked_ranks the masked protocols are left out. compare_with {name: ranks of another model on the same rows}

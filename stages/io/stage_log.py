@@ -8,14 +8,27 @@ from pathlib import Path
 
 
 class StageLog:
-    """Where a stage's run() reports progress while it runs: per-epoch metrics and trained models. This default drops
-    them (benchmarks, direct calls); the flows log them to MLflow (pipeline.tracking.StageRun)."""
+    """Where a stage's run() reports progress while it runs: per-epoch metrics, trained models and test results.
+    This default drops them (benchmarks, direct calls); the flows log them to MLflow and its model registry
+    (pipeline.tracking.StageRun)."""
 
     def epoch(self, epoch: int, metrics: dict) -> None:
         pass
 
-    def model(self, name: str, model) -> None:
-        pass
+    def model(self, name: str, model, file: Path, validation: dict | None = None) -> None:
+        """A trained model, saved at `file` (the DVC output). `name` is its registered model name (registered_name below);
+        None keeps it out of the registry (a pre-training step's encoders). `validation` holds its validation
+        metrics, which decide which version is the champion."""
+
+    def evaluated(self, name: str, file: Path, test: dict, champion_metric, min_improvement: float) -> None:
+        """Test metrics of the registered model `name` whose weights are `file`; its version becomes the champion
+        when it beats the champion on `champion_metric` (a pipeline.config.ChampionMetric, a validation metric)."""
+
+
+def registered_name(model: str, kind: str) -> str:
+    """The registry's name of evaluate's model `model` (c2crs, kbrd, c2crs_wo_coarse, transformer, ...) of a kind
+    (recommender or generator): c2crs-recommender, c2crs-wo-coarse-recommender, transformer-generator."""
+    return f"{model}-{kind}".replace("_", "-")
 
 
 NO_LOG = StageLog()
