@@ -141,10 +141,42 @@ def _run(args) -> int:
     from pipeline.tracking import interrupt_on_sigterm
 
     interrupt_on_sigterm()  # a stopped stage ends its MLflow run as KILLED and its Prefect flow run as crashed
+    from pipeline.flows import FINISHED
+
     started = time.monotonic()
-    metrics = run_stage_flow(args.stage, str(params_file))
+    try:
+        metrics = run_stage_flow(args.stage, str(params_file))
+    except Exception as exc:
+        if args.stage not in FINISHED or not lost_connection(exc):
+            raise
+        # The stage's outputs are written and its MLflow run ended; only Prefect's bookkeeping failed. Failing here
+        # would make DVC discard a finished stage (no dvc.lock entry) and rerun it.
+        print(summary_line(args.stage, FINISHED[args.stage], time.monotonic() - started))
+        print(f"warning: {args.stage} finished and wrote its outputs, but the Prefect API was lost "
+              f"({type(exc).__name__}: {exc}); its flow run's final state is not recorded", file=sys.stderr)
+        exit_now(0)
     print(summary_line(args.stage, metrics, time.monotonic() - started))
     return 0
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether an error comes from a server that stopped answering (anywhere in its chain of causes)."""
+    import httpx
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (httpx.TransportError, ConnectionError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def exit_now(code: int) -> None:
+    """Leave without waiting for Prefect's background clients, which keep retrying a lost server (busy, forever)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def stage_logging() -> None:
@@ -422,7 +454,6 @@ def _deploy(args) -> int:
     if not api:
         print("error: no Prefect server: start `make ui` or set PREFECT_API_URL", file=sys.stderr)
         return 2
-    os.environ["PREFECT_API_URL"] = api
     job_variables = {}
     if args.job_variables:
         try:
@@ -430,7 +461,7 @@ def _deploy(args) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: --job-variables {args.job_variables}: {exc}", file=sys.stderr)
             return 2
-    names = deploy(args.pool, args.checkout, _parse_overrides(args.set_params), job_variables, args.pool_type)
+    names = deploy(args.pool, args.checkout, _parse_overrides(args.set_params), job_variables, args.pool_type, api)
     print(f"{len(names)} deployments on work pool {args.pool!r} ({api}): {', '.join(names)}")
     print(f"run one: prefect deployment run '{names[1]}'   (or from the Prefect UI's Deployments page)")
     return 0
@@ -445,8 +476,7 @@ def _worker(args) -> int:
         print("error: no Prefect server: start `make ui` (it starts a worker too) or set PREFECT_API_URL",
               file=sys.stderr)
         return 2
-    os.environ["PREFECT_API_URL"] = api
-    names = deploy(args.pool)
+    names = deploy(args.pool, api_url=api)
     print(f"{len(names)} deployments on work pool {args.pool!r}; worker polling it (log: logs/prefect-worker.log). "
           "Ctrl-C stops it.", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -479,9 +509,8 @@ def _ui(args) -> int:
         if not args.no_worker:
             from pipeline.deployments import LOCAL_POOL, deploy
 
-            os.environ["PREFECT_API_URL"] = f"{started[0].url}/api"
-            names = deploy(LOCAL_POOL)
-            started.append(servers.start_worker(LOCAL_POOL, os.environ["PREFECT_API_URL"]))
+            names = deploy(LOCAL_POOL, api_url=f"{started[0].url}/api")
+            started.append(servers.start_worker(LOCAL_POOL, f"{started[0].url}/api"))
             print(f"{len(names)} stage deployments on work pool {LOCAL_POOL!r}, a worker polls it "
                   "(logs/prefect-worker.log): run stages from the Deployments page")
         print("Ctrl-C stops them all.", flush=True)

@@ -82,19 +82,24 @@ def ensure_pool(pool: str, pool_type: str = "process") -> None:
 
 
 def deploy(pool: str = LOCAL_POOL, checkout: Path | None = None, set_params: dict[str, Any] | None = None,
-           job_variables: dict[str, Any] | None = None, pool_type: str = "process") -> list[str]:
+           job_variables: dict[str, Any] | None = None, pool_type: str = "process",
+           api_url: str | None = None) -> list[str]:
     """One deployment per stage instance and `all` on `pool` (made when missing, of pool_type), each running in
-    `checkout`; set_params are the deployments' default overrides (a GPU pool: {"device": "cuda"}). Returns the
-    deployment names."""
+    `checkout`; set_params are the deployments' default overrides (a GPU pool: {"device": "cuda"}). api_url: the
+    Prefect API (default: the settings'; Prefect reads its settings once, at import). Returns the deployment names."""
+    from prefect import deploy as deploy_all
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     root = (checkout or project_root()).resolve()
-    ensure_pool(pool, pool_type)
-    source = run_dvc_stage.from_source(source=str(root), entrypoint=ENTRYPOINT)
-    names = []
-    for stage in ["all", *stage_instances(load_params(root / "params.yaml"))]:
-        source.deploy(name=stage, work_pool_name=pool, build=False, push=False, print_next_steps=False,
-                      parameters={"stage": stage, "set_params": set_params or {}, "checkout": str(root)},
-                      job_variables=job_variables or {}, tags=[f"stage:{stage}"],
-                      description=f"`dvc repro` of {stage} in {root}" if stage != "all" else
-                      f"every out-of-date stage of {root}")
-        names.append(f"{FLOW_NAME}/{stage}")
-    return names
+    stages = ["all", *stage_instances(load_params(root / "params.yaml"))]
+    with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
+        ensure_pool(pool, pool_type)
+        source = run_dvc_stage.from_source(source=str(root), entrypoint=ENTRYPOINT)
+        deployments = [source.to_deployment(
+            name=stage, parameters={"stage": stage, "set_params": set_params or {}, "checkout": str(root)},
+            job_variables=job_variables or {}, tags=[f"stage:{stage}"],
+            description=(f"every out-of-date stage of {root}" if stage == "all" else
+                         f"`dvc repro` of {stage} in {root}")) for stage in stages]
+        deploy_all(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
+                   ignore_warnings=True)
+    return [f"{FLOW_NAME}/{stage}" for stage in stages]

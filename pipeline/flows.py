@@ -19,6 +19,9 @@ from stages.io.graph import STAGES, params_value, stage_body, stage_instances, s
 from pipeline.tracking import stage_run
 
 
+FINISHED: dict[str, dict] = {}  # stages of this process whose body ran and whose MLflow run ended: name -> metrics
+
+
 def _run_stage(name: str, params_file: str) -> dict:
     """One stage (a foreach stage's variant: family@variant) in an MLflow run."""
     params = load_params(params_file)
@@ -30,6 +33,7 @@ def _run_stage(name: str, params_file: str) -> dict:
         run.log_inputs(outcome.inputs)
         run.log_metrics(outcome.metrics)
         run.log_reports([workspace / report for report in stage_spec(name).reports])
+    FINISHED[name] = outcome.metrics
     return outcome.metrics
 
 

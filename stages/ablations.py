@@ -7,7 +7,7 @@ from pathlib import Path
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.evaluation.rec_metrics import ABLATION_PREFIX
-from stages.io.stage_log import NO_LOG, PrefixedLog, StageLog, StageOutcome, registered_name
+from stages.io.stage_log import NO_LOG, CurveLog, PrefixedLog, StageLog, StageOutcome, registered_name
 from stages.training import runs
 
 
@@ -19,6 +19,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
     variant_params = params.variant(variant)
     start_from, metrics, inputs = None, {"overrides": params.ablations.variants[variant]}, {}
     loaded = runs.training_run(variant_params, workspace)  # read once for the variant's three steps
+    log = CurveLog(log)
     for stage in runs.REC_PATH:
         out = runs.ablation_model_path(workspace, variant, stage)
         model, metrics[stage], read = runs.train_c2crs(stage, variant_params, workspace, PrefixedLog(log, stage),
@@ -26,5 +27,5 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
         inputs.update({name: path for name, path in read.items() if name != "start_from"})
         start_from = out
     log.model(registered_name(ABLATION_PREFIX + variant, "recommender"), model, start_from, metrics["finetune_rec"])
-    write_outputs({workspace / spec.metrics[0]: metrics})
+    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
     return StageOutcome(inputs, metrics)

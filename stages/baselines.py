@@ -8,7 +8,7 @@ from models.baselines import TextCNNRecommender
 from models.c2crs import C2CRS
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
+from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
 from stages.training import c2crs_train, loop, runs
 
 SECTIONS = runs.TRAINING_SECTIONS + ("finetune_rec", "baselines")  # what a checkpoint of this stage depends on
@@ -18,6 +18,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """TextCNN over the context words, and the KBRD-style recommender (C2-CRS's recommender, no pre-training)."""
     spec = STAGES["baselines"]
     run, model_config, inputs = runs.training_run(params, workspace)
+    log = CurveLog(log)
     textcnn_out, kbrd_out = (workspace / out for out in spec.outs)
 
     loop.seed_everything(params.seed, params.deterministic)
@@ -43,7 +44,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
 
     metrics = {"textcnn": runs.training_outcome(textcnn_state),
                "kbrd": runs.training_outcome(kbrd_state)}
-    write_outputs({workspace / spec.metrics[0]: metrics})
+    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
     log.model(registered_name("textcnn", "recommender"), textcnn, textcnn_out, metrics["textcnn"])
     log.model(registered_name("kbrd", "recommender"), kbrd, kbrd_out, metrics["kbrd"])
     return StageOutcome(inputs, metrics)

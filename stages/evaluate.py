@@ -273,6 +273,21 @@ def headline(results: dict, keys: tuple[str, ...]) -> dict[str, float]:
     return flat
 
 
+def recall_at_k_plot(results: dict, protocol: str = "all_turns") -> list[dict]:
+    """The DVC plot of recall@k (k = 1..50) under a protocol: one row per k, one column per model."""
+    curves = {model: by_protocol[protocol]["recall_curve"] for model, by_protocol in results.items()
+              if by_protocol.get(protocol, {}).get("recall_curve")}
+    longest = max((len(curve) for curve in curves.values()), default=0)
+    return [{"k": k + 1, **{model: curve[k] for model, curve in curves.items() if k < len(curve)}}
+            for k in range(longest)]
+
+
+def distinct_plot(conversation: dict) -> list[dict]:
+    """The DVC plot of Dist-2/3/4 (corpus level) per generator and the human responses: one row per model."""
+    return [{"model": model, **{f"dist@{n}": values[f"dist@{n}"]["corpus"] for n in conv_metrics.DIST_NS}}
+            for model, values in conversation.items()]
+
+
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
     intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
@@ -285,12 +300,12 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     report = rec_metrics.recommendation_report(results, _setting(params, samples))
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log, loaded)
     rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
-    rec_report, conv_report_path, rec_results, conv_results, sheet_path, key_path = (workspace / r
-                                                                                      for r in spec.reports)
-    write_outputs({rec_metrics_path: headline(results, REC_HEADLINE), conv_metrics_path: headline(conversation,
-                                                                                                  CONV_HEADLINE),
-                   rec_results: results, conv_results: conversation, rec_report: report,
-                   conv_report_path: conv_report, sheet_path: sheet, key_path: key})
+    out = {Path(r).name: workspace / r for r in spec.reports}
+    write_outputs({rec_metrics_path: headline(results, REC_HEADLINE),
+                   conv_metrics_path: headline(conversation, CONV_HEADLINE),
+                   out["rec.json"]: results, out["conv.json"]: conversation, out["rec.md"]: report,
+                   out["conv.md"]: conv_report, out["conv_rating.csv"]: sheet, out["conv_rating_key.csv"]: key,
+                   out["recall_at_k.json"]: recall_at_k_plot(results), out["distinct.json"]: distinct_plot(conversation)})
     rule = params.evaluate.champion
     for name, file in model_files(params, workspace).items():
         if name != rec_metrics.REPEAT_CHOICE:  # C2-CRS's own model, re-ranked: nothing of its own to register

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.deployments import run_deployment
@@ -72,6 +72,6 @@ def test_a_deployment_run_executes_the_stage_through_dvc_on_a_process_worker(tmp
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert list(lock["stages"]) == ["ingest"]  # DVC ran it, and only it
     assert json.loads((root / "metrics/ingest.json").read_text())["test"]["conversations"] == 2
-    [run] = mlflow.search_runs(experiment_names=["c2crs"], filter_string="tags.stage = 'ingest'",
-                               output_format="list")
+    client = MlflowClient(mlflow_store)  # this test's store (MLflow's global URI may be an earlier test's)
+    [run] = client.search_runs([client.get_experiment_by_name("c2crs").experiment_id], "tags.stage = 'ingest'")
     assert run.info.status == "FINISHED"

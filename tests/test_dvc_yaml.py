@@ -5,6 +5,7 @@ import ast
 import configparser
 
 import pytest
+import yaml
 
 from stages.io.graph import STAGES, load_stage_graph, stage_body, stage_instances, stage_making, stage_spec
 from tests.conftest import PROJECT
@@ -127,3 +128,15 @@ def test_dvc_analytics_are_off():
     config = configparser.ConfigParser()
     config.read(PROJECT / ".dvc" / "config")
     assert config["core"]["analytics"] == "false"
+
+
+def test_every_plot_reads_what_a_stage_writes():
+    """dvc.yaml's plots point at files (or folders of files) that stages declare, so `dvc plots show` has data."""
+    written = [out for spec in STAGES.values() for out in spec.outs + spec.metrics + spec.reports]
+    plots = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["plots"]
+    assert plots
+    for plot in plots:
+        [(name, props)] = plot.items()
+        files = list(props["y"]) if isinstance(props.get("y"), dict) else [name]
+        for path in files:
+            assert any(out == path or out.startswith(path + "/") for out in written), f"plot {name!r}: {path}"

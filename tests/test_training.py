@@ -47,9 +47,12 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     train(model, optimizer, tmp_path / "resumed", 2, train_epoch, validate, monitor="valid_loss",
           higher_is_better=False)  # the process "dies" here, after two epochs
     model, optimizer, train_epoch, validate = tiny_problem(123)  # a new process: fresh weights, other RNG state
+    seen = []
     resumed = train(model, optimizer, tmp_path / "resumed", 4, train_epoch, validate, monitor="valid_loss",
-                    higher_is_better=False)
+                    higher_is_better=False, on_epoch=lambda epoch, metrics: seen.append((epoch, metrics)))
     assert resumed.history == straight.history
+    # The resumed run reports the epochs it did not train too, so its log and curve file have the whole curve.
+    assert seen == [(row["epoch"], {k: v for k, v in row.items() if k != "epoch"}) for row in straight.history]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected))
 
 
@@ -85,6 +88,18 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert "paper: C2-CRS" in report and "| w/o SD | c2crs_wo_sd |" in report
     finetune = json.loads((workspace / "metrics/finetune_rec.json").read_text())
     assert finetune["epochs_run"] == 2
+    # The DVC plots' data: per-epoch curves of every training stage, recall@k and Dist-n on the test split.
+    curve = json.loads((workspace / "reports/curves/finetune_rec.json").read_text())
+    assert [row["epoch"] for row in curve] == [1, 2] and {"train_loss", "valid_recall@50"} <= set(curve[0])
+    baselines_curve = json.loads((workspace / "reports/curves/baselines.json").read_text())
+    assert {"kbrd.valid_recall@50", "textcnn.valid_recall@50"} <= set(baselines_curve[0])
+    ablation_curve = json.loads((workspace / "reports/curves/ablations/wo_fine.json").read_text())
+    assert "finetune_rec.valid_recall@50" in ablation_curve[0] and "pretrain_coarse.train_loss" in ablation_curve[0]
+    recall_at_k = json.loads((workspace / "reports/recall_at_k.json").read_text())
+    assert [row["k"] for row in recall_at_k] == list(range(1, 51))
+    for k in (1, 10, 50):
+        assert recall_at_k[k - 1]["c2crs"] == results["c2crs"]["all_turns"][f"recall@{k}"]
+    assert all(a["kbrd"] <= b["kbrd"] for a, b in zip(recall_at_k, recall_at_k[1:]))
 
     # Every variant trained its whole path with its overrides; w/o Fine's coarse step is the main run's.
     ablations = {variant: json.loads((workspace / f"metrics/ablations/{variant}.json").read_text())
@@ -103,6 +118,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     conv_flat = json.loads((workspace / "metrics/conv.json").read_text())
     assert conv_flat["c2crs.perplexity"] == conversation["c2crs"]["perplexity"] and "human.perplexity" not in conv_flat
     assert conv_flat["human.dist@2.corpus"] == conversation["human"]["dist@2"]["corpus"]
+    distinct = {row["model"]: row for row in json.loads((workspace / "reports/distinct.json").read_text())}
+    assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(conversation)
     assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
     assert set(params.conv_baselines.variants) == {"transformer", "kgsf", "wo_iw"}  # the shipped params.yaml's
     for name, metrics in conversation.items():

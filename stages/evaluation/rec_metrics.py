@@ -282,6 +282,15 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict:
     return {**{m: float(v) for m, v in zip(METRICS, means)}, "n": int(ranks.size)}
 
 
+def recall_curve(ranks: np.ndarray, max_k: int = 50) -> list[float]:
+    """Recall@k for k = 1..max_k (the evaluation plot); empty when there are no rows."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        return []
+    counts = np.bincount(np.clip(ranks, 1, max_k + 1).astype(np.int64), minlength=max_k + 2)[1 : max_k + 1]
+    return (np.cumsum(counts) / ranks.size).tolist()
+
+
 def _bootstrap_stats(rows: pl.DataFrame, values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """Each metric's mean over `n_resamples` resamples of conversations: [n_resamples, n_metrics].
 
@@ -366,7 +375,8 @@ def by_context(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict]:
 def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
                    compare_with: dict[str, np.ndarray] | None = None, masked_ranks: np.ndarray | None = None,
                    compare_masked: dict[str, np.ndarray] | None = None) -> dict:
-    """{protocol: metrics + n + ci95 + repeat_share + by_context} for one model; the caller writes {model: this} to
+    """{protocol: metrics + n + ci95 + repeat_share + by_context + recall_curve (recall@1..50)} for one model; the
+    caller writes {model: this} to
     reports/rec.json.
 
     masked_ranks (ranks_and_masked_ranks' second array) score the MASKED_PROTOCOLS, `ranks` every other one; without
@@ -393,6 +403,7 @@ def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 100
             "ci95": bootstrap_ci(kept_rows, kept_ranks, n_resamples=n_resamples, seed=seed, level=0.95),
             "repeat_share": repeat_share(kept_rows, kept_ranks),
             "by_context": by_context(kept_rows, kept_ranks),
+            "recall_curve": recall_curve(kept_ranks),
         }
         if compare_with:
             results[protocol]["margin_over"] = {

@@ -51,6 +51,28 @@ class PrefixedLog(StageLog):
         self.log.epoch(epoch, {f"{self.prefix}.{k}": v for k, v in metrics.items()})
 
 
+class CurveLog(StageLog):
+    """Passes everything on to `log` and keeps the per-epoch numbers for the stage's curve file (a DVC plot): one
+    row per epoch, the steps or models of one stage side by side under their prefixed names."""
+
+    def __init__(self, log: StageLog):
+        self.log, self.by_epoch = log, {}
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        self.log.epoch(epoch, metrics)
+        row = self.by_epoch.setdefault(epoch, {"epoch": epoch})
+        row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def model(self, name, model, file, validation=None) -> None:
+        self.log.model(name, model, file, validation)
+
+    def evaluated(self, name, file, test, champion_metric, min_improvement) -> None:
+        self.log.evaluated(name, file, test, champion_metric, min_improvement)
+
+    def rows(self) -> list[dict]:
+        return [self.by_epoch[epoch] for epoch in sorted(self.by_epoch)]
+
+
 class WarningTally:
     """Skipped-record warnings: each kind logged the first `shown` times, then only counted, so a file with
     thousands of bad records gives a few lines; summary() logs the count of each kind that was cut short."""

@@ -151,6 +151,8 @@ def _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, moni
     if last.is_file():
         state = load_checkpoint(last, model, optimizer)
         log.info("resumed from %s after epoch %d", last, state.epoch)
+        for row in state.history if on_epoch is not None else ():  # the resumed run's log gets the whole curve
+            on_epoch(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
     while state.epoch < epochs and not (patience is not None and state.epochs_without_improvement >= patience):
         epoch = state.epoch
         model.train()

@@ -19,7 +19,7 @@ from models.c2crs import C2CRS, C2CRSConfig
 from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
 from stages.io.graph import STAGES
 from stages.io.outputs import content_hash, write_outputs
-from stages.io.stage_log import StageLog, StageOutcome, registered_name
+from stages.io.stage_log import CurveLog, StageLog, StageOutcome, registered_name
 from stages.evaluation import rec_metrics
 from stages.training import c2crs_data, c2crs_train, conv_train, distributed, loop
 from stages.io.outputs import is_main_process
@@ -162,8 +162,9 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
     spec = STAGES[stage]
     previous, _ = REC_PATH[stage]
     start_from = workspace / STAGES[previous].outs[0] if previous else None
+    log = CurveLog(log)
     model, metrics, inputs = train_c2crs(stage, params, workspace, log, start_from, workspace / spec.outs[0])
-    write_outputs({workspace / spec.metrics[0]: metrics})
+    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
     log.model(registered_name("c2crs", "recommender") if stage == "finetune_rec" else None, model,
               workspace / spec.outs[0], metrics)
     return StageOutcome(inputs, metrics)
