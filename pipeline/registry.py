@@ -63,8 +63,8 @@ def model_id(version: ModelVersion) -> str:
 
 
 def logged_metrics(client: MlflowClient, version: ModelVersion) -> dict[str, float]:
-    """The latest value of every metric of a version's logged model; test metrics, logged in evaluate's run as
-    <name>.test.<...> (one run scores every model), without the name."""
+    """The latest value of every metric of a version's logged model, without the <name>. that the runs' copies carry
+    (one evaluate run scores every model; one baselines run trains two)."""
     latest = {}
     for metric in client.get_logged_model(model_id(version)).metrics or []:
         key = metric.key.removeprefix(f"{version.name}.")
@@ -87,12 +87,13 @@ def register(name: str | None, model, file: Path, validation: dict, tags: dict[s
     info = mlflow.pytorch.log_model(model, name=(name or file.stem), serialization_format="pickle",
                                     pip_requirements=MODEL_REQUIREMENTS, extra_files=[str(file)],
                                     registered_model_name=name)
-    # Only the validation numbers, at the kept epoch's step, so the run's per-epoch curves stay as they were.
-    numbers = {k: v for k, v in version_metrics(validation or {}).items() if k.startswith(VALIDATION_PREFIX)}
-    if numbers:
-        mlflow.log_metrics(numbers, step=int((validation or {}).get("best_epoch") or 0), model_id=info.model_id)
     if name is None:
         return None
+    # The kept epoch's validation numbers, named <name>.valid_... in the run (a stage may train two models; its
+    # per-epoch curves keep their own names) and valid_... on the version (logged_metrics drops the name).
+    numbers = {f"{name}.{k}": v for k, v in version_metrics(validation or {}).items() if k.startswith(VALIDATION_PREFIX)}
+    if numbers:
+        mlflow.log_metrics(numbers, step=int((validation or {}).get("best_epoch") or 0), model_id=info.model_id)
     client = MlflowClient()
     version = str(info.registered_model_version)
     for key, value in {**tags, FILE_TAG: content_hash(file), FILE_NAME_TAG: file.name}.items():
