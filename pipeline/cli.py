@@ -4,13 +4,12 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pipeline import operate
 from pipeline.config import ConfigError, load_params
 from pipeline.paths import project_root
 from stages.io.graph import STAGES, stage_body, stage_instances, stage_names, variants_of
@@ -18,8 +17,6 @@ from stages.io.outputs import is_main_process
 
 MODELS_FROM_HELP = ("registry (default): each model's champion in the MLflow registry (models:/NAME@champion) when it "
                     "was trained on the workspace's data, else the workspace's file; workspace: the DVC outputs")
-PREFECT_UI_PORT = 4200
-MLFLOW_UI_PORT = 5000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return {"run": _run, "stages": _stages, "repro": _repro, "ui": _ui, "score": _score,
+        return {"run": _run, "stages": _stages, "repro": _repro, "ui": operate.ui_command, "score": _score,
                 "rate": _rate, "talk": _talk, "study": _study, "reference": _reference,
-                "models": _models, "worker": _worker, "deploy": _deploy}[args.command](args)
+                "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -265,6 +262,7 @@ def _reference(args) -> int:
 
 def _score(args) -> int:
     """Prints the metrics of every trained model on the file, in the reports/rec.json shape and as tables."""
+    from pipeline import registry
     from stages.evaluate import model_files, score_file
     from stages.evaluation.rec_metrics import REPEAT_CHOICE, markdown_table
     from stages.io.stage_log import registered_name
@@ -279,8 +277,8 @@ def _score(args) -> int:
     trained = {name: file for name, file in model_files(params, workspace).items()
                if name != REPEAT_CHOICE and (not args.models or name in args.models
                                              or (name == "c2crs" and REPEAT_CHOICE in args.models))}
-    by_registered = model_sources({registered_name(name, "recommender"): file for name, file in trained.items()},
-                                  workspace, args.models_from)
+    by_registered = registry.model_sources(
+        {registered_name(name, "recommender"): file for name, file in trained.items()}, workspace, args.models_from)
     files = {name: by_registered[registered_name(name, "recommender")] for name in trained}
     if "c2crs" in files:
         files[REPEAT_CHOICE] = files["c2crs"]
@@ -295,25 +293,6 @@ def _score(args) -> int:
     print(markdown_table(scored["results"]))
     print(json.dumps(scored["results"], indent=2, sort_keys=True))
     return 0
-
-
-def model_sources(wanted: dict[str, Path], workspace: Path, models_from: str) -> dict[str, Path]:
-    """Registered name (-> the workspace's file) -> the file to load: the registry's champion, or the workspace's
-    file (models_from "workspace", or no champion trained on this data); says which, one line per model."""
-    if models_from == "workspace":
-        return wanted
-    from mlflow.tracking import MlflowClient
-
-    from pipeline import registry
-    from pipeline.tracking import experiment_id, tracking_uri
-    from stages.training.runs import TRAINING_INPUTS
-
-    experiment_id()
-    files, notes = registry.registry_files(MlflowClient(tracking_uri()), wanted,
-                                           {name: workspace / path for name, path in TRAINING_INPUTS.items()})
-    for note in notes:
-        print(f"model {note}", flush=True)
-    return files
 
 
 def _rate(args) -> int:
@@ -377,7 +356,7 @@ def _repro(args) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: expected a whole number >= 1", file=sys.stderr)
         return 2
-    dvc = shutil.which("dvc") or str(servers.BIN / "dvc")
+    dvc = servers.dvc_executable()
     invocation = new_invocation()
     env = dict(os.environ)
     server = None
@@ -422,106 +401,3 @@ def _repro_side_by_side(dvc: str, jobs: int, env: dict[str, str]) -> int:
 def _pipeline_has_work(dvc: str) -> bool:
     status = subprocess.run([dvc, "status", "--json"], cwd=project_root(), capture_output=True, text=True)
     return status.returncode != 0 or status.stdout.strip() not in ("{}", "")
-
-
-def _prefect_api() -> str | None:
-    """The Prefect API the deployments go to: PREFECT_API_URL, else this checkout's `make ui` server."""
-    from pipeline import servers
-
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    ui_url = servers.own_ui_server()
-    return f"{ui_url}/api" if ui_url else None
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs, each VALUE read as YAML (0.001, true, [a, b]) as `dvc exp run -S` reads it."""
-    import yaml
-
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (finetune_rec.lr=0.0005)")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
-def _deploy(args) -> int:
-    from pipeline.deployments import deploy
-
-    api = _prefect_api()
-    if not api:
-        print("error: no Prefect server: start `make ui` or set PREFECT_API_URL", file=sys.stderr)
-        return 2
-    job_variables = {}
-    if args.job_variables:
-        try:
-            job_variables = json.loads(args.job_variables.read_text())
-        except (OSError, ValueError) as exc:
-            print(f"error: --job-variables {args.job_variables}: {exc}", file=sys.stderr)
-            return 2
-    names = deploy(args.pool, args.checkout, _parse_overrides(args.set_params), job_variables, args.pool_type, api)
-    print(f"{len(names)} deployments on work pool {args.pool!r} ({api}): {', '.join(names)}")
-    print(f"run one: prefect deployment run '{names[1]}'   (or from the Prefect UI's Deployments page)")
-    return 0
-
-
-def _worker(args) -> int:
-    from pipeline import servers
-    from pipeline.deployments import deploy
-
-    api = _prefect_api()
-    if not api:
-        print("error: no Prefect server: start `make ui` (it starts a worker too) or set PREFECT_API_URL",
-              file=sys.stderr)
-        return 2
-    names = deploy(args.pool, api_url=api)
-    print(f"{len(names)} deployments on work pool {args.pool!r}; worker polling it (log: logs/prefect-worker.log). "
-          "Ctrl-C stops it.", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    worker = servers.start_worker(args.pool, api, args.limit)
-    try:
-        return worker.process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        worker.stop()
-
-
-def _ui(args) -> int:
-    from pipeline import servers
-    from pipeline.tracking import artifact_root, experiment_id, tracking_uri
-
-    experiment_id()  # the store and its experiment exist before the UI lists them
-    # Ctrl-C and `kill` both end in the cleanup below, even when started from a shell that ignores SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    started = []
-    try:
-        started.append(servers.start_prefect(PREFECT_UI_PORT))
-        started.append(servers.start_mlflow(MLFLOW_UI_PORT, tracking_uri(), artifact_root()))
-        for server in started:
-            server.wait_until_healthy()
-        servers.record_ui_server(started[0])  # this checkout's `pipeline repro` reports to it while it runs
-        print(f"Prefect UI: {started[0].url}")
-        print(f"MLflow UI:  {started[1].url}")
-        if not args.no_worker:
-            from pipeline.deployments import LOCAL_POOL, deploy
-
-            names = deploy(LOCAL_POOL, api_url=f"{started[0].url}/api")
-            started.append(servers.start_worker(LOCAL_POOL, f"{started[0].url}/api"))
-            print(f"{len(names)} stage deployments on work pool {LOCAL_POOL!r}, a worker polls it "
-                  "(logs/prefect-worker.log): run stages from the Deployments page")
-        print("Ctrl-C stops them all.", flush=True)
-        while all(server.process.poll() is None for server in started):
-            time.sleep(1)
-        print("a server exited; stopping the others", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopping the servers")
-        return 0
-    finally:
-        servers.forget_ui_server()
-        for server in started:
-            server.stop()

@@ -11,7 +11,6 @@ or Kubernetes work pool with a GPU request (deploy/README.md); `python -m pipeli
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,20 +20,20 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from pipeline.config import load_params
-from pipeline.invocation import INVOCATION_ENV, new_invocation
+from pipeline.invocation import INVOCATION_ENV, TRIGGERED_BY_ENV, new_invocation
 from pipeline.paths import project_root
+from pipeline.servers import dvc_executable
 from stages.io.graph import stage_instances
 
 FLOW_NAME = "c2crs"
 LOCAL_POOL = "c2crs-local"
-TRIGGERED_BY_ENV = "C2CRS_TRIGGERED_BY"  # the deployment's flow run id, read by pipeline.flows for the stage's tags
 ENTRYPOINT = "pipeline/deployments.py:run_dvc_stage"
 
 
 def stage_command(stage: str, set_params: dict[str, Any], force: bool, python: str = sys.executable) -> list[str]:
     """The DVC command that runs `stage` (or every out-of-date stage: `all`) in a checkout."""
     overrides = [arg for key, value in set_params.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
-    dvc = shutil.which("dvc") or str(Path(python).parent / "dvc")
+    dvc = dvc_executable()
     if stage == "all":
         if overrides:
             return [dvc, "exp", "run", *(["-f"] if force else []), *overrides]

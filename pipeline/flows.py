@@ -12,8 +12,7 @@ from prefect import flow, tags
 from prefect.runtime import flow_run as current_flow_run
 
 from pipeline.config import load_params
-from pipeline.deployments import TRIGGERED_BY_ENV
-from pipeline.invocation import new_invocation
+from pipeline.invocation import TRIGGERED_BY_ENV, new_invocation
 from pipeline.paths import git_commit
 from stages.io.graph import STAGES, params_value, stage_body, stage_instances, stage_spec
 from pipeline.tracking import stage_run

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 INVOCATION_ENV = "C2CRS_INVOCATION"
+TRIGGERED_BY_ENV = "C2CRS_TRIGGERED_BY"  # a deployment's flow run id, which the stage it runs tags its flow run with
 
 
 def new_invocation() -> str:

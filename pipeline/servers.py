@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,13 +87,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(name: str, command: list[str], url: str, health_url: str) -> Server:
+def dvc_executable() -> str:
+    """DVC from PATH, else the one installed beside this Python (a venv that is not activated)."""
+    return shutil.which("dvc") or str(BIN / "dvc")
+
+
+def _start(name: str, command: list[str], url: str, health_url: str, env: dict[str, str] | None = None,
+           log_name: str | None = None) -> Server:
     logs = project_root() / "logs"
     logs.mkdir(exist_ok=True)
-    log_path = logs / f"{name}-server.log"
+    log_path = logs / (log_name or f"{name}-server.log")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=project_root())
+                                   start_new_session=True, cwd=project_root(), env=env)
     return Server(name, url, health_url, process, log_path)
 
 
@@ -105,15 +112,9 @@ def start_prefect(port: int) -> Server:
 def start_worker(pool: str, api_url: str, limit: int = 1) -> Server:
     """A Prefect process worker polling `pool`: flow runs of the deployments on it (from the UI or `prefect
     deployment run`) run here, `limit` at a time."""
-    env = {**os.environ, "PREFECT_API_URL": api_url}
-    logs = project_root() / "logs"
-    logs.mkdir(exist_ok=True)
-    log_path = logs / "prefect-worker.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                                    "--limit", str(limit)], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=project_root(), env=env)
-    return Server("prefect-worker", api_url, f"{api_url}/health", process, log_path)
+    return _start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                                     "--limit", str(limit)], api_url, f"{api_url}/health",
+                  env={**os.environ, "PREFECT_API_URL": api_url}, log_name="prefect-worker.log")
 
 
 def start_mlflow(port: int, backend_store_uri: str, artifact_root: str) -> Server:

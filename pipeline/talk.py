@@ -125,7 +125,7 @@ class Chat:
 def talk(params: Params, workspace: Path, models_from: str = "registry") -> int:
     """models_from: "registry" loads the champions (models:/c2crs-recommender@champion, c2crs-generator) when they
     were trained on the workspace's data, else the workspace's files; "workspace" the DVC outputs."""
-    from pipeline.cli import model_sources
+    from pipeline.registry import model_sources
 
     print("loading the models ...", flush=True)
     recommender, generator = registered_name("c2crs", "recommender"), registered_name("c2crs", "generator")

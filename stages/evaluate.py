@@ -20,7 +20,7 @@ import torch
 from models.baselines import popularity_scores
 from stages import ingest, triples
 from stages.evaluation import conv_metrics, rec_metrics
-from stages.io.graph import STAGES, stage_making
+from stages.io.graph import STAGES, params_value, stage_making
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
@@ -265,9 +265,10 @@ def headline(results: dict, keys: tuple[str, ...]) -> dict[str, float]:
     flat = {}
     for model, values in results.items():
         for key in keys:
-            value = values
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
+            try:
+                value = params_value(values, key)
+            except (KeyError, TypeError):  # a model without it (the human responses have no perplexity)
+                continue
             if isinstance(value, (int, float)):
                 flat[f"{model}.{key}"] = value
     return flat

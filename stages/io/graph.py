@@ -87,7 +87,8 @@ def stage_names() -> list[str]:
 
 
 def params_value(params: dict, key: str):
-    """A params key as dvc.yaml names it: a section (model) or a dotted path into one (ablations.variants.wo_ch)."""
+    """A dotted key into nested dicts: a params key as dvc.yaml names it, a section (model) or a path into one
+    (ablations.variants.wo_ch); also a metric in a results dict (all_turns.recall@10)."""
     value = params
     for part in key.split("."):
         value = value[part]
