@@ -17,8 +17,8 @@ finetune_recommender), runs 1 warm-up step and then --steps timed steps, each on
     pretrain_coarse  coarse_losses                              then zero_grad, backward, clip, Adam step
     pretrain_fine    fine_losses + coarse_weight x coarse_losses (one encode_context for both) then the same
     finetune_rec     recommendation_batch, _node_rows(with_items), recommendation_logits/_loss, then the same
-The split: data = the time inside the batch builders the step calls (context_batch, review_batch, fine_batch and
-pad, wrapped with a timer in stages.c2crs_train); forward = the rest of the time up to the loss (of which "R-GCN"
+The split: data = the time inside the batch builders the step calls (context_batch, fine_batch and pad, wrapped
+with a timer in stages.c2crs_train); forward = the rest of the time up to the loss (of which "R-GCN"
 is the time inside model.entity_graph); backward = zero_grad + backward + gradient clipping + optimizer step.
 samples/s = batch rows / mean step time. Models start from random weights (the stages start pretrain_fine and
 finetune_rec from the previous stage's weights; the values do not change the work of a step).
@@ -37,7 +37,9 @@ Configurations:
              - contexts padded to 256 tokens and review sentences (review view and fine sentences) to 40 tokens,
                and the Transformer run over every column: TokenEncoder's drop of all-padding trailing columns is
                replaced in that process by the same forward without it (otherwise the padding would be cut again
-               before the Transformer and cost only the data step);
+               before the Transformer and cost only the data step); each distinct sentence of a step is encoded once
+               in both configurations (stages.c2crs_train.StepSentences), so the reference's sentence cost is again a
+               lower bound;
              - --reference-batch (default 256) for pre-training; if that process fails, e.g. out of memory, it is
                retried at half the batch and the table says so. finetune_rec keeps params.yaml's batch (256).
 Speed-up = reference step time / our step time (per step; the batches differ in size for pre-training), and per
@@ -171,8 +173,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     # The batch builders the steps call, timed (data); and in the reference configuration, padded to full width.
     data_clock, graph_clock = Clock(), Clock()
     widths: dict[str, list[int]] = {"context": [], "sentence": []}
-    context_batch, review_batch, fine_batch, pad = (c2crs_train.context_batch, c2crs_train.review_batch,
-                                                    c2crs_train.fine_batch, c2crs_train.pad)
+    context_batch, fine_batch, pad = c2crs_train.context_batch, c2crs_train.fine_batch, c2crs_train.pad
     pad_id = run.pad_id
 
     def padded(builder, key: str, reference_width: int, width_name: str):
@@ -187,15 +188,12 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         return build
 
     context_batch_ = padded(context_batch, "context_ids", REFERENCE_CONTEXT_TOKENS, "context")
-    review_batch_ = padded(review_batch, "sentence_ids", REFERENCE_SENTENCE_TOKENS, "sentence")
-
-    def pad_(rows, value, min_length=1):  # stages.c2crs_train uses pad for the fine step's review sentences only
+    def pad_(rows, value, min_length=1):  # stages.c2crs_train uses pad for the review sentences only
         out = pad(rows, value, max(min_length, REFERENCE_SENTENCE_TOKENS) if reference else min_length)
         widths["sentence"].append(out.shape[1])
         return out
 
     c2crs_train.context_batch = data_clock.wrap(context_batch_)
-    c2crs_train.review_batch = data_clock.wrap(review_batch_)
     c2crs_train.fine_batch = data_clock.wrap(fine_batch)
     c2crs_train.pad = data_clock.wrap(pad_)
 

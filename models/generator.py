@@ -195,15 +195,20 @@ class ResponseGenerator(nn.Module):
     def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor,
                          source: CopySource | None = None) -> torch.Tensor:
         """log P(w_t) of the given targets [B, T] under the mixture, without building the copy distribution over the
-        whole vocabulary: P = p_gen * softmax(logits)[w] + (1 - p_gen) * (attention on source positions holding w)."""
-        vocab_log_probs = torch.log_softmax(self.vocabulary_logits(hidden).float(), dim=-1)
-        generated = vocab_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        whole vocabulary: P = p_gen * softmax(logits)[w] + (1 - p_gen) * (attention on source positions holding w).
+
+        The vocabulary softmax runs on the real target positions only (a batch pads every response to its longest,
+        ~60 % of the positions on ReDial); padding positions get log P = 0."""
+        real = targets.ne(self.cfg.pad_id)
+        vocab_log_probs = torch.log_softmax(self.vocabulary_logits(hidden[real]).float(), dim=-1)
+        generated = torch.zeros(targets.shape, dtype=vocab_log_probs.dtype, device=hidden.device).masked_scatter(
+            real, vocab_log_probs.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1))
         if not self.cfg.copy or source is None:
             return generated
         attention, p_gen = self.copy_attention(hidden, source)
         copied = (attention * (source.ids[:, None, :] == targets[:, :, None])).sum(-1)
         p_gen = p_gen.squeeze(-1).float()
-        return torch.log(p_gen * generated.exp() + (1 - p_gen) * copied.float() + 1e-12)
+        return torch.log(p_gen * generated.exp() + (1 - p_gen) * copied.float() + 1e-12).masked_fill(~real, 0.0)
 
     def next_token_log_probs(self, hidden: torch.Tensor, source: CopySource | None = None) -> torch.Tensor:
         """The full output distribution for decoder states hidden [B, dim] -> log P [B, vocab]."""
@@ -425,13 +430,23 @@ class ConversationModel(nn.Module):
         """N for the given entities only (KGEncoder.forward_nodes): a batch needs a few hundred of ~60k."""
         return self._run("kg", self.encoders.kg_encoder.forward_nodes, nodes, edge_index, edge_type)
 
+    def encode_sentences(self, sentence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Review sentences [S, Ls] -> token states [S, Ls, d] and sentence vectors E [S, d]."""
+        def encode(ids):
+            states, pad = self.encoders.review_encoder(ids)
+            return states, self.encoders.sentence_pooling(states, pad)
+        return self._run("review", encode, sentence_ids)
+
     def memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor | None, entity_ids: torch.Tensor,
-                 sentence_ids: torch.Tensor,
-                 sentence_mask: torch.Tensor) -> tuple[dict[str, Memory], CopySource | None]:
+                 sentence_ids: torch.Tensor, sentence_mask: torch.Tensor,
+                 review_states: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[dict[str, Memory], CopySource | None]:
         """Eq. 10's memories for a batch, and the copy source (context tokens, then review sentence tokens).
 
         context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
-        [B, E] indexing it (-1 padding); sentence_ids [B, K, Ls] with sentence_mask [B, K] (True = real).
+        [B, E] indexing it (-1 padding); sentence_ids [B, K, Ls] with sentence_mask [B, K] (True = real);
+        review_states: their (token states [B, K, Ls, d], vectors [B, K, d]) when the caller has them already (a
+        frozen review encoder's outputs never change: stages/training/conv_train.FrozenReviews).
         """
         wanted = self.generator.cfg.memory_dims
         memories, sources = {}, []
@@ -444,15 +459,15 @@ class ConversationModel(nn.Module):
             memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
         if "review" in wanted:
             B, K, Ls = sentence_ids.shape
-            H = sentence_ids.new_zeros((B, K, Ls, self.encoders.cfg.token_dim), dtype=F_.dtype)
-            E = sentence_ids.new_zeros((B, K, self.encoders.cfg.token_dim), dtype=F_.dtype)
-            if sentence_mask.any():
-                def encode(ids):
-                    states, pad = self.encoders.review_encoder(ids)
-                    return states, self.encoders.sentence_pooling(states, pad)
-                states, vectors = self._run("review", encode, sentence_ids[sentence_mask])
-                where = sentence_mask.nonzero(as_tuple=True)
-                H, E = H.index_put(where, states.to(H.dtype)), E.index_put(where, vectors.to(E.dtype))
+            if review_states is not None:
+                H, E = (x.to(F_.dtype) for x in review_states)
+            else:
+                H = sentence_ids.new_zeros((B, K, Ls, self.encoders.cfg.token_dim), dtype=F_.dtype)
+                E = sentence_ids.new_zeros((B, K, self.encoders.cfg.token_dim), dtype=F_.dtype)
+                if sentence_mask.any():
+                    states, vectors = self.encode_sentences(sentence_ids[sentence_mask])
+                    where = sentence_mask.nonzero(as_tuple=True)
+                    H, E = H.index_put(where, states.to(H.dtype)), E.index_put(where, vectors.to(E.dtype))
             memories["review"] = Memory(E, ~sentence_mask)
             sources.append((H.view(B, K * Ls, -1), sentence_ids.view(B, K * Ls)))
         if not self.generator.cfg.copy:

@@ -211,3 +211,50 @@ def test_loss_weights_spare_the_end_token_and_the_movie_placeholder():
     weights = loss_weights(train, vocabulary, threshold=5, floor=0.3)
     assert weights[hi] == pytest.approx(0.3)  # max(0.3, 5 / 20)
     assert weights[placeholder] == 1.0 and weights[rare] == 1.0 and weights[vocabulary.token_id["__end__"]] == 1.0
+
+
+def _conversation_model(frozen=("review",)):
+    torch.manual_seed(0)
+    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
+                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    generator = ResponseGenerator(GeneratorConfig(vocab_size=11, memory_dims={"history": 8, "review": 8},
+                                                  dim=8, n_heads=2, ffn_dim=16, max_positions=8))
+    return ConversationModel(encoders, generator, movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4],
+                             frozen=frozen)
+
+
+def test_cached_frozen_review_states_give_the_memories_of_encoding_them_in_the_batch():
+    from stages.training.conv_train import FrozenReviews
+
+    model = _conversation_model()
+    model.encoders.conversation_encoder.eval()  # no dropout in the (trained) history encoder: comparable outputs
+    sentence_tokens = [[5, 6], [7, 8, 6], [6], [5, 5, 5, 7]]
+    cache = FrozenReviews(model, sentence_tokens, pad_id=0, device="cpu")
+    context = torch.tensor([[5, 9, 4, 6], [7, 0, 0, 0]])
+    for documents in ([[0], [1, 2]], [[3, 1], [2]]):  # the second batch reuses sentences 1 and 2 from the cache
+        width = max(len(sentence_tokens[s]) for d in documents for s in d)
+        ids = torch.zeros((2, 2, width), dtype=torch.long)
+        mask = torch.zeros((2, 2), dtype=torch.bool)
+        for i, document in enumerate(documents):
+            for j, s in enumerate(document):
+                ids[i, j, : len(sentence_tokens[s])] = torch.tensor(sentence_tokens[s])
+                mask[i, j] = True
+        expected, expected_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask)
+        cached, cached_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask,
+                                               cache.batch(documents, width))
+        assert torch.allclose(cached["review"].states, expected["review"].states, atol=1e-5)
+        real = ~expected_source.blocked  # the copy path reads the states of copyable tokens only
+        assert torch.allclose(cached_source.states[real], expected_source.states[real], atol=1e-5)
+    assert sorted(cache.states) == [0, 1, 2, 3]
+
+
+def test_target_log_probs_skip_padding_and_equal_the_full_softmax_at_real_positions():
+    model, memories, source = tiny_generator(), tiny_memories(), tiny_source()
+    targets = torch.tensor([[5, 6, END], [7, END, PAD], [END, PAD, PAD]])
+    hidden = model.decode(torch.tensor([[START, 5, 6], [START, 7, PAD], [START, PAD, PAD]]),
+                          model.memory_keys_values(memories))
+    got = model.target_log_probs(hidden, targets, source).detach()
+    for b, t in zip(*targets.ne(PAD).nonzero(as_tuple=True)):
+        full = model.next_token_log_probs(hidden[b, t][None], CopySource(*(x[b][None] for x in vars(source).values())))
+        assert float(got[b, t]) == pytest.approx(float(full[0, targets[b, t]]), abs=1e-5)
+    assert (got[targets.eq(PAD)] == 0).all()

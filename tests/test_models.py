@@ -470,3 +470,16 @@ def test_repeat_choice_fitted_on_a_table():
     # seeker: 5 at position 0 (repeat), 9 new; recommender: 7 new, 5 at position 0 (repeat)
     assert choice.p_repeat.tolist() == pytest.approx([2 / 4, 2 / 4])
     assert choice.by_recency.flatten().tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 3, 1 / 3])
+
+
+def test_sentences_encoded_in_length_chunks_equal_one_padded_batch(setup):
+    cfg, model, *_ = setup
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, cfg.vocab_size, (7, 9), generator=g)
+    for row, length in enumerate([9, 2, 5, 1, 9, 3, 6]):
+        ids[row, length:] = cfg.pad_id
+    H, pad = model.review_encoder(ids)
+    whole = model.sentence_pooling(H, pad)
+    assert torch.allclose(model.encode_sentences(ids, chunk=2), whole, atol=1e-5)
+    assert torch.allclose(model.encode_sentences(ids), whole, atol=1e-5)

@@ -308,3 +308,37 @@ def test_a_fine_pretraining_step_encodes_its_contexts_once(params_file, monkeypa
     monkeypatch.setattr(C2CRS, "conversation_view", counted)
     stage_body("pretrain_fine")(params, workspace)
     assert encoded and all(not torch.equal(a, b) for a, b in zip(encoded, encoded[1:]))
+
+
+def test_batches_by_context_then_response_length_cover_every_row_once_and_pad_less():
+    from stages.training.c2crs_data import bucketed_batches
+
+    rng = np.random.default_rng(0)
+    contexts, responses = rng.integers(1, 256, 2000), rng.integers(1, 31, 2000)
+    plain = bucketed_batches(contexts, 50, np.random.default_rng(1))
+    both = bucketed_batches(contexts, 50, np.random.default_rng(1), then_by=responses, group=4)
+    assert sorted(np.concatenate(both).tolist()) == list(range(2000))
+    assert all(len(b) == 50 for b in both)
+
+    def padded(batches, lengths):
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+    assert padded(both, responses) < 0.8 * padded(plain, responses)
+    assert padded(both, contexts) < 1.2 * padded(plain, contexts)
+
+
+def test_a_steps_review_sentences_are_encoded_once_however_often_they_are_asked_for():
+    from types import SimpleNamespace
+
+    from stages.training.c2crs_train import StepSentences
+
+    encoded = []
+
+    def encode_sentences(tokens):
+        encoded.append(tokens.clone())
+        return tokens.sum(1, keepdim=True).float()  # a "vector" that tells sentences apart
+
+    run = SimpleNamespace(sentence_tokens=[[1], [2, 3], [4, 4, 4], [7]], pad_id=0, device="cpu")
+    sentences = StepSentences(SimpleNamespace(encode_sentences=encode_sentences), run)
+    assert sentences.vectors([2, 1, 2]).flatten().tolist() == [12.0, 5.0, 12.0]
+    assert sentences.vectors([3, 1, 0]).flatten().tolist() == [7.0, 5.0, 1.0]
+    assert [len(batch) for batch in encoded] == [2, 2]  # 1 and 2, then only the new 0 and 3

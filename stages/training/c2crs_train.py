@@ -22,7 +22,7 @@ from models.baselines import RepeatChoice, TextCNNRecommender
 from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
 from stages.evaluation.rec_metrics import rank_of_targets
 from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
-                                        per_conversation, recommendation_rows, review_batch)
+                                        per_conversation, recommendation_rows)
 from stages.training.distributed import SINGLE_PROCESS, Ranks
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
 
@@ -58,29 +58,50 @@ def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bo
     return rows, remapped
 
 
+class StepSentences:
+    """The review sentence vectors of one step, each distinct sentence encoded once: the fine loss's triples and the
+    coarse loss's review documents of a pre-training step share most of their sentences."""
+
+    def __init__(self, model: C2CRS, run: Run):
+        self.model, self.run = model, run
+        self.position: dict[int, int] = {}
+        self.encoded: list[torch.Tensor] = []
+
+    def vectors(self, sentence_ids: list[int]) -> torch.Tensor:
+        """Vectors [len(sentence_ids), token_dim] of the given review sentences (indices of run.sentence_tokens)."""
+        missing = sorted(set(sentence_ids) - self.position.keys())
+        if missing:
+            tokens = pad([self.run.sentence_tokens[s] for s in missing], self.run.pad_id).to(self.run.device)
+            self.position.update({s: len(self.position) + i for i, s in enumerate(missing)})
+            self.encoded.append(self.model.encode_sentences(tokens))
+        every = torch.cat(self.encoded) if len(self.encoded) > 1 else self.encoded[0]
+        return every[torch.as_tensor([self.position[s] for s in sentence_ids], dtype=torch.long, device=every.device)]
+
+
 @dataclass
 class EncodedContext:
-    """A batch's context tensors and its conversation view, computed once for the coarse and the fine loss of a
-    step (as one forward of the reference model does): the Transformer over the context is a step's largest part."""
+    """A batch's context tensors, its conversation view and its review sentences, computed once for the coarse and
+    the fine loss of a step (as one forward of the reference model does): the Transformers over the context and
+    the sentences are a step's largest part."""
 
     batch: dict[str, torch.Tensor]
     e_c: torch.Tensor | None  # None: the conversation view is not used (w/o CH)
     words: torch.Tensor | None
+    sentences: StepSentences
 
 
 def encode_context(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray) -> EncodedContext:
     batch = {k: v.to(run.device) for k, v in context_batch(table, rows, run.pad_id, run.max_context_entities).items()}
     if "conversation" not in run.views:
-        return EncodedContext(batch, None, None)
+        return EncodedContext(batch, None, None, StepSentences(model, run))
     e_c, words = model.conversation_view(batch["context_ids"])
-    return EncodedContext(batch, e_c, words)
+    return EncodedContext(batch, e_c, words, StepSentences(model, run))
 
 
 def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray,
                   context: EncodedContext | None = None) -> torch.Tensor:
     context = context or encode_context(model, run, table, rows)
-    reviews = review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)
-    batch = {**context.batch, **{k: v.to(run.device) for k, v in reviews.items()}}
+    batch = context.batch
     rows_valid = torch.ones(len(rows), dtype=torch.bool, device=run.device)
     if context.e_c is not None:
         e_c = context.e_c
@@ -88,9 +109,17 @@ def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray,
         e_c, rows_valid = torch.zeros(len(rows), model.cfg.token_dim, device=run.device), ~rows_valid
     n_rows, (entity_ids,) = _node_rows(model, run, batch["entity_ids"])
     e_g = model.graph_view(n_rows, entity_ids)
-    valid_review = batch["sentence_mask"].any(1)
-    if "review" in run.views:
-        e_r, _ = model.review_view(batch["sentence_ids"], batch["sentence_mask"])
+    documents = [table.review_sentences(r, run.max_review_sentences) for r in rows]
+    sentence_mask = torch.zeros((len(rows), max([1] + [len(d) for d in documents])), dtype=torch.bool)
+    for i, document in enumerate(documents):
+        sentence_mask[i, : len(document)] = True
+    sentence_mask = sentence_mask.to(run.device)
+    valid_review = sentence_mask.any(1)
+    if "review" in run.views and valid_review.any():
+        E = torch.zeros((*sentence_mask.shape, model.cfg.token_dim), device=run.device)
+        vectors = context.sentences.vectors([s for d in documents for s in d])
+        E = E.index_put(sentence_mask.nonzero(as_tuple=True), vectors.to(E.dtype))
+        e_r = model.review_document(E, sentence_mask)
     else:
         e_r, valid_review = torch.zeros(len(rows), model.cfg.token_dim, device=run.device), valid_review & False
     return model.coarse_contrastive_loss(e_c, e_g, e_r, valid_graph=(entity_ids >= 0).any(1),
@@ -102,18 +131,16 @@ def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, ma
     batch = {k: v.to(run.device) for k, v in fine_batch(table, rows, max_triples, rng).items()}
     if len(batch["triple_rows"]) < 2:
         return torch.zeros((), device=run.device, requires_grad=True)
+    context = context or encode_context(model, run, table, rows)
     if "conversation" in run.views:
-        words = (context or encode_context(model, run, table, rows)).words
-        word_vectors = words[batch["triple_rows"], batch["triple_positions"]]
+        word_vectors = context.words[batch["triple_rows"], batch["triple_positions"]]
     else:
         word_vectors = torch.zeros(len(batch["triple_rows"]), model.cfg.token_dim, device=run.device)
     n_rows, (entity_index,) = _node_rows(model, run, batch["triple_entities"])
     entity_vectors = n_rows[entity_index]
     sentence_ids = batch["triple_sentences"]
     if "review" in run.views:
-        sentences = torch.unique(sentence_ids)
-        tokens = pad([run.sentence_tokens[s] for s in sentences.tolist()], run.pad_id).to(run.device)
-        sentence_vectors = model.encode_sentences(tokens)[torch.searchsorted(sentences, sentence_ids)]
+        sentence_vectors = context.sentences.vectors(sentence_ids.tolist())
     else:
         sentence_vectors, sentence_ids = torch.zeros_like(word_vectors), torch.full_like(sentence_ids, -1)
     return model.fine_contrastive_loss(word_vectors, entity_vectors, sentence_vectors,
@@ -154,8 +181,10 @@ def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Te
     return {"loss": ranks.mean(total, count)}
 
 
+@torch.no_grad()
 def _mean_loss(table: SampleTable, cfg, step_loss: Callable[[np.ndarray], torch.Tensor], seed: int) -> dict:
-    """Validation loss on a fixed draw of the valid samples (the same every epoch)."""
+    """Validation loss on a fixed draw of the valid samples (the same every epoch), in train mode as it always was
+    (dropout on: the number is the training loss's twin), without autograd."""
     rows = pretraining_rows(table, cfg, np.random.default_rng(seed))
     batches = [rows[b] for b in bucketed_batches(table.context_lengths[rows], cfg.batch_size, None)]
     losses = [(float(step_loss(rows)), len(rows)) for rows in batches]
