@@ -43,6 +43,7 @@ class C2CRSConfig:
     n_heads: int = 2
     ffn_dim: int = 300
     dropout: float = 0.1
+    attention_dropout: float = 0.0  # the reference's; 0 lets CPU and GPU use the fused attention kernel
     num_bases: int = 8
     projection_dim: int = 128
     temperature: float = 0.07
@@ -112,6 +113,7 @@ class TokenEncoder(nn.Module):
             d_model=cfg.token_dim, nhead=cfg.n_heads, dim_feedforward=cfg.ffn_dim,
             dropout=cfg.dropout, batch_first=True,
         )
+        layer.self_attn.dropout = cfg.attention_dropout  # the layer's other dropouts stay cfg.dropout
         self.transformer = nn.TransformerEncoder(layer, num_layers=cfg.n_layers, enable_nested_tensor=False)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

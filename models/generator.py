@@ -41,6 +41,7 @@ class GeneratorConfig:
     n_heads: int = 2
     ffn_dim: int = 256
     dropout: float = 0.1
+    attention_dropout: float = 0.0  # on the attention weights, as the reference's decoder
     max_positions: int = 32  # response tokens + the start token
     copy: bool = True
 
@@ -113,8 +114,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.memories = [m for m in MEMORIES if m in cfg.memory_dims]
-        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.dropout)
-        self.cross_attention = nn.ModuleDict({m: Attention(cfg.dim, cfg.n_heads, cfg.dropout, cfg.memory_dims[m])
+        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout)
+        self.cross_attention = nn.ModuleDict({m: Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout,
+                                                           cfg.memory_dims[m])
                                               for m in self.memories})
         self.norms = nn.ModuleDict({name: nn.LayerNorm(cfg.dim) for name in ("self", *self.memories, "ffn")})
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), nn.Dropout(cfg.dropout),

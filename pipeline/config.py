@@ -187,6 +187,7 @@ class ModelConfig(Section):
     n_heads: int = Field(default=2, ge=1)
     ffn_dim: int = Field(default=256, ge=8)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    attention_dropout: float = Field(default=0.0, ge=0, lt=1)  # on the attention weights (the reference: 0)
     num_bases: int = Field(default=8, ge=1)
     projection_dim: int = Field(default=128, ge=8)
     max_context_entities: int | None = Field(default=32, ge=1)  # most recent ones; null: all (the reference)

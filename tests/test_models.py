@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from models.baselines import TextCNNRecommender, popularity_scores
-from models.c2crs import C2CRS, C2CRSConfig, KGEncoder, SelfAttentivePooling, batch_entities, info_nce
+from models.c2crs import (C2CRS, C2CRSConfig, KGEncoder, SelfAttentivePooling, TokenEncoder, batch_entities,
+                          info_nce)
 
 B, L, K, LS, E_CTX = 4, 12, 3, 6, 3
 
@@ -483,3 +484,11 @@ def test_sentences_encoded_in_length_chunks_equal_one_padded_batch(setup):
     whole = model.sentence_pooling(H, pad)
     assert torch.allclose(model.encode_sentences(ids, chunk=2), whole, atol=1e-5)
     assert torch.allclose(model.encode_sentences(ids), whole, atol=1e-5)
+
+
+def test_attention_dropout_is_its_own_switch():
+    ids = torch.randint(1, 50, (4, 12))
+    quiet = TokenEncoder(tiny_config(dropout=0.0, attention_dropout=0.0)).train()
+    assert torch.equal(quiet(ids)[0], quiet(ids)[0])
+    noisy = TokenEncoder(tiny_config(dropout=0.0, attention_dropout=0.5)).train()
+    assert not torch.allclose(noisy(ids)[0], noisy(ids)[0])

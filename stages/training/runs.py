@@ -64,7 +64,8 @@ def training_run(params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig,
     model_config = C2CRSConfig(
         vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
         n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, num_bases=cfg.num_bases,
+        n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+        num_bases=cfg.num_bases,
         projection_dim=cfg.projection_dim, item_bias=cfg.item_bias, kg_encoder=cfg.kg_encoder,
         rec_pooling=cfg.rec_pooling, projection_heads=cfg.projection_heads, contrastive_loss=cfg.contrastive_loss,
         max_positions=max(int(samples["context_token_ids"].list.len().max()), cfg.max_sentence_tokens))
@@ -238,6 +239,7 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
         generator=dataclasses.asdict(GeneratorConfig(
             vocab_size=len(vocabulary.tokens), memory_dims={k: dims[k] for k in cfg.memories}, dim=m.token_dim,
             n_layers=m.n_layers, n_heads=m.n_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
+            attention_dropout=m.attention_dropout,
             max_positions=longest + 1, copy=cfg.copy_mechanism)),
         movie_token_ids=vocabulary.movie_token_ids, uncopyable_ids=vocabulary.uncopyable_ids,
         frozen=list(cfg.freeze), pretrained=cfg.pretrained)
