@@ -97,15 +97,20 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
 
 def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                      split: str = "test", log: StageLog = NO_LOG, loaded=None,
-                     skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None) -> dict:
+                     skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None,
+                     top: dict[str, np.ndarray] | None = None) -> dict:
     """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the reports/rec.json
-    shape)."""
+    shape). top: {model: None} to fill, while the models are scored, with each named model's best items for every
+    sample row ([rows, TOP_ITEMS] entity ids; the generators' responses name them), instead of scoring it twice."""
     table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files)
     rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks, masked = {}, {}
     for name, blocks in models.items():  # one pass per model gives both rankings
+        scored = blocks()
+        if top is not None and name in top:
+            scored = _keeping_top(scored, top, name, len(table))
         ranks[name], masked[name] = rec_metrics.ranks_and_masked_ranks(
-            ((table.sample_ids[r], scores) for r, scores in blocks()), rows, rows["context_item_ids"])
+            ((table.sample_ids[r], scores) for r, scores in scored), rows, rows["context_item_ids"])
     results = {}
     for name in models:
         compare = name == "c2crs"
@@ -117,6 +122,21 @@ def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_tabl
         log.epoch(0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)}
                              for p, m in results[name].items()}})
     return results
+
+
+TOP_ITEMS = 5  # movies a generated response can name: its placeholders are filled from these, in order
+
+
+def _keeping_top(blocks, top: dict[str, np.ndarray], name: str, n_rows: int):
+    """Pass the score blocks through, writing each row's best items (best first) into top[name] [rows, k]."""
+    for rows, scores in blocks:
+        if top[name] is None:
+            top[name] = np.zeros((n_rows, min(TOP_ITEMS, scores.shape[1])), dtype=np.int64)
+        k = top[name].shape[1]
+        best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
+        top[name][rows] = np.take_along_axis(best, order, axis=1)
+        yield rows, scores
 
 
 def _setting(params, samples: pl.DataFrame) -> str:
@@ -132,27 +152,6 @@ def _setting(params, samples: pl.DataFrame) -> str:
             "recommender epochs with early stopping on validation recall@50. The paper trained on the full ReDial "
             "train split (about 10k conversations), with token dim 300 and 12 + 13 pre-training epochs over every "
             "turn, and scored all turns: compare directions and gaps between rows, not levels.")
-
-
-def _top_items(params, workspace: Path, run: c2crs_train.Run, table: c2crs_data.SampleTable,
-               k: int) -> dict[str, np.ndarray]:
-    """Each recommender's k best items for every row of the table: {recommender: [rows, k] item entity ids}."""
-    batch = params.evaluate.batch_size
-    c2crs = runs.load_c2crs(workspace / STAGES["finetune_rec"].outs[0]).to(run.device)
-    kbrd = runs.load_c2crs(workspace / STAGES["baselines"].outs[1]).to(run.device)
-    textcnn = runs.load_textcnn(workspace / STAGES["baselines"].outs[0]).to(run.device)
-    blocks = {"c2crs": c2crs_train.score_samples(c2crs, run, table, batch),
-              "kbrd": c2crs_train.score_samples(kbrd, run, table, batch),
-              "textcnn": c2crs_train.score_textcnn(textcnn, run, table, batch)}
-    top = {}
-    k = min(k, run.graph.n_items)
-    for name, scored in blocks.items():
-        top[name] = np.zeros((len(table), k), dtype=np.int64)
-        for rows, scores in scored:
-            best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1, kind="stable")
-            top[name][rows] = np.take_along_axis(best, order, axis=1)
-    return top
 
 
 def _gold_words(workspace: Path, samples: pl.DataFrame, table: c2crs_data.SampleTable,
@@ -176,7 +175,7 @@ def _context_turns(utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles
             for role, text in earlier.select("role", "text").tail(turns).iter_rows()]
 
 
-def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
+def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], log: StageLog = NO_LOG,
                           loaded=None) -> tuple[dict, str, str, str]:
     """Every generator on the test split's recommender turns: reports/conv.json's content, the report, the rating
     sheet and its key.
@@ -184,7 +183,8 @@ def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
     A model's response is scored as the system says it: each movie placeholder filled with the next of its
     recommender's top items, as that movie's own "@id" token (the reference code's vocabulary has a token per
     movie), against the gold response's words with its movies as "@id" too. generator_only holds Dist-n of the
-    responses with the placeholders left as they are.
+    responses with the placeholders left as they are. top: each recommender's best items per test row
+    (evaluate_samples fills it).
     """
     run, _, inputs = loaded or runs.training_run(params, workspace)
     samples = pl.read_parquet(inputs["samples"])
@@ -208,7 +208,6 @@ def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
         return [vocabulary.tokens[t] for t in tokens if vocabulary.tokens[t] not in triples.SPECIAL_TOKENS]
 
     gold = _gold_words(workspace, samples, table, data)
-    top = _top_items(params, workspace, run, table, k=5)
     paths = conv_model_files(params, workspace)
     rank = {name: i for i, name in enumerate(conv_metrics.MODEL_NAMES)}  # the paper's order; others before C2-CRS
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
@@ -217,9 +216,9 @@ def evaluate_conversation(params, workspace: Path, log: StageLog = NO_LOG,
     for name, path in paths.items():
         model, config = runs.load_conversation_model(path)
         model.to(run.device)
-        perplexity = conv_train.perplexity(model, run, table, data, decoding.batch_size)["perplexity"]
-        generated = [words(t) for t in conv_train.generate(model, run, table, data.rows, decoding,
-                                                           vocabulary.banned_ids)]
+        scored, responses = conv_train.perplexity_and_responses(model, run, table, data, decoding,
+                                                                vocabulary.banned_ids)
+        perplexity, generated = scored["perplexity"], [words(t) for t in responses]
         recommended = top[runs.CONV_RECOMMENDER[config.pretrained]]
         said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
                       for response, row in zip(generated, data.rows)]
@@ -296,10 +295,11 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     inputs = {Path(d).name: workspace / d for d in spec.deps}
     samples = pl.read_parquet(workspace / runs.TRAINING_INPUTS["samples"])
     loaded = runs.training_run(params, workspace)  # read once for both tasks
+    top = dict.fromkeys(runs.CONV_RECOMMENDER.values())  # the recommenders whose movies the generators name
     results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
-                               "test", log, loaded)
+                               "test", log, loaded, top=top)
     report = rec_metrics.recommendation_report(results, _setting(params, samples))
-    conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, log, loaded)
+    conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, top, log, loaded)
     rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
     out = {Path(r).name: workspace / r for r in spec.reports}
     write_outputs({rec_metrics_path: headline(results, REC_HEADLINE),

@@ -4,6 +4,7 @@ training on the fixture mirror produces the metrics contract."""
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import yaml
@@ -11,6 +12,7 @@ import yaml
 from pipeline.config import load_params
 from stages.io.graph import stage_body, stage_instances
 from stages.io.stage_log import StageLog
+from stages.training import c2crs_data
 from stages.training.loop import epoch_generator, seed_everything, train
 
 
@@ -137,6 +139,20 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     transformer = json.loads((workspace / "metrics/conv_baselines/transformer.json").read_text())
     assert transformer["overrides"]["finetune_conv.pretrained"] == "none"
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
+    # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
+    from stages.training import conv_train, runs
+
+    run, _, inputs = runs.training_run(params, workspace)
+    generator, _ = runs.load_conversation_model(workspace / "data/models/c2crs_conv.pt")
+    test = c2crs_data.sample_table(pl.read_parquet(inputs["samples"]), pl.read_parquet(inputs["triples"]), "test")
+    vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
+    responses = conv_train.responses(pl.read_parquet(inputs["samples"]), test, "test", vocabulary)
+    decoding = params.evaluate.decoding
+    scored, said = conv_train.perplexity_and_responses(generator, run, test, responses, decoding, vocabulary.banned_ids)
+    assert scored["perplexity"] == pytest.approx(conversation["c2crs"]["perplexity"], rel=1e-6)
+    assert scored["perplexity"] == pytest.approx(
+        conv_train.perplexity(generator, run, test, responses, decoding.batch_size)["perplexity"], rel=1e-6)
+    assert said == conv_train.generate(generator, run, test, responses.rows, decoding, vocabulary.banned_ids)
 
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
     from pipeline.talk import Chat

@@ -295,17 +295,24 @@ def score_in_blocks(model: torch.nn.Module, table: SampleTable, batch_size: int,
     model.train(was_training)
 
 
-def _whole_graph(model: C2CRS, run: Run) -> Callable[[], torch.Tensor]:
-    """N of every entity, computed on first use (inside score_in_blocks, so in eval mode) and then reused."""
-    return functools.cache(lambda: model.entity_graph(run.graph.edge_index.to(run.device),
-                                                      run.graph.edge_type.to(run.device)))
+def _table_graph(model: C2CRS, run: Run, table: SampleTable) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """N for the items and the table's context entities only (KGEncoder.forward_nodes: their one-hop neighbourhood,
+    20x cheaper than the whole graph on ReDial) and every row's context entities renumbered into it ([rows, E],
+    -1 padding), computed on first use (inside score_in_blocks, so in eval mode) and then reused."""
+    @functools.cache
+    def graph():
+        entity_ids = recommendation_batch(table, np.arange(len(table)), run.max_context_entities, run.device)
+        nodes, (remapped,) = batch_entities(entity_ids, n_items=run.graph.n_items)
+        return model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device),
+                                  nodes), remapped
+    return graph
 
 
 def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The recommender's item scores (Eq. 8) for every sample of a table, in blocks."""
-    nodes = _whole_graph(model, run)
+    graph = _table_graph(model, run, table)
     return score_in_blocks(model, table, batch_size, lambda rows: model.recommendation_logits(
-        nodes(), recommendation_batch(table, rows, run.max_context_entities, run.device)))
+        graph()[0], graph()[1][torch.as_tensor(rows, device=run.device)]))
 
 
 # ---------------------------------------------------------------- baselines and scoring for evaluation
@@ -361,10 +368,9 @@ def zero_shot_blocks(model: C2CRS, run: Run, table: SampleTable,
                      batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Item scores with no recommendation training: the graph view e_G of the context (the pooling pre-training
     trained) dotted with the item rows of N. Above an untrained model's, pre-training put item signal in N."""
-    nodes = _whole_graph(model, run)
+    graph = _table_graph(model, run, table)
     return score_in_blocks(model, table, batch_size, lambda rows: model.graph_view(
-        nodes(), recommendation_batch(table, rows, run.max_context_entities, run.device))
-        @ nodes()[: run.graph.n_items].T)
+        graph()[0], graph()[1][torch.as_tensor(rows, device=run.device)]) @ graph()[0][: run.graph.n_items].T)
 
 
 class FrozenProbe(torch.nn.Module):

@@ -175,8 +175,12 @@ def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
 def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, data: Responses, picked: np.ndarray,
                      reviews_cache: FrozenReviews | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log P of every target token of the picked responses [B, T], and the targets [B, T]."""
+    return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], reviews_cache))
+
+
+def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked: np.ndarray, memories: dict,
+                    source) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = model.generator.cfg
-    memories, source = _batch(model, run, table, data.rows[picked], reviews_cache)
     inputs, targets = teacher_forcing([data.tokens[i] for i in picked], cfg.start_id, cfg.end_id, cfg.pad_id)
     inputs, targets = inputs.to(run.device), targets.to(run.device)
     hidden = model.generator.decode(inputs, model.generator.memory_keys_values(memories))
@@ -251,16 +255,41 @@ def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.nd
     for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
                       unit=" batch", leave=False, disable=None):
         memories, source = _batch(model, run, table, rows[batch], reviews_cache)
-        if decoding.method == "beam":
-            tokens = beam_decode(model.generator, memories, source, decoding.max_tokens, decoding.beam_size,
-                                 decoding.block_ngram, tuple(banned_ids), decoding.length_penalty)
-        else:
-            tokens = greedy_decode(model.generator, memories, source, decoding.max_tokens, decoding.block_ngram,
-                                   tuple(banned_ids))
-        for i, response in zip(batch, tokens):
+        for i, response in zip(batch, _decode(model, memories, source, decoding, banned_ids)):
             out[i] = response
     model.train(was_training)
     return out
+
+
+def _decode(model: ConversationModel, memories: dict, source, decoding, banned_ids: list[int]) -> list[list[int]]:
+    if decoding.method == "beam":
+        return beam_decode(model.generator, memories, source, decoding.max_tokens, decoding.beam_size,
+                           decoding.block_ngram, tuple(banned_ids), decoding.length_penalty)
+    return greedy_decode(model.generator, memories, source, decoding.max_tokens, decoding.block_ngram,
+                         tuple(banned_ids))
+
+
+@torch.no_grad()
+def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTable, data: Responses, decoding,
+                             banned_ids: list[int]) -> tuple[dict, list[list[int]]]:
+    """perplexity() of data's responses and generate()'s response for each of data's rows, from one encoding of
+    each batch's context, entities and reviews (evaluate's pass over the test split: the encoders are most of it)."""
+    was_training = model.training
+    model.eval()
+    out: list[list[int] | None] = [None] * len(data)
+    nll, count = 0.0, 0
+    reviews_cache = frozen_reviews(model, run)
+    for picked in tqdm(_length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
+                       unit=" batch", leave=False, disable=None):
+        memories, source = _batch(model, run, table, data.rows[picked], reviews_cache)
+        log_probs, targets = _teacher_forced(model, run, data, picked, memories, source)
+        real = targets.ne(model.generator.cfg.pad_id)
+        nll -= float(log_probs[real].sum())
+        count += int(real.sum())
+        for i, response in zip(picked, _decode(model, memories, source, decoding, banned_ids)):
+            out[i] = response
+    model.train(was_training)
+    return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}, out
 
 
 def fill_movies(words: list[str], titles: list[str]) -> list[str]:
