@@ -153,6 +153,15 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert scored["perplexity"] == pytest.approx(
         conv_train.perplexity(generator, run, test, responses, decoding.batch_size)["perplexity"], rel=1e-6)
     assert said == conv_train.generate(generator, run, test, responses.rows, decoding, vocabulary.banned_ids)
+    # Scoring runs the R-GCN on the items and the table's context entities only: the whole graph's scores.
+    from stages.training import c2crs_train
+
+    recommender = runs.load_c2crs(workspace / "data/models/c2crs_rec.pt").eval()
+    with torch.no_grad():
+        whole = recommender.entity_graph(run.graph.edge_index, run.graph.edge_type)
+        for rows, scores in c2crs_train.score_samples(recommender, run, test, 3):
+            ids = c2crs_train.recommendation_batch(test, rows, run.max_context_entities, "cpu")
+            assert np.allclose(scores, recommender.recommendation_logits(whole, ids).numpy(), atol=1e-5)
 
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
     from pipeline.talk import Chat
