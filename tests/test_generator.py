@@ -245,7 +245,7 @@ def test_cached_frozen_review_states_give_the_memories_of_encoding_them_in_the_b
         assert torch.allclose(cached["review"].states, expected["review"].states, atol=1e-5)
         real = ~expected_source.blocked  # the copy path reads the states of copyable tokens only
         assert torch.allclose(cached_source.states[real], expected_source.states[real], atol=1e-5)
-    assert sorted(cache.states) == [0, 1, 2, 3]
+    assert sorted(cache.row) == [0, 1, 2, 3]
 
 
 def test_target_log_probs_skip_padding_and_equal_the_full_softmax_at_real_positions():
