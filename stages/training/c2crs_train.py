@@ -1,6 +1,7 @@
 """The C2-CRS training stages: coarse pre-training, fine pre-training, recommender fine-tuning, and scoring.
 
-Just over 400 lines: the three stages share one batch layout and epoch loop (_epoch), so they stay together.
+Over 400 lines: the three stages share one batch layout, the per-step sentence and context encodings and one epoch
+loop (_epoch), so they stay together.
 
 Each stage is a function of tensors, a model and its settings; it trains with stages.training.train (resumable,
 checkpointed every epoch) and reports per-epoch metrics through `on_epoch`. The knowledge-graph encoder runs, in

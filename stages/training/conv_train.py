@@ -199,8 +199,14 @@ def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked:
 
 def _length_batches(table: SampleTable, data: Responses, batch_size: int,
                     rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Batches of similar context length and, among those, similar response length (the decoder's positions)."""
-    return bucketed_batches(table.context_lengths[data.rows], batch_size, rng,
+    """Batches of similar context length; for scoring (rng None) also of similar response length, which pads the
+    decoder 48 % less and cannot change a per-token sum. Not for training: the loss is a mean over each batch's
+    tokens, so batches of short responses would weigh their tokens up to 8x more (measured on the Transformer
+    baseline: validation perplexity 105.0 after one epoch with such batches, 86.2 without)."""
+    lengths = table.context_lengths[data.rows]
+    if rng is not None:
+        return bucketed_batches(lengths, batch_size, rng)
+    return bucketed_batches(lengths, batch_size, None,
                             then_by=np.fromiter(map(len, data.tokens), dtype=np.int64, count=len(data)))
 
 
