@@ -138,11 +138,14 @@ def sample_table(samples: pl.DataFrame, triples: pl.DataFrame, split: str) -> Sa
 
 def context_batch(table: SampleTable, rows: np.ndarray, pad_id: int, max_entities: int | None) -> dict:
     """Context tokens [B, L] and the most recent context entities [B, E] (padded with -1; max_entities None: all)."""
+    return {"context_ids": pad([table.context_tokens[r] for r in rows], pad_id),
+            "entity_ids": entity_batch(table, rows, max_entities)}
+
+
+def entity_batch(table: SampleTable, rows: np.ndarray, max_entities: int | None) -> torch.Tensor:
+    """The most recent context entities [B, E] of the rows (padded with -1; max_entities None: all)."""
     first = -max_entities if max_entities else 0
-    return {
-        "context_ids": pad([table.context_tokens[r] for r in rows], pad_id),
-        "entity_ids": pad([table.context_entities[r][first:] for r in rows], -1),
-    }
+    return pad([table.context_entities[r][first:] for r in rows], -1)
 
 
 def review_batch(table: SampleTable, rows: np.ndarray, sentence_tokens: list[list[int]], pad_id: int,

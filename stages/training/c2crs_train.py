@@ -22,8 +22,8 @@ from tqdm import tqdm
 from models.baselines import RepeatChoice, TextCNNRecommender
 from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
 from stages.evaluation.rec_metrics import rank_of_targets
-from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, fine_batch, pad,
-                                        per_conversation, recommendation_rows)
+from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, entity_batch, fine_batch,
+                                        pad, per_conversation, recommendation_rows)
 from stages.training.distributed import SINGLE_PROCESS, Ranks
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
 
@@ -233,7 +233,7 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
 
 
 def recommendation_batch(table: SampleTable, rows: np.ndarray, max_entities: int, device) -> torch.Tensor:
-    return context_batch(table, rows, 0, max_entities)["entity_ids"].to(device)
+    return entity_batch(table, rows, max_entities).to(device)
 
 
 def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
