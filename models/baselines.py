@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dropout import Dropout
+
 
 class TextCNNRecommender(nn.Module):
     """Kim (2014): token embeddings -> parallel 1-D convolutions -> ReLU -> max over time -> dropout -> item logits.
@@ -23,7 +25,7 @@ class TextCNNRecommender(nn.Module):
         self.filters = tuple(filters)
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, n_filters, k) for k in self.filters)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output = nn.Linear(n_filters * len(self.filters), n_items)
 
     def forward(self, context_ids: torch.Tensor) -> torch.Tensor:

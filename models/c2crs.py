@@ -29,6 +29,8 @@ from torch import nn
 from torch_geometric.nn import RGCNConv
 from torch_geometric.nn.inits import glorot
 
+from models.dropout import Dropout, use_cheap_dropout
+
 
 @dataclass
 class C2CRSConfig:
@@ -108,13 +110,14 @@ class TokenEncoder(nn.Module):
         nn.init.normal_(self.positions.weight, std=cfg.token_dim ** -0.5)
         with torch.no_grad():
             self.tokens.weight[cfg.pad_id].zero_()
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
             d_model=cfg.token_dim, nhead=cfg.n_heads, dim_feedforward=cfg.ffn_dim,
             dropout=cfg.dropout, batch_first=True,
         )
         layer.self_attn.dropout = cfg.attention_dropout  # the layer's other dropouts stay cfg.dropout
-        self.transformer = nn.TransformerEncoder(layer, num_layers=cfg.n_layers, enable_nested_tensor=False)
+        self.transformer = use_cheap_dropout(
+            nn.TransformerEncoder(layer, num_layers=cfg.n_layers, enable_nested_tensor=False))
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] -> (F [B, L, D], padding mask [B, L], True at pad)."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.c2crs import C2CRS
+from models.dropout import Dropout
 
 MEMORIES = ("history", "kg", "review")  # the order of Eq. 10's cross-attention chain
 
@@ -119,9 +120,9 @@ class DecoderLayer(nn.Module):
                                                            cfg.memory_dims[m])
                                               for m in self.memories})
         self.norms = nn.ModuleDict({name: nn.LayerNorm(cfg.dim) for name in ("self", *self.memories, "ffn")})
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), nn.Dropout(cfg.dropout),
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), Dropout(cfg.dropout),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def memory_keys_values(self, memories: dict[str, Memory]) -> dict:
         """Keys, values and attention mask of each memory, computed once per response (the cross-attention cache)."""
@@ -157,7 +158,7 @@ class ResponseGenerator(nn.Module):
         with torch.no_grad():
             self.tokens.weight[cfg.pad_id].zero_()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.output_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.copy:
             self.copy_query = nn.Linear(cfg.dim, cfg.dim)
@@ -439,20 +440,28 @@ class ConversationModel(nn.Module):
             return states, self.encoders.sentence_pooling(states, pad)
         return self._run("review", encode, sentence_ids)
 
+    def encode_context(self, context_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context tokens [B, L] -> the conversation encoder's states F [B, L, d] and padding mask [B, L]."""
+        return self._run("history", self.encoders.conversation_encoder, context_ids)
+
     def memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor | None, entity_ids: torch.Tensor,
                  sentence_ids: torch.Tensor, sentence_mask: torch.Tensor,
                  review_states: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 ) -> tuple[dict[str, Memory], CopySource | None]:
+                 history_states: torch.Tensor | None = None) -> tuple[dict[str, Memory], CopySource | None]:
         """Eq. 10's memories for a batch, and the copy source (context tokens, then review sentence tokens).
 
         context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
         [B, E] indexing it (-1 padding); sentence_ids [B, K, Ls] with sentence_mask [B, K] (True = real);
         review_states: their (token states [B, K, Ls, d], vectors [B, K, d]) when the caller has them already (a
-        frozen review encoder's outputs never change: stages/training/conv_train.FrozenReviews).
+        frozen review encoder's outputs never change: stages/training/conv_train.FrozenReviews); history_states:
+        the conversation encoder's states [B, L, d] for context_ids, likewise (conv_train.FrozenHistory).
         """
         wanted = self.generator.cfg.memory_dims
         memories, sources = {}, []
-        F_, context_pad = self._run("history", self.encoders.conversation_encoder, context_ids)
+        if history_states is None:
+            F_, context_pad = self.encode_context(context_ids)
+        else:
+            F_, context_pad = history_states, context_ids.eq(self.encoders.cfg.pad_id)
         if "history" in wanted:
             memories["history"] = Memory(F_, context_pad)
         sources.append((F_, context_ids))

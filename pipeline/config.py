@@ -399,9 +399,12 @@ class Params(Section):
 
 # What a variant may change. An ablation: the sections the recommendation path (pretrain_coarse, pretrain_fine,
 # finetune_rec) reads; a conversation baseline: finetune_conv. The stages before them are shared by every variant.
+# The reference configuration (params/reference.yaml) sets both paths.
 VARIANT_SECTIONS = {"ablations": ("seed", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
                     "conv_baselines": ("finetune_conv",),
-                    "study": ("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec")}
+                    "study": ("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
+                    "reference": ("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec",
+                                  "finetune_conv")}
 
 
 def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations",
@@ -447,7 +450,7 @@ def reference_overrides(path: Path, params_path: Path | None = None) -> dict[str
         raise ConfigError(f"{path}: expected a mapping of dotted keys to values")
     params = load_params(params_path or path.resolve().parents[1] / "params.yaml")
     try:
-        apply_overrides(dict(params), "reference", overrides, kind="study", where=str(path))
+        apply_overrides(dict(params), "reference", overrides, kind="reference", where=str(path))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return overrides

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,6 +247,34 @@ def test_cached_frozen_review_states_give_the_memories_of_encoding_them_in_the_b
         real = ~expected_source.blocked  # the copy path reads the states of copyable tokens only
         assert torch.allclose(cached_source.states[real], expected_source.states[real], atol=1e-5)
     assert sorted(cache.row) == [0, 1, 2, 3]
+
+
+def test_cached_frozen_context_states_give_the_generator_of_encoding_them_in_the_batch():
+    from types import SimpleNamespace
+
+    from stages.training.c2crs_data import pad
+    from stages.training.conv_train import FrozenHistory
+
+    model = _conversation_model(frozen=("history", "review")).eval()  # no decoder dropout: comparable outputs
+    contexts = [[5, 9, 4, 6], [7], [], [6, 6, 5, 7, 8, 5], [8, 5]]
+    table = SimpleNamespace(context_tokens=contexts, sample_ids=np.arange(len(contexts)))
+    cache = FrozenHistory(model, table, pad_id=0, device="cpu")
+    no_review = (torch.zeros((3, 1, 1), dtype=torch.long), torch.zeros((3, 1), dtype=torch.bool))
+    targets = torch.tensor([[5, END], [6, END], [10, END]])
+    for rows in (np.array([0, 1, 2]), np.array([3, 2, 4])):  # the second batch reuses the empty context's states
+        context = pad([contexts[r] for r in rows], 0)
+        outputs = []
+        for history_states in (None, cache.batch(rows, context)):
+            memories, source = model.memories(context, None, torch.full((3, 1), -1), *no_review,
+                                              history_states=history_states)
+            hidden = model.generator.decode(torch.tensor([[START, 5], [START, 6], [START, 7]]),
+                                            model.generator.memory_keys_values(memories))
+            outputs.append(model.generator.target_log_probs(hidden, targets, source).detach())
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+        real = context.ne(0)
+        assert torch.allclose(cache.batch(rows, context)[real], model.encode_context(context)[0][real], atol=1e-5)
+    assert sorted(cache.first) == sorted(cache.first[[0, 1, 2, 3, 4]]) and (cache.first > 0).all()
+    assert len(cache.states) == 1 + 4 + 1 + 1 + 6 + 2  # each context once; the empty one keeps one state
 
 
 def test_target_log_probs_skip_padding_and_equal_the_full_softmax_at_real_positions():

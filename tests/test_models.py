@@ -492,3 +492,22 @@ def test_attention_dropout_is_its_own_switch():
     assert torch.equal(quiet(ids)[0], quiet(ids)[0])
     noisy = TokenEncoder(tiny_config(dropout=0.0, attention_dropout=0.5)).train()
     assert not torch.allclose(noisy(ids)[0], noisy(ids)[0])
+
+
+def test_cheap_cpu_dropout_drops_p_keeps_the_expectation_and_passes_gradients_through_the_mask():
+    from models.dropout import Dropout, use_cheap_dropout
+
+    dropout = Dropout(0.1)
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    assert abs(float(y.eq(0).float().mean()) - 0.1) < 0.003
+    assert abs(float(y.mean()) - 1.0) < 0.01  # kept elements scaled by 1 / keep probability
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * mask) / dx = mask, here equal to y since x = 1
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # seeded: the same mask
+    assert torch.equal(dropout.eval()(x), x)
+    layer = use_cheap_dropout(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True))
+    assert {type(m) for m in layer.modules() if isinstance(m, torch.nn.Dropout)} == {Dropout}
+    assert layer.dropout1.p == 0.2

@@ -147,15 +147,62 @@ class FrozenReviews:
         return states[index], self.vectors[index]
 
 
-def frozen_reviews(model: ConversationModel, run: Run) -> FrozenReviews | None:
-    """The review cache when the generator reads a frozen review encoder, else None."""
-    if "review" in model.frozen and "review" in model.generator.cfg.memory_dims:
-        return FrozenReviews(model, run.sentence_tokens, run.pad_id, run.device)
-    return None
+class FrozenHistory:
+    """A frozen conversation encoder's states per sample of one table, computed the first time a batch needs them.
+
+    As with FrozenReviews, a frozen encoder runs in eval mode without gradient, so a context's states never change
+    while the generator trains; the reference code trains its generator on frozen pre-trained encoders, and caching
+    them removes the context encoder from every step after the first epoch. A sample's states are its context's
+    real tokens (one state for an empty context, which attends to its first slot) in one flat tensor, so a batch's
+    are a single gather; padding positions get zeros (the decoder masks them and never copies from them).
+    """
+
+    def __init__(self, model: ConversationModel, table: SampleTable, pad_id: int, device):
+        self.model, self.table, self.pad_id = model, table, pad_id
+        self.first = np.full(len(table.sample_ids), -1, dtype=np.int64)  # row of a sample's first state
+        self.states = torch.zeros((1, model.encoders.cfg.token_dim), device=device)  # row 0: padding
+
+    def _add(self, rows: np.ndarray) -> None:
+        ids = pad([self.table.context_tokens[r] for r in rows], self.pad_id).to(self.states.device)
+        states, _ = self.model.encode_context(ids)
+        keep = ids.ne(self.pad_id)
+        keep[:, 0] = True  # an empty context keeps its one (padding) state
+        self.first[rows] = len(self.states) + np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())[:-1]])
+        self.states = torch.cat([self.states, states[keep].to(self.states.dtype)])
+
+    def batch(self, rows: np.ndarray, context_ids: torch.Tensor) -> torch.Tensor:
+        """The states [B, L, d] of the rows' contexts, laid out as context_ids [B, L] (right padding)."""
+        missing = np.unique(rows[self.first[rows] < 0])
+        if len(missing):
+            self._add(missing)
+        positions = torch.arange(context_ids.size(1), device=context_ids.device)
+        real = context_ids.ne(self.pad_id)
+        real[:, 0] = True
+        index = torch.as_tensor(self.first[rows], device=context_ids.device)[:, None] + positions
+        return self.states[index.masked_fill(~real, 0)]
+
+
+class FrozenStates:
+    """The outputs of the generator's frozen encoders that stay fixed during training: review sentences (shared by
+    every split) and each table's contexts."""
+
+    def __init__(self, model: ConversationModel, run: Run):
+        self.model, self.run = model, run
+        wanted = model.generator.cfg.memory_dims
+        self.reviews = (FrozenReviews(model, run.sentence_tokens, run.pad_id, run.device)
+                        if "review" in model.frozen and "review" in wanted else None)
+        self._history: dict[int, FrozenHistory] = {}
+
+    def history(self, table: SampleTable) -> FrozenHistory | None:
+        if "history" not in self.model.frozen:
+            return None
+        if id(table) not in self._history:
+            self._history[id(table)] = FrozenHistory(self.model, table, self.run.pad_id, self.run.device)
+        return self._history[id(table)]
 
 
 def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray,
-           reviews_cache: FrozenReviews | None = None) -> tuple[dict, object]:
+           frozen: FrozenStates | None = None) -> tuple[dict, object]:
     """The memories and the copy source of a batch of table rows."""
     wanted = model.generator.cfg.memory_dims
     context = {k: v.to(run.device) for k, v in context_batch(table, rows, run.pad_id, run.max_context_entities).items()}
@@ -166,14 +213,16 @@ def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndar
     review_states = None
     if "review" in wanted:
         reviews = review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)
-        if reviews_cache is not None:
+        if frozen is not None and frozen.reviews is not None:
             documents = [table.review_sentences(r, run.max_review_sentences) for r in rows]
-            review_states = reviews_cache.batch(documents, reviews["sentence_ids"].size(2))
+            review_states = frozen.reviews.batch(documents, reviews["sentence_ids"].size(2))
     else:
         reviews = {"sentence_ids": torch.zeros((len(rows), 1, 1), dtype=torch.long),
                    "sentence_mask": torch.zeros((len(rows), 1), dtype=torch.bool)}
+    history = frozen.history(table) if frozen is not None else None
+    history_states = history.batch(rows, context["context_ids"]) if history is not None else None
     return model.memories(context["context_ids"], entity_rows, entity_ids, reviews["sentence_ids"].to(run.device),
-                          reviews["sentence_mask"].to(run.device), review_states)
+                          reviews["sentence_mask"].to(run.device), review_states, history_states)
 
 
 def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
@@ -183,9 +232,9 @@ def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
 
 
 def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, data: Responses, picked: np.ndarray,
-                     reviews_cache: FrozenReviews | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     frozen: FrozenStates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log P of every target token of the picked responses [B, T], and the targets [B, T]."""
-    return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], reviews_cache))
+    return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], frozen))
 
 
 def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked: np.ndarray, memories: dict,
@@ -212,14 +261,14 @@ def _length_batches(table: SampleTable, data: Responses, batch_size: int,
 
 @torch.no_grad()
 def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Responses, batch_size: int,
-               reviews_cache: FrozenReviews | None = None) -> dict:
+               frozen: FrozenStates | None = None) -> dict:
     """exp(mean negative log-likelihood per target token, end token included), unweighted, and the token count
     (nan with no tokens)."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     for picked in _length_batches(table, data, batch_size, None):
-        log_probs, targets = target_log_probs(model, run, table, data, picked, reviews_cache)
+        log_probs, targets = target_log_probs(model, run, table, data, picked, frozen)
         real = targets.ne(model.generator.cfg.pad_id)
         nll -= float(log_probs[real].sum())
         count += int(real.sum())
@@ -235,14 +284,14 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
     optimizer = adam(trainable, cfg.learning_rate)
     if weights is not None:
         weights = weights.to(run.device)
-    reviews_cache = frozen_reviews(model, run)
+    frozen = FrozenStates(model, run)
 
     def train_epoch(epoch: int) -> dict:
         total, tokens = 0.0, 0
         batches = _length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
         for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
             with autocast(run.device, run.precision):
-                log_probs, targets = target_log_probs(model, run, run.train, train_data, picked, reviews_cache)
+                log_probs, targets = target_log_probs(model, run, run.train, train_data, picked, frozen)
                 loss = generation_loss(log_probs.float(), targets, model.generator.cfg.pad_id, weights)
             optimizer.zero_grad()
             loss.backward()
@@ -253,7 +302,7 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
         return {"loss": total / max(tokens, 1)}
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size, reviews_cache),
+                 validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size, frozen),
                  monitor="valid_perplexity", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
 
 
@@ -267,10 +316,10 @@ def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.nd
     was_training = model.training
     model.eval()
     out: list[list[int] | None] = [None] * len(rows)
-    reviews_cache = frozen_reviews(model, run)
+    frozen = FrozenStates(model, run)
     for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
                       unit=" batch", leave=False, disable=None):
-        memories, source = _batch(model, run, table, rows[batch], reviews_cache)
+        memories, source = _batch(model, run, table, rows[batch], frozen)
         for i, response in zip(batch, _decode(model, memories, source, decoding, banned_ids)):
             out[i] = response
     model.train(was_training)
@@ -294,10 +343,10 @@ def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTa
     model.eval()
     out: list[list[int] | None] = [None] * len(data)
     nll, count = 0.0, 0
-    reviews_cache = frozen_reviews(model, run)
+    frozen = FrozenStates(model, run)
     for picked in tqdm(_length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
                        unit=" batch", leave=False, disable=None):
-        memories, source = _batch(model, run, table, data.rows[picked], reviews_cache)
+        memories, source = _batch(model, run, table, data.rows[picked], frozen)
         log_probs, targets = _teacher_forced(model, run, data, picked, memories, source)
         real = targets.ne(model.generator.cfg.pad_id)
         nll -= float(log_probs[real].sum())
