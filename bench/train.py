@@ -156,7 +156,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     reference = config == "reference"
     if reference:  # the machine's device, as ours
         overrides = {k: v for k, v in reference_overrides(REFERENCE_PARAMS).items() if k != "device"}
-        params = Params.model_validate(apply_overrides(dict(params), "reference", overrides, kind="study"))
+        params = Params.model_validate(apply_overrides(dict(params), "reference", overrides, kind="reference"))
     load_start = time.perf_counter()
     run, model_config, _ = training_run(params, ROOT)
     load_seconds = time.perf_counter() - load_start
