@@ -94,6 +94,28 @@ class SelfAttentivePooling(nn.Module):
         return torch.einsum("bl,bld->bd", weights, x)
 
 
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """nn.TransformerEncoderLayer (same parameters, state-dict names and eval fast path) whose self-attention block
+    splits the packed q/k/v projection with views and calls scaled_dot_product_attention itself. nn.MultiheadAttention
+    copies the packed projection into three tensors and zero-fills and copies them back in the backward pass: 14 % of
+    a layer's training step on CPU (batch 128 x 120 tokens, dim 128). Same math; batch_first only."""
+
+    def _sa_block(self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                  is_causal: bool = False) -> torch.Tensor:
+        attention = self.self_attn
+        if attn_mask is not None or is_causal or not attention.batch_first:
+            return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+        B, L, D = x.shape
+        heads = attention.num_heads
+        q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).view(
+            B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        # key_padding_mask arrives as an additive float mask (-inf at padding) from the layer's forward
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=attention.dropout if self.training else 0.0)
+        return self.dropout1(attention.out_proj(out.transpose(1, 2).reshape(B, L, D)))
+
+
 class TokenEncoder(nn.Module):
     """Eq. 1: token embedding + learned positions + a standard post-norm Transformer encoder -> F [B, L, D].
 
@@ -111,7 +133,7 @@ class TokenEncoder(nn.Module):
         with torch.no_grad():
             self.tokens.weight[cfg.pad_id].zero_()
         self.dropout = Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
+        layer = EncoderLayer(
             d_model=cfg.token_dim, nhead=cfg.n_heads, dim_feedforward=cfg.ffn_dim,
             dropout=cfg.dropout, batch_first=True,
         )
@@ -174,10 +196,13 @@ class KGEncoder(nn.Module):
         keep = torch.isin(edge_index[1], targets)
         src, rel = edge_index[0, keep], edge_type[keep]
         dst = torch.searchsorted(targets, edge_index[1, keep])
-        x = self.entities.weight
+        # One gather of the entity rows the layer reads (sources, then targets): its backward zero-fills a gradient
+        # of the whole entity table, once per call instead of once per gather
+        x = self.entities.weight[torch.cat([src, targets])]
+        x_src, x_targets = x[: len(src)], x[len(src):]
         # (relation, target) pairs, grouped by relation: one contiguous block of rows per W_r
         pairs, pair_of_edge, count = torch.unique(rel * len(targets) + dst, return_inverse=True, return_counts=True)
-        mean = x.new_zeros(len(pairs), x.size(1)).index_add(0, pair_of_edge, x[src]) / count[:, None].to(x.dtype)
+        mean = x.new_zeros(len(pairs), x.size(1)).index_add(0, pair_of_edge, x_src) / count[:, None].to(x.dtype)
         relations, per_relation = torch.unique_consecutive(pairs // len(targets), return_counts=True)
         weight = (conv.comp @ conv.weight.view(conv.num_bases, -1)).view(conv.num_relations, *conv.weight.shape[1:])
         # unbind: one view per relation whose backward stacks the gradients once; weight[r] per relation would
@@ -185,7 +210,7 @@ class KGEncoder(nn.Module):
         per_relation_weight = weight.unbind(0)
         messages = [block @ per_relation_weight[r]
                     for block, r in zip(mean.split(per_relation.tolist()), relations.tolist())]
-        out = x[targets] @ conv.root + conv.bias
+        out = x_targets @ conv.root + conv.bias
         if messages:
             out = out.index_add(0, pairs % len(targets), torch.cat(messages).to(out.dtype))  # bf16 autocast: float32
         return out[inverse]

@@ -511,3 +511,25 @@ def test_cheap_cpu_dropout_drops_p_keeps_the_expectation_and_passes_gradients_th
     layer = use_cheap_dropout(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True))
     assert {type(m) for m in layer.modules() if isinstance(m, torch.nn.Dropout)} == {Dropout}
     assert layer.dropout1.p == 0.2
+
+
+def test_encoder_layer_equals_torchs_layer_in_training_forward_and_backward():
+    from models.c2crs import EncoderLayer
+
+    torch.manual_seed(0)
+    ours = EncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    torchs = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    torchs.load_state_dict(ours.state_dict())  # same parameter names
+    x = torch.randn(3, 7, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[1, 1:] = True
+    outputs, grads = [], []
+    for layer in (ours, torchs):
+        layer.train()
+        out = layer(x, src_key_padding_mask=pad)
+        out[~pad].square().sum().backward()
+        outputs.append(out[~pad].detach())
+        grads.append(torch.cat([p.grad.flatten() for p in layer.parameters()]))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
