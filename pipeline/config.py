@@ -242,7 +242,7 @@ class RecConfig(TrainConfig):
     coarse_weight: float = Field(default=0.2, ge=0)
     max_triples_per_sample: int = Field(default=8, ge=1)
     # multi-task: the pre-training losses of a step use at most this many of its samples (null: all of them)
-    pretraining_samples_per_step: int | None = Field(default=128, ge=2)
+    pretraining_samples_per_step: int | None = Field(default=64, ge=2)
 
 
 class TextCNNConfig(TrainConfig):
