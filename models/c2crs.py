@@ -197,9 +197,10 @@ class KGEncoder(nn.Module):
         src, rel = edge_index[0, keep], edge_type[keep]
         dst = torch.searchsorted(targets, edge_index[1, keep])
         # One gather of the entity rows the layer reads (sources, then targets): its backward zero-fills a gradient
-        # of the whole entity table, once per call instead of once per gather
+        # of the whole entity table, once per call instead of once per gather. split, not slicing: a slice's backward
+        # zero-fills the whole gathered block (a hundred MB when every item is a target), split's concatenates
         x = self.entities.weight[torch.cat([src, targets])]
-        x_src, x_targets = x[: len(src)], x[len(src):]
+        x_src, x_targets = x.split([len(src), len(targets)])
         # (relation, target) pairs, grouped by relation: one contiguous block of rows per W_r
         pairs, pair_of_edge, count = torch.unique(rel * len(targets) + dst, return_inverse=True, return_counts=True)
         mean = x.new_zeros(len(pairs), x.size(1)).index_add(0, pair_of_edge, x_src) / count[:, None].to(x.dtype)
