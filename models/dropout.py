@@ -23,10 +23,8 @@ class Dropout(nn.Dropout):
     """nn.Dropout (same arguments and state) with cpu_dropout's mask on CPU tensors."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+        if not self.training or self.p in (0, 1) or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        if self.p == 1:
-            return torch.zeros_like(x)
         return cpu_dropout(x, self.p)
 
 

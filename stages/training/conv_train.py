@@ -167,7 +167,7 @@ class FrozenHistory:
         states, _ = self.model.encode_context(ids)
         keep = ids.ne(self.pad_id)
         keep[:, 0] = True  # an empty context keeps its one (padding) state
-        self.first[rows] = len(self.states) + np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())[:-1]])
+        self.first[rows] = len(self.states) + np.concatenate([[0], np.cumsum(keep.sum(dim=1).cpu().numpy())[:-1]])
         self.states = torch.cat([self.states, states[keep].to(self.states.dtype)])
 
     def batch(self, rows: np.ndarray, context_ids: torch.Tensor) -> torch.Tensor:
@@ -184,17 +184,18 @@ class FrozenHistory:
 
 class FrozenStates:
     """The outputs of the generator's frozen encoders that stay fixed during training: review sentences (shared by
-    every split) and each table's contexts."""
+    every split) and each table's contexts. contexts=False for a single pass over a table (decoding, test scoring),
+    where a context is encoded once anyway and keeping its states would only cost memory."""
 
-    def __init__(self, model: ConversationModel, run: Run):
-        self.model, self.run = model, run
+    def __init__(self, model: ConversationModel, run: Run, contexts: bool = True):
+        self.model, self.run, self.contexts = model, run, contexts
         wanted = model.generator.cfg.memory_dims
         self.reviews = (FrozenReviews(model, run.sentence_tokens, run.pad_id, run.device)
                         if "review" in model.frozen and "review" in wanted else None)
         self._history: dict[int, FrozenHistory] = {}
 
     def history(self, table: SampleTable) -> FrozenHistory | None:
-        if "history" not in self.model.frozen:
+        if not self.contexts or "history" not in self.model.frozen:
             return None
         if id(table) not in self._history:
             self._history[id(table)] = FrozenHistory(self.model, table, self.run.pad_id, self.run.device)
@@ -316,7 +317,7 @@ def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.nd
     was_training = model.training
     model.eval()
     out: list[list[int] | None] = [None] * len(rows)
-    frozen = FrozenStates(model, run)
+    frozen = FrozenStates(model, run, contexts=False)
     for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
                       unit=" batch", leave=False, disable=None):
         memories, source = _batch(model, run, table, rows[batch], frozen)
@@ -343,7 +344,7 @@ def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTa
     model.eval()
     out: list[list[int] | None] = [None] * len(data)
     nll, count = 0.0, 0
-    frozen = FrozenStates(model, run)
+    frozen = FrozenStates(model, run, contexts=False)
     for picked in tqdm(_length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
                        unit=" batch", leave=False, disable=None):
         memories, source = _batch(model, run, table, data.rows[picked], frozen)
