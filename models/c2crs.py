@@ -193,17 +193,18 @@ class KGEncoder(nn.Module):
         """
         conv = self.rgcn
         targets, inverse = torch.unique(nodes, return_inverse=True)
-        keep = torch.isin(edge_index[1], targets)
+        keep = edges_into(targets, edge_index, self.entities.weight.size(0))
         src, rel = edge_index[0, keep], edge_type[keep]
         dst = torch.searchsorted(targets, edge_index[1, keep])
         # One gather of the entity rows the layer reads (sources, then targets): its backward zero-fills a gradient
         # of the whole entity table, once per call instead of once per gather. split, not slicing: a slice's backward
         # zero-fills the whole gathered block (a hundred MB when every item is a target), split's concatenates
-        x = self.entities.weight[torch.cat([src, targets])]
+        # (index_select: faster than indexing with [] for these ~80k rows, 73 vs 117 ms forward on one core)
+        x = self.entities.weight.index_select(0, torch.cat([src, targets]))
         x_src, x_targets = x.split([len(src), len(targets)])
         # (relation, target) pairs, grouped by relation: one contiguous block of rows per W_r
         pairs, pair_of_edge, count = torch.unique(rel * len(targets) + dst, return_inverse=True, return_counts=True)
-        mean = x.new_zeros(len(pairs), x.size(1)).index_add(0, pair_of_edge, x_src) / count[:, None].to(x.dtype)
+        mean = x.new_zeros(len(pairs), x.size(1)).index_add(0, pair_of_edge, x_src).div_(count[:, None].to(x.dtype))
         relations, per_relation = torch.unique_consecutive(pairs // len(targets), return_counts=True)
         weight = (conv.comp @ conv.weight.view(conv.num_bases, -1)).view(conv.num_relations, *conv.weight.shape[1:])
         # unbind: one view per relation whose backward stacks the gradients once; weight[r] per relation would
@@ -242,7 +243,7 @@ class FeaturelessRGCN(nn.Module):
 
     def forward_nodes(self, nodes: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
         targets, inverse = torch.unique(nodes, return_inverse=True)
-        keep = torch.isin(edge_index[1], targets)
+        keep = edges_into(targets, edge_index, self.root.size(0))
         src, rel = edge_index[0, keep], edge_type[keep]
         dst = torch.searchsorted(targets, edge_index[1, keep])
         # 1 / Z_{e,r}: the number of edges of relation r into each target
@@ -255,6 +256,14 @@ class FeaturelessRGCN(nn.Module):
         rows = torch.einsum("pb,bpd->pd", self.comp[pair_relation], self.basis.index_select(1, pair_source))
         out = self.root[targets] + self.bias
         return out.index_add(0, dst, rows[pair_of_edge] * norm[:, None])[inverse]
+
+
+def edges_into(targets: torch.Tensor, edge_index: torch.Tensor, n_entities: int) -> torch.Tensor:
+    """A mask [E] of the edges whose target is one of `targets`: torch.isin(edge_index[1], targets) through a
+    lookup table, since isin sorts all ~350k edges each call (20 ms, a step's largest single op in pre-training)."""
+    wanted = torch.zeros(n_entities, dtype=torch.bool, device=edge_index.device)
+    wanted[targets] = True
+    return wanted[edge_index[1]]
 
 
 def build_kg_encoder(cfg: "C2CRSConfig") -> nn.Module:

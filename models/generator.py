@@ -61,6 +61,10 @@ class Memory:
     states: torch.Tensor
     pad: torch.Tensor
 
+    def split(self, sizes: list[int]) -> list["Memory"]:
+        """Consecutive row groups of these sizes (views; their gradients join in one concatenation)."""
+        return [Memory(*parts) for parts in zip(self.states.split(sizes), self.pad.split(sizes))]
+
 
 @dataclass
 class CopySource:
@@ -70,6 +74,10 @@ class CopySource:
     states: torch.Tensor
     ids: torch.Tensor
     blocked: torch.Tensor
+
+    def split(self, sizes: list[int]) -> list["CopySource"]:
+        return [CopySource(*parts) for parts in zip(self.states.split(sizes), self.ids.split(sizes),
+                                                    self.blocked.split(sizes))]
 
 
 class Attention(nn.Module):
@@ -222,6 +230,15 @@ class ResponseGenerator(nn.Module):
             p_gen = p_gen[:, 0].float()
             probs = p_gen * probs + (1 - p_gen) * copied
         return torch.log(probs + 1e-12)
+
+
+def review_token_order(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Positions [B, R] of each row's real review tokens in tokens [B, K * Ls] (its sentences, padded to Ls), in
+    document order, then padding; R = the most real tokens of a row. The copy source keeps these only: padding is
+    never copied, and sentences are ~half padding, so the copy attention reads about half the positions."""
+    padding = tokens.eq(pad_id)
+    width = int((~padding).sum(dim=1).max()) if tokens.numel() else 0
+    return torch.argsort(padding.to(torch.uint8), dim=1, stable=True)[:, :width]
 
 
 # ---- the loss (Eq. 11-12) -----------------------------------------------------------------------------------------
@@ -452,8 +469,9 @@ class ConversationModel(nn.Module):
 
         context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
         [B, E] indexing it (-1 padding); sentence_ids [B, K, Ls] with sentence_mask [B, K] (True = real);
-        review_states: their (token states [B, K, Ls, d], vectors [B, K, d]) when the caller has them already (a
-        frozen review encoder's outputs never change: stages/training/conv_train.FrozenReviews); history_states:
+        review_states: their (token states [B, R, d] laid out as review_token_order, vectors [B, K, d]) when the
+        caller has them already (a frozen review encoder's outputs never change: stages/training/conv_train.
+        FrozenReviews); history_states:
         the conversation encoder's states [B, L, d] for context_ids, likewise (conv_train.FrozenHistory).
         """
         wanted = self.generator.cfg.memory_dims
@@ -470,6 +488,8 @@ class ConversationModel(nn.Module):
             memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
         if "review" in wanted:
             B, K, Ls = sentence_ids.shape
+            tokens = sentence_ids.view(B, K * Ls)
+            order = review_token_order(tokens, self.encoders.cfg.pad_id)
             if review_states is not None:
                 H, E = (x.to(F_.dtype) for x in review_states)
             else:
@@ -479,8 +499,9 @@ class ConversationModel(nn.Module):
                     states, vectors = self.encode_sentences(sentence_ids[sentence_mask])
                     where = sentence_mask.nonzero(as_tuple=True)
                     H, E = H.index_put(where, states.to(H.dtype)), E.index_put(where, vectors.to(E.dtype))
+                H = H.view(B, K * Ls, -1).gather(1, order[..., None].expand(-1, -1, H.size(-1)))
             memories["review"] = Memory(E, ~sentence_mask)
-            sources.append((H.view(B, K * Ls, -1), sentence_ids.view(B, K * Ls)))
+            sources.append((H, tokens.gather(1, order)))
         if not self.generator.cfg.copy:
             return memories, None
         states = torch.cat([s for s, _ in sources], dim=1)
@@ -489,4 +510,4 @@ class ConversationModel(nn.Module):
 
 
 __all__ = ["ConversationModel", "MEMORIES", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
-           "ResponseGenerator", "instance_weights", "generation_loss", "greedy_decode", "beam_decode"]
+           "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "greedy_decode", "beam_decode"]

@@ -186,7 +186,9 @@ def test_the_conversation_model_builds_memories_and_a_copy_source():
     memories, source = model.memories(context, rows, entity_ids, sentences, mask)
     assert memories["history"].states.shape == (2, 4, 8) and memories["kg"].states.shape == (2, 2, 6)
     assert memories["review"].states.shape == (2, 2, 8) and memories["kg"].pad[1].all()
-    assert source.ids.shape == (2, 4 + 2 * 3)
+    # the copy source: the context, then each row's real review tokens in document order (padding dropped)
+    assert source.ids.shape == (2, 4 + 4)
+    assert source.ids[:, 4:].tolist() == [[5, 6, 0, 0], [7, 8, 6, 6]]
     assert source.ids[0, 1] == 10  # the movie token is copied as the placeholder
     assert source.blocked[0, 2] and source.blocked[1, 1]  # the separator and padding are not copyable
     hidden = generator.decode(torch.tensor([[START, 5], [START, 6]]), generator.memory_keys_values(memories))
@@ -242,7 +244,7 @@ def test_cached_frozen_review_states_give_the_memories_of_encoding_them_in_the_b
                 mask[i, j] = True
         expected, expected_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask)
         cached, cached_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask,
-                                               cache.batch(documents, width))
+                                               cache.batch(documents))
         assert torch.allclose(cached["review"].states, expected["review"].states, atol=1e-5)
         real = ~expected_source.blocked  # the copy path reads the states of copyable tokens only
         assert torch.allclose(cached_source.states[real], expected_source.states[real], atol=1e-5)
@@ -287,3 +289,55 @@ def test_target_log_probs_skip_padding_and_equal_the_full_softmax_at_real_positi
         full = model.next_token_log_probs(hidden[b, t][None], CopySource(*(x[b][None] for x in vars(source).values())))
         assert float(got[b, t]) == pytest.approx(float(full[0, targets[b, t]]), abs=1e-5)
     assert (got[targets.eq(PAD)] == 0).all()
+
+
+def test_decoding_a_batch_in_groups_of_rows_gives_the_log_probs_and_gradients_of_one_group(monkeypatch):
+    from types import SimpleNamespace
+
+    from stages.training import conv_train
+
+    model = _conversation_model(frozen=())
+    model.generator.cfg.copy = True
+    responses = [[5], [6, 7, 8, 5], [7, 7], [], [8, 6, 5], [5, 6]]
+    data = conv_train.Responses(rows=np.arange(6), tokens=responses)
+    picked = conv_train.by_response_length(data, np.arange(6))
+    assert [len(responses[i]) for i in picked] == [0, 1, 2, 2, 3, 4]
+    g = torch.Generator().manual_seed(3)
+    memories = {"history": Memory(torch.randn(6, 4, 8, generator=g, requires_grad=True),
+                                  torch.tensor([[False] * 4] * 3 + [[False, False, True, True]] * 3)),
+                "review": Memory(torch.randn(6, 2, 8, generator=g, requires_grad=True),
+                                 torch.zeros(6, 2, dtype=torch.bool))}
+    source = CopySource(torch.randn(6, 5, 8, generator=g), torch.randint(3, 11, (6, 5), generator=g),
+                        torch.zeros(6, 5, dtype=torch.bool))
+    model.eval()  # no dropout: the groupings must agree exactly
+    results = []
+    for groups in (1, 4):
+        monkeypatch.setattr(conv_train, "DECODER_GROUPS", groups)
+        log_probs, targets = conv_train._teacher_forced(model, SimpleNamespace(device="cpu"), data, picked,
+                                                        memories, source)
+        real = targets.ne(PAD)
+        (-log_probs[real].sum()).backward()
+        results.append((log_probs[real].detach(), targets[real], memories["history"].states.grad.clone()))
+        memories["history"].states.grad = None
+        model.zero_grad()
+    (one, one_targets, one_grad), (four, four_targets, four_grad) = results
+    assert torch.equal(one_targets, four_targets)
+    assert torch.allclose(one, four, atol=1e-5) and torch.allclose(one_grad, four_grad, atol=1e-5)
+
+
+def test_the_copy_path_ignores_blocked_positions_so_dropping_review_padding_changes_nothing():
+    model, memories, source = tiny_generator(), tiny_memories(), tiny_source()
+    targets = torch.tensor([[5, 6, END], [7, END, PAD], [END, PAD, PAD]])
+    hidden = model.decode(torch.tensor([[START, 5, 6], [START, 7, PAD], [START, PAD, PAD]]),
+                          model.memory_keys_values(memories))
+    g = torch.Generator().manual_seed(4)
+    padded = CopySource(torch.cat([source.states, torch.randn(3, 4, 8, generator=g)], dim=1),
+                        torch.cat([source.ids, torch.zeros(3, 4, dtype=torch.long)], dim=1),
+                        torch.cat([source.blocked, torch.ones(3, 4, dtype=torch.bool)], dim=1))
+    assert torch.allclose(model.target_log_probs(hidden, targets, source),
+                          model.target_log_probs(hidden, targets, padded), atol=1e-6)
+    from models.generator import review_token_order
+
+    tokens = torch.tensor([[5, 6, 0, 0, 0, 0], [7, 0, 0, 8, 9, 0], [0, 0, 0, 0, 0, 0]])
+    order = review_token_order(tokens, PAD)
+    assert tokens.gather(1, order).tolist() == [[5, 6, 0], [7, 8, 9], [0, 0, 0]]

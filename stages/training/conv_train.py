@@ -113,38 +113,46 @@ class FrozenReviews:
 
     A frozen encoder runs in eval mode (no dropout) and gets no gradient, so a sentence's states never change while
     the generator trains; on ReDial the train and valid samples use ~4,000 sentences (95k tokens), and encoding them
-    once instead of in every batch saves 12 % of a finetune_conv step on CPU. The states sit in one tensor (row 0:
-    no sentence), so a batch's are a single gather.
+    once instead of in every batch saves 12 % of a finetune_conv step on CPU. Token states sit in one flat tensor
+    (real tokens only, row 0: padding) and sentence vectors in another (row 0: no sentence), so a batch's are one
+    gather each, already in the copy source's layout (models/generator.review_token_order).
     """
 
     def __init__(self, model: ConversationModel, sentence_tokens: list[list[int]], pad_id: int, device):
         self.model, self.sentence_tokens, self.pad_id = model, sentence_tokens, pad_id
-        self.row: dict[int, int] = {}
+        self.row: dict[int, int] = {}  # sentence -> its row in vectors
+        self.token_rows: dict[int, np.ndarray] = {}  # sentence -> its tokens' rows in states
         dim = model.encoders.cfg.token_dim
-        self.states = torch.zeros((1, 1, dim), device=device)  # [rows, longest sentence, d], zero past each end
+        self.states = torch.zeros((1, dim), device=device)
         self.vectors = torch.zeros((1, dim), device=device)
 
     def _add(self, sentences: list[int]) -> None:
         ids = pad([self.sentence_tokens[s] for s in sentences], self.pad_id).to(self.states.device)
         states, vectors = self.model.encode_sentences(ids)
-        states = states.masked_fill(ids.eq(self.pad_id)[..., None], 0.0)
-        width = max(self.states.size(1), states.size(1))
-        self.states = torch.cat([F.pad(self.states, (0, 0, 0, width - self.states.size(1))),
-                                 F.pad(states.to(self.states.dtype), (0, 0, 0, width - states.size(1)))])
+        real = ids.ne(self.pad_id)
+        lengths = real.sum(dim=1).cpu().numpy()
+        firsts = len(self.states) + np.cumsum(lengths) - lengths
+        self.states = torch.cat([self.states, states[real].to(self.states.dtype)])
         self.vectors = torch.cat([self.vectors, vectors.to(self.vectors.dtype)])
-        self.row.update({s: len(self.row) + 1 + i for i, s in enumerate(sentences)})
+        for i, s in enumerate(sentences):
+            self.row[s] = len(self.row) + 1
+            self.token_rows[s] = np.arange(firsts[i], firsts[i] + lengths[i])
 
-    def batch(self, documents: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states [B, K, width, d] (zero past each sentence) and vectors [B, K, d] of each row's sentences."""
+    def batch(self, documents: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [B, R, d] of each row's real sentence tokens in document order (zero past them) and
+        sentence vectors [B, K, d] (zero past the row's sentences)."""
         missing = sorted({s for d in documents for s in d} - self.row.keys())
         if missing:
             self._add(missing)
         k = max([1] + [len(d) for d in documents])
-        index = torch.tensor([[self.row[s] for s in d] + [0] * (k - len(d)) for d in documents],
-                             device=self.states.device)
-        states = self.states[:, :width] if self.states.size(1) >= width else F.pad(
-            self.states, (0, 0, 0, width - self.states.size(1)))
-        return states[index], self.vectors[index]
+        vector_index = torch.tensor([[self.row[s] for s in d] + [0] * (k - len(d)) for d in documents],
+                                    device=self.states.device)
+        token_rows = [np.concatenate([self.token_rows[s] for s in d]) if d else np.zeros(0, np.int64)
+                      for d in documents]
+        token_index = np.zeros((len(documents), max([0] + [len(r) for r in token_rows])), dtype=np.int64)
+        for i, rows in enumerate(token_rows):
+            token_index[i, : len(rows)] = rows
+        return self.states[torch.as_tensor(token_index, device=self.states.device)], self.vectors[vector_index]
 
 
 class FrozenHistory:
@@ -216,7 +224,7 @@ def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndar
         reviews = review_batch(table, rows, run.sentence_tokens, run.pad_id, run.max_review_sentences)
         if frozen is not None and frozen.reviews is not None:
             documents = [table.review_sentences(r, run.max_review_sentences) for r in rows]
-            review_states = frozen.reviews.batch(documents, reviews["sentence_ids"].size(2))
+            review_states = frozen.reviews.batch(documents)
     else:
         reviews = {"sentence_ids": torch.zeros((len(rows), 1, 1), dtype=torch.long),
                    "sentence_mask": torch.zeros((len(rows), 1), dtype=torch.bool)}
@@ -234,17 +242,43 @@ def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
 
 def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, data: Responses, picked: np.ndarray,
                      frozen: FrozenStates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log P of every target token of the picked responses [B, T], and the targets [B, T]."""
+    """log P of every target token of the picked responses [B, T], and the targets [B, T] (rows in the order of
+    by_response_length(data, picked))."""
+    picked = by_response_length(data, picked)
     return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], frozen))
+
+
+# The decoder runs a batch in this many groups of rows, each padded to its own longest response: on ReDial a batch
+# of 128 holds 38 % real decoder positions in one group and 76 % in four, which cuts the decoder's work by half.
+DECODER_GROUPS = 4
+
+
+def by_response_length(data: Responses, picked: np.ndarray) -> np.ndarray:
+    """picked, shortest response first (stable): the order in which DECODER_GROUPS pads least."""
+    return picked[np.argsort([len(data.tokens[i]) for i in picked], kind="stable")]
 
 
 def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked: np.ndarray, memories: dict,
                     source) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log P [B, T] and targets [B, T] of the picked responses (the rows of memories and source),
+    decoded in DECODER_GROUPS consecutive groups of rows; the result is the same for any grouping."""
     cfg = model.generator.cfg
-    inputs, targets = teacher_forcing([data.tokens[i] for i in picked], cfg.start_id, cfg.end_id, cfg.pad_id)
-    inputs, targets = inputs.to(run.device), targets.to(run.device)
-    hidden = model.generator.decode(inputs, model.generator.memory_keys_values(memories))
-    return model.generator.target_log_probs(hidden, targets, source), targets
+    sizes = [len(g) for g in np.array_split(np.arange(len(picked)), min(DECODER_GROUPS, len(picked)))]
+    groups = zip(np.split(picked, np.cumsum(sizes)[:-1]),
+                 zip(*(m.split(sizes) for m in memories.values())) if memories else [()] * len(sizes),
+                 source.split(sizes) if source is not None else [None] * len(sizes))
+    log_probs, targets = [], []
+    for rows, group_memories, group_source in groups:
+        inputs, group_targets = teacher_forcing([data.tokens[i] for i in rows], cfg.start_id, cfg.end_id,
+                                                cfg.pad_id)
+        inputs, group_targets = inputs.to(run.device), group_targets.to(run.device)
+        kv = model.generator.memory_keys_values(dict(zip(memories, group_memories)))
+        hidden = model.generator.decode(inputs, kv)
+        log_probs.append(model.generator.target_log_probs(hidden, group_targets, group_source))
+        targets.append(group_targets)
+    width = max(t.size(1) for t in targets)
+    return (torch.cat([F.pad(p, (0, width - p.size(1))) for p in log_probs]),
+            torch.cat([F.pad(t, (0, width - t.size(1)), value=cfg.pad_id) for t in targets]))
 
 
 def _length_batches(table: SampleTable, data: Responses, batch_size: int,
@@ -347,6 +381,7 @@ def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTa
     frozen = FrozenStates(model, run, contexts=False)
     for picked in tqdm(_length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
                        unit=" batch", leave=False, disable=None):
+        picked = by_response_length(data, picked)
         memories, source = _batch(model, run, table, data.rows[picked], frozen)
         log_probs, targets = _teacher_forced(model, run, data, picked, memories, source)
         real = targets.ne(model.generator.cfg.pad_id)
