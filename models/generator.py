@@ -510,4 +510,5 @@ class ConversationModel(nn.Module):
 
 
 __all__ = ["ConversationModel", "MEMORIES", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
-           "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "greedy_decode", "beam_decode"]
+           "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "greedy_decode",
+           "beam_decode"]
