@@ -59,6 +59,8 @@ class RawFiles(Section):
     metadata_item_ids: str = "movie_metadata/item_ids.json"
     metadata_entity_types: str = "movie_metadata/entity2type.json"
     linking_gold: str = "crslab_redial/valid_data.json"
+    conceptnet_edges: str = "conceptnet/conceptnet_one_hop_edges.txt"
+    conceptnet_words: str = "conceptnet/conceptnet_one_hop_key2index.json"
 
 
 class RedialZip(Download):
@@ -87,6 +89,8 @@ class Downloads(Section):
     metadata_item_ids: Download
     metadata_entity_types: Download
     linking_gold: Download
+    conceptnet_edges: Download
+    conceptnet_words: Download
 
 
 class DataConfig(Section):
@@ -178,6 +182,10 @@ class TriplesConfig(Section):
     max_movies_per_entity: int = Field(default=20, ge=1)
 
 
+class WordGraphConfig(Section):
+    drop_stopwords: bool = True  # KGSF drops every ConceptNet edge with a stopword at either end
+
+
 class ModelConfig(Section):
     """C2-CRS architecture (models/c2crs.py). CPU defaults; the reference's sizes are in README ("paper" set)."""
 
@@ -251,8 +259,14 @@ class TextCNNConfig(TrainConfig):
     dropout: float = Field(default=0.5, ge=0, lt=1)
 
 
+class KGSFRecConfig(TrainConfig):
+    pretrain_epochs: int = Field(default=3, ge=0)  # Mutual Information Maximisation alone, before recommendation
+    mim_weight: float = Field(default=0.025, ge=0)  # the MIM loss's weight in recommendation training (KGSF's)
+
+
 class BaselinesConfig(Section):
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
+    kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
 
 
 class VariantsConfig(Section):
@@ -350,6 +364,7 @@ class Params(Section):
     linking: LinkingConfig = LinkingConfig()
     kg: KgConfig = KgConfig()
     triples: TriplesConfig = TriplesConfig()
+    word_graph: WordGraphConfig = WordGraphConfig()
     model: ModelConfig = ModelConfig()
     pretrain_coarse: CoarseConfig = CoarseConfig()
     pretrain_fine: FineConfig = FineConfig()

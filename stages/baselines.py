@@ -1,25 +1,28 @@
-"""The baselines stage: TextCNN over the context words, and the KBRD-style recommender, which is C2-CRS's own
-recommender trained from fresh weights (no pre-training), on the same splits by the same code."""
+"""The baselines stage: TextCNN over the context words, the KBRD-style recommender, which is C2-CRS's own
+recommender trained from fresh weights (no pre-training), and KGSF's recommender (models/kgsf.py), on the same splits
+by the same code."""
 
 import dataclasses
 from pathlib import Path
 
 from models.baselines import TextCNNRecommender
 from models.c2crs import C2CRS
+from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
-from stages.training import c2crs_train, loop, runs
+from stages.training import c2crs_train, kgsf_train, loop, runs
 
 SECTIONS = runs.TRAINING_SECTIONS + ("finetune_rec", "baselines")  # what a checkpoint of this stage depends on
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    """TextCNN over the context words, and the KBRD-style recommender (C2-CRS's recommender, no pre-training)."""
+    """TextCNN over the context words, the KBRD-style recommender (C2-CRS's recommender, no pre-training), KGSF."""
     spec = STAGES["baselines"]
     run, model_config, inputs = runs.training_run(params, workspace)
+    inputs = {**inputs, **{name: workspace / path for name, path in kgsf_train.WORD_GRAPH_INPUTS.items()}}
     log = CurveLog(log)
-    textcnn_out, kbrd_out = (workspace / out for out in spec.outs)
+    textcnn_out, kbrd_out, kgsf_out = (workspace / out for out in spec.outs)
 
     loop.seed_everything(params.seed, params.deterministic)
     cfg = params.baselines.textcnn
@@ -42,9 +45,23 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     loop.load_checkpoint(checkpoints / "best.pt", kbrd)
     runs.save_model(kbrd_out, kbrd, kbrd.cfg)
 
+    loop.seed_everything(params.seed, params.deterministic)
+    words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
+    kgsf_config = KGSFConfig(n_words=words.n_words, n_entities=model_config.n_entities,
+                             n_relations=model_config.n_relations, n_items=model_config.n_items,
+                             dim=params.model.kg_dim, num_bases=params.model.num_bases)
+    kgsf = KGSFRecommender(kgsf_config).to(run.device)
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "kgsf"
+    kgsf_state = kgsf_train.train_kgsf(kgsf, run, words, params.baselines.kgsf, checkpoints,
+                                       on_epoch=lambda e, m: log.epoch(e, {f"kgsf.{k}": v for k, v in m.items()}))
+    loop.load_checkpoint(checkpoints / "rec" / "best.pt", kgsf)
+    runs.save_model(kgsf_out, kgsf, kgsf_config)
+
     metrics = {"textcnn": runs.training_outcome(textcnn_state),
-               "kbrd": runs.training_outcome(kbrd_state)}
+               "kbrd": runs.training_outcome(kbrd_state),
+               "kgsf": runs.training_outcome(kgsf_state)}
     write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
     log.model(registered_name("textcnn", "recommender"), textcnn, textcnn_out, metrics["textcnn"])
     log.model(registered_name("kbrd", "recommender"), kbrd, kbrd_out, metrics["kbrd"])
+    log.model(registered_name("kgsf", "recommender"), kgsf, kgsf_out, metrics["kgsf"])
     return StageOutcome(inputs, metrics)

@@ -25,7 +25,7 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_train, runs
+from stages.training import c2crs_data, c2crs_train, conv_train, kgsf_train, runs
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     scores re-ranked, so it reads C2-CRS's)."""
     c2crs = workspace / STAGES["finetune_rec"].outs[0]
     files = {"textcnn": workspace / STAGES["baselines"].outs[0], "kbrd": workspace / STAGES["baselines"].outs[1],
-             "c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs}
+             "kgsf": workspace / STAGES["baselines"].outs[2], "c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs}
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
     return files
@@ -73,6 +73,10 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if "kbrd" not in skip:
         kbrd = runs.load_c2crs(files["kbrd"]).to(run.device)
         models["kbrd"] = lambda: c2crs_train.score_samples(kbrd, run, table, batch)
+    if "kgsf" not in skip:
+        kgsf = runs.load_kgsf(files["kgsf"]).to(run.device)
+        words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
+        models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
     if {"c2crs", rec_metrics.REPEAT_CHOICE} - skip:
         c2crs = runs.load_c2crs(files["c2crs"]).to(run.device)
     if "c2crs" not in skip:

@@ -68,7 +68,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
 
 
 @pytest.mark.usefixtures("mlflow_store")
-def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
+def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, monkeypatch):
     params = load_params(params_file)
     workspace = params_file.parent
     for stage in stage_instances(params):
@@ -79,7 +79,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert all(isinstance(v, float) for v in flat.values()) and len(flat) == 2 * len(results)
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
-    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "kbrd", "c2crs",
+    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "kbrd", "kgsf", "c2crs",
                              "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
     for protocols in results.values():
         assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked"}
@@ -95,6 +95,9 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
     assert [row["epoch"] for row in curve] == [1, 2] and {"train_loss", "valid_recall@50"} <= set(curve[0])
     baselines_curve = json.loads((workspace / "reports/curves/baselines.json").read_text())
     assert {"kbrd.valid_recall@50", "textcnn.valid_recall@50"} <= set(baselines_curve[0])
+    assert "kgsf.mim_train_loss" in baselines_curve[0] and "kgsf.valid_recall@50" in baselines_curve[-1]
+    word_graph = json.loads((workspace / "metrics/word_graph.json").read_text())
+    assert word_graph["stopword_edges_dropped"] == 1 and word_graph["vocabulary_tokens_in_graph"] > 0
     ablation_curve = json.loads((workspace / "reports/curves/ablations/wo_fine.json").read_text())
     assert "finetune_rec.valid_recall@50" in ablation_curve[0] and "pretrain_coarse.train_loss" in ablation_curve[0]
     recall_at_k = json.loads((workspace / "reports/recall_at_k.json").read_text())
@@ -162,6 +165,46 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror):
         for rows, scores in c2crs_train.score_samples(recommender, run, test, 3):
             ids = c2crs_train.recommendation_batch(test, rows, run.max_context_entities, "cpu")
             assert np.allclose(scores, recommender.recommendation_logits(whole, ids).numpy(), atol=1e-5)
+    # KGSF's scoring likewise: the whole graph's N gives the same scores.
+    from stages.training import kgsf_train
+
+    kgsf = runs.load_kgsf(workspace / "data/models/kgsf_rec.pt").eval()
+    words = kgsf_train.load_word_graph(workspace, len(pl.read_parquet(inputs["vocab"])), "cpu")
+    with torch.no_grad():
+        whole = kgsf.kg_encoder(run.graph.edge_index, run.graph.edge_type)
+        W = kgsf.word_states(words.edge_index)
+        for rows, scores in kgsf_train.score_kgsf(kgsf, run, test, words, 3):
+            ids = c2crs_train.recommendation_batch(test, rows, run.max_context_entities, "cpu")
+            expected = kgsf.recommendation_logits(whole, ids, W, kgsf_train.context_words(test, rows, words))
+            assert np.allclose(scores, expected.numpy(), atol=1e-5)
+
+    # The scorer ranks a hand-built oracle first (every row's own targets scored 1, the rest 0), so a baseline that
+    # looks weak is weak, not hidden behind a bug in the evaluation.
+    from stages import evaluate
+
+    real_score_split = evaluate.score_split
+
+    def with_oracle(*args, **kwargs):
+        table, models = real_score_split(*args, **kwargs)
+
+        def oracle():
+            for start in range(0, len(table), 4):
+                rows = np.arange(start, min(start + 4, len(table)))
+                scores = np.zeros((len(rows), run.graph.n_items), dtype=np.float32)
+                for i, r in enumerate(rows):
+                    scores[i, table.targets[r]] = 1.0
+                yield rows, scores
+        return table, {**models, "oracle": oracle}
+
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluate, "score_split", with_oracle)
+        with_oracle_results = evaluate.evaluate_samples(params, workspace, pl.read_parquet(inputs["samples"]),
+                                                        pl.read_parquet(inputs["triples"]))
+    for protocol in ("all_turns", "recommender_turns", "new_items"):
+        oracle = with_oracle_results["oracle"][protocol]
+        assert oracle["n"] > 0 and oracle["recall@10"] == 1.0, protocol
+        assert all(oracle["recall@10"] >= m[protocol]["recall@10"] for m in with_oracle_results.values()), protocol
+        assert with_oracle_results["kgsf"][protocol]["recall@10"] == results["kgsf"][protocol]["recall@10"]
 
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
     from pipeline.talk import Chat

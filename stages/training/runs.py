@@ -16,6 +16,7 @@ import torch
 
 from models.baselines import TextCNNRecommender
 from models.c2crs import C2CRS, C2CRSConfig
+from models.kgsf import KGSFConfig, KGSFRecommender
 from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
 from stages.io.graph import STAGES
 from stages.io.outputs import content_hash, write_outputs
@@ -118,6 +119,13 @@ class TextCNNConfig:
 def load_textcnn(path: Path) -> TextCNNRecommender:
     saved = load_saved(path)
     model = TextCNNRecommender(**saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+def load_kgsf(path: Path) -> KGSFRecommender:
+    saved = load_saved(path)
+    model = KGSFRecommender(KGSFConfig(**saved["config"]))
     model.load_state_dict(saved["state_dict"])
     return model
 
