@@ -13,14 +13,17 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
 from stages.training import c2crs_train, kgsf_train, loop, runs
 
-SECTIONS = runs.TRAINING_SECTIONS + ("finetune_rec", "baselines")  # what a checkpoint of this stage depends on
+# The params each model's checkpoints are keyed by (besides the inputs it reads). TextCNN and KBRD share one folder,
+# keyed by what either reads, as before KGSF joined the stage, so their finished checkpoints stay valid.
+SECTIONS = {"textcnn": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.textcnn"),
+            "kbrd": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.textcnn"),
+            "kgsf": runs.TRAINING_SECTIONS + ("baselines.kgsf",)}
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """TextCNN over the context words, the KBRD-style recommender (C2-CRS's recommender, no pre-training), KGSF."""
     spec = STAGES["baselines"]
     run, model_config, inputs = runs.training_run(params, workspace)
-    inputs = {**inputs, **{name: workspace / path for name, path in kgsf_train.WORD_GRAPH_INPUTS.items()}}
     log = CurveLog(log)
     textcnn_out, kbrd_out, kgsf_out = (workspace / out for out in spec.outs)
 
@@ -29,7 +32,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     textcnn_config = runs.TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
                                         embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
     textcnn = TextCNNRecommender(**dataclasses.asdict(textcnn_config)).to(run.device)
-    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "textcnn"
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS["textcnn"], inputs) / "textcnn"
     textcnn_state = c2crs_train.train_textcnn(textcnn, run, cfg, checkpoints,
                                               on_epoch=lambda e, m: log.epoch(e, {f"textcnn.{k}": v
                                                                                   for k, v in m.items()}))
@@ -38,7 +41,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
 
     loop.seed_everything(params.seed, params.deterministic)
     kbrd = C2CRS(model_config).to(run.device)
-    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "kbrd"
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS["kbrd"], inputs) / "kbrd"
     kbrd_state = c2crs_train.finetune_recommender(kbrd, run, params.finetune_rec, checkpoints,
                                                   on_epoch=lambda e, m: log.epoch(e, {f"kbrd.{k}": v
                                                                                       for k, v in m.items()}))
@@ -51,7 +54,8 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
                              n_relations=model_config.n_relations, n_items=model_config.n_items,
                              dim=params.model.kg_dim, num_bases=params.model.num_bases)
     kgsf = KGSFRecommender(kgsf_config).to(run.device)
-    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS, inputs) / "kgsf"
+    inputs = {**inputs, **{name: workspace / path for name, path in kgsf_train.WORD_GRAPH_INPUTS.items()}}
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS["kgsf"], inputs) / "kgsf"
     kgsf_state = kgsf_train.train_kgsf(kgsf, run, words, params.baselines.kgsf, checkpoints,
                                        on_epoch=lambda e, m: log.epoch(e, {f"kgsf.{k}": v for k, v in m.items()}))
     loop.load_checkpoint(checkpoints / "rec" / "best.pt", kgsf)

@@ -75,9 +75,17 @@ def training_run(params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig,
 
 def checkpoint_dir(workspace: Path, name: str, params, sections: tuple[str, ...], inputs: dict[str, Path]) -> Path:
     """Checkpoints of a run live outside DVC's outputs (DVC deletes those before a stage runs), under a key of the
-    params sections the training reads and its inputs, so a rerun resumes only the very same training."""
-    key = json.dumps({"params": {k: params.model_dump()[k] for k in sections},
-                      "inputs": {n: content_hash(p) for n, p in sorted(inputs.items())}}, sort_keys=True)
+    params sections the training reads and its inputs, so a rerun resumes only the very same training. A section
+    may be dotted ("baselines.textcnn"): the key then holds that part only, nested as in params."""
+    dump, chosen = params.model_dump(), {}
+    for section in sections:
+        *parents, last = section.split(".")
+        source, target = dump, chosen
+        for part in parents:
+            source, target = source[part], target.setdefault(part, {})
+        target[last] = source[last]
+    key = json.dumps({"params": chosen, "inputs": {n: content_hash(p) for n, p in sorted(inputs.items())}},
+                     sort_keys=True)
     return workspace / "data" / "checkpoints" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
