@@ -84,7 +84,8 @@ def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, 
     # Every trained model is a registered version; evaluate made each the champion (the first of its name).
     params = load_params(params_file)
     registered = {m.name for m in client.search_registered_models()}
-    assert registered == ({"c2crs-recommender", "kbrd-recommender", "textcnn-recommender", "c2crs-generator"}
+    assert registered == ({"c2crs-recommender", "kbrd-recommender", "kgsf-recommender", "textcnn-recommender",
+                           "c2crs-generator"}
                           | {registered_name(f"c2crs_{v}", "recommender") for v in params.ablations.variants}
                           | {registered_name(v, "generator") for v in params.conv_baselines.variants})
     for name in registered:

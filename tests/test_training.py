@@ -332,7 +332,7 @@ def test_a_bf16_training_stage_trains_close_to_fp32(params_file):
     kept apart from fp32's (precision is part of the checkpoint key)."""
     workspace = params_file.parent
     params = load_params(params_file)
-    for stage in ("ingest", "reviews", "kg", "triples"):
+    for stage in ("ingest", "reviews", "kg", "triples", "word_graph"):
         stage_body(stage)(params, workspace)
     losses = {}
     for precision in ("fp32", "bf16"):
