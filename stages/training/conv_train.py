@@ -1,6 +1,9 @@
 """Stage finetune_conv (and the conversation baselines): response generation (paper 4.3.2) on the recommender's
 turns, validation perplexity, and decoding.
 
+Just over 400 lines: the vocabulary, the frozen-encoder caches, batching, training and decoding share one batch
+layout (memories + copy source), so they stay together.
+
 A sample is a recommender turn with a response: its context (tokens, entities, review sentences) is the
 recommendation stages' (stages/training/c2crs_data.py), its target the turn's tokens with every movie token replaced by
 one placeholder, which the recommender's top items fill when a response is shown (fill_movies).
