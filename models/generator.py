@@ -5,12 +5,15 @@ together.
 
 Paper map:
     Eq. 10     DecoderLayer: self-attention over the words generated so far -> cross-attention to the
-               conversation history F -> to the KG entities N -> to the review sentences E -> feed-forward
-               (KGSF's chain, with reviews last). A memory left out of `memories` is skipped (the baselines).
+               conversation history F -> to the KG entities N -> to the review sentences E -> feed-forward,
+               one cross-attention per memory of GeneratorConfig.memory_dims, in its order. A memory left out is
+               skipped (the baselines); KGSF's generator reads entities, then ConceptNet words, then the history.
     copy       pointer-generator: a gate mixes the vocabulary softmax with an attention over the source tokens
                (the context, and the review sentences' tokens), so a name in the context can be said even when
                the vocabulary softmax gives it almost nothing. (The reference code builds a copy layer and never
                uses it.)
+    KGSF       vocabulary bias (KGSF's "copy"): the user's pooled entity and word vectors with the decoder state,
+               through two linear layers, add a bias to the logits of the tokens that are graph words.
     Eq. 11-12  instance_weights, generation_loss
 Decoding: greedy_decode and beam_decode, with a key/value cache (memories are projected once per response,
 self-attention keys grow by one row a step), a maximum length and n-gram blocking.
@@ -26,8 +29,10 @@ from torch import nn
 
 from models.c2crs import C2CRS
 from models.dropout import Dropout
+from models.kgsf import KGSFRecommender
 
-MEMORIES = ("history", "kg", "review")  # the order of Eq. 10's cross-attention chain
+MEMORIES = ("history", "kg", "word", "review")  # what a decoder may attend to (word: KGSF's ConceptNet words)
+USER = "user"  # a memories entry that is no cross-attention: KGSF's user vectors [B, 1, d] for the vocabulary bias
 
 
 @dataclass
@@ -45,6 +50,7 @@ class GeneratorConfig:
     attention_dropout: float = 0.0  # on the attention weights, as the reference's decoder
     max_positions: int = 32  # response tokens + the start token
     copy: bool = True
+    vocabulary_bias_dim: int = 0  # KGSF: the size of the user vectors that bias the vocabulary; 0 = no bias
 
     def __post_init__(self):
         unknown = set(self.memory_dims) - set(MEMORIES)
@@ -122,7 +128,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        self.memories = [m for m in MEMORIES if m in cfg.memory_dims]
+        self.memories = list(cfg.memory_dims)  # the chain's order
         self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout)
         self.cross_attention = nn.ModuleDict({m: Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout,
                                                            cfg.memory_dims[m])
@@ -171,6 +177,11 @@ class ResponseGenerator(nn.Module):
         if cfg.copy:
             self.copy_query = nn.Linear(cfg.dim, cfg.dim)
             self.copy_gate = nn.Linear(2 * cfg.dim, 1)  # [decoder state; attended source] -> p_gen
+        if cfg.vocabulary_bias_dim:
+            self.bias_projection = nn.Linear(cfg.vocabulary_bias_dim + cfg.dim, cfg.dim)  # KGSF's copy_norm
+            self.bias_output = nn.Linear(cfg.dim, cfg.vocab_size)  # KGSF's copy_output
+            # the tokens the bias may raise (KGSF's copy mask: the words of its word graph); set by the owner
+            self.register_buffer("bias_tokens", torch.zeros(cfg.vocab_size, dtype=torch.bool))
 
     # ---- the decoder ------------------------------------------------------------------------------------------
     def memory_keys_values(self, memories: dict[str, Memory]) -> list[dict]:
@@ -189,8 +200,16 @@ class ResponseGenerator(nn.Module):
         return x
 
     # ---- the output distribution ------------------------------------------------------------------------------
-    def vocabulary_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.tokens.weight.T + self.output_bias
+    def vocabulary_logits(self, hidden: torch.Tensor, user: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [..., vocab] of decoder states hidden [..., dim]; with a vocabulary bias, user [..., bias dim]
+        are the user vectors of each state's row."""
+        logits = hidden @ self.tokens.weight.T + self.output_bias
+        if self.cfg.vocabulary_bias_dim:
+            if user is None:
+                raise ValueError("this generator's vocabulary bias needs the user vectors (memories['user'])")
+            bias = self.bias_output(self.bias_projection(torch.cat([user.to(hidden.dtype), hidden], dim=-1)))
+            logits = logits + bias * self.bias_tokens
+        return logits
 
     def copy_attention(self, hidden: torch.Tensor, source: CopySource) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention over source tokens [B, T, S], p_gen [B, T, 1]). Nothing copyable -> p_gen = 1."""
@@ -203,15 +222,17 @@ class ResponseGenerator(nn.Module):
         p_gen = torch.sigmoid(self.copy_gate(torch.cat([hidden, attended], dim=-1)))
         return attention, p_gen.masked_fill(nothing, 1.0)
 
-    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor,
-                         source: CopySource | None = None) -> torch.Tensor:
+    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, source: CopySource | None = None,
+                         user: Memory | None = None) -> torch.Tensor:
         """log P(w_t) of the given targets [B, T] under the mixture, without building the copy distribution over the
         whole vocabulary: P = p_gen * softmax(logits)[w] + (1 - p_gen) * (attention on source positions holding w).
 
         The vocabulary softmax runs on the real target positions only (a batch pads every response to its longest,
-        ~60 % of the positions on ReDial); padding positions get log P = 0."""
+        ~60 % of the positions on ReDial); padding positions get log P = 0. user: memories[USER], for the
+        vocabulary bias."""
         real = targets.ne(self.cfg.pad_id)
-        vocab_log_probs = torch.log_softmax(self.vocabulary_logits(hidden[real]).float(), dim=-1)
+        user_rows = None if user is None else user.states.expand(-1, targets.size(1), -1)[real]
+        vocab_log_probs = torch.log_softmax(self.vocabulary_logits(hidden[real], user_rows).float(), dim=-1)
         generated = torch.zeros(targets.shape, dtype=vocab_log_probs.dtype, device=hidden.device).masked_scatter(
             real, vocab_log_probs.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1))
         if not self.cfg.copy or source is None:
@@ -221,9 +242,11 @@ class ResponseGenerator(nn.Module):
         p_gen = p_gen.squeeze(-1).float()
         return torch.log(p_gen * generated.exp() + (1 - p_gen) * copied.float() + 1e-12).masked_fill(~real, 0.0)
 
-    def next_token_log_probs(self, hidden: torch.Tensor, source: CopySource | None = None) -> torch.Tensor:
+    def next_token_log_probs(self, hidden: torch.Tensor, source: CopySource | None = None,
+                             user: Memory | None = None) -> torch.Tensor:
         """The full output distribution for decoder states hidden [B, dim] -> log P [B, vocab]."""
-        probs = torch.softmax(self.vocabulary_logits(hidden).float(), dim=-1)
+        probs = torch.softmax(self.vocabulary_logits(hidden, None if user is None else user.states[:, 0]).float(),
+                              dim=-1)
         if self.cfg.copy and source is not None:
             attention, p_gen = self.copy_attention(hidden[:, None], source)
             copied = torch.zeros_like(probs).scatter_add_(1, source.ids, attention[:, 0].float())
@@ -303,6 +326,7 @@ class _Stepper:
     def __init__(self, model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
                  use_cache: bool):
         self.model, self.source, self.use_cache = model, source, use_cache
+        self.user = memories.get(USER)
         self.memory_kv = model.memory_keys_values(memories)
         self.caches = [{} for _ in model.layers] if use_cache else None
 
@@ -312,7 +336,7 @@ class _Stepper:
             hidden = self.model.decode(prefix[:, -1:], self.memory_kv, self.caches, offset=prefix.size(1) - 1)
         else:
             hidden = self.model.decode(prefix, self.memory_kv)
-        return self.model.next_token_log_probs(hidden[:, -1], self.source)
+        return self.model.next_token_log_probs(hidden[:, -1], self.source, self.user)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep cache rows `rows` (beam search picks which hypotheses go on)."""
@@ -410,12 +434,20 @@ class ConversationModel(nn.Module):
     placeholder, which every movie token ("@123") of a response becomes (the recommender fills it when a response
     is shown). A copied movie token becomes the placeholder too. `frozen` encoders get no gradient and run without
     autograd (cheaper on CPU).
+
+    KGSF's generator: `kgsf` (its trained recommender) gives the entities (its R-GCN) and the ConceptNet words (its
+    word GCN over word_graph = (edges [2, E], the word id of each input token [n_in], -1 for none)), and, pooled by
+    its self-attention, the user vectors of the vocabulary bias; the history is the encoders' conversation encoder.
     """
 
     def __init__(self, encoders: C2CRS, generator: ResponseGenerator, movie_token_ids: list[int],
-                 uncopyable_ids: list[int], frozen: tuple[str, ...] = ()):
+                 uncopyable_ids: list[int], frozen: tuple[str, ...] = (), kgsf: KGSFRecommender | None = None,
+                 word_graph: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.encoders, self.generator = encoders, generator
+        self.encoders, self.generator, self.kgsf = encoders, generator, kgsf
+        needs_kgsf = "word" in generator.cfg.memory_dims or generator.cfg.vocabulary_bias_dim
+        if needs_kgsf and (kgsf is None or word_graph is None):
+            raise ValueError("the word memory and the vocabulary bias need KGSF's recommender and its word graph")
         n_in = encoders.cfg.vocab_size
         self.placeholder_id = generator.cfg.vocab_size - 1
         if self.placeholder_id != n_in:
@@ -427,13 +459,29 @@ class ConversationModel(nn.Module):
         uncopyable[torch.as_tensor(uncopyable_ids, dtype=torch.long)] = True
         self.register_buffer("to_output", to_output)
         self.register_buffer("uncopyable", uncopyable)
+        if kgsf is not None and word_graph is not None:
+            word_edges, token_word = word_graph
+            if token_word.shape != (n_in,):
+                raise ValueError(f"word_graph: {tuple(token_word.shape)} token words for {n_in} input tokens")
+            self.register_buffer("word_edges", word_edges.long())
+            self.register_buffer("token_word", token_word.long())
+            if generator.cfg.vocabulary_bias_dim:
+                generator.bias_tokens[:n_in] = token_word >= 0
         self.frozen = tuple(frozen)
         for name in self.frozen:
             self._encoder(name).requires_grad_(False)
 
     def _encoder(self, name: str) -> nn.Module:
-        return {"history": self.encoders.conversation_encoder, "kg": self.encoders.kg_encoder,
-                "review": nn.ModuleList([self.encoders.review_encoder, self.encoders.sentence_pooling])}[name]
+        if name == "history":
+            return self.encoders.conversation_encoder
+        if name == "review":
+            return nn.ModuleList([self.encoders.review_encoder, self.encoders.sentence_pooling])
+        if self.kgsf is None:
+            if name == "word":
+                raise ValueError("the word encoder is KGSF's: this model has none")
+            return self.encoders.kg_encoder
+        return (nn.ModuleList([self.kgsf.kg_encoder, self.kgsf.entity_pooling]) if name == "kg" else
+                nn.ModuleList([self.kgsf.words, self.kgsf.word_gcn, self.kgsf.word_pooling]))
 
     def _run(self, name: str, fn, *args):
         if name in self.frozen:
@@ -448,7 +496,8 @@ class ConversationModel(nn.Module):
 
     def entity_rows(self, nodes: torch.Tensor, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
         """N for the given entities only (KGEncoder.forward_nodes): a batch needs a few hundred of ~60k."""
-        return self._run("kg", self.encoders.kg_encoder.forward_nodes, nodes, edge_index, edge_type)
+        kg_encoder = self.encoders.kg_encoder if self.kgsf is None else self.kgsf.kg_encoder
+        return self._run("kg", kg_encoder.forward_nodes, nodes, edge_index, edge_type)
 
     def encode_sentences(self, sentence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Review sentences [S, Ls] -> token states [S, Ls, d] and sentence vectors E [S, d]."""
@@ -486,6 +535,8 @@ class ConversationModel(nn.Module):
         if "kg" in wanted:
             pad = entity_ids < 0
             memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
+        if "word" in wanted or self.generator.cfg.vocabulary_bias_dim:
+            memories.update(self._kgsf_memories(context_ids, entity_rows, entity_ids))
         if "review" in wanted:
             B, K, Ls = sentence_ids.shape
             tokens = sentence_ids.view(B, K * Ls)
@@ -508,7 +559,24 @@ class ConversationModel(nn.Module):
         ids = torch.cat([i for _, i in sources], dim=1)
         return memories, CopySource(states=states, ids=self.to_output[ids], blocked=self.uncopyable[ids])
 
+    def _kgsf_memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor,
+                       entity_ids: torch.Tensor) -> dict[str, Memory]:
+        """KGSF's word memory (the graph words of the context's tokens, after the word GCN) and, for the
+        vocabulary bias, the user's entity and word vectors [B, 1, 2d] (as KGSF's recommender pools them)."""
+        word_ids = self.token_word[context_ids]
+        pad = word_ids < 0
+        W = self._run("word", self.kgsf.word_states, self.word_edges)
+        out = {}
+        if "word" in self.generator.cfg.memory_dims:
+            out["word"] = Memory(W[word_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
+        if self.generator.cfg.vocabulary_bias_dim:
+            e = self._run("kg", self.kgsf.entity_pooling, entity_rows[entity_ids.clamp(min=0)], entity_ids < 0)
+            w = self._run("word", self.kgsf.word_pooling, W[word_ids.clamp(min=0)], pad)
+            vectors = torch.cat([e, w], dim=-1)[:, None]
+            out[USER] = Memory(vectors, vectors.new_zeros(vectors.shape[:2], dtype=torch.bool))
+        return out
 
-__all__ = ["ConversationModel", "MEMORIES", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
+
+__all__ = ["ConversationModel", "MEMORIES", "USER", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
            "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "greedy_decode",
            "beam_decode"]

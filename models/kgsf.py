@@ -64,11 +64,17 @@ class KGSFRecommender(nn.Module):
     def user_vectors(self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor,
                      word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the fused user vector [B, dim], the word-side one w [B, dim]); entity_ids index rows of N and word_ids
-        rows of W, both [B, *] with -1 padding. A side with nothing to pool is a zero vector."""
-        e = self.entity_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
-        w = self.word_pooling(W[word_ids.clamp(min=0)], word_ids < 0)
+        rows of W, both [B, *] with -1 padding."""
+        e, w = self.side_vectors(N, entity_ids, W, word_ids)
         g = torch.sigmoid(self.gate(self.fuse(torch.cat([w, e], dim=-1))))
         return g * e + (1 - g) * w, w
+
+    def side_vectors(self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor,
+                     word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the entity-side user vector e, the word-side one w), each [B, dim], before the gate (KGSF's generator
+        reads both). A side with nothing to pool is a zero vector."""
+        return (self.entity_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0),
+                self.word_pooling(W[word_ids.clamp(min=0)], word_ids < 0))
 
     def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor,
                               word_ids: torch.Tensor) -> torch.Tensor:

@@ -277,18 +277,20 @@ class VariantsConfig(Section):
     variants: dict[str, dict[str, Any]] = {}
 
 
-MEMORY = Literal["history", "kg", "review"]
+MEMORY = Literal["history", "kg", "word", "review"]  # word: KGSF's ConceptNet words (pretrained: kgsf)
 
 
 class FinetuneConvConfig(TrainConfig):
     """Response generation (paper 4.3.2, models/generator.py); the conv_baselines variants override these keys."""
 
     # Where the encoders start: c2crs = pretrain_fine's model, kbrd = the KBRD-style recommender's (its R-GCN is
-    # trained, its text encoders are not), none = fresh weights. The same choice picks the recommender that fills
-    # the movie placeholder at evaluation (c2crs, kbrd; none: TextCNN, which reads only the words).
-    pretrained: Literal["c2crs", "kbrd", "none"] = "c2crs"
-    memories: list[MEMORY] = Field(default=["history", "kg", "review"], min_length=1)  # Eq. 10's chain, in order
+    # trained, its text encoders are not), kgsf = KGSF's recommender (entities and words; the history encoder
+    # starts fresh, as in KGSF), none = fresh weights. The same choice picks the recommender that fills the movie
+    # placeholder at evaluation (c2crs, kbrd, kgsf; none: TextCNN, which reads only the words).
+    pretrained: Literal["c2crs", "kbrd", "kgsf", "none"] = "c2crs"
+    memories: list[MEMORY] = Field(default=["history", "kg", "review"], min_length=1)  # the cross-attention chain
     copy_mechanism: bool = True  # pointer-generator over the context's and the review sentences' tokens
+    vocabulary_bias: bool = False  # KGSF's: the user's entity and word vectors bias the graph words' logits
     instance_weighting: bool = True  # Eq. 11-12; false: plain cross-entropy
     weight_threshold: float = Field(default=1500, gt=0)  # beta of Eq. 12 (a count in the train responses)
     weight_floor: float = Field(default=0.02, gt=0, le=1)  # gamma of Eq. 12
@@ -296,11 +298,19 @@ class FinetuneConvConfig(TrainConfig):
 
     @field_validator("memories")
     @classmethod
-    def _chain_order(cls, memories: list[str]) -> list[str]:
-        order = ["history", "kg", "review"]
-        if memories != sorted(set(memories), key=order.index):
-            raise ValueError(f"list each memory once, in Eq. 10's order {order}")
+    def _each_once(cls, memories: list[str]) -> list[str]:
+        if len(set(memories)) != len(memories):
+            raise ValueError(f"list each memory once (in the order the decoder reads them), got {memories}")
         return memories
+
+    @model_validator(mode="after")
+    def _kgsf_parts(self) -> "FinetuneConvConfig":
+        if self.pretrained != "kgsf" and ("word" in self.memories or "word" in self.freeze or self.vocabulary_bias):
+            raise ValueError("the word memory, freezing it and the vocabulary bias are KGSF's: they need "
+                             f"pretrained: kgsf (got {self.pretrained!r})")
+        if self.vocabulary_bias and "kg" not in self.memories:
+            raise ValueError("vocabulary_bias reads the user's entity vector: memories must include kg")
+        return self
 
 
 class DecodingConfig(Section):

@@ -139,4 +139,12 @@ def test_a_conv_baseline_overrides_only_finetune_conv(tmp_path):
     assert "conv_baselines.variants.bad.model.token_dim: a variant of conv_baselines may change only finetune_conv" \
         in str(error.value)
     with pytest.raises(ConfigError, match="finetune_conv.memories: Value error, list each memory once"):
-        load_params(write(tmp_path, lambda p: p["finetune_conv"].update(memories=["kg", "history"])))
+        load_params(write(tmp_path, lambda p: p["finetune_conv"].update(memories=["kg", "history", "kg"])))
+    assert load_params(write(tmp_path, lambda p: p["finetune_conv"].update(
+        memories=["kg", "history"]))).finetune_conv.memories == ["kg", "history"]  # the order is the chain's
+    for kgsf_only in ({"memories": ["history", "word"]}, {"freeze": ["word"]}, {"vocabulary_bias": True}):
+        with pytest.raises(ConfigError, match="are KGSF's: they need pretrained: kgsf"):
+            load_params(write(tmp_path, lambda p: p["finetune_conv"].update(kgsf_only)))
+    with pytest.raises(ConfigError, match="vocabulary_bias reads the user's entity vector"):
+        load_params(write(tmp_path, lambda p: p["finetune_conv"].update(
+            pretrained="kgsf", memories=["word", "history"], vocabulary_bias=True)))

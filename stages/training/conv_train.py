@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.c2crs import batch_entities
-from models.generator import ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
+from models.generator import USER, ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.training.c2crs_train import Run
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
@@ -275,9 +275,9 @@ def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked:
         inputs, group_targets = teacher_forcing([data.tokens[i] for i in rows], cfg.start_id, cfg.end_id,
                                                 cfg.pad_id)
         inputs, group_targets = inputs.to(run.device), group_targets.to(run.device)
-        kv = model.generator.memory_keys_values(dict(zip(memories, group_memories)))
-        hidden = model.generator.decode(inputs, kv)
-        log_probs.append(model.generator.target_log_probs(hidden, group_targets, group_source))
+        group = dict(zip(memories, group_memories))
+        hidden = model.generator.decode(inputs, model.generator.memory_keys_values(group))
+        log_probs.append(model.generator.target_log_probs(hidden, group_targets, group_source, group.get(USER)))
         targets.append(group_targets)
     width = max(t.size(1) for t in targets)
     return (torch.cat([F.pad(p, (0, width - p.size(1))) for p in log_probs]),

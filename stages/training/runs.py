@@ -22,7 +22,7 @@ from stages.io.graph import STAGES
 from stages.io.outputs import content_hash, write_outputs
 from stages.io.stage_log import CurveLog, StageLog, StageOutcome, registered_name
 from stages.evaluation import rec_metrics
-from stages.training import c2crs_data, c2crs_train, conv_train, distributed, loop
+from stages.training import c2crs_data, c2crs_train, conv_train, distributed, kgsf_train, loop
 from stages.io.outputs import is_main_process
 from stages.training.distributed import barrier
 from stages.training.loop import resolve_device
@@ -189,8 +189,9 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
 
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
-CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/kbrd_rec.pt", "none": None}
-CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "none": "textcnn"}
+CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/kbrd_rec.pt",
+                 "kgsf": "data/models/kgsf_rec.pt", "none": None}
+CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kgsf": "kgsf", "none": "textcnn"}
 
 
 @dataclass
@@ -203,11 +204,22 @@ class ConvModelConfig:
     uncopyable_ids: list[int]
     frozen: list[str]
     pretrained: str
+    kgsf: dict | None = None  # KGSF's generator: its recommender's config (the model holds its word graph)
+    word_edges: int = 0  # how many edges that word graph has
 
 
-def conversation_model(config: ConvModelConfig, encoders: C2CRS | None = None) -> ConversationModel:
+def conversation_model(config: ConvModelConfig, encoders: C2CRS | None = None, kgsf: KGSFRecommender | None = None,
+                       word_graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> ConversationModel:
+    """The model a ConvModelConfig describes; encoders, kgsf and word_graph: trained parts to start from (fresh
+    weights and an empty word graph of the configured size when absent, to be filled by load_state_dict)."""
+    if config.kgsf is not None:
+        kgsf = kgsf or KGSFRecommender(KGSFConfig(**config.kgsf))
+        if word_graph is None:
+            n_in = config.encoders["vocab_size"]
+            word_graph = (torch.zeros((2, config.word_edges), dtype=torch.long), torch.full((n_in,), -1))
     return ConversationModel(encoders or C2CRS(C2CRSConfig(**config.encoders)), ResponseGenerator(
-        GeneratorConfig(**config.generator)), config.movie_token_ids, config.uncopyable_ids, tuple(config.frozen))
+        GeneratorConfig(**config.generator)), config.movie_token_ids, config.uncopyable_ids, tuple(config.frozen),
+        kgsf, word_graph)
 
 
 def load_conversation_model(path: Path) -> tuple[ConversationModel, ConvModelConfig]:
@@ -248,18 +260,28 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     start = CONV_ENCODERS[cfg.pretrained]
     if start is not None:
         inputs["start_from"] = workspace / start
-    encoders = load_c2crs(workspace / start) if start else C2CRS(model_config)
-    dims = {"history": m.token_dim, "kg": m.kg_dim, "review": m.token_dim}
+    kgsf, word_graph = None, None
+    if cfg.pretrained == "kgsf":  # KGSF's parts come from its recommender; its history encoder starts fresh
+        kgsf = load_kgsf(workspace / start)
+        inputs.update({name: workspace / path for name, path in kgsf_train.WORD_GRAPH_INPUTS.items()})
+        graph = kgsf_train.load_word_graph(workspace, model_config.vocab_size, "cpu")
+        word_graph = (graph.edge_index, torch.as_tensor(graph.token_word))
+    encoders = load_c2crs(workspace / start) if start and kgsf is None else C2CRS(model_config)
+    kg_dim = kgsf.cfg.dim if kgsf is not None else m.kg_dim
+    dims = {"history": m.token_dim, "kg": kg_dim, "word": kg_dim, "review": m.token_dim}
     config = ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(GeneratorConfig(
             vocab_size=len(vocabulary.tokens), memory_dims={k: dims[k] for k in cfg.memories}, dim=m.token_dim,
             n_layers=m.n_layers, n_heads=m.n_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
             attention_dropout=m.attention_dropout,
-            max_positions=longest + 1, copy=cfg.copy_mechanism)),
+            max_positions=longest + 1, copy=cfg.copy_mechanism,
+            vocabulary_bias_dim=2 * kg_dim if cfg.vocabulary_bias else 0)),
         movie_token_ids=vocabulary.movie_token_ids, uncopyable_ids=vocabulary.uncopyable_ids,
-        frozen=list(cfg.freeze), pretrained=cfg.pretrained)
-    model = conversation_model(config, encoders)
+        frozen=list(cfg.freeze), pretrained=cfg.pretrained,
+        kgsf=dataclasses.asdict(kgsf.cfg) if kgsf is not None else None,
+        word_edges=word_graph[0].size(1) if word_graph is not None else 0)
+    model = conversation_model(config, encoders, kgsf, word_graph)
     with torch.no_grad():  # the decoder's words start where the conversation encoder's are
         table = encoders.conversation_encoder.tokens.weight
         model.generator.tokens.weight[: table.size(0)] = table
