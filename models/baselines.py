@@ -1,4 +1,5 @@
-"""Recommendation baselines: TextCNN over the context tokens, and item popularity.
+"""Recommendation baselines: TextCNN over the context tokens, ReDial's autoencoder over the context movies, and item
+popularity.
 
 The KBRD-style baseline needs no code here: it is C2CRS's recommender (entity table + one basis R-GCN layer,
 self-attentive user vector, dot product with item rows; models.c2crs.C2CRS.recommendation_logits) trained from
@@ -42,6 +43,22 @@ class TextCNNRecommender(nn.Module):
             starts = real[:, : h.size(2)].unsqueeze(1)
             pooled.append(h.masked_fill(~starts, 0.0).amax(dim=2))
         return self.output(self.dropout(torch.cat(pooled, dim=1)))
+
+
+class AutoRecRecommender(nn.Module):
+    """ReDial's recommender (Li et al., NeurIPS 2018): a user-based autoencoder (AutoRec, Sedhain et al. 2015) whose
+    input is the seeker's liking of each movie mentioned so far (1 liked, 0 disliked or not mentioned, between for
+    not said) and whose output scores every movie: decoder(sigmoid(encoder(likes))), as its code with one hidden
+    layer (the recommender uses the raw scores)."""
+
+    def __init__(self, n_items: int, hidden: int = 1000):
+        super().__init__()
+        self.encoder = nn.Linear(n_items, hidden)
+        self.decoder = nn.Linear(hidden, n_items)
+
+    def forward(self, likes: torch.Tensor) -> torch.Tensor:
+        """likes [B, n_items] -> item logits [B, n_items]."""
+        return self.decoder(torch.sigmoid(self.encoder(likes)))
 
 
 def popularity_scores(train_target_items: torch.Tensor, n_items: int, smoothing: float = 1.0) -> torch.Tensor:

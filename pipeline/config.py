@@ -264,9 +264,14 @@ class KGSFRecConfig(TrainConfig):
     mim_weight: float = Field(default=0.025, ge=0)  # the MIM loss's weight in recommendation training (KGSF's)
 
 
+class ReDialRecConfig(TrainConfig):
+    hidden: int = Field(default=1000, ge=1)  # the autoencoder's hidden layer (ReDial's layer_sizes [1000])
+
+
 class BaselinesConfig(Section):
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
     kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
+    redial: ReDialRecConfig = ReDialRecConfig(epochs=10, batch_size=256, grad_clip=1.0, patience=3)
 
 
 class VariantsConfig(Section):

@@ -25,7 +25,7 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_train, kgsf_train, runs
+from stages.training import c2crs_data, c2crs_train, conv_train, kgsf_train, redial_train, runs
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     scores re-ranked, so it reads C2-CRS's)."""
     c2crs = workspace / STAGES["finetune_rec"].outs[0]
     files = {"textcnn": workspace / STAGES["baselines"].outs[0], "kbrd": workspace / STAGES["baselines"].outs[1],
-             "kgsf": workspace / STAGES["baselines"].outs[2], "c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs}
+             "kgsf": workspace / STAGES["baselines"].outs[2], "redial": workspace / STAGES["baselines"].outs[3],
+             "c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs}
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
     return files
@@ -49,9 +50,11 @@ def conv_model_files(params, workspace: Path) -> dict[str, Path]:
 
 def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                 split: str = "test", loaded=None, skip: frozenset[str] = frozenset(),
-                files: dict[str, Path] | None = None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+                files: dict[str, Path] | None = None,
+                forms: pl.DataFrame | None = None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
     """For each model (but those in skip), a function giving its score blocks (row indices, [rows, n_items]) on a
-    split's samples; the models are read from `files` (default: model_files, the workspace's)."""
+    split's samples; the models are read from `files` (default: model_files, the workspace's). forms: the movie
+    forms of the samples' conversations, which ReDial's recommender reads (default: the ingest stage's)."""
     run, model_config, _ = loaded or runs.training_run(params, workspace)  # loaded: training_run's, reused
     table = c2crs_data.sample_table(samples, triple_table, split)
     batch = params.evaluate.batch_size
@@ -77,6 +80,12 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
         kgsf = runs.load_kgsf(files["kgsf"]).to(run.device)
         words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
         models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
+    if "redial" not in skip:
+        redial = runs.load_redial(files["redial"]).to(run.device)
+        if forms is None:
+            forms = pl.read_parquet(workspace / redial_train.FORMS_INPUT)
+        likes = redial_train.seeker_likes(forms, pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"]))
+        models["redial"] = lambda: redial_train.score_redial(redial, run, table, likes, batch)
     if {"c2crs", rec_metrics.REPEAT_CHOICE} - skip:
         c2crs = runs.load_c2crs(files["c2crs"]).to(run.device)
     if "c2crs" not in skip:
@@ -102,11 +111,11 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
 def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                      split: str = "test", log: StageLog = NO_LOG, loaded=None,
                      skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None,
-                     top: dict[str, np.ndarray] | None = None) -> dict:
+                     top: dict[str, np.ndarray] | None = None, forms: pl.DataFrame | None = None) -> dict:
     """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the reports/rec.json
     shape). top: {model: None} to fill, while the models are scored, with each named model's best items for every
     sample row ([rows, TOP_ITEMS] entity ids; the generators' responses name them), instead of scoring it twice."""
-    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files)
+    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files, forms)
     rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks, masked = {}, {}
     for name, blocks in models.items():  # one pass per model gives both rankings
@@ -339,7 +348,7 @@ def score_file(params, workspace: Path, path: Path, names: list[str] | None = No
                for name, file in files.items() if name in wanted and not file.is_file()}
     skip = frozenset(set(files) - wanted | set(missing))
     bad = ingest.BadRecords(params.ingest.on_bad_record)
-    conversations, utterance_rows = ingest.read_conversations(Path(path), "test", bad, {})
+    conversations, utterance_rows, form_rows = ingest.read_conversations(Path(path), "test", bad, {})
     if not conversations:
         raise ValueError(f"{path}: no conversation could be read")
     utterances = (pl.DataFrame(utterance_rows, schema=ingest.UTTERANCE_SCHEMA)
@@ -357,4 +366,5 @@ def score_file(params, workspace: Path, path: Path, names: list[str] | None = No
                                        params.triples.response_max_tokens)
     no_triples = pl.DataFrame(schema=triples.TRIPLE_SCHEMA)
     return {"conversations": len(conversations), "bad_records": dict(bad.counts), "missing": missing,
-            "results": evaluate_samples(params, workspace, samples, no_triples, "test", skip=skip, files=files)}
+            "results": evaluate_samples(params, workspace, samples, no_triples, "test", skip=skip, files=files,
+                                        forms=pl.DataFrame(form_rows, schema=ingest.FORM_SCHEMA))}

@@ -1,9 +1,11 @@
-"""Stage 1, ingest: ReDial raw JSONL -> conversations, utterances and movies tables.
+"""Stage 1, ingest: ReDial raw JSONL -> conversations, utterances, movies and movie forms tables.
 
 The raw files come either from the official release (downloaded, SHA-256 checked, cached) or from a local mirror.
 Consecutive messages of one speaker are merged into one utterance, so turns alternate between seeker and
 recommender; some public copies of ReDial are merged already and must come out the same. Movies appear in text as
-"@<movieId>".
+"@<movieId>". The movie forms are what each worker answered after the conversation about each movie mentioned
+(initiatorQuestions, respondentQuestions): whether the recommender suggested it, whether the seeker has seen it and
+liked it (ReDial's recommender reads the seeker's likes).
 """
 
 import json
@@ -48,6 +50,16 @@ UTTERANCE_SCHEMA = {
     "text": pl.String,
     "movie_ids": pl.List(pl.Int64),
 }
+FORM_SCHEMA = {
+    "conv_id": pl.Int64,
+    "movie_id": pl.Int64,
+    "form": pl.String,  # whose answers: seeker (initiatorQuestions) or recommender (respondentQuestions)
+    "suggested": pl.Int8,  # 1: the recommender suggested the movie, 0: the seeker named it
+    "seen": pl.Int8,  # the seeker has seen it: 0 no, 1 yes, 2 did not say
+    "liked": pl.Int8,  # the seeker liked it: 0 no, 1 yes, 2 did not say
+}
+FORMS = {"initiatorQuestions": "seeker", "respondentQuestions": "recommender"}
+FORM_ANSWERS = {"suggested": (0, 1), "seen": (0, 1, 2), "liked": (0, 1, 2)}
 MOVIE_SCHEMA = {
     "movie_id": pl.Int64,
     "title": pl.String,
@@ -82,6 +94,7 @@ class IngestResult:
     conversations: pl.DataFrame
     utterances: pl.DataFrame
     movies: pl.DataFrame
+    forms: pl.DataFrame
     metrics: dict
 
 
@@ -123,12 +136,12 @@ def locate_mirror_files(mirror_dir: Path, redial_train: str, redial_test: str, m
 
 
 def read_conversations(path: Path, split: str, bad: BadRecords,
-                       seen: dict[int, str]) -> tuple[list[dict], list[dict]]:
-    """Parse one ReDial JSONL file into conversation rows and merged utterance rows.
+                       seen: dict[int, str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Parse one ReDial JSONL file into conversation rows, merged utterance rows and movie form rows.
 
     `seen` maps the conversation ids read so far (from any file) to where they were read, to catch duplicates.
     """
-    conversations, utterances = [], []
+    conversations, utterances, forms = [], [], []
     with open(path, "rb") as f:
         for line_no, raw_line in enumerate(tqdm(f, desc=path.name, unit=" conv", disable=None), start=1):
             if not raw_line.strip():
@@ -156,7 +169,39 @@ def read_conversations(path: Path, split: str, bad: BadRecords,
                 "source_line": line_no,
             })
             utterances.extend({"conv_id": conv_id, "turn_idx": i, **turn} for i, turn in enumerate(turns))
-    return conversations, utterances
+            forms.extend(_movie_forms(record, conv_id, path, line_no, bad))
+    return conversations, utterances, forms
+
+
+def _movie_forms(record: dict, conv_id: int, path: Path, line_no: int, bad: BadRecords) -> list[dict]:
+    """The rows of a record's movie forms. Both are optional (an empty form is {} or [] in public copies); a form
+    that is not a mapping of movie id -> {suggested, seen, liked} with ReDial's answer codes is dropped and
+    counted (the conversation itself is kept: nothing else reads the forms)."""
+    rows = []
+    declared = {str(movie_id) for movie_id in record["movieMentions"]}
+    for key, form in FORMS.items():
+        answers = record.get(key)
+        if answers in (None, [], {}):
+            continue
+        where = f"conversation {conv_id}: {key}"
+        if not isinstance(answers, dict):
+            bad.report("bad_movie_form", path, line_no, f"{where} must be a mapping, got {type(answers).__name__} "
+                       "(the form is dropped)")
+            continue
+        form_rows = []
+        for movie_id, answer in answers.items():
+            valid = (isinstance(answer, dict) and str(movie_id) in declared and all(
+                type(answer.get(name)) is int and answer[name] in codes for name, codes in FORM_ANSWERS.items()))
+            if not valid:
+                bad.report("bad_movie_form", path, line_no,
+                           f"{where}: movie {movie_id!r} needs a movie of movieMentions and "
+                           f"{{suggested: 0|1, seen: 0|1|2, liked: 0|1|2}}, got {answer!r} (the form is dropped)")
+                form_rows = None
+                break
+            form_rows.append({"conv_id": conv_id, "movie_id": int(movie_id), "form": form,
+                              **{name: answer[name] for name in FORM_ANSWERS}})
+        rows += form_rows or []
+    return rows
 
 
 def _parse_record(raw_line: bytes, path: Path, line_no: int, bad: BadRecords) -> dict | None:
@@ -338,16 +383,18 @@ def split_statistics(conversations: pl.DataFrame, utterances: pl.DataFrame) -> d
 def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fraction: float,
            full_train_conversations: int, seed: int) -> IngestResult:
     bad = BadRecords(on_bad_record)
-    conversations, utterances, seen = [], [], {}
+    conversations, utterances, forms, seen = [], [], [], {}
     for path, split in ((files.redial_train, "train"), (files.redial_test, "test")):
-        convs, utts = read_conversations(path, split, bad, seen)
+        convs, utts, conv_forms = read_conversations(path, split, bad, seen)
         conversations += convs
         utterances += utts
+        forms += conv_forms
     rule = assign_validation(conversations, valid_split, valid_fraction, full_train_conversations, seed)
 
     conversations_df = pl.DataFrame(conversations, schema=CONVERSATION_SCHEMA).sort("conv_id")
     utterances_df = pl.DataFrame(utterances, schema=UTTERANCE_SCHEMA).sort("conv_id", "turn_idx")
     movies_df = read_movies(files, utterances_df)
+    forms_df = pl.DataFrame(forms, schema=FORM_SCHEMA).sort("conv_id", "form", "movie_id")
     outside = (utterances_df.select(pl.col("movie_ids").explode()).drop_nulls()
                .filter(~pl.col("movie_ids").is_in(movies_df["movie_id"].implode())).height)
     metrics = {
@@ -357,10 +404,13 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
         "movies_with_dbpedia_uri": movies_df["dbpedia_uri"].is_not_null().sum(),
         "movies_with_imdb_id": movies_df["imdb_id"].is_not_null().sum(),
         "mentions_outside_movie_list": outside,
+        "movie_forms": {form: {"conversations": part["conv_id"].n_unique(), "movies": part.height,
+                               "liked": int((part["liked"] == 1).sum()), "disliked": int((part["liked"] == 0).sum())}
+                        for form in FORMS.values() for part in [forms_df.filter(pl.col("form") == form)]},
         "bad_records": dict(sorted(bad.counts.items())),
     }
     bad.tally.summary()
-    return IngestResult(conversations_df, utterances_df, movies_df, metrics)
+    return IngestResult(conversations_df, utterances_df, movies_df, forms_df, metrics)
 
 
 def redial_raw_files(data, workspace: Path) -> RawRedialFiles:
@@ -380,11 +430,12 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     files = redial_raw_files(params.data, workspace)
     result = ingest(files, seed=params.seed, **params.ingest.model_dump())
     spec = STAGES["ingest"]
-    conversations, utterances, movies = (workspace / out for out in spec.outs)
+    conversations, utterances, movies, forms = (workspace / out for out in spec.outs)
     write_outputs({
         conversations: result.conversations,
         utterances: result.utterances,
         movies: result.movies,
+        forms: result.forms,
         workspace / spec.metrics[0]: result.metrics,
     })
     return StageOutcome(dict(files.items()), result.metrics)

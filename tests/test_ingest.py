@@ -123,3 +123,33 @@ def test_malformed_movie_list_is_named(mirror):
     (mirror / "redial" / "movies_with_mentions.csv").write_text("id,name\n1,x\n")
     with pytest.raises(ingest.BadRecordError, match="movies_with_mentions.csv: expected a CSV file with columns"):
         run(files(mirror))
+
+
+def test_movie_forms_are_kept_with_their_answers(mirror):
+    result = run(files(mirror))
+    forms = result.forms.filter(pl.col("conv_id") == 11)
+    assert forms.select("form", "movie_id", "liked").rows() == [
+        ("recommender", 300, 1), ("recommender", 400, 1), ("seeker", 100, 1), ("seeker", 200, 0), ("seeker", 300, 2)]
+    assert result.metrics["movie_forms"]["seeker"] == {"conversations": 1, "movies": 3, "liked": 1, "disliked": 1}
+    assert result.forms.filter(pl.col("conv_id") != 11).is_empty()  # the other fixtures' forms are empty
+
+
+@pytest.mark.parametrize("form, reason", [
+    (["100"], "initiatorQuestions must be a mapping, got list"),
+    ({"100": {"suggested": 0, "seen": 1, "liked": 3}}, "movie '100' needs a movie of movieMentions"),
+    ({"100": {"suggested": 0, "seen": 1, "liked": True}}, "movie '100' needs"),
+    ({"100": {"suggested": 0, "seen": 1}}, "movie '100' needs"),
+    ({"999": {"suggested": 0, "seen": 1, "liked": 1}}, "movie '999' needs a movie of movieMentions"),
+])
+def test_a_bad_movie_form_is_named_and_dropped_keeping_the_conversation(mirror, form, reason):
+    import json
+
+    record = json.loads((mirror / "redial" / "train.jsonl").read_text().splitlines()[0])
+    record["initiatorQuestions"] = form
+    (mirror / "redial" / "bad.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(ingest.BadRecordError, match=reason):
+        run(files(mirror, "redial/bad.jsonl"))
+    result = run(files(mirror, "redial/bad.jsonl"), on_bad_record="skip")
+    assert result.metrics["bad_records"] == {"bad_movie_form": 1}
+    assert 11 in set(result.conversations["conv_id"])
+    assert result.forms["form"].to_list() == ["recommender", "recommender"]  # the seeker's form is dropped whole

@@ -82,8 +82,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert all(isinstance(v, float) for v in flat.values()) and len(flat) == 2 * len(results)
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
-    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "kbrd", "kgsf", "c2crs",
-                             "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
+    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "redial", "kbrd", "kgsf",
+                             "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
     for protocols in results.values():
         assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked"}
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
@@ -99,6 +99,9 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     baselines_curve = json.loads((workspace / "reports/curves/baselines.json").read_text())
     assert {"kbrd.valid_recall@50", "textcnn.valid_recall@50"} <= set(baselines_curve[0])
     assert "kgsf.mim_train_loss" in baselines_curve[0] and "kgsf.valid_recall@50" in baselines_curve[-1]
+    assert "redial.valid_recall@50" in baselines_curve[0]
+    form_labels = json.loads((workspace / "metrics/baselines.json").read_text())["redial"]["form_labels"]
+    assert form_labels["train"]["samples_with_a_liked_or_disliked_movie"] > 0  # conversation 11's seeker form
     word_graph = json.loads((workspace / "metrics/word_graph.json").read_text())
     assert word_graph["stopword_edges_dropped"] == 1 and word_graph["vocabulary_tokens_in_graph"] > 0
     ablation_curve = json.loads((workspace / "reports/curves/ablations/wo_fine.json").read_text())
@@ -144,6 +147,9 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert len(sheet) - 1 == 4 * min(params.evaluate.samples_for_reading, conversation["c2crs"]["n"])
     transformer = json.loads((workspace / "metrics/conv_baselines/transformer.json").read_text())
     assert transformer["overrides"]["finetune_conv.pretrained"] == "none"
+    kgsf_generator = json.loads((workspace / "metrics/conv_baselines/kgsf.json").read_text())
+    assert kgsf_generator["overrides"]["finetune_conv.pretrained"] == "kgsf" and kgsf_generator["epochs_run"] == 2
+    assert np.isfinite(conversation["kgsf"]["perplexity"])
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
     # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
     from stages.training import conv_train, runs

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from models.baselines import TextCNNRecommender
+from models.baselines import AutoRecRecommender, TextCNNRecommender
 from models.c2crs import C2CRS, C2CRSConfig
 from models.kgsf import KGSFConfig, KGSFRecommender
 from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
@@ -127,6 +127,19 @@ class TextCNNConfig:
 def load_textcnn(path: Path) -> TextCNNRecommender:
     saved = load_saved(path)
     model = TextCNNRecommender(**saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+@dataclass
+class AutoRecConfig:
+    n_items: int
+    hidden: int
+
+
+def load_redial(path: Path) -> AutoRecRecommender:
+    saved = load_saved(path)
+    model = AutoRecRecommender(**saved["config"])
     model.load_state_dict(saved["state_dict"])
     return model
 
