@@ -96,7 +96,7 @@ def _train_timings(model, run, train, weights, params, steps: int) -> dict:
     cfg = params.finetune_conv
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adam(trainable, cfg.learning_rate)
-    batches = conv_train._length_batches(run.train, train, cfg.batch_size, epoch_generator(params.seed, 0))
+    batches = conv_train.length_batches(run.train, train, cfg.batch_size, epoch_generator(params.seed, 0))
     model.train()
     times, sizes = [], []
     for i, picked in enumerate(batches[: steps + 1]):

@@ -375,31 +375,49 @@ def greedy_decode(model: ResponseGenerator, memories: dict[str, Memory], source:
     """The most likely next token at every step, until the end token or max_tokens; returns token ids per row
     (without start and end tokens)."""
     _check_length(model, max_tokens)
-    cfg, batch = model.cfg, _batch_size(memories, source)
-    step = _Stepper(model, memories, source, use_cache)
-    prefix = torch.full((batch, 1), cfg.start_id, dtype=torch.long, device=model.output_bias.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=prefix.device)
-    for _ in range(max_tokens):
-        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
-        token = log_probs.argmax(dim=-1).masked_fill(done, cfg.pad_id)
-        prefix = torch.cat([prefix, token[:, None]], dim=1)
-        done |= token.eq(cfg.end_id)
-        if bool(done.all()):
-            break
-    return [_strip(row, cfg.end_id, cfg.pad_id) for row in prefix[:, 1:].tolist()]
+    return greedy_search(_Stepper(model, memories, source, use_cache), _batch_size(memories, source), model.cfg,
+                         max_tokens, block_ngram, banned_ids, model.output_bias.device)
 
 
 @torch.no_grad()
 def beam_decode(model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
                 max_tokens: int, beam_size: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
                 length_penalty: float = 0.0, use_cache: bool = True) -> list[list[int]]:
-    """Beam search. A hypothesis ends with the end token (its log-probability counted) or after max_tokens
-    tokens; its score is its summed log-probability divided by length ** length_penalty (0: no normalisation)."""
+    """Beam search (beam_search) over this generator."""
     _check_length(model, max_tokens)
-    cfg, batch, k = model.cfg, _batch_size(memories, source), beam_size
-    device = model.output_bias.device
+    k = beam_size
     step = _Stepper(model, {m: _repeat_rows(v, k) for m, v in memories.items()}, _repeat_rows(source, k), use_cache)
-    prefix = torch.full((batch * k, 1), cfg.start_id, dtype=torch.long, device=device)
+    return beam_search(step, _batch_size(memories, source), model.cfg, max_tokens, beam_size, block_ngram,
+                       banned_ids, length_penalty, model.output_bias.device)
+
+
+# The searches below drive any decoder through a stepper: step(prefix [rows, t]) -> log P(next) [rows, vocab], and
+# step.reorder(rows) keeps the given rows of its state (beam search); ids: an object with start_id, end_id, pad_id.
+
+
+@torch.no_grad()
+def greedy_search(step, batch: int, ids, max_tokens: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
+                  device="cpu") -> list[list[int]]:
+    prefix = torch.full((batch, 1), ids.start_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_tokens):
+        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
+        token = log_probs.argmax(dim=-1).masked_fill(done, ids.pad_id)
+        prefix = torch.cat([prefix, token[:, None]], dim=1)
+        done |= token.eq(ids.end_id)
+        if bool(done.all()):
+            break
+    return [_strip(row, ids.end_id, ids.pad_id) for row in prefix[:, 1:].tolist()]
+
+
+@torch.no_grad()
+def beam_search(step, batch: int, ids, max_tokens: int, beam_size: int, block_ngram: int = 0,
+                banned_ids: tuple[int, ...] = (), length_penalty: float = 0.0, device="cpu") -> list[list[int]]:
+    """step's rows are each batch row beam_size times in a row. A hypothesis ends with the end token (its
+    log-probability counted) or after max_tokens tokens; its score is its summed log-probability divided by
+    length ** length_penalty (0: no normalisation)."""
+    k = beam_size
+    prefix = torch.full((batch * k, 1), ids.start_id, dtype=torch.long, device=device)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # every beam starts as the same empty hypothesis: keep one copy
     done = torch.zeros(batch * k, dtype=torch.bool, device=device)
@@ -409,7 +427,7 @@ def beam_decode(model: ResponseGenerator, memories: dict[str, Memory], source: C
         log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
         # A finished hypothesis goes on with padding at no cost, so it keeps competing with its score as it is.
         log_probs[done] = float("-inf")
-        log_probs[done, cfg.pad_id] = 0.0
+        log_probs[done, ids.pad_id] = 0.0
         V = log_probs.size(1)
         scores, index = (scores.view(-1, 1) + log_probs).view(batch, k * V).topk(k, dim=1)
         rows = (index // V + offsets).view(-1)
@@ -417,14 +435,14 @@ def beam_decode(model: ResponseGenerator, memories: dict[str, Memory], source: C
         prefix = torch.cat([prefix[rows], token[:, None]], dim=1)
         step.reorder(rows)
         lengths = lengths[rows] + (~done[rows]).float()
-        done = done[rows] | token.eq(cfg.end_id)
+        done = done[rows] | token.eq(ids.end_id)
         alive = scores.view(-1) > float("-inf")
         if bool(done[alive].all()):
             break
     final = (scores.view(-1) / lengths.clamp(min=1) ** length_penalty).view(batch, k)
     final = final.masked_fill(scores == float("-inf"), float("-inf"))
     best = (final.argmax(dim=1) + offsets[:, 0])
-    return [_strip(row, cfg.end_id, cfg.pad_id) for row in prefix[best, 1:].tolist()]
+    return [_strip(row, ids.end_id, ids.pad_id) for row in prefix[best, 1:].tolist()]
 
 
 class ConversationModel(nn.Module):
@@ -577,6 +595,6 @@ class ConversationModel(nn.Module):
         return out
 
 
-__all__ = ["ConversationModel", "MEMORIES", "USER", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
+__all__ = ["ConversationModel", "MEMORIES", "USER", "greedy_search", "beam_search", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
            "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "greedy_decode",
            "beam_decode"]

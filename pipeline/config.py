@@ -293,6 +293,9 @@ class FinetuneConvConfig(TrainConfig):
     # starts fresh, as in KGSF), none = fresh weights. The same choice picks the recommender that fills the movie
     # placeholder at evaluation (c2crs, kbrd, kgsf; none: TextCNN, which reads only the words).
     pretrained: Literal["c2crs", "kbrd", "kgsf", "none"] = "c2crs"
+    # transformer: models/generator.py (the keys below); hred: ReDial's hierarchical GRU encoder-decoder
+    # (models/hred.py: fresh weights, history only; copy, the vocabulary bias and freezing do not apply)
+    architecture: Literal["transformer", "hred"] = "transformer"
     memories: list[MEMORY] = Field(default=["history", "kg", "review"], min_length=1)  # the cross-attention chain
     copy_mechanism: bool = True  # pointer-generator over the context's and the review sentences' tokens
     vocabulary_bias: bool = False  # KGSF's: the user's entity and word vectors bias the graph words' logits
@@ -315,6 +318,10 @@ class FinetuneConvConfig(TrainConfig):
                              f"pretrained: kgsf (got {self.pretrained!r})")
         if self.vocabulary_bias and "kg" not in self.memories:
             raise ValueError("vocabulary_bias reads the user's entity vector: memories must include kg")
+        if self.architecture == "hred" and (self.pretrained != "none" or self.memories != ["history"]
+                                            or self.copy_mechanism or self.vocabulary_bias or self.freeze):
+            raise ValueError("architecture hred reads the history only, from fresh weights: it needs pretrained: "
+                             "none, memories: [history], copy_mechanism: false, vocabulary_bias: false, freeze: []")
         return self
 
 

@@ -18,6 +18,7 @@ import polars as pl
 import torch
 
 from models.baselines import popularity_scores
+from models.hred import HRED
 from stages import ingest, triples
 from stages.evaluation import conv_metrics, rec_metrics
 from stages.io.graph import STAGES, params_value, stage_making
@@ -25,7 +26,7 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_train, kgsf_train, redial_train, runs
+from stages.training import c2crs_data, c2crs_train, conv_train, hred_train, kgsf_train, redial_train, runs
 
 logger = logging.getLogger(__name__)
 
@@ -229,10 +230,11 @@ def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], l
     for name, path in paths.items():
         model, config = runs.load_conversation_model(path)
         model.to(run.device)
-        scored, responses = conv_train.perplexity_and_responses(model, run, table, data, decoding,
-                                                                vocabulary.banned_ids)
+        score = (hred_train.perplexity_and_responses if isinstance(model, HRED)
+                 else conv_train.perplexity_and_responses)
+        scored, responses = score(model, run, table, data, decoding, vocabulary.banned_ids)
         perplexity, generated = scored["perplexity"], [words(t) for t in responses]
-        recommended = top[runs.CONV_RECOMMENDER[config.pretrained]]
+        recommended = top[runs.conv_recommender(config)]
         said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
                       for response, row in zip(generated, data.rows)]
         results[name] = {**conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
@@ -308,7 +310,8 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     inputs = {Path(d).name: workspace / d for d in spec.deps}
     samples = pl.read_parquet(workspace / runs.TRAINING_INPUTS["samples"])
     loaded = runs.training_run(params, workspace)  # read once for both tasks
-    top = dict.fromkeys(runs.CONV_RECOMMENDER.values())  # the recommenders whose movies the generators name
+    # the recommenders whose movies the generators name
+    top = dict.fromkeys([*runs.CONV_RECOMMENDER.values(), runs.HRED_RECOMMENDER])
     results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
                                "test", log, loaded, top=top)
     report = rec_metrics.recommendation_report(results, _setting(params, samples))

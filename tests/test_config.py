@@ -145,6 +145,8 @@ def test_a_conv_baseline_overrides_only_finetune_conv(tmp_path):
     for kgsf_only in ({"memories": ["history", "word"]}, {"freeze": ["word"]}, {"vocabulary_bias": True}):
         with pytest.raises(ConfigError, match="are KGSF's: they need pretrained: kgsf"):
             load_params(write(tmp_path, lambda p: p["finetune_conv"].update(kgsf_only)))
+    with pytest.raises(ConfigError, match="architecture hred reads the history only, from fresh weights"):
+        load_params(write(tmp_path, lambda p: p["finetune_conv"].update(architecture="hred")))
     with pytest.raises(ConfigError, match="vocabulary_bias reads the user's entity vector"):
         load_params(write(tmp_path, lambda p: p["finetune_conv"].update(
             pretrained="kgsf", memories=["word", "history"], vocabulary_bias=True)))

@@ -132,7 +132,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     distinct = {row["model"]: row for row in json.loads((workspace / "reports/distinct.json").read_text())}
     assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(conversation)
     assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
-    assert set(params.conv_baselines.variants) == {"transformer", "kgsf", "wo_iw"}  # the shipped params.yaml's
+    assert set(params.conv_baselines.variants) == {"transformer", "redial", "kgsf", "wo_iw"}  # the shipped params
     for name, metrics in conversation.items():
         for n in (2, 3, 4):
             assert set(metrics[f"dist@{n}"]) == {"corpus", "per_sentence"}, name
@@ -144,12 +144,16 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert "| C2-CRS w/o instance weighting |" in conv_report
     sheet = (workspace / "reports/conv_rating.csv").read_text().splitlines()
     assert sheet[0] == "item,sample_id,context,response,fluency,informativeness"
-    assert len(sheet) - 1 == 4 * min(params.evaluate.samples_for_reading, conversation["c2crs"]["n"])
+    generators = len(conversation) - 1  # every model but the human responses
+    assert len(sheet) - 1 == generators * min(params.evaluate.samples_for_reading, conversation["c2crs"]["n"])
     transformer = json.loads((workspace / "metrics/conv_baselines/transformer.json").read_text())
     assert transformer["overrides"]["finetune_conv.pretrained"] == "none"
     kgsf_generator = json.loads((workspace / "metrics/conv_baselines/kgsf.json").read_text())
     assert kgsf_generator["overrides"]["finetune_conv.pretrained"] == "kgsf" and kgsf_generator["epochs_run"] == 2
     assert np.isfinite(conversation["kgsf"]["perplexity"])
+    hred = json.loads((workspace / "metrics/conv_baselines/redial.json").read_text())
+    assert hred["overrides"]["finetune_conv.architecture"] == "hred" and np.isfinite(hred["train_loss"])
+    assert "| ReDial (HRED) |" in conv_report and np.isfinite(conversation["redial"]["perplexity"])
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
     # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
     from stages.training import conv_train, runs

@@ -33,7 +33,7 @@ PAPER_TABLE3 = {  # Fluency, Informativeness (0-2, mean of three annotators)
     "Transformer": (0.97, 0.92), "ReDial": (1.35, 1.04), "KBRD": (1.23, 1.15), "KGSF": (1.48, 1.37),
     "KECRS": (1.39, 1.19), "RevCore": (1.52, 1.34), "C2-CRS": (1.55, 1.47),
 }
-MODEL_NAMES = {"transformer": "Transformer", "kgsf": "KGSF", "wo_iw": "C2-CRS w/o instance weighting",
+MODEL_NAMES = {"transformer": "Transformer", "redial": "ReDial (HRED)", "kgsf": "KGSF", "wo_iw": "C2-CRS w/o instance weighting",
                "c2crs": "C2-CRS", "human": "human (gold responses)"}
 RATING_ASPECTS = ("fluency", "informativeness")
 RATING_COLUMNS = ("item", "sample_id", "context", "response", *RATING_ASPECTS)
@@ -146,7 +146,7 @@ def conversation_report(results: dict[str, dict], protocol: str, samples: list[d
           "`python -m pipeline rate FILLED.csv ...` for the means and Krippendorff's alpha.",
         "## Responses to read",
         "Movie placeholders are filled with the top items of each model's recommender (C2-CRS's for C2-CRS and "
-        "w/o instance weighting, KGSF's recommender for KGSF, TextCNN's for the Transformer); movies are shown as "
+        "w/o instance weighting, KGSF's for KGSF, ReDial's for ReDial, TextCNN's for the Transformer); movies are shown as "
         "titles.",
         samples_section(samples, models),
     ]) + "\n"

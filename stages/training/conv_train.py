@@ -284,7 +284,7 @@ def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked:
             torch.cat([F.pad(t, (0, width - t.size(1)), value=cfg.pad_id) for t in targets]))
 
 
-def _length_batches(table: SampleTable, data: Responses, batch_size: int,
+def length_batches(table: SampleTable, data: Responses, batch_size: int,
                     rng: np.random.Generator | None) -> list[np.ndarray]:
     """Batches of similar context length; for scoring (rng None) also of similar response length, which pads the
     decoder 48 % less and cannot change a per-token sum. Not for training: the loss is a mean over each batch's
@@ -305,7 +305,7 @@ def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Res
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    for picked in _length_batches(table, data, batch_size, None):
+    for picked in length_batches(table, data, batch_size, None):
         log_probs, targets = target_log_probs(model, run, table, data, picked, frozen)
         real = targets.ne(model.generator.cfg.pad_id)
         nll -= float(log_probs[real].sum())
@@ -326,7 +326,7 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
 
     def train_epoch(epoch: int) -> dict:
         total, tokens = 0.0, 0
-        batches = _length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
+        batches = length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
         for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
             with autocast(run.device, run.precision):
                 log_probs, targets = target_log_probs(model, run, run.train, train_data, picked, frozen)
@@ -382,7 +382,7 @@ def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTa
     out: list[list[int] | None] = [None] * len(data)
     nll, count = 0.0, 0
     frozen = FrozenStates(model, run, contexts=False)
-    for picked in tqdm(_length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
+    for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
                        unit=" batch", leave=False, disable=None):
         picked = by_response_length(data, picked)
         memories, source = _batch(model, run, table, data.rows[picked], frozen)

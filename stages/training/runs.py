@@ -18,11 +18,13 @@ from models.baselines import AutoRecRecommender, TextCNNRecommender
 from models.c2crs import C2CRS, C2CRSConfig
 from models.kgsf import KGSFConfig, KGSFRecommender
 from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
+from models.hred import HRED, HREDConfig
 from stages.io.graph import STAGES
 from stages.io.outputs import content_hash, write_outputs
 from stages.io.stage_log import CurveLog, StageLog, StageOutcome, registered_name
 from stages.evaluation import rec_metrics
-from stages.training import c2crs_data, c2crs_train, conv_train, distributed, kgsf_train, loop
+from stages.training import c2crs_data, c2crs_train, conv_train, distributed, hred_train, kgsf_train, loop
+from stages.triples import SPLIT
 from stages.io.outputs import is_main_process
 from stages.training.distributed import barrier
 from stages.training.loop import resolve_device
@@ -205,6 +207,7 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
 CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/kbrd_rec.pt",
                  "kgsf": "data/models/kgsf_rec.pt", "none": None}
 CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kgsf": "kgsf", "none": "textcnn"}
+HRED_RECOMMENDER = "redial"  # ReDial's generator and recommender go together
 
 
 @dataclass
@@ -219,12 +222,20 @@ class ConvModelConfig:
     pretrained: str
     kgsf: dict | None = None  # KGSF's generator: its recommender's config (the model holds its word graph)
     word_edges: int = 0  # how many edges that word graph has
+    architecture: str = "transformer"  # hred: `generator` is an HREDConfig and there are no encoders
+
+
+def conv_recommender(config: ConvModelConfig) -> str:
+    """The recommender whose items fill a generator's movie placeholders."""
+    return HRED_RECOMMENDER if config.architecture == "hred" else CONV_RECOMMENDER[config.pretrained]
 
 
 def conversation_model(config: ConvModelConfig, encoders: C2CRS | None = None, kgsf: KGSFRecommender | None = None,
-                       word_graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> ConversationModel:
+                       word_graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> ConversationModel | HRED:
     """The model a ConvModelConfig describes; encoders, kgsf and word_graph: trained parts to start from (fresh
     weights and an empty word graph of the configured size when absent, to be filled by load_state_dict)."""
+    if config.architecture == "hred":
+        return HRED(HREDConfig(**config.generator))
     if config.kgsf is not None:
         kgsf = kgsf or KGSFRecommender(KGSFConfig(**config.kgsf))
         if word_graph is None:
@@ -235,7 +246,7 @@ def conversation_model(config: ConvModelConfig, encoders: C2CRS | None = None, k
         kgsf, word_graph)
 
 
-def load_conversation_model(path: Path) -> tuple[ConversationModel, ConvModelConfig]:
+def load_conversation_model(path: Path) -> tuple[ConversationModel | HRED, ConvModelConfig]:
     saved = load_saved(path)
     config = ConvModelConfig(**saved["config"])
     model = conversation_model(config)
@@ -270,6 +281,8 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     inputs = dict(inputs)
     vocabulary, train_data, valid_data, longest = conv_data(run, inputs)
     loop.seed_everything(params.seed, params.deterministic)
+    if cfg.architecture == "hred":
+        return _train_hred(params, workspace, run, vocabulary, train_data, valid_data, inputs, log, out)
     start = CONV_ENCODERS[cfg.pretrained]
     if start is not None:
         inputs["start_from"] = workspace / start
@@ -311,6 +324,26 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     if weights is not None:
         outcome["downweighted_tokens"] = int((weights < 1).sum())
     return model, outcome, inputs
+
+
+def _train_hred(params, workspace: Path, run, vocabulary, train_data, valid_data, inputs, log: StageLog,
+                out: Path) -> tuple[HRED, dict, dict[str, Path]]:
+    """ReDial's generator (models/hred.py), trained on the same responses with plain cross-entropy."""
+    m = params.model
+    hred_config = HREDConfig(vocab_size=len(vocabulary.tokens), dim=m.token_dim, context_dim=2 * m.token_dim,
+                             dropout=m.dropout, split_id=vocabulary.token_id[SPLIT])
+    model = HRED(hred_config).to(run.device)
+    config = ConvModelConfig(encoders={}, generator=dataclasses.asdict(hred_config),
+                             movie_token_ids=vocabulary.movie_token_ids, uncopyable_ids=vocabulary.uncopyable_ids,
+                             frozen=[], pretrained="none", architecture="hred")
+    checkpoints = checkpoint_dir(workspace, "finetune_conv", params, TRAINING_SECTIONS + ("finetune_conv",), inputs)
+    state = hred_train.train_hred(model, run, train_data, valid_data, params.finetune_conv, checkpoints,
+                                  on_epoch=log.epoch)
+    if (checkpoints / "best.pt").is_file():
+        loop.load_checkpoint(checkpoints / "best.pt", model)
+    save_model(out, model, config)
+    return model, {**training_outcome(state), "train_responses": len(train_data),
+                   "valid_responses": len(valid_data)}, inputs
 
 
 def repeat_choice(params, workspace: Path, run: c2crs_train.Run):
