@@ -271,7 +271,7 @@ class ReDialRecConfig(TrainConfig):
 class BaselinesConfig(Section):
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
     kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
-    redial: ReDialRecConfig = ReDialRecConfig(epochs=10, batch_size=256, grad_clip=1.0, patience=3)
+    redial: ReDialRecConfig = ReDialRecConfig(epochs=15, batch_size=64, grad_clip=1.0, patience=3)
 
 
 class VariantsConfig(Section):

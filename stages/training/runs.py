@@ -110,11 +110,16 @@ def load_saved(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_c2crs(path: Path) -> C2CRS:
+def load_module(path: Path, build) -> torch.nn.Module:
+    """A module saved by save_model: build(config) makes it, the saved weights fill it."""
     saved = load_saved(path)
-    model = C2CRS(C2CRSConfig(**saved["config"]))
+    model = build(saved["config"])
     model.load_state_dict(saved["state_dict"])
     return model
+
+
+def load_c2crs(path: Path) -> C2CRS:
+    return load_module(path, lambda config: C2CRS(C2CRSConfig(**config)))
 
 
 @dataclass
@@ -127,10 +132,7 @@ class TextCNNConfig:
 
 
 def load_textcnn(path: Path) -> TextCNNRecommender:
-    saved = load_saved(path)
-    model = TextCNNRecommender(**saved["config"])
-    model.load_state_dict(saved["state_dict"])
-    return model
+    return load_module(path, lambda config: TextCNNRecommender(**config))
 
 
 @dataclass
@@ -140,17 +142,11 @@ class AutoRecConfig:
 
 
 def load_redial(path: Path) -> AutoRecRecommender:
-    saved = load_saved(path)
-    model = AutoRecRecommender(**saved["config"])
-    model.load_state_dict(saved["state_dict"])
-    return model
+    return load_module(path, lambda config: AutoRecRecommender(**config))
 
 
 def load_kgsf(path: Path) -> KGSFRecommender:
-    saved = load_saved(path)
-    model = KGSFRecommender(KGSFConfig(**saved["config"]))
-    model.load_state_dict(saved["state_dict"])
-    return model
+    return load_module(path, lambda config: KGSFRecommender(KGSFConfig(**config)))
 
 
 def training_outcome(state) -> dict:
