@@ -1,5 +1,5 @@
 """The conv_baselines stage: one row of the paper's Table 2 by the same code, finetune_conv with one
-params.conv_baselines variant's overrides (Transformer, KGSF, C2-CRS w/o instance weighting). dvc.yaml runs
+params.conv_baselines variant's overrides (Transformer, ReDial, KGSF, C2-CRS w/o instance weighting). dvc.yaml runs
 it once per variant (conv_baselines@transformer, ...)."""
 
 from pathlib import Path
