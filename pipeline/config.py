@@ -268,8 +268,16 @@ class ReDialRecConfig(TrainConfig):
     hidden: int = Field(default=1000, ge=1)  # the autoencoder's hidden layer (ReDial's layer_sizes [1000])
 
 
+class KBRDConfig(Section):
+    """The KBRD-style recommender is C2-CRS's recommender without pre-training: it trains with finetune_rec's
+    settings and has none of its own (its entry makes it one of the baselines stages)."""
+
+
 class BaselinesConfig(Section):
+    """Each entry is one baselines stage (baselines@textcnn, ...)."""
+
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
+    kbrd: KBRDConfig = KBRDConfig()
     kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
     redial: ReDialRecConfig = ReDialRecConfig(epochs=15, batch_size=64, grad_clip=1.0, patience=3)
 

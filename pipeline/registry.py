@@ -64,7 +64,7 @@ def model_id(version: ModelVersion) -> str:
 
 def logged_metrics(client: MlflowClient, version: ModelVersion) -> dict[str, float]:
     """The latest value of every metric of a version's logged model, without the <name>. that the runs' copies carry
-    (one evaluate run scores every model; one baselines run trains two)."""
+    (one evaluate run scores every model)."""
     latest = {}
     for metric in client.get_logged_model(model_id(version)).metrics or []:
         key = metric.key.removeprefix(f"{version.name}.")

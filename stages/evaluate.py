@@ -35,9 +35,9 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     """Each trained recommender that evaluate scores, and the file it is read from (c2crs-repeat-choice is C2-CRS's
     scores re-ranked, so it reads C2-CRS's)."""
     c2crs = workspace / STAGES["finetune_rec"].outs[0]
-    files = {"textcnn": workspace / STAGES["baselines"].outs[0], "kbrd": workspace / STAGES["baselines"].outs[1],
-             "kgsf": workspace / STAGES["baselines"].outs[2], "redial": workspace / STAGES["baselines"].outs[3],
-             "c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs}
+    files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0] for name in ("textcnn", "redial", "kbrd",
+                                                                                           "kgsf")}
+    files.update({"c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs})
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
     return files

@@ -55,6 +55,9 @@ def test_a_foreach_stage_is_one_stage_per_variant_of_its_params_section():
         assert spec.foreach == f"{family}.variants"
         assert [name for name in stage_instances(params) if name.startswith(f"{family}@")] == \
             [f"{family}@{variant}" for variant in getattr(params, family).variants]
+    assert STAGES["baselines"].foreach == "baselines"  # one stage per recommender of params.baselines
+    assert [name for name in stage_instances(params) if name.startswith("baselines@")] == \
+        ["baselines@textcnn", "baselines@kbrd", "baselines@kgsf", "baselines@redial"]
     wo_ch = stage_spec("ablations@wo_ch")
     assert wo_ch.outs == ("data/models/ablations/wo_ch",) and wo_ch.metrics == ("metrics/ablations/wo_ch.json",)
     assert "ablations.variants.wo_ch" in wo_ch.params
@@ -70,6 +73,7 @@ def test_the_stage_that_makes_a_file_is_named():
     assert stage_making("data/models/c2crs_rec.pt") == "finetune_rec"
     assert stage_making("data/models/ablations/wo_ch/finetune_rec.pt") == "ablations@wo_ch"
     assert stage_making("metrics/conv_baselines/kgsf.json") == "conv_baselines@kgsf"
+    assert stage_making("data/models/baselines/kbrd.pt") == "baselines@kbrd"
     assert stage_making("reports/rec.md") == "evaluate"
     assert stage_making("data/nothing.pt") is None
 
@@ -81,7 +85,9 @@ def test_dvc_expands_the_graph_as_the_reader_does():
 
     graph = dvc_stage_graph(PROJECT)
     assert list(graph) == stage_instances(load_params(PROJECT / "params.yaml"))
-    assert set(graph["evaluate"]) >= {"ablations@wo_ch", "conv_baselines@kgsf", "finetune_rec", "baselines"}
+    assert set(graph["evaluate"]) >= {"ablations@wo_ch", "conv_baselines@kgsf", "finetune_rec", "baselines@kbrd",
+                                      "baselines@redial"}
+    assert set(graph["conv_baselines@kgsf"]) >= {"baselines@kbrd", "baselines@kgsf", "word_graph"}
     assert set(graph["ablations@wo_ch"]) == {"triples", "reviews", "kg"}
 
 

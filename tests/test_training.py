@@ -96,11 +96,11 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     # The DVC plots' data: per-epoch curves of every training stage, recall@k and Dist-n on the test split.
     curve = json.loads((workspace / "reports/curves/finetune_rec.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2] and {"train_loss", "valid_recall@50"} <= set(curve[0])
-    baselines_curve = json.loads((workspace / "reports/curves/baselines.json").read_text())
-    assert {"kbrd.valid_recall@50", "textcnn.valid_recall@50"} <= set(baselines_curve[0])
-    assert "kgsf.mim_train_loss" in baselines_curve[0] and "kgsf.valid_recall@50" in baselines_curve[-1]
-    assert "redial.valid_recall@50" in baselines_curve[0]
-    form_labels = json.loads((workspace / "metrics/baselines.json").read_text())["redial"]["form_labels"]
+    baselines_curves = {name: json.loads((workspace / f"reports/curves/baselines/{name}.json").read_text())
+                        for name in ("textcnn", "kbrd", "kgsf", "redial")}
+    assert all("valid_recall@50" in curve[0] for name, curve in baselines_curves.items() if name != "kgsf")
+    assert "mim_train_loss" in baselines_curves["kgsf"][0] and "valid_recall@50" in baselines_curves["kgsf"][-1]
+    form_labels = json.loads((workspace / "metrics/baselines/redial.json").read_text())["form_labels"]
     assert form_labels["train"]["samples_with_a_liked_or_disliked_movie"] > 0  # conversation 11's seeker form
     word_graph = json.loads((workspace / "metrics/word_graph.json").read_text())
     assert word_graph["stopword_edges_dropped"] == 1 and word_graph["vocabulary_tokens_in_graph"] > 0
@@ -181,7 +181,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     # KGSF's scoring likewise: the whole graph's N gives the same scores.
     from stages.training import kgsf_train
 
-    kgsf = runs.load_kgsf(workspace / "data/models/kgsf_rec.pt").eval()
+    kgsf = runs.load_kgsf(workspace / "data/models/baselines/kgsf.pt").eval()
     words = kgsf_train.load_word_graph(workspace, len(pl.read_parquet(inputs["vocab"])), "cpu")
     with torch.no_grad():
         whole = kgsf.kg_encoder(run.graph.edge_index, run.graph.edge_type)
@@ -357,7 +357,8 @@ def test_a_bf16_training_stage_trains_close_to_fp32(params_file):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
     assert len(list((workspace / "data/checkpoints").glob("pretrain_coarse-*"))) == 2
     bf16 = load_params(params_file)
-    for stage in ("pretrain_fine", "finetune_rec", "baselines", "finetune_conv"):  # every training step's layers
+    for stage in ("pretrain_fine", "finetune_rec", "baselines@textcnn", "baselines@kbrd", "baselines@kgsf",
+                  "baselines@redial", "finetune_conv"):  # every training step's layers
         metrics = stage_body(stage)(bf16, workspace).metrics
         losses = [value for key, value in _flat(metrics) if key.endswith("train_loss")]
         assert losses and all(np.isfinite(losses)), stage

@@ -200,8 +200,8 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
 
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
-CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/kbrd_rec.pt",
-                 "kgsf": "data/models/kgsf_rec.pt", "none": None}
+CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/baselines/kbrd.pt",
+                 "kgsf": "data/models/baselines/kgsf.pt", "none": None}
 CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kgsf": "kgsf", "none": "textcnn"}
 HRED_RECOMMENDER = "redial"  # ReDial's generator and recommender go together
 
