@@ -280,6 +280,7 @@ class BaselinesConfig(Section):
     kbrd: KBRDConfig = KBRDConfig()
     kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
     redial: ReDialRecConfig = ReDialRecConfig(epochs=15, batch_size=64, grad_clip=1.0, patience=3)
+    kecrs: KBRDConfig = KBRDConfig()  # KECRS's recommender: KBRD's, on new liked targets (finetune_rec's settings)
 
 
 class VariantsConfig(Section):

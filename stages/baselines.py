@@ -1,7 +1,8 @@
 """The baselines stages, one per recommender of params.baselines (dvc.yaml runs baselines@textcnn, @kbrd, @kgsf,
-@redial, side by side when workers allow): TextCNN over the context words, the KBRD-style recommender (C2-CRS's own
-recommender trained from fresh weights, no pre-training), KGSF's recommender (models/kgsf.py) and ReDial's
-autoencoder over the context movies (stages/training/redial_train.py), on the same splits by the same code."""
+@redial, @kecrs, side by side when workers allow): TextCNN over the context words, the KBRD-style recommender
+(C2-CRS's own recommender trained from fresh weights, no pre-training), KGSF's recommender (models/kgsf.py), ReDial's
+autoencoder over the context movies (stages/training/redial_train.py) and KECRS's (the KBRD-style recommender on
+new, liked targets: stages/training/kecrs_train.py), on the same splits by the same code."""
 
 import dataclasses
 from pathlib import Path
@@ -14,14 +15,15 @@ from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
-from stages.training import c2crs_train, kgsf_train, loop, redial_train, runs
+from stages.training import c2crs_train, kecrs_train, kgsf_train, loop, redial_train, runs
 
 # The params each model's checkpoints are keyed by (besides the inputs it reads). TextCNN and KBRD keep the key they
 # had when one stage trained them both, so their finished checkpoints stay valid.
 SECTIONS = {"textcnn": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.textcnn"),
             "kbrd": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.textcnn"),
             "kgsf": runs.TRAINING_SECTIONS + ("baselines.kgsf",),
-            "redial": runs.TRAINING_SECTIONS + ("baselines.redial",)}
+            "redial": runs.TRAINING_SECTIONS + ("baselines.redial",),
+            "kecrs": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.kecrs")}
 
 
 def _textcnn(params, workspace, run, model_config, inputs, on_epoch):
@@ -70,7 +72,21 @@ def _redial(params, workspace, run, model_config, inputs, on_epoch):
     return model, config, state, inputs, {"form_labels": coverage}
 
 
-TRAINERS = {"textcnn": _textcnn, "kbrd": _kbrd, "kgsf": _kgsf, "redial": _redial}
+def _kecrs(params, workspace, run, model_config, inputs, on_epoch):
+    likes = redial_train.seeker_likes(pl.read_parquet(workspace / redial_train.FORMS_INPUT),
+                                      pl.read_parquet(inputs["entities"]))
+    pairs = kecrs_train.new_liked_pairs(run.train, likes)
+    model = C2CRS(model_config).to(run.device)
+    inputs = {**inputs, "movie_forms": workspace / redial_train.FORMS_INPUT}
+    checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS["kecrs"], inputs) / "kecrs"
+    state = c2crs_train.finetune_recommender(model, run, params.finetune_rec, checkpoints, on_epoch=on_epoch,
+                                             training_pairs=pairs)
+    loop.load_checkpoint(checkpoints / "best.pt", model)
+    return model, model.cfg, state, inputs, {"training_pairs": len(pairs[0]),
+                                             "all_training_pairs": int(sum(map(len, run.train.targets)))}
+
+
+TRAINERS = {"textcnn": _textcnn, "kbrd": _kbrd, "kgsf": _kgsf, "redial": _redial, "kecrs": _kecrs}
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> StageOutcome:

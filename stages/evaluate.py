@@ -35,8 +35,8 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     """Each trained recommender that evaluate scores, and the file it is read from (c2crs-repeat-choice is C2-CRS's
     scores re-ranked, so it reads C2-CRS's)."""
     c2crs = workspace / STAGES["finetune_rec"].outs[0]
-    files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0] for name in ("textcnn", "redial", "kbrd",
-                                                                                           "kgsf")}
+    files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0]
+             for name in ("textcnn", "redial", "kbrd", "kecrs", "kgsf")}
     files.update({"c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs})
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
@@ -77,6 +77,9 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if "kbrd" not in skip:
         kbrd = runs.load_c2crs(files["kbrd"]).to(run.device)
         models["kbrd"] = lambda: c2crs_train.score_samples(kbrd, run, table, batch)
+    if "kecrs" not in skip:
+        kecrs = runs.load_c2crs(files["kecrs"]).to(run.device)
+        models["kecrs"] = lambda: c2crs_train.score_samples(kecrs, run, table, batch)
     if "kgsf" not in skip:
         kgsf = runs.load_kgsf(files["kgsf"]).to(run.device)
         words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)

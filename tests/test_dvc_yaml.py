@@ -57,7 +57,7 @@ def test_a_foreach_stage_is_one_stage_per_variant_of_its_params_section():
             [f"{family}@{variant}" for variant in getattr(params, family).variants]
     assert STAGES["baselines"].foreach == "baselines"  # one stage per recommender of params.baselines
     assert [name for name in stage_instances(params) if name.startswith("baselines@")] == \
-        ["baselines@textcnn", "baselines@kbrd", "baselines@kgsf", "baselines@redial"]
+        ["baselines@textcnn", "baselines@kbrd", "baselines@kgsf", "baselines@redial", "baselines@kecrs"]
     wo_ch = stage_spec("ablations@wo_ch")
     assert wo_ch.outs == ("data/models/ablations/wo_ch",) and wo_ch.metrics == ("metrics/ablations/wo_ch.json",)
     assert "ablations.variants.wo_ch" in wo_ch.params

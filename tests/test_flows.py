@@ -85,7 +85,7 @@ def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, 
     params = load_params(params_file)
     registered = {m.name for m in client.search_registered_models()}
     assert registered == ({"c2crs-recommender", "kbrd-recommender", "kgsf-recommender", "textcnn-recommender",
-                           "redial-recommender", "c2crs-generator"}
+                           "redial-recommender", "kecrs-recommender", "c2crs-generator"}
                           | {registered_name(f"c2crs_{v}", "recommender") for v in params.ablations.variants}
                           | {registered_name(v, "generator") for v in params.conv_baselines.variants})
     for name in registered:

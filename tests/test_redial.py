@@ -1,5 +1,5 @@
 """ReDial's recommender (models/baselines.AutoRecRecommender, stages/training/redial_train.py): the seeker's likings
-from the movie forms as the autoencoder's input."""
+from the movie forms as the autoencoder's input; KECRS's targets (new and liked, stages/training/kecrs_train.py)."""
 
 import numpy as np
 import polars as pl
@@ -54,3 +54,17 @@ def test_the_autoencoder_learns_which_movie_follows_a_liked_one():
         torch.nn.functional.cross_entropy(model(likes), targets).backward()
         optimizer.step()
     assert model(likes).argmax(dim=1).tolist() == targets.tolist()
+
+
+def test_kecrs_trains_on_targets_new_to_the_conversation_and_liked():
+    import pytest
+
+    from stages.training.kecrs_train import new_liked_pairs
+
+    table = _Table([1, 1, 2], [[0], [0, 1], []])
+    table.targets = [[0, 1], [2], [1]]  # 0 repeats a context movie; 2 is not liked; conversation 2 has no answers
+    likes = {(1, 0): 1.0, (1, 1): 1.0, (1, 2): 0.5}
+    rows, items = new_liked_pairs(table, likes)
+    assert list(zip(rows.tolist(), items.tolist())) == [(0, 1)]
+    with pytest.raises(ValueError, match="no train target is both new to its conversation and liked"):
+        new_liked_pairs(table, {})

@@ -82,8 +82,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert all(isinstance(v, float) for v in flat.values()) and len(flat) == 2 * len(results)
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
-    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "redial", "kbrd", "kgsf",
-                             "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
+    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "redial", "kbrd", "kecrs",
+                             "kgsf", "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
     for protocols in results.values():
         assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked"}
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
@@ -97,10 +97,12 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     curve = json.loads((workspace / "reports/curves/finetune_rec.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2] and {"train_loss", "valid_recall@50"} <= set(curve[0])
     baselines_curves = {name: json.loads((workspace / f"reports/curves/baselines/{name}.json").read_text())
-                        for name in ("textcnn", "kbrd", "kgsf", "redial")}
+                        for name in ("textcnn", "kbrd", "kgsf", "redial", "kecrs")}
     assert all("valid_recall@50" in curve[0] for name, curve in baselines_curves.items() if name != "kgsf")
     assert "mim_train_loss" in baselines_curves["kgsf"][0] and "valid_recall@50" in baselines_curves["kgsf"][-1]
     form_labels = json.loads((workspace / "metrics/baselines/redial.json").read_text())["form_labels"]
+    kecrs = json.loads((workspace / "metrics/baselines/kecrs.json").read_text())
+    assert 0 < kecrs["training_pairs"] < kecrs["all_training_pairs"]  # new, liked targets only
     assert form_labels["train"]["samples_with_a_liked_or_disliked_movie"] > 0  # conversation 11's seeker form
     word_graph = json.loads((workspace / "metrics/word_graph.json").read_text())
     assert word_graph["stopword_edges_dropped"] == 1 and word_graph["vocabulary_tokens_in_graph"] > 0

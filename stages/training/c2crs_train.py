@@ -236,15 +236,17 @@ def recommendation_batch(table: SampleTable, rows: np.ndarray, max_entities: int
     return entity_batch(table, rows, max_entities).to(device)
 
 
-def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None,
+                          training_pairs: tuple[np.ndarray, np.ndarray] | None = None) -> LoopState:
     """Recommendation fine-tuning (4.3.1): self-attention over the context entities, softmax over all items (or
-    all entities, cfg.softmax_over).
+    all entities, cfg.softmax_over). training_pairs: the (sample rows, target items) to train on; default every
+    (sample, target) pair of the train split (KECRS trains on a subset).
 
     One step runs the R-GCN on every item and the batch's context entities (every item's row is scored) and
     trains on a batch of (sample, target item) pairs. Validation: recall@10 and recall@50 on the valid split, which picks the best epoch.
     """
     optimizer = adam(model.parameters(), cfg.learning_rate)
-    sample_rows, target_items = recommendation_rows(run.train)
+    sample_rows, target_items = training_pairs or recommendation_rows(run.train)
 
     def step_loss(picked: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
