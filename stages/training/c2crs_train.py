@@ -25,7 +25,7 @@ from stages.evaluation.rec_metrics import rank_of_targets
 from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, entity_batch, fine_batch,
                                         pad, per_conversation, recommendation_rows)
 from stages.training.distributed import SINGLE_PROCESS, Ranks
-from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
 
 log = logging.getLogger(__name__)
 
@@ -290,12 +290,10 @@ def score_in_blocks(model: torch.nn.Module, table: SampleTable, batch_size: int,
                     scores_of: Callable[[np.ndarray], torch.Tensor]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(row indices, scores [rows, n_items]) for every sample of a table, `batch_size` rows at a time, with the model
     in eval mode meanwhile; scores_of(rows) scores one block."""
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(table), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(table)))
-        yield rows, scores_of(rows).float().cpu().numpy()
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(table), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(table)))
+            yield rows, scores_of(rows).float().cpu().numpy()
 
 
 def _table_graph(model: C2CRS, run: Run, table: SampleTable) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:

@@ -24,7 +24,7 @@ from models.c2crs import batch_entities
 from models.generator import USER, ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.training.c2crs_train import Run
-from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
 from stages.triples import END, PAD, SPECIAL_TOKENS, SPLIT, START, UNK
 
 PLACEHOLDER = "__movie__"
@@ -302,15 +302,13 @@ def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Res
                frozen: FrozenStates | None = None) -> dict:
     """exp(mean negative log-likelihood per target token, end token included), unweighted, and the token count
     (nan with no tokens)."""
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    for picked in length_batches(table, data, batch_size, None):
-        log_probs, targets = target_log_probs(model, run, table, data, picked, frozen)
-        real = targets.ne(model.generator.cfg.pad_id)
-        nll -= float(log_probs[real].sum())
-        count += int(real.sum())
-    model.train(was_training)
+    with evaluating(model):
+        nll, count = 0.0, 0
+        for picked in length_batches(table, data, batch_size, None):
+            log_probs, targets = target_log_probs(model, run, table, data, picked, frozen)
+            real = targets.ne(model.generator.cfg.pad_id)
+            nll -= float(log_probs[real].sum())
+            count += int(real.sum())
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
@@ -351,16 +349,14 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
 def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray, decoding,
              banned_ids: list[int]) -> list[list[int]]:
     """A response (output-vocabulary ids, no start/end) for each of the table's `rows`, in that order."""
-    was_training = model.training
-    model.eval()
-    out: list[list[int] | None] = [None] * len(rows)
-    frozen = FrozenStates(model, run, contexts=False)
-    for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
-                      unit=" batch", leave=False, disable=None):
-        memories, source = _batch(model, run, table, rows[batch], frozen)
-        for i, response in zip(batch, _decode(model, memories, source, decoding, banned_ids)):
-            out[i] = response
-    model.train(was_training)
+    with evaluating(model):
+        out: list[list[int] | None] = [None] * len(rows)
+        frozen = FrozenStates(model, run, contexts=False)
+        for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
+                          unit=" batch", leave=False, disable=None):
+            memories, source = _batch(model, run, table, rows[batch], frozen)
+            for i, response in zip(batch, _decode(model, memories, source, decoding, banned_ids)):
+                out[i] = response
     return out
 
 
@@ -377,22 +373,20 @@ def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTa
                              banned_ids: list[int]) -> tuple[dict, list[list[int]]]:
     """perplexity() of data's responses and generate()'s response for each of data's rows, from one encoding of
     each batch's context, entities and reviews (evaluate's pass over the test split: the encoders are most of it)."""
-    was_training = model.training
-    model.eval()
-    out: list[list[int] | None] = [None] * len(data)
-    nll, count = 0.0, 0
-    frozen = FrozenStates(model, run, contexts=False)
-    for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
-                       unit=" batch", leave=False, disable=None):
-        picked = by_response_length(data, picked)
-        memories, source = _batch(model, run, table, data.rows[picked], frozen)
-        log_probs, targets = _teacher_forced(model, run, data, picked, memories, source)
-        real = targets.ne(model.generator.cfg.pad_id)
-        nll -= float(log_probs[real].sum())
-        count += int(real.sum())
-        for i, response in zip(picked, _decode(model, memories, source, decoding, banned_ids)):
-            out[i] = response
-    model.train(was_training)
+    with evaluating(model):
+        out: list[list[int] | None] = [None] * len(data)
+        nll, count = 0.0, 0
+        frozen = FrozenStates(model, run, contexts=False)
+        for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
+                           unit=" batch", leave=False, disable=None):
+            picked = by_response_length(data, picked)
+            memories, source = _batch(model, run, table, data.rows[picked], frozen)
+            log_probs, targets = _teacher_forced(model, run, data, picked, memories, source)
+            real = targets.ne(model.generator.cfg.pad_id)
+            nll -= float(log_probs[real].sum())
+            count += int(real.sum())
+            for i, response in zip(picked, _decode(model, memories, source, decoding, banned_ids)):
+                out[i] = response
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}, out
 
 

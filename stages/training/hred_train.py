@@ -13,7 +13,7 @@ from models.hred import HRED, HREDStepper
 from stages.training.c2crs_data import SampleTable, bucketed_batches, pad
 from stages.training.c2crs_train import Run
 from stages.training.conv_train import Responses, by_response_length, length_batches, teacher_forcing
-from stages.training.loop import LoopState, adam, autocast, epoch_generator, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
 
 
 def context_utterances(tokens: list[int], split_id: int, max_utterance_tokens: int) -> list[list[int]]:
@@ -60,15 +60,13 @@ def target_log_probs(model: HRED, run: Run, table: SampleTable, data: Responses,
 
 @torch.no_grad()
 def perplexity(model: HRED, run: Run, table: SampleTable, data: Responses, batch_size: int) -> dict:
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    for picked in length_batches(table, data, batch_size, None):
-        log_probs, targets = target_log_probs(model, run, table, data, picked)
-        real = targets.ne(model.cfg.pad_id)
-        nll -= float(log_probs[real].sum())
-        count += int(real.sum())
-    model.train(was_training)
+    with evaluating(model):
+        nll, count = 0.0, 0
+        for picked in length_batches(table, data, batch_size, None):
+            log_probs, targets = target_log_probs(model, run, table, data, picked)
+            real = targets.ne(model.cfg.pad_id)
+            nll -= float(log_probs[real].sum())
+            count += int(real.sum())
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
@@ -112,14 +110,12 @@ def decode(model: HRED, state: torch.Tensor, decoding, banned_ids: list[int]) ->
 def generate(model: HRED, run: Run, table: SampleTable, rows: np.ndarray, decoding,
              banned_ids: list[int]) -> list[list[int]]:
     """A response for each of the table's rows, in that order."""
-    was_training = model.training
-    model.eval()
-    out: list[list[int] | None] = [None] * len(rows)
-    for batch in bucketed_batches(table.context_lengths[rows], decoding.batch_size, None):
-        state = model.encode(utterance_batch(model, table, rows[batch], run.device))
-        for i, response in zip(batch, decode(model, state, decoding, banned_ids)):
-            out[i] = response
-    model.train(was_training)
+    with evaluating(model):
+        out: list[list[int] | None] = [None] * len(rows)
+        for batch in bucketed_batches(table.context_lengths[rows], decoding.batch_size, None):
+            state = model.encode(utterance_batch(model, table, rows[batch], run.device))
+            for i, response in zip(batch, decode(model, state, decoding, banned_ids)):
+                out[i] = response
     return out
 
 
@@ -127,19 +123,17 @@ def generate(model: HRED, run: Run, table: SampleTable, rows: np.ndarray, decodi
 def perplexity_and_responses(model: HRED, run: Run, table: SampleTable, data: Responses, decoding,
                              banned_ids: list[int]) -> tuple[dict, list[list[int]]]:
     """As conv_train.perplexity_and_responses: perplexity of data's responses and a response for each row."""
-    was_training = model.training
-    model.eval()
-    out: list[list[int] | None] = [None] * len(data)
-    nll, count = 0.0, 0
-    for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
-                       unit=" batch", leave=False, disable=None):
-        picked = by_response_length(data, picked)
-        state = model.encode(utterance_batch(model, table, data.rows[picked], run.device))
-        log_probs, targets = target_log_probs(model, run, table, data, picked, state)
-        real = targets.ne(model.cfg.pad_id)
-        nll -= float(log_probs[real].sum())
-        count += int(real.sum())
-        for i, response in zip(picked, decode(model, state, decoding, banned_ids)):
-            out[i] = response
-    model.train(was_training)
+    with evaluating(model):
+        out: list[list[int] | None] = [None] * len(data)
+        nll, count = 0.0, 0
+        for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
+                           unit=" batch", leave=False, disable=None):
+            picked = by_response_length(data, picked)
+            state = model.encode(utterance_batch(model, table, data.rows[picked], run.device))
+            log_probs, targets = target_log_probs(model, run, table, data, picked, state)
+            real = targets.ne(model.cfg.pad_id)
+            nll -= float(log_probs[real].sum())
+            count += int(real.sum())
+            for i, response in zip(picked, decode(model, state, decoding, banned_ids)):
+                out[i] = response
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}, out

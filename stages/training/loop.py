@@ -56,6 +56,17 @@ def adam(parameters, learning_rate: float) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, lr=learning_rate, fused=True)
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) inside the block, and back in the mode it had after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
     """The batch order of one epoch, independent of what ran before it in the process."""
     return np.random.default_rng([seed, epoch])
