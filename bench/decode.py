@@ -101,7 +101,7 @@ def _train_timings(model, run, train, weights, params, steps: int) -> dict:
     times, sizes = [], []
     for i, picked in enumerate(batches[: steps + 1]):
         start = time.perf_counter()
-        log_probs, targets = conv_train.target_log_probs(model, run, run.train, train, picked)
+        log_probs, targets, _ = conv_train.target_log_probs(model, run, run.train, train, picked)
         loss = generation_loss(log_probs, targets, 0, weights)
         optimizer.zero_grad()
         loss.backward()

@@ -14,6 +14,11 @@ Paper map:
                uses it.)
     KGSF       vocabulary bias (KGSF's "copy"): the user's pooled entity and word vectors with the decoder state,
                through two linear layers, add a bias to the logits of the tokens that are graph words.
+    KECRS      bag of entities: at each step [user vector; decoder state] -> a distribution over every KG entity
+               (scored against the frozen R-GCN's outputs); summed over the response it is trained towards the
+               neighbours of the turn's movies (bag_of_entity_loss), and at decoding it adds mixing x its mass to
+               the tokens that name an entity. Infusion: the user vector scores every word embedding, trained
+               towards the names of the context's entities (infusion_loss).
     Eq. 11-12  instance_weights, generation_loss
 Decoding: greedy_decode and beam_decode, with a key/value cache (memories are projected once per response,
 self-attention keys grow by one row a step), a maximum length and n-gram blocking.
@@ -51,6 +56,10 @@ class GeneratorConfig:
     max_positions: int = 32  # response tokens + the start token
     copy: bool = True
     vocabulary_bias_dim: int = 0  # KGSF: the size of the user vectors that bias the vocabulary; 0 = no bias
+    entity_bag: int = 0  # KECRS: the entities of the bag-of-entity head (the KG's); 0 = no head
+    entity_dim: int = 0  # KECRS: the size of the entity features and of the user vector (the R-GCN's)
+    entity_bag_mixing: float = 0.1  # KECRS: weight of an entity's probability added to its name's at decoding
+    infusion: bool = False  # KECRS: the user vector scores the word embeddings (infusion_loss)
 
     def __post_init__(self):
         unknown = set(self.memory_dims) - set(MEMORIES)
@@ -58,6 +67,10 @@ class GeneratorConfig:
             raise ValueError(f"memory_dims: unknown memories {sorted(unknown)}; known: {MEMORIES}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+        if self.infusion and not self.entity_bag:
+            raise ValueError("the infusion reads the user vector from the bag-of-entity head's entities: set entity_bag")
+        if self.entity_bag and self.entity_dim <= 0:
+            raise ValueError("the bag-of-entity head needs entity_dim (the entity features' and user vector's size)")
 
 
 @dataclass
@@ -182,6 +195,15 @@ class ResponseGenerator(nn.Module):
             self.bias_output = nn.Linear(cfg.dim, cfg.vocab_size)  # KGSF's copy_output
             # the tokens the bias may raise (KGSF's copy mask: the words of its word graph); set by the owner
             self.register_buffer("bias_tokens", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        if cfg.entity_bag:
+            self.bag_align = nn.Linear(cfg.entity_dim + cfg.dim, cfg.entity_dim)  # KECRS's bag_dim_align
+            self.bag_bias = nn.Parameter(torch.zeros(cfg.entity_bag))
+            # the frozen R-GCN's output for every entity, and the entity each token names (-1: none); set by the owner
+            self.register_buffer("bag_entities", torch.zeros(cfg.entity_bag, cfg.entity_dim))
+            self.register_buffer("token_entity", torch.full((cfg.vocab_size,), -1, dtype=torch.long))
+        if cfg.infusion:
+            self.infusion_align = nn.Linear(cfg.entity_dim, cfg.dim)  # KECRS's dim_align
+            self.infusion_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     # ---- the decoder ------------------------------------------------------------------------------------------
     def memory_keys_values(self, memories: dict[str, Memory]) -> list[dict]:
@@ -210,6 +232,23 @@ class ResponseGenerator(nn.Module):
             bias = self.bias_output(self.bias_projection(torch.cat([user.to(hidden.dtype), hidden], dim=-1)))
             logits = logits + bias * self.bias_tokens
         return logits
+
+    def entity_distribution(self, hidden: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """KECRS's per-step distribution over every entity: softmax(align([user; h]) . N + b) -> [..., entities]."""
+        query = self.bag_align(torch.cat([user.to(hidden.dtype), hidden], dim=-1))
+        return torch.softmax((query @ self.bag_entities.to(query.dtype).T + self.bag_bias).float(), dim=-1)
+
+    def bag_of_entities(self, hidden: torch.Tensor, targets: torch.Tensor, user: Memory) -> torch.Tensor:
+        """The entity distributions summed over each response's real positions: hidden [B, T, dim], targets [B, T]
+        (padding excluded), user.states [B, 1, entity_dim] -> [B, entities], each row in [0, T]."""
+        real = targets.ne(self.cfg.pad_id)
+        probs = self.entity_distribution(hidden[real], user.states.expand(-1, targets.size(1), -1)[real])
+        rows = real.nonzero(as_tuple=True)[0]
+        return probs.new_zeros((targets.size(0), probs.size(1))).index_add_(0, rows, probs)
+
+    def infusion_scores(self, user: torch.Tensor) -> torch.Tensor:
+        """KECRS's infusion: the user vector [B, entity_dim] scored against every word embedding -> [B, vocab]."""
+        return self.infusion_align(user) @ self.tokens.weight.T + self.infusion_bias
 
     def copy_attention(self, hidden: torch.Tensor, source: CopySource) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention over source tokens [B, T, S], p_gen [B, T, 1]). Nothing copyable -> p_gen = 1."""
@@ -252,6 +291,12 @@ class ResponseGenerator(nn.Module):
             copied = torch.zeros_like(probs).scatter_add_(1, source.ids, attention[:, 0].float())
             p_gen = p_gen[:, 0].float()
             probs = p_gen * probs + (1 - p_gen) * copied
+        if self.cfg.entity_bag and user is not None:  # KECRS: an entity's mass raises the token that names it
+            names = self.token_entity >= 0
+            entities = self.entity_distribution(hidden, user.states[:, 0])
+            probs = probs.clone()
+            probs[:, names] += self.cfg.entity_bag_mixing * entities[:, self.token_entity[names]]
+            probs = probs / probs.sum(dim=-1, keepdim=True)
         return torch.log(probs + 1e-12)
 
 
@@ -285,6 +330,20 @@ def generation_loss(target_log_probs: torch.Tensor, targets: torch.Tensor, pad_i
     if token_weights is not None:
         nll = nll * token_weights[targets]
     return (nll * real).sum() / real.sum().clamp(min=1)
+
+
+def bag_of_entity_loss(sums: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KECRS's bag-of-entity loss (its positive-only form): -sum_e y_e log sigmoid(S_e) per response, averaged over
+    the batch (a response without target entities adds 0). sums [B, entities] (bag_of_entities), targets 0/1."""
+    return -(targets.float() * F.logsigmoid(sums)).sum() / targets.size(0)
+
+
+def infusion_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KECRS's infusion loss: the squared error between infusion_scores [B, vocab] and the 0/1 names of the
+    context's entities [B, vocab], summed over the vocabulary, averaged over the batch (rows without a name: 0)."""
+    has_targets = targets.any(dim=1)
+    per_row = ((scores.float() - targets.float()) ** 2).sum(dim=1)
+    return (per_row * has_targets).sum() / targets.size(0)
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------------
@@ -453,6 +512,9 @@ class ConversationModel(nn.Module):
     is shown). A copied movie token becomes the placeholder too. `frozen` encoders get no gradient and run without
     autograd (cheaper on CPU).
 
+    KECRS's generator (generator.cfg.entity_bag): the encoders are its recommender's; the user vector pools the
+    context entities' rows of the generator's bag_entities (the frozen R-GCN's outputs) as that recommender does.
+
     KGSF's generator: `kgsf` (its trained recommender) gives the entities (its R-GCN) and the ConceptNet words (its
     word GCN over word_graph = (edges [2, E], the word id of each input token [n_in], -1 for none)), and, pooled by
     its self-attention, the user vectors of the vocabulary bias; the history is the encoders' conversation encoder.
@@ -555,6 +617,10 @@ class ConversationModel(nn.Module):
             memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
         if "word" in wanted or self.generator.cfg.vocabulary_bias_dim:
             memories.update(self._kgsf_memories(context_ids, entity_rows, entity_ids))
+        if self.generator.cfg.entity_bag:  # KECRS: its recommender's user vector (N: the batch's rows, else all)
+            N = entity_rows if entity_rows is not None else self.generator.bag_entities
+            user = self._run("kg", self.encoders.user_vector, N, entity_ids)[:, None]
+            memories[USER] = Memory(user, user.new_zeros(user.shape[:2], dtype=torch.bool))
         if "review" in wanted:
             B, K, Ls = sentence_ids.shape
             tokens = sentence_ids.view(B, K * Ls)
@@ -596,5 +662,6 @@ class ConversationModel(nn.Module):
 
 
 __all__ = ["ConversationModel", "MEMORIES", "USER", "greedy_search", "beam_search", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
-           "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "greedy_decode",
+           "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "bag_of_entity_loss",
+           "infusion_loss", "greedy_decode",
            "beam_decode"]

@@ -301,7 +301,8 @@ class FinetuneConvConfig(TrainConfig):
     # trained, its text encoders are not), kgsf = KGSF's recommender (entities and words; the history encoder
     # starts fresh, as in KGSF), none = fresh weights. The same choice picks the recommender that fills the movie
     # placeholder at evaluation (c2crs, kbrd, kgsf; none: TextCNN, which reads only the words).
-    pretrained: Literal["c2crs", "kbrd", "kgsf", "none"] = "c2crs"
+    # kecrs = KECRS's recommender (KBRD's, on new liked targets).
+    pretrained: Literal["c2crs", "kbrd", "kecrs", "kgsf", "none"] = "c2crs"
     # transformer: models/generator.py (the keys below); hred: ReDial's hierarchical GRU encoder-decoder
     # (models/hred.py: fresh weights, history only; copy, the vocabulary bias and freezing do not apply)
     architecture: Literal["transformer", "hred"] = "transformer"
@@ -312,6 +313,11 @@ class FinetuneConvConfig(TrainConfig):
     weight_threshold: float = Field(default=1500, gt=0)  # beta of Eq. 12 (a count in the train responses)
     weight_floor: float = Field(default=0.02, gt=0, le=1)  # gamma of Eq. 12
     freeze: list[MEMORY] = []  # encoders kept as pre-trained (no gradient): history, kg, review
+    # KECRS's extra losses (stages/training/kecrs_train.py): > 0 turns each on; the bag of entities also mixes
+    # bag_of_entity_mixing x an entity's probability into its name's at decoding
+    bag_of_entity_weight: float = Field(default=0.0, ge=0)
+    infusion_weight: float = Field(default=0.0, ge=0)
+    bag_of_entity_mixing: float = Field(default=0.1, ge=0)
 
     @field_validator("memories")
     @classmethod
@@ -327,6 +333,13 @@ class FinetuneConvConfig(TrainConfig):
                              f"pretrained: kgsf (got {self.pretrained!r})")
         if self.vocabulary_bias and "kg" not in self.memories:
             raise ValueError("vocabulary_bias reads the user's entity vector: memories must include kg")
+        if (self.bag_of_entity_weight or self.infusion_weight) and (self.pretrained in ("none", "kgsf")
+                                                                    or "kg" not in self.freeze):
+            raise ValueError("bag_of_entity_weight and infusion_weight are KECRS's: they read a KBRD-style "
+                             "recommender's frozen R-GCN (pretrained: kecrs, kbrd or c2crs, freeze: [kg, ...])")
+        if self.infusion_weight and not self.bag_of_entity_weight:
+            raise ValueError("infusion_weight reads the user vector of the bag-of-entity head: set "
+                             "bag_of_entity_weight too")
         if self.architecture == "hred" and (self.pretrained != "none" or self.memories != ["history"]
                                             or self.copy_mechanism or self.vocabulary_bias or self.freeze):
             raise ValueError("architecture hred reads the history only, from fresh weights: it needs pretrained: "

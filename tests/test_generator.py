@@ -313,8 +313,8 @@ def test_decoding_a_batch_in_groups_of_rows_gives_the_log_probs_and_gradients_of
     results = []
     for groups in (1, 4):
         monkeypatch.setattr(conv_train, "DECODER_GROUPS", groups)
-        log_probs, targets = conv_train._teacher_forced(model, SimpleNamespace(device="cpu"), data, picked,
-                                                        memories, source)
+        log_probs, targets, _ = conv_train._teacher_forced(model, SimpleNamespace(device="cpu"), data, picked,
+                                                           memories, source)
         real = targets.ne(PAD)
         (-log_probs[real].sum()).backward()
         results.append((log_probs[real].detach(), targets[real], memories["history"].states.grad.clone()))

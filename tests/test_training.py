@@ -134,7 +134,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     distinct = {row["model"]: row for row in json.loads((workspace / "reports/distinct.json").read_text())}
     assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(conversation)
     assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
-    assert set(params.conv_baselines.variants) == {"transformer", "redial", "kgsf", "wo_iw"}  # the shipped params
+    assert set(params.conv_baselines.variants) == {"transformer", "redial", "kgsf", "kecrs", "wo_iw"}  # shipped
     for name, metrics in conversation.items():
         for n in (2, 3, 4):
             assert set(metrics[f"dist@{n}"]) == {"corpus", "per_sentence"}, name
@@ -156,6 +156,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     hred = json.loads((workspace / "metrics/conv_baselines/redial.json").read_text())
     assert hred["overrides"]["finetune_conv.architecture"] == "hred" and np.isfinite(hred["train_loss"])
     assert "| ReDial (HRED) |" in conv_report and np.isfinite(conversation["redial"]["perplexity"])
+    kecrs_generator = json.loads((workspace / "metrics/conv_baselines/kecrs.json").read_text())
+    assert kecrs_generator["overrides"]["finetune_conv.bag_of_entity_weight"] == 1.5
+    assert np.isfinite(kecrs_generator["train_loss"]) and "| KECRS |" in conv_report
+    assert np.isfinite(conversation["kecrs"]["perplexity"])
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
     # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
     from stages.training import conv_train, runs

@@ -244,11 +244,13 @@ def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
 
 
 def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, data: Responses, picked: np.ndarray,
-                     frozen: FrozenStates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log P of every target token of the picked responses [B, T], and the targets [B, T] (rows in the order of
-    by_response_length(data, picked))."""
+                     frozen: FrozenStates | None = None,
+                     auxiliary=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log P of every target token of the picked responses [B, T], the targets [B, T] (rows in the order of
+    by_response_length(data, picked)), and the auxiliary losses' mean over the responses (None without)."""
     picked = by_response_length(data, picked)
-    return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], frozen))
+    return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], frozen),
+                           auxiliary=auxiliary and (auxiliary, table))
 
 
 # The decoder runs a batch in this many groups of rows, each padded to its own longest response: on ReDial a batch
@@ -262,15 +264,17 @@ def by_response_length(data: Responses, picked: np.ndarray) -> np.ndarray:
 
 
 def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked: np.ndarray, memories: dict,
-                    source) -> tuple[torch.Tensor, torch.Tensor]:
+                    source, auxiliary=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher-forced log P [B, T] and targets [B, T] of the picked responses (the rows of memories and source),
-    decoded in DECODER_GROUPS consecutive groups of rows; the result is the same for any grouping."""
+    decoded in DECODER_GROUPS consecutive groups of rows; the result is the same for any grouping. auxiliary:
+    (losses, table), losses(table, table rows, decoder states, targets, memories) -> the group's summed extra
+    losses (KECRS's: stages/training/kecrs_train.KECRSLosses); their mean over the rows comes third."""
     cfg = model.generator.cfg
     sizes = [len(g) for g in np.array_split(np.arange(len(picked)), min(DECODER_GROUPS, len(picked)))]
     groups = zip(np.split(picked, np.cumsum(sizes)[:-1]),
                  zip(*(m.split(sizes) for m in memories.values())) if memories else [()] * len(sizes),
                  source.split(sizes) if source is not None else [None] * len(sizes))
-    log_probs, targets = [], []
+    log_probs, targets, extra = [], [], None
     for rows, group_memories, group_source in groups:
         inputs, group_targets = teacher_forcing([data.tokens[i] for i in rows], cfg.start_id, cfg.end_id,
                                                 cfg.pad_id)
@@ -279,9 +283,14 @@ def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked:
         hidden = model.generator.decode(inputs, model.generator.memory_keys_values(group))
         log_probs.append(model.generator.target_log_probs(hidden, group_targets, group_source, group.get(USER)))
         targets.append(group_targets)
+        if auxiliary:
+            losses, table = auxiliary
+            group_extra = losses(table, data.rows[rows], hidden, group_targets, group)
+            extra = group_extra if extra is None else extra + group_extra
     width = max(t.size(1) for t in targets)
     return (torch.cat([F.pad(p, (0, width - p.size(1))) for p in log_probs]),
-            torch.cat([F.pad(t, (0, width - t.size(1)), value=cfg.pad_id) for t in targets]))
+            torch.cat([F.pad(t, (0, width - t.size(1)), value=cfg.pad_id) for t in targets]),
+            None if extra is None else extra / len(picked))
 
 
 def length_batches(table: SampleTable, data: Responses, batch_size: int,
@@ -305,7 +314,7 @@ def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Res
     with evaluating(model):
         nll, count = 0.0, 0
         for picked in length_batches(table, data, batch_size, None):
-            log_probs, targets = target_log_probs(model, run, table, data, picked, frozen)
+            log_probs, targets, _ = target_log_probs(model, run, table, data, picked, frozen)
             real = targets.ne(model.generator.cfg.pad_id)
             nll -= float(log_probs[real].sum())
             count += int(real.sum())
@@ -313,9 +322,11 @@ def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Res
 
 
 def finetune_conversation(model: ConversationModel, run: Run, train_data: Responses, valid_data: Responses,
-                          weights: torch.Tensor | None, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
+                          weights: torch.Tensor | None, cfg, checkpoint_dir: Path, on_epoch=None,
+                          auxiliary=None) -> LoopState:
     """Response generation fine-tuning with Eq. 11's loss (weights: Eq. 12's alpha per token, None: plain
-    cross-entropy); early stopping on validation perplexity."""
+    cross-entropy) plus the auxiliary losses when given (see _teacher_forced); early stopping on validation
+    perplexity."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adam(trainable, cfg.learning_rate)
     if weights is not None:
@@ -327,8 +338,11 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
         batches = length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
         for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
             with autocast(run.device, run.precision):
-                log_probs, targets = target_log_probs(model, run, run.train, train_data, picked, frozen)
+                log_probs, targets, extra = target_log_probs(model, run, run.train, train_data, picked, frozen,
+                                                             auxiliary)
                 loss = generation_loss(log_probs.float(), targets, model.generator.cfg.pad_id, weights)
+                if extra is not None:
+                    loss = loss + extra
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -381,7 +395,7 @@ def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTa
                            unit=" batch", leave=False, disable=None):
             picked = by_response_length(data, picked)
             memories, source = _batch(model, run, table, data.rows[picked], frozen)
-            log_probs, targets = _teacher_forced(model, run, data, picked, memories, source)
+            log_probs, targets, _ = _teacher_forced(model, run, data, picked, memories, source)
             real = targets.ne(model.generator.cfg.pad_id)
             nll -= float(log_probs[real].sum())
             count += int(real.sum())

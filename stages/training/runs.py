@@ -23,7 +23,8 @@ from stages.io.graph import STAGES
 from stages.io.outputs import content_hash, write_outputs
 from stages.io.stage_log import CurveLog, StageLog, StageOutcome, registered_name
 from stages.evaluation import rec_metrics
-from stages.training import c2crs_data, c2crs_train, conv_train, distributed, hred_train, kgsf_train, loop
+from stages.training import (c2crs_data, c2crs_train, conv_train, distributed, hred_train, kecrs_train, kgsf_train,
+                             loop)
 from stages.triples import SPLIT
 from stages.io.outputs import is_main_process
 from stages.training.distributed import barrier
@@ -201,8 +202,8 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
 CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/baselines/kbrd.pt",
-                 "kgsf": "data/models/baselines/kgsf.pt", "none": None}
-CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kgsf": "kgsf", "none": "textcnn"}
+                 "kecrs": "data/models/baselines/kecrs.pt", "kgsf": "data/models/baselines/kgsf.pt", "none": None}
+CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kecrs": "kecrs", "kgsf": "kgsf", "none": "textcnn"}
 HRED_RECOMMENDER = "redial"  # ReDial's generator and recommender go together
 
 
@@ -298,7 +299,9 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
             n_layers=m.n_layers, n_heads=m.n_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
             attention_dropout=m.attention_dropout,
             max_positions=longest + 1, copy=cfg.copy_mechanism,
-            vocabulary_bias_dim=2 * kg_dim if cfg.vocabulary_bias else 0)),
+            vocabulary_bias_dim=2 * kg_dim if cfg.vocabulary_bias else 0,
+            entity_bag=run.graph.n_entities if cfg.bag_of_entity_weight else 0, entity_dim=kg_dim,
+            entity_bag_mixing=cfg.bag_of_entity_mixing, infusion=cfg.infusion_weight > 0)),
         movie_token_ids=vocabulary.movie_token_ids, uncopyable_ids=vocabulary.uncopyable_ids,
         frozen=list(cfg.freeze), pretrained=cfg.pretrained,
         kgsf=dataclasses.asdict(kgsf.cfg) if kgsf is not None else None,
@@ -307,12 +310,13 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     with torch.no_grad():  # the decoder's words start where the conversation encoder's are
         table = encoders.conversation_encoder.tokens.weight
         model.generator.tokens.weight[: table.size(0)] = table
+    auxiliary = _kecrs_losses(model, run, inputs, vocabulary, cfg) if cfg.bag_of_entity_weight else None
     model.to(run.device)
     weights = (conv_train.loss_weights(train_data, vocabulary, cfg.weight_threshold, cfg.weight_floor)
                if cfg.instance_weighting else None)
     checkpoints = checkpoint_dir(workspace, "finetune_conv", params, TRAINING_SECTIONS + ("finetune_conv",), inputs)
     state = conv_train.finetune_conversation(model, run, train_data, valid_data, weights, cfg, checkpoints,
-                                             on_epoch=log.epoch)
+                                             on_epoch=log.epoch, auxiliary=auxiliary)
     if (checkpoints / "best.pt").is_file():
         loop.load_checkpoint(checkpoints / "best.pt", model)
     save_model(out, model, config)
@@ -320,6 +324,23 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     if weights is not None:
         outcome["downweighted_tokens"] = int((weights < 1).sum())
     return model, outcome, inputs
+
+
+def _kecrs_losses(model: ConversationModel, run, inputs: dict[str, Path], vocabulary,
+                  cfg) -> kecrs_train.KECRSLosses:
+    """KECRS's generator: its bag-of-entity head reads the frozen R-GCN's output for every entity (computed once
+    here and kept in the model) and the tokens that name entities; returns its extra losses."""
+    if "kg" not in model.frozen:
+        raise ValueError("finetune_conv.bag_of_entity_weight: KECRS's bag of entities reads the recommender's R-GCN "
+                         "as it was trained: add kg to finetune_conv.freeze")
+    entity_token, token_entity = kecrs_train.entity_names(pl.read_parquet(inputs["entities"]),
+                                                          pl.read_parquet(inputs["edges"]), vocabulary.tokens)
+    generator = model.generator
+    with torch.no_grad(), loop.evaluating(model.encoders):
+        generator.bag_entities.copy_(model.encoders.entity_graph(run.graph.edge_index, run.graph.edge_type))
+    generator.token_entity.copy_(torch.as_tensor(token_entity))
+    return kecrs_train.KECRSLosses(generator, run.graph, entity_token, cfg.bag_of_entity_weight, cfg.infusion_weight,
+                                   run.device)
 
 
 def _train_hred(params, workspace: Path, run, vocabulary, train_data, valid_data, inputs, log: StageLog,
