@@ -264,6 +264,13 @@ class KGSFRecConfig(TrainConfig):
     mim_weight: float = Field(default=0.025, ge=0)  # the MIM loss's weight in recommendation training (KGSF's)
 
 
+class RevCoreRecConfig(KGSFRecConfig):
+    """RevCore's recommender is KGSF's on review-enriched contexts (stages/training/revcore_train.py)."""
+
+    review_movies: int = Field(default=3, ge=1)  # the most recent context movies that get a retrieved review
+    review_tokens: int = Field(default=20, ge=1)  # words of it spliced into the context (RevCore's 20)
+
+
 class ReDialRecConfig(TrainConfig):
     hidden: int = Field(default=1000, ge=1)  # the autoencoder's hidden layer (ReDial's layer_sizes [1000])
 
@@ -281,6 +288,7 @@ class BaselinesConfig(Section):
     kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
     redial: ReDialRecConfig = ReDialRecConfig(epochs=15, batch_size=64, grad_clip=1.0, patience=3)
     kecrs: KBRDConfig = KBRDConfig()  # KECRS's recommender: KBRD's, on new liked targets (finetune_rec's settings)
+    revcore: RevCoreRecConfig = RevCoreRecConfig(epochs=10, batch_size=256, patience=3)
 
 
 class VariantsConfig(Section):
@@ -301,8 +309,9 @@ class FinetuneConvConfig(TrainConfig):
     # trained, its text encoders are not), kgsf = KGSF's recommender (entities and words; the history encoder
     # starts fresh, as in KGSF), none = fresh weights. The same choice picks the recommender that fills the movie
     # placeholder at evaluation (c2crs, kbrd, kgsf; none: TextCNN, which reads only the words).
-    # kecrs = KECRS's recommender (KBRD's, on new liked targets).
-    pretrained: Literal["c2crs", "kbrd", "kecrs", "kgsf", "none"] = "c2crs"
+    # kecrs = KECRS's recommender (KBRD's, on new liked targets); revcore = RevCore's (KGSF's, on contexts its
+    # review retrieval enriches: the generator reads the same enriched contexts and the retrieved sentences).
+    pretrained: Literal["c2crs", "kbrd", "kecrs", "kgsf", "revcore", "none"] = "c2crs"
     # transformer: models/generator.py (the keys below); hred: ReDial's hierarchical GRU encoder-decoder
     # (models/hred.py: fresh weights, history only; copy, the vocabulary bias and freezing do not apply)
     architecture: Literal["transformer", "hred"] = "transformer"
@@ -328,12 +337,14 @@ class FinetuneConvConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _kgsf_parts(self) -> "FinetuneConvConfig":
-        if self.pretrained != "kgsf" and ("word" in self.memories or "word" in self.freeze or self.vocabulary_bias):
+        kgsf_parts = ("kgsf", "revcore")
+        if self.pretrained not in kgsf_parts and ("word" in self.memories or "word" in self.freeze
+                                                  or self.vocabulary_bias):
             raise ValueError("the word memory, freezing it and the vocabulary bias are KGSF's: they need "
-                             f"pretrained: kgsf (got {self.pretrained!r})")
+                             f"pretrained: kgsf or revcore (got {self.pretrained!r})")
         if self.vocabulary_bias and "kg" not in self.memories:
             raise ValueError("vocabulary_bias reads the user's entity vector: memories must include kg")
-        if (self.bag_of_entity_weight or self.infusion_weight) and (self.pretrained in ("none", "kgsf")
+        if (self.bag_of_entity_weight or self.infusion_weight) and (self.pretrained in ("none", *kgsf_parts)
                                                                     or "kg" not in self.freeze):
             raise ValueError("bag_of_entity_weight and infusion_weight are KECRS's: they read a KBRD-style "
                              "recommender's frozen R-GCN (pretrained: kecrs, kbrd or c2crs, freeze: [kg, ...])")

@@ -8,6 +8,7 @@ responses to read and a blind rating sheet.
 score_file runs the same recommendation evaluation on conversations a user brings (`python -m pipeline score`).
 """
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_train, hred_train, kgsf_train, redial_train, runs
+from stages.training import (c2crs_data, c2crs_train, conv_train, hred_train, kgsf_train, redial_train, revcore_train,
+                             runs)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     scores re-ranked, so it reads C2-CRS's)."""
     c2crs = workspace / STAGES["finetune_rec"].outs[0]
     files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0]
-             for name in ("textcnn", "redial", "kbrd", "kecrs", "kgsf")}
+             for name in ("textcnn", "redial", "kbrd", "kecrs", "kgsf", "revcore")}
     files.update({"c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs})
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
@@ -80,10 +82,17 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if "kecrs" not in skip:
         kecrs = runs.load_c2crs(files["kecrs"]).to(run.device)
         models["kecrs"] = lambda: c2crs_train.score_samples(kecrs, run, table, batch)
+    if {"kgsf", "revcore"} - skip:
+        words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
     if "kgsf" not in skip:
         kgsf = runs.load_kgsf(files["kgsf"]).to(run.device)
-        words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
         models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
+    if "revcore" not in skip:  # KGSF's recommender on the contexts its retrieval enriches
+        revcore = runs.load_revcore(files["revcore"]).to(run.device)
+        retrieval = revcore_train.load_retrieval(
+            revcore, run.sentence_tokens, {n: workspace / p for n, p in runs.TRAINING_INPUTS.items()},
+            params.baselines.revcore, params.triples.context_max_tokens)
+        models["revcore"] = lambda: kgsf_train.score_kgsf(revcore.kgsf, run, retrieval.augment(table), words, batch)
     if "redial" not in skip:
         redial = runs.load_redial(files["redial"]).to(run.device)
         if forms is None:
@@ -230,12 +239,15 @@ def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], l
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
     said = {}
+    reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
+        lambda max_positions: runs.revcore_retrieval(params, workspace, run, max_positions).augment(table))
     for name, path in paths.items():
         model, config = runs.load_conversation_model(path)
         model.to(run.device)
         score = (hred_train.perplexity_and_responses if isinstance(model, HRED)
                  else conv_train.perplexity_and_responses)
-        scored, responses = score(model, run, table, data, decoding, vocabulary.banned_ids)
+        read = reviewed(config.encoders["max_positions"]) if config.pretrained == "revcore" else table
+        scored, responses = score(model, run, read, data, decoding, vocabulary.banned_ids)
         perplexity, generated = scored["perplexity"], [words(t) for t in responses]
         recommended = top[runs.conv_recommender(config)]
         said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])

@@ -83,7 +83,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
     assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "redial", "kbrd", "kecrs",
-                             "kgsf", "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
+                             "kgsf", "revcore", "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
     for protocols in results.values():
         assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked"}
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
@@ -97,9 +97,13 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     curve = json.loads((workspace / "reports/curves/finetune_rec.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2] and {"train_loss", "valid_recall@50"} <= set(curve[0])
     baselines_curves = {name: json.loads((workspace / f"reports/curves/baselines/{name}.json").read_text())
-                        for name in ("textcnn", "kbrd", "kgsf", "redial", "kecrs")}
-    assert all("valid_recall@50" in curve[0] for name, curve in baselines_curves.items() if name != "kgsf")
-    assert "mim_train_loss" in baselines_curves["kgsf"][0] and "valid_recall@50" in baselines_curves["kgsf"][-1]
+                        for name in ("textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore")}
+    assert all("valid_recall@50" in curve[0] for name, curve in baselines_curves.items()
+               if name not in ("kgsf", "revcore"))
+    for name in ("kgsf", "revcore"):
+        assert "mim_train_loss" in baselines_curves[name][0] and "valid_recall@50" in baselines_curves[name][-1]
+    revcore = json.loads((workspace / "metrics/baselines/revcore.json").read_text())
+    assert revcore["sentiment"]["rated_reviews"] > 0 and revcore["retrieval"]["train"]["with_review"] > 0
     form_labels = json.loads((workspace / "metrics/baselines/redial.json").read_text())["form_labels"]
     kecrs = json.loads((workspace / "metrics/baselines/kecrs.json").read_text())
     assert 0 < kecrs["training_pairs"] < kecrs["all_training_pairs"]  # new, liked targets only
@@ -134,7 +138,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     distinct = {row["model"]: row for row in json.loads((workspace / "reports/distinct.json").read_text())}
     assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(conversation)
     assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
-    assert set(params.conv_baselines.variants) == {"transformer", "redial", "kgsf", "kecrs", "wo_iw"}  # shipped
+    assert set(params.conv_baselines.variants) == {"transformer", "redial", "kgsf", "kecrs", "revcore", "wo_iw"}
     for name, metrics in conversation.items():
         for n in (2, 3, 4):
             assert set(metrics[f"dist@{n}"]) == {"corpus", "per_sentence"}, name
@@ -160,6 +164,9 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert kecrs_generator["overrides"]["finetune_conv.bag_of_entity_weight"] == 1.5
     assert np.isfinite(kecrs_generator["train_loss"]) and "| KECRS |" in conv_report
     assert np.isfinite(conversation["kecrs"]["perplexity"])
+    revcore_generator = json.loads((workspace / "metrics/conv_baselines/revcore.json").read_text())
+    assert revcore_generator["overrides"]["finetune_conv.pretrained"] == "revcore" and "| RevCore |" in conv_report
+    assert np.isfinite(conversation["revcore"]["perplexity"])
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
     # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
     from stages.training import conv_train, runs

@@ -34,7 +34,8 @@ PAPER_TABLE3 = {  # Fluency, Informativeness (0-2, mean of three annotators)
     "KECRS": (1.39, 1.19), "RevCore": (1.52, 1.34), "C2-CRS": (1.55, 1.47),
 }
 MODEL_NAMES = {"transformer": "Transformer", "redial": "ReDial (HRED)", "kgsf": "KGSF", "kecrs": "KECRS",
-               "wo_iw": "C2-CRS w/o instance weighting", "c2crs": "C2-CRS", "human": "human (gold responses)"}
+               "revcore": "RevCore", "wo_iw": "C2-CRS w/o instance weighting", "c2crs": "C2-CRS",
+               "human": "human (gold responses)"}
 RATING_ASPECTS = ("fluency", "informativeness")
 RATING_COLUMNS = ("item", "sample_id", "context", "response", *RATING_ASPECTS)
 

@@ -55,6 +55,7 @@ PAPER_TABLE1 = {
     "kbrd": ("KBRD", {"recall@1": 0.031, "recall@10": 0.150, "recall@50": 0.336}),
     "kgsf": ("KGSF", {"recall@1": 0.039, "recall@10": 0.183, "recall@50": 0.378}),
     "kecrs": ("KECRS", {"recall@1": 0.021, "recall@10": 0.143, "recall@50": 0.340}),
+    "revcore": ("RevCore", {"recall@1": 0.046, "recall@10": 0.220, "recall@50": 0.396}),
     "c2crs": ("C2-CRS", {"recall@1": 0.053, "recall@10": 0.233, "recall@50": 0.407}),
 }
 ABLATION_PREFIX = "c2crs_"  # the model name of ablation variant v is c2crs_v
@@ -69,7 +70,7 @@ PAPER_TABLE4 = {
     "c2crs_wo_ud": ("w/o UD", {"recall@1": 0.051, "recall@10": 0.222, "recall@50": 0.395}),
 }
 NAIVE_BASELINES = ("repeat", "repeat_popularity")  # no training: the context's movies (then popularity)
-BASELINES = ("popularity", *NAIVE_BASELINES, "textcnn", "redial", "kbrd", "kecrs", "kgsf")
+BASELINES = ("popularity", *NAIVE_BASELINES, "textcnn", "redial", "kbrd", "kecrs", "kgsf", "revcore")
 # C2-CRS inside a learned choice between re-mentioning a context movie and a new one (models.baselines.RepeatChoice;
 # beyond the paper), shown next to C2-CRS
 NAIVE_MODELS = ("popularity", "repeat", "repeat_popularity")  # naive_scorers: nothing to train

@@ -106,6 +106,7 @@ class SampleTable:
     context_items: list[list[int]]
     targets: list[list[int]]
     triples: list[list[tuple[int, int, int]]]  # per sample: (token_position, entity_id, sentence_id)
+    documents: list[list[int]] | None = None  # review documents chosen otherwise (RevCore's retrieval)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -115,7 +116,10 @@ class SampleTable:
         return np.array([len(t) for t in self.context_tokens])
 
     def review_sentences(self, row: int, limit: int) -> list[int]:
-        """The review document of a sample: the distinct sentences of its triples, most recent mention first."""
+        """The review document of a sample: the distinct sentences of its triples, most recent mention first
+        (or the table's documents when it has its own)."""
+        if self.documents is not None:
+            return self.documents[row][:limit]
         return list(dict.fromkeys(s for _, _, s in reversed(self.triples[row])))[:limit]
 
 

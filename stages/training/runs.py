@@ -17,6 +17,7 @@ import torch
 from models.baselines import AutoRecRecommender, TextCNNRecommender
 from models.c2crs import C2CRS, C2CRSConfig
 from models.kgsf import KGSFConfig, KGSFRecommender
+from models.revcore import RevCoreConfig, RevCoreRecommender
 from models.generator import ConversationModel, GeneratorConfig, ResponseGenerator
 from models.hred import HRED, HREDConfig
 from stages.io.graph import STAGES
@@ -24,7 +25,7 @@ from stages.io.outputs import content_hash, write_outputs
 from stages.io.stage_log import CurveLog, StageLog, StageOutcome, registered_name
 from stages.evaluation import rec_metrics
 from stages.training import (c2crs_data, c2crs_train, conv_train, distributed, hred_train, kecrs_train, kgsf_train,
-                             loop)
+                             loop, revcore_train)
 from stages.triples import SPLIT
 from stages.io.outputs import is_main_process
 from stages.training.distributed import barrier
@@ -150,6 +151,10 @@ def load_kgsf(path: Path) -> KGSFRecommender:
     return load_module(path, lambda config: KGSFRecommender(KGSFConfig(**config)))
 
 
+def load_revcore(path: Path) -> RevCoreRecommender:
+    return load_module(path, lambda config: RevCoreRecommender(RevCoreConfig(**config)))
+
+
 def training_outcome(state) -> dict:
     """How many epochs ran, and the metrics of the kept (best) epoch."""
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
@@ -202,8 +207,10 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
 CONV_ENCODERS = {"c2crs": "data/models/pretrain_fine.pt", "kbrd": "data/models/baselines/kbrd.pt",
-                 "kecrs": "data/models/baselines/kecrs.pt", "kgsf": "data/models/baselines/kgsf.pt", "none": None}
-CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kecrs": "kecrs", "kgsf": "kgsf", "none": "textcnn"}
+                 "kecrs": "data/models/baselines/kecrs.pt", "kgsf": "data/models/baselines/kgsf.pt",
+                 "revcore": "data/models/baselines/revcore.pt", "none": None}
+CONV_RECOMMENDER = {"c2crs": "c2crs", "kbrd": "kbrd", "kecrs": "kecrs", "kgsf": "kgsf", "revcore": "revcore",
+                    "none": "textcnn"}
 HRED_RECOMMENDER = "redial"  # ReDial's generator and recommender go together
 
 
@@ -261,6 +268,17 @@ def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_re
     return workspace / STAGES["ablations"].for_variant(variant).outs[0] / f"{stage}.pt"
 
 
+def revcore_retrieval(params, workspace: Path, run: c2crs_train.Run,
+                      max_positions: int) -> revcore_train.ReviewRetrieval:
+    """RevCore's review retrieval, as its recommender (baselines@revcore) saved it, over the workspace's reviews;
+    an enriched context keeps its last tokens that the generator's encoder (max_positions) can read."""
+    model = load_revcore(workspace / CONV_ENCODERS["revcore"]).to(run.device)
+    return revcore_train.load_retrieval(model, run.sentence_tokens,
+                                        {name: workspace / path for name, path in TRAINING_INPUTS.items()},
+                                        params.baselines.revcore,
+                                        min(params.triples.context_max_tokens, max_positions))
+
+
 def conv_data(run: c2crs_train.Run, inputs: dict[str, Path]):
     """The output vocabulary and the train/valid responses."""
     vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
@@ -284,8 +302,12 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     if start is not None:
         inputs["start_from"] = workspace / start
     kgsf, word_graph = None, None
-    if cfg.pretrained == "kgsf":  # KGSF's parts come from its recommender; its history encoder starts fresh
-        kgsf = load_kgsf(workspace / start)
+    if cfg.pretrained == "revcore":  # KGSF's parts (below), on the contexts its retrieval enriches
+        retrieval = revcore_retrieval(params, workspace, run, model_config.max_positions)
+        run = dataclasses.replace(run, train=retrieval.augment(run.train), valid=retrieval.augment(run.valid))
+        vocabulary, train_data, valid_data, longest = conv_data(run, inputs)
+    if cfg.pretrained in ("kgsf", "revcore"):  # KGSF's parts come from its recommender; its history encoder starts fresh
+        kgsf = load_kgsf(workspace / start) if cfg.pretrained == "kgsf" else retrieval.model.kgsf
         inputs.update({name: workspace / path for name, path in kgsf_train.WORD_GRAPH_INPUTS.items()})
         graph = kgsf_train.load_word_graph(workspace, model_config.vocab_size, "cpu")
         word_graph = (graph.edge_index, torch.as_tensor(graph.token_word))
