@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test ui bench
+.PHONY: setup run run-all-baselines test ui bench
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ setup: $(VENV)/.installed
 
 run: setup
 	$(PY) -m pipeline repro
+
+# The paper's whole comparison: the default run plus ReDial, KECRS and RevCore (recommenders and generators) and
+# KBRD's generator, as a DVC experiment (README, "Stages: pre-training, fine-tuning, baselines, evaluation").
+ALL_BASELINES := -S 'baselines.train=[textcnn,kbrd,kgsf,redial,kecrs,revcore]' \
+                 -S 'conv_baselines.train=[transformer,kbrd,kgsf,redial,kecrs,revcore,wo_iw]'
+run-all-baselines: setup
+	dvc exp run $(ALL_BASELINES)
 
 test: setup
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ Paper map:
                (the context, and the review sentences' tokens), so a name in the context can be said even when
                the vocabulary softmax gives it almost nothing. (The reference code builds a copy layer and never
                uses it.)
+    KBRD       user bias: the recommender's user vector, through two layers, adds a bias to every token's logit.
     KGSF       vocabulary bias (KGSF's "copy"): the user's pooled entity and word vectors with the decoder state,
                through two linear layers, add a bias to the logits of the tokens that are graph words.
     KECRS      bag of entities: at each step [user vector; decoder state] -> a distribution over every KG entity
@@ -56,6 +57,7 @@ class GeneratorConfig:
     max_positions: int = 32  # response tokens + the start token
     copy: bool = True
     vocabulary_bias_dim: int = 0  # KGSF: the size of the user vectors that bias the vocabulary; 0 = no bias
+    user_bias_dim: int = 0  # KBRD: the size of the user vector that biases every token's logit; 0 = no bias
     entity_bag: int = 0  # KECRS: the entities of the bag-of-entity head (the KG's); 0 = no head
     entity_dim: int = 0  # KECRS: the size of the entity features and of the user vector (the R-GCN's)
     entity_bag_mixing: float = 0.1  # KECRS: weight of an entity's probability added to its name's at decoding
@@ -195,6 +197,9 @@ class ResponseGenerator(nn.Module):
             self.bias_output = nn.Linear(cfg.dim, cfg.vocab_size)  # KGSF's copy_output
             # the tokens the bias may raise (KGSF's copy mask: the words of its word graph); set by the owner
             self.register_buffer("bias_tokens", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        if cfg.user_bias_dim:  # KBRD's user_representation_to_bias: two layers to a bias over the vocabulary
+            self.user_bias = nn.Sequential(nn.Linear(cfg.user_bias_dim, cfg.dim), nn.ReLU(),
+                                           nn.Linear(cfg.dim, cfg.vocab_size))
         if cfg.entity_bag:
             self.bag_align = nn.Linear(cfg.entity_dim + cfg.dim, cfg.entity_dim)  # KECRS's bag_dim_align
             self.bag_bias = nn.Parameter(torch.zeros(cfg.entity_bag))
@@ -226,11 +231,13 @@ class ResponseGenerator(nn.Module):
         """Logits [..., vocab] of decoder states hidden [..., dim]; with a vocabulary bias, user [..., bias dim]
         are the user vectors of each state's row."""
         logits = hidden @ self.tokens.weight.T + self.output_bias
+        if (self.cfg.vocabulary_bias_dim or self.cfg.user_bias_dim) and user is None:
+            raise ValueError("this generator's vocabulary bias needs the user vectors (memories['user'])")
         if self.cfg.vocabulary_bias_dim:
-            if user is None:
-                raise ValueError("this generator's vocabulary bias needs the user vectors (memories['user'])")
             bias = self.bias_output(self.bias_projection(torch.cat([user.to(hidden.dtype), hidden], dim=-1)))
             logits = logits + bias * self.bias_tokens
+        if self.cfg.user_bias_dim:
+            logits = logits + self.user_bias(user.to(hidden.dtype))
         return logits
 
     def entity_distribution(self, hidden: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
@@ -512,8 +519,9 @@ class ConversationModel(nn.Module):
     is shown). A copied movie token becomes the placeholder too. `frozen` encoders get no gradient and run without
     autograd (cheaper on CPU).
 
-    KECRS's generator (generator.cfg.entity_bag): the encoders are its recommender's; the user vector pools the
-    context entities' rows of the generator's bag_entities (the frozen R-GCN's outputs) as that recommender does.
+    KBRD's and KECRS's generators (generator.cfg.user_bias_dim, entity_bag): the encoders are their recommender's;
+    the user vector pools the context entities' rows of N (the batch's, or KECRS's bag_entities: the frozen R-GCN's
+    outputs for every entity) as that recommender does.
 
     KGSF's generator: `kgsf` (its trained recommender) gives the entities (its R-GCN) and the ConceptNet words (its
     word GCN over word_graph = (edges [2, E], the word id of each input token [n_in], -1 for none)), and, pooled by
@@ -617,7 +625,8 @@ class ConversationModel(nn.Module):
             memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
         if "word" in wanted or self.generator.cfg.vocabulary_bias_dim:
             memories.update(self._kgsf_memories(context_ids, entity_rows, entity_ids))
-        if self.generator.cfg.entity_bag:  # KECRS: its recommender's user vector (N: the batch's rows, else all)
+        if self.generator.cfg.entity_bag or self.generator.cfg.user_bias_dim:
+            # KECRS and KBRD: their recommender's user vector (N: the batch's rows, else KECRS's bag of all rows)
             N = entity_rows if entity_rows is not None else self.generator.bag_entities
             user = self._run("kg", self.encoders.user_vector, N, entity_ids)[:, None]
             memories[USER] = Memory(user, user.new_zeros(user.shape[:2], dtype=torch.bool))

@@ -280,15 +280,29 @@ class KBRDConfig(Section):
     settings and has none of its own (its entry makes it one of the baselines stages)."""
 
 
-class BaselinesConfig(Section):
-    """Each entry is one baselines stage (baselines@textcnn, ...)."""
+DEFAULT_BASELINES = ["textcnn", "kbrd", "kgsf"]  # with popularity (no training): the paper's strongest four
 
+
+class BaselinesConfig(Section):
+    """Each recommender named in `train` is one baselines stage (baselines@textcnn, ...), trained with its entry's
+    settings; the others are there for `dvc exp run -S 'baselines.train=[...]'` (README: the whole comparison)."""
+
+    train: list[str] = DEFAULT_BASELINES
     textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
     kbrd: KBRDConfig = KBRDConfig()
     kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
     redial: ReDialRecConfig = ReDialRecConfig(epochs=15, batch_size=64, grad_clip=1.0, patience=3)
     kecrs: KBRDConfig = KBRDConfig()  # KECRS's recommender: KBRD's, on new liked targets (finetune_rec's settings)
     revcore: RevCoreRecConfig = RevCoreRecConfig(epochs=10, batch_size=256, patience=3)
+
+    @field_validator("train")
+    @classmethod
+    def _known_once(cls, train: list[str]) -> list[str]:
+        known = [name for name in cls.model_fields if name != "train"]
+        unknown = [name for name in train if name not in known]
+        if unknown or len(set(train)) != len(train):
+            raise ValueError(f"list each baseline once, from {known}; got {train}")
+        return train
 
 
 class VariantsConfig(Section):
@@ -297,6 +311,19 @@ class VariantsConfig(Section):
     dvc.yaml makes each variant its own stage (ablations@<variant>)."""
 
     variants: dict[str, dict[str, Any]] = {}
+
+
+class ConvBaselinesConfig(VariantsConfig):
+    """The conversation baselines: variants of finetune_conv; dvc.yaml trains those named in `train`."""
+
+    train: list[str] = []
+
+    @model_validator(mode="after")
+    def _known_once(self) -> "ConvBaselinesConfig":
+        unknown = [name for name in self.train if name not in self.variants]
+        if unknown or len(set(self.train)) != len(self.train):
+            raise ValueError(f"train: list each variant once, from {sorted(self.variants)}; got {self.train}")
+        return self
 
 
 MEMORY = Literal["history", "kg", "word", "review"]  # word: KGSF's ConceptNet words (pretrained: kgsf)
@@ -318,6 +345,7 @@ class FinetuneConvConfig(TrainConfig):
     memories: list[MEMORY] = Field(default=["history", "kg", "review"], min_length=1)  # the cross-attention chain
     copy_mechanism: bool = True  # pointer-generator over the context's and the review sentences' tokens
     vocabulary_bias: bool = False  # KGSF's: the user's entity and word vectors bias the graph words' logits
+    user_bias: bool = False  # KBRD's: the recommender's user vector biases every token's logit
     instance_weighting: bool = True  # Eq. 11-12; false: plain cross-entropy
     weight_threshold: float = Field(default=1500, gt=0)  # beta of Eq. 12 (a count in the train responses)
     weight_floor: float = Field(default=0.02, gt=0, le=1)  # gamma of Eq. 12
@@ -348,13 +376,18 @@ class FinetuneConvConfig(TrainConfig):
                                                                     or "kg" not in self.freeze):
             raise ValueError("bag_of_entity_weight and infusion_weight are KECRS's: they read a KBRD-style "
                              "recommender's frozen R-GCN (pretrained: kecrs, kbrd or c2crs, freeze: [kg, ...])")
+        if self.user_bias and self.pretrained in ("none", *kgsf_parts):
+            raise ValueError("user_bias is KBRD's: it reads a KBRD-style recommender's user vector (pretrained: "
+                             f"kbrd, kecrs or c2crs; got {self.pretrained!r})")
         if self.infusion_weight and not self.bag_of_entity_weight:
             raise ValueError("infusion_weight reads the user vector of the bag-of-entity head: set "
                              "bag_of_entity_weight too")
         if self.architecture == "hred" and (self.pretrained != "none" or self.memories != ["history"]
-                                            or self.copy_mechanism or self.vocabulary_bias or self.freeze):
+                                            or self.copy_mechanism or self.vocabulary_bias or self.freeze
+                                            or self.user_bias):
             raise ValueError("architecture hred reads the history only, from fresh weights: it needs pretrained: "
-                             "none, memories: [history], copy_mechanism: false, vocabulary_bias: false, freeze: []")
+                             "none, memories: [history], copy_mechanism: false, vocabulary_bias: false, user_bias: false, "
+                             "freeze: []")
         return self
 
 
@@ -427,7 +460,7 @@ class Params(Section):
     baselines: BaselinesConfig = BaselinesConfig()
     ablations: VariantsConfig = VariantsConfig()
     finetune_conv: FinetuneConvConfig = FinetuneConvConfig(epochs=6, batch_size=128, patience=2)
-    conv_baselines: VariantsConfig = VariantsConfig()
+    conv_baselines: ConvBaselinesConfig = ConvBaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
 
@@ -457,6 +490,17 @@ class Params(Section):
                                  "(letters, digits, _)")
             apply_overrides(info.data, name, overrides, kind=info.field_name)
         return section
+
+    @model_validator(mode="after")
+    def _conv_baselines_have_their_recommenders(self) -> "Params":
+        """A conversation baseline's movies come from the recommender it is built on, which must be trained too."""
+        for name in self.conv_baselines.train:
+            conv = self.variant(name, kind="conv_baselines").finetune_conv
+            recommender = "redial" if conv.architecture == "hred" else conv.pretrained
+            if recommender in BaselinesConfig.model_fields and recommender not in self.baselines.train:
+                raise ValueError(f"conv_baselines.train holds {name!r}, whose recommender {recommender!r} is not in "
+                                 f"baselines.train {self.baselines.train}: add it there")
+        return self
 
     def variant(self, name: str, kind: str = "ablations") -> "Params":
         """These params with variant `name`'s overrides applied: an ablation (Table 4) or a conversation baseline

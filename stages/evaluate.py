@@ -37,8 +37,7 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     """Each trained recommender that evaluate scores, and the file it is read from (c2crs-repeat-choice is C2-CRS's
     scores re-ranked, so it reads C2-CRS's)."""
     c2crs = workspace / STAGES["finetune_rec"].outs[0]
-    files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0]
-             for name in ("textcnn", "redial", "kbrd", "kecrs", "kgsf", "revcore")}
+    files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0] for name in params.baselines.train}
     files.update({"c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs})
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
@@ -47,7 +46,7 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
 
 def conv_model_files(params, workspace: Path) -> dict[str, Path]:
     """Each trained generator that evaluate scores, and its file."""
-    files = {variant: runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.variants}
+    files = {variant: runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.train}
     return {**files, "c2crs": runs.conv_model_path(workspace)}
 
 
@@ -72,6 +71,7 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
             yield rows, naive[name](rows)
 
     files = files or model_files(params, workspace)
+    skip = skip | (set(rec_metrics.BASELINES) - set(naive) - set(files))  # baselines this run did not train
     models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
     if "textcnn" not in skip:
         textcnn = runs.load_textcnn(files["textcnn"]).to(run.device)

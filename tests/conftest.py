@@ -81,6 +81,8 @@ def fixture_params(mirror: Path, **ingest) -> dict:
     params["baselines"]["textcnn"].update(epochs=2, batch_size=4, embed_dim=16, n_filters=4)
     params["baselines"]["kgsf"].update(pretrain_epochs=1, epochs=2, batch_size=4)
     params["baselines"]["revcore"].update(pretrain_epochs=1, epochs=2, batch_size=4)
+    params["baselines"]["train"] = [name for name in params["baselines"] if name != "train"]  # the whole comparison
+    params["conv_baselines"]["train"] = list(params["conv_baselines"]["variants"])
     params["baselines"]["redial"].update(epochs=2, batch_size=4, hidden=16)
     params["finetune_conv"].update(epochs=2, batch_size=4)
     params["evaluate"]["decoding"].update(batch_size=3, max_tokens=8)

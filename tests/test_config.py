@@ -129,13 +129,14 @@ def test_a_bad_ablation_override_names_the_variant_and_the_key(tmp_path, overrid
 
 
 def test_a_conv_baseline_overrides_only_finetune_conv(tmp_path):
-    params = load_params(write(tmp_path, lambda p: p["conv_baselines"].update(variants={
+    params = load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["transformer"], variants={
         "transformer": {"finetune_conv.memories": ["history"], "finetune_conv.copy_mechanism": False}})))
     variant = params.variant("transformer", kind="conv_baselines")
     assert variant.finetune_conv.memories == ["history"] and not variant.finetune_conv.copy_mechanism
     assert variant.conv_baselines.variants == {} and variant.ablations.variants == {}
     with pytest.raises(ConfigError) as error:
-        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(variants={"bad": {"model.token_dim": 64}})))
+        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=[], variants={
+            "bad": {"model.token_dim": 64}})))
     assert "conv_baselines.variants.bad.model.token_dim: a variant of conv_baselines may change only finetune_conv" \
         in str(error.value)
     with pytest.raises(ConfigError, match="finetune_conv.memories: Value error, list each memory once"):
@@ -150,3 +151,18 @@ def test_a_conv_baseline_overrides_only_finetune_conv(tmp_path):
     with pytest.raises(ConfigError, match="vocabulary_bias reads the user's entity vector"):
         load_params(write(tmp_path, lambda p: p["finetune_conv"].update(
             pretrained="kgsf", memories=["word", "history"], vocabulary_bias=True)))
+
+
+def test_the_trained_baselines_are_known_and_bring_their_recommenders(tmp_path):
+    with pytest.raises(ConfigError, match="list each baseline once"):
+        load_params(write(tmp_path, lambda p: p["baselines"].update(train=["textcnn", "bert"])))
+    with pytest.raises(ConfigError, match="train: list each variant once"):
+        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["transformer", "transformer"])))
+    with pytest.raises(ConfigError, match="whose recommender 'kecrs' is not in baselines.train"):
+        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["kecrs"])))
+    with pytest.raises(ConfigError, match="whose recommender 'redial' is not in baselines.train"):
+        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["redial"])))
+    everything = load_params(write(tmp_path, lambda p: (
+        p["baselines"].update(train=["textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore"]),
+        p["conv_baselines"].update(train=list(p["conv_baselines"]["variants"])))))
+    assert len(everything.conv_baselines.train) == 7

@@ -137,8 +137,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert conv_flat["human.dist@2.corpus"] == conversation["human"]["dist@2"]["corpus"]
     distinct = {row["model"]: row for row in json.loads((workspace / "reports/distinct.json").read_text())}
     assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(conversation)
-    assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.variants)
-    assert set(params.conv_baselines.variants) == {"transformer", "redial", "kgsf", "kecrs", "revcore", "wo_iw"}
+    assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.train)
+    assert set(params.conv_baselines.train) == {"transformer", "kbrd", "redial", "kgsf", "kecrs", "revcore", "wo_iw"}
     for name, metrics in conversation.items():
         for n in (2, 3, 4):
             assert set(metrics[f"dist@{n}"]) == {"corpus", "per_sentence"}, name
@@ -163,7 +163,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     kecrs_generator = json.loads((workspace / "metrics/conv_baselines/kecrs.json").read_text())
     assert kecrs_generator["overrides"]["finetune_conv.bag_of_entity_weight"] == 1.5
     assert np.isfinite(kecrs_generator["train_loss"]) and "| KECRS |" in conv_report
-    assert np.isfinite(conversation["kecrs"]["perplexity"])
+    assert np.isfinite(conversation["kecrs"]["perplexity"]) and np.isfinite(conversation["kbrd"]["perplexity"])
     revcore_generator = json.loads((workspace / "metrics/conv_baselines/revcore.json").read_text())
     assert revcore_generator["overrides"]["finetune_conv.pretrained"] == "revcore" and "| RevCore |" in conv_report
     assert np.isfinite(conversation["revcore"]["perplexity"])

@@ -33,8 +33,8 @@ PAPER_TABLE3 = {  # Fluency, Informativeness (0-2, mean of three annotators)
     "Transformer": (0.97, 0.92), "ReDial": (1.35, 1.04), "KBRD": (1.23, 1.15), "KGSF": (1.48, 1.37),
     "KECRS": (1.39, 1.19), "RevCore": (1.52, 1.34), "C2-CRS": (1.55, 1.47),
 }
-MODEL_NAMES = {"transformer": "Transformer", "redial": "ReDial (HRED)", "kgsf": "KGSF", "kecrs": "KECRS",
-               "revcore": "RevCore", "wo_iw": "C2-CRS w/o instance weighting", "c2crs": "C2-CRS",
+MODEL_NAMES = {"transformer": "Transformer", "redial": "ReDial (HRED)", "kbrd": "KBRD", "kgsf": "KGSF",
+               "kecrs": "KECRS", "revcore": "RevCore", "wo_iw": "C2-CRS w/o instance weighting", "c2crs": "C2-CRS",
                "human": "human (gold responses)"}
 RATING_ASPECTS = ("fluency", "informativeness")
 RATING_COLUMNS = ("item", "sample_id", "context", "response", *RATING_ASPECTS)

@@ -2,8 +2,9 @@
 
 A stage's run() takes its output paths from here, and the orchestration (pipeline/) its flows, CLI listing and
 MLflow params; DVC reads the same file. Paths under data/ are a stage's data inputs, the other deps its code.
-A `foreach` stage is one stage per variant of a params section, named as DVC names it (ablations@wo_coarse): its
-spec here holds `${key}` in its paths until for_variant() fills them in.
+A `foreach` stage is one stage per variant of a params section (a mapping's keys: ablations.variants) or list
+(baselines.train), named as DVC names it (ablations@wo_coarse): its spec here holds `${key}` (`${item}` for a list)
+in its paths until for_variant() fills them in.
 """
 
 import dataclasses
@@ -40,7 +41,7 @@ class StageSpec:
             raise ValueError(f"stage {self.name!r} has no variants")
 
         def fill(values: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(value.replace("${key}", variant) for value in values)
+            return tuple(value.replace("${key}", variant).replace("${item}", variant) for value in values)
 
         return dataclasses.replace(self, name=f"{self.name}@{variant}", params=fill(self.params),
                                    outs=fill(self.outs), metrics=fill(self.metrics), reports=fill(self.reports),
@@ -127,7 +128,9 @@ def stage_making(path: str) -> str | None:
     family@variant. None: no stage declares it."""
     for spec in STAGES.values():
         for out in spec.outs + spec.metrics + spec.reports:
-            pattern = re.escape(out).replace(re.escape("${key}"), "(?P<key>[^/]+)")
+            pattern = re.escape(out)
+            for variable in ("${key}", "${item}"):  # a dict's variant, a list's
+                pattern = pattern.replace(re.escape(variable), "(?P<key>[^/]+)")
             found = re.fullmatch(pattern + "(/.+)?", path)
             if found:
                 return f"{spec.name}@{found.group('key')}" if spec.foreach else spec.name

@@ -219,7 +219,7 @@ def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndar
     wanted = model.generator.cfg.memory_dims
     context = {k: v.to(run.device) for k, v in context_batch(table, rows, run.pad_id, run.max_context_entities).items()}
     entity_rows, entity_ids = None, context["entity_ids"]
-    if "kg" in wanted:
+    if "kg" in wanted or model.generator.cfg.user_bias_dim:  # the KG memory, or KBRD's user vector
         nodes, (entity_ids,) = batch_entities(entity_ids)
         entity_rows = model.entity_rows(nodes, run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
     review_states = None

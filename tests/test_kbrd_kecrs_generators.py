@@ -1,6 +1,7 @@
-"""KECRS's generator (models/generator.py's bag-of-entity head and infusion, stages/training/kecrs_train.py): the
-entity distribution summed over a response, both losses by hand, the decoding mixture, the names of entities in the
-vocabulary, the KG neighbours of a turn's movies, and a saved model that decodes the same after loading."""
+"""KBRD's and KECRS's generators. KBRD: the user bias. KECRS (models/generator.py's bag-of-entity head and
+infusion, stages/training/kecrs_train.py): the entity distribution summed over a response, both losses by hand, the
+decoding mixture, the names of entities in the vocabulary, the KG neighbours of a turn's movies, and a saved model
+that decodes the same after loading."""
 
 import dataclasses
 from types import SimpleNamespace
@@ -164,3 +165,33 @@ def test_kecrs_losses_need_a_frozen_kbrd_style_recommender():
         FinetuneConvConfig(pretrained="kecrs", memories=["history"], infusion_weight=0.025, freeze=["kg"])
     FinetuneConvConfig(pretrained="kecrs", memories=["history"], bag_of_entity_weight=1.5, infusion_weight=0.025,
                        freeze=["kg"])
+
+
+def test_kbrds_user_bias_shifts_every_logit_by_its_users_bias_and_reads_the_frozen_user_vector():
+    torch.manual_seed(0)
+    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=4,
+                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    config = runs.ConvModelConfig(
+        encoders=dataclasses.asdict(encoders.cfg),
+        generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"history": 8}, dim=8, n_heads=2,
+                                                     ffn_dim=16, max_positions=8, copy=False, user_bias_dim=4)),
+        movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg"], pretrained="kbrd")
+    model = runs.conversation_model(config, encoders).eval()
+    edge_index, edge_type = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([0, 1, 0, 1])
+    entity_ids = torch.tensor([[0, 2], [3, -1]])
+    nodes = torch.tensor([0, 2, 3])
+    rows = model.entity_rows(nodes, edge_index, edge_type)
+    memories, _ = model.memories(torch.tensor([[5, 6], [7, 0]]), rows, torch.tensor([[0, 1], [2, -1]]),
+                                 torch.zeros((2, 1, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.bool))
+    N = encoders.entity_graph(edge_index, edge_type)
+    assert torch.allclose(memories[USER].states[:, 0], encoders.user_vector(N, entity_ids), atol=1e-5)
+    hidden = torch.randn(2, 3, 8)
+    user = memories[USER].states.expand(-1, 3, -1)
+    shift = model.generator.vocabulary_logits(hidden, user) - (hidden @ model.generator.tokens.weight.T
+                                                               + model.generator.output_bias)
+    assert torch.allclose(shift, model.generator.user_bias(user), atol=1e-5)
+    assert not torch.allclose(shift[0, 0], shift[1, 0])  # each user its own bias, the same at every step
+    with pytest.raises(ValueError, match="needs the user vectors"):
+        model.generator.vocabulary_logits(hidden)
+    with pytest.raises(ValueError, match="user_bias is KBRD's"):
+        FinetuneConvConfig(pretrained="none", memories=["history"], user_bias=True)
