@@ -8,6 +8,7 @@ schema: an unknown key, a wrong type or an out-of-range value fails with the key
 """
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,35 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong type is refused, never coerced (true is no seed, '0.2' no fraction)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as params files mean it: a key given twice is an error (PyYAML keeps the last one silently), and
+    1e-3 is a number (YAML 1.2; PyYAML's 1.1 rules read it as the string '1e-3')."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """Text of a params file (or a -S value) read with ParamsLoader."""
+    return yaml.load(text, Loader=ParamsLoader)
 
 
 class Download(Section):
@@ -441,7 +470,7 @@ class StudyConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, lt=2**32)  # numpy and torch both take it
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True  # torch's deterministic kernels: reruns agree bit for bit (bench/determinism.py)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: training forward passes under bf16 autocast (GPU)
@@ -464,9 +493,18 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
 
+    @staticmethod
+    def _earlier_sections_valid(info: ValidationInfo) -> bool:
+        """Whether every section before this one validated: overrides are checked against them, and one bad value
+        elsewhere (reported on its own) must not make every variant look wrong too."""
+        earlier = list(Params.model_fields)[: list(Params.model_fields).index(info.field_name)]
+        return all(name in info.data for name in earlier)
+
     @field_validator("study")
     @classmethod
     def _study_overrides_apply(cls, study: StudyConfig, info: ValidationInfo) -> StudyConfig:
+        if not cls._earlier_sections_valid(info):
+            return study
         for group in ("settings", "extensions"):
             for name, overrides in getattr(study, group).items():
                 if not name.isidentifier():
@@ -484,6 +522,8 @@ class Params(Section):
     @classmethod
     def _variants_apply(cls, section: "VariantsConfig", info: ValidationInfo) -> "VariantsConfig":
         """Each variant must name keys its kind may change and give values the schema accepts."""
+        if not cls._earlier_sections_valid(info):
+            return section
         for name, overrides in section.variants.items():
             if not name.isidentifier():
                 raise ValueError(f"{info.field_name}.variants.{name}: a variant name must be an identifier "
@@ -555,7 +595,7 @@ def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kin
 def reference_overrides(path: Path, params_path: Path | None = None) -> dict[str, Any]:
     """params/reference.yaml: the authors' configuration as dotted overrides, checked against params.yaml."""
     try:
-        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
+        overrides = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
@@ -574,7 +614,7 @@ def load_params(path: str | Path) -> Params:
     """Read and validate params.yaml; every problem is reported with its key path."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, read_yaml
 
 PREFECT_UI_PORT = 4200
 MLFLOW_UI_PORT = 5000
@@ -25,14 +25,12 @@ def prefect_api() -> str | None:
 
 def parse_overrides(pairs: list[str]) -> dict:
     """KEY=VALUE pairs, each VALUE read as YAML (0.001, true, [a, b]) as `dvc exp run -S` reads it."""
-    import yaml
-
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (finetune_rec.lr=0.0005)")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = read_yaml(value)
     return overrides
 
 

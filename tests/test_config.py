@@ -166,3 +166,37 @@ def test_the_trained_baselines_are_known_and_bring_their_recommenders(tmp_path):
         p["baselines"].update(train=["textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore"]),
         p["conv_baselines"].update(train=list(p["conv_baselines"]["variants"])))))
     assert len(everything.conv_baselines.train) == 7
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", True, "seed: Input should be a valid integer"),  # not 1
+    ("seed", "42", "seed: Input should be a valid integer"),
+    ("seed", 2 ** 80, "seed: Input should be less than 4294967296"),
+    ("ingest.valid_fraction", "0.2", "ingest.valid_fraction: Input should be a valid number"),
+    ("model.token_dim", 64.0, "model.token_dim: Input should be a valid integer"),
+    ("finetune_conv.copy_mechanism", "yes", "finetune_conv.copy_mechanism: Input should be a valid boolean"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(tmp_path, key, value, message):
+    def change(params):
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+    with pytest.raises(ConfigError) as error:
+        load_params(write(tmp_path, change))
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'params.yaml'}: 1 invalid value(s)"  # the file actually read
+    assert len(lines) == 2 and message in lines[1]  # the one real error, no lines about variants
+
+
+def test_a_key_given_twice_is_refused_and_yaml_1_2_numbers_are_numbers(tmp_path):
+    text = (PROJECT / "params.yaml").read_text()
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text(text.replace("seed: 42\n", "seed: 42\nseed: 7\n", 1))
+    with pytest.raises(ConfigError, match=r"not valid YAML: key 'seed' given twice \(first on line \d+\)"):
+        load_params(doubled)
+    exponent = tmp_path / "exponent.yaml"
+    exponent.write_text(text.replace("  learning_rate: 0.001\n", "  learning_rate: 1e-3\n", 1))
+    assert load_params(exponent).pretrain_coarse.learning_rate == 0.001  # PyYAML alone reads '1e-3', a string
