@@ -23,6 +23,8 @@ MODELS_FROM_HELP = ("registry (default): each model's champion in the MLflow reg
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get("C2CRS_DEBUG")),
+                        help="on an error, show its traceback (also: C2CRS_DEBUG=1); without, one `error:` line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one stage, or all of them, as a Prefect flow")
@@ -102,13 +104,67 @@ def main(argv: list[str] | None = None) -> int:
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    command = {"run": _run, "stages": _stages, "repro": _repro, "ui": operate.ui_command, "score": _score,
+               "rate": _rate, "talk": _talk, "study": _study, "reference": _reference,
+               "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command]
+    if not args.debug:
+        quiet_tracebacks()
     try:
-        return {"run": _run, "stages": _stages, "repro": _repro, "ui": operate.ui_command, "score": _score,
-                "rate": _rate, "talk": _talk, "study": _study, "reference": _reference,
-                "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command](args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return command(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        expected = isinstance(exc, PROJECT_ERRORS)
+        print(f"error: {error_message(exc)}" + ("" if expected else " (an unexpected error: rerun with --debug "
+                                                                     "for its traceback, and report it)"),
+              file=sys.stderr)
+        return 2 if expected else 1
+
+
+# What bad input, a missing file or no network raise (every error class of ours is a ValueError): the user can fix
+# these, so they get one line and exit code 2; anything else is a bug, reported as one too (exit 1, --debug).
+def _project_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return ValueError, OSError, httpx.HTTPError
+
+
+PROJECT_ERRORS = _project_errors()
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for an error: the URL a download could not reach, the path an OS error is about, else the message."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPError):
+        try:
+            url = exc.request.url
+        except RuntimeError:  # an error raised before any request was made
+            url = None
+        return f"cannot download {url}: {type(exc).__name__}: {exc} (check the network, or use the mirror: " \
+               f"data.source: mirror with C2CRS_DATA_DIR)" if url else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = " ".join(str(exc).split()) if not isinstance(exc, ConfigError) else str(exc)
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps a log record's message and drops its traceback (the CLI prints the error once, as one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_tracebacks() -> None:
+    """Prefect logs a failed flow's traceback, and the stage logs its own errors: without --debug only the CLI's one
+    `error:` line says what went wrong."""
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine", "stages", "pipeline"):
+        logging.getLogger(name).addFilter(_NoTraceback())
 
 
 def _run(args) -> int:

@@ -105,5 +105,48 @@ def test_a_finished_stage_survives_losing_the_prefect_api(params_file, monkeypat
 
     monkeypatch.setattr(flows, "run_stage_flow", lost_before_finishing)
     monkeypatch.setattr(flows, "FINISHED", {})
-    with pytest.raises(httpx.ConnectError):
-        cli.main(["run", "ingest", "--params", str(params_file)])
+    assert cli.main(["run", "ingest", "--params", str(params_file)]) == 2  # not finished: the stage fails
+    assert capsys.readouterr().err == "error: ConnectError: [Errno 111] Connection refused\n"
+
+
+def test_a_data_error_inside_a_stage_is_one_error_line_without_tracebacks(params_file, mirror):
+    train = mirror / "redial" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[2] = '{"conversationId": 5, "messages": 3}'
+    train.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
+                          cwd=params_file.parent, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {train}, line 3: record lacks required key(s) initiatorWorkerId, respondentWorkerId, "
+                      "movieMentions [missing_keys]. Set ingest.on_bad_record: skip to drop such records and count "
+                      "them."]
+
+
+def test_project_errors_exit_2_with_one_line_bugs_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import httpx
+
+    from pipeline import cli as cli_module
+
+    assert cli_module.main(["run", "ingest", "--params", str(tmp_path)]) == 2  # a directory, not a params file
+    assert capsys.readouterr().err == f"error: {tmp_path}: Is a directory\n"
+
+    request = httpx.Request("GET", "https://example.org/redial_dataset.zip")
+    failures = iter([httpx.ConnectError("no route to host", request=request), RuntimeError("a bug")])
+
+    def failing(*args):
+        raise next(failures)
+
+    monkeypatch.setattr(cli_module, "_stages", failing)
+    assert cli_module.main(["stages"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot download https://example.org/redial_dataset.zip: ConnectError: no route")
+    assert len(err.splitlines()) == 1
+    assert cli_module.main(["stages"]) == 1
+    assert "error: RuntimeError: a bug (an unexpected error: rerun with --debug" in capsys.readouterr().err
+    monkeypatch.setattr(cli_module, "_stages", lambda args: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError, match="bad"):
+        cli_module.main(["--debug", "stages"])
