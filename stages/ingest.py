@@ -143,19 +143,19 @@ def read_conversations(path: Path, split: str, bad: BadRecords,
     """Parse one ReDial JSONL file into conversation rows, merged utterance rows and movie form rows.
 
     `seen` maps the conversation ids read so far (from any file) to where they were read, to catch duplicates.
+    Accepted as they are: a UTF-8 byte order mark and CR or CRLF line ends. A file that is not JSON lines at all
+    (UTF-16, one JSON array, empty) is an error in either on_bad_record mode: skipping every record of it would
+    look like a successful ingest.
     """
     conversations, utterances, forms = [], [], []
-    with open(path, "rb") as f:
-        for line_no, raw_line in enumerate(tqdm(f, desc=path.name, unit=" conv", disable=None), start=1):
-            if not raw_line.strip():
-                continue
-            record = _parse_record(raw_line, path, line_no, bad)
-            if record is None:
-                continue
+    for line_no, raw_line in enumerate(tqdm(_json_lines(path), desc=path.name, unit=" conv", disable=None), start=1):
+        if not raw_line.strip():
+            continue
+        for record in _parse_records(raw_line, path, line_no, bad):
             turns = _merge_turns(record, path, line_no, bad)
             if turns is None:
                 continue
-            conv_id = int(record["conversationId"])
+            conv_id = record["conversationId"]
             if conv_id in seen:
                 bad.report("duplicate_conversation", path, line_no,
                            f"conversation {conv_id} was already read from {seen[conv_id]}")
@@ -164,8 +164,8 @@ def read_conversations(path: Path, split: str, bad: BadRecords,
             conversations.append({
                 "conv_id": conv_id,
                 "split": split,
-                "seeker_worker_id": int(record["initiatorWorkerId"]),
-                "recommender_worker_id": int(record["respondentWorkerId"]),
+                "seeker_worker_id": record["initiatorWorkerId"],
+                "recommender_worker_id": record["respondentWorkerId"],
                 "n_turns": len(turns),
                 "n_messages": len(record["messages"]),
                 "source_file": path.name,
@@ -173,7 +173,22 @@ def read_conversations(path: Path, split: str, bad: BadRecords,
             })
             utterances.extend({"conv_id": conv_id, "turn_idx": i, **turn} for i, turn in enumerate(turns))
             forms.extend(_movie_forms(record, conv_id, path, line_no, bad))
+    if not conversations:
+        raise BadRecordError(f"{path}: no conversation could be read ({sum(bad.counts.values())} bad records so "
+                             "far): expected ReDial's JSON lines, one conversation object per line, in UTF-8")
     return conversations, utterances, forms
+
+
+def _json_lines(path: Path) -> list[bytes]:
+    """The file's lines (split at LF, CR or CRLF), without a UTF-8 byte order mark."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise BadRecordError(f"{path}: the file is UTF-16; ReDial's JSON lines are UTF-8 (convert it, e.g. "
+                             "iconv -f UTF-16 -t UTF-8)")
+    if data.lstrip()[:1] == b"[":
+        raise BadRecordError(f"{path}: the file is one JSON array; ReDial's format is one conversation object per "
+                             "line (JSON lines)")
+    return data.removeprefix(b"\xef\xbb\xbf").splitlines()
 
 
 def _movie_forms(record: dict, conv_id: int, path: Path, line_no: int, bad: BadRecords) -> list[dict]:
@@ -207,17 +222,40 @@ def _movie_forms(record: dict, conv_id: int, path: Path, line_no: int, bad: BadR
     return rows
 
 
-def _parse_record(raw_line: bytes, path: Path, line_no: int, bad: BadRecords) -> dict | None:
+MAX_ID = 2 ** 63 - 1  # ids are stored as int64
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # no text of a conversation holds these
+
+
+def _parse_records(raw_line: bytes, path: Path, line_no: int, bad: BadRecords) -> list[dict]:
+    """The checked record of a line (ids as ints), or none; several objects run together on one line (a lost
+    line break) are each a bad record."""
     try:
         text = raw_line.decode("utf-8")
     except UnicodeDecodeError as exc:
         bad.report("invalid_utf8", path, line_no, f"invalid UTF-8 at byte {exc.start}")
-        return None
+        return []
+    decoder, records, end = json.JSONDecoder(), [], 0
     try:
-        record = json.loads(text)
+        while end < len(text.rstrip()):
+            record, end = decoder.raw_decode(text, len(text) - len(text[end:].lstrip()))
+            records.append(record)
     except json.JSONDecodeError as exc:
         bad.report("malformed_json", path, line_no, f"malformed JSON: {exc.msg} at column {exc.colno}")
-        return None
+        return []
+    except RecursionError:
+        bad.report("malformed_json", path, line_no, "JSON nested too deeply")
+        return []
+    if len(records) > 1:
+        for _ in records:
+            bad.report("joined_records", path, line_no, f"{len(records)} JSON values on one line (a line break is "
+                       "missing between them)")
+        return []
+    record = _check_record(records[0], path, line_no, bad)
+    return [] if record is None else [record]
+
+
+def _check_record(record, path: Path, line_no: int, bad: BadRecords) -> dict | None:
+    """The record with its ids as ints, or None (reported) when it does not follow ReDial's format."""
     if not isinstance(record, dict):
         bad.report("malformed_json", path, line_no, f"expected a JSON object, got {type(record).__name__}")
         return None
@@ -225,35 +263,80 @@ def _parse_record(raw_line: bytes, path: Path, line_no: int, bad: BadRecords) ->
     if missing:
         bad.report("missing_keys", path, line_no, f"record lacks required key(s) {', '.join(missing)}")
         return None
+    record = dict(record)
+    for key in ("conversationId", "initiatorWorkerId", "respondentWorkerId"):
+        value = _parse_id(record[key])
+        if value is None:
+            bad.report("bad_id", path, line_no, f"{key} must be a whole number from 0 to {MAX_ID} (or its digits "
+                       f"as a string), got {record[key]!r}")
+            return None
+        record[key] = value
     where = f"conversation {record['conversationId']}"
-    if not isinstance(record["messages"], list) or not isinstance(record["movieMentions"], (dict, list)):
-        bad.report("missing_keys", path, line_no, f"{where}: messages must be a list and movieMentions a mapping")
+    if record["initiatorWorkerId"] == record["respondentWorkerId"]:
+        bad.report("bad_id", path, line_no, f"{where}: the initiator and the respondent are the same worker "
+                   f"({record['initiatorWorkerId']})")
+        return None
+    if record["movieMentions"] == []:  # an empty mapping written as [] by some copies
+        record["movieMentions"] = {}
+    mentions = record["movieMentions"]
+    if not isinstance(record["messages"], list) or not isinstance(mentions, dict):
+        bad.report("missing_keys", path, line_no, f"{where}: messages must be a list and movieMentions a mapping "
+                   f"of movie id to title, got {type(record['messages']).__name__} and {type(mentions).__name__}")
+        return None
+    wrong_movie = next((m for m in mentions if _parse_id(m) is None), None)
+    if wrong_movie is not None:
+        bad.report("bad_id", path, line_no, f"{where}: movieMentions key {wrong_movie!r} is no movie id (digits, "
+                   f"at most {MAX_ID})")
         return None
     for index, message in enumerate(record["messages"]):
         absent = [k for k in REQUIRED_MESSAGE_KEYS if not isinstance(message, dict) or k not in message]
         if absent:
             bad.report("missing_keys", path, line_no, f"{where}: message {index} lacks {', '.join(absent)}")
             return None
-    try:
-        for key in ("conversationId", "initiatorWorkerId", "respondentWorkerId"):
-            int(record[key])
-    except (TypeError, ValueError):
-        bad.report("missing_keys", path, line_no, f"{where}: {key} must be an integer, got {record[key]!r}")
-        return None
+        problem = _text_problem(message["text"])
+        if problem:
+            bad.report("bad_text", path, line_no, f"{where}: message {index}: text {problem}")
+            return None
+        if _parse_id(message["senderWorkerId"]) is None:
+            bad.report("bad_id", path, line_no, f"{where}: message {index}: senderWorkerId must be a whole number, "
+                       f"got {message['senderWorkerId']!r}")
+            return None
     return record
+
+
+def _parse_id(value) -> int | None:
+    """An id as ReDial writes them (a JSON integer, or a string of digits) within int64; None for anything else
+    (true, 12345.7, -3, Infinity, "12a")."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        return None
+    return value
+
+
+def _text_problem(text) -> str | None:
+    if not isinstance(text, str):
+        return f"must be a string, got {'null' if text is None else type(text).__name__}"
+    if CONTROL_CHARACTERS.search(text):
+        return "holds a control character (such as NUL)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (an escape such as \\ud800 that is no character)"
+    return None
 
 
 def _merge_turns(record: dict, path: Path, line_no: int, bad: BadRecords) -> list[dict] | None:
     """Consecutive same-speaker messages become one turn; movie ids are kept once per turn, in order."""
     where = f"conversation {record['conversationId']}"
-    roles = {int(record["initiatorWorkerId"]): "seeker", int(record["respondentWorkerId"]): "recommender"}
+    roles = {record["initiatorWorkerId"]: "seeker", record["respondentWorkerId"]: "recommender"}
     declared = {str(movie_id) for movie_id in record["movieMentions"]}
-    turns: list[dict] = []
+    turns: list[dict] = []  # each turn's text parts and movie ids are joined at the end (linear in the record)
     for message in record["messages"]:
-        text = str(message["text"]).strip()
+        text = message["text"].strip()
         if not text:
             continue
-        role = roles.get(_as_int(message["senderWorkerId"]))
+        role = roles.get(_parse_id(message["senderWorkerId"]))
         if role is None:
             bad.report("unknown_sender", path, line_no,
                        f"{where}: sender {message['senderWorkerId']!r} is neither the initiator nor the respondent")
@@ -266,21 +349,18 @@ def _merge_turns(record: dict, path: Path, line_no: int, bad: BadRecords) -> lis
                 continue
             movie_ids.append(int(movie_id))
         if turns and turns[-1]["role"] == role:
-            turns[-1]["text"] += " " + text
-            turns[-1]["movie_ids"] += [m for m in movie_ids if m not in turns[-1]["movie_ids"]]
+            turn = turns[-1]
+            turn["text"].append(text)
+            # (as ingested so far: a movie named twice in a merged message counts twice; noted in the README)
+            turn["movie_ids"] += [m for m in movie_ids if m not in turn["seen"]]
+            turn["seen"].update(movie_ids)
         else:
-            turns.append({"role": role, "text": text, "movie_ids": list(dict.fromkeys(movie_ids))})
+            first = list(dict.fromkeys(movie_ids))
+            turns.append({"role": role, "text": [text], "movie_ids": first, "seen": set(first)})
     if not turns:
         bad.report("empty_conversation", path, line_no, f"{where}: no message with text")
         return None
-    return turns
-
-
-def _as_int(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+    return [{"role": t["role"], "text": " ".join(t["text"]), "movie_ids": t["movie_ids"]} for t in turns]
 
 
 def assign_validation(conversations: list[dict], valid_split: str, valid_fraction: float,
