@@ -15,6 +15,7 @@ from pipeline.config import load_params
 from pipeline.invocation import TRIGGERED_BY_ENV, new_invocation
 from pipeline.paths import git_commit
 from stages.io.graph import STAGES, params_value, stage_body, stage_instances, stage_spec
+from stages.io.outputs import finish_interrupted_commits, stage_lock
 from pipeline.tracking import stage_run
 
 
@@ -27,7 +28,8 @@ def _run_stage(name: str, params_file: str) -> dict:
     workspace = Path(params_file).resolve().parent  # paths in params are relative to the params file
     dumped = params.model_dump()
     sections = {key: params_value(dumped, key) for key in stage_spec(name).params}
-    with stage_run(name, sections, flow_run_id=current_flow_run.id) as run:
+    with stage_lock(workspace, name), stage_run(name, sections, flow_run_id=current_flow_run.id) as run:
+        finish_interrupted_commits(workspace)  # a killed stage's half-made commit, completed before anyone reads
         outcome = stage_body(name)(params, workspace, run)
         run.log_inputs(outcome.inputs)
         run.log_metrics(outcome.metrics)

@@ -1,4 +1,5 @@
-"""Outputs are replaced all at once or not at all, even when the writing process is killed."""
+"""Outputs are replaced all at once or not at all, even when the writing process is killed, concurrent writers
+never mix their sets, and a stage cannot run twice at once."""
 
 import os
 import signal
@@ -10,8 +11,14 @@ import time
 import polars as pl
 import pytest
 
-from stages.io.outputs import content_hash, write_outputs
+from stages.io.outputs import (COMMIT_LOCK, OutputsBusyError, content_hash, finish_interrupted_commits, stage_lock,
+                                write_outputs)
 from tests.conftest import PROJECT
+
+
+def files_in(folder) -> list[str]:
+    """The folder's files but the commit lock (which stays, as every lock file)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != COMMIT_LOCK)
 
 
 def test_outputs_are_written(tmp_path):
@@ -23,6 +30,7 @@ def test_outputs_are_written(tmp_path):
 def test_an_error_midway_keeps_the_previous_outputs_and_no_temporary_files(tmp_path, monkeypatch):
     first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
     write_outputs({first: pl.DataFrame({"x": [1]}), second: pl.DataFrame({"x": [1]})})
+    (tmp_path / COMMIT_LOCK).touch()
     before = content_hash(tmp_path)
     original = pl.DataFrame.write_parquet
     calls = []
@@ -37,7 +45,7 @@ def test_an_error_midway_keeps_the_previous_outputs_and_no_temporary_files(tmp_p
     with pytest.raises(OSError, match="disk full"):
         write_outputs({first: pl.DataFrame({"x": [2]}), second: pl.DataFrame({"x": [2]})})
     assert content_hash(tmp_path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
+    assert files_in(tmp_path) == ["first.parquet", "second.parquet"]
 
 
 def test_a_kill_midway_keeps_the_previous_outputs(tmp_path):
@@ -69,13 +77,97 @@ def test_a_kill_midway_keeps_the_previous_outputs(tmp_path):
     (tmp_path / "ready").unlink()
     assert pl.read_parquet(first)["x"].to_list() == [1]
     assert pl.read_parquet(second)["x"].to_list() == [1]
-    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    leftovers = [name for name in files_in(tmp_path) if name.startswith(".")]
     assert leftovers == [f".first.parquet.{writer.pid}.tmp", f".second.parquet.{writer.pid}.tmp"]
 
     # The next run clears what the killed one left behind.
     write_outputs({first: pl.DataFrame({"x": [3]}), second: pl.DataFrame({"x": [3]})})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
+    assert files_in(tmp_path) == ["first.parquet", "second.parquet"]
     assert pl.read_parquet(second)["x"].to_list() == [3]
+
+
+def _writer_killed_between_renames(tmp_path, targets) -> int:
+    """Run write_outputs of value 2 into targets in another process and kill it after its first rename (the
+    journal written); returns its pid."""
+    script = textwrap.dedent(f"""
+        import os, time, polars as pl
+        from pathlib import Path
+        from stages.io import outputs
+        original, renames = Path.replace, []
+        def replace(self, target):
+            result = original(self, target)
+            if Path(target).suffix == ".parquet":
+                renames.append(target)
+                if len(renames) == 1:  # the first output is in place, the second not yet
+                    Path({str(tmp_path / "ready")!r}).touch()
+                    time.sleep(60)
+            return result
+        Path.replace = replace
+        outputs.write_outputs({{Path(t): pl.DataFrame({{"x": [2]}}) for t in {[str(t) for t in targets]!r}}})
+    """)
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert writer.poll() is None and time.monotonic() < deadline, "writer ended before reaching the kill point"
+        time.sleep(0.05)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    (tmp_path / "ready").unlink()
+    return writer.pid
+
+
+def test_a_kill_between_the_renames_is_completed_before_anyone_reads(tmp_path):
+    first, second = tmp_path / "data" / "first.parquet", tmp_path / "metrics" / "second.parquet"
+    write_outputs({first: pl.DataFrame({"x": [1]}), second: pl.DataFrame({"x": [1]})})
+    pid = _writer_killed_between_renames(tmp_path, [first, second])
+    # The mixed set a reader would see now: the new first table with the old second one, and the journal.
+    assert pl.read_parquet(first)["x"].to_list() == [2] and pl.read_parquet(second)["x"].to_list() == [1]
+    assert (tmp_path / f".outputs-commit.{pid}.json").exists()
+    assert finish_interrupted_commits(tmp_path) == [second]  # what the stage runner does before any stage
+    assert pl.read_parquet(first)["x"].to_list() == [2] and pl.read_parquet(second)["x"].to_list() == [2]
+    assert files_in(tmp_path) == ["data", "metrics"]
+    assert files_in(tmp_path / "data") == ["first.parquet"] and files_in(tmp_path / "metrics") == ["second.parquet"]
+
+
+def test_concurrent_writers_never_mix_their_sets(tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from stages.io.outputs import write_outputs
+        for i in range(40):
+            write_outputs({{Path({str(first)!r}): {{"writer": sys.argv[1], "i": i}},
+                           Path({str(second)!r}): {{"writer": sys.argv[1], "i": i}}}})
+    """)
+    writers = [subprocess.Popen([sys.executable, "-c", script, name], cwd=PROJECT) for name in ("a", "b")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    assert first.read_text() == second.read_text()  # one writer's last set, whole
+    assert files_in(tmp_path) == ["first.json", "second.json"]
+
+
+def test_a_stage_runs_once_at_a_time_and_says_who_runs_it(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from stages.io.outputs import stage_lock
+        with stage_lock(Path({str(tmp_path)!r}), "ingest"):
+            Path({str(tmp_path / "ready")!r}).touch()
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert holder.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(OutputsBusyError, match=f"stage ingest is already running in .* \\(pid {holder.pid}\\)"):
+        with stage_lock(tmp_path, "ingest"):
+            pass
+    with stage_lock(tmp_path, "kg"):  # another stage is free to run
+        pass
+    holder.kill()
+    holder.wait()
+    with stage_lock(tmp_path, "ingest"):  # a killed holder's lock is gone with it
+        pass
 
 
 def test_repeated_skip_warnings_are_shown_a_few_times_then_counted(caplog):

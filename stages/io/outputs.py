@@ -1,5 +1,8 @@
-"""Stage outputs on disk: Parquet tables and JSON metrics, written so that a killed stage leaves the old ones."""
+"""Stage outputs on disk: Parquet tables and JSON metrics, committed as a set, so that a killed stage leaves either
+its previous outputs or its new ones (never a mix), and a stage that is running cannot be started twice."""
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -13,21 +16,34 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
-    """Write every output to a temporary file beside its target, then rename them into place.
+COMMIT_JOURNAL = ".outputs-commit"  # <root>/.outputs-commit.<pid>.json: the renames of a commit under way
+COMMIT_LOCK = ".outputs.lock"
 
-    Nothing is renamed until every file is written, so an exception or a kill during the slow part leaves the
-    previous outputs untouched; a rename within one directory is atomic. In a distributed run only the first
-    process writes.
+
+class OutputsBusyError(RuntimeError):
+    """Another live process holds what this one needs (a stage's lock, a commit under way); names it."""
+
+
+def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
+    """Write a stage's outputs as one set: all of them or none, even if the process is killed.
+
+    Every output is written to a temporary file beside its target (named with this process's id) and synced; then a
+    journal listing the renames is written atomically, the renames run, and the journal is removed. A kill before
+    the journal leaves the previous outputs (and temporaries that the next writer removes); a kill during the
+    renames leaves the journal, and finish_interrupted_commits (run before every stage) completes it: the new set.
+    Commits into the same folder take turns (a lock), so two concurrent writers never mix their sets. In a
+    distributed run only the first process writes.
     """
     if not is_main_process():
         return
+    targets = list(outputs)
+    root = Path(os.path.commonpath([t.parent for t in targets]))
+    finish_interrupted_commits(root)
     staged: list[tuple[Path, Path]] = []
     try:
         for target, content in outputs.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed run
-                stale.unlink()
+            _remove_dead_temporaries(target)
             temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             staged.append((temporary, target))
             if isinstance(content, pl.DataFrame):
@@ -36,14 +52,94 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
                 temporary.write_text(content, encoding="utf-8")
             else:
                 temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            with open(temporary, "rb") as f:
-                os.fsync(f.fileno())
+            _sync(temporary)
     except BaseException:
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
         raise
-    for temporary, target in staged:
-        temporary.replace(target)
+    with _locked(root / COMMIT_LOCK):
+        journal = root / f"{COMMIT_JOURNAL}.{os.getpid()}.json"
+        pending = journal.with_name(journal.name + ".tmp")
+        pending.write_text(json.dumps([[str(t), str(d)] for t, d in staged]), encoding="utf-8")
+        _sync(pending)
+        pending.replace(journal)  # from here on, the new set is the committed one
+        for temporary, target in staged:
+            temporary.replace(target)
+        journal.unlink()
+
+
+def finish_interrupted_commits(root: Path) -> list[Path]:
+    """Complete the commits in `root` that a killed writer left half done (their journals); returns the targets
+    moved into place. A journal of a live process is a commit under way: OutputsBusyError."""
+    finished = []
+    for journal in sorted(root.glob(f"{COMMIT_JOURNAL}.*.json")):
+        pid = int(journal.name.split(".")[2])
+        if pid != os.getpid() and _alive(pid):
+            raise OutputsBusyError(f"{root}: process {pid} is committing outputs here right now; wait for it")
+        for temporary, target in json.loads(journal.read_text(encoding="utf-8")):
+            if Path(temporary).exists():
+                Path(temporary).replace(target)
+                finished.append(Path(target))
+        journal.unlink()
+    return finished
+
+
+def _remove_dead_temporaries(target: Path) -> None:
+    """Temporaries of this target left by killed writers (a live writer's are its own business)."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{target.name}.").removesuffix(".tmp")
+        if not pid.isdigit() or not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on a file (released when the holder exits or is killed)."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def stage_lock(workspace: Path, stage: str):
+    """Holds `stage`'s lock in this workspace while it runs: a second run of the same stage fails at once, naming
+    the process that runs it (two runs would compute the same outputs and race to write them)."""
+    locks = workspace / "data" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{stage}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputsBusyError(f"stage {stage} is already running in {workspace} (pid {holder}); wait for it "
+                                   "or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def content_hash(path: Path) -> str:
