@@ -20,7 +20,7 @@ COMMIT_JOURNAL = ".outputs-commit"  # <root>/.outputs-commit.<pid>.json: the ren
 COMMIT_LOCK = ".outputs.lock"
 
 
-class OutputsBusyError(RuntimeError):
+class OutputsBusyError(OSError):
     """Another live process holds what this one needs (a stage's lock, a commit under way); names it."""
 
 
@@ -43,7 +43,7 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
     try:
         for target, content in outputs.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            _remove_dead_temporaries(target)
+            _remove_dead_temporaries(target, root)
             temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             staged.append((temporary, target))
             if isinstance(content, pl.DataFrame):
@@ -58,6 +58,7 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
             temporary.unlink(missing_ok=True)
         raise
     with _locked(root / COMMIT_LOCK):
+        _complete_journals(root)  # (one a writer killed since this one started)
         journal = root / f"{COMMIT_JOURNAL}.{os.getpid()}.json"
         pending = journal.with_name(journal.name + ".tmp")
         pending.write_text(json.dumps([[str(t), str(d)] for t, d in staged]), encoding="utf-8")
@@ -70,12 +71,16 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
 
 def finish_interrupted_commits(root: Path) -> list[Path]:
     """Complete the commits in `root` that a killed writer left half done (their journals); returns the targets
-    moved into place. A journal of a live process is a commit under way: OutputsBusyError."""
+    moved into place. Run before every stage, so no stage reads a half-committed set."""
+    with _locked(root / COMMIT_LOCK):
+        return _complete_journals(root)
+
+
+def _complete_journals(root: Path) -> list[Path]:
+    """Under the commit lock: a journal left here is a killed writer's (a live one removes its own before letting
+    go of the lock); do its remaining renames."""
     finished = []
     for journal in sorted(root.glob(f"{COMMIT_JOURNAL}.*.json")):
-        pid = int(journal.name.split(".")[2])
-        if pid != os.getpid() and _alive(pid):
-            raise OutputsBusyError(f"{root}: process {pid} is committing outputs here right now; wait for it")
         for temporary, target in json.loads(journal.read_text(encoding="utf-8")):
             if Path(temporary).exists():
                 Path(temporary).replace(target)
@@ -84,11 +89,14 @@ def finish_interrupted_commits(root: Path) -> list[Path]:
     return finished
 
 
-def _remove_dead_temporaries(target: Path) -> None:
-    """Temporaries of this target left by killed writers (a live writer's are its own business)."""
+def _remove_dead_temporaries(target: Path, root: Path) -> None:
+    """Temporaries of this target left by killed writers (a live writer's are its own business, and a journal's
+    are kept for it to complete)."""
+    journaled = {temporary for journal in root.glob(f"{COMMIT_JOURNAL}.*.json")
+                 for temporary, _ in json.loads(journal.read_text(encoding="utf-8"))}
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         pid = stale.name.removeprefix(f".{target.name}.").removesuffix(".tmp")
-        if not pid.isdigit() or not _alive(int(pid)):
+        if (not pid.isdigit() or not _alive(int(pid))) and str(stale) not in journaled:
             stale.unlink(missing_ok=True)
 
 
