@@ -92,8 +92,12 @@ def _complete_journals(root: Path) -> list[Path]:
 def _remove_dead_temporaries(target: Path, root: Path) -> None:
     """Temporaries of this target left by killed writers (a live writer's are its own business, and a journal's
     are kept for it to complete)."""
-    journaled = {temporary for journal in root.glob(f"{COMMIT_JOURNAL}.*.json")
-                 for temporary, _ in json.loads(journal.read_text(encoding="utf-8"))}
+    journaled = set()
+    for journal in root.glob(f"{COMMIT_JOURNAL}.*.json"):
+        try:
+            journaled.update(temporary for temporary, _ in json.loads(journal.read_text(encoding="utf-8")))
+        except FileNotFoundError:  # a live writer's, just finished
+            continue
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         pid = stale.name.removeprefix(f".{target.name}.").removesuffix(".tmp")
         if (not pid.isdigit() or not _alive(int(pid))) and str(stale) not in journaled:
