@@ -1,22 +1,24 @@
-"""Reading pickles from public repositories without running their code.
+"""Reading pickles from public repositories without running their code or letting them allocate at will.
 
-pickle.load executes whatever a pickle names; these files come from strangers. The unpickler here admits only
-builtin containers and scalars and collections.defaultdict, which is all the KGSF and RevCore files hold.
+pickle.load executes whatever a pickle names; these files come from strangers. The unpickler here admits only the
+container types that such files are built with: list, tuple, dict, set and frozenset (older protocols build sets by
+calling set on a list), collections.defaultdict (KGSF's subkg.pkl: a defaultdict(list)) and collections.OrderedDict.
+Scalars need no admitting: pickle writes them as opcodes. No type that takes a size is admitted (bytes, bytearray:
+`bytearray(8000000000)` would allocate 8 GB), and a file over MAX_BYTES is refused before reading.
 """
 
 import pickle
 from pathlib import Path
 
-_SCALARS_AND_CONTAINERS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bytearray",
-                           "bool", "complex")
-# Protocols 0-2 name the builtins module __builtin__ (Python 2's name), with unicode and long.
-ALLOWED = ({("builtins", name) for name in _SCALARS_AND_CONTAINERS}
-           | {("__builtin__", name) for name in (*_SCALARS_AND_CONTAINERS, "unicode", "long")}
+_CONTAINERS = ("list", "tuple", "dict", "set", "frozenset")
+# Protocols 0-2 name the builtins module __builtin__ (Python 2's name).
+ALLOWED = ({(module, name) for module in ("builtins", "__builtin__") for name in _CONTAINERS}
            | {("collections", "defaultdict"), ("collections", "OrderedDict")})
+MAX_BYTES = 256 * 2 ** 20  # the largest file read this way (entity2entityId.pkl) is 3.8 MB
 
 
 class PickleSafetyError(ValueError):
-    """A pickle names something other than builtin containers and scalars."""
+    """A pickle names something other than the admitted containers, or cannot be read; names the file."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -26,8 +28,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED:
-            raise PickleSafetyError(f"{self.path}: pickle holds {module}.{name}; only builtin containers, scalars "
-                                    "and collections.defaultdict are allowed")
+            raise PickleSafetyError(f"{self.path}: pickle holds {module}.{name}; only the containers "
+                                    f"{', '.join(_CONTAINERS)}, collections.defaultdict and OrderedDict are allowed")
         return super().find_class(module, name)
 
 
@@ -35,6 +37,9 @@ def load_pickle_restricted(path: Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise PickleSafetyError(f"{path}: {size} bytes, more than the {MAX_BYTES} a pickle read here may have")
     with open(path, "rb") as f:
         try:
             return _RestrictedUnpickler(f, path).load()
