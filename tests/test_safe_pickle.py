@@ -21,7 +21,7 @@ from stages.sources.safe_pickle import PickleSafetyError, load_pickle_restricted
 def test_a_pickle_naming_anything_but_containers_is_refused_before_it_runs(tmp_path, payload, named):
     path = tmp_path / "crafted.pkl"
     path.write_bytes(payload)
-    with pytest.raises(PickleSafetyError, match=f"crafted.pkl: pickle holds {named}; only the containers"):
+    with pytest.raises(PickleSafetyError, match=f"crafted.pkl: pickle holds {named}; only builtin containers"):
         load_pickle_restricted(path)
 
 
