@@ -100,3 +100,37 @@ def test_download_mode_retries_transient_failures_then_ingests(tmp_path, monkeyp
     result = ingest.ingest(raw, on_bad_record="error", valid_split="fraction", valid_fraction=0.25,
                            full_train_conversations=10006, seed=0)
     assert result.metrics["test"]["conversations"] == 2
+
+
+@pytest.mark.parametrize("location, refused", [
+    ("https://raw.githubusercontent.com/o/r/c/f.bin", None),  # GitHub's content host: followed
+    ("/o/r/raw/c/moved.bin", None),  # the same host
+    ("https://evil.example.net/f.bin", "host 'evil.example.net'"),
+    ("https://github.com:8443/f.bin", "port 8443"),
+    ("http://github.com/f.bin", "a downgrade from https to http"),
+    ("ftp://github.com/f.bin", "a downgrade from https to http"),
+])
+def test_a_download_follows_only_redirects_on_its_scheme_port_and_hosts(tmp_path, location, refused):
+    seen = []
+
+    def handler(request):
+        seen.append(str(request.url))
+        if len(seen) == 1:
+            return httpx.Response(302, headers={"location": location})
+        return httpx.Response(200, content=b"payload")
+
+    dest = tmp_path / "f.bin"
+    with mock_client(handler) as client:
+        if refused:
+            with pytest.raises(fetch.RedirectRefused, match=f"redirected to .*: refused, {refused}"):
+                fetch.download_file("https://github.com/o/r/raw/c/f.bin", dest, sha(b"payload"), 5, client)
+            assert len(seen) == 1 and not dest.exists()  # the refused hop was never requested
+        else:
+            fetch.download_file("https://github.com/o/r/raw/c/f.bin", dest, sha(b"payload"), 5, client)
+            assert dest.read_bytes() == b"payload" and len(seen) == 2
+
+
+def test_a_redirect_loop_is_cut(tmp_path):
+    with mock_client(lambda request: httpx.Response(302, headers={"location": "/again"})) as client:
+        with pytest.raises(fetch.RedirectRefused, match="more than 5 redirects"):
+            fetch.download_file("https://github.com/f.bin", tmp_path / "f", sha(b"x"), 5, client)

@@ -315,6 +315,18 @@ def test_a_redirect_off_the_allow_list_is_refused(site, tmp_path):
     assert scraper.stats.refusals == 1
 
 
+@pytest.mark.parametrize("location, refused", [
+    ("https://m.imdb.com:8443/title/tt0109127/reviews/", "port 8443 is refused"),
+    ("http://www.imdb.com/title/tt0109127/reviews/", "a downgrade from https to http is refused"),
+])
+def test_a_redirect_to_another_port_or_down_to_http_is_refused(site, tmp_path, location, refused):
+    site.routes[PAGE1] = reply(301, location=location)
+    scraper = scraper_for(site, tmp_path)
+    result = scraper.scrape_movie(MOVIE)
+    assert result.error == f"{location} (redirected from {PAGE1}): {refused}; not fetched"
+    assert site.urls() == [ROBOTS, PAGE1] and scraper.stats.refusals == 1
+
+
 def test_a_redirect_within_the_allow_list_is_followed_and_cached_under_the_first_url(site, tmp_path):
     mobile = f"https://m.imdb.com/title/{MOVIE}/reviews/"
     site.routes.update({PAGE1: reply(302, location=mobile), mobile: page("classic_page3.html"),

@@ -3,6 +3,7 @@
 Retries are not here: stages/sources/raw.py retries transient failures around download_file.
 """
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -15,6 +16,48 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 USER_AGENT = "c2crs-pipeline/0.1 (research; reproducing C2-CRS)"
+MAX_REDIRECTS = 5
+# Where a download may be redirected besides its own host (GitHub serves /raw/ files from its content hosts).
+REDIRECT_HOSTS = {"github.com": {"raw.githubusercontent.com", "objects.githubusercontent.com",
+                                 "media.githubusercontent.com", "codeload.github.com"}}
+REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+
+
+class RedirectRefused(ValueError):
+    """A download redirected somewhere it may not go (another host or port, or from https to http)."""
+
+
+def _check_hop(target: httpx.URL, start: httpx.URL) -> None:
+    """A download follows a redirect only on its scheme (https stays https), its default port and its own host or
+    that host's known content hosts (REDIRECT_HOSTS); the checksum is checked after, but MD5 (aclImdb) is weak."""
+    hosts = {start.host} | REDIRECT_HOSTS.get(start.host, set())
+    problem = ("a downgrade from https to http" if start.scheme == "https" and target.scheme != "https"
+               else f"the scheme {target.scheme!r}" if target.scheme not in ("http", "https")
+               else f"port {target.port}" if target.port is not None
+               else f"host {target.host!r} (allowed: {', '.join(sorted(hosts))})" if target.host not in hosts
+               else None)
+    if problem:
+        raise RedirectRefused(f"{start}: redirected to {target}: refused, {problem}; not downloaded")
+
+
+@contextlib.contextmanager
+def _get(client: httpx.Client, url: str):
+    """client.stream("GET") for url, following redirects by hand so that each hop is checked (_check_hop)."""
+    start = target = httpx.URL(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        _check_hop(target, start)
+        response = client.send(client.build_request("GET", target), stream=True, follow_redirects=False)
+        if response.status_code not in REDIRECT_STATUSES:
+            try:
+                yield response
+            finally:
+                response.close()
+            return
+        response.close()
+        if "location" not in response.headers:
+            raise RedirectRefused(f"{url}: HTTP {response.status_code} from {target} without a Location header")
+        target = target.join(response.headers["location"])
+    raise RedirectRefused(f"{url}: more than {MAX_REDIRECTS} redirects (the last to {target})")
 
 
 def missing_mirror_files(mirror_dir: Path, files: dict[str, Path]) -> None:
@@ -41,10 +84,10 @@ def download_file(url: str, dest: Path, sha256: str | None, timeout: float, clie
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     own_client = client is None
-    client = client or httpx.Client(follow_redirects=True, timeout=timeout, headers={"User-Agent": USER_AGENT})
+    client = client or httpx.Client(timeout=timeout, headers={"User-Agent": USER_AGENT})
     try:
         log.info("downloading %s", url)
-        with client.stream("GET", url) as response:
+        with _get(client, url) as response:
             response.raise_for_status()
             digest = hashlib.new(algorithm)
             total = int(response.headers.get("content-length", 0)) or None

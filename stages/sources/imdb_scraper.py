@@ -428,6 +428,10 @@ class ImdbReviewScraper:
             self.stats.refusals += 1
             raise RefusedError(f"{target}{via}: host {target.host!r} is not one of the allowed hosts "
                                f"({', '.join(sorted(self.allowed_hosts))}); not fetched")
+        if target.port is not None or (httpx.URL(start).scheme == "https" and target.scheme != "https"):
+            self.stats.refusals += 1
+            raise RefusedError(f"{target}{via}: " + (f"port {target.port}" if target.port is not None else
+                                                     "a downgrade from https to http") + " is refused; not fetched")
         if check_robots and not self._robots_for(target).can_fetch(self.user_agent, str(target)):
             self.stats.refusals += 1
             raise RefusedError(f"{target}{via}: disallowed for {self.user_agent.split('/')[0]!r} by "
