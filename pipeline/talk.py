@@ -139,20 +139,40 @@ def talk(params: Params, workspace: Path, models_from: str = "registry") -> int:
             return 2
     chat = Chat(params, workspace, recommender_file=files[recommender], generator_file=files[generator])
     print(__doc__.split("\n\n")[1].replace("\n", " "))
-    print("Empty line or Ctrl-D ends the conversation.\n")
+    print("Empty line, Ctrl-D or Ctrl-C ends the conversation.\n")
+    return converse(chat)
+
+
+def converse(chat, read=input, write=print) -> int:
+    """The session: read a line, answer it, until an empty line, end of input or Ctrl-C at the prompt. A reply
+    that fails (or is stopped with Ctrl-C) is reported in one line and forgotten: the conversation goes on from
+    the turn before it."""
     while True:
         try:
-            text = input("you> ").strip()
-        except EOFError:
-            print()
+            text = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
             return 0
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
+        if "\ufffd" in text:
+            write("(your line held bytes that are not UTF-8; they are read as \ufffd)")
         if not text:
             return 0
         if text.startswith("/find "):
-            print("\n".join(chat.find(text[6:].strip())) or "no title contains that")
+            write("\n".join(chat.find(text[6:].strip())) or "no title contains that")
             continue
-        answer, recommended, unknown = chat.reply(text)
+        before = len(chat.turns)
+        try:
+            answer, recommended, unknown = chat.reply(text)
+        except KeyboardInterrupt:
+            del chat.turns[before:]
+            write("(stopped; that line is forgotten)")
+            continue
+        except Exception as exc:  # a reply that fails must not end the conversation
+            del chat.turns[before:]
+            write(f"error: this reply failed ({type(exc).__name__}: {exc}); that line is forgotten, go on")
+            continue
         if unknown:
-            print(f"(not a ReDial title, kept as words: {', '.join(unknown)}; try /find)")
-        print(f"c2crs> {answer}")
-        print(f"       recommends: {'; '.join(recommended)}")
+            write(f"(not a ReDial title, kept as words: {', '.join(unknown)}; try /find)")
+        write(f"c2crs> {answer}")
+        write(f"       recommends: {'; '.join(recommended)}")
