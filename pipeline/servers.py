@@ -31,7 +31,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} server exited with code {self.process.returncode}; see {self.log_path}")
-            if is_healthy(self.health_url):
+            if is_healthy(self.health_url) and self.process.poll() is None:  # ours answers, not another's
                 return
             time.sleep(0.5)
         self.stop()
@@ -103,7 +103,24 @@ def _start(name: str, command: list[str], url: str, health_url: str, env: dict[s
     return Server(name, url, health_url, process, log_path)
 
 
+class PortTaken(OSError):
+    """The port a UI server needs is held by another program."""
+
+
+def ensure_port_free(port: int, name: str) -> None:
+    """Fail naming the port when another program listens on it: our server could not bind it, and the other
+    program would answer our health check in its place."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to a server
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise PortTaken(f"port {port} on 127.0.0.1, which the {name} server needs, is taken by another program "
+                            f"(see `lsof -i :{port}`); stop that program first") from None
+
+
 def start_prefect(port: int) -> Server:
+    ensure_port_free(port, "prefect")
     url = f"http://127.0.0.1:{port}"
     return _start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                   url, f"{url}/api/health")
@@ -118,6 +135,7 @@ def start_worker(pool: str, api_url: str, limit: int = 1) -> Server:
 
 
 def start_mlflow(port: int, backend_store_uri: str, artifact_root: str) -> Server:
+    ensure_port_free(port, "mlflow")
     url = f"http://127.0.0.1:{port}"
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", backend_store_uri, "--default-artifact-root", artifact_root,

@@ -1,5 +1,6 @@
 """Local servers are stopped with their whole process group, and a dead server is reported with its log."""
 
+import socket
 import subprocess
 import sys
 
@@ -67,3 +68,21 @@ def test_repro_reports_only_to_the_ui_server_of_this_checkout(tmp_path, monkeypa
         assert not servers.ui_record().exists()
     finally:
         httpd.shutdown()
+
+
+def test_a_ui_server_refuses_a_port_that_another_program_holds(monkeypatch):
+    from pipeline import servers
+
+    def never(*args, **kwargs):
+        raise AssertionError("no server may start on a taken port")
+
+    monkeypatch.setattr(servers, "_start", never)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        for start in (lambda: servers.start_prefect(port), lambda: servers.start_mlflow(port, "sqlite://", "x")):
+            with pytest.raises(servers.PortTaken, match=f"port {port} on 127.0.0.1, which the .* server needs, is "
+                                                         "taken by another program"):
+                start()
+    servers.ensure_port_free(port, "prefect")  # free again once the other program let go
