@@ -117,6 +117,9 @@ def test_missing_mirror_file_is_named(mirror):
     (mirror / "redial" / "test.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks: data.files.redial_test \(.*test.jsonl\)"):
         files(mirror)
+    (mirror / "redial" / "test.jsonl").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"data.files.redial_test \(.*test.jsonl: a directory, not a file\)"):
+        files(mirror)
 
 
 def test_malformed_movie_list_is_named(mirror):

@@ -62,7 +62,8 @@ def _get(client: httpx.Client, url: str):
 
 def missing_mirror_files(mirror_dir: Path, files: dict[str, Path]) -> None:
     """Fail naming every params key whose file is not in the mirror."""
-    missing = [f"data.files.{name} ({path})" for name, path in files.items() if not path.is_file()]
+    missing = [f"data.files.{name} ({path}{': a directory, not a file' if path.is_dir() else ''})"
+               for name, path in files.items() if not path.is_file()]
     if missing:
         raise FileNotFoundError(
             f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR or data.mirror_dir, "
