@@ -27,8 +27,7 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import (c2crs_data, c2crs_train, conv_train, hred_train, kgsf_train, redial_train, revcore_train,
-                             runs)
+from stages.training import c2crs_data, c2crs_train, conv_train, hred_train, kgsf_train, redial_train, runs
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +87,9 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
         kgsf = runs.load_kgsf(files["kgsf"]).to(run.device)
         models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
     if "revcore" not in skip:  # KGSF's recommender on the contexts its retrieval enriches
-        revcore = runs.load_revcore(files["revcore"]).to(run.device)
-        retrieval = revcore_train.load_retrieval(
-            revcore, run.sentence_tokens, {n: workspace / p for n, p in runs.TRAINING_INPUTS.items()},
-            params.baselines.revcore, params.triples.context_max_tokens)
-        models["revcore"] = lambda: kgsf_train.score_kgsf(revcore.kgsf, run, retrieval.augment(table), words, batch)
+        retrieval = runs.revcore_retrieval(params, workspace, run, path=files["revcore"])
+        models["revcore"] = lambda: kgsf_train.score_kgsf(retrieval.model.kgsf, run, retrieval.augment(table), words,
+                                                          batch)
     if "redial" not in skip:
         redial = runs.load_redial(files["redial"]).to(run.device)
         if forms is None:

@@ -7,7 +7,7 @@ recommender; some public copies of ReDial are merged already and must come out t
 (initiatorQuestions, respondentQuestions): whether the recommender suggested it, whether the seeker has seen it and
 liked it (ReDial's recommender reads the seeker's likes).
 
-Just over 400 lines: one raw format's reading (the record checks, the turn merging, the forms, the movie lists) shares
+Over 400 lines: one raw format's reading (the record checks, the turn merging, the forms, the movie lists) shares
 one bad-record policy and one set of schemas, so it stays in one file.
 """
 

@@ -21,6 +21,22 @@ def files_in(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != COMMIT_LOCK)
 
 
+def _started_until_ready(script: str, tmp_path) -> subprocess.Popen:
+    """Run a Python script in a child process until it touches tmp_path/ready (the point the test acts at)."""
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert child.poll() is None and time.monotonic() < deadline, "the child ended before it was ready"
+        time.sleep(0.05)
+    (tmp_path / "ready").unlink()
+    return child
+
+
+def _kill(child: subprocess.Popen) -> None:
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+
 def test_outputs_are_written(tmp_path):
     write_outputs({tmp_path / "a/t.parquet": pl.DataFrame({"x": [1, 2]}), tmp_path / "m.json": {"n": 2}})
     assert pl.read_parquet(tmp_path / "a/t.parquet")["x"].to_list() == [1, 2]
@@ -67,14 +83,8 @@ def test_a_kill_midway_keeps_the_previous_outputs(tmp_path):
         write_outputs({{Path({str(first)!r}): pl.DataFrame({{"x": [2]}}),
                         Path({str(second)!r}): pl.DataFrame({{"x": [2]}})}})
     """)
-    writer = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ready").exists():
-        assert writer.poll() is None and time.monotonic() < deadline, "writer ended before reaching the kill point"
-        time.sleep(0.05)
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
-    (tmp_path / "ready").unlink()
+    writer = _started_until_ready(script, tmp_path)
+    _kill(writer)
     assert pl.read_parquet(first)["x"].to_list() == [1]
     assert pl.read_parquet(second)["x"].to_list() == [1]
     leftovers = [name for name in files_in(tmp_path) if name.startswith(".")]
@@ -105,14 +115,8 @@ def _writer_killed_between_renames(tmp_path, targets) -> int:
         Path.replace = replace
         outputs.write_outputs({{Path(t): pl.DataFrame({{"x": [2]}}) for t in {[str(t) for t in targets]!r}}})
     """)
-    writer = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ready").exists():
-        assert writer.poll() is None and time.monotonic() < deadline, "writer ended before reaching the kill point"
-        time.sleep(0.05)
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
-    (tmp_path / "ready").unlink()
+    writer = _started_until_ready(script, tmp_path)
+    _kill(writer)
     return writer.pid
 
 
@@ -154,18 +158,13 @@ def test_a_stage_runs_once_at_a_time_and_says_who_runs_it(tmp_path):
             Path({str(tmp_path / "ready")!r}).touch()
             time.sleep(60)
     """)
-    holder = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ready").exists():
-        assert holder.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    holder = _started_until_ready(script, tmp_path)
     with pytest.raises(OutputsBusyError, match=f"stage ingest is already running in .* \\(pid {holder.pid}\\)"):
         with stage_lock(tmp_path, "ingest"):
             pass
     with stage_lock(tmp_path, "kg"):  # another stage is free to run
         pass
-    holder.kill()
-    holder.wait()
+    _kill(holder)
     with stage_lock(tmp_path, "ingest"):  # a killed holder's lock is gone with it
         pass
 

@@ -268,15 +268,17 @@ def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_re
     return workspace / STAGES["ablations"].for_variant(variant).outs[0] / f"{stage}.pt"
 
 
-def revcore_retrieval(params, workspace: Path, run: c2crs_train.Run,
-                      max_positions: int) -> revcore_train.ReviewRetrieval:
-    """RevCore's review retrieval, as its recommender (baselines@revcore) saved it, over the workspace's reviews;
-    an enriched context keeps its last tokens that the generator's encoder (max_positions) can read."""
-    model = load_revcore(workspace / CONV_ENCODERS["revcore"]).to(run.device)
+def revcore_retrieval(params, workspace: Path, run: c2crs_train.Run, max_positions: int | None = None,
+                      path: Path | None = None) -> revcore_train.ReviewRetrieval:
+    """RevCore's review retrieval over the workspace's reviews, with the recommender saved at `path` (default:
+    baselines@revcore's model, whose KGSF parts are retrieval.model.kgsf); an enriched context keeps its last
+    tokens that an encoder of max_positions can read (None: triples.context_max_tokens)."""
+    model = load_revcore(path or workspace / CONV_ENCODERS["revcore"]).to(run.device)
+    longest = params.triples.context_max_tokens
     return revcore_train.load_retrieval(model, run.sentence_tokens,
                                         {name: workspace / path for name, path in TRAINING_INPUTS.items()},
                                         params.baselines.revcore,
-                                        min(params.triples.context_max_tokens, max_positions))
+                                        longest if max_positions is None else min(longest, max_positions))
 
 
 def conv_data(run: c2crs_train.Run, inputs: dict[str, Path]):
@@ -294,6 +296,9 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     cfg, m = params.finetune_conv, params.model
     run, model_config, inputs = loaded or training_run(params, workspace)
     inputs = dict(inputs)
+    if cfg.pretrained == "revcore":  # KGSF's parts (below), on the contexts its retrieval enriches
+        retrieval = revcore_retrieval(params, workspace, run, model_config.max_positions)
+        run = dataclasses.replace(run, train=retrieval.augment(run.train), valid=retrieval.augment(run.valid))
     vocabulary, train_data, valid_data, longest = conv_data(run, inputs)
     loop.seed_everything(params.seed, params.deterministic)
     if cfg.architecture == "hred":
@@ -302,10 +307,6 @@ def train_conversation(params, workspace: Path, log: StageLog, out: Path,
     if start is not None:
         inputs["start_from"] = workspace / start
     kgsf, word_graph = None, None
-    if cfg.pretrained == "revcore":  # KGSF's parts (below), on the contexts its retrieval enriches
-        retrieval = revcore_retrieval(params, workspace, run, model_config.max_positions)
-        run = dataclasses.replace(run, train=retrieval.augment(run.train), valid=retrieval.augment(run.valid))
-        vocabulary, train_data, valid_data, longest = conv_data(run, inputs)
     if cfg.pretrained in ("kgsf", "revcore"):  # KGSF's parts come from its recommender; its history encoder starts fresh
         kgsf = load_kgsf(workspace / start) if cfg.pretrained == "kgsf" else retrieval.model.kgsf
         inputs.update({name: workspace / path for name, path in kgsf_train.WORD_GRAPH_INPUTS.items()})
