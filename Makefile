@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run run-all-baselines test ui bench
+.PHONY: setup run run-all-baselines test ui serve bench
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: setup
 
 ui: setup
 	$(PY) -m pipeline ui
+
+# The chat page and HTTP API on http://127.0.0.1:8000/ (README, "Talk to it in a browser").
+serve: setup
+	$(PY) -m pipeline serve
 
 bench: setup
 	$(PY) bench/stages.py

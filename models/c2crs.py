@@ -86,12 +86,15 @@ class SelfAttentivePooling(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)  # W_sa
         self.score = nn.Linear(dim, 1, bias=False)  # b
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def weights(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The softmax weight of each row of x [B, L, dim] in its pooled vector: [B, L], 0 at padding."""
         scores = self.score(torch.tanh(self.proj(x))).squeeze(-1)  # [B, L]
         empty = mask.all(dim=-1, keepdim=True)  # [B, 1]
         weights = torch.softmax(scores.masked_fill(mask & ~empty, float("-inf")), dim=-1)
-        weights = weights.masked_fill(empty, 0.0)
-        return torch.einsum("bl,bld->bd", weights, x)
+        return weights.masked_fill(empty, 0.0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bl,bld->bd", self.weights(x, mask), x)
 
 
 class EncoderLayer(nn.TransformerEncoderLayer):
@@ -445,8 +448,15 @@ class C2CRS(nn.Module):
     # ---- recommender (4.3.1) ----------------------------------------------------------------------------------
     def user_vector(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
         """e_u: self-attentive pooling over the context entities' rows of N. No entities -> zeros."""
-        pooling = self.user_pooling if self.user_pooling is not None else self.graph_pooling
-        return pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
+        return self._recommender_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
+
+    def user_pooling_weights(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
+        """How much each context entity counts in e_u: [B, E] softmax weights, 0 at padding (-1) (an explanation)."""
+        return self._recommender_pooling.weights(N[entity_ids.clamp(min=0)], entity_ids < 0)
+
+    @property
+    def _recommender_pooling(self) -> SelfAttentivePooling:
+        return self.user_pooling if self.user_pooling is not None else self.graph_pooling
 
     def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor,
                               all_entities: bool = False) -> torch.Tensor:

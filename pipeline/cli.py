@@ -79,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     talk.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
 
+    serve = commands.add_parser("serve", help="the trained C2-CRS model behind an HTTP API and a chat page "
+                                              "(http://127.0.0.1:8000/), until Ctrl-C")
+    serve.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    serve.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this "
+                                                            "machine only; the API has no authentication)")
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait and run before it "
+                                                                   "gets 503 (default: 30)")
+
     study = commands.add_parser("study", help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
                                               "model per setting and seed (resumable); `report` writes "
                                               "reports/pretraining.md from the finished runs")
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = {"run": _run, "stages": _stages, "repro": _repro, "ui": operate.ui_command, "score": _score,
-               "rate": _rate, "talk": _talk, "study": _study, "reference": _reference,
+               "rate": _rate, "talk": _talk, "serve": _serve, "study": _study, "reference": _reference,
                "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command]
     if not args.debug:
         quiet_tracebacks()
@@ -383,6 +393,15 @@ def _talk(args) -> int:
 
     params_file = Path(args.params).resolve()
     return talk(load_params(params_file), params_file.parent, args.models_from)
+
+
+def _serve(args) -> int:
+    from pipeline.serve import serve
+
+    if not 0 < args.port < 65536 or args.timeout <= 0:
+        raise ValueError(f"--port must be 1-65535 and --timeout positive, got {args.port} and {args.timeout}")
+    params_file = Path(args.params).resolve()
+    return serve(load_params(params_file), params_file.parent, args.host, args.port, args.models_from, args.timeout)
 
 
 def _stages(args) -> int:

@@ -176,18 +176,18 @@ def resolve(client: MlflowClient, reference: str) -> ModelVersion:
     champion = alias_version(client, reference, CHAMPION)
     if champion is not None:
         return champion
-    versions = _versions(client, reference)
+    versions = all_versions(client, reference)
     if not versions:
         raise RegistryError(f"{reference}: no registered model of that name" + _known(client, reference))
     return versions[-1]
 
 
-def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
 def _known(client: MlflowClient, name: str) -> str:
-    versions = _versions(client, name) if client.search_registered_models(f"name = '{name}'") else []
+    versions = all_versions(client, name) if client.search_registered_models(f"name = '{name}'") else []
     if versions:
         return f"; it has versions {', '.join(str(v.version) for v in versions)}"
     names = [m.name for m in client.search_registered_models()]
@@ -205,6 +205,19 @@ def model_file(client: MlflowClient, version: ModelVersion, into: Path | None = 
                                                     dst_path=str(into)))
 
 
+def data_differences(version: ModelVersion, data: dict[str, Path], hashes: dict[str, str]) -> list[str]:
+    """The inputs (of `data`: name -> the workspace's file) whose content differs from what the version was trained
+    on; hashes caches the workspace files' digests across calls."""
+    differs = []
+    for key, digest in _data_tags(version).items():
+        input_name = key.removeprefix(DATA_TAG)
+        if input_name in data and data[input_name].exists():
+            hashes.setdefault(input_name, content_hash(data[input_name]))
+            if hashes[input_name] != digest:
+                differs.append(input_name)
+    return differs
+
+
 def registry_files(client: MlflowClient, wanted: dict[str, Path], data: dict[str, Path],
                    alias: str = CHAMPION) -> tuple[dict[str, Path], list[str]]:
     """For each registered name (-> its file in the workspace), the weights of its `alias` version when that version
@@ -217,13 +230,7 @@ def registry_files(client: MlflowClient, wanted: dict[str, Path], data: dict[str
             files[name] = workspace_file
             notes.append(f"{name}: no {alias} in the registry; using {workspace_file}")
             continue
-        differs = []
-        for key, digest in _data_tags(version).items():
-            input_name = key.removeprefix(DATA_TAG)
-            if input_name in data and data[input_name].exists():
-                hashes.setdefault(input_name, content_hash(data[input_name]))
-                if hashes[input_name] != digest:
-                    differs.append(input_name)
+        differs = data_differences(version, data, hashes)
         if differs:
             files[name] = workspace_file
             notes.append(f"{name}: {alias} version {version.version} was trained on other data "
@@ -270,7 +277,7 @@ def list_models(client: MlflowClient) -> Table:
     """Every registered model: its versions, champion, challenger and the champion's validation numbers."""
     rows = []
     for registered in sorted(client.search_registered_models(), key=lambda m: m.name):
-        versions = _versions(client, registered.name)
+        versions = all_versions(client, registered.name)
         champion = alias_version(client, registered.name, CHAMPION)
         challenger = alias_version(client, registered.name, CHALLENGER)
         valid = logged_metrics(client, champion) if champion else {}

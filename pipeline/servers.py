@@ -107,15 +107,15 @@ class PortTaken(OSError):
     """The port a UI server needs is held by another program."""
 
 
-def ensure_port_free(port: int, name: str) -> None:
+def ensure_port_free(port: int, name: str, host: str = "127.0.0.1") -> None:
     """Fail naming the port when another program listens on it: our server could not bind it, and the other
     program would answer our health check in its place."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to a server
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError:
-            raise PortTaken(f"port {port} on 127.0.0.1, which the {name} server needs, is taken by another program "
+            raise PortTaken(f"port {port} on {host}, which the {name} server needs, is taken by another program "
                             f"(see `lsof -i :{port}`); stop that program first") from None
 
 

@@ -6,6 +6,7 @@ fine-grained pre-training (paper 4.2.2) each linked mention in a context becomes
 review sentence): the sentence is the one most related to the entity under the params' rule.
 """
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -166,7 +167,8 @@ class SentenceChooser:
     """Picks, for an entity mentioned in an utterance, the most related review sentence among its candidates.
 
     bm25: BM25 of each candidate against the entity's label plus the utterance's words; highest_rated: the
-    sentence from the best-rated review (ties: earlier sentence); first: the first candidate.
+    sentence from the best-rated review (ties: earlier sentence); first: the first candidate. `rank` orders any
+    sentences by BM25 whatever the rule (the chat's explanations use it).
     """
 
     def __init__(self, rule: str, sentences: pl.DataFrame, ratings: np.ndarray, labels: dict[int, str],
@@ -174,11 +176,23 @@ class SentenceChooser:
         if rule not in SENTENCE_RULES:
             raise ValueError(f"sentence rule must be one of {SENTENCE_RULES}, got {rule!r}")
         self.rule, self.labels, self.candidates, self.ratings = rule, labels, candidates, ratings
-        if rule == "bm25":
-            corpus = bm25s.tokenize(sentences["text"].to_list(), stopwords="en", show_progress=False)
-            self.vocab = corpus.vocab
-            self.index = bm25s.BM25()
-            self.index.index(corpus, show_progress=False)
+        self.texts = sentences["text"].to_list()
+
+    @functools.cached_property
+    def _index(self) -> tuple[dict[str, int], bm25s.BM25]:
+        corpus = bm25s.tokenize(self.texts, stopwords="en", show_progress=False)
+        index = bm25s.BM25()
+        index.index(corpus, show_progress=False)
+        return corpus.vocab, index
+
+    def rank(self, pool: np.ndarray, words: str) -> list[tuple[int, float]]:
+        """The sentences of `pool` with their BM25 score against `words`, best first (ties: pool order)."""
+        vocab, index = self._index
+        query = [vocab[w] for w in bm25s.tokenize(words, stopwords="en", return_ids=False, show_progress=False)[0]
+                 if w in vocab]
+        scores = index.get_scores(query)[pool] if query else np.zeros(len(pool))
+        order = np.argsort(-scores, kind="stable")
+        return [(int(pool[i]), float(scores[i])) for i in order]
 
     def choose(self, entity_id: int, utterance_tokens: list[str]) -> int | None:
         pool = self.candidates.get(entity_id)
@@ -188,13 +202,7 @@ class SentenceChooser:
             return int(pool[0])
         if self.rule == "highest_rated":
             return int(pool[np.argmax(np.nan_to_num(self.ratings[pool], nan=-1.0))])
-        words = f"{self.labels.get(entity_id, '')} {' '.join(utterance_tokens)}"
-        query = [self.vocab[w] for w in bm25s.tokenize(words, stopwords="en", return_ids=False,
-                                                       show_progress=False)[0] if w in self.vocab]
-        if not query:
-            return int(pool[0])
-        scores = self.index.get_scores(query)[pool]
-        return int(pool[int(np.argmax(scores))])
+        return self.rank(pool, f"{self.labels.get(entity_id, '')} {' '.join(utterance_tokens)}")[0][0]
 
 
 def build_triples(context_mentions: pl.DataFrame, linked: list[LinkedUtterance], utterances: pl.DataFrame,

@@ -115,3 +115,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+CHAT_STAGES = ("ingest", "reviews", "kg", "triples", "pretrain_coarse", "pretrain_fine", "finetune_rec", "finetune_conv")
+
+
+@pytest.fixture(scope="session")
+def chat_workspace(tmp_path_factory):
+    """A workspace with C2-CRS's recommender and generator trained on the fixture mirror (the chat's models), made
+    once for the tests of the API, the page and the terminal chat. Returns (params, workspace)."""
+    from pipeline.config import load_params
+    from stages.io.graph import stage_body
+
+    workspace = tmp_path_factory.mktemp("chat")
+    mirror = workspace / "mirror"
+    shutil.copytree(FIXTURES / "mirror", mirror)
+    write_generated_fixtures(mirror)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(fixture_params(mirror, on_bad_record="error")))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("C2CRS_DATA_DIR", raising=False)
+        params = load_params(workspace / "params.yaml")
+        for stage in CHAT_STAGES:
+            stage_body(stage)(params, workspace)
+    return params, workspace

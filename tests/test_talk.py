@@ -5,13 +5,16 @@ from pipeline.talk import converse
 
 
 class FakeChat:
-    """Chat's interface: reply() appends the seeker's and the recommender's turns, or fails as told."""
+    """Session's interface: reply() appends the seeker's and the recommender's turns, or fails as told."""
 
     def __init__(self, failures=()):
         self.turns, self.failures, self.heard = [], list(failures), []
 
     def find(self, words):
         return [f"@1  {words.title()}"]
+
+    def why(self, which=None):
+        return f"why {which}"
 
     def reply(self, text):
         self.turns.append(("seeker", text))
@@ -56,3 +59,8 @@ def test_bytes_that_are_not_utf8_are_replaced_not_passed_on():
     assert chat.heard == ["I loved \ufffd\ufffd it"]
     assert said[0] == "(your line held bytes that are not UTF-8; they are read as \ufffd)"
     chat.heard[0].encode("utf-8")  # no lone surrogate left to crash polars
+
+
+def test_why_explains_all_or_one_and_says_what_it_takes():
+    code, said = run(["/why", "/why 2", "/why two", ""], FakeChat())
+    assert said == ["why None", "why 2", "/why takes nothing or a number: /why 2"]

@@ -233,9 +233,11 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
         assert with_oracle_results["kgsf"][protocol]["recall@10"] == results["kgsf"][protocol]["recall@10"]
 
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
-    from pipeline.talk import Chat
+    from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_recommender
 
-    chat = Chat(params, workspace)
+    knowledge = Knowledge(params, workspace)
+    chat = Session(Chat(knowledge, load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge),
+                        load_generator(workspace / "data/models/c2crs_conv.pt", knowledge)))
     answer, recommended, unknown = chat.reply('hi, I loved "Alpha" and "No Such Film"')
     assert chat.turns[0].movie_ids == [100] and unknown == ["No Such Film"]
     assert isinstance(answer, str) and "Alpha (2001)" not in recommended and len(recommended) == 3

@@ -316,6 +316,21 @@ def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -
         graph()[0], graph()[1][torch.as_tensor(rows, device=run.device)]))
 
 
+@torch.no_grad()
+def scores_with_pooling_weights(model: C2CRS, run: Run, table: SampleTable,
+                                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the recommender recommends and what it attended to, from one pass over the graph: the item scores of the
+    rows [R, n_items], their context entities as the recommender reads them (the most recent max_context_entities,
+    -1 padding) [R, E], and each entity's weight in the user vector [R, E] (score_samples' scores, plus the why)."""
+    with evaluating(model):
+        entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
+        nodes, (remapped,) = batch_entities(entity_ids, n_items=run.graph.n_items)
+        N = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device), nodes)
+        scores = model.recommendation_logits(N, remapped)
+        weights = model.user_pooling_weights(N, remapped)
+    return scores.float().cpu().numpy(), entity_ids.cpu().numpy(), weights.float().cpu().numpy()
+
+
 # ---------------------------------------------------------------- baselines and scoring for evaluation
 
 

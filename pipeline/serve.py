@@ -1,0 +1,360 @@
+"""`python -m pipeline serve`: the trained model behind an HTTP API and a chat page (127.0.0.1 by default).
+
+At start it loads the registry's champions (models:/c2crs-recommender@champion, models:/c2crs-generator@champion)
+when they were trained on this workspace's data, else the workspace's files, once. A request may name another
+registered version (the page's model picker): it is loaded on first use and kept (the last few). The conversation
+lives in the client: every request carries the messages so far, so the server holds no session.
+
+Limits: a request body of at most 64 KiB with its Content-Length, at most 100 messages of at most 2,000 characters;
+the models answer one request at a time (each call uses both cores), and a request that waits or runs past
+`timeout` seconds gets 503 (the work it started finishes in the background). Errors are JSON {"detail": ...} with a
+4xx status for what the client can fix; anything else is a 500 whose detail names a log entry, never a traceback.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.registry import (CHAMPION, RegistryError, alias_version, all_versions, data_differences,
+                               logged_metrics, model_file, model_sources, resolve)
+from pipeline.tracking import tracking_uri
+from stages.chat.engine import Chat, Knowledge, Recommendation, Turn, load_generator, load_recommender
+from stages.chat.explain import Explanation
+from stages.evaluation.rec_metrics import ABLATION_PREFIX
+from stages.io.graph import STAGES
+from stages.io.stage_log import registered_name
+from stages.training.runs import TRAINING_INPUTS
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).parent / "web" / "chat.html"
+MAX_BODY_BYTES = 64 * 1024
+MAX_MESSAGES, MAX_TEXT = 100, 2000
+WORKSPACE = "workspace"  # the model reference of the workspace's own files
+KEPT_MODELS = 4  # loaded versions besides the start-up pair
+TRAINED_BY = {"recommender": "finetune_rec", "generator": "finetune_conv"}
+
+
+# ---------------------------------------------------------------- the API's schema
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["seeker", "recommender"]
+    text: str = Field(min_length=1, max_length=MAX_TEXT, description='movies as "@<ReDial id>" or "quoted titles"')
+
+
+class ModelChoice(BaseModel):
+    recommender: str | None = Field(None, max_length=200, description="NAME/VERSION, NAME@ALIAS or 'workspace'; "
+                                                                      "default: the one loaded at start")
+    generator: str | None = Field(None, max_length=200)
+
+
+class RecommendRequest(ModelChoice):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(max_length=MAX_MESSAGES, description="the conversation so far, oldest first")
+    top_k: int = Field(10, ge=1, le=100)
+    exclude_mentioned: bool = Field(True, description="leave out the movies the conversation names")
+    explain: bool = True
+
+
+class ChatRequest(RecommendRequest):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                    description="the conversation so far, oldest first, ending with the seeker's")
+    top_k: int = Field(3, ge=1, le=20)
+
+
+class ExplainRequest(ModelChoice):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(max_length=MAX_MESSAGES)
+    movie_id: int = Field(description="the ReDial id of the movie to explain (recommended or not)")
+
+
+class RecommendationOut(BaseModel):
+    rank: int
+    movie_id: int
+    title: str
+    score: float
+    explanation: Explanation | None = None
+
+
+class RecommendResponse(BaseModel):
+    recommendations: list[RecommendationOut]
+    unknown_titles: list[str] = Field(description="quoted titles that name no ReDial movie (kept as words)")
+    models: dict[str, str]
+    elapsed_ms: float
+
+
+class ChatResponse(RecommendResponse):
+    response: str = Field(description="the model's next utterance, movies as titles")
+    response_with_ids: str = Field(description='the same with movies as "@id": send it back as the recommender\'s '
+                                               "message")
+
+
+class Movie(BaseModel):
+    movie_id: int
+    title: str
+    mentions: int
+
+
+# ---------------------------------------------------------------- models: loaded once, versions on first use
+
+
+class Busy(Exception):
+    pass
+
+
+class Models:
+    """The workspace's Knowledge and the loaded models. The start-up pair is the default; other registered versions
+    are loaded on first use and the last KEPT_MODELS kept. One request at a time runs on them (the lock)."""
+
+    def __init__(self, params, workspace: Path, models_from: str):
+        self.params, self.workspace, self.models_from = params, workspace, models_from
+        self.names = {"recommender": registered_name("c2crs", "recommender"),
+                      "generator": registered_name("c2crs", "generator")}
+        outs = {kind: workspace / STAGES[stage].outs[0] for kind, stage in TRAINED_BY.items()}
+        files = model_sources({self.names[k]: outs[k] for k in outs}, workspace, models_from)
+        for kind, name in self.names.items():
+            if not files[name].is_file():
+                raise FileNotFoundError(f"{files[name]}: the {kind} is missing; train it first: "
+                                        f"python -m pipeline repro {TRAINED_BY[kind]}")
+        self.knowledge = Knowledge(params, workspace)
+        self.default = {kind: self._reference(files[name], outs[kind], name) for kind, name in self.names.items()}
+        self.loaded: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self.pinned = {("recommender", self.default["recommender"]):
+                       load_recommender(files[self.names["recommender"]], self.knowledge),
+                       ("generator", self.default["generator"]):
+                       load_generator(files[self.names["generator"]], self.knowledge)}
+        self.lock, self.loading = threading.Lock(), threading.Lock()
+
+    def _reference(self, loaded: Path, workspace_file: Path, name: str) -> str:
+        """How the start-up model is named: NAME/VERSION of the champion when model_sources took it, else
+        'workspace'."""
+        if loaded == workspace_file:
+            return WORKSPACE
+        return f"{name}/{alias_version(MlflowClient(tracking_uri()), name, CHAMPION).version}"
+
+    def model(self, kind: str, reference: str | None):
+        """The loaded model of a kind named by reference (None: the start-up one)."""
+        reference = reference or self.default[kind]
+        key = (kind, reference)
+        if key in self.pinned:
+            return self.pinned[key]
+        with self.loading:
+            if key not in self.loaded:
+                self.loaded[key] = self._load(kind, reference)
+                while len(self.loaded) > KEPT_MODELS:
+                    self.loaded.popitem(last=False)
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+
+    def _load(self, kind: str, reference: str):
+        load = load_recommender if kind == "recommender" else load_generator
+        if reference == WORKSPACE:
+            return load(self.workspace / STAGES[TRAINED_BY[kind]].outs[0], self.knowledge)
+        client = MlflowClient(tracking_uri())
+        version = resolve(client, reference)
+        if version.name not in self.choices_of(kind):
+            raise ValueError(f"{reference}: not a {kind} this chat can use ({', '.join(self.choices_of(kind))})")
+        differs = data_differences(version, {n: self.workspace / p for n, p in TRAINING_INPUTS.items()}, {})
+        if differs:
+            raise ValueError(f"{reference}: trained on other data than this workspace's ({', '.join(differs)} "
+                             "differ)")
+        return load(model_file(client, version), self.knowledge)
+
+    def choices_of(self, kind: str) -> list[str]:
+        """The registered names whose versions the chat can use: C2-CRS's recommender and its ablations; the
+        generators trained on C2-CRS's encoders."""
+        if kind == "recommender":
+            return [self.names["recommender"]] + [registered_name(ABLATION_PREFIX + v, "recommender")
+                                                  for v in self.params.ablations.variants]
+        return [self.names["generator"], registered_name("wo_iw", "generator")]
+
+    def registered(self) -> dict[str, list[dict]]:
+        """Per kind, the versions a user can pick: the workspace's file and every registered version of a usable
+        name, with its aliases, validation metric and whether it was trained on this workspace's data."""
+        out = {kind: [{"reference": WORKSPACE, "label": "this workspace's file", "usable": True,
+                       "loaded_at_start": self.default[kind] == WORKSPACE}] for kind in self.names}
+        if self.models_from == WORKSPACE:
+            return out
+        client, hashes = MlflowClient(tracking_uri()), {}
+        data = {n: self.workspace / p for n, p in TRAINING_INPUTS.items()}
+        for kind in self.names:
+            metric = "valid_recall_at_50" if kind == "recommender" else "valid_perplexity"
+            for name in self.choices_of(kind):
+                versions = all_versions(client, name)
+                aliases = client.get_registered_model(name).aliases if versions else {}
+                for version in reversed(versions):
+                    differs = data_differences(version, data, hashes)
+                    reference = f"{name}/{version.version}"
+                    named = sorted(a for a, v in aliases.items() if str(v) == str(version.version))
+                    out[kind].append({
+                        "reference": reference, "aliases": named,
+                        "label": reference + (f" ({', '.join(named)})" if named else ""),
+                        metric: logged_metrics(client, version).get(metric), "usable": not differs,
+                        "why_not": f"trained on other data ({', '.join(differs)} differ)" if differs else None,
+                        "loaded_at_start": self.default[kind] == reference})
+        return out
+
+    def run(self, work, timeout: float):
+        """work() under the lock, giving up (Busy) when the lock is not free before the deadline."""
+        if not self.lock.acquire(timeout=timeout):
+            raise Busy
+        try:
+            return work()
+        finally:
+            self.lock.release()
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _turns(knowledge: Knowledge, messages: list[Message]) -> tuple[list[Turn], list[str]]:
+    turns, unknown = [], []
+    for message in messages:
+        turn, missing = knowledge.read_turn(message.role, message.text)
+        turns.append(turn)
+        unknown += missing
+    return turns, unknown
+
+
+def _out(recommendation: Recommendation, rank: int) -> RecommendationOut:
+    r = recommendation
+    return RecommendationOut(rank=rank, movie_id=r.movie_id, title=r.title, score=r.score, explanation=r.explanation)
+
+
+def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
+    app = FastAPI(title="c2crs", version="1", description=__doc__.split("\n\n")[1],
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                             "auto_configure": False})  # FastAPI's OpenTelemetry hooks: nothing leaves the process
+    started = time.monotonic()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None:
+                return JSONResponse({"detail": "a request body needs a Content-Length header"}, status_code=411)
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                return JSONResponse({"detail": f"the request body is over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        """FastAPI's 422 without the echo of the input (which may be large, or not encodable: a lone surrogate)."""
+        return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                        for e in exc.errors()]}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        incident = uuid.uuid4().hex[:12]
+        log.error("request %s %s failed (incident %s)", request.method, request.url.path, incident, exc_info=exc)
+        return JSONResponse({"detail": f"internal error; the server's log names it {incident}"}, status_code=500)
+
+    async def answer(work):
+        """work() in a worker thread under the models' lock, with the timeout; ValueError -> 422, FileNotFound
+        (a model version) -> 404."""
+        deadline = time.monotonic() + timeout
+        try:
+            return await asyncio.wait_for(run_in_threadpool(models.run, work, timeout), timeout)
+        except (Busy, asyncio.TimeoutError):
+            waited = time.monotonic() - deadline + timeout
+            raise HTTPException(503, f"no answer within {timeout:g} s (waited {waited:.1f} s: the server is busy "
+                                     "or the conversation long); try again") from None
+        except RegistryError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Up, and which models answer by default."""
+        return {"status": "ok", "models": models.default, "uptime_s": round(time.monotonic() - started, 1)}
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        """The versions the model picker offers, per kind (recommender, generator)."""
+        return {"loaded": models.default, "choices": models.registered()}
+
+    @app.get("/v1/movies", response_model=list[Movie])
+    def movies(q: str = Query(min_length=1, max_length=100, description="words of the title"),
+               limit: int = Query(10, ge=1, le=50)):
+        """ReDial movies whose title contains q, most mentioned first (the page's "@" autocomplete)."""
+        return models.knowledge.find(q, limit)
+
+    @app.post("/v1/recommend", response_model=RecommendResponse)
+    async def recommend(body: RecommendRequest):
+        """The conversation so far -> the ranked movies for the model's next turn, each with its explanation."""
+        def work():
+            began = time.perf_counter()
+            turns, unknown = _turns(models.knowledge, body.messages)
+            chat = Chat(models.knowledge, models.model("recommender", body.recommender))
+            ranked = chat.recommend(turns, body.top_k, body.exclude_mentioned, body.explain)
+            return RecommendResponse(recommendations=[_out(r, i + 1) for i, r in enumerate(ranked)], unknown_titles=unknown,
+                                     models={"recommender": body.recommender or models.default["recommender"]},
+                                     elapsed_ms=round(1000 * (time.perf_counter() - began), 1))
+        return await answer(work)
+
+    @app.post("/v1/chat", response_model=ChatResponse)
+    async def chat(body: ChatRequest):
+        """The conversation so far (ending with the seeker) -> the model's next utterance and its recommendations."""
+        if body.messages[-1].role != "seeker":
+            raise HTTPException(422, "the last message must be the seeker's: the model answers the seeker")
+
+        def work():
+            began = time.perf_counter()
+            turns, unknown = _turns(models.knowledge, body.messages)
+            talk = Chat(models.knowledge, models.model("recommender", body.recommender),
+                        models.model("generator", body.generator))
+            reply = talk.respond(turns, body.top_k, body.exclude_mentioned, body.explain)
+            return ChatResponse(response=reply.text, response_with_ids=reply.text_with_ids,
+                                recommendations=[_out(r, i + 1) for i, r in enumerate(reply.recommendations)], unknown_titles=unknown,
+                                models={"recommender": body.recommender or models.default["recommender"],
+                                        "generator": body.generator or models.default["generator"]},
+                                elapsed_ms=round(1000 * (time.perf_counter() - began), 1))
+        return await answer(work)
+
+    @app.post("/v1/explain", response_model=RecommendationOut)
+    async def explain(body: ExplainRequest):
+        """Why the model would (or would not) recommend one movie now: its rank among all movies and the reasons."""
+        if body.movie_id not in models.knowledge.item_entity:
+            raise HTTPException(404, f"movie {body.movie_id}: not a ReDial movie of this workspace's KG")
+
+        def work():
+            turns, _ = _turns(models.knowledge, body.messages)
+            chat = Chat(models.knowledge, models.model("recommender", body.recommender))
+            return chat.explain_movie(turns, body.movie_id)
+        rank, recommendation = await answer(work)
+        return _out(recommendation, rank)
+
+    return app
+
+
+def serve(params, workspace: Path, host: str, port: int, models_from: str, timeout: float) -> int:
+    import uvicorn
+
+    from pipeline.servers import ensure_port_free
+
+    ensure_port_free(port, "chat", host)
+    print("loading the models and tables ...", flush=True)
+    models = Models(params, workspace, models_from)
+    print(f"models: recommender {models.default['recommender']}, generator {models.default['generator']}")
+    print(f"chat page: http://{host}:{port}/   API docs: http://{host}:{port}/docs   (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(models, timeout), host=host, port=port, log_level="warning")
+    return 0

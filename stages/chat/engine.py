@@ -1,0 +1,283 @@
+"""Talking with a trained C2-CRS model: a conversation so far in; the recommender's ranking, the reasons for each
+recommended movie and the generator's next utterance out. The terminal chat (`pipeline talk`) and the HTTP API
+(`pipeline serve`) both use it.
+
+The conversation is handled as a test sample is: consecutive messages of one speaker merged into a turn, each turn
+linked to the KG (movies through "@id", other entities by name), its mentions given review sentences by the triples
+stage's rule; then the recommender ranks every movie and the generator answers, its movie placeholders filled with
+the recommender's top items. Movies already named in the conversation are not recommended again unless asked
+(evaluation does not exclude them). A movie is named as "@<ReDial id>" or by its title in double quotes.
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from models.c2crs import C2CRS
+from models.generator import ConversationModel
+from stages import ingest, triples
+from stages.chat.explain import Explainer, Explanation, KnowledgeGraph
+from stages.sources import raw
+from stages.text import linking
+from stages.training import c2crs_data, c2crs_train, conv_train, runs
+
+QUOTED_TITLE = re.compile(r'"([^"]+)"')
+MOVIE_ID = re.compile(r"@(\d+)")
+ROLES = ("seeker", "recommender")
+
+
+@dataclass
+class Turn:
+    role: str  # seeker (the user) or recommender (the model)
+    text: str  # with movies as "@id"
+    movie_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Recommendation:
+    movie_id: int
+    title: str
+    score: float  # e_u . n_i (Eq. 8 before the softmax)
+    explanation: Explanation | None = None
+
+
+@dataclass
+class Reply:
+    text: str  # movies as titles
+    text_with_ids: str  # movies as "@id": what the conversation keeps, to send back as the recommender's turn
+    recommendations: list[Recommendation]
+
+
+class Knowledge:
+    """The tables a conversation needs (movies, the KG, the linker, the vocabulary, the review sentences), read once
+    from a workspace and shared by every pair of models trained on it."""
+
+    def __init__(self, params, workspace: Path):
+        self.params = params
+        self.run, _, inputs = runs.training_run(params, workspace)
+        entities, edges = pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["edges"])
+        self.movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+        items = entities.filter(pl.col("is_item"))
+        self.item_entity = dict(zip(items["movie_id"], items["entity_id"]))
+        self.entity_movie = {e: m for m, e in self.item_entity.items()}
+        self.titles = {m: f"{t} ({y})" if y else t for m, t, y in self.movies.select("movie_id", "title", "year")
+                       .iter_rows()}
+        by_popularity = self.movies.sort("mentions_ingested", descending=True)
+        self.title_to_movie: dict[str, int] = {}
+        for movie_id, title in by_popularity.select("movie_id", "title").iter_rows():
+            for name in (title, self.titles[movie_id]):
+                self.title_to_movie.setdefault(name.lower(), movie_id)
+        stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
+        self.linker = linking.kg_entity_linker(entities, edges, stopwords, params.linking)
+        self.vocab_table = pl.read_parquet(inputs["vocab"])
+        self.vocabulary = conv_train.conv_vocabulary(self.vocab_table)
+        sentences = pl.read_parquet(inputs["review_sentences"])
+        self.chooser = triples.sentence_chooser(params.triples, entities, edges, self.movies, sentences,
+                                               pl.read_parquet(workspace / "data/reviews/reviews.parquet"))
+        self.explainer = Explainer(KnowledgeGraph(entities, pl.read_parquet(inputs["relations"]), edges),
+                                   self.chooser, sentences, self.entity_movie)
+
+    def find(self, words: str, limit: int = 10) -> list[dict]:
+        """Movies whose title contains `words` (any case), most mentioned in ReDial first."""
+        hits = self.movies.filter(pl.col("title").str.to_lowercase().str.contains(words.lower(), literal=True))
+        hits = hits.filter(pl.col("movie_id").is_in(list(self.item_entity)))
+        return [{"movie_id": m, "title": self.titles[m], "mentions": n} for m, n in
+                hits.sort("mentions_ingested", "movie_id", descending=[True, False]).head(limit)
+                .select("movie_id", "mentions_ingested").iter_rows()]
+
+    def read_turn(self, role: str, text: str) -> tuple[Turn, list[str]]:
+        """A message as a turn: quoted titles become "@id"; returns the turn and the quoted titles not found."""
+        if role not in ROLES:
+            raise ValueError(f"a message's role must be one of {ROLES}, got {role!r}")
+        unknown = []
+
+        def replace(match: re.Match) -> str:
+            movie = self.title_to_movie.get(match.group(1).strip().lower())
+            if movie is None:
+                unknown.append(match.group(1))
+                return match.group(1)
+            return f"@{movie}"
+
+        text = QUOTED_TITLE.sub(replace, text)
+        movies = [int(m) for m in MOVIE_ID.findall(text) if int(m) in self.item_entity]
+        return Turn(role, text, list(dict.fromkeys(movies))), unknown
+
+    def titled(self, text: str) -> str:
+        """A turn's text with "@id" shown as the movie's title."""
+        return MOVIE_ID.sub(lambda m: self.titles.get(int(m.group(1)), m.group(0)), text)
+
+    def next_sample(self, turns: list[Turn], longest: int) -> c2crs_data.SampleTable:
+        """The conversation so far plus an empty recommender turn, built into samples as the triples stage does; its
+        last row is the sample of the model's next turn."""
+        merged: list[Turn] = []
+        for turn in turns:
+            if merged and merged[-1].role == turn.role:  # as ingest merges a speaker's consecutive messages
+                last = merged[-1]
+                merged[-1] = Turn(turn.role, f"{last.text} {turn.text}",
+                                  list(dict.fromkeys(last.movie_ids + turn.movie_ids)))
+            else:
+                merged.append(turn)
+        merged.append(Turn("recommender", ""))
+        utterances = pl.DataFrame([(0, i, t.role, t.text, t.movie_ids) for i, t in enumerate(merged)],
+                                  schema=ingest.UTTERANCE_SCHEMA, orient="row").with_columns(split=pl.lit("test"))
+        linked = triples.link_all(utterances, self.linker, self.item_entity)
+        samples, mentions = triples.build_samples(utterances, linked, self.vocab_table, self.item_entity, longest,
+                                                  self.params.triples.response_max_tokens)
+        triple_table = triples.build_triples(mentions, linked, utterances, self.chooser)
+        return c2crs_data.sample_table(samples, triple_table, "test")
+
+
+def load_recommender(path: Path, knowledge: Knowledge) -> C2CRS:
+    """A C2-CRS recommender file, checked against the workspace's vocabulary and KG."""
+    try:
+        model = runs.load_c2crs(path)
+    except (TypeError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a C2-CRS recommender file ({exc})") from None
+    _check_sizes(path, model.cfg.vocab_size, model.cfg.n_entities, knowledge)
+    return model.to(knowledge.run.device).eval()
+
+
+def load_generator(path: Path, knowledge: Knowledge) -> ConversationModel:
+    """A generator file trained on C2-CRS's encoders (finetune_conv, or the w/o instance weighting variant)."""
+    try:
+        model, config = runs.load_conversation_model(path)
+    except (TypeError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a generator file ({exc})") from None
+    if config.architecture == "hred" or config.pretrained != "c2crs" or config.kgsf is not None:
+        raise ValueError(f"{path}: a {runs.conv_recommender(config)} generator; the chat talks with generators "
+                         "trained on C2-CRS's encoders (c2crs-generator, wo-iw-generator)")
+    _check_sizes(path, model.encoders.cfg.vocab_size, model.encoders.cfg.n_entities, knowledge)
+    return model.to(knowledge.run.device).eval()
+
+
+def _check_sizes(path: Path, vocab_size: int, n_entities: int, knowledge: Knowledge) -> None:
+    expected = (len(knowledge.vocab_table), knowledge.run.graph.n_entities)
+    if (vocab_size, n_entities) != expected:
+        raise ValueError(f"{path}: trained on other data ({vocab_size} words and {n_entities} entities; this "
+                         f"workspace has {expected[0]} and {expected[1]})")
+
+
+class Chat:
+    """A recommender and (optionally) a generator over one workspace's Knowledge. Holds no conversation: every call
+    takes the conversation so far, so one Chat serves many users."""
+
+    def __init__(self, knowledge: Knowledge, recommender: C2CRS, generator: ConversationModel | None = None):
+        self.knowledge, self.recommender, self.generator = knowledge, recommender, generator
+
+    def _longest(self) -> int:
+        """The longest context the models read (the encoders know no later positions)."""
+        sizes = [self.knowledge.params.triples.context_max_tokens, self.recommender.cfg.max_positions]
+        if self.generator is not None:
+            sizes.append(self.generator.encoders.cfg.max_positions)
+        return min(sizes)
+
+    @torch.no_grad()
+    def _ranked(self, turns: list[Turn], exclude_mentioned: bool) -> tuple[c2crs_data.SampleTable, list[int],
+                                                                           np.ndarray, list]:
+        """The sample of the model's next turn, every item entity best first, their scores, the attended entities."""
+        knowledge = self.knowledge
+        table = knowledge.next_sample(turns, self._longest())
+        scores, entity_ids, weights = c2crs_train.scores_with_pooling_weights(
+            self.recommender, knowledge.run, table, np.array([len(table) - 1]))
+        scores = scores[0]
+        if exclude_mentioned:
+            named = [knowledge.item_entity[m] for t in turns for m in t.movie_ids if m in knowledge.item_entity]
+            scores[named] = -np.inf
+        ranked = [int(e) for e in np.argsort(-scores, kind="stable") if np.isfinite(scores[e])]
+        return table, ranked, scores, knowledge.explainer.context_entities(entity_ids[0], weights[0])
+
+    def _recommendations(self, turns: list[Turn], entities: list[int], scores: np.ndarray, attended: list,
+                         explain: bool) -> list[Recommendation]:
+        knowledge = self.knowledge
+        seeker_words = knowledge.titled(" ".join(t.text for t in turns if t.role == "seeker"))
+        return [Recommendation(knowledge.entity_movie[e], knowledge.titles[knowledge.entity_movie[e]],
+                               round(float(scores[e]), 4),
+                               knowledge.explainer.explain(e, attended, seeker_words) if explain else None)
+                for e in entities]
+
+    def recommend(self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True,
+                  explain: bool = True) -> list[Recommendation]:
+        """The top_k movies for the model's next turn, best first, with their explanations."""
+        _, ranked, scores, attended = self._ranked(turns, exclude_mentioned)
+        return self._recommendations(turns, ranked[:top_k], scores, attended, explain)
+
+    def explain_movie(self, turns: list[Turn], movie_id: int) -> tuple[int, Recommendation]:
+        """Any movie's rank among all movies for the model's next turn (1 = first; named movies included) and its
+        explanation: why it is, or is not, recommended."""
+        _, ranked, scores, attended = self._ranked(turns, exclude_mentioned=False)
+        entity = self.knowledge.item_entity[movie_id]
+        return ranked.index(entity) + 1, self._recommendations(turns, [entity], scores, attended, True)[0]
+
+    @torch.no_grad()
+    def respond(self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True, explain: bool = True) -> Reply:
+        """The model's next turn: the generator's utterance, its movie placeholders filled with the recommender's
+        items in rank order, and the top_k recommendations."""
+        if self.generator is None:
+            raise ValueError("this chat has no generator")
+        knowledge = self.knowledge
+        table, ranked, scores, attended = self._ranked(turns, exclude_mentioned)
+        tokens = conv_train.generate(self.generator, knowledge.run, table, np.array([len(table) - 1]),
+                                     knowledge.params.evaluate.decoding, knowledge.vocabulary.banned_ids)[0]
+        words = [knowledge.vocabulary.tokens[t] for t in tokens]
+        filling = ranked[: max(top_k, words.count(conv_train.PLACEHOLDER))]
+        said = conv_train.fill_movies(words, [f"@{knowledge.entity_movie[e]}" for e in filling])
+        shown = conv_train.fill_movies(words, [knowledge.titles[knowledge.entity_movie[e]] for e in filling])
+        return Reply(" ".join(shown), " ".join(said),
+                     self._recommendations(turns, ranked[:top_k], scores, attended, explain))
+
+
+class Session:
+    """One conversation in the terminal: the turns so far and the last recommendations (for /why)."""
+
+    def __init__(self, chat: Chat, top_k: int = 3):
+        self.chat, self.top_k = chat, top_k
+        self.turns: list[Turn] = []
+        self.last: list[Recommendation] = []
+
+    def find(self, words: str, limit: int = 10) -> list[str]:
+        return [f"@{hit['movie_id']}  {hit['title']}" for hit in self.chat.knowledge.find(words, limit)]
+
+    def reply(self, text: str) -> tuple[str, list[str], list[str]]:
+        """Your turn in, the model's answer out: (answer, recommended titles, quoted titles not found)."""
+        turn, unknown = self.chat.knowledge.read_turn("seeker", text)
+        self.turns.append(turn)
+        reply = self.chat.respond(self.turns, self.top_k)
+        said, _ = self.chat.knowledge.read_turn("recommender", reply.text_with_ids)
+        self.turns.append(said)
+        self.last = reply.recommendations
+        return reply.text, [r.title for r in reply.recommendations], unknown
+
+    def why(self, which: int | None = None) -> str:
+        """The explanation of the last reply's recommendations (all of them, or the `which`-th, from 1)."""
+        if not self.last:
+            return "no recommendation yet: say something first"
+        if which is not None and not 1 <= which <= len(self.last):
+            return f"/why takes a number from 1 to {len(self.last)}"
+        chosen = self.last if which is None else [self.last[which - 1]]
+        return "\n".join([describe_attention(self.last[0].explanation)] + [describe(r) for r in chosen])
+
+
+def describe_attention(explanation: Explanation | None) -> str:
+    """What the recommender weighted (the same for every movie of one reply), as a line of text."""
+    attended = ", ".join(f"{e.label} {e.weight:.2f}" for e in explanation.context_entities) if explanation else ""
+    return f"attended to: {attended or 'nothing (no entity in the conversation: the ranking is its prior)'}"
+
+
+def describe(recommendation: Recommendation) -> str:
+    """A recommended movie's KG paths and review sentences as lines of text (the terminal's /why)."""
+    why = recommendation.explanation
+    lines = [f"{recommendation.title} (score {recommendation.score:.2f})"]
+    for path in why.kg_paths if why else []:
+        steps = [path.entities[0].label]
+        for relation, node in zip(path.relations, path.entities[1:]):
+            steps.append(f"-[{relation}]-> {node.label}")
+        lines.append(f"  KG: {' '.join(steps)}")
+    for sentence in why.review_sentences if why else []:
+        rating = f", rated {sentence.rating:g}/10" if sentence.rating is not None else ""
+        match = "" if sentence.score > 0 else ", no word in common with the conversation"
+        lines.append(f"  review ({sentence.source}{rating}{match}): {sentence.text}")
+    return "\n".join(lines)
