@@ -138,3 +138,12 @@ def chat_workspace(tmp_path_factory):
         for stage in CHAT_STAGES:
             stage_body(stage)(params, workspace)
     return params, workspace
+
+
+@pytest.fixture(scope="session")
+def chat_models(chat_workspace):
+    """pipeline serve's Models on the chat workspace's files (no registry)."""
+    from pipeline.serve import Models
+
+    params, workspace = chat_workspace
+    return Models(params, workspace, "workspace")

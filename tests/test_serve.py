@@ -21,9 +21,8 @@ LOVED_ALPHA = [{"role": "seeker", "text": 'hi, I loved "Alpha" with Tom Hanks an
 
 
 @pytest.fixture(scope="module")
-def models(chat_workspace):
-    params, workspace = chat_workspace
-    return Models(params, workspace, "workspace")
+def models(chat_models):
+    return chat_models
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""The chat page in a real browser (headless Chromium through Selenium): type a message with an "@" movie from the
+autocomplete, see the model's response and recommendation cards, open a card's explanation."""
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements.txt has it)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support import expected_conditions as seen  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="Debian's chromium and chromium-driver are not installed "
+                                      "(apt-get install chromium chromium-driver; .ci/run does this as root)")
+
+
+@pytest.fixture
+def page_url(chat_models):
+    import uvicorn
+
+    from pipeline.serve import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(chat_models), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    yield driver
+    driver.quit()
+
+
+def test_a_conversation_in_the_page_shows_a_response_cards_and_their_why(page_url, browser):
+    wait = WebDriverWait(browser, 60)
+    browser.get(page_url)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#recommender option"))  # the model picker is filled
+    text = browser.find_element(By.ID, "text")
+    text.send_keys("I loved @Alp")
+    suggestion = wait.until(seen.element_to_be_clickable((By.CSS_SELECTOR, '#suggestions li[data-movie="100"]')))
+    assert suggestion.text == "Alpha (2001)"
+    suggestion.click()
+    assert text.get_attribute("value") == "I loved @Alpha (2001) "
+    text.send_keys("with Tom Hanks", Keys.ENTER)
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.recommender")) == 2)
+    cards = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#cards .card"))
+    assert len(cards) == 3 and browser.find_element(By.ID, "error").text == ""
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.seeker")[0].text == "I loved @Alpha (2001) with Tom Hanks"
+    # The page sent "@100": the model read Alpha as the movie, so it is not recommended back.
+    assert "100" not in [card.get_attribute("data-movie") for card in cards]
+    why = cards[0].find_element(By.CSS_SELECTOR, ".why")
+    assert not why.is_displayed()
+    cards[0].find_element(By.TAG_NAME, "button").click()
+    assert why.is_displayed() and "what the recommender weighted" in why.text.lower() and "Alpha" in why.text
