@@ -55,3 +55,29 @@ def test_context_entities_heaviest_first_padding_dropped():
     attended = explainer.context_entities(np.array([0, 2, 3, -1]), np.array([0.2, 0.5, 0.3, 0.0]))
     assert [(e.label, e.weight, e.movie_id) for e in attended] == [("Tom Hanks", 0.5, None), ("USA", 0.3, None),
                                                                    ("Alpha", 0.2, 100)]
+
+
+class RankAsGiven:
+    """SentenceChooser's interface: rank() scores the pool in its order (10, 9, ...), whatever the words."""
+
+    def __init__(self, texts, ratings):
+        self.texts, self.ratings, self.asked = texts, np.asarray(ratings, dtype=float), []
+
+    def rank(self, pool, words):
+        self.asked.append(words)
+        return [(int(s), 10.0 - i) for i, s in enumerate(pool)]
+
+
+def test_an_explanation_lets_several_entities_speak_and_puts_negative_reviews_last():
+    graph = small_graph()
+    chooser = RankAsGiven(["Awful.", "A plot.", "Great fun."], [2, np.nan, 9])
+    sentences = pl.DataFrame({"sentence_id": [0, 1, 2], "movie_id": [100, 100, 100],
+                              "source": ["aclimdb", "plots", "aclimdb"]})
+    explainer = Explainer(graph, chooser, sentences, entity_movie={0: 100, 1: 200}, max_paths=3, paths_per_entity=1)
+    attended = explainer.context_entities(np.array([1, 2]), np.array([0.7, 0.3]))
+    why = explainer.explain(0, attended, "I liked Beta")
+    # Beta's best path (through Tom Hanks, the most specific) and then Tom Hanks's own edge: one path each.
+    assert [[n.label for n in p.entities] for p in why.kg_paths] == [["Beta", "Tom Hanks", "Alpha"],
+                                                                     ["Tom Hanks", "Alpha"]]
+    assert [(s.text, s.rating) for s in why.review_sentences] == [("A plot.", None), ("Great fun.", 9.0)]
+    assert "Beta" in chooser.asked[0] and "Tom Hanks" in chooser.asked[0] and "I liked Beta" in chooser.asked[0]

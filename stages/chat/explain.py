@@ -5,10 +5,12 @@ An explanation has three parts, each read off the trained model or the data it w
   with their softmax weight in that pooling, heaviest first;
 - KG paths: from the heaviest context entities to the recommended movie, the direct edge or the two-hop paths
   through the most specific entity they share (fewest neighbours first: a shared actor says more than a shared
-  country). Relations are named as the KG names them; the KGSF subgraph of DBpedia carries numeric relation ids
-  ("dbpedia:68", "^-1" for the inverse edge), not DBpedia's property names;
+  country), at most two per context entity so that several of them can speak. Relations are named as the KG names
+  them; the KGSF subgraph of DBpedia carries numeric relation ids ("dbpedia:68", "^-1" for the inverse edge), not
+  DBpedia's property names;
 - review sentences: the movie's review sentences ranked by BM25 against the context entities' names, the entities
-  on the paths and the seeker's words (the triples stage's rule for the sentence of a mention).
+  on the paths and the seeker's words (the triples stage's rule for the sentence of a mention); sentences of
+  negative reviews (rated 4/10 or less) come after the others, as they hardly back a recommendation.
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import polars as pl
 from stages.triples import SentenceChooser
 
 SELF_LOOP = "self_loop"
+NEGATIVE_RATING = 4  # of 10: a review rated this or lower is negative (aclImdb's own split is <= 4 vs >= 7)
 
 
 @dataclass
@@ -111,9 +114,11 @@ class Explainer:
     """Builds the Explanation of a recommended movie from the recommender's pooling weights and the data."""
 
     def __init__(self, graph: KnowledgeGraph, chooser: SentenceChooser, sentences: pl.DataFrame,
-                 entity_movie: dict[int, int], top_entities: int = 5, max_paths: int = 4, max_sentences: int = 2):
+                 entity_movie: dict[int, int], top_entities: int = 5, max_paths: int = 4, paths_per_entity: int = 2,
+                 max_sentences: int = 2):
         self.graph, self.chooser, self.entity_movie = graph, chooser, entity_movie
         self.top_entities, self.max_paths, self.max_sentences = top_entities, max_paths, max_sentences
+        self.paths_per_entity = paths_per_entity
         ordered = sentences.sort("sentence_id")
         self.sources = ordered["source"].to_list()
         by_movie = ordered.group_by("movie_id", maintain_order=True).agg("sentence_id")
@@ -129,12 +134,12 @@ class Explainer:
         movie_id = self.entity_movie[movie_entity]
         paths: list[KGPath] = []
         for entity in attended[: self.top_entities]:
-            paths += self.graph.paths(entity.entity_id, movie_entity, self.max_paths - len(paths))
-            if len(paths) >= self.max_paths:
-                break
+            room = min(self.paths_per_entity, self.max_paths - len(paths))
+            paths += self.graph.paths(entity.entity_id, movie_entity, room)
         names = [e.label for e in attended[: self.top_entities]] + [n.label for p in paths for n in p.entities[1:-1]]
         pool = self.movie_sentences.get(movie_id, np.zeros(0, dtype=np.int64))
         ranked = self.chooser.rank(pool, " ".join(names + [seeker_words])) if len(pool) else []
+        ranked.sort(key=lambda ranked_sentence: _negative(self.chooser.ratings[ranked_sentence[0]]))  # stable
         sentences = [ReviewSentence(s, self.chooser.texts[s], self.sources[s], _rating(self.chooser.ratings[s]),
                                     round(score, 3)) for s, score in ranked[: self.max_sentences]]
         return Explanation(movie_id, attended[: self.top_entities], paths, sentences)
@@ -142,3 +147,7 @@ class Explainer:
 
 def _rating(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
+
+
+def _negative(rating: float) -> bool:
+    return bool(rating <= NEGATIVE_RATING)  # NaN (no rating: plots, RevCore snippets) is not negative
