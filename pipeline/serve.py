@@ -64,7 +64,8 @@ class ModelChoice(BaseModel):
 
 class RecommendRequest(ModelChoice):
     model_config = ConfigDict(extra="forbid")
-    messages: list[Message] = Field(max_length=MAX_MESSAGES, description="the conversation so far, oldest first")
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                    description="the conversation so far, oldest first")
     top_k: int = Field(10, ge=1, le=100)
     exclude_mentioned: bool = Field(True, description="leave out the movies the conversation names")
     explain: bool = True
@@ -78,7 +79,7 @@ class ChatRequest(RecommendRequest):
 
 class ExplainRequest(ModelChoice):
     model_config = ConfigDict(extra="forbid")
-    messages: list[Message] = Field(max_length=MAX_MESSAGES)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     movie_id: int = Field(description="the ReDial id of the movie to explain (recommended or not)")
 
 
@@ -137,7 +138,8 @@ class Models:
                        load_recommender(files[self.names["recommender"]], self.knowledge),
                        ("generator", self.default["generator"]):
                        load_generator(files[self.names["generator"]], self.knowledge)}
-        self.lock, self.loading = threading.Lock(), threading.Lock()
+        self.lock = threading.Lock()
+        self.input_hashes: dict[str, str] = {}  # the workspace's training inputs, hashed once
 
     def _reference(self, loaded: Path, workspace_file: Path, name: str) -> str:
         """How the start-up model is named: NAME/VERSION of the champion when model_sources took it, else
@@ -147,32 +149,37 @@ class Models:
         return f"{name}/{alias_version(MlflowClient(tracking_uri()), name, CHAMPION).version}"
 
     def model(self, kind: str, reference: str | None):
-        """The loaded model of a kind named by reference (None: the start-up one)."""
+        """The loaded model of a kind named by reference (None: the start-up one). Called under the lock (run)."""
         reference = reference or self.default[kind]
         key = (kind, reference)
         if key in self.pinned:
             return self.pinned[key]
-        with self.loading:
-            if key not in self.loaded:
-                self.loaded[key] = self._load(kind, reference)
-                while len(self.loaded) > KEPT_MODELS:
-                    self.loaded.popitem(last=False)
-            self.loaded.move_to_end(key)
-            return self.loaded[key]
+        if key not in self.loaded:
+            self.loaded[key] = self._load(kind, reference)
+            while len(self.loaded) > KEPT_MODELS:
+                self.loaded.popitem(last=False)
+        self.loaded.move_to_end(key)
+        return self.loaded[key]
 
     def _load(self, kind: str, reference: str):
         load = load_recommender if kind == "recommender" else load_generator
         if reference == WORKSPACE:
             return load(self.workspace / STAGES[TRAINED_BY[kind]].outs[0], self.knowledge)
+        if self.models_from == WORKSPACE:
+            raise ValueError(f"{reference}: this server was started with --models-from workspace; it uses the "
+                             "workspace's files only")
         client = MlflowClient(tracking_uri())
         version = resolve(client, reference)
         if version.name not in self.choices_of(kind):
             raise ValueError(f"{reference}: not a {kind} this chat can use ({', '.join(self.choices_of(kind))})")
-        differs = data_differences(version, {n: self.workspace / p for n, p in TRAINING_INPUTS.items()}, {})
+        differs = data_differences(version, self._inputs(), self.input_hashes)
         if differs:
             raise ValueError(f"{reference}: trained on other data than this workspace's ({', '.join(differs)} "
                              "differ)")
         return load(model_file(client, version), self.knowledge)
+
+    def _inputs(self) -> dict[str, Path]:
+        return {name: self.workspace / path for name, path in TRAINING_INPUTS.items()}
 
     def choices_of(self, kind: str) -> list[str]:
         """The registered names whose versions the chat can use: C2-CRS's recommender and its ablations; the
@@ -189,15 +196,14 @@ class Models:
                        "loaded_at_start": self.default[kind] == WORKSPACE}] for kind in self.names}
         if self.models_from == WORKSPACE:
             return out
-        client, hashes = MlflowClient(tracking_uri()), {}
-        data = {n: self.workspace / p for n, p in TRAINING_INPUTS.items()}
+        client = MlflowClient(tracking_uri())
         for kind in self.names:
             metric = "valid_recall_at_50" if kind == "recommender" else "valid_perplexity"
             for name in self.choices_of(kind):
                 versions = all_versions(client, name)
                 aliases = client.get_registered_model(name).aliases if versions else {}
                 for version in reversed(versions):
-                    differs = data_differences(version, data, hashes)
+                    differs = data_differences(version, self._inputs(), self.input_hashes)
                     reference = f"{name}/{version.version}"
                     named = sorted(a for a, v in aliases.items() if str(v) == str(version.version))
                     out[kind].append({
@@ -230,9 +236,13 @@ def _turns(knowledge: Knowledge, messages: list[Message]) -> tuple[list[Turn], l
     return turns, unknown
 
 
-def _out(recommendation: Recommendation, rank: int) -> RecommendationOut:
-    r = recommendation
-    return RecommendationOut(rank=rank, movie_id=r.movie_id, title=r.title, score=r.score, explanation=r.explanation)
+def _out(recommendations: list[Recommendation], first_rank: int = 1) -> list[RecommendationOut]:
+    return [RecommendationOut(rank=rank, movie_id=r.movie_id, title=r.title, score=r.score, explanation=r.explanation)
+            for rank, r in enumerate(recommendations, start=first_rank)]
+
+
+def _milliseconds_since(began: float) -> float:
+    return round(1000 * (time.perf_counter() - began), 1)
 
 
 def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
@@ -306,9 +316,9 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
             turns, unknown = _turns(models.knowledge, body.messages)
             chat = Chat(models.knowledge, models.model("recommender", body.recommender))
             ranked = chat.recommend(turns, body.top_k, body.exclude_mentioned, body.explain)
-            return RecommendResponse(recommendations=[_out(r, i + 1) for i, r in enumerate(ranked)], unknown_titles=unknown,
+            return RecommendResponse(recommendations=_out(ranked), unknown_titles=unknown,
                                      models={"recommender": body.recommender or models.default["recommender"]},
-                                     elapsed_ms=round(1000 * (time.perf_counter() - began), 1))
+                                     elapsed_ms=_milliseconds_since(began))
         return await answer(work)
 
     @app.post("/v1/chat", response_model=ChatResponse)
@@ -324,10 +334,10 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
                         models.model("generator", body.generator))
             reply = talk.respond(turns, body.top_k, body.exclude_mentioned, body.explain)
             return ChatResponse(response=reply.text, response_with_ids=reply.text_with_ids,
-                                recommendations=[_out(r, i + 1) for i, r in enumerate(reply.recommendations)], unknown_titles=unknown,
+                                recommendations=_out(reply.recommendations), unknown_titles=unknown,
                                 models={"recommender": body.recommender or models.default["recommender"],
                                         "generator": body.generator or models.default["generator"]},
-                                elapsed_ms=round(1000 * (time.perf_counter() - began), 1))
+                                elapsed_ms=_milliseconds_since(began))
         return await answer(work)
 
     @app.post("/v1/explain", response_model=RecommendationOut)
@@ -341,7 +351,7 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
             chat = Chat(models.knowledge, models.model("recommender", body.recommender))
             return chat.explain_movie(turns, body.movie_id)
         rank, recommendation = await answer(work)
-        return _out(recommendation, rank)
+        return _out([recommendation], first_rank=rank)[0]
 
     return app
 

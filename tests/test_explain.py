@@ -40,7 +40,8 @@ def test_paths_take_the_direct_edge_else_the_most_specific_shared_entity():
     assert [[n.label for n in p.entities] for p in direct] == [["Tom Hanks", "Alpha"]]
     assert direct[0].relations == ["starring^-1"]
     two_hop = graph.paths(1, 0, limit=3)
-    assert [[n.label for n in p.entities] for p in two_hop] == [["Beta", "Tom Hanks", "Alpha"], ["Beta", "USA", "Alpha"]]
+    assert [[n.label for n in p.entities] for p in two_hop] == [["Beta", "Tom Hanks", "Alpha"],
+                                                                ["Beta", "USA", "Alpha"]]
     assert two_hop[0].relations == ["starring", "starring^-1"]
     assert len(graph.paths(1, 0, limit=1)) == 1 and graph.paths(0, 0, limit=3) == []
     assert graph.paths(5, 4, limit=3) == []  # nothing shared within two hops

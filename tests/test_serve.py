@@ -74,6 +74,9 @@ def test_recommend_ranks_as_the_evaluation_scorer_and_explains(api, models):
     plain = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "top_k": 3, "explain": False}).json()
     assert [r["explanation"] for r in plain["recommendations"]] == [None] * 3
     assert [r["movie_id"] for r in plain["recommendations"]] == expected
+    assert api.post("/v1/recommend", json={"messages": []}).status_code == 422
+    after_recommender = LOVED_ALPHA + [{"role": "recommender", "text": "have you seen @300 ?"}]
+    assert api.post("/v1/recommend", json={"messages": after_recommender}).status_code == 200
     with_named = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "exclude_mentioned": False}).json()
     assert 100 in [r["movie_id"] for r in with_named["recommendations"]]
 
@@ -114,9 +117,9 @@ def test_chat_answers_with_the_recommenders_movies(api, models):
     ({"messages": LOVED_ALPHA, "top_k": 0}, 422, "greater than or equal to 1"),
     ({"messages": LOVED_ALPHA, "temperature": 2}, 422, "Extra inputs"),
     ({"messages": LOVED_ALPHA + [{"role": "recommender", "text": "ok"}]}, 422, "must be the seeker's"),
-    ({"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/99"}, 404, "c2crs-recommender"),
+    ({"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/1"}, 422, "started with --models-from workspace"),
 ])
-def test_bad_chat_requests_get_a_4xx_that_says_what_is_wrong(api, mlflow_store, body, status, says):
+def test_bad_chat_requests_get_a_4xx_that_says_what_is_wrong(api, body, status, says):
     answer = api.post("/v1/chat", json=body)
     assert answer.status_code == status and says in answer.text
     assert "Traceback" not in answer.text
@@ -211,6 +214,8 @@ def test_the_registry_champion_loads_at_start_and_the_picker_lists_versions(chat
     assert picked.status_code == 200 and picked.json()["models"]["generator"] == f"c2crs-generator/{generator}"
     refused = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": f"c2crs-recommender/{other}"})
     assert refused.status_code == 422 and "trained on other data" in refused.json()["detail"]
+    unknown = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/99"})
+    assert unknown.status_code == 404 and f"it has versions {first}, {other}" in unknown.json()["detail"]
     wrong_kind = api.post("/v1/recommend", json={"messages": LOVED_ALPHA,
                                                  "recommender": f"c2crs-generator/{generator}"})
     assert wrong_kind.status_code == 422 and "not a recommender this chat can use" in wrong_kind.json()["detail"]
