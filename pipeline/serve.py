@@ -274,13 +274,13 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         return JSONResponse({"detail": f"internal error; the server's log names it {incident}"}, status_code=500)
 
     async def answer(work):
-        """work() in a worker thread under the models' lock, with the timeout; ValueError -> 422, FileNotFound
-        (a model version) -> 404."""
-        deadline = time.monotonic() + timeout
+        """work() in a worker thread under the models' lock, with the timeout; RegistryError (an unknown model
+        version) -> 404, other ValueErrors (what the client asked cannot be done) -> 422."""
+        began = time.monotonic()
         try:
             return await asyncio.wait_for(run_in_threadpool(models.run, work, timeout), timeout)
         except (Busy, asyncio.TimeoutError):
-            waited = time.monotonic() - deadline + timeout
+            waited = time.monotonic() - began
             raise HTTPException(503, f"no answer within {timeout:g} s (waited {waited:.1f} s: the server is busy "
                                      "or the conversation long); try again") from None
         except RegistryError as exc:
