@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,14 +56,13 @@ class Message(BaseModel):
     text: str = Field(min_length=1, max_length=MAX_TEXT, description='movies as "@<ReDial id>" or "quoted titles"')
 
 
-class ModelChoice(BaseModel):
+class RecommenderChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     recommender: str | None = Field(None, max_length=200, description="NAME/VERSION, NAME@ALIAS or 'workspace'; "
                                                                       "default: the one loaded at start")
-    generator: str | None = Field(None, max_length=200)
 
 
-class RecommendRequest(ModelChoice):
-    model_config = ConfigDict(extra="forbid")
+class RecommendRequest(RecommenderChoice):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
                                     description="the conversation so far, oldest first")
     top_k: int = Field(10, ge=1, le=100)
@@ -75,10 +74,10 @@ class ChatRequest(RecommendRequest):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
                                     description="the conversation so far, oldest first, ending with the seeker's")
     top_k: int = Field(3, ge=1, le=20)
+    generator: str | None = Field(None, max_length=200, description="as recommender")
 
 
-class ExplainRequest(ModelChoice):
-    model_config = ConfigDict(extra="forbid")
+class ExplainRequest(RecommenderChoice):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     movie_id: int = Field(description="the ReDial id of the movie to explain (recommended or not)")
 

@@ -75,6 +75,8 @@ def test_recommend_ranks_as_the_evaluation_scorer_and_explains(api, models):
     assert [r["explanation"] for r in plain["recommendations"]] == [None] * 3
     assert [r["movie_id"] for r in plain["recommendations"]] == expected
     assert api.post("/v1/recommend", json={"messages": []}).status_code == 422
+    no_generator_here = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "generator": "workspace"})
+    assert no_generator_here.status_code == 422 and "generator" in no_generator_here.text
     after_recommender = LOVED_ALPHA + [{"role": "recommender", "text": "have you seen @300 ?"}]
     assert api.post("/v1/recommend", json={"messages": after_recommender}).status_code == 200
     with_named = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "exclude_mentioned": False}).json()
