@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 DATA_DIR_ENV = "C2CRS_DATA_DIR"
 
@@ -476,6 +477,7 @@ class Params(Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: training forward passes under bf16 autocast (GPU)
     distributed: bool = False  # under torchrun: the C2-CRS training steps split each batch across the processes
     data: DataConfig
+    _source: Path = PrivateAttr(default=Path("params.yaml"))  # the file read (load_params), named in later errors
     ingest: IngestConfig = IngestConfig()
     reviews: ReviewsConfig = ReviewsConfig()
     linking: LinkingConfig = LinkingConfig()
@@ -547,8 +549,10 @@ class Params(Section):
         (kind="conv_baselines", Table 2). The result has no variants of its own."""
         variants = getattr(self, kind).variants
         if name not in variants:
-            raise ConfigError(f"params.yaml: {kind}.variants has no {name!r}; it has {sorted(variants)}")
-        return Params.model_validate(apply_overrides(dict(self), name, variants[name], kind))
+            raise ConfigError(f"{self._source}: {kind}.variants has no {name!r}; it has {sorted(variants)}")
+        varied = Params.model_validate(apply_overrides(dict(self), name, variants[name], kind))
+        varied._source = self._source
+        return varied
 
 
 # What a variant may change. An ablation: the sections the recommendation path (pretrain_coarse, pretrain_fine,
@@ -622,9 +626,11 @@ def load_params(path: str | Path) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
+    params._source = path
+    return params
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:

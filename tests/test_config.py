@@ -112,8 +112,11 @@ def test_an_ablation_variant_is_the_params_with_its_overrides(tmp_path):
     assert variant.model.views == ["graph", "review"] and variant.ablations.variants == {}
     assert variant.pretrain_fine == params.pretrain_fine and params.model.views == ["conversation", "graph", "review"]
     assert params.variant("wo_fine").pretrain_fine.epochs == 0
-    with pytest.raises(ConfigError, match="ablations.variants has no 'wo_ud'"):
+    path = tmp_path / "params.yaml"  # the file load_params read, named by its full path
+    with pytest.raises(ConfigError, match=f"^{path}: ablations.variants has no 'wo_ud'"):
         params.variant("wo_ud")
+    with pytest.raises(ConfigError, match=f"^{path}: conv_baselines.variants has no 'nope'"):
+        params.variant("wo_ch").variant("nope", kind="conv_baselines")
 
 
 @pytest.mark.parametrize("overrides, message", [
