@@ -19,7 +19,6 @@ Prints a table and writes bench/results/serve.json.
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from common import ROOT, write_results  # noqa: E402  (puts the project root on 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+
+from pipeline.servers import free_port  # noqa: E402
 
 ENDPOINTS = {"/v1/recommend": {"top_k": 10}, "/v1/chat": {"top_k": 3}}
 CONCURRENCY = (1, 8)
@@ -111,9 +112,7 @@ def main() -> int:
             sys.exit(f"error: {workspace / needed} is missing; train the models first: "
                      "python -m pipeline repro finetune_rec finetune_conv")
     bodies = conversations(workspace, 200)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     server = start_server(workspace, port)
     url = f"http://127.0.0.1:{port}"

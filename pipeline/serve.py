@@ -28,12 +28,12 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.registry import (CHAMPION, RegistryError, alias_version, all_versions, data_differences,
-                               logged_metrics, model_file, model_sources, resolve)
+                               logged_metrics, model_file, resolve)
+from pipeline.talk import CHAT_MODELS, chat_model_files, workspace_model
 from pipeline.tracking import tracking_uri
 from stages.chat.engine import Chat, Knowledge, Recommendation, Turn, load_generator, load_recommender
 from stages.chat.explain import Explanation
 from stages.evaluation.rec_metrics import ABLATION_PREFIX
-from stages.io.graph import STAGES
 from stages.io.stage_log import registered_name
 from stages.training.runs import TRAINING_INPUTS
 
@@ -44,7 +44,6 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGES, MAX_TEXT = 100, 2000
 WORKSPACE = "workspace"  # the model reference of the workspace's own files
 KEPT_MODELS = 4  # loaded versions besides the start-up pair
-TRAINED_BY = {"recommender": "finetune_rec", "generator": "finetune_conv"}
 
 
 # ---------------------------------------------------------------- the API's schema
@@ -122,29 +121,23 @@ class Models:
 
     def __init__(self, params, workspace: Path, models_from: str):
         self.params, self.workspace, self.models_from = params, workspace, models_from
-        self.names = {"recommender": registered_name("c2crs", "recommender"),
-                      "generator": registered_name("c2crs", "generator")}
-        outs = {kind: workspace / STAGES[stage].outs[0] for kind, stage in TRAINED_BY.items()}
-        files = model_sources({self.names[k]: outs[k] for k in outs}, workspace, models_from)
-        for kind, name in self.names.items():
-            if not files[name].is_file():
-                raise FileNotFoundError(f"{files[name]}: the {kind} is missing; train it first: "
-                                        f"python -m pipeline repro {TRAINED_BY[kind]}")
+        self.names = {kind: registered_name("c2crs", kind) for kind in CHAT_MODELS}
+        files = chat_model_files(workspace, models_from)
         self.knowledge = Knowledge(params, workspace)
-        self.default = {kind: self._reference(files[name], outs[kind], name) for kind, name in self.names.items()}
+        self.default = {kind: self._reference(kind, files[kind]) for kind in CHAT_MODELS}
         self.loaded: OrderedDict[tuple[str, str], object] = OrderedDict()
-        self.pinned = {("recommender", self.default["recommender"]):
-                       load_recommender(files[self.names["recommender"]], self.knowledge),
-                       ("generator", self.default["generator"]):
-                       load_generator(files[self.names["generator"]], self.knowledge)}
+        self.pinned = {("recommender", self.default["recommender"]): load_recommender(files["recommender"],
+                                                                                     self.knowledge),
+                       ("generator", self.default["generator"]): load_generator(files["generator"], self.knowledge)}
         self.lock = threading.Lock()
         self.input_hashes: dict[str, str] = {}  # the workspace's training inputs, hashed once
 
-    def _reference(self, loaded: Path, workspace_file: Path, name: str) -> str:
-        """How the start-up model is named: NAME/VERSION of the champion when model_sources took it, else
+    def _reference(self, kind: str, loaded: Path) -> str:
+        """How a start-up model is named: NAME/VERSION of the champion when chat_model_files took it, else
         'workspace'."""
-        if loaded == workspace_file:
+        if loaded == workspace_model(self.workspace, kind):
             return WORKSPACE
+        name = self.names[kind]
         return f"{name}/{alias_version(MlflowClient(tracking_uri()), name, CHAMPION).version}"
 
     def model(self, kind: str, reference: str | None):
@@ -163,7 +156,7 @@ class Models:
     def _load(self, kind: str, reference: str):
         load = load_recommender if kind == "recommender" else load_generator
         if reference == WORKSPACE:
-            return load(self.workspace / STAGES[TRAINED_BY[kind]].outs[0], self.knowledge)
+            return load(workspace_model(self.workspace, kind), self.knowledge)
         if self.models_from == WORKSPACE:
             raise ValueError(f"{reference}: this server was started with --models-from workspace; it uses the "
                              "workspace's files only")

@@ -14,23 +14,38 @@ from stages.io.graph import STAGES, stage_making
 from stages.io.stage_log import registered_name
 
 
-def talk(params: Params, workspace: Path, models_from: str = "registry") -> int:
-    """models_from: "registry" loads the champions (models:/c2crs-recommender@champion, c2crs-generator) when they
-    were trained on the workspace's data, else the workspace's files; "workspace" the DVC outputs."""
+CHAT_MODELS = {"recommender": "finetune_rec", "generator": "finetune_conv"}  # what a chat loads: kind -> its stage
+
+
+def workspace_model(workspace: Path, kind: str) -> Path:
+    """The workspace's own file of a chat model (the DVC output of its stage)."""
+    return workspace / STAGES[CHAT_MODELS[kind]].outs[0]
+
+
+def chat_model_files(workspace: Path, models_from: str) -> dict[str, Path]:
+    """Per kind (recommender, generator), the file a chat loads: models_from "registry" takes the champion
+    (models:/c2crs-recommender@champion, c2crs-generator) when it was trained on the workspace's data, else the
+    workspace's file; "workspace" the DVC outputs. A missing file is an error naming the stage that makes it."""
     from pipeline.registry import model_sources
 
-    print("loading the models ...", flush=True)
-    recommender, generator = registered_name("c2crs", "recommender"), registered_name("c2crs", "generator")
-    files = model_sources({recommender: workspace / STAGES["finetune_rec"].outs[0],
-                           generator: workspace / STAGES["finetune_conv"].outs[0]}, workspace, models_from)
+    names = {kind: registered_name("c2crs", kind) for kind in CHAT_MODELS}
+    sources = model_sources({names[kind]: workspace_model(workspace, kind) for kind in CHAT_MODELS}, workspace,
+                            models_from)
+    files = {kind: sources[names[kind]] for kind in CHAT_MODELS}
     for file in files.values():
         if not file.is_file():
             needed = str(file.relative_to(workspace))
             stage = stage_making(needed)
-            print(f"error: {needed} is missing; stage {stage} makes it: python -m pipeline repro {stage}")
-            return 2
+            raise ValueError(f"{needed} is missing; stage {stage} makes it: python -m pipeline repro {stage}")
+    return files
+
+
+def talk(params: Params, workspace: Path, models_from: str = "registry") -> int:
+    print("loading the models ...", flush=True)
+    files = chat_model_files(workspace, models_from)
     knowledge = Knowledge(params, workspace)
-    chat = Chat(knowledge, load_recommender(files[recommender], knowledge), load_generator(files[generator], knowledge))
+    chat = Chat(knowledge, load_recommender(files["recommender"], knowledge),
+                load_generator(files["generator"], knowledge))
     print(__doc__.split("\n\n")[1].replace("\n", " "))
     print("Empty line, Ctrl-D or Ctrl-C ends the conversation.\n")
     return converse(Session(chat))

@@ -2,7 +2,6 @@
 autocomplete, see the model's response and recommendation cards, open a card's explanation."""
 
 import shutil
-import socket
 import threading
 import time
 
@@ -25,10 +24,9 @@ def page_url(chat_models):
     import uvicorn
 
     from pipeline.serve import create_app
+    from pipeline.servers import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(chat_models), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -320,14 +320,15 @@ def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -
 def scores_with_pooling_weights(model: C2CRS, run: Run, table: SampleTable,
                                 rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the recommender recommends and what it attended to, from one pass over the graph: the item scores of the
-    rows [R, n_items], their context entities as the recommender reads them (the most recent max_context_entities,
-    -1 padding) [R, E], and each entity's weight in the user vector [R, E] (score_samples' scores, plus the why)."""
+    rows [R, n_items] (score_samples' scores), their context entities as the recommender reads them (the most recent
+    max_context_entities, -1 padding) [R, E], and each entity's weight in the user vector [R, E]."""
+    graph = _table_graph(model, run, table)
     with evaluating(model):
-        entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
-        nodes, (remapped,) = batch_entities(entity_ids, n_items=run.graph.n_items)
-        N = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device), nodes)
-        scores = model.recommendation_logits(N, remapped)
-        weights = model.user_pooling_weights(N, remapped)
+        N, remapped = graph()
+        ids = remapped[torch.as_tensor(rows, device=run.device)]
+        scores, weights = model.recommendation_logits(N, ids), model.user_pooling_weights(N, ids)
+    every_row = recommendation_batch(table, np.arange(len(table)), run.max_context_entities, "cpu")  # as remapped
+    entity_ids = every_row[rows]
     return scores.float().cpu().numpy(), entity_ids.cpu().numpy(), weights.float().cpu().numpy()
 
 
