@@ -594,6 +594,10 @@ class ConversationModel(nn.Module):
             return states, self.encoders.sentence_pooling(states, pad)
         return self._run("review", encode, sentence_ids)
 
+    def word_states(self) -> torch.Tensor:
+        """KGSF's W: its word embeddings after the word GCN, over the whole word graph -> [n_words, d]."""
+        return self._run("word", self.kgsf.word_states, self.word_edges)
+
     def encode_context(self, context_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Context tokens [B, L] -> the conversation encoder's states F [B, L, d] and padding mask [B, L]."""
         return self._run("history", self.encoders.conversation_encoder, context_ids)
@@ -601,7 +605,8 @@ class ConversationModel(nn.Module):
     def memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor | None, entity_ids: torch.Tensor,
                  sentence_ids: torch.Tensor, sentence_mask: torch.Tensor,
                  review_states: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 history_states: torch.Tensor | None = None) -> tuple[dict[str, Memory], CopySource | None]:
+                 history_states: torch.Tensor | None = None,
+                 word_states: torch.Tensor | None = None) -> tuple[dict[str, Memory], CopySource | None]:
         """Eq. 10's memories for a batch, and the copy source (context tokens, then review sentence tokens).
 
         context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
@@ -609,7 +614,8 @@ class ConversationModel(nn.Module):
         review_states: their (token states [B, R, d] laid out as review_token_order, vectors [B, K, d]) when the
         caller has them already (a frozen review encoder's outputs never change: stages/training/conv_train.
         FrozenReviews); history_states:
-        the conversation encoder's states [B, L, d] for context_ids, likewise (conv_train.FrozenHistory).
+        the conversation encoder's states [B, L, d] for context_ids, likewise (conv_train.FrozenHistory);
+        word_states: KGSF's W (self.word_states()), likewise when its word encoder is frozen.
         """
         wanted = self.generator.cfg.memory_dims
         memories, sources = {}, []
@@ -624,7 +630,8 @@ class ConversationModel(nn.Module):
             pad = entity_ids < 0
             memories["kg"] = Memory(entity_rows[entity_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)
         if "word" in wanted or self.generator.cfg.vocabulary_bias_dim:
-            memories.update(self._kgsf_memories(context_ids, entity_rows, entity_ids))
+            W = self.word_states() if word_states is None else word_states
+            memories.update(self._kgsf_memories(context_ids, entity_rows, entity_ids, W))
         if self.generator.cfg.entity_bag or self.generator.cfg.user_bias_dim:
             # KECRS and KBRD: their recommender's user vector (N: the batch's rows, else KECRS's bag of all rows)
             N = entity_rows if entity_rows is not None else self.generator.bag_entities
@@ -652,13 +659,12 @@ class ConversationModel(nn.Module):
         ids = torch.cat([i for _, i in sources], dim=1)
         return memories, CopySource(states=states, ids=self.to_output[ids], blocked=self.uncopyable[ids])
 
-    def _kgsf_memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor,
-                       entity_ids: torch.Tensor) -> dict[str, Memory]:
+    def _kgsf_memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor, entity_ids: torch.Tensor,
+                       W: torch.Tensor) -> dict[str, Memory]:
         """KGSF's word memory (the graph words of the context's tokens, after the word GCN) and, for the
         vocabulary bias, the user's entity and word vectors [B, 1, 2d] (as KGSF's recommender pools them)."""
         word_ids = self.token_word[context_ids]
         pad = word_ids < 0
-        W = self._run("word", self.kgsf.word_states, self.word_edges)
         out = {}
         if "word" in self.generator.cfg.memory_dims:
             out["word"] = Memory(W[word_ids.clamp(min=0)].masked_fill(pad[..., None], 0.0), pad)

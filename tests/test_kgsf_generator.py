@@ -75,11 +75,17 @@ def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, runs.ConvModelConfig]
     return runs.conversation_model(config, encoders, kgsf, (word_edges, token_word)), config
 
 
-def _memories(model: ConversationModel):
+def _memories_inputs(model: ConversationModel) -> tuple:
+    """model.memories' inputs for three contexts: (context, entity rows, entity ids, sentence ids, sentence mask)."""
     context = torch.tensor([[5, 9, 4, 6], [7, 0, 0, 0], [3, 0, 0, 0]])
     entity_ids = torch.tensor([[0, 1], [-1, -1], [1, -1]])
     rows = model.entity_rows(torch.tensor([0, 1]), torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 1]))
     no_review = (torch.zeros((3, 1, 1), dtype=torch.long), torch.zeros((3, 1), dtype=torch.bool))
+    return context, rows, entity_ids, *no_review
+
+
+def _memories(model: ConversationModel):
+    context, rows, entity_ids, *no_review = _memories_inputs(model)
     return model.memories(context, rows, entity_ids, *no_review), rows, entity_ids, context
 
 
@@ -105,6 +111,26 @@ def test_kgsf_generator_reads_words_entities_and_user_vectors_from_its_frozen_re
     for decoded in (greedy_decode(model.generator, memories, source, 5),
                     beam_decode(model.generator, memories, source, 5, beam_size=2)):
         assert len(decoded) == 3 and all(len(r) <= 5 for r in decoded)
+
+
+def test_frozen_word_states_are_computed_once_and_give_the_memories_of_computing_them_per_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    from stages.training.conv_train import FrozenStates
+
+    model, _ = _kgsf_model()
+    frozen = FrozenStates(model, SimpleNamespace(sentence_tokens=[], pad_id=PAD, device="cpu"))
+    expected, _ = model.memories(*_memories_inputs(model))
+    calls = []
+    word_states = model.kgsf.word_states
+    monkeypatch.setattr(model.kgsf, "word_states", lambda edges: calls.append(1) or word_states(edges))
+    for _ in range(3):
+        cached, _ = model.memories(*_memories_inputs(model), word_states=frozen.words())
+        for name in ("word", USER):
+            assert torch.equal(cached[name].states, expected[name].states)
+    assert len(calls) == 1
+    model.frozen = ("kg",)  # a trained word encoder changes every step: never cached
+    assert FrozenStates(model, SimpleNamespace(sentence_tokens=[], pad_id=PAD, device="cpu")).words() is None
 
 
 def test_a_saved_kgsf_generator_loads_with_its_word_graph(tmp_path):

@@ -195,8 +195,8 @@ class FrozenHistory:
 
 class FrozenStates:
     """The outputs of the generator's frozen encoders that stay fixed during training: review sentences (shared by
-    every split) and each table's contexts. contexts=False for a single pass over a table (decoding, test scoring),
-    where a context is encoded once anyway and keeping its states would only cost memory."""
+    every split), each table's contexts and KGSF's word states. contexts=False for a single pass over a table
+    (decoding, test scoring), where a context is encoded once anyway and keeping its states would only cost memory."""
 
     def __init__(self, model: ConversationModel, run: Run, contexts: bool = True):
         self.model, self.run, self.contexts = model, run, contexts
@@ -204,6 +204,16 @@ class FrozenStates:
         self.reviews = (FrozenReviews(model, run.sentence_tokens, run.pad_id, run.device)
                         if "review" in model.frozen and "review" in wanted else None)
         self._history: dict[int, FrozenHistory] = {}
+        self._words: torch.Tensor | None = None
+
+    def words(self) -> torch.Tensor | None:
+        """KGSF's W when its word encoder is frozen: the word GCN over the whole graph (28k words) once instead of
+        in every batch, 9 % of a conv_baselines@kgsf training step on CPU."""
+        if "word" not in self.model.frozen or self.model.kgsf is None:
+            return None
+        if self._words is None:
+            self._words = self.model.word_states()
+        return self._words
 
     def history(self, table: SampleTable) -> FrozenHistory | None:
         if not self.contexts or "history" not in self.model.frozen:
@@ -234,7 +244,8 @@ def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndar
     history = frozen.history(table) if frozen is not None else None
     history_states = history.batch(rows, context["context_ids"]) if history is not None else None
     return model.memories(context["context_ids"], entity_rows, entity_ids, reviews["sentence_ids"].to(run.device),
-                          reviews["sentence_mask"].to(run.device), review_states, history_states)
+                          reviews["sentence_mask"].to(run.device), review_states, history_states,
+                          frozen.words() if frozen is not None else None)
 
 
 def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
