@@ -13,6 +13,7 @@ the models answer one request at a time (each call uses both cores), and a reque
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import uuid
@@ -140,18 +141,27 @@ class Models:
         name = self.names[kind]
         return f"{name}/{alias_version(MlflowClient(tracking_uri()), name, CHAMPION).version}"
 
-    def model(self, kind: str, reference: str | None):
-        """The loaded model of a kind named by reference (None: the start-up one). Called under the lock (run)."""
-        reference = reference or self.default[kind]
+    def model(self, kind: str, reference: str | None) -> tuple[object, str]:
+        """(the loaded model of a kind named by reference, None: the start-up one; the NAME/VERSION it is, or
+        'workspace'). An alias or a bare name is looked up on every request, so a champion that moved while the
+        server runs is the one used, and a version is loaded once whatever named it. Called under the lock (run)."""
+        reference = self._version_of(reference or self.default[kind])
         key = (kind, reference)
         if key in self.pinned:
-            return self.pinned[key]
+            return self.pinned[key], reference
         if key not in self.loaded:
             self.loaded[key] = self._load(kind, reference)
             while len(self.loaded) > KEPT_MODELS:
                 self.loaded.popitem(last=False)
         self.loaded.move_to_end(key)
-        return self.loaded[key]
+        return self.loaded[key], reference
+
+    def _version_of(self, reference: str) -> str:
+        """NAME/VERSION for NAME@ALIAS or NAME (registry.resolve's rules); other references as they are."""
+        if reference == WORKSPACE or self.models_from == WORKSPACE or re.fullmatch(r"[^@/]+/\d+", reference):
+            return reference
+        version = resolve(MlflowClient(tracking_uri()), reference)
+        return f"{version.name}/{version.version}"
 
     def _load(self, kind: str, reference: str):
         load = load_recommender if kind == "recommender" else load_generator
@@ -306,11 +316,11 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         def work():
             began = time.perf_counter()
             turns, unknown = _turns(models.knowledge, body.messages)
-            chat = Chat(models.knowledge, models.model("recommender", body.recommender))
-            ranked = chat.recommend(turns, body.top_k, body.exclude_mentioned, body.explain)
+            recommender, used = models.model("recommender", body.recommender)
+            ranked = Chat(models.knowledge, recommender).recommend(turns, body.top_k, body.exclude_mentioned,
+                                                                    body.explain)
             return RecommendResponse(recommendations=_out(ranked), unknown_titles=unknown,
-                                     models={"recommender": body.recommender or models.default["recommender"]},
-                                     elapsed_ms=_milliseconds_since(began))
+                                     models={"recommender": used}, elapsed_ms=_milliseconds_since(began))
         return await answer(work)
 
     @app.post("/v1/chat", response_model=ChatResponse)
@@ -322,13 +332,13 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         def work():
             began = time.perf_counter()
             turns, unknown = _turns(models.knowledge, body.messages)
-            talk = Chat(models.knowledge, models.model("recommender", body.recommender),
-                        models.model("generator", body.generator))
-            reply = talk.respond(turns, body.top_k, body.exclude_mentioned, body.explain)
+            (recommender, used_recommender), (generator, used_generator) = (
+                models.model("recommender", body.recommender), models.model("generator", body.generator))
+            reply = Chat(models.knowledge, recommender, generator).respond(turns, body.top_k, body.exclude_mentioned,
+                                                                           body.explain)
             return ChatResponse(response=reply.text, response_with_ids=reply.text_with_ids,
                                 recommendations=_out(reply.recommendations), unknown_titles=unknown,
-                                models={"recommender": body.recommender or models.default["recommender"],
-                                        "generator": body.generator or models.default["generator"]},
+                                models={"recommender": used_recommender, "generator": used_generator},
                                 elapsed_ms=_milliseconds_since(began))
         return await answer(work)
 
@@ -340,8 +350,8 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
 
         def work():
             turns, _ = _turns(models.knowledge, body.messages)
-            chat = Chat(models.knowledge, models.model("recommender", body.recommender))
-            return chat.explain_movie(turns, body.movie_id)
+            recommender, _ = models.model("recommender", body.recommender)
+            return Chat(models.knowledge, recommender).explain_movie(turns, body.movie_id)
         rank, recommendation = await answer(work)
         return _out([recommendation], first_rank=rank)[0]
 

@@ -57,7 +57,7 @@ def test_recommend_ranks_as_the_evaluation_scorer_and_explains(api, models):
     assert [r["rank"] for r in ranked] == [1, 2, 3] and 100 not in [r["movie_id"] for r in ranked]
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     # The same scores as evaluate's scorer (score_samples) on the same sample, with the named movie left out.
-    knowledge, recommender = models.knowledge, models.model("recommender", None)
+    knowledge, (recommender, _) = models.knowledge, models.model("recommender", None)
     turns = [knowledge.read_turn("seeker", LOVED_ALPHA[0]["text"])[0]]
     table = knowledge.next_sample(turns, recommender.cfg.max_positions)
     scores = np.concatenate([b for _, b in c2crs_train.score_samples(recommender, knowledge.run, table, 8)])[-1]
@@ -214,10 +214,22 @@ def test_the_registry_champion_loads_at_start_and_the_picker_lists_versions(chat
 
     picked = api.post("/v1/chat", json={"messages": LOVED_ALPHA, "generator": f"c2crs-generator/{generator}"})
     assert picked.status_code == 200 and picked.json()["models"]["generator"] == f"c2crs-generator/{generator}"
+    # An alias names the version it points to now (a champion may move while the server runs); a version is one
+    # cached model whatever named it.
+    third = _register(workspace, "c2crs-recommender", rec_file)
+    by_alias = {"messages": LOVED_ALPHA, "recommender": "c2crs-recommender@champion"}
+    assert api.post("/v1/recommend", json=by_alias).json()["models"]["recommender"] == f"c2crs-recommender/{first}"
+    client.set_registered_model_alias("c2crs-recommender", "champion", third)
+    assert api.post("/v1/recommend", json=by_alias).json()["models"]["recommender"] == f"c2crs-recommender/{third}"
+    api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": f"c2crs-recommender/{third}"})
+    assert [key for key in models.loaded if key[0] == "recommender"] == [("recommender", f"c2crs-recommender/{third}")]
+    no_alias = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "c2crs-recommender@best"})
+    assert no_alias.status_code == 404 and "no registered model 'c2crs-recommender' with alias 'best'" in \
+        no_alias.json()["detail"]
     refused = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": f"c2crs-recommender/{other}"})
     assert refused.status_code == 422 and "trained on other data" in refused.json()["detail"]
     unknown = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/99"})
-    assert unknown.status_code == 404 and f"it has versions {first}, {other}" in unknown.json()["detail"]
+    assert unknown.status_code == 404 and f"it has versions {first}, {other}, {third}" in unknown.json()["detail"]
     wrong_kind = api.post("/v1/recommend", json={"messages": LOVED_ALPHA,
                                                  "recommender": f"c2crs-generator/{generator}"})
     assert wrong_kind.status_code == 422 and "not a recommender this chat can use" in wrong_kind.json()["detail"]
@@ -237,8 +249,8 @@ def test_model_files_of_another_kind_or_other_data_are_refused_by_name(chat_work
 
 
 def test_the_terminal_why_tells_the_same_explanation(models):
-    session = engine.Session(engine.Chat(models.knowledge, models.model("recommender", None),
-                                         models.model("generator", None)), top_k=2)
+    session = engine.Session(engine.Chat(models.knowledge, models.model("recommender", None)[0],
+                                         models.model("generator", None)[0]), top_k=2)
     assert session.why() == "no recommendation yet: say something first"
     answer, recommended, unknown = session.reply(LOVED_ALPHA[0]["text"])
     assert unknown == ["No Such Film"] and len(recommended) == 2 and session.turns[-1].role == "recommender"
