@@ -8,18 +8,29 @@ otherwise the same architecture from params.yaml with fresh weights, which does 
 contexts of the data the pipeline built (data/triples, data/kg, data/reviews). Decoding runs exactly --tokens
 steps for every response (the end token is banned, so cached and uncached decoding do the same number of steps)
 at batch 1 (the first --responses contexts one by one) and batch 64 (one batch), greedy and beam 4:
-    cached    models.generator greedy_decode / beam_decode as evaluate runs them: memories projected once,
-              self-attention keys and values grown by one row a step
+    cached    models.generator greedy_decode / beam_decode as evaluate runs them (frozen encoders' outputs kept
+              across batches: conv_train.FrozenStates): memories projected once, self-attention keys and values
+              grown by one row a step
     uncached  the same with use_cache=False: the decoder reruns the whole prefix every step
 ms per response = wall time / responses (memories' encoding included), tokens/s = responses x tokens / wall time.
-Training: --steps timed steps (after one warm-up) of finetune_conv's step (stages.conv_train.target_log_probs,
-generation_loss with Eq. 12's weights, backward, clip, Adam) on epoch 0's length-bucketed batches, for params.yaml's
-freezing and with nothing frozen; samples/s = responses per batch / mean step time.
+Training: --steps timed steps (after one warm-up) of finetune_conv's step (stages.conv_train.target_log_probs with
+the stage's caches of frozen encoder outputs, conv_train.FrozenStates, generation_loss with Eq. 12's weights when the
+generator uses them, backward, clip, Adam) on epoch 0's length-bucketed batches, for params.yaml's freezing and with
+nothing frozen; samples/s = responses per batch / mean step time. The caches are filled for the timed batches before
+the clock starts, as from the second epoch on, when every context and sentence has been seen once.
 
-    .venv/bin/python bench/decode.py [--tokens 30] [--responses 16] [--steps 5]
+--variant NAME times a conversation baseline instead (params.conv_baselines.variants: its overrides, its model file
+data/models/conv_baselines/NAME.pt when it exists, else fresh weights, which for kgsf/kbrd need their recommender's
+file): transformer, kbrd, kgsf and wo_iw train with this same step; redial (HRED), kecrs (extra losses) and revcore
+(review-enriched contexts) do not and are refused.
 
-Prints a table and writes bench/results/decode.json. Other processes using the CPU slow every number.
+    .venv/bin/python bench/decode.py [--tokens 30] [--responses 16] [--steps 5] [--variant kgsf]
+
+Prints a table and writes bench/results/decode.json (decode_NAME.json for a variant). Other processes using the CPU
+slow every number.
 """
+
+SAME_STEP_VARIANTS = ("transformer", "kbrd", "kgsf", "wo_iw")  # trained by finetune_conv's plain step
 
 import argparse
 import statistics
@@ -31,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, proc_status_mib, write_results  # noqa: E402
 
 
-def _generator(params, workspace: Path, freeze: list[str]):
-    """(model, run, test table, test responses, vocabulary, train responses, weights) as the stages build them."""
+def _generator(params, workspace: Path, freeze: list[str], variant: str | None):
+    """(model, run, test table, test responses, vocabulary, train responses, weights) as the stages build them;
+    params: the variant's when there is one."""
     import polars as pl
     import torch
 
@@ -40,12 +52,12 @@ def _generator(params, workspace: Path, freeze: list[str]):
     from stages.training import c2crs_data, conv_train, runs
 
     run, _, inputs = runs.training_run(params, workspace)
-    trained = runs.conv_model_path(workspace)
+    trained = runs.conv_model_path(workspace, variant)
     params = params.model_copy(update={"finetune_conv": params.finetune_conv.model_copy(
         update={"freeze": freeze, "epochs": 0})})
     if trained.is_file():
         model, _ = runs.load_conversation_model(trained)
-        for name in ("history", "kg", "review"):
+        for name in ("history", "kg", "review") + (("word",) if model.kgsf is not None else ()):
             model._encoder(name).requires_grad_(name not in freeze)
         model.frozen = tuple(freeze)
     else:
@@ -55,8 +67,9 @@ def _generator(params, workspace: Path, freeze: list[str]):
     test = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
     vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
     train = conv_train.responses(samples, run.train, "train", vocabulary)
-    weights = conv_train.loss_weights(train, vocabulary, params.finetune_conv.weight_threshold,
-                                      params.finetune_conv.weight_floor)
+    weights = (conv_train.loss_weights(train, vocabulary, params.finetune_conv.weight_threshold,
+                                       params.finetune_conv.weight_floor)
+               if params.finetune_conv.instance_weighting else None)
     torch.manual_seed(0)
     return (model.to(run.device), run, test, conv_train.responses(samples, test, "test", vocabulary), vocabulary,
             train, weights)
@@ -72,9 +85,10 @@ def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: st
     banned = tuple(vocabulary.banned_ids) + (vocabulary.token_id["__end__"],)
     model.eval()
     start = time.perf_counter()
+    frozen = conv_train.FrozenStates(model, run, contexts=False)  # as evaluate's pass over the test split
     for first in range(0, len(rows), batch):
         with torch.no_grad():
-            memories, source = conv_train._batch(model, run, table, rows[first:first + batch])
+            memories, source = conv_train._batch(model, run, table, rows[first:first + batch], frozen)
             if method == "beam":
                 out = beam_decode(model.generator, memories, source, tokens, 4, banned_ids=banned, use_cache=use_cache)
             else:
@@ -97,11 +111,15 @@ def _train_timings(model, run, train, weights, params, steps: int) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adam(trainable, cfg.learning_rate)
     batches = conv_train.length_batches(run.train, train, cfg.batch_size, epoch_generator(params.seed, 0))
+    frozen = conv_train.FrozenStates(model, run)
+    with torch.no_grad():  # the frozen encoders' outputs for these batches, as the second epoch finds them
+        for picked in batches[: steps + 1]:
+            conv_train.target_log_probs(model, run, run.train, train, picked, frozen)
     model.train()
     times, sizes = [], []
     for i, picked in enumerate(batches[: steps + 1]):
         start = time.perf_counter()
-        log_probs, targets, _ = conv_train.target_log_probs(model, run, run.train, train, picked)
+        log_probs, targets, _ = conv_train.target_log_probs(model, run, run.train, train, picked, frozen)
         loss = generation_loss(log_probs, targets, 0, weights)
         optimizer.zero_grad()
         loss.backward()
@@ -120,14 +138,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30, help="tokens per response (default 30, evaluate's maximum)")
     parser.add_argument("--responses", type=int, default=16, help="responses timed one by one at batch 1")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
+    parser.add_argument("--variant", choices=SAME_STEP_VARIANTS,
+                        help="a conversation baseline (params.conv_baselines.variants) instead of finetune_conv's")
     args = parser.parse_args()
 
     import numpy as np
 
     from pipeline.config import load_params
+    from stages.training import runs
 
     params = load_params(ROOT / "params.yaml")
-    model, run, test, responses, vocabulary, train, weights = _generator(params, ROOT, params.finetune_conv.freeze)
+    if args.variant:
+        params = params.variant(args.variant, kind="conv_baselines")
+    model, run, test, responses, vocabulary, train, weights = _generator(params, ROOT, params.finetune_conv.freeze,
+                                                                         args.variant)
     rows = responses.rows[np.argsort(test.context_lengths[responses.rows])][:: max(1, len(responses) // 64)][:64]
     decoding = {}
     for method in ("greedy", "beam"):
@@ -141,12 +165,14 @@ def main() -> None:
     training = {}
     for label, freeze in ((f"freeze {params.finetune_conv.freeze}", params.finetune_conv.freeze),
                           ("nothing frozen", [])):
-        model, run, _, _, _, train, weights = _generator(params, ROOT, list(freeze))
+        model, run, _, _, _, train, weights = _generator(params, ROOT, list(freeze), args.variant)
         training[label] = _train_timings(model, run, train, weights, params, args.steps)
         print(f"training, {label:20s} {training[label]['step_ms']:8.0f} ms/step "
               f"{training[label]['samples_per_s']:6.1f} samples/s", flush=True)
-    write_results("decode", {"tokens": args.tokens, "trained_model": runs.conv_model_path(ROOT).is_file(),
-                             "decoding": decoding, "training": training, "peak_rss_mib": proc_status_mib("VmHWM")})
+    write_results(f"decode_{args.variant}" if args.variant else "decode", {
+        "variant": args.variant, "tokens": args.tokens,
+        "trained_model": runs.conv_model_path(ROOT, args.variant).is_file(),
+        "decoding": decoding, "training": training, "peak_rss_mib": proc_status_mib("VmHWM")})
 
 
 if __name__ == "__main__":
