@@ -28,8 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.registry import (CHAMPION, RegistryError, alias_version, all_versions, data_differences,
-                               logged_metrics, model_file, resolve)
+from pipeline.registry import (CHAMPION, RegistryError, all_versions, data_differences, logged_metrics, model_file,
+                               resolve)
 from pipeline.talk import CHAT_MODELS, chat_model_files, workspace_model
 from pipeline.tracking import tracking_uri
 from stages.chat.engine import Chat, Knowledge, Recommendation, Turn, load_generator, load_recommender
@@ -138,8 +138,7 @@ class Models:
         'workspace'."""
         if loaded == workspace_model(self.workspace, kind):
             return WORKSPACE
-        name = self.names[kind]
-        return f"{name}/{alias_version(MlflowClient(tracking_uri()), name, CHAMPION).version}"
+        return self._version_of(f"{self.names[kind]}@{CHAMPION}")
 
     def model(self, kind: str, reference: str | None) -> tuple[object, str]:
         """(the loaded model of a kind named by reference, None: the start-up one; the NAME/VERSION it is, or

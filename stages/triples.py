@@ -185,14 +185,17 @@ class SentenceChooser:
         index.index(corpus, show_progress=False)
         return corpus.vocab, index
 
-    def rank(self, pool: np.ndarray, words: str) -> list[tuple[int, float]]:
-        """The sentences of `pool` with their BM25 score against `words`, best first (ties: pool order)."""
+    def _scores(self, pool: np.ndarray, words: str) -> np.ndarray:
+        """BM25 of each sentence of `pool` against `words` (zeros when no word is in the corpus)."""
         vocab, index = self._index
         query = [vocab[w] for w in bm25s.tokenize(words, stopwords="en", return_ids=False, show_progress=False)[0]
                  if w in vocab]
-        scores = index.get_scores(query)[pool] if query else np.zeros(len(pool))
-        order = np.argsort(-scores, kind="stable")
-        return [(int(pool[i]), float(scores[i])) for i in order]
+        return index.get_scores(query)[pool] if query else np.zeros(len(pool))
+
+    def rank(self, pool: np.ndarray, words: str) -> list[tuple[int, float]]:
+        """The sentences of `pool` with their BM25 score against `words`, best first (ties: pool order)."""
+        scores = self._scores(pool, words)
+        return [(int(pool[i]), float(scores[i])) for i in np.argsort(-scores, kind="stable")]
 
     def choose(self, entity_id: int, utterance_tokens: list[str]) -> int | None:
         pool = self.candidates.get(entity_id)
@@ -202,7 +205,8 @@ class SentenceChooser:
             return int(pool[0])
         if self.rule == "highest_rated":
             return int(pool[np.argmax(np.nan_to_num(self.ratings[pool], nan=-1.0))])
-        return self.rank(pool, f"{self.labels.get(entity_id, '')} {' '.join(utterance_tokens)}")[0][0]
+        words = f"{self.labels.get(entity_id, '')} {' '.join(utterance_tokens)}"
+        return int(pool[int(np.argmax(self._scores(pool, words)))])  # the first best, as rank's first
 
 
 def build_triples(context_mentions: pl.DataFrame, linked: list[LinkedUtterance], utterances: pl.DataFrame,
