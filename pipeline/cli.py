@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
     study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    study.add_argument("--arms", nargs="+", help="only these arms (c2crs, kbrd, or an extension of params.study)")
     study.add_argument("--workers", type=int, help="runs at once (default: params.study.workers)")
 
     models = commands.add_parser("models", help="the MLflow model registry: `list` the registered models with their "
@@ -273,7 +274,7 @@ def _study(args) -> int:
     workspace = params_file.parent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        todo = study.jobs(params, args.settings, args.seeds)
+        todo = study.jobs(params, args.settings, args.seeds, args.arms)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -282,7 +283,7 @@ def _study(args) -> int:
             print(f"{job.setting:24} seed {job.seed:<4} {job.arm:16} "
                   f"{'done' if job.done(params, workspace) else 'to do'}")
     elif args.action == "run":
-        study.run_study(params, workspace, args.settings, args.seeds, args.workers)
+        study.run_study(params, workspace, args.settings, args.seeds, args.workers, args.arms)
         print(study.write_report(params, workspace))
     else:
         print(study.write_report(params, workspace))

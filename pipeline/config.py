@@ -265,6 +265,9 @@ class CoarseConfig(TrainConfig):
     # reference's pre-training samples)
     sample_unit: Literal["turn", "mention"] = "turn"
     samples_per_conversation: int | None = Field(default=2, ge=1)  # drawn per conversation and epoch; null: all
+    # early stopping counts an epoch as better only when its held-out loss fell by this fraction of the last such
+    # epoch's (0: any fall); with patience it stops pre-training once the loss has flattened
+    min_improvement: float = Field(default=0.0, ge=0, lt=1)
 
 
 class FineConfig(CoarseConfig):

@@ -9,11 +9,16 @@ and a finished run is never trained again. The C2-CRS run also measures its pre-
 whatever runs exist.
 """
 
+import json
 import logging
 import multiprocessing
+import os
+import platform
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +27,10 @@ import torch
 
 from models.c2crs import C2CRS
 from pipeline.config import Params
+from pipeline.paths import git_commit
 from stages.evaluation import rec_metrics, study_report
 from stages.io.outputs import write_outputs
-from stages.io.stage_log import NO_LOG, StageLog
+from stages.io.stage_log import NO_LOG, CurveLog, StageLog
 from stages.training import c2crs_data, c2crs_train, loop, runs
 
 logger = logging.getLogger(__name__)
@@ -48,17 +54,39 @@ class Job:
         return (self.results(params, workspace) / f"{self.arm}.json").is_file()
 
 
-def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | None = None) -> list[Job]:
+def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | None = None,
+         arms: list[str] | None = None) -> list[Job]:
     """Seed by seed, so that a cut-off study has whole seeds of every arm; extensions last (they resume the C2-CRS
-    run's finished pre-training when their overrides leave it unchanged)."""
+    run's finished pre-training when their overrides leave it unchanged). `arms`: only these (c2crs, kbrd or an
+    extension's name)."""
     settings = settings or list(params.study.settings)
     seeds = seeds or params.study.seeds
     unknown = [s for s in settings if s not in params.study.settings]
     if unknown:
         raise ValueError(f"study: no setting {unknown[0]!r}; params.study.settings has {sorted(params.study.settings)}")
+    known = [C2CRS_ARM, KBRD, *params.study.extensions]
+    if arms and any(arm not in known for arm in arms):
+        raise ValueError(f"study: no arm {next(a for a in arms if a not in known)!r}; the arms are {known}")
     core = [Job(setting, seed, arm) for seed in seeds for setting in settings for arm in (C2CRS_ARM, KBRD)]
     extra = [Job(setting, seed, name) for seed in seeds for setting in settings for name in params.study.extensions]
-    return core + extra
+    return [job for job in core + extra if not arms or job.arm in arms]
+
+
+def _without_pretraining(params: Params) -> dict:
+    """What a KBRD-style run depends on: everything but the pre-training stages (which it never runs)."""
+    return params.model_dump(exclude={"pretrain_coarse", "pretrain_fine", "study"})
+
+
+def kbrd_source(params: Params, job: Job) -> Job:
+    """The KBRD-style run that `job` (a KBRD-style job) is: the first setting whose params differ from job's only in
+    pre-training, so settings that vary pre-training alone are paired with the same KBRD-style runs."""
+    mine = _without_pretraining(params.study_params(job.setting, job.seed))
+    for setting in params.study.settings:
+        if setting == job.setting:
+            return job
+        if _without_pretraining(params.study_params(setting, job.seed)) == mine:
+            return Job(setting, job.seed, KBRD)
+    return job
 
 
 def _compact(ranks: np.ndarray) -> np.ndarray:
@@ -83,29 +111,89 @@ def _ranks(model, run: c2crs_train.Run, table: c2crs_data.SampleTable, rows: pl.
     return rec_metrics.ranks_and_masked_ranks(scored, rows, rows["context_item_ids"].to_list())
 
 
+class RunClock(StageLog):
+    """The seconds a run took over every process that worked on it. Saved beside its checkpoints after every epoch
+    (and stage), so a killed and resumed run counts the processes before it too (up to the epoch it lost)."""
+
+    def __init__(self, path: Path):
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        self.path, self.started = path, time.monotonic()
+        self.earlier_seconds = earlier.get("seconds", 0.0)
+        self.started_at = earlier.get("started_at") or _now()
+        self.processes = earlier.get("processes", 0) + 1
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.monotonic() - self.started
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_outputs({self.path: {"seconds": round(self.seconds(), 1), "started_at": self.started_at,
+                                   "processes": self.processes}})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(clock: RunClock, device: torch.device) -> dict:
+    """Where and how a run was made: the code's commit, when, how long over all its processes, on what."""
+    return {"git_commit": git_commit(), "started_at": clock.started_at, "finished_at": _now(),
+            "seconds": round(clock.seconds(), 1), "processes": clock.processes, "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def _reuse(params: Params, workspace: Path, job: Job, source: Job) -> dict:
+    """A KBRD-style run shared with `source`'s setting: its files copied under job's setting, marked as such."""
+    if not source.done(params, workspace):
+        run_job(params, workspace, source)
+    result = {**json.loads((source.results(params, workspace) / f"{KBRD}.json").read_text()),
+              "setting": job.setting, "reused_from": f"{source.setting}/seed{source.seed}"}
+    target = job.results(params, workspace)
+    target.mkdir(parents=True, exist_ok=True)
+    temporary = target / f".{KBRD}.npz.tmp"
+    shutil.copyfile(source.results(params, workspace) / f"{KBRD}.npz", temporary)
+    temporary.replace(target / f"{KBRD}.npz")
+    write_outputs({target / f"{KBRD}.json": result})
+    return result
+
+
+def _train_arm(params: Params, workspace: Path, job: Job, run_params: Params, loaded, log: StageLog):
+    """Train job's arm through the stages it needs; (the model, {stage: outcome}, {stage: per-epoch curve})."""
+    out = job.models(params, workspace)
+    extension = job.arm if job.arm not in (C2CRS_ARM, KBRD) else None
+    if job.arm == KBRD:
+        path = [("finetune_rec", None)]
+    elif extension and not _changes_pretraining(params.study.extensions[extension]):
+        path = [("finetune_rec", out / f"{C2CRS_ARM}.pretrain_fine.pt")]
+    else:
+        path = [(stage, out / f"{job.arm}.{previous}.pt" if previous else None)
+                for stage, (previous, _) in runs.REC_PATH.items()]
+    outcome, curves = {}, {}
+    for stage, start_from in path:
+        curve = CurveLog(log)
+        model, outcome[stage], _ = runs.train_c2crs(stage, run_params, workspace, curve, start_from,
+                                                       out / f"{job.arm}.{stage}.pt", loaded)
+        curves[stage] = curve.rows()
+    return model, outcome, curves
+
+
 def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -> dict:
     """Train one arm for one setting and seed, score it on test, write <arm>.json and <arm>.npz; return the json."""
-    started = time.monotonic()
+    if job.arm == KBRD and (source := kbrd_source(params, job)) != job:
+        return _reuse(params, workspace, job, source)
     extension = job.arm if job.arm not in (C2CRS_ARM, KBRD) else None
     run_params = params.study_params(job.setting, job.seed, extension)
     loaded = runs.training_run(run_params, workspace)
     run, model_config, inputs = loaded
     out, results = job.models(params, workspace), job.results(params, workspace)
-    outcome, arrays = {}, {}
-    if job.arm == KBRD:
-        model, outcome["finetune_rec"], _ = runs.train_c2crs("finetune_rec", run_params, workspace, log, None,
-                                                                out / "kbrd.finetune_rec.pt", loaded)
-    elif extension and not _changes_pretraining(params.study.extensions[extension]):
-        model, outcome["finetune_rec"], _ = runs.train_c2crs("finetune_rec", run_params, workspace, log,
-                                                                out / f"{C2CRS_ARM}.pretrain_fine.pt",
-                                                                out / f"{job.arm}.finetune_rec.pt", loaded)
-    else:
-        start_from = None
-        for stage in runs.REC_PATH:
-            path = out / f"{job.arm}.{stage}.pt"
-            model, outcome[stage], _ = runs.train_c2crs(stage, run_params, workspace, log, start_from, path,
-                                                           loaded)
-            start_from = path
+    clock = RunClock(out / f"{job.arm}.clock.json")
+    arrays = {}
+    model, outcome, curves = _train_arm(params, workspace, job, run_params, loaded, clock)
+    clock.save()
     samples = pl.read_parquet(inputs["samples"])
     test_table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
     test_rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == "test").sort("sample_id"))
@@ -114,7 +202,7 @@ def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -
     result = {"setting": job.setting, "seed": job.seed, "arm": job.arm,
               "overrides": {**params.study.settings[job.setting],
                             **(params.study.extensions[extension] if extension else {})},
-              "training": outcome}
+              "training": outcome, "curves": curves}
     result["repeat_choice"], arrays["repeat_choice"], arrays["repeat_choice_masked"] = _with_repeat_choice(
         params, workspace, model, run, samples, test_table, test_rows, batch)
     if job.arm == C2CRS_ARM:
@@ -122,7 +210,8 @@ def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -
                                                                test_table, test_rows, batch,
                                                                params.study.probe_epochs)
         arrays.update(diagnostic_ranks)
-    result["seconds"] = round(time.monotonic() - started, 1)
+    result["provenance"] = provenance(clock, run.device)
+    result["seconds"] = result["provenance"]["seconds"]
     npz = results / f"{job.arm}.npz"
     npz.parent.mkdir(parents=True, exist_ok=True)
     temporary = npz.with_name(f".{npz.name}.tmp.npz")
@@ -180,10 +269,10 @@ def _run_in_worker(params_json: str, workspace: str, job: Job, threads: int) -> 
 
 
 def run_study(params: Params, workspace: Path, settings: list[str] | None = None, seeds: list[int] | None = None,
-              workers: int | None = None) -> list[dict]:
+              workers: int | None = None, arms: list[str] | None = None) -> list[dict]:
     """Every job not yet done, `workers` at a time (each with an equal share of the CPU threads); a job that starts
     from another's model is started once that one is done."""
-    todo = [job for job in jobs(params, settings, seeds) if not job.done(params, workspace)]
+    todo = [job for job in jobs(params, settings, seeds, arms) if not job.done(params, workspace)]
     needed = (_waits_for(params, job) for job in todo)
     missing = [job for job in dict.fromkeys(needed) if job and job not in todo and not job.done(params, workspace)]
     todo = missing + todo  # a dependency outside the selection is run too

@@ -206,7 +206,8 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _mean_loss(run.valid, cfg, step(run.valid), run.seed),
-                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch,
+                 min_improvement=cfg.min_improvement)
 
 
 def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
@@ -229,7 +230,8 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
                  validate=lambda: _mean_loss(run.valid, cfg, step_loss(run.valid, None), run.seed),
-                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch,
+                 min_improvement=cfg.min_improvement)
 
 
 def recommendation_batch(table: SampleTable, rows: np.ndarray, max_entities: int, device) -> torch.Tensor:

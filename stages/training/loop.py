@@ -81,6 +81,7 @@ class LoopState:
     best_epoch: int | None = None
     epochs_without_improvement: int = 0
     history: list[dict] = field(default_factory=list)
+    patience_reference: float | None = None  # the metric at the last epoch that improved by min_improvement
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
@@ -126,17 +127,19 @@ def autocast(device: torch.device, precision: str):
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: Path, epochs: int,
           train_epoch: Callable[[int], dict], validate: Callable[[], dict] | None = None,
           monitor: str | None = None, higher_is_better: bool = True, patience: int | None = None,
-          on_epoch: Callable[[int, dict], None] | None = None) -> LoopState:
+          on_epoch: Callable[[int, dict], None] | None = None, min_improvement: float = 0.0) -> LoopState:
     """Run epochs, resuming from checkpoint_dir/last.pt; keep checkpoint_dir/best.pt by the monitored metric.
 
     train_epoch(epoch) returns the epoch's training metrics; validate() the validation metrics (the test split is
-    never seen here). Early stopping after `patience` epochs without improvement of `monitor`. Two processes with
+    never seen here). Early stopping after `patience` epochs without improvement of `monitor` by at least
+    `min_improvement` (a fraction of the value at the last such improvement: 0.01 stops once the metric has moved
+    by under 1 % for `patience` epochs, i.e. has flattened); best.pt is still the best epoch. Two processes with
     the same checkpoint_dir (stages side by side that share a run, e.g. an ablation variant and the main model) take
     turns: the second waits, then resumes the first's finished run.
     """
     with _exclusive(checkpoint_dir):
         return _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, monitor, higher_is_better,
-                      patience, on_epoch)
+                      patience, on_epoch, min_improvement)
 
 
 @contextlib.contextmanager
@@ -158,8 +161,16 @@ def _exclusive(checkpoint_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _better(value: float, than: float | None, higher_is_better: bool, by: float = 0.0) -> bool:
+    """Whether value beats `than` by more than the fraction `by` of it (any value beats None)."""
+    if than is None:
+        return True
+    margin = by * abs(than)
+    return value > than + margin if higher_is_better else value < than - margin
+
+
 def _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, monitor, higher_is_better, patience,
-           on_epoch) -> LoopState:
+           on_epoch, min_improvement) -> LoopState:
     last, best = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     state = LoopState()
     if last.is_file():
@@ -177,15 +188,16 @@ def _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, moni
                 metrics.update({f"valid_{k}": v for k, v in validate().items()})
         state.epoch = epoch + 1
         state.history.append({"epoch": state.epoch, **metrics})
-        if monitor is None:
-            improved = True
-        else:
+        improved = significant = True
+        if monitor is not None:
             value = metrics[monitor]
-            improved = state.best_metric is None or (value > state.best_metric if higher_is_better
-                                                     else value < state.best_metric)
+            improved = _better(value, state.best_metric, higher_is_better)
+            significant = _better(value, state.patience_reference, higher_is_better, min_improvement)
             if improved:
                 state.best_metric, state.best_epoch = value, state.epoch
-        state.epochs_without_improvement = 0 if improved else state.epochs_without_improvement + 1
+            if significant:
+                state.patience_reference = value
+        state.epochs_without_improvement = 0 if significant else state.epochs_without_improvement + 1
         if improved and is_main_process():
             save_checkpoint(best, model, optimizer, state)
         if is_main_process():
