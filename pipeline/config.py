@@ -268,6 +268,8 @@ class CoarseConfig(TrainConfig):
     # early stopping counts an epoch as better only when its held-out loss fell by this fraction of the last such
     # epoch's (0: any fall); with patience it stops pre-training once the loss has flattened
     min_improvement: float = Field(default=0.0, ge=0, lt=1)
+    # the share of the train conversations this stage trains on (a learning curve; c2crs_data.conversation_subset)
+    train_fraction: float = Field(default=1.0, gt=0, le=1)
 
 
 class FineConfig(CoarseConfig):
@@ -284,6 +286,7 @@ class RecConfig(TrainConfig):
     max_triples_per_sample: int = Field(default=8, ge=1)
     # multi-task: the pre-training losses of a step use at most this many of its samples (null: all of them)
     pretraining_samples_per_step: int | None = Field(default=64, ge=2)
+    train_fraction: float = Field(default=1.0, gt=0, le=1)  # of the train conversations (a learning curve)
 
 
 class TextCNNConfig(TrainConfig):
@@ -456,6 +459,22 @@ class EvaluateConfig(Section):
     champion: ChampionRule = ChampionRule()
 
 
+class LearningCurveConfig(Section):
+    """The study's learning curve: a setting's fine-tuning on shares of the train conversations, with pre-training
+    on all of them (`<setting>_<pct>pct_pretrain_all`) and on the same share (`..._pretrain_same`)."""
+
+    setting: str
+    fractions: list[float] = Field(min_length=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _whole_percents(cls, fractions: list[float]) -> list[float]:
+        for fraction in fractions:
+            if not 0 < fraction < 1 or abs(fraction * 100 - round(fraction * 100)) > 1e-9:
+                raise ValueError(f"{fraction}: a fraction must be a whole percent in (0, 1), e.g. 0.05")
+        return fractions
+
+
 class StudyConfig(Section):
     """`python -m pipeline study`: does coarse-to-fine pre-training improve the recommender? In each setting (params
     overrides, as `dvc exp run -S` keys), C2-CRS against the KBRD-style model (the same code without pre-training),
@@ -465,12 +484,36 @@ class StudyConfig(Section):
     workers: int = Field(default=2, ge=1)  # runs trained at once, each in its own process with a share of the cores
     settings: dict[str, dict[str, Any]] = Field(default={"ours": {}}, min_length=1)
     extensions: dict[str, dict[str, Any]] = {}
+    learning_curve: LearningCurveConfig | None = None
     probe_epochs: int = Field(default=10, ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
     # Each finished run's results (test ranks, validation metrics, diagnostics; small) are kept in git, so a study
     # cut off in one session goes on in the next; its models and checkpoints stay under data/.
     results_dir: str = "reports/pretraining_runs"
     models_dir: str = "data/study/pretraining"
     report: str = "reports/pretraining.md"
+
+    @model_validator(mode="after")
+    def _curve_names_a_setting(self) -> "StudyConfig":
+        if self.learning_curve and self.learning_curve.setting not in self.settings:
+            raise ValueError(f"study.learning_curve.setting: {self.learning_curve.setting!r} is not in study.settings "
+                             f"{sorted(self.settings)}")
+        return self
+
+    def curve_settings(self) -> dict[str, tuple[float, str]]:
+        """The learning curve's settings: name -> (fraction, pre-trained on "all" or the "same" share)."""
+        if not self.learning_curve:
+            return {}
+        return {f"{self.learning_curve.setting}_{round(f * 100)}pct_pretrain_{data}": (f, data)
+                for f in self.learning_curve.fractions for data in ("all", "same")}
+
+    def all_settings(self) -> dict[str, dict[str, Any]]:
+        """Every setting's overrides: params.study.settings, then the learning curve's."""
+        curve = {}
+        for name, (fraction, data) in self.curve_settings().items():
+            stages = ("finetune_rec",) if data == "all" else ("pretrain_coarse", "pretrain_fine", "finetune_rec")
+            curve[name] = {**self.settings[self.learning_curve.setting],
+                           **{f"{stage}.train_fraction": fraction for stage in stages}}
+        return {**self.settings, **curve}
 
 
 class Params(Section):
@@ -519,7 +562,7 @@ class Params(Section):
 
     def study_params(self, setting: str, seed: int, extension: str | None = None) -> "Params":
         """The params of one study run: a setting's overrides, then an extension's, then the seed."""
-        raw = apply_overrides(dict(self), setting, self.study.settings[setting], kind="study")
+        raw = apply_overrides(dict(self), setting, self.study.all_settings()[setting], kind="study")
         overrides = {**(self.study.extensions[extension] if extension else {}), "seed": seed}
         return Params.model_validate(apply_overrides(raw, setting, overrides, kind="study"))
 

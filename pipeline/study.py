@@ -59,16 +59,18 @@ def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | N
     """Seed by seed, so that a cut-off study has whole seeds of every arm; extensions last (they resume the C2-CRS
     run's finished pre-training when their overrides leave it unchanged). `arms`: only these (c2crs, kbrd or an
     extension's name)."""
-    settings = settings or list(params.study.settings)
+    every = params.study.all_settings()
+    settings = settings or list(every)
     seeds = seeds or params.study.seeds
-    unknown = [s for s in settings if s not in params.study.settings]
+    unknown = [s for s in settings if s not in every]
     if unknown:
-        raise ValueError(f"study: no setting {unknown[0]!r}; params.study.settings has {sorted(params.study.settings)}")
+        raise ValueError(f"study: no setting {unknown[0]!r}; the settings are {sorted(every)}")
     known = [C2CRS_ARM, KBRD, *params.study.extensions]
     if arms and any(arm not in known for arm in arms):
         raise ValueError(f"study: no arm {next(a for a in arms if a not in known)!r}; the arms are {known}")
     core = [Job(setting, seed, arm) for seed in seeds for setting in settings for arm in (C2CRS_ARM, KBRD)]
-    extra = [Job(setting, seed, name) for seed in seeds for setting in settings for name in params.study.extensions]
+    extra = [Job(setting, seed, name) for seed in seeds for setting in settings for name in params.study.extensions
+             if setting in params.study.settings]  # extensions apply to the settings, not to a learning curve's points
     return [job for job in core + extra if not arms or job.arm in arms]
 
 
@@ -81,7 +83,7 @@ def kbrd_source(params: Params, job: Job) -> Job:
     """The KBRD-style run that `job` (a KBRD-style job) is: the first setting whose params differ from job's only in
     pre-training, so settings that vary pre-training alone are paired with the same KBRD-style runs."""
     mine = _without_pretraining(params.study_params(job.setting, job.seed))
-    for setting in params.study.settings:
+    for setting in params.study.all_settings():
         if setting == job.setting:
             return job
         if _without_pretraining(params.study_params(setting, job.seed)) == mine:
@@ -200,12 +202,12 @@ def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -
     batch = params.evaluate.batch_size
     arrays["ranks"], arrays["masked_ranks"] = _ranks(model, run, test_table, test_rows, batch)
     result = {"setting": job.setting, "seed": job.seed, "arm": job.arm,
-              "overrides": {**params.study.settings[job.setting],
+              "overrides": {**params.study.all_settings()[job.setting],
                             **(params.study.extensions[extension] if extension else {})},
               "training": outcome, "curves": curves}
     result["repeat_choice"], arrays["repeat_choice"], arrays["repeat_choice_masked"] = _with_repeat_choice(
         params, workspace, model, run, samples, test_table, test_rows, batch)
-    if job.arm == C2CRS_ARM:
+    if job.arm == C2CRS_ARM and job.setting in params.study.settings:  # a curve's point shares its pre-training
         result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples,
                                                                test_table, test_rows, batch,
                                                                params.study.probe_epochs)

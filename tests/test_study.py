@@ -86,7 +86,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     raw = yaml.safe_load(params_file.read_text())
     raw["study"].update(seeds=[1, 2], workers=1, probe_epochs=2,
                         settings={name: raw["study"]["settings"][name] for name in ("ours", "reference_switches")},
-                        extensions={"keep_contrastive": {"finetune_rec.pretraining_weight": 1.0}})
+                        extensions={"keep_contrastive": {"finetune_rec.pretraining_weight": 1.0}}, learning_curve=None)
     raw["finetune_rec"]["epochs"] = 1
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
@@ -178,3 +178,64 @@ def test_the_answer_says_better_or_worse_only_when_every_interval_does():
     assert verdict(minus((-0.01, -0.002), (-0.01, 0.001), (-0.01, 0.01), (-0.01, 0.01))).startswith(
         "worsens recommendation on some metrics")
     assert verdict(minus(*[(-0.01, 0.01)] * 4)) == "does not measurably change recommendation"
+
+
+def test_conversation_subsets_are_nested_and_seed_free():
+    from stages.training.c2crs_data import conversation_subset
+
+    conv_ids = np.repeat(np.arange(40), 3)
+    small, large = conversation_subset(conv_ids, 0.25), conversation_subset(conv_ids, 0.5)
+    assert len(np.unique(conv_ids[small])) == 10 and len(np.unique(conv_ids[large])) == 20
+    assert set(small) <= set(large)
+    assert (conversation_subset(conv_ids[::-1], 0.25) == len(conv_ids) - 1 - small[::-1]).all()  # order-free
+
+
+def test_run_clock_sums_every_process(tmp_path):
+    from pipeline.study import RunClock
+
+    first = RunClock(tmp_path / "c2crs.clock.json")
+    first.earlier_seconds = 100.0  # as if this process had already run 100 s
+    first.save()
+    second = RunClock(tmp_path / "c2crs.clock.json")
+    assert second.processes == 2 and second.started_at == first.started_at and second.seconds() >= 100.0
+
+
+def test_learning_curve_and_settings_that_share_runs(params_file, mlflow_store):
+    """A setting that changes only pre-training reuses the KBRD-style runs; a learning curve's pretrain_all point
+    reuses its setting's pre-training (shared checkpoints), its pretrain_same point pre-trains on the share."""
+    from pipeline import study
+
+    raw = yaml.safe_load(params_file.read_text())
+    raw["study"].update(seeds=[1], workers=1, extensions={}, learning_curve={"setting": "base", "fractions": [0.5]},
+                        settings={"base": {"model.rec_pooling": "graph"},
+                                  "flat": {"pretrain_coarse.epochs": 4, "pretrain_coarse.patience": 1,
+                                           "pretrain_coarse.min_improvement": 0.5}})
+    raw["finetune_rec"]["epochs"] = 1
+    params_file.write_text(yaml.safe_dump(raw))
+    params = load_params(params_file)
+    workspace = params_file.parent
+    for stage in ("ingest", "reviews", "kg", "triples"):
+        stage_body(stage)(params, workspace)
+    done = {(r["setting"], r["arm"]): r for r in study.run_study(params, workspace)}
+    assert set(done) == {(s, a) for s in ("base", "flat", "base_50pct_pretrain_all", "base_50pct_pretrain_same")
+                         for a in ("c2crs", "kbrd")}
+
+    results = workspace / "reports/pretraining_runs"
+    assert done[("flat", "kbrd")]["reused_from"] == "base/seed1"
+    assert done[("base_50pct_pretrain_same", "kbrd")]["reused_from"] == "base_50pct_pretrain_all/seed1"
+    assert (np.load(results / "flat/seed1/kbrd.npz")["ranks"] == np.load(results / "base/seed1/kbrd.npz")["ranks"]).all()
+    assert done[("flat", "c2crs")]["training"]["pretrain_coarse"]["epochs_run"] < 4  # flattened: stopped early
+
+    base = done[("base", "c2crs")]
+    assert set(base["provenance"]) >= {"git_commit", "started_at", "finished_at", "seconds", "processes", "cores",
+                                       "threads", "torch"}
+    assert base["provenance"]["processes"] == 1 and base["seconds"] == base["provenance"]["seconds"] > 0
+    assert [row["epoch"] for row in base["curves"]["pretrain_coarse"]] == [1, 2]
+    assert {"train_loss", "valid_loss"} <= set(base["curves"]["pretrain_fine"][0])
+    point, same = done[("base_50pct_pretrain_all", "c2crs")], done[("base_50pct_pretrain_same", "c2crs")]
+    for stage in ("pretrain_coarse", "pretrain_fine"):
+        assert point["curves"][stage] == base["curves"][stage]
+        assert same["curves"][stage] != base["curves"][stage]
+    assert "diagnostics" not in point
+    checkpoints = workspace / "data/checkpoints"
+    assert len(list(checkpoints.glob("pretrain_coarse-*"))) == 3  # base (= the pretrain_all point's), flat, same

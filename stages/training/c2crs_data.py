@@ -5,6 +5,8 @@ length together, so a batch pads to its own longest context instead of 256), and
 review sentences and entities it needs.
 """
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +123,23 @@ class SampleTable:
         if self.documents is not None:
             return self.documents[row][:limit]
         return list(dict.fromkeys(s for _, _, s in reversed(self.triples[row])))[:limit]
+
+
+    def subset(self, rows: np.ndarray) -> "SampleTable":
+        """The table of these rows only (in this order)."""
+        def pick(values):
+            return values[rows] if isinstance(values, np.ndarray) else [values[r] for r in rows]
+        return SampleTable(**{f.name: None if getattr(self, f.name) is None else pick(getattr(self, f.name))
+                              for f in dataclasses.fields(self)})
+
+
+def conversation_subset(conv_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """The rows of the first `fraction` of the conversations in a fixed order (by SHA-256 of the id, seed-free):
+    the same conversations for every seed and arm, and each fraction's inside every larger one's (a learning
+    curve's training sets are nested)."""
+    conversations = sorted({int(c) for c in conv_ids}, key=lambda c: hashlib.sha256(str(c).encode()).hexdigest())
+    kept = conversations[: max(1, round(fraction * len(conversations)))]
+    return np.flatnonzero(np.isin(conv_ids, kept))
 
 
 def sample_table(samples: pl.DataFrame, triples: pl.DataFrame, split: str) -> SampleTable:

@@ -183,6 +183,10 @@ def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: 
         model = C2CRS(model_config)
     model.to(run.device)
     _, train_fn = REC_PATH[stage]
+    fraction = getattr(params, stage).train_fraction
+    if fraction < 1:  # a learning curve's point: this stage trains on a share of the train conversations
+        run = dataclasses.replace(run, train=run.train.subset(c2crs_data.conversation_subset(run.train.conv_ids,
+                                                                                              fraction)))
     checkpoints = checkpoint_dir(workspace, stage, params, TRAINING_SECTIONS + (stage,), inputs)
     state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
     if (checkpoints / "best.pt").is_file():
