@@ -491,6 +491,7 @@ class StudyConfig(Section):
     results_dir: str = "reports/pretraining_runs"
     models_dir: str = "data/study/pretraining"
     report: str = "reports/pretraining.md"
+    plots_dir: str = "reports/pretraining_plots"  # the report's curves as DVC plot data (dvc.yaml's plots)
 
     @model_validator(mode="after")
     def _curve_names_a_setting(self) -> "StudyConfig":

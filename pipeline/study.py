@@ -28,7 +28,7 @@ import torch
 from models.c2crs import C2CRS
 from pipeline.config import Params
 from pipeline.paths import git_commit
-from stages.evaluation import rec_metrics, study_report
+from stages.evaluation import rec_metrics, study_markdown, study_report
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog
 from stages.training import c2crs_data, c2crs_train, loop, runs
@@ -305,7 +305,7 @@ def run_study(params: Params, workspace: Path, settings: list[str] | None = None
 
 
 def write_report(params: Params, workspace: Path) -> str:
-    """reports/pretraining.md (and its numbers as JSON beside the runs) from the finished runs."""
+    """reports/pretraining.md, its numbers as JSON beside the runs, and the DVC plots' data, from the finished runs."""
     inputs = {name: workspace / path for name, path in runs.TRAINING_INPUTS.items()}
     samples = pl.read_parquet(inputs["samples"])
     test = samples.filter(pl.col("split") == "test").sort("sample_id")
@@ -313,9 +313,15 @@ def write_report(params: Params, workspace: Path) -> str:
     n_items = int(pl.read_parquet(inputs["entities"])["is_item"].sum())
     train_targets = samples.filter(pl.col("split") == "train")["target_item_ids"].explode().drop_nulls().to_numpy()
     naive = study_report.naive_ranks(test, rows, train_targets, n_items)
-    finished = study_report.load_runs(workspace / params.study.results_dir)
-    summary = study_report.summarise(finished, rows, naive, params.evaluate.bootstrap_resamples, params.seed)
-    report = study_report.report(summary, params)
+    order = list(params.study.all_settings())
+    finished = sorted(study_report.load_runs(workspace / params.study.results_dir),
+                      key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
+    curve = params.study.learning_curve
+    summary = study_report.summarise(finished, rows, naive, study_report.context_sizes(test, rows),
+                                     params.evaluate.bootstrap_resamples, params.seed,
+                                     params.study.curve_settings(), curve.setting if curve else None)
+    report = study_markdown.report(summary, params)
     write_outputs({workspace / params.study.report: report,
-                   workspace / params.study.results_dir / "summary.json": summary})
+                   workspace / params.study.results_dir / "summary.json": summary,
+                   **study_report.plot_files(summary, workspace / params.study.plots_dir)})
     return report

@@ -120,9 +120,11 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
 
     report = study.write_report(params, workspace)
     assert (workspace / "reports/pretraining.md").read_text() == report
-    assert "## Answer" in report and "under `ours` (2 seed(s)) pre-training" in report
+    assert "## Answer" in report and "- `ours` (2 seed(s), seed-level interval): pre-training **" in report
     assert "By context" in report and "| C2-CRS | new_items_masked |" in report
-    assert "under `reference_switches` (1 seed(s))" in report
+    assert "- `reference_switches` (1 seed(s), interval over test conversations)" in report
+    assert "| earlier turns | 1 | all_turns |" in report and "## Pre-training curves" in report
+    assert "(last process only" not in report  # every run here has its provenance
     assert "### new_items_masked" in report and "| repeat_popularity (naive) |" in report
     assert "keep_contrastive (beyond the paper)" in report and "probe: pre-trained N minus untrained N" in report
     assert "| C2-CRS + repeat choice (beyond the paper) |" in report
@@ -165,19 +167,40 @@ def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
     assert saved["state_dict"]["item_bias"].shape[0] == saved["config"]["n_entities"]
 
 
-def test_the_answer_says_better_or_worse_only_when_every_interval_does():
-    from stages.evaluation.study_report import verdict
+def test_the_verdict_says_helps_or_hurts_only_when_every_interval_does():
+    from stages.evaluation.study_markdown import excluded, verdict
 
-    def minus(*intervals):
+    def minus(*intervals, level="ci95_seeds"):
         cells = iter(intervals)
-        return {p: {m: {"ci95": next(cells)} for m in ("recall@10", "recall@50")}
+        return {p: {m: {"ci95": [-1, 1], level: next(cells), "difference": 0.0} for m in ("recall@10", "recall@50")}
                 for p in ("all_turns", "recommender_turns")}
 
-    assert verdict(minus(*[(0.01, 0.02)] * 4)) == "improves recommendation"
-    assert verdict(minus(*[(-0.02, -0.01)] * 4)) == "worsens recommendation"
+    assert verdict(minus(*[(0.01, 0.02)] * 4)) == "helps"
+    assert verdict(minus(*[(-0.02, -0.01)] * 4)) == "hurts"
     assert verdict(minus((-0.01, -0.002), (-0.01, 0.001), (-0.01, 0.01), (-0.01, 0.01))).startswith(
-        "worsens recommendation on some metrics")
-    assert verdict(minus(*[(-0.01, 0.01)] * 4)) == "does not measurably change recommendation"
+        "hurts on some metrics")
+    assert verdict(minus(*[(-0.01, 0.01)] * 4)).startswith("tie")
+    # with one seed there is no seed-level interval: the fixed-model interval decides
+    assert verdict(minus(*[(0.01, 0.02)] * 4, level="ci95")) == "helps"
+    assert excluded({"ci95": [-1, 1], "ci95_seeds": [-0.012, 0.015]}) == \
+        "a gain above +0.015 and a loss beyond -0.012 are excluded"
+
+
+def test_seed_level_interval_adds_training_variance():
+    import polars as pl
+    from stages.evaluation.rec_metrics import METRICS, seed_level_difference
+
+    rows = pl.DataFrame({"conv_id": np.repeat(np.arange(50), 4)})
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.05, size=(rows.height, len(METRICS)))
+    agreeing = [noise + 0.02, noise + 0.02, noise + 0.02]
+    spread = [noise - 0.05, noise + 0.02, noise + 0.09]  # the same mean, seeds that disagree
+    narrow, wide = (seed_level_difference(rows, v, n_resamples=200)["recall@50"] for v in (agreeing, spread))
+    assert narrow["difference"] == pytest.approx(wide["difference"]) == pytest.approx(noise[:, 2].mean() + 0.02)
+    assert wide["per_seed"] == pytest.approx([noise[:, 2].mean() + d for d in (-0.05, 0.02, 0.09)])
+    assert wide["ci95"][1] - wide["ci95"][0] > 5 * (narrow["ci95"][1] - narrow["ci95"][0])
+    lone = seed_level_difference(rows, agreeing[:1], n_resamples=200)["recall@50"]
+    assert lone["ci95"] == [None, None]
 
 
 def test_conversation_subsets_are_nested_and_seed_free():
@@ -239,3 +262,13 @@ def test_learning_curve_and_settings_that_share_runs(params_file, mlflow_store):
     assert "diagnostics" not in point
     checkpoints = workspace / "data/checkpoints"
     assert len(list(checkpoints.glob("pretrain_coarse-*"))) == 3  # base (= the pretrain_all point's), flat, same
+
+    report = study.write_report(params, workspace)
+    assert "## Learning curve" in report and "| 50% |" in report and "| 100% |" in report
+    assert "Learning curve (`base`), C2-CRS minus KBRD-style" in report
+    assert "The KBRD-style (no pre-training) runs are `base`'s" in report
+    plots = workspace / "reports/pretraining_plots"
+    curve = json.loads((plots / "learning_curve.all_turns.json").read_text())
+    assert [row["share"] for row in curve] == [0.5, 1.0] and "c2crs_pretrain_same_recall@50" in curve[0]
+    loss = json.loads((plots / "loss/base_50pct_pretrain_same.pretrain_coarse.seed1.json").read_text())
+    assert set(loss[0]) == {"epoch", "train_loss", "valid_loss"}

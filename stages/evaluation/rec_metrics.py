@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import polars as pl
+from scipy import stats
 
 METRICS = ("recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10")
 REPEAT_KS = (10, 50)
@@ -351,6 +352,33 @@ def paired_values_difference(rows: pl.DataFrame, differences: np.ndarray, *, n_r
     low, high = _percentiles(_bootstrap_stats(rows, differences, n_resamples, seed), level)
     return {m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
             for m, d, lo, hi in zip(METRICS, differences.mean(axis=0), low, high)}
+
+
+def seed_level_difference(rows: pl.DataFrame, per_seed: list[np.ndarray], *, n_resamples: int = 1000,
+                          seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """a minus b with training variance in the interval: per_seed holds each seed's per-row differences
+    [n_rows, len(METRICS)] (both arms trained with that seed, scored on the same rows).
+
+    difference: the mean over seeds; per_seed: each seed's mean; ci95: difference ± t(n-1) x sqrt(s^2/n + v), with
+    s^2 the variance of the per-seed means (training variance: the seeds are scored on the same test rows) and v the
+    cluster-bootstrap variance over test conversations of the seed-averaged rows (which test set was drawn). None
+    with fewer than two seeds."""
+    if rows.height == 0 or not per_seed:
+        return {m: {"difference": None, "per_seed": [], "ci95": [None, None]} for m in METRICS}
+    means = np.array([values.mean(axis=0) for values in per_seed])  # [seeds, metrics]
+    averaged = np.mean(per_seed, axis=0)
+    conversation_variance = _bootstrap_stats(rows, averaged, n_resamples, seed).var(axis=0, ddof=1)
+    n = len(per_seed)
+    out = {}
+    for i, metric in enumerate(METRICS):
+        difference = float(means[:, i].mean())
+        interval = [None, None]
+        if n >= 2:
+            half = stats.t.ppf(0.5 + level / 2, n - 1) * np.sqrt(means[:, i].var(ddof=1) / n
+                                                                  + conversation_variance[i])
+            interval = [difference - float(half), difference + float(half)]
+        out[metric] = {"difference": difference, "per_seed": [float(v) for v in means[:, i]], "ci95": interval}
+    return out
 
 
 def repeat_share(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, float | None]:

@@ -1,10 +1,13 @@
-"""The pre-training study's numbers and report (reports/pretraining.md) from its finished runs.
+"""The pre-training study's numbers (reports/pretraining_runs/summary.json) from its finished runs; the report's text
+is stages/evaluation/study_markdown.py.
 
-Each run left <arm>.json (training outcome, validation metrics, diagnostics) and <arm>.npz (test ranks, one per
-evaluation row of stages.evaluate.expand_mentions, unmasked and masked). Per setting and arm: each metric's mean and
-sample standard deviation over seeds; C2-CRS minus the KBRD-style model as a paired difference of the per-row
-metric values averaged over the seeds both arms finished, with a cluster-bootstrap interval over test
-conversations (the same resamples for both arms).
+Each run left <arm>.json (training outcome and curves, validation metrics, diagnostics, provenance) and <arm>.npz
+(test ranks, one per evaluation row of rec_metrics.expand_mentions, unmasked and masked). Per setting and arm: each
+metric's mean and sample standard deviation over seeds. C2-CRS minus the KBRD-style model, paired on the seeds both
+arms finished: the per-seed differences, a cluster-bootstrap interval over test conversations for those fixed
+models, and the seed-level interval that adds training variance (rec_metrics.seed_level_difference), which the
+verdicts follow. Recall is also split by how much context a turn has, and the learning curve's settings are
+gathered by share of the train conversations.
 """
 
 import json
@@ -90,8 +93,10 @@ def _by_context(runs: list[dict], rows: pl.DataFrame, key: str = "ranks") -> dic
 
 
 def _paired(runs_a: list[dict], runs_b: list[dict], rows: pl.DataFrame, n_resamples: int, seed: int,
-            key_a: str = "ranks", key_b: str = "ranks") -> dict:
-    """a minus b on the seeds both have: per-row metric values averaged over those seeds, paired bootstrap."""
+            key_a: str = "ranks", key_b: str = "ranks", keep_rows: np.ndarray | None = None) -> dict:
+    """a minus b on the seeds both have, per protocol and metric: `difference` (the mean over seeds), `ci95` (paired
+    cluster bootstrap of the seed-averaged rows: the trained models held fixed), `per_seed` and `ci95_seeds` (the
+    seed-level interval, with training variance; None under two seeds). keep_rows: a subset of the rows only."""
     if len(runs_b) == 1 and runs_b[0]["seed"] is None:  # a naive baseline: the same ranks for every seed
         runs_b = [{**runs_b[0], "seed": r["seed"]} for r in runs_a]
     seeds = sorted({r["seed"] for r in runs_a} & {r["seed"] for r in runs_b})
@@ -101,12 +106,15 @@ def _paired(runs_a: list[dict], runs_b: list[dict], rows: pl.DataFrame, n_resamp
     b = {r["seed"]: r for r in runs_b}
     out = {"seeds": seeds}
     for protocol in REPORTED_PROTOCOLS:
-        keep = rec_metrics.protocol_rows(rows, protocol)
+        keep = rec_metrics.protocol_rows(rows, protocol) & (True if keep_rows is None else keep_rows)
+        kept = rows.filter(pl.Series(keep))
         values = [rec_metrics.metric_values(_ranks_for(a[s]["arrays"], protocol, key_a)[keep])
                   - rec_metrics.metric_values(_ranks_for(b[s]["arrays"], protocol, key_b)[keep]) for s in seeds]
-        difference = rec_metrics.paired_values_difference(rows.filter(pl.Series(keep)), np.mean(values, axis=0),
-                                                          n_resamples=n_resamples, seed=seed)
-        out[protocol] = {m: difference[m] for m in KEYS}
+        fixed = rec_metrics.paired_values_difference(kept, np.mean(values, axis=0), n_resamples=n_resamples,
+                                                     seed=seed)
+        with_seeds = rec_metrics.seed_level_difference(kept, values, n_resamples=n_resamples, seed=seed)
+        out[protocol] = {m: {**fixed[m], "per_seed": with_seeds[m]["per_seed"], "ci95_seeds": with_seeds[m]["ci95"]}
+                         for m in KEYS} | {"n": int(keep.sum())}
     return out
 
 
@@ -125,183 +133,157 @@ def _minus_naive(arms: dict[str, list[dict]], naive: dict, rows: pl.DataFrame, n
     return out
 
 
-def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, n_resamples: int, seed: int) -> dict:
-    """Everything the report shows, as JSON-able data."""
+# How much context a scored turn has: earlier turns (consecutive messages of one speaker are one turn) and linked
+# entities in the context (movies included). Bins: (label, lowest, highest or None).
+CONTEXT_SIZES = {"earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7+", 7, None)),
+                 "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6+", 6, None))}
+
+
+def context_sizes(test_samples: pl.DataFrame, rows: pl.DataFrame) -> dict[str, dict[str, np.ndarray]]:
+    """{dimension: {bin label: boolean mask over the evaluation rows}} (CONTEXT_SIZES)."""
+    by_sample = test_samples.sort("sample_id")
+    index = np.searchsorted(by_sample["sample_id"].to_numpy(), rows["sample_id"].to_numpy())
+    size = {"earlier_turns": rows["turn_idx"].to_numpy(),
+            "context_entities": by_sample["context_entity_ids"].list.len().to_numpy()[index]}
+    return {dimension: {label: (size[dimension] >= low) & (True if high is None else size[dimension] <= high)
+                        for label, low, high in bins} for dimension, bins in CONTEXT_SIZES.items()}
+
+
+def _by_context_size(arms: dict[str, list[dict]], rows: pl.DataFrame, sizes: dict, n_resamples: int,
+                     seed: int) -> dict:
+    """Per dimension and bin: each arm's R@10/R@50 per protocol (mean/sd over seeds) and every arm minus KBRD-style."""
+    out = {}
+    for dimension, bins in sizes.items():
+        out[dimension] = {}
+        for label, mask in bins.items():
+            cell = {"arms": {}, "minus_kbrd": {}}
+            for arm, runs in arms.items():
+                cell["arms"][arm] = {}
+                for protocol in REPORTED_PROTOCOLS:
+                    keep = rec_metrics.protocol_rows(rows, protocol) & mask
+                    scored = [rec_metrics.metrics_from_ranks(_ranks_for(r["arrays"], protocol)[keep]) for r in runs]
+                    cell["arms"][arm][protocol] = {"n": int(keep.sum()), **(
+                        {m: _mean_sd([x[m] for x in scored]) for m in ("recall@10", "recall@50")} if keep.any()
+                        else {})}
+                if arm != KBRD and KBRD in arms:
+                    cell["minus_kbrd"][arm] = _paired(runs, arms[KBRD], rows, n_resamples, seed, keep_rows=mask)
+            out[dimension][label] = cell
+    return out
+
+
+def _curves(runs: list[dict]) -> dict:
+    """{stage: {seed: per-epoch rows}} of the pre-training stages, from the runs that recorded them."""
+    return {stage: {r["seed"]: r["curves"][stage] for r in runs if stage in r.get("curves", {})}
+            for stage in ("pretrain_coarse", "pretrain_fine")}
+
+
+def _minutes(runs: list[dict]) -> dict:
+    """Mean minutes per run; `complete` is False when a run predates provenance (its seconds counted only the last
+    process that worked on it)."""
+    return {"mean": round(float(np.mean([r["seconds"] for r in runs])) / 60, 1),
+            "complete": all("provenance" in r for r in runs)}
+
+
+def _setting_entry(arms: dict[str, list[dict]], rows: pl.DataFrame, naive: dict, sizes: dict, n_resamples: int,
+                   seed: int) -> dict:
+    entry = {"arms": {arm: _per_seed(arm_runs, rows) for arm, arm_runs in arms.items()},
+             "seeds": {arm: sorted(r["seed"] for r in arm_runs) for arm, arm_runs in arms.items()},
+             "minutes": {arm: _minutes(arm_runs) for arm, arm_runs in arms.items()},
+             "reused": {arm: sorted({r["reused_from"].split("/")[0] for r in arm_runs if "reused_from" in r})
+                        for arm, arm_runs in arms.items()},
+             "by_context": {arm: _by_context(arm_runs, rows) for arm, arm_runs in arms.items()},
+             "by_context_size": _by_context_size(arms, rows, sizes, n_resamples, seed),
+             "curves": _curves(arms.get(C2CRS, [])),
+             "valid_recall@50": {arm: _mean_sd([r["training"]["finetune_rec"]["valid_recall@50"]
+                                                for r in arm_runs]) for arm, arm_runs in arms.items()},
+             "minus_kbrd": {arm: _paired(arm_runs, arms[KBRD], rows, n_resamples, seed)
+                            for arm, arm_runs in arms.items() if arm != KBRD and KBRD in arms},
+             # every arm inside the learned repeat choice (beyond the paper), and each against the naive baselines
+             "with_repeat_choice": {arm: _per_seed(arm_runs, rows, REPEAT_CHOICE)
+                                    for arm, arm_runs in arms.items() if _has(arm_runs, REPEAT_CHOICE)},
+             "minus_naive": _minus_naive(arms, naive, rows, n_resamples, seed)}
+    with_diagnostics = [r for r in arms.get(C2CRS, []) if "diagnostics" in r]
+    if with_diagnostics:
+        entry["diagnostics"] = {
+            "test": {d: _per_seed(with_diagnostics, rows, d) for d in DIAGNOSTICS},
+            "valid": {d: {m: _mean_sd([r["diagnostics"][d]["valid"][m] for r in with_diagnostics])
+                          for m in ("recall@10", "recall@50")} for d in DIAGNOSTICS},
+            "zero_shot_gain": _paired(with_diagnostics, with_diagnostics, rows, n_resamples, seed,
+                                      "zero_shot_pretrained", "zero_shot_untrained"),
+            "probe_gain": _paired(with_diagnostics, with_diagnostics, rows, n_resamples, seed,
+                                  "probe_pretrained", "probe_untrained"),
+            "fine_tuning_minus_probe": _paired(with_diagnostics, with_diagnostics, rows, n_resamples, seed,
+                                               "ranks", "probe_pretrained"),
+        }
+    return entry
+
+
+def _learning_curve(by_setting: dict[str, dict[str, list[dict]]], curve: dict[str, tuple[float, str]], base: str,
+                    rows: pl.DataFrame, n_resamples: int, seed: int) -> dict:
+    """{fraction: {"arms": {c2crs_pretrain_all / c2crs_pretrain_same / kbrd: per-seed metrics},
+    "minus_kbrd": {pretrain_all / pretrain_same: paired}, "curves": pre-training curves of the same-share arm}};
+    the share 1.0 is the base setting itself (pre-trained on all conversations, which are then the same share)."""
+    points = {1.0: {"all": base, "same": base}}
+    for name, (fraction, data) in curve.items():
+        points.setdefault(fraction, {})[data] = name
+    out = {}
+    for fraction in sorted(points):
+        arms, minus = {}, {}
+        for data, setting in points[fraction].items():
+            of_setting = by_setting.get(setting, {})
+            if C2CRS in of_setting:
+                arms[f"c2crs_pretrain_{data}"] = _per_seed(of_setting[C2CRS], rows)
+                if KBRD in of_setting:
+                    minus[f"pretrain_{data}"] = _paired(of_setting[C2CRS], of_setting[KBRD], rows, n_resamples, seed)
+            if KBRD in of_setting:
+                arms[KBRD] = _per_seed(of_setting[KBRD], rows)
+        same = by_setting.get(points[fraction].get("same"), {}).get(C2CRS, [])
+        out[str(fraction)] = {"arms": arms, "minus_kbrd": minus, "curves": _curves(same)}
+    return out
+
+
+def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, sizes: dict, n_resamples: int, seed: int,
+              curve: dict[str, tuple[float, str]] | None = None, curve_base: str | None = None) -> dict:
+    """Everything the report shows, as JSON-able data. curve: the learning curve's settings (name -> (share,
+    "all" or "same")), summarised apart from the settings."""
+    curve = curve or {}
     summary = {"naive": {}, "settings": {}}
     for name, ranks in naive.items():
         summary["naive"][name] = {p: {m: v[m]["mean"] for m in KEYS}
                                   for p, v in _per_seed(_as_runs(ranks), rows).items()}
-    for setting in dict.fromkeys(r["setting"] for r in runs):
-        of_setting = [r for r in runs if r["setting"] == setting]
-        arms = {arm: [r for r in of_setting if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in of_setting)}
-        entry = {"arms": {arm: _per_seed(arm_runs, rows) for arm, arm_runs in arms.items()},
-                 "seeds": {arm: sorted(r["seed"] for r in arm_runs) for arm, arm_runs in arms.items()},
-                 "minutes": {arm: round(float(np.mean([r["seconds"] for r in arm_runs])) / 60, 1)
-                             for arm, arm_runs in arms.items()},
-                 "by_context": {arm: _by_context(arm_runs, rows) for arm, arm_runs in arms.items()},
-                 "valid_recall@50": {arm: _mean_sd([r["training"]["finetune_rec"]["valid_recall@50"]
-                                                    for r in arm_runs]) for arm, arm_runs in arms.items()},
-                 "minus_kbrd": {arm: _paired(arm_runs, arms[KBRD], rows, n_resamples, seed)
-                                for arm, arm_runs in arms.items() if arm != KBRD and KBRD in arms},
-                 # every arm inside the learned repeat choice (beyond the paper), and each against the naive baselines
-                 "with_repeat_choice": {arm: _per_seed(arm_runs, rows, REPEAT_CHOICE)
-                                        for arm, arm_runs in arms.items() if _has(arm_runs, REPEAT_CHOICE)},
-                 "minus_naive": _minus_naive(arms, naive, rows, n_resamples, seed)}
-        with_diagnostics = [r for r in arms.get(C2CRS, []) if "diagnostics" in r]
-        if with_diagnostics:
-            entry["diagnostics"] = {
-                "test": {d: _per_seed(with_diagnostics, rows, d) for d in DIAGNOSTICS},
-                "valid": {d: {m: _mean_sd([r["diagnostics"][d]["valid"][m] for r in with_diagnostics])
-                              for m in ("recall@10", "recall@50")} for d in DIAGNOSTICS},
-                "zero_shot_gain": _paired(with_diagnostics, with_diagnostics, rows, n_resamples, seed,
-                                          "zero_shot_pretrained", "zero_shot_untrained"),
-                "probe_gain": _paired(with_diagnostics, with_diagnostics, rows, n_resamples, seed,
-                                      "probe_pretrained", "probe_untrained"),
-                "fine_tuning_minus_probe": _paired(with_diagnostics, with_diagnostics, rows, n_resamples, seed,
-                                                   "ranks", "probe_pretrained"),
-            }
-        summary["settings"][setting] = entry
+    by_setting: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        by_setting.setdefault(r["setting"], {}).setdefault(r["arm"], []).append(r)
+    for setting, arms in by_setting.items():
+        if setting not in curve:
+            summary["settings"][setting] = _setting_entry(arms, rows, naive, sizes, n_resamples, seed)
+    if curve_base:
+        summary["learning_curve"] = {"setting": curve_base,
+                                     "points": _learning_curve(by_setting, curve, curve_base, rows, n_resamples, seed)}
     return summary
 
 
-def _fmt(stat: dict) -> str:
-    if stat.get("sd") is None:
-        return f"{stat['mean']:.3f}"
-    return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
-
-
-def _diff(d: dict) -> str:
-    lo, hi = d["ci95"]
-    verdict = "better" if lo > 0 else "worse" if hi < 0 else "tie"
-    return f"{d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
-
-
-def verdict(minus_kbrd: dict) -> str:
-    """What pre-training does to recommendation: better / worse only when every R@10 and R@50 interval of both
-    standard protocols says so, "on some metrics" when some do and the others include 0."""
-    cells = [minus_kbrd[p][m]["ci95"] for p in ("all_turns", "recommender_turns") for m in ("recall@10", "recall@50")]
-    if all(lo > 0 for lo, _ in cells):
-        return "improves recommendation"
-    if all(hi < 0 for _, hi in cells):
-        return "worsens recommendation"
-    if any(lo > 0 for lo, _ in cells):
-        return "improves recommendation on some metrics (the other intervals include 0)"
-    if any(hi < 0 for _, hi in cells):
-        return "worsens recommendation on some metrics (the other intervals include 0)"
-    return "does not measurably change recommendation"
-
-
-def report(summary: dict, params) -> str:
-    lines = ["# Does coarse-to-fine pre-training improve recommendation?", "",
-             "Generated by `python -m pipeline study report` from the runs of `python -m pipeline study run` "
-             f"(params.study; each run's results in `{params.study.results_dir}`). Do not edit by hand.", "",
-             "Protocol: the ReDial test split, one evaluation row per ground-truth movie mention of a scored turn, "
-             "ranked over all movies (stages/evaluation/rec_metrics.py). all_turns: seeker and recommender turns "
-             "(the C2-CRS code); recommender_turns: the recommender's only; new_items: recommender turns whose movie "
-             "was not mentioned before, ranked over all movies; new_items_masked: the same rows with the context's "
-             "movies removed from every ranking. Each arm is trained once per seed with the same code; 'KBRD-style' is "
-             "the C2-CRS recommender trained from fresh weights (no pre-training). Cells: mean ± standard deviation "
-             "over seeds. Differences: per-row metric values averaged over the seeds both arms finished, 95 % "
-             "paired cluster-bootstrap interval over test conversations; 'better'/'worse' when it excludes 0. "
-             "Nothing was selected on test.", ""]
-    answers = []
-    for setting, entry in summary["settings"].items():
-        if C2CRS in entry["minus_kbrd"] and entry["minus_kbrd"][C2CRS]:
-            seeds = entry["minus_kbrd"][C2CRS]["seeds"]
-            d = entry["minus_kbrd"][C2CRS]["all_turns"]
-            answers.append(f"under `{setting}` ({len(seeds)} seed(s)) pre-training "
-                           f"{verdict(entry['minus_kbrd'][C2CRS])} (all turns R@10 "
-                           f"{_diff(d['recall@10'])}, R@50 {_diff(d['recall@50'])})")
-    lines += ["## Answer", "", ("On this data, " + "; ".join(answers) + ".") if answers
-              else "No setting has both arms finished yet.", ""]
-    lines += ["## Selection on validation", "",
-              "The default settings are chosen by validation recall@50 of the fine-tuned recommender (the metric its "
-              "early stopping uses), never by test numbers:", "",
-              "| setting | model | validation recall@50 | seeds |", "|---|---|---|---|"]
-    for setting, entry in summary["settings"].items():
-        for arm, stat in entry["valid_recall@50"].items():
-            lines.append(f"| {setting} | {_label(arm)} | {_fmt(stat)} | {stat['seeds']} |")
-    lines.append("")
-    for setting, entry in summary["settings"].items():
-        overrides = params.study.settings.get(setting, {})
-        lines += [f"## Setting `{setting}`", "",
-                  "Overrides of params.yaml: " + (", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items())
-                                                  or "none (the default pipeline)") + ".",
-                  "Seeds finished: " + ", ".join(f"{arm} {seeds}" for arm, seeds in entry["seeds"].items())
-                  + "; minutes per run: " + ", ".join(f"{arm} {m}" for arm, m in entry["minutes"].items()) + ".", ""]
-        for protocol in REPORTED_PROTOCOLS:
-            lines += [f"### {protocol}", "", "| model | R@1 | R@10 | R@50 | n |", "|---|---|---|---|---|"]
-            for arm, by_protocol in entry["arms"].items():
-                m = by_protocol[protocol]
-                lines.append(f"| {_label(arm)} | " + " | ".join(_fmt(m[k]) for k in KEYS) + f" | {m['n']} |")
-            if protocol != "new_items_masked":  # with the context's movies masked the choice changes nothing
-                for arm, by_protocol in entry["with_repeat_choice"].items():
-                    m = by_protocol[protocol]
-                    lines.append(f"| {_label(arm)} + repeat choice (beyond the paper) | "
-                                 + " | ".join(_fmt(m[k]) for k in KEYS) + f" | {m['n']} |")
-            for name, by_protocol in summary["naive"].items():
-                lines.append(f"| {name} (naive) | " + " | ".join(f"{by_protocol[protocol][k]:.3f}" for k in KEYS)
-                             + " | |")
-            lines.append("")
-        if entry["minus_kbrd"]:
-            lines += ["Minus KBRD-style (paired):", "", "| model | protocol | R@1 | R@10 | R@50 |",
-                      "|---|---|---|---|---|"]
-            for arm, by_protocol in entry["minus_kbrd"].items():
-                for protocol in REPORTED_PROTOCOLS:
-                    if protocol in by_protocol:
-                        lines.append(f"| {_label(arm)} | {protocol} | "
-                                     + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")
-            lines.append("")
-        lines += ["By context (linked entities in the context or none; R@10 / R@50, mean over seeds):", "",
-                  "| model | protocol | with entities | n | without | n |", "|---|---|---|---|---|---|"]
-        for arm, by_protocol in entry["by_context"].items():
-            for protocol, parts in by_protocol.items():
-                cells = [f"{_fmt(parts[part]['recall@10'])} / {_fmt(parts[part]['recall@50'])} | {parts[part]['n']}"
-                         for part in ("with_entities", "without_entities")]
-                lines.append(f"| {_label(arm)} | {protocol} | " + " | ".join(cells) + " |")
-        lines.append("")
-        if entry["minus_naive"]:
-            lines += ["Against the naive baselines (paired; model minus baseline):", "",
-                      "| model | baseline | protocol | R@1 | R@10 | R@50 |", "|---|---|---|---|---|---|"]
-            for arm, by_baseline in entry["minus_naive"].items():
-                label = (_label(arm.removesuffix("+repeat_choice"))
-                         + (" + repeat choice" if arm.endswith("+repeat_choice") else ""))
-                for name, by_protocol in by_baseline.items():
-                    for protocol in REPORTED_PROTOCOLS:
-                        if protocol in by_protocol and not (arm.endswith("+repeat_choice")
-                                                            and protocol == "new_items_masked"):
-                            lines.append(f"| {label} | {name} | {protocol} | "
-                                         + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")
-            lines.append("")
-        if "diagnostics" in entry:
-            lines += _diagnostics_section(entry["diagnostics"])
-    return "\n".join(lines) + "\n"
-
-
-def _label(arm: str) -> str:
-    return {C2CRS: "C2-CRS", KBRD: "KBRD-style (no pre-training)"}.get(arm, f"{arm} (beyond the paper)")
-
-
-def _diagnostics_section(diagnostics: dict) -> list[str]:
-    lines = ["### Diagnostics without fine-tuning", "",
-             "zero-shot: the pre-trained graph view e_G of the context dotted with the item rows of N, no "
-             "recommendation training; probe: N frozen, only a fresh self-attentive pooling and an item bias trained "
-             "(best epoch on validation recall@50). 'untrained': the same on a model of the same seed that never "
-             "trained.", "",
-             "| diagnostic | valid R@10 | valid R@50 | test all_turns R@10 | R@50 "
-             "| test new_items_masked R@10 | R@50 |",
-             "|---|---|---|---|---|---|---|"]
-    for name in DIAGNOSTICS:
-        valid, test = diagnostics["valid"][name], diagnostics["test"][name]
-        lines.append(f"| {name} | {_fmt(valid['recall@10'])} | {_fmt(valid['recall@50'])} | "
-                     f"{_fmt(test['all_turns']['recall@10'])} | {_fmt(test['all_turns']['recall@50'])} | "
-                     f"{_fmt(test['new_items_masked']['recall@10'])} | {_fmt(test['new_items_masked']['recall@50'])} |")
-    lines += ["", "| paired difference (test) | protocol | R@10 | R@50 |", "|---|---|---|---|"]
-    for name, label in (("zero_shot_gain", "zero-shot: pre-trained minus untrained"),
-                        ("probe_gain", "probe: pre-trained N minus untrained N"),
-                        ("fine_tuning_minus_probe", "fine-tuned C2-CRS minus the probe on its pre-trained N")):
-        for protocol in ("all_turns", "new_items_masked"):
-            if protocol in diagnostics[name]:
-                d = diagnostics[name][protocol]
-                lines.append(f"| {label} | {protocol} | {_diff(d['recall@10'])} | {_diff(d['recall@50'])} |")
-    return lines + [""]
+def plot_files(summary: dict, directory: Path) -> dict[Path, list | dict]:
+    """The DVC plots' data: every C2-CRS run's pre-training loss per epoch (loss/<setting>.<stage>.seed<k>.json) and
+    the learning curve's recall per share (learning_curve.<protocol>.json)."""
+    files = {}
+    curves = {setting: entry["curves"] for setting, entry in summary["settings"].items()}
+    for fraction, point in summary.get("learning_curve", {}).get("points", {}).items():
+        if float(fraction) < 1:
+            curves[f"{summary['learning_curve']['setting']}_{round(float(fraction) * 100)}pct_pretrain_same"] = \
+                point["curves"]
+    for setting, by_stage in curves.items():
+        for stage, by_seed in by_stage.items():
+            for seed, rows in by_seed.items():
+                files[directory / "loss" / f"{setting}.{stage}.seed{seed}.json"] = [
+                    {k: row[k] for k in ("epoch", "train_loss", "valid_loss")} for row in rows]
+    for protocol in ("all_turns", "new_items_masked"):
+        rows = []
+        for fraction, point in summary.get("learning_curve", {}).get("points", {}).items():
+            row = {"share": float(fraction)}
+            for arm, by_protocol in point["arms"].items():
+                row |= {f"{arm}_{m}": by_protocol[protocol][m]["mean"] for m in ("recall@10", "recall@50")}
+            rows.append(row)
+        if rows:
+            files[directory / f"learning_curve.{protocol}.json"] = rows
+    return files
