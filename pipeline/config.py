@@ -277,6 +277,15 @@ class FineConfig(CoarseConfig):
     max_triples_per_sample: int = Field(default=8, ge=1)
 
 
+class TextTriplesConfig(Section):
+    min_entities: int = Field(default=1, ge=1)  # linked entities (movies aside) a sentence needs to be a sample
+
+
+class PretrainTextConfig(Section):
+    # text_triples' samples drawn per conversation sample in each pre-training epoch (0: conversations only)
+    ratio: float = Field(default=0.0, ge=0)
+
+
 class RecConfig(TrainConfig):
     # the training softmax: over the items, or over every KG entity as the reference (evaluation ranks items)
     softmax_over: Literal["items", "entities"] = "items"
@@ -532,6 +541,8 @@ class Params(Section):
     triples: TriplesConfig = TriplesConfig()
     word_graph: WordGraphConfig = WordGraphConfig()
     model: ModelConfig = ModelConfig()
+    text_triples: TextTriplesConfig = TextTriplesConfig()
+    pretrain_text: PretrainTextConfig = PretrainTextConfig()
     pretrain_coarse: CoarseConfig = CoarseConfig()
     pretrain_fine: FineConfig = FineConfig()
     finetune_rec: RecConfig = RecConfig(epochs=10, batch_size=256, patience=3)
@@ -605,11 +616,13 @@ class Params(Section):
 # What a variant may change. An ablation: the sections the recommendation path (pretrain_coarse, pretrain_fine,
 # finetune_rec) reads; a conversation baseline: finetune_conv. The stages before them are shared by every variant.
 # The reference configuration (params/reference.yaml) sets both paths.
-VARIANT_SECTIONS = {"ablations": ("seed", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
+VARIANT_SECTIONS = {"ablations": ("seed", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine",
+                                  "finetune_rec"),
                     "conv_baselines": ("finetune_conv",),
-                    "study": ("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
-                    "reference": ("seed", "device", "model", "pretrain_coarse", "pretrain_fine", "finetune_rec",
-                                  "finetune_conv")}
+                    "study": ("seed", "device", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine",
+                              "finetune_rec"),
+                    "reference": ("seed", "device", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine",
+                                  "finetune_rec", "finetune_conv")}
 
 
 def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations",

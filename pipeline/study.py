@@ -76,7 +76,7 @@ def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | N
 
 def _without_pretraining(params: Params) -> dict:
     """What a KBRD-style run depends on: everything but the pre-training stages (which it never runs)."""
-    return params.model_dump(exclude={"pretrain_coarse", "pretrain_fine", "study"})
+    return params.model_dump(exclude={"text_triples", "pretrain_text", "pretrain_coarse", "pretrain_fine", "study"})
 
 
 def kbrd_source(params: Params, job: Job) -> Job:

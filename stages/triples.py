@@ -197,8 +197,11 @@ class SentenceChooser:
         scores = self._scores(pool, words)
         return [(int(pool[i]), float(scores[i])) for i in np.argsort(-scores, kind="stable")]
 
-    def choose(self, entity_id: int, utterance_tokens: list[str]) -> int | None:
+    def choose(self, entity_id: int, utterance_tokens: list[str], exclude: int | None = None) -> int | None:
+        """The sentence for entity_id mentioned among utterance_tokens (never `exclude`); None when it has none."""
         pool = self.candidates.get(entity_id)
+        if pool is not None and exclude is not None:
+            pool = pool[pool != exclude]
         if pool is None or len(pool) == 0:
             return None
         if self.rule == "first":

@@ -15,6 +15,8 @@ import torch
 
 from stages.triples import UNK, token_texts
 
+TEXT_ROLE = "text"  # the role of a text sample: a review or plot sentence, not a conversation turn
+
 
 @dataclass
 class Graph:
@@ -124,6 +126,19 @@ class SampleTable:
             return self.documents[row][:limit]
         return list(dict.fromkeys(s for _, _, s in reversed(self.triples[row])))[:limit]
 
+
+    @property
+    def is_text(self) -> np.ndarray:
+        """Which rows are text samples (stages/text_triples.py), not conversation turns."""
+        return np.array([role == TEXT_ROLE for role in self.roles], dtype=bool)
+
+    def concat(self, other: "SampleTable") -> "SampleTable":
+        """This table's rows, then other's (neither with documents of its own)."""
+        def join(a, b):
+            return np.concatenate([a, b]) if isinstance(a, np.ndarray) else a + b
+        return SampleTable(**{f.name: None if getattr(self, f.name) is None else join(getattr(self, f.name),
+                                                                                       getattr(other, f.name))
+                              for f in dataclasses.fields(self)})
 
     def subset(self, rows: np.ndarray) -> "SampleTable":
         """The table of these rows only (in this order)."""

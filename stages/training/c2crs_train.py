@@ -48,6 +48,7 @@ class Run:
     views: frozenset[str] = frozenset(VIEWS)  # the ablations drop "conversation" (w/o CH) or "review" (w/o UD)
     ranks: Ranks = SINGLE_PROCESS  # the processes of a torchrun launch that share each batch
     precision: str = "fp32"  # params precision: bf16 runs training forward passes under autocast (loop.autocast)
+    text_ratio: float = 0.0  # pre-training: text samples (in train, role "text") drawn per conversation sample
 
 
 def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bool = False):
@@ -149,16 +150,23 @@ def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, ma
                                        use_words="conversation" in run.views)
 
 
-def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator) -> np.ndarray:
+def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator, text_ratio: float = 0.0) -> np.ndarray:
     """The sample rows of one pre-training epoch: every turn (cfg.sample_unit "turn") or one row per (turn, movie
-    it mentions) ("mention", the reference's samples), at most cfg.samples_per_conversation per conversation."""
+    it mentions) ("mention", the reference's samples), at most cfg.samples_per_conversation per conversation; then
+    text_ratio x as many of the table's text samples (stages/text_triples.py), drawn anew each epoch."""
+    is_text = table.is_text
     candidates = (recommendation_rows(table)[0] if cfg.sample_unit == "mention"
-                  else np.arange(len(table), dtype=np.int64))
-    return candidates[per_conversation(table.conv_ids[candidates], cfg.samples_per_conversation, rng)]
+                  else np.flatnonzero(~is_text))
+    rows = candidates[per_conversation(table.conv_ids[candidates], cfg.samples_per_conversation, rng)]
+    if text_ratio > 0 and is_text.any():
+        texts = np.flatnonzero(is_text)
+        drawn = rng.choice(texts, min(len(texts), round(text_ratio * len(rows))), replace=False)
+        rows = np.sort(np.concatenate([rows, drawn]))
+    return rows
 
 
 def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.ndarray]:
-    rows = pretraining_rows(run.train, cfg, rng)
+    rows = pretraining_rows(run.train, cfg, rng, run.text_ratio)
     return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
 
 

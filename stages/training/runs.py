@@ -42,6 +42,9 @@ TRAINING_INPUTS = {
 }
 
 
+TEXT_INPUTS = {"text_samples": "data/text_triples/samples.parquet", "text_triples": "data/text_triples/triples.parquet"}
+
+
 def device_of(params) -> torch.device:
     return torch.device(resolve_device(params.device))
 
@@ -169,6 +172,16 @@ REC_PATH = {"pretrain_coarse": (None, c2crs_train.pretrain_coarse),
             "finetune_rec": ("pretrain_fine", c2crs_train.finetune_recommender)}
 
 
+def with_text_samples(run: c2crs_train.Run, params, workspace: Path, inputs: dict[str, Path]) -> c2crs_train.Run:
+    """The run with text_triples' samples after its train samples, drawn at params.pretrain_text.ratio; their files
+    join `inputs` (so the checkpoint key)."""
+    for name, path in TEXT_INPUTS.items():
+        inputs[name] = workspace / path
+    text = c2crs_data.sample_table(pl.read_parquet(inputs["text_samples"]), pl.read_parquet(inputs["text_triples"]),
+                                   "train")
+    return dataclasses.replace(run, train=run.train.concat(text), text_ratio=params.pretrain_text.ratio)
+
+
 def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: Path | None,
                 out: Path, loaded=None) -> tuple[C2CRS, dict, dict[str, Path]]:
     """One step of the recommendation path: train from `start_from` (None: fresh weights), keep the best epoch,
@@ -187,7 +200,10 @@ def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: 
     if fraction < 1:  # a learning curve's point: this stage trains on a share of the train conversations
         run = dataclasses.replace(run, train=run.train.subset(c2crs_data.conversation_subset(run.train.conv_ids,
                                                                                               fraction)))
-    checkpoints = checkpoint_dir(workspace, stage, params, TRAINING_SECTIONS + (stage,), inputs)
+    sections = TRAINING_SECTIONS + (stage,)
+    if stage != "finetune_rec" and params.pretrain_text.ratio > 0:  # pre-training reads the text samples too
+        run, sections = with_text_samples(run, params, workspace, inputs), sections + ("pretrain_text",)
+    checkpoints = checkpoint_dir(workspace, stage, params, sections, inputs)
     state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
     if (checkpoints / "best.pt").is_file():
         loop.load_checkpoint(checkpoints / "best.pt", model)
