@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
     study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     study.add_argument("--arms", nargs="+", help="only these arms (c2crs, kbrd, or an extension of params.study)")
-    study.add_argument("--workers", type=int, help="runs at once (default: params.study.workers)")
+    study.add_argument("--workers", type=int, help="runs at once (default: params.study.workers); above 1 they are flow "
+                       "runs of the Prefect deployment c2crs-study/run on the local process pool")
+    study.add_argument("--pool", help="only submit the runs not done as flow runs to this work pool's workers "
+                                      "(deployed there; Prefect API: PREFECT_API_URL or `make ui`)")
 
     models = commands.add_parser("models", help="the MLflow model registry: `list` the registered models with their "
                                                 "champion; `compare` versions side by side")
@@ -282,11 +285,28 @@ def _study(args) -> int:
         for job in todo:
             print(f"{job.setting:24} seed {job.seed:<4} {job.arm:16} "
                   f"{'done' if job.done(params, workspace) else 'to do'}")
+    elif args.action == "run" and args.pool:
+        return _submit_study(params, workspace, [job for job in todo if not job.done(params, workspace)], args.pool)
     elif args.action == "run":
         study.run_study(params, workspace, args.settings, args.seeds, args.workers, args.arms)
         print(study.write_report(params, workspace))
     else:
         print(study.write_report(params, workspace))
+    return 0
+
+
+def _submit_study(params, workspace: Path, todo: list, pool: str) -> int:
+    from pipeline import study_flows
+    from pipeline.operate import prefect_api
+
+    api = prefect_api()
+    if not api:
+        print("error: no Prefect server: start `make ui` or set PREFECT_API_URL", file=sys.stderr)
+        return 2
+    deployment = study_flows.deploy_study(pool, api)
+    ids = study_flows.submit(todo, workspace, 1, api)
+    print(f"{len(ids)} flow runs of {deployment} submitted to work pool {pool!r} ({api}); `study report` once they "
+          "finish")
     return 0
 
 

@@ -11,12 +11,10 @@ whatever runs exist.
 
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -264,44 +262,40 @@ def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Pa
     return found, arrays
 
 
-def _run_in_worker(params_json: str, workspace: str, job: Job, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run_job(Params.model_validate_json(params_json), Path(workspace), job)
+def prerequisites(params: Params, job: Job) -> list[Job]:
+    """The runs `job` starts from: an extension that changes only fine-tuning needs its C2-CRS run's pre-training."""
+    needed = _waits_for(params, job)
+    return [needed] if needed else []
 
 
 def run_study(params: Params, workspace: Path, settings: list[str] | None = None, seeds: list[int] | None = None,
-              workers: int | None = None, arms: list[str] | None = None) -> list[dict]:
-    """Every job not yet done, `workers` at a time (each with an equal share of the CPU threads); a job that starts
-    from another's model is started once that one is done."""
+              workers: int | None = None, arms: list[str] | None = None, api_url: str | None = None) -> list[dict]:
+    """Every job not yet done (and the runs they start from), one after another in this process, or with `workers` >
+    1 as flow runs of the study deployment on the local process pool, that many at a time (pipeline/study_flows.py;
+    api_url: the Prefect API, default the configured one or a temporary server). Returns the runs' results."""
     todo = [job for job in jobs(params, settings, seeds, arms) if not job.done(params, workspace)]
-    needed = (_waits_for(params, job) for job in todo)
-    missing = [job for job in dict.fromkeys(needed) if job and job not in todo and not job.done(params, workspace)]
+    needed = (n for job in todo for n in prerequisites(params, job))
+    missing = [job for job in dict.fromkeys(needed) if job not in todo and not job.done(params, workspace)]
     todo = missing + todo  # a dependency outside the selection is run too
-    workers = max(1, min(workers or params.study.workers, len(todo) or 1))
-    logger.info("study: %d runs to do, %d at a time", len(todo), workers)
-    results = []
+    workers = workers or params.study.workers
+    logger.info("study: %d runs to do, %d at a time", len(todo), min(workers, len(todo)))
+    if not todo:
+        return []
     if workers == 1:
+        results = []
         for job in todo:
             results.append(run_job(params, workspace, job))
             logger.info("study: %s done in %.0f s", job, results[-1]["seconds"])
         return results
-    threads = max(1, torch.get_num_threads() // workers)
-    finished: set[Job] = set()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        running = {}
-        while todo or running:
-            ready = [j for j in todo if _waits_for(params, j) is None or _waits_for(params, j) in finished
-                     or _waits_for(params, j).done(params, workspace)]
-            for job in ready[: workers - len(running)]:
-                todo.remove(job)
-                running[pool.submit(_run_in_worker, params.model_dump_json(), str(workspace), job, threads)] = job
-            future = next(as_completed(running))
-            job = running.pop(future)
-            results.append(future.result())
-            finished.add(job)
-            logger.info("study: %s done in %.0f s", job, results[-1]["seconds"])
-    return results
+    from pipeline import study_flows
+
+    with study_flows.prefect_api(api_url) as url:
+        states = study_flows.run_on_pool(todo, workspace, min(workers, len(todo)), url)
+    failed = [job for job, state in zip(todo, states.values()) if state != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"study: {len(failed)} run(s) did not complete ({failed[0]} first); the Prefect UI has "
+                           "their logs; `study run` again resumes them")
+    return [json.loads((job.results(params, workspace) / f"{job.arm}.json").read_text()) for job in todo]
 
 
 def write_report(params: Params, workspace: Path) -> str:
