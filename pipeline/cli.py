@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--models-from", choices=("registry", "workspace"), default="registry",
                        help=MODELS_FROM_HELP)
 
+    commands.add_parser("report", help="write the result tables of README.md and docs/ anew from the committed "
+                                       "reports/ (never typed by hand)")
+
     rate = commands.add_parser("rate", help="score filled copies of reports/conv_rating.csv: each model's mean "
                                             "fluency and informativeness, and inter-rater agreement")
     rate.add_argument("sheets", nargs="+", help="one filled rating sheet per rater (CSV)")
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = {"run": _run, "stages": _stages, "repro": _repro, "ui": operate.ui_command, "score": _score,
                "rate": _rate, "talk": _talk, "serve": _serve, "study": _study, "reference": _reference,
-               "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command]
+               "report": _report, "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command]
     if not args.debug:
         quiet_tracebacks()
     try:
@@ -337,6 +340,16 @@ def _models(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     print(table.render(markdown=args.markdown))
+    return 0
+
+
+def _report(args) -> int:
+    """README.md's and docs/'s generated blocks from reports/."""
+    from pipeline import report
+
+    changed = report.write(project_root())
+    print("rewritten: " + ", ".join(str(p.relative_to(project_root())) for p in changed) if changed
+          else "every generated table is up to date")
     return 0
 
 

@@ -30,7 +30,7 @@ def _word(lo: float, hi: float) -> str:
     return "helps" if lo > 0 else "hurts" if hi < 0 else "tie"
 
 
-def _diff(d: dict, which: str = "verdict") -> str:
+def difference(d: dict, which: str = "verdict") -> str:
     """A difference with an interval and its word: `which` is "verdict" (the seed-level interval where there is
     one) or "fixed" (the interval over test conversations for the trained models)."""
     lo, hi = d["ci95"] if which == "fixed" else _interval(d)[0]
@@ -76,8 +76,9 @@ def _protocol_note(params) -> list[str]:
             "helps / hurts: the interval excludes 0 on that side; tie: it includes 0.", ""]
 
 
-def _answer(summary: dict) -> list[str]:
-    lines = ["## Answer", ""]
+def answer(summary: dict) -> list[str]:
+    """The study's answer: the learning curve's, then each setting's verdict with what it rules out."""
+    lines = []
     if "learning_curve" in summary:
         lines += _curve_answer(summary["learning_curve"]) + [""]
     for setting, entry in summary["settings"].items():
@@ -88,9 +89,9 @@ def _answer(summary: dict) -> list[str]:
         basis = {"seeds": "seed-level interval", "conversations": "interval over test conversations"}[
             _interval(d["recall@50"])[1]]
         lines.append(f"- `{setting}` ({len(minus['seeds'])} seed(s), {basis}): pre-training "
-                     f"**{verdict(minus)}**. All turns R@10 {_diff(d['recall@10'])}, R@50 {_diff(d['recall@50'])}; "
+                     f"**{verdict(minus)}**. All turns R@10 {difference(d['recall@10'])}, R@50 {difference(d['recall@50'])}; "
                      f"{excluded(d['recall@50'])} (R@50, all turns).")
-    return lines + ([""] if len(lines) > 2 else ["No setting has both arms finished yet.", ""])
+    return lines if lines else ["No setting has both arms finished yet."]
 
 
 def _curve_answer(curve: dict) -> list[str]:
@@ -102,7 +103,7 @@ def _curve_answer(curve: dict) -> list[str]:
             minus = point["minus_kbrd"].get(f"pretrain_{data}")
             if minus:
                 d = minus["all_turns"]["recall@50"]
-                cells[data].append(f"{float(fraction):.0%} {_diff(d)}")
+                cells[data].append(f"{float(fraction):.0%} {difference(d)}")
                 if _interval(d)[0][0] > 0:
                     helps[data].append(float(fraction))
     if not any(cells.values()):
@@ -137,7 +138,7 @@ def _learning_curve(curve: dict) -> list[str]:
             cells = [f"{_fmt(point['arms'][arm][protocol]['recall@10'])} | "
                      f"{_fmt(point['arms'][arm][protocol]['recall@50'])}" if arm in point["arms"] else "– | –"
                      for arm, _ in CURVE_ARMS]
-            diffs = [_diff(point["minus_kbrd"][f"pretrain_{data}"][protocol]["recall@50"])
+            diffs = [difference(point["minus_kbrd"][f"pretrain_{data}"][protocol]["recall@50"])
                      if f"pretrain_{data}" in point["minus_kbrd"] else "–" for data in ("all", "same")]
             lines.append(f"| {float(fraction):.0%} | " + " | ".join(cells + diffs) + " |")
         lines.append("")
@@ -183,7 +184,7 @@ def _context_size(entry: dict) -> list[str]:
                 shown = [f"{_fmt(a['recall@10'])} / {_fmt(a['recall@50'])}" for a in arms]
                 minus = cell["minus_kbrd"].get(C2CRS, {}).get(protocol)
                 lines.append(f"| {dimension.replace('_', ' ')} | {label} | {protocol} | {shown[0]} | {shown[1]} | "
-                             f"{arms[0]['n']} | {_diff(minus['recall@50']) if minus else '–'} |")
+                             f"{arms[0]['n']} | {difference(minus['recall@50']) if minus else '–'} |")
     return lines + [""]
 
 
@@ -214,10 +215,10 @@ def _minus_kbrd(entry: dict) -> list[str]:
         for protocol in REPORTED_PROTOCOLS:
             if protocol in by_protocol:
                 cells = by_protocol[protocol]
-                lines.append(f"| {_label(arm)} | {protocol} | " + " | ".join(_diff(cells[k]) for k in KEYS) + " |")
+                lines.append(f"| {_label(arm)} | {protocol} | " + " | ".join(difference(cells[k]) for k in KEYS) + " |")
                 lines.append(f"| (per seed {by_protocol['seeds']}; fixed models) | | "
                              + " | ".join(", ".join(f"{v:+.3f}" for v in cells[k]["per_seed"]) + "; "
-                                          + _diff(cells[k], "fixed") for k in KEYS) + " |")
+                                          + difference(cells[k], "fixed") for k in KEYS) + " |")
     return lines + [""]
 
 
@@ -257,7 +258,7 @@ def _setting(summary: dict, setting: str, entry: dict, params) -> list[str]:
                     if protocol in by_protocol and not (arm.endswith("+repeat_choice")
                                                         and protocol == "new_items_masked"):
                         lines.append(f"| {label} | {name} | {protocol} | "
-                                     + " | ".join(_diff(by_protocol[protocol][k]) for k in KEYS) + " |")
+                                     + " | ".join(difference(by_protocol[protocol][k]) for k in KEYS) + " |")
         lines.append("")
     if "diagnostics" in entry:
         lines += _diagnostics_section(entry["diagnostics"])
@@ -266,7 +267,7 @@ def _setting(summary: dict, setting: str, entry: dict, params) -> list[str]:
 
 def report(summary: dict, params) -> str:
     lines = ["# Does coarse-to-fine pre-training improve recommendation?", ""] + _protocol_note(params)
-    lines += _answer(summary)
+    lines += ["## Answer", "", *answer(summary), ""]
     if "learning_curve" in summary:
         lines += _learning_curve(summary["learning_curve"])
     lines += ["## Selection on validation", "",
@@ -308,6 +309,6 @@ def _diagnostics_section(diagnostics: dict) -> list[str]:
         for protocol in ("all_turns", "new_items_masked"):
             if protocol in diagnostics[name]:
                 d = diagnostics[name][protocol]
-                lines.append(f"| {label} | {protocol} | {_diff(d['recall@10'])} | {_diff(d['recall@50'])} |")
+                lines.append(f"| {label} | {protocol} | {difference(d['recall@10'])} | {difference(d['recall@50'])} |")
     return lines + [""]
 
