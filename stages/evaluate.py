@@ -21,7 +21,7 @@ import torch
 from models.baselines import popularity_scores
 from models.hred import HRED
 from stages import ingest, triples
-from stages.evaluation import conv_metrics, rec_metrics
+from stages.evaluation import conv_metrics, rec_metrics, standard_protocol
 from stages.io.graph import STAGES, params_value, stage_making
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
@@ -121,12 +121,15 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
 def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                      split: str = "test", log: StageLog = NO_LOG, loaded=None,
                      skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None,
-                     top: dict[str, np.ndarray] | None = None, forms: pl.DataFrame | None = None) -> dict:
+                     top: dict[str, np.ndarray] | None = None, forms: pl.DataFrame | None = None,
+                     rows: pl.DataFrame | None = None) -> dict:
     """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the reports/rec.json
     shape). top: {model: None} to fill, while the models are scored, with each named model's best items for every
-    sample row ([rows, TOP_ITEMS] entity ids; the generators' responses name them), instead of scoring it twice."""
+    sample row ([rows, TOP_ITEMS] entity ids; the generators' responses name them), instead of scoring it twice.
+    rows: the evaluation rows (default: rec_metrics.expand_mentions of the split's samples)."""
     table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files, forms)
-    rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
+    if rows is None:
+        rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks, masked = {}, {}
     for name, blocks in models.items():  # one pass per model gives both rankings
         scored = blocks()
@@ -315,6 +318,11 @@ def distinct_plot(conversation: dict) -> list[dict]:
             for model, values in conversation.items()]
 
 
+STANDARD_LABELS = {"repeat": "naive repeat", "popularity": "popularity", "textcnn": "TextCNN", "redial": "ReDial",
+                   "kbrd": "KBRD-style", "kecrs": "KECRS", "kgsf": "KGSF", "revcore": "RevCore", "c2crs": "C2-CRS",
+                   rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice"}
+
+
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
     intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
@@ -326,7 +334,13 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     top = dict.fromkeys([*runs.CONV_RECOMMENDER.values(), runs.HRED_RECOMMENDER])
     results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
                                "test", log, loaded, top=top)
-    report = rec_metrics.recommendation_report(results, _setting(params, samples))
+    for model, standard in evaluate_standard(params, workspace, loaded).items():
+        results[model].update(standard)
+    report = rec_metrics.recommendation_report(results, _setting(params, samples)) + "\n".join([
+        "", "## The standardized protocol (Kostric and Balog)", "",
+        "standard_full / standard_dedup (stages/evaluation/standard_protocol.py): every recommender message that names "
+        "a movie and has context, on the raw test messages (not merged turns); dedup keeps only the movies no earlier "
+        "message named. Nothing masked.", "", standard_protocol.peer_table(results, STANDARD_LABELS)])
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, top, log, loaded)
     rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
     out = {Path(r).name: workspace / r for r in spec.reports}
@@ -344,6 +358,30 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         log.evaluated(registered_name(name, "generator"), file, conversation[name], rule.generator,
                       rule.min_improvement)
     return StageOutcome(inputs, {"rec": results, "conv": conversation})
+
+
+def _linking(params, workspace: Path):
+    """The triples stage's linker, vocabulary and movie -> item entity map, for conversations read here."""
+    entities = pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"])
+    items = entities.filter(pl.col("is_item"))
+    stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
+    linker = linking.kg_entity_linker(entities, pl.read_parquet(workspace / runs.TRAINING_INPUTS["edges"]), stopwords,
+                                      params.linking)
+    return linker, pl.read_parquet(workspace / runs.TRAINING_INPUTS["vocab"]), dict(zip(items["movie_id"],
+                                                                                      items["entity_id"]))
+
+
+def evaluate_standard(params, workspace: Path, loaded=None, skip: frozenset[str] = frozenset()) -> dict:
+    """Every model under Kostric and Balog's standard_full and standard_dedup (stages/evaluation/standard_protocol.py),
+    on the raw test file's recommender messages: {model: {protocol: metrics}}."""
+    linker, vocabulary, item_entity = _linking(params, workspace)
+    test_file = ingest.redial_raw_files(params.data, workspace).redial_test
+    samples, rows = standard_protocol.instances(test_file, linker, vocabulary, item_entity,
+                                                params.triples.context_max_tokens, params.triples.response_max_tokens)
+    by_rows = evaluate_samples(params, workspace, samples, pl.DataFrame(schema=triples.TRIPLE_SCHEMA), "test",
+                               loaded=loaded, skip=skip, rows=rows)
+    return {model: {name: by_rows[model][mask] for name, mask in standard_protocol.PROTOCOLS.items()}
+            for model in by_rows}
 
 
 def score_file(params, workspace: Path, path: Path, names: list[str] | None = None,
@@ -369,15 +407,9 @@ def score_file(params, workspace: Path, path: Path, names: list[str] | None = No
     utterances = (pl.DataFrame(utterance_rows, schema=ingest.UTTERANCE_SCHEMA)
                   .join(pl.DataFrame(conversations, schema=ingest.CONVERSATION_SCHEMA).select("conv_id", "split"),
                         on="conv_id").sort("conv_id", "turn_idx"))
-    entities = pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"])
-    items = entities.filter(pl.col("is_item"))
-    item_entity = dict(zip(items["movie_id"], items["entity_id"]))
-    stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
-    linker = linking.kg_entity_linker(entities, pl.read_parquet(workspace / runs.TRAINING_INPUTS["edges"]), stopwords,
-                                      params.linking)
+    linker, vocabulary, item_entity = _linking(params, workspace)
     linked = triples.link_all(utterances, linker, item_entity)
-    samples, _ = triples.build_samples(utterances, linked, pl.read_parquet(workspace / runs.TRAINING_INPUTS["vocab"]),
-                                       item_entity, params.triples.context_max_tokens,
+    samples, _ = triples.build_samples(utterances, linked, vocabulary, item_entity, params.triples.context_max_tokens,
                                        params.triples.response_max_tokens)
     no_triples = pl.DataFrame(schema=triples.TRIPLE_SCHEMA)
     return {"conversations": len(conversations), "bad_records": dict(bad.counts), "missing": missing,

@@ -70,6 +70,14 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert (tmp_path / "best.pt").is_file()
 
 
+def test_early_stopping_on_a_flattening_metric_keeps_the_lowest_epoch(tmp_path):
+    model, optimizer, train_epoch, _ = tiny_problem(0)
+    values = iter([1.0, 0.5, 0.498, 0.497, 0.3])  # after epoch 2 it falls by under 1 % an epoch
+    state = train(model, optimizer, tmp_path, 5, train_epoch, validate=lambda: {"loss": next(values)},
+                  monitor="valid_loss", higher_is_better=False, patience=2, min_improvement=0.01)
+    assert (state.epoch, state.best_epoch, state.best_metric) == (4, 4, 0.497)  # flattened; the lowest kept
+
+
 @pytest.mark.usefixtures("mlflow_store")
 def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, monkeypatch):
     params = load_params(params_file)
@@ -77,6 +85,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     for stage in stage_instances(params):
         stage_body(stage)(params, workspace)
     results = json.loads((workspace / "reports/rec.json").read_text())
+    for model, by_protocol in results.items():  # Kostric and Balog's protocol, on the raw test messages
+        assert {"standard_full", "standard_dedup"} <= set(by_protocol), model
+        assert 0 < by_protocol["standard_dedup"]["n"] <= by_protocol["standard_full"]["n"], model
+    assert "## The standardized protocol (Kostric and Balog)" in (workspace / "reports/rec.md").read_text()
     flat = json.loads((workspace / "metrics/rec.json").read_text())  # what `dvc metrics show` prints: flat, small
     assert flat["c2crs.all_turns.recall@10"] == results["c2crs"]["all_turns"]["recall@10"]
     assert all(isinstance(v, float) for v in flat.values()) and len(flat) == 2 * len(results)
@@ -85,7 +97,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "redial", "kbrd", "kecrs",
                              "kgsf", "revcore", "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
     for protocols in results.values():
-        assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked"}
+        assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked", "standard_full",
+                                  "standard_dedup"}
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
     assert results["c2crs"]["all_turns"]["n"] == results["popularity"]["all_turns"]["n"] > 0
     assert set(results["c2crs"]["all_turns"]["margin_over"]) == set(results) - {"c2crs"}
