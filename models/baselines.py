@@ -73,44 +73,52 @@ class RepeatChoice(nn.Module):
 
     In ReDial about half of the ground-truth mentions repeat a movie of the context, and a recommender that reads the
     context only through entity embeddings cannot tell a movie just named from an unrelated one. Here the next movie
-    is a repeat with probability p_repeat[role] (the speaker of the turn: a seeker often names again what was just
-    recommended, a recommender rarely does); a repeat is the k-th most recent context movie with probability
-    proportional to by_recency[role, k] (older ones share the last bucket); a new movie follows the recommender's
-    softmax over the movies not in the context. Scores are the log-probabilities, so ranks follow the mixture. The
-    statistics are counts (RepeatChoice.fit), independent of the recommender.
+    is a repeat with probability p_repeat[role, state] (role: the speaker of the turn, a seeker often names again
+    what was just recommended, a recommender rarely does; state: what the context looks like, for example how many
+    movies it holds and whether the turn before named one, so the choice also predicts when the next movie will be
+    new); a repeat is the k-th most recent context movie with probability proportional to by_recency[role, k]
+    (older ones share the last bucket); a new movie follows the recommender's softmax over the movies not in the
+    context. Scores are the log-probabilities, so ranks follow the mixture. The statistics are counts
+    (RepeatChoice.fit), independent of the recommender.
     """
 
     ROLES = ("seeker", "recommender")
 
     def __init__(self, p_repeat: torch.Tensor, by_recency: torch.Tensor):
         super().__init__()
-        self.register_buffer("p_repeat", p_repeat.float())  # [roles]
+        self.register_buffer("p_repeat", p_repeat.float())  # [roles, states]
         self.register_buffer("by_recency", by_recency.float())  # [roles, max_recency + 1], rows sum to 1
 
     @classmethod
-    def fit(cls, positions: list[int | None], roles: list[int], max_recency: int) -> "RepeatChoice":
+    def fit(cls, positions: list[int | None], roles: list[int], max_recency: int, states: list[int] | None = None,
+            n_states: int = 1) -> "RepeatChoice":
         """From observed targets: positions[t] = the target's recency position among its sample's context movies
-        (0 = most recent) or None for a new movie, roles[t] its turn's speaker. Add-one smoothing."""
-        repeats = torch.ones(len(cls.ROLES))
-        news = torch.ones(len(cls.ROLES))
+        (0 = most recent) or None for a new movie, roles[t] its turn's speaker, states[t] its context's state
+        (None: one state). Add-one smoothing."""
+        states = states or [0] * len(positions)
+        repeats = torch.ones(len(cls.ROLES), n_states)
+        news = torch.ones(len(cls.ROLES), n_states)
         by_recency = torch.ones(len(cls.ROLES), max_recency + 1)
-        for position, role in zip(positions, roles):
+        for position, role, state in zip(positions, roles, states):
             if position is None:
-                news[role] += 1
+                news[role, state] += 1
             else:
-                repeats[role] += 1
+                repeats[role, state] += 1
                 by_recency[role, min(position, max_recency)] += 1
         return cls(repeats / (repeats + news), by_recency / by_recency.sum(1, keepdim=True))
 
-    def forward(self, scores: torch.Tensor, recent_items: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+    def forward(self, scores: torch.Tensor, recent_items: torch.Tensor, roles: torch.Tensor,
+                states: torch.Tensor | None = None) -> torch.Tensor:
         """scores [B, n_items] (the recommender's logits); recent_items [B, K] item ids, most recent first, -1
-        padded; roles [B] indices into ROLES -> log-probabilities [B, n_items] of the mixture."""
+        padded; roles [B] indices into ROLES; states [B] (None: state 0) -> log-probabilities [B, n_items] of the
+        mixture."""
         present = recent_items.ge(0)
         rows, slots = present.nonzero(as_tuple=True)  # the real context movies: (sample, slot)
         items = recent_items[rows, slots]
         in_context = torch.zeros_like(scores, dtype=torch.bool).index_put((rows, items), torch.tensor(True))
         has_context = present.any(1, keepdim=True)
-        p_repeat = torch.where(has_context, self.p_repeat[roles][:, None], torch.zeros(()))
+        states = torch.zeros_like(roles) if states is None else states
+        p_repeat = torch.where(has_context, self.p_repeat[roles, states][:, None], torch.zeros(()))
         new = torch.log_softmax(scores.masked_fill(in_context, float("-inf")), dim=1) + torch.log1p(-p_repeat)
         max_recency = self.by_recency.size(1) - 1
         position = torch.arange(recent_items.size(1), device=scores.device).clamp(max=max_recency)

@@ -225,13 +225,13 @@ def _with_repeat_choice(params: Params, workspace: Path, model, run: c2crs_train
                         test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int):
     """The model inside a learned choice between re-mentioning a context movie and a new one (beyond the paper;
     models.baselines.RepeatChoice, counted on the train split): (the fitted statistics, test ranks, masked)."""
-    choice = runs.repeat_choice(params, workspace, run)
+    choice = runs.repeat_choice(params, workspace, run, by_state=False)
     recent = c2crs_train.recent_items_tensor(rec_metrics.context_items_by_recency(
         samples.filter(pl.col("split") == "test").sort("sample_id")))
     scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_repeat_choice(
         c2crs_train.score_samples(model, run, test_table, batch), recent, test_table, choice))
     ranks, masked = rec_metrics.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
-    statistics = {role: {"p_repeat": round(float(choice.p_repeat[i]), 4),
+    statistics = {role: {"p_repeat": round(float(choice.p_repeat[i, 0]), 4),
                          "by_recency": [round(float(w), 4) for w in choice.by_recency[i]]}
                   for i, role in enumerate(choice.ROLES)}
     return statistics, ranks, masked

@@ -52,16 +52,21 @@ def conv_model_files(params, workspace: Path) -> dict[str, Path]:
 def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
                 split: str = "test", loaded=None, skip: frozenset[str] = frozenset(),
                 files: dict[str, Path] | None = None,
-                forms: pl.DataFrame | None = None) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+                forms: pl.DataFrame | None = None,
+                history: tuple[list[list[int]], list[int]] | None = None
+                ) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
     """For each model (but those in skip), a function giving its score blocks (row indices, [rows, n_items]) on a
     split's samples; the models are read from `files` (default: model_files, the workspace's). forms: the movie
-    forms of the samples' conversations, which ReDial's recommender reads (default: the ingest stage's)."""
+    forms of the samples' conversations, which ReDial's recommender reads (default: the ingest stage's). history:
+    each sample's context movies by recency and its new-or-repeat state, when the samples are only some turns of
+    their conversations (default: replayed from the samples)."""
     run, model_config, _ = loaded or runs.training_run(params, workspace)  # loaded: training_run's, reused
     table = c2crs_data.sample_table(samples, triple_table, split)
     batch = params.evaluate.batch_size
     train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
     popularity = popularity_scores(train_targets, model_config.n_items).numpy()
-    recent = rec_metrics.context_items_by_recency(samples.filter(pl.col("split") == split).sort("sample_id"))
+    ordered = samples.filter(pl.col("split") == split).sort("sample_id")
+    recent, states = history or (rec_metrics.context_items_by_recency(ordered), rec_metrics.choice_states(ordered))
     naive = rec_metrics.naive_scorers(recent, popularity)
 
     def naive_blocks(name: str):
@@ -103,7 +108,7 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if rec_metrics.REPEAT_CHOICE not in skip:
         models[rec_metrics.REPEAT_CHOICE] = lambda: c2crs_train.with_repeat_choice(
             c2crs_train.score_samples(c2crs, run, table, batch), c2crs_train.recent_items_tensor(recent), table,
-            runs.repeat_choice(params, workspace, run))
+            runs.repeat_choice(params, workspace, run), torch.as_tensor(states))
     variant_runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
     for variant in params.ablations.variants:
         if rec_metrics.ABLATION_PREFIX + variant in skip:
@@ -122,12 +127,12 @@ def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_tabl
                      split: str = "test", log: StageLog = NO_LOG, loaded=None,
                      skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None,
                      top: dict[str, np.ndarray] | None = None, forms: pl.DataFrame | None = None,
-                     rows: pl.DataFrame | None = None) -> dict:
+                     rows: pl.DataFrame | None = None, history: tuple[list[list[int]], list[int]] | None = None) -> dict:
     """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the reports/rec.json
     shape). top: {model: None} to fill, while the models are scored, with each named model's best items for every
     sample row ([rows, TOP_ITEMS] entity ids; the generators' responses name them), instead of scoring it twice.
-    rows: the evaluation rows (default: rec_metrics.expand_mentions of the split's samples)."""
-    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files, forms)
+    rows: the evaluation rows (default: rec_metrics.expand_mentions of the split's samples); history: score_split's."""
+    table, models = score_split(params, workspace, samples, triple_table, split, loaded, skip, files, forms, history)
     if rows is None:
         rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == split).sort("sample_id"))
     ranks, masked = {}, {}
@@ -376,10 +381,11 @@ def evaluate_standard(params, workspace: Path, loaded=None, skip: frozenset[str]
     on the raw test file's recommender messages: {model: {protocol: metrics}}."""
     linker, vocabulary, item_entity = _linking(params, workspace)
     test_file = ingest.redial_raw_files(params.data, workspace).redial_test
-    samples, rows = standard_protocol.instances(test_file, linker, vocabulary, item_entity,
-                                                params.triples.context_max_tokens, params.triples.response_max_tokens)
+    samples, rows, history = standard_protocol.instances(test_file, linker, vocabulary, item_entity,
+                                                         params.triples.context_max_tokens,
+                                                         params.triples.response_max_tokens)
     by_rows = evaluate_samples(params, workspace, samples, pl.DataFrame(schema=triples.TRIPLE_SCHEMA), "test",
-                               loaded=loaded, skip=skip, rows=rows)
+                               loaded=loaded, skip=skip, rows=rows, history=history)
     return {model: {name: by_rows[model][mask] for name, mask in standard_protocol.PROTOCOLS.items()}
             for model in by_rows}
 

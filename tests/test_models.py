@@ -439,8 +439,8 @@ def test_repeat_choice_by_hand():
     # seeker targets: 2 repeats at position 0, 1 at position 1, 1 new; recommender: 1 repeat at position 3, 3 new
     fitted = RepeatChoice.fit([0, 0, 1, None, 3, None, None, None],
                               [seeker] * 4 + [recommender] * 4, max_recency=2)
-    assert fitted.p_repeat[seeker].item() == pytest.approx(4 / 6)  # add-one: (3 + 1) / (3 + 1 + 1 + 1)
-    assert fitted.p_repeat[recommender].item() == pytest.approx(2 / 6)
+    assert fitted.p_repeat[seeker, 0].item() == pytest.approx(4 / 6)  # add-one: (3 + 1) / (3 + 1 + 1 + 1)
+    assert fitted.p_repeat[recommender, 0].item() == pytest.approx(2 / 6)
     assert fitted.by_recency[seeker].tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6])
     assert fitted.by_recency[recommender].tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 4])
 
@@ -469,8 +469,27 @@ def test_repeat_choice_fitted_on_a_table():
     recent = torch.tensor([[5, -1], [5, 2], [5, 7]])
     choice = fit_repeat_choice(table, recent, max_recency=1)
     # seeker: 5 at position 0 (repeat), 9 new; recommender: 7 new, 5 at position 0 (repeat)
-    assert choice.p_repeat.tolist() == pytest.approx([2 / 4, 2 / 4])
+    assert choice.p_repeat.flatten().tolist() == pytest.approx([2 / 4, 2 / 4])
     assert choice.by_recency.flatten().tolist() == pytest.approx([2 / 3, 1 / 3, 2 / 3, 1 / 3])
+    # by context state: state 1 holds the first two samples (a seeker's repeat; a recommender's new movie and repeat),
+    # state 0 the seeker's new movie
+    by_state = fit_repeat_choice(table, recent, max_recency=1, states=torch.tensor([1, 1, 0]), n_states=2)
+    assert by_state.p_repeat.flatten().tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 2, 2 / 4])
+    scores = torch.zeros(2, 10)
+    out = by_state(scores, torch.tensor([[5, -1], [5, -1]]), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    assert out[0, 5].exp().item() == pytest.approx(1 / 3) and out[1, 5].exp().item() == pytest.approx(2 / 3)
+
+
+def test_choice_states_count_context_movies_and_the_turn_before():
+    import polars as pl
+
+    from stages.evaluation.rec_metrics import choice_states
+
+    samples = pl.DataFrame({"sample_id": [0, 1, 2, 3], "conv_id": [1, 1, 1, 2], "turn_idx": [1, 2, 3, 1],
+                            "context_item_ids": [[5], [5], [5, 6, 7, 8, 9], []],
+                            "target_item_ids": [[], [6], [], [4]]})
+    # (movies 1, 2, 3, 4+ -> 0..3) x 2 + named by the turn before: turn 1's is turn 0 (its context)
+    assert choice_states(samples) == [0 * 2 + 1, 0 * 2 + 0, 3 * 2 + 1, 0 * 2 + 0]
 
 
 def test_sentences_encoded_in_length_chunks_equal_one_padded_batch(setup):

@@ -54,8 +54,13 @@ def test_instances_are_recommender_messages_with_a_movie_and_context(test_file):
     vocabulary = pl.DataFrame({"token_id": list(range(len(SPECIAL_TOKENS))), "token": list(SPECIAL_TOKENS),
                                "count": [0] * len(SPECIAL_TOKENS)},
                               schema={"token_id": pl.Int32, "token": pl.String, "count": pl.Int64})
-    samples, rows = standard_protocol.instances(test_file, NoLinker(), vocabulary, item_entity, 256, 30)
+    samples, rows, (recent, states) = standard_protocol.instances(test_file, NoLinker(), vocabulary, item_entity,
+                                                                  256, 30)
     assert samples.select("conv_id", "turn_idx").rows() == [(7, 3), (7, 5), (8, 1)]
+    # the context is what the linker reads ("@123" is movie 123 alone), most recent first, replayed over every
+    # message: the seeker's @45 is more recent than @123
+    assert recent == [[1, 0], [1, 0], []]
+    assert states == [2, 2, 0]  # (context movies, 1 to 4+, minus 1) x 2 + whether the message before named one
     assert rows["target_item"].to_list() == [0, 1, 2, 0, 2, 2]  # 123, 45, 12 | 123, 12 | 12
     assert rows["in_context"].to_list() == [True, True, True, True, True, False]
     assert set(rows["role"]) == {"recommender"}

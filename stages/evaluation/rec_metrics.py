@@ -233,6 +233,28 @@ def context_items_by_recency(samples: pl.DataFrame) -> list[list[int]]:
     return [by_sample[sample_id] for sample_id in samples["sample_id"]]
 
 
+CONTEXT_MOVIE_BUCKETS = 4  # the new-or-repeat choice's states: 1, 2, 3, 4+ context movies ...
+CHOICE_STATES = CONTEXT_MOVIE_BUCKETS * 2  # ... x whether the turn just before named a movie
+
+
+def choice_states(samples: pl.DataFrame) -> list[int]:
+    """Each sample's context state for the new-or-repeat choice (models.baselines.RepeatChoice), aligned with
+    `samples`: how many distinct movies its context holds (1, 2, 3, 4+; none shares the first bucket, where no repeat
+    is possible anyway) and whether the turn just before it named a movie (its sample's targets, or for the second
+    turn the first turn's movies; unknown, counted as no, when that turn's sample is not in `samples`)."""
+    previous: dict[int, tuple[int, bool]] = {}
+    state = {}
+    ordered = samples.sort("conv_id", "turn_idx").select("sample_id", "conv_id", "turn_idx", "context_item_ids",
+                                                          "target_item_ids")
+    for sample_id, conv_id, turn, context, targets in ordered.iter_rows():
+        before = previous.get(conv_id)
+        named = (before[1] if before is not None and before[0] == turn - 1 else turn == 1 and len(context) > 0)
+        bucket = min(max(len(set(context)), 1), CONTEXT_MOVIE_BUCKETS) - 1
+        state[sample_id] = bucket * 2 + int(named)
+        previous[conv_id] = (turn, len(targets) > 0)
+    return [state[sample_id] for sample_id in samples["sample_id"]]
+
+
 def repeat_scores(context_items: Sequence[Sequence[int]], n_items: int) -> np.ndarray:
     """The `repeat` baseline, [len(context_items), n_items]: each row's context movies (most recent first) score
     m, m-1, ..., 1 and every other movie 0, so those tie below them and a target outside the context ranks last."""

@@ -62,21 +62,26 @@ def messages(path: Path) -> pl.DataFrame:
 
 
 def instances(path: Path, linker, vocabulary: pl.DataFrame, item_entity: dict[int, int], context_max_tokens: int,
-              response_max_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(samples of the instances, their evaluation rows): one sample per recommender message that names a movie and
-    has context; rows as rec_metrics.expand_mentions makes them, with in_context = named by an earlier message."""
+              response_max_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame, tuple[list[list[int]], list[int]]]:
+    """(samples of the instances, their evaluation rows, their history): one sample per recommender message that
+    names a movie and has context; rows as rec_metrics.expand_mentions makes them, with in_context = named by an
+    earlier message; history: each instance's context movies by recency and its new-or-repeat state, replayed over
+    every message (evaluate.score_split's `history`)."""
     utterances = messages(path).with_columns(pl.lit("test").alias("split"))
     linked = triples.link_all(utterances, linker, item_entity)
-    samples, _ = triples.build_samples(utterances, linked, vocabulary, item_entity, context_max_tokens,
-                                       response_max_tokens)
-    samples = samples.filter((pl.col("role") == "recommender") & (pl.col("target_item_ids").list.len() > 0))
+    every, _ = triples.build_samples(utterances, linked, vocabulary, item_entity, context_max_tokens,
+                                     response_max_tokens)
+    recent, states = rec_metrics.context_items_by_recency(every), rec_metrics.choice_states(every)
+    keep = ((every["role"] == "recommender") & (every["target_item_ids"].list.len() > 0)).to_numpy()
+    samples = every.filter(pl.Series(keep))
+    history = ([r for r, k in zip(recent, keep) if k], [s for s, k in zip(states, keep) if k])
     rows = rec_metrics.expand_mentions(samples)
     fresh = (samples.select("conv_id", "turn_idx")
              .join(utterances.select("conv_id", "turn_idx", "fresh"), on=["conv_id", "turn_idx"], how="left",
                    maintain_order="left")["fresh"].explode())
     if len(fresh) != rows.height:
         raise ValueError(f"{path}: {len(fresh)} movie flags for {rows.height} targets")
-    return samples, rows.with_columns((~fresh).alias("in_context"))
+    return samples, rows.with_columns((~fresh).alias("in_context")), history
 
 
 def peer_table(results: dict, labels: dict[str, str]) -> str:

@@ -463,15 +463,18 @@ def recent_items_tensor(recent: list[list[int]]) -> torch.Tensor:
     return pad(recent, -1)
 
 
-def fit_repeat_choice(table: SampleTable, recent: torch.Tensor, max_recency: int) -> RepeatChoice:
-    """RepeatChoice's counts from one split's (sample, target) pairs: is the target a context movie, and which."""
+def fit_repeat_choice(table: SampleTable, recent: torch.Tensor, max_recency: int, states: torch.Tensor | None = None,
+                      n_states: int = 1) -> RepeatChoice:
+    """RepeatChoice's counts from one split's (sample, target) pairs: is the target a context movie, and which;
+    states: each sample's context state (None: the speaker alone decides p(repeat))."""
     sample_rows, target_items = recommendation_rows(table)
     roles = role_ids(table)
     positions = []
     for row, item in zip(sample_rows.tolist(), target_items.tolist()):
         order = recent[row].tolist()
         positions.append(order.index(item) if item in order else None)
-    return RepeatChoice.fit(positions, roles[sample_rows].tolist(), max_recency)
+    return RepeatChoice.fit(positions, roles[sample_rows].tolist(), max_recency,
+                            None if states is None else states[sample_rows].tolist(), n_states)
 
 
 def role_ids(table: SampleTable) -> torch.Tensor:
@@ -480,9 +483,11 @@ def role_ids(table: SampleTable) -> torch.Tensor:
 
 
 @torch.no_grad()
-def with_repeat_choice(blocks, recent: torch.Tensor, table: SampleTable,
-                       choice: RepeatChoice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A recommender's score blocks turned into the RepeatChoice mixture's log-probabilities."""
+def with_repeat_choice(blocks, recent: torch.Tensor, table: SampleTable, choice: RepeatChoice,
+                       states: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A recommender's score blocks turned into the RepeatChoice mixture's log-probabilities (states: each sample's
+    context state, when the choice was fitted with them)."""
     roles = role_ids(table)
     for rows, scores in blocks:
-        yield rows, choice(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows]).numpy()
+        yield rows, choice(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows],
+                           None if states is None else states[rows]).numpy()

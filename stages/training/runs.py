@@ -407,9 +407,15 @@ def _train_hred(params, workspace: Path, run, vocabulary, train_data, valid_data
                    "valid_responses": len(valid_data)}, inputs
 
 
-def repeat_choice(params, workspace: Path, run: c2crs_train.Run):
-    """RepeatChoice's counts from the train split (whether a turn's movie repeats a context movie, and which)."""
+def repeat_choice(params, workspace: Path, run: c2crs_train.Run, by_state: bool = True):
+    """RepeatChoice's counts from the train split (whether a turn's movie repeats a context movie, and which), by
+    speaker and context state (rec_metrics.choice_states; by_state False: by speaker alone, the pre-training
+    study's choice since it began)."""
     train = (pl.read_parquet(workspace / TRAINING_INPUTS["samples"]).filter(pl.col("split") == "train")
              .sort("sample_id"))
     recent = c2crs_train.recent_items_tensor(rec_metrics.context_items_by_recency(train))
-    return c2crs_train.fit_repeat_choice(run.train, recent, params.evaluate.max_recency)
+    if not by_state:
+        return c2crs_train.fit_repeat_choice(run.train, recent, params.evaluate.max_recency)
+    states = torch.as_tensor(rec_metrics.choice_states(train))
+    return c2crs_train.fit_repeat_choice(run.train, recent, params.evaluate.max_recency, states,
+                                         rec_metrics.CHOICE_STATES)
