@@ -268,7 +268,8 @@ class CoarseConfig(TrainConfig):
     # early stopping counts an epoch as better only when its held-out loss fell by this fraction of the last such
     # epoch's (0: any fall); with patience it stops pre-training once the loss has flattened
     min_improvement: float = Field(default=0.0, ge=0, lt=1)
-    # the share of the train conversations this stage trains on (a learning curve; c2crs_data.conversation_subset)
+    # the share of the train conversations this stage trains on (a learning curve; c2crs_data.conversation_subset),
+    # passed over 1/share times an epoch (runs.with_share)
     train_fraction: float = Field(default=1.0, gt=0, le=1)
 
 

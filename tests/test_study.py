@@ -213,6 +213,21 @@ def test_conversation_subsets_are_nested_and_seed_free():
     assert (conversation_subset(conv_ids[::-1], 0.25) == len(conv_ids) - 1 - small[::-1]).all()  # order-free
 
 
+def test_a_share_trains_epochs_of_the_usual_size(params_file):
+    from stages.training import runs
+    from stages.training.c2crs_train import _pretraining_batches
+
+    params = load_params(params_file)
+    for stage in ("ingest", "reviews", "kg", "triples"):
+        stage_body(stage)(params, params_file.parent)
+    full = runs.training_run(params, params_file.parent)[0]
+    half = runs.with_share(full, 0.5)
+    assert half.passes_per_epoch == 2 and set(half.train.conv_ids) < set(full.train.conv_ids)
+    one_pass = len(pretraining_rows(half.train, params.pretrain_coarse, np.random.default_rng(0)))
+    batches = _pretraining_batches(half, params.pretrain_coarse, np.random.default_rng(0))
+    assert sum(len(b) for b in batches) == 2 * one_pass
+
+
 def test_run_clock_sums_every_process(tmp_path):
     from pipeline.study import RunClock
 

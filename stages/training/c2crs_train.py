@@ -49,6 +49,7 @@ class Run:
     ranks: Ranks = SINGLE_PROCESS  # the processes of a torchrun launch that share each batch
     precision: str = "fp32"  # params precision: bf16 runs training forward passes under autocast (loop.autocast)
     text_ratio: float = 0.0  # pre-training: text samples (in train, role "text") drawn per conversation sample
+    passes_per_epoch: int = 1  # a share of the train conversations is passed over 1/share times an epoch
 
 
 def _node_rows(model: C2CRS, run: Run, *entity_ids: torch.Tensor, with_items: bool = False):
@@ -166,7 +167,8 @@ def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator, text_rat
 
 
 def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.ndarray]:
-    rows = pretraining_rows(run.train, cfg, rng, run.text_ratio)
+    rows = np.concatenate([pretraining_rows(run.train, cfg, rng, run.text_ratio)
+                           for _ in range(run.passes_per_epoch)])
     return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
 
 
@@ -280,7 +282,7 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
 
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
-        order = rng.permutation(len(sample_rows))
+        order = np.concatenate([rng.permutation(len(sample_rows)) for _ in range(run.passes_per_epoch)])
         if cfg.pretraining_weight:  # the step encodes contexts too: batch similar lengths, as pre-training does
             lengths = run.train.context_lengths[sample_rows[order]]
             batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]

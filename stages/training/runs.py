@@ -172,6 +172,15 @@ REC_PATH = {"pretrain_coarse": (None, c2crs_train.pretrain_coarse),
             "finetune_rec": ("pretrain_fine", c2crs_train.finetune_recommender)}
 
 
+def with_share(run: c2crs_train.Run, fraction: float) -> c2crs_train.Run:
+    """The run on `fraction` of its train conversations (c2crs_data.conversation_subset), each epoch passing over
+    them round(1 / fraction) times: an epoch takes as many steps as on all conversations, so epochs, patience and
+    min_improvement mean the same at every share (a learning curve compares converged runs, not step counts)."""
+    return dataclasses.replace(run, train=run.train.subset(c2crs_data.conversation_subset(run.train.conv_ids,
+                                                                                           fraction)),
+                               passes_per_epoch=max(1, round(1 / fraction)))
+
+
 def with_text_samples(run: c2crs_train.Run, params, workspace: Path, inputs: dict[str, Path]) -> c2crs_train.Run:
     """The run with text_triples' samples after its train samples, drawn at params.pretrain_text.ratio; their files
     join `inputs` (so the checkpoint key)."""
@@ -196,14 +205,13 @@ def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: 
         model = C2CRS(model_config)
     model.to(run.device)
     _, train_fn = REC_PATH[stage]
-    fraction = getattr(params, stage).train_fraction
-    if fraction < 1:  # a learning curve's point: this stage trains on a share of the train conversations
-        run = dataclasses.replace(run, train=run.train.subset(c2crs_data.conversation_subset(run.train.conv_ids,
-                                                                                              fraction)))
+    fraction, name = getattr(params, stage).train_fraction, stage
+    if fraction < 1:  # a learning curve's point: a share of the train conversations, in epochs of the usual size
+        run, name = with_share(run, fraction), f"{stage}-share"
     sections = TRAINING_SECTIONS + (stage,)
     if stage != "finetune_rec" and params.pretrain_text.ratio > 0:  # pre-training reads the text samples too
         run, sections = with_text_samples(run, params, workspace, inputs), sections + ("pretrain_text",)
-    checkpoints = checkpoint_dir(workspace, stage, params, sections, inputs)
+    checkpoints = checkpoint_dir(workspace, name, params, sections, inputs)
     state = train_fn(model, run, getattr(params, stage), checkpoints, on_epoch=log.epoch)
     if (checkpoints / "best.pt").is_file():
         loop.load_checkpoint(checkpoints / "best.pt", model)
