@@ -315,7 +315,9 @@ def write_report(params: Params, workspace: Path) -> str:
                                      params.evaluate.bootstrap_resamples, params.seed,
                                      params.study.curve_settings(), curve.setting if curve else None)
     report = study_markdown.report(summary, params)
+    plots = study_report.plot_files(summary, workspace / params.study.plots_dir)
     write_outputs({workspace / params.study.report: report,
-                   workspace / params.study.results_dir / "summary.json": summary,
-                   **study_report.plot_files(summary, workspace / params.study.plots_dir)})
+                   workspace / params.study.results_dir / "summary.json": summary, **plots})
+    for stale in set((workspace / params.study.plots_dir).rglob("*.json")) - set(plots):  # of runs no longer there
+        stale.unlink()
     return report
