@@ -101,10 +101,9 @@ def pretraining_answer(reports: dict) -> str:
 
 def pretraining_table(reports: dict) -> str:
     """Per setting, C2-CRS minus KBRD-style with the seed-level interval, and both arms' validation R@50."""
-    settings = reports[STUDY_SUMMARY]["settings"]
     lines = ["| setting | seeds | all turns R@10 | R@50 | recommender turns R@10 | R@50 | validation R@50, C2-CRS vs "
              "KBRD-style |", "|---|---|---|---|---|---|---|"]
-    for setting, entry in settings.items():
+    for setting, entry in study_markdown.settings_in_order(reports[STUDY_SUMMARY]):
         minus = entry["minus_kbrd"].get("c2crs")
         if not minus:
             continue

@@ -26,6 +26,11 @@ def _interval(d: dict) -> tuple[list, str]:
     return d["ci95"], "conversations"
 
 
+def settings_in_order(summary: dict) -> list[tuple[str, dict]]:
+    """The settings as params.study lists them (summary.json's keys are sorted by name)."""
+    return [(name, summary["settings"][name]) for name in summary.get("setting_order", summary["settings"])]
+
+
 def _word(lo: float, hi: float) -> str:
     return "helps" if lo > 0 else "hurts" if hi < 0 else "tie"
 
@@ -81,7 +86,7 @@ def answer(summary: dict) -> list[str]:
     lines = []
     if "learning_curve" in summary:
         lines += _curve_answer(summary["learning_curve"]) + [""]
-    for setting, entry in summary["settings"].items():
+    for setting, entry in settings_in_order(summary):
         minus = entry["minus_kbrd"].get(C2CRS)
         if not minus:
             continue
@@ -274,12 +279,12 @@ def report(summary: dict, params) -> str:
               "The default settings are chosen by validation recall@50 of the fine-tuned recommender (the metric its "
               "early stopping uses), never by test numbers:", "",
               "| setting | model | validation recall@50 | seeds |", "|---|---|---|---|"]
-    for setting, entry in summary["settings"].items():
+    for setting, entry in settings_in_order(summary):
         for arm, stat in entry["valid_recall@50"].items():
             lines.append(f"| {setting} | {_label(arm)} | {_fmt(stat)} | {stat['seeds']} |")
     lines.append("")
     lines += _curves_table(summary, params)
-    for setting, entry in summary["settings"].items():
+    for setting, entry in settings_in_order(summary):
         lines += _setting(summary, setting, entry, params)
     return "\n".join(lines) + "\n"
 

@@ -257,6 +257,7 @@ def summarise(runs: list[dict], rows: pl.DataFrame, naive: dict, sizes: dict, n_
     for setting, arms in by_setting.items():
         if setting not in curve:
             summary["settings"][setting] = _setting_entry(arms, rows, naive, sizes, n_resamples, seed)
+    summary["setting_order"] = list(summary["settings"])  # as the runs came (write_report: params' order)
     if curve_base:
         summary["learning_curve"] = {"setting": curve_base,
                                      "points": _learning_curve(by_setting, curve, curve_base, rows, n_resamples, seed)}
