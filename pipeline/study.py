@@ -311,7 +311,7 @@ def write_report(params: Params, workspace: Path) -> str:
     finished = sorted(study_report.load_runs(workspace / params.study.results_dir),
                       key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
     curve = params.study.learning_curve
-    summary = study_report.summarise(finished, rows, naive, study_report.context_sizes(test, rows),
+    summary = study_report.summarise(finished, rows, naive, rec_metrics.context_size_masks(rows),
                                      params.evaluate.bootstrap_resamples, params.seed,
                                      params.study.curve_settings(), curve.setting if curve else None)
     report = study_markdown.report(summary, params)

@@ -337,3 +337,12 @@ def test_the_report_shows_the_new_protocols_the_naive_baselines_and_recall_by_co
     assert "| all_turns | repeat | 0.500 | 1.000 | 2 | 0.000 | 0.500 | 2 |" in by_context
     assert "| new_items_masked | c2crs | 1.000 | 1.000 | 1 | 1.000 | 1.000 | 1 |" in by_context
     assert "| new_items |" not in by_context and "| recommender_turns |" not in by_context
+
+
+def test_by_context_size_bins_rows_by_earlier_turns_and_context_entities():
+    rows = pl.DataFrame({"turn_idx": [1, 2, 3, 5, 9], "context_entities": [0, 2, 6, 4, 1]})
+    split = rec_metrics.by_context_size(rows, np.array([1, 20, 60, 5, 1]))
+    assert {label: m["n"] for label, m in split["earlier_turns"].items()} == {"1": 1, "2-3": 2, "4-6": 1, "7+": 1}
+    assert split["earlier_turns"]["2-3"]["recall@10"] == 0.0 and split["earlier_turns"]["2-3"]["recall@50"] == 0.5
+    assert {label: m["n"] for label, m in split["context_entities"].items()} == {"0": 1, "1-2": 2, "3-5": 1, "6+": 1}
+    assert split["context_entities"]["1-2"]["recall@1"] == 0.5

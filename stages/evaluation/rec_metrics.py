@@ -27,7 +27,11 @@ from scipy import stats
 METRICS = ("recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10")
 REPEAT_KS = (10, 50)
 ROW_COLUMNS = ("sample_id", "conv_id", "turn_idx", "role", "target_item", "in_context", "context_item_ids",
-               "has_entities")
+               "has_entities", "context_entities")
+# How much context a scored turn has: earlier turns (consecutive messages of one speaker are one turn) and linked
+# entities in the context (movies included). Bins: (label, lowest, highest or None).
+CONTEXT_SIZES = {"earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7+", 7, None)),
+                 "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6+", 6, None))}
 
 
 def _new_items(rows: pl.DataFrame) -> np.ndarray:
@@ -96,6 +100,7 @@ def expand_mentions(samples: pl.DataFrame) -> pl.DataFrame:
     return (samples.filter(pl.col("target_item_ids").list.len() > 0)
             .select("sample_id", "conv_id", "turn_idx", "role", "context_item_ids",
                     (pl.col("context_entity_ids").list.len() > 0).alias("has_entities"),
+                    pl.col("context_entity_ids").list.len().alias("context_entities"),
                     pl.col("target_item_ids").alias("target_item"))
             .explode("target_item")
             .with_columns(pl.col("context_item_ids").list.contains(pl.col("target_item")).alias("in_context"))
@@ -426,6 +431,20 @@ def by_context(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict]:
             "without_entities": metrics_from_ranks(ranks[~has_entities])}
 
 
+def context_size_masks(rows: pl.DataFrame) -> dict[str, dict[str, np.ndarray]]:
+    """{dimension: {bin label: boolean mask over the rows}} (CONTEXT_SIZES; a row's turn_idx is its earlier turns)."""
+    size = {"earlier_turns": rows["turn_idx"].to_numpy(), "context_entities": rows["context_entities"].to_numpy()}
+    return {dimension: {label: (size[dimension] >= low) & (True if high is None else size[dimension] <= high)
+                        for label, low, high in bins} for dimension, bins in CONTEXT_SIZES.items()}
+
+
+def by_context_size(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict[str, dict]]:
+    """Metrics (with n) of the rows in each bin of how much context they have (CONTEXT_SIZES)."""
+    ranks = np.asarray(ranks)
+    return {dimension: {label: metrics_from_ranks(ranks[mask]) for label, mask in bins.items()}
+            for dimension, bins in context_size_masks(rows).items()}
+
+
 def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
                    compare_with: dict[str, np.ndarray] | None = None, masked_ranks: np.ndarray | None = None,
                    compare_masked: dict[str, np.ndarray] | None = None) -> dict:
@@ -457,6 +476,7 @@ def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 100
             "ci95": bootstrap_ci(kept_rows, kept_ranks, n_resamples=n_resamples, seed=seed, level=0.95),
             "repeat_share": repeat_share(kept_rows, kept_ranks),
             "by_context": by_context(kept_rows, kept_ranks),
+            "by_context_size": by_context_size(kept_rows, kept_ranks),
             "recall_curve": recall_curve(kept_ranks),
         }
         if compare_with:

@@ -133,22 +133,6 @@ def _minus_naive(arms: dict[str, list[dict]], naive: dict, rows: pl.DataFrame, n
     return out
 
 
-# How much context a scored turn has: earlier turns (consecutive messages of one speaker are one turn) and linked
-# entities in the context (movies included). Bins: (label, lowest, highest or None).
-CONTEXT_SIZES = {"earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7+", 7, None)),
-                 "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6+", 6, None))}
-
-
-def context_sizes(test_samples: pl.DataFrame, rows: pl.DataFrame) -> dict[str, dict[str, np.ndarray]]:
-    """{dimension: {bin label: boolean mask over the evaluation rows}} (CONTEXT_SIZES)."""
-    by_sample = test_samples.sort("sample_id")
-    index = np.searchsorted(by_sample["sample_id"].to_numpy(), rows["sample_id"].to_numpy())
-    size = {"earlier_turns": rows["turn_idx"].to_numpy(),
-            "context_entities": by_sample["context_entity_ids"].list.len().to_numpy()[index]}
-    return {dimension: {label: (size[dimension] >= low) & (True if high is None else size[dimension] <= high)
-                        for label, low, high in bins} for dimension, bins in CONTEXT_SIZES.items()}
-
-
 def _by_context_size(arms: dict[str, list[dict]], rows: pl.DataFrame, sizes: dict, n_resamples: int,
                      seed: int) -> dict:
     """Per dimension and bin: each arm's R@10/R@50 per protocol (mean/sd over seeds) and every arm minus KBRD-style."""
