@@ -15,7 +15,7 @@ weight difference between the two runs, with the mean step time.
     off_one_thread   default kernels on one thread
     off_mkl_cbwr     default kernels with MKL_CBWR=COMPATIBLE (MKL's alignment-independent code path)
 Needs the data stages' outputs (data/triples, data/kg, data/reviews) and C2CRS_DATA_DIR.
-Run: C2CRS_DATA_DIR=../shared/data .venv/bin/python bench/determinism.py [--steps 20] [--configs off on]
+Run: C2CRS_DATA_DIR=/path/to/data .venv/bin/python bench/determinism.py [--steps 20] [--configs off on]
 """
 
 import argparse

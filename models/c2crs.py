@@ -17,7 +17,7 @@ Entity ids: items are entities 0..n_items-1, so N[:n_items] are the item embeddi
 Everything takes tensors; nothing here knows about files or experiment tracking.
 
 Where the paper leaves a choice open, C2CRSConfig has a switch whose other value is what the authors' released code
-does (DESIGN.md, "Reference implementation facts"): kg_encoder, rec_pooling, item_bias, projection_heads,
+does (docs/design.md, "The authors' released code"): kg_encoder, rec_pooling, item_bias, projection_heads,
 contrastive_loss. The defaults are this project's choices; `params/reference.yaml` sets the reference's.
 """
 

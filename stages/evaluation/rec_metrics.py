@@ -3,7 +3,7 @@
 Over 400 lines: ranks, protocols, intervals, baselines without training and the report tables share the row layout
 (one row per ground-truth mention); split, each part would redefine it.
 
-The protocol follows DESIGN.md 'Evaluation protocol': every target item of every scored sample (turns after the
+The protocol follows docs/design.md 'Evaluation protocol': every target item of every scored sample (turns after the
 first) is one evaluation row, ranked against all n_items movies; no mention is ever dropped, so two models are always
 scored on the same rows. Four protocols are reported side by side, each with a conversation-level bootstrap interval,
 the share of hits that were repeats of a movie in the context, and recall split by whether the context has linked
