@@ -49,19 +49,19 @@ def _generator(params, workspace: Path, freeze: list[str], variant: str | None):
     import torch
 
     from stages.io.stage_log import NO_LOG
-    from stages.training import c2crs_data, conv_train, runs
+    from stages.training import c2crs_data, conv_runs, conv_train, runs
 
     run, _, inputs = runs.training_run(params, workspace)
-    trained = runs.conv_model_path(workspace, variant)
+    trained = conv_runs.conv_model_path(workspace, variant)
     params = params.model_copy(update={"finetune_conv": params.finetune_conv.model_copy(
         update={"freeze": freeze, "epochs": 0})})
     if trained.is_file():
-        model, _ = runs.load_conversation_model(trained)
+        model, _ = conv_runs.load_conversation_model(trained)
         for name in ("history", "kg", "review") + (("word",) if model.kgsf is not None else ()):
             model._encoder(name).requires_grad_(name not in freeze)
         model.frozen = tuple(freeze)
     else:
-        model, _, _ = runs.train_conversation(params, workspace, NO_LOG,
+        model, _, _ = conv_runs.train_conversation(params, workspace, NO_LOG,
                                                  ROOT / "bench" / "results" / "decode_model.pt")
     samples = pl.read_parquet(inputs["samples"])
     test = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
@@ -145,7 +145,7 @@ def main() -> None:
     import numpy as np
 
     from pipeline.config import load_params
-    from stages.training import runs
+    from stages.training import conv_runs
 
     params = load_params(ROOT / "params.yaml")
     if args.variant:
@@ -171,7 +171,7 @@ def main() -> None:
               f"{training[label]['samples_per_s']:6.1f} samples/s", flush=True)
     write_results(f"decode_{args.variant}" if args.variant else "decode", {
         "variant": args.variant, "tokens": args.tokens,
-        "trained_model": runs.conv_model_path(ROOT, args.variant).is_file(),
+        "trained_model": conv_runs.conv_model_path(ROOT, args.variant).is_file(),
         "decoding": decoding, "training": training, "peak_rss_mib": proc_status_mib("VmHWM")})
 
 

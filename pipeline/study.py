@@ -29,7 +29,7 @@ from pipeline.paths import git_commit
 from stages.evaluation import rec_metrics, study_markdown, study_report
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog
-from stages.training import c2crs_data, c2crs_train, loop, runs
+from stages.training import c2crs_data, c2crs_train, loop, probe, repeat_choice, runs
 
 logger = logging.getLogger(__name__)
 
@@ -225,10 +225,10 @@ def _with_repeat_choice(params: Params, workspace: Path, model, run: c2crs_train
                         test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int):
     """The model inside a learned choice between re-mentioning a context movie and a new one (beyond the paper;
     models.baselines.RepeatChoice, counted on the train split): (the fitted statistics, test ranks, masked)."""
-    choice = runs.repeat_choice(params, workspace, run, by_state=False)
-    recent = c2crs_train.recent_items_tensor(rec_metrics.context_items_by_recency(
+    choice = repeat_choice.fitted(params, workspace, run, by_state=False)
+    recent = repeat_choice.recent_items_tensor(rec_metrics.context_items_by_recency(
         samples.filter(pl.col("split") == "test").sort("sample_id")))
-    scored = ((test_table.sample_ids[r], s) for r, s in c2crs_train.with_repeat_choice(
+    scored = ((test_table.sample_ids[r], s) for r, s in repeat_choice.with_repeat_choice(
         c2crs_train.score_samples(model, run, test_table, batch), recent, test_table, choice))
     ranks, masked = rec_metrics.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
     statistics = {role: {"p_repeat": round(float(choice.p_repeat[i, 0]), 4),
@@ -248,17 +248,16 @@ def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Pa
     valid_rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == "valid").sort("sample_id"))
     found, arrays = {}, {}
     for name, model in (("pretrained", pretrained), ("untrained", untrained)):
-        valid_ranks, _ = _ranks(model, run, valid_table, valid_rows, batch, c2crs_train.zero_shot_blocks)
+        valid_ranks, _ = _ranks(model, run, valid_table, valid_rows, batch, probe.zero_shot_blocks)
         found[f"zero_shot_{name}"] = {"valid": rec_metrics.metrics_from_ranks(valid_ranks)}
         arrays[f"zero_shot_{name}"], arrays[f"zero_shot_{name}_masked"] = _ranks(
-            model, run, test_table, test_rows, batch, c2crs_train.zero_shot_blocks)
-        probe, history = c2crs_train.train_frozen_probe(model, run, probe_epochs,
-                                                        run_params.finetune_rec.batch_size,
-                                                        run_params.finetune_rec.learning_rate, run_params.seed)
+            model, run, test_table, test_rows, batch, probe.zero_shot_blocks)
+        frozen, history = probe.train_frozen_probe(model, run, probe_epochs, run_params.finetune_rec.batch_size,
+                                                   run_params.finetune_rec.learning_rate, run_params.seed)
         found[f"probe_{name}"] = {"valid_history": history,
                                   "valid": max(history, key=lambda h: h["recall@50"])}
-        arrays[f"probe_{name}"], arrays[f"probe_{name}_masked"] = _ranks(probe, run, test_table, test_rows, batch,
-                                                                        c2crs_train.score_probe)
+        arrays[f"probe_{name}"], arrays[f"probe_{name}_masked"] = _ranks(frozen, run, test_table, test_rows, batch,
+                                                                        probe.score_probe)
     return found, arrays
 
 

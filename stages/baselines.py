@@ -20,7 +20,8 @@ from stages.text import linking
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
-from stages.training import c2crs_train, kecrs_train, kgsf_train, loop, redial_train, revcore_train, runs
+from stages.training import (baseline_models, c2crs_train, kecrs_train, kgsf_train, loop, redial_train,
+                             revcore_train, runs, textcnn_train)
 
 # The params each model's checkpoints are keyed by (besides the inputs it reads). TextCNN and KBRD keep the key they
 # had when one stage trained them both, so their finished checkpoints stay valid.
@@ -34,11 +35,11 @@ SECTIONS = {"textcnn": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.text
 
 def _textcnn(params, workspace, run, model_config, inputs, on_epoch):
     cfg = params.baselines.textcnn
-    config = runs.TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
+    config = textcnn_train.TextCNNConfig(vocab_size=model_config.vocab_size, n_items=model_config.n_items,
                                 embed_dim=cfg.embed_dim, n_filters=cfg.n_filters, dropout=cfg.dropout)
     model = TextCNNRecommender(**dataclasses.asdict(config)).to(run.device)
     checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS["textcnn"], inputs) / "textcnn"
-    state = c2crs_train.train_textcnn(model, run, cfg, checkpoints, on_epoch=on_epoch)
+    state = textcnn_train.train_textcnn(model, run, cfg, checkpoints, on_epoch=on_epoch)
     loop.load_checkpoint(checkpoints / "best.pt", model)
     return model, config, state, inputs, {}
 
@@ -67,7 +68,7 @@ def _kgsf(params, workspace, run, model_config, inputs, on_epoch):
 def _redial(params, workspace, run, model_config, inputs, on_epoch):
     likes = redial_train.seeker_likes(pl.read_parquet(workspace / redial_train.FORMS_INPUT),
                                       pl.read_parquet(inputs["entities"]))
-    config = runs.AutoRecConfig(n_items=model_config.n_items, hidden=params.baselines.redial.hidden)
+    config = baseline_models.AutoRecConfig(n_items=model_config.n_items, hidden=params.baselines.redial.hidden)
     model = AutoRecRecommender(**dataclasses.asdict(config)).to(run.device)
     inputs = {**inputs, "movie_forms": workspace / redial_train.FORMS_INPUT}
     checkpoints = runs.checkpoint_dir(workspace, "baselines", params, SECTIONS["redial"], inputs) / "redial"

@@ -7,7 +7,7 @@ from pathlib import Path
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
-from stages.training import runs
+from stages.training import conv_runs
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> StageOutcome:
@@ -16,9 +16,9 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
     spec = STAGES["conv_baselines"].for_variant(variant)
     variant_params = params.variant(variant, kind="conv_baselines")
     log = CurveLog(log)
-    model, outcome, inputs = runs.train_conversation(variant_params, workspace, log,
-                                                     runs.conv_model_path(workspace, variant))
+    model, outcome, inputs = conv_runs.train_conversation(variant_params, workspace, log,
+                                                     conv_runs.conv_model_path(workspace, variant))
     metrics = {"overrides": params.conv_baselines.variants[variant], **outcome}
     write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
-    log.model(registered_name(variant, "generator"), model, runs.conv_model_path(workspace, variant), outcome)
+    log.model(registered_name(variant, "generator"), model, conv_runs.conv_model_path(workspace, variant), outcome)
     return StageOutcome(inputs, metrics)

@@ -27,7 +27,8 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_train, hred_train, kgsf_train, redial_train, runs
+from stages.training import (baseline_models, c2crs_data, c2crs_train, conv_runs, conv_train, hred_train,
+                             kgsf_train, redial_train, repeat_choice, runs, textcnn_train)
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
 
 def conv_model_files(params, workspace: Path) -> dict[str, Path]:
     """Each trained generator that evaluate scores, and its file."""
-    files = {variant: runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.train}
-    return {**files, "c2crs": runs.conv_model_path(workspace)}
+    files = {variant: conv_runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.train}
+    return {**files, "c2crs": conv_runs.conv_model_path(workspace)}
 
 
 def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
@@ -78,8 +79,8 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     skip = skip | (set(rec_metrics.BASELINES) - set(naive) - set(files))  # baselines this run did not train
     models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
     if "textcnn" not in skip:
-        textcnn = runs.load_textcnn(files["textcnn"]).to(run.device)
-        models["textcnn"] = lambda: c2crs_train.score_textcnn(textcnn, run, table, batch)
+        textcnn = textcnn_train.load_textcnn(files["textcnn"]).to(run.device)
+        models["textcnn"] = lambda: textcnn_train.score_textcnn(textcnn, run, table, batch)
     if "kbrd" not in skip:
         kbrd = runs.load_c2crs(files["kbrd"]).to(run.device)
         models["kbrd"] = lambda: c2crs_train.score_samples(kbrd, run, table, batch)
@@ -89,14 +90,14 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if {"kgsf", "revcore"} - skip:
         words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
     if "kgsf" not in skip:
-        kgsf = runs.load_kgsf(files["kgsf"]).to(run.device)
+        kgsf = baseline_models.load_kgsf(files["kgsf"]).to(run.device)
         models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
     if "revcore" not in skip:  # KGSF's recommender on the contexts its retrieval enriches
-        retrieval = runs.revcore_retrieval(params, workspace, run, path=files["revcore"])
+        retrieval = baseline_models.revcore_retrieval(params, workspace, run, path=files["revcore"])
         models["revcore"] = lambda: kgsf_train.score_kgsf(retrieval.model.kgsf, run, retrieval.augment(table), words,
                                                           batch)
     if "redial" not in skip:
-        redial = runs.load_redial(files["redial"]).to(run.device)
+        redial = baseline_models.load_redial(files["redial"]).to(run.device)
         if forms is None:
             forms = pl.read_parquet(workspace / redial_train.FORMS_INPUT)
         likes = redial_train.seeker_likes(forms, pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"]))
@@ -106,9 +107,9 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
     if "c2crs" not in skip:
         models["c2crs"] = lambda: c2crs_train.score_samples(c2crs, run, table, batch)
     if rec_metrics.REPEAT_CHOICE not in skip:
-        models[rec_metrics.REPEAT_CHOICE] = lambda: c2crs_train.with_repeat_choice(
-            c2crs_train.score_samples(c2crs, run, table, batch), c2crs_train.recent_items_tensor(recent), table,
-            runs.repeat_choice(params, workspace, run), torch.as_tensor(states))
+        models[rec_metrics.REPEAT_CHOICE] = lambda: repeat_choice.with_repeat_choice(
+            c2crs_train.score_samples(c2crs, run, table, batch), repeat_choice.recent_items_tensor(recent), table,
+            repeat_choice.fitted(params, workspace, run), torch.as_tensor(states))
     variant_runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
     for variant in params.ablations.variants:
         if rec_metrics.ABLATION_PREFIX + variant in skip:
@@ -245,16 +246,16 @@ def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], l
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
     said = {}
     reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
-        lambda max_positions: runs.revcore_retrieval(params, workspace, run, max_positions).augment(table))
+        lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table))
     for name, path in paths.items():
-        model, config = runs.load_conversation_model(path)
+        model, config = conv_runs.load_conversation_model(path)
         model.to(run.device)
         score = (hred_train.perplexity_and_responses if isinstance(model, HRED)
                  else conv_train.perplexity_and_responses)
         read = reviewed(config.encoders["max_positions"]) if config.pretrained == "revcore" else table
         scored, responses = score(model, run, read, data, decoding, vocabulary.banned_ids)
         perplexity, generated = scored["perplexity"], [words(t) for t in responses]
-        recommended = top[runs.conv_recommender(config)]
+        recommended = top[conv_runs.conv_recommender(config)]
         said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
                       for response, row in zip(generated, data.rows)]
         results[name] = {**conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
@@ -336,7 +337,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     samples = pl.read_parquet(workspace / runs.TRAINING_INPUTS["samples"])
     loaded = runs.training_run(params, workspace)  # read once for both tasks
     # the recommenders whose movies the generators name
-    top = dict.fromkeys([*runs.CONV_RECOMMENDER.values(), runs.HRED_RECOMMENDER])
+    top = dict.fromkeys([*conv_runs.CONV_RECOMMENDER.values(), conv_runs.HRED_RECOMMENDER])
     results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
                                "test", log, loaded, top=top)
     for model, standard in evaluate_standard(params, workspace, loaded).items():

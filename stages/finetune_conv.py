@@ -7,13 +7,13 @@ from pathlib import Path
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, CurveLog, StageLog, StageOutcome, registered_name
-from stages.training import runs
+from stages.training import conv_runs
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     spec = STAGES["finetune_conv"]
     log = CurveLog(log)
-    model, metrics, inputs = runs.train_conversation(params, workspace, log, workspace / spec.outs[0])
+    model, metrics, inputs = conv_runs.train_conversation(params, workspace, log, workspace / spec.outs[0])
     write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
     log.model(registered_name("c2crs", "generator"), model, workspace / spec.outs[0], metrics)
     return StageOutcome(inputs, metrics)

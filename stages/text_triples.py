@@ -22,8 +22,7 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
 from stages.sources import raw
 from stages.text import linking
-from stages.training.c2crs_data import TEXT_ROLE
-from stages.triples import SAMPLE_SCHEMA, TRIPLE_SCHEMA, UNK, link_utterance, sentence_chooser
+from stages.triples import SAMPLE_SCHEMA, TEXT_ROLE, TRIPLE_SCHEMA, UNK, link_utterance, sentence_chooser
 
 TEXT_CONV_OFFSET = 1_000_000_000  # conversation ids of text samples: far above ReDial's
 

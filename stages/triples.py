@@ -27,6 +27,7 @@ from stages.text import linking
 log = logging.getLogger(__name__)
 
 PAD, START, END, UNK, SPLIT = "__pad__", "__start__", "__end__", "__unk__", "__split__"
+TEXT_ROLE = "text"  # the role of a text sample (stages/text_triples.py): a review or plot sentence, not a turn
 SPECIAL_TOKENS = (PAD, START, END, UNK, SPLIT)
 SENTENCE_RULES = ("bm25", "highest_rated", "first")
 

@@ -3,6 +3,7 @@ direction holds, and DVC is configured to stay offline."""
 
 import ast
 import configparser
+from pathlib import Path
 
 import pytest
 import yaml
@@ -156,3 +157,37 @@ def test_every_plot_reads_what_a_stage_writes():
         for path in files:
             assert any(out == path or out.startswith(path + "/") or path.startswith(out + "/") for out in written), \
                 f"plot {name!r}: {path}"
+
+
+def import_closure(module: Path) -> set[str]:
+    """The project files (stages/, models/) a module imports, directly or through others, at module level or
+    inside functions; package __init__ files (docstrings only) aside. pipeline/ is orchestration: not a stage's code."""
+    seen, todo = set(), [module]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in ("stages", "models"):
+                    base = PROJECT / name.replace(".", "/")
+                    found = base.with_suffix(".py")
+                    if found.is_file():
+                        todo.append(found)
+    return {str(path.relative_to(PROJECT)) for path in seen}
+
+
+def test_every_file_a_stage_imports_is_a_dvc_dep():
+    """dvc.yaml lists every project file whose change can change a stage's outputs (a file or a folder above it),
+    so `dvc repro` reruns the stage when one changes."""
+    for name, spec in STAGES.items():
+        missing = sorted(path for path in import_closure(PROJECT / f"stages/{name}.py")
+                         if not any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in spec.code))
+        assert not missing, f"dvc.yaml, stage {name}: deps miss {missing}"

@@ -15,7 +15,7 @@ from models.c2crs import C2CRS, C2CRSConfig
 from models.generator import (USER, GeneratorConfig, Memory, ResponseGenerator, bag_of_entity_loss, generation_loss,
                               greedy_decode, infusion_loss)
 from pipeline.config import FinetuneConvConfig
-from stages.training import kecrs_train, runs
+from stages.training import conv_runs, kecrs_train, runs
 
 PAD, START, END = 0, 1, 2
 
@@ -105,13 +105,13 @@ def _kecrs_model(seed: int = 0):
     torch.manual_seed(seed)
     encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=4,
                                  n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
-    config = runs.ConvModelConfig(
+    config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"history": 8}, dim=8, n_heads=2,
                                                      ffn_dim=16, max_positions=8, copy=False, entity_bag=6,
                                                      entity_dim=4, infusion=True)),
         movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg"], pretrained="kecrs")
-    model = runs.conversation_model(config, encoders)
+    model = conv_runs.conversation_model(config, encoders)
     edge_index, edge_type = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
         model.generator.bag_entities.copy_(encoders.entity_graph(edge_index, edge_type))
@@ -147,7 +147,7 @@ def test_kecrs_reads_its_recommenders_user_vector_frozen_and_decodes_the_same_af
 
     model.eval()
     runs.save_model(tmp_path / "kecrs.pt", model, config)
-    loaded, _ = runs.load_conversation_model(tmp_path / "kecrs.pt")
+    loaded, _ = conv_runs.load_conversation_model(tmp_path / "kecrs.pt")
     loaded.eval()
     assert torch.equal(loaded.generator.bag_entities, model.generator.bag_entities)
     assert torch.equal(loaded.generator.token_entity, model.generator.token_entity)
@@ -171,12 +171,12 @@ def test_kbrds_user_bias_shifts_every_logit_by_its_users_bias_and_reads_the_froz
     torch.manual_seed(0)
     encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=4,
                                  n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
-    config = runs.ConvModelConfig(
+    config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"history": 8}, dim=8, n_heads=2,
                                                      ffn_dim=16, max_positions=8, copy=False, user_bias_dim=4)),
         movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg"], pretrained="kbrd")
-    model = runs.conversation_model(config, encoders).eval()
+    model = conv_runs.conversation_model(config, encoders).eval()
     edge_index, edge_type = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([0, 1, 0, 1])
     entity_ids = torch.tensor([[0, 2], [3, -1]])
     nodes = torch.tensor([0, 2, 3])

@@ -10,7 +10,7 @@ from models.c2crs import C2CRS, C2CRSConfig
 from models.generator import (USER, ConversationModel, GeneratorConfig, Memory, ResponseGenerator, beam_decode,
                               generation_loss, greedy_decode)
 from models.kgsf import KGSFConfig, KGSFRecommender
-from stages.training import runs
+from stages.training import conv_runs, runs
 
 PAD, START, END = 0, 1, 2
 
@@ -57,7 +57,7 @@ def test_the_vocabulary_bias_raises_graph_words_only_and_teacher_forcing_equals_
         assert float(got[b, t]) == pytest.approx(float(full[0, targets[b, t]]), abs=1e-5)
 
 
-def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, runs.ConvModelConfig]:
+def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, conv_runs.ConvModelConfig]:
     """A tiny KGSF generator: 10 input tokens (9 is a movie), 6 entities, 5 graph words of tokens 5..8."""
     torch.manual_seed(seed)
     encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
@@ -65,14 +65,14 @@ def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, runs.ConvModelConfig]
     kgsf = KGSFRecommender(KGSFConfig(n_words=5, n_entities=6, n_relations=2, n_items=3, dim=6, num_bases=2))
     word_edges = torch.tensor([[0, 1, 1, 2, 3], [1, 0, 2, 1, 4]])
     token_word = torch.tensor([-1, -1, -1, -1, -1, 0, 1, 2, 3, -1])  # tokens 5..8 are words 0..3; word 4 unsaid
-    config = runs.ConvModelConfig(
+    config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"kg": 6, "word": 6, "history": 8},
                                                      dim=8, n_heads=2, ffn_dim=16, max_positions=8, copy=False,
                                                      vocabulary_bias_dim=12)),
         movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg", "word"], pretrained="kgsf",
         kgsf=dataclasses.asdict(kgsf.cfg), word_edges=word_edges.size(1))
-    return runs.conversation_model(config, encoders, kgsf, (word_edges, token_word)), config
+    return conv_runs.conversation_model(config, encoders, kgsf, (word_edges, token_word)), config
 
 
 def _memories_inputs(model: ConversationModel) -> tuple:
@@ -137,7 +137,7 @@ def test_a_saved_kgsf_generator_loads_with_its_word_graph(tmp_path):
     model, config = _kgsf_model()
     model.eval()
     runs.save_model(tmp_path / "kgsf.pt", model, config)
-    loaded, loaded_config = runs.load_conversation_model(tmp_path / "kgsf.pt")
+    loaded, loaded_config = conv_runs.load_conversation_model(tmp_path / "kgsf.pt")
     loaded.eval()
     assert loaded_config.kgsf == config.kgsf and torch.equal(loaded.word_edges, model.word_edges)
     (expected, _), *_ = _memories(model)

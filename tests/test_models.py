@@ -460,7 +460,7 @@ def test_repeat_choice_by_hand():
 
 def test_repeat_choice_fitted_on_a_table():
     from stages.training.c2crs_data import SampleTable
-    from stages.training.c2crs_train import fit_repeat_choice
+    from stages.training.repeat_choice import fit_repeat_choice
 
     table = SampleTable(sample_ids=np.arange(3), conv_ids=np.zeros(3, dtype=int),
                         roles=["seeker", "recommender", "seeker"], context_tokens=[[1]] * 3,

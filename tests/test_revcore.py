@@ -11,7 +11,7 @@ import torch
 
 from models.kgsf import KGSFConfig
 from models.revcore import RevCoreConfig, RevCoreRecommender
-from stages.training import revcore_train, runs
+from stages.training import baseline_models, revcore_train, runs
 from stages.training.c2crs_data import SampleTable
 from stages.triples import SPECIAL_TOKENS, SPLIT
 
@@ -116,7 +116,7 @@ def test_retrieval_reviews_the_most_recent_movies_and_keeps_the_end_of_a_long_co
 def test_a_saved_revcore_model_keeps_its_sentiment_model_and_links(tmp_path):
     model = _model({"great": 2.0}, links=[[1], [], [2, 3], []])
     runs.save_model(tmp_path / "revcore.pt", model, model.cfg)
-    loaded = runs.load_revcore(tmp_path / "revcore.pt")
+    loaded = baseline_models.load_revcore(tmp_path / "revcore.pt")
     assert loaded.sentence_entities(2) == [2, 3]
     assert torch.equal(loaded.positive([[ID["great"]], [ID["the"]]]), model.positive([[ID["great"]], [ID["the"]]]))
     assert all(torch.equal(a, b) for a, b in zip(loaded.kgsf.state_dict().values(), model.kgsf.state_dict().values()))

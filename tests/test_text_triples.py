@@ -9,7 +9,7 @@ from pipeline.config import load_params
 from stages.io.graph import stage_body
 from stages.io.stage_log import NO_LOG
 from stages.text_triples import TEXT_CONV_OFFSET
-from stages.training.c2crs_data import TEXT_ROLE
+from stages.triples import TEXT_ROLE
 from stages.training.c2crs_train import pretraining_rows
 
 

@@ -182,10 +182,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert np.isfinite(conversation["revcore"]["perplexity"])
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
     # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
-    from stages.training import conv_train, runs
+    from stages.training import baseline_models, conv_runs, conv_train, runs
 
     run, _, inputs = runs.training_run(params, workspace)
-    generator, _ = runs.load_conversation_model(workspace / "data/models/c2crs_conv.pt")
+    generator, _ = conv_runs.load_conversation_model(workspace / "data/models/c2crs_conv.pt")
     test = c2crs_data.sample_table(pl.read_parquet(inputs["samples"]), pl.read_parquet(inputs["triples"]), "test")
     vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
     responses = conv_train.responses(pl.read_parquet(inputs["samples"]), test, "test", vocabulary)
@@ -207,7 +207,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     # KGSF's scoring likewise: the whole graph's N gives the same scores.
     from stages.training import kgsf_train
 
-    kgsf = runs.load_kgsf(workspace / "data/models/baselines/kgsf.pt").eval()
+    kgsf = baseline_models.load_kgsf(workspace / "data/models/baselines/kgsf.pt").eval()
     words = kgsf_train.load_word_graph(workspace, len(pl.read_parquet(inputs["vocab"])), "cpu")
     with torch.no_grad():
         whole = kgsf.kg_encoder(run.graph.edge_index, run.graph.edge_type)

@@ -23,7 +23,7 @@ from stages import ingest, triples
 from stages.chat.explain import Explainer, Explanation, KnowledgeGraph
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_train, runs
+from stages.training import c2crs_data, c2crs_train, conv_runs, conv_train, runs
 
 QUOTED_TITLE = re.compile(r'"([^"]+)"')
 MOVIE_ID = re.compile(r"@(\d+)")
@@ -144,11 +144,11 @@ def load_recommender(path: Path, knowledge: Knowledge) -> C2CRS:
 def load_generator(path: Path, knowledge: Knowledge) -> ConversationModel:
     """A generator file trained on C2-CRS's encoders (finetune_conv, or the w/o instance weighting variant)."""
     try:
-        model, config = runs.load_conversation_model(path)
+        model, config = conv_runs.load_conversation_model(path)
     except (TypeError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a generator file ({exc})") from None
     if config.architecture == "hred" or config.pretrained != "c2crs" or config.kgsf is not None:
-        raise ValueError(f"{path}: a {runs.conv_recommender(config)} generator; the chat talks with generators "
+        raise ValueError(f"{path}: a {conv_runs.conv_recommender(config)} generator; the chat talks with generators "
                          "trained on C2-CRS's encoders (c2crs-generator, wo-iw-generator)")
     _check_sizes(path, model.encoders.cfg.vocab_size, model.encoders.cfg.n_entities, knowledge)
     return model.to(knowledge.run.device).eval()

@@ -30,8 +30,8 @@ ROW_COLUMNS = ("sample_id", "conv_id", "turn_idx", "role", "target_item", "in_co
                "has_entities", "context_entities")
 # How much context a scored turn has: earlier turns (consecutive messages of one speaker are one turn) and linked
 # entities in the context (movies included). Bins: (label, lowest, highest or None).
-CONTEXT_SIZES = {"earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7+", 7, None)),
-                 "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6+", 6, None))}
+CONTEXT_SIZES = {"earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7_or_more", 7, None)),
+                 "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6_or_more", 6, None))}
 
 
 def _new_items(rows: pl.DataFrame) -> np.ndarray:

@@ -188,7 +188,8 @@ def _context_size(entry: dict) -> list[str]:
                     continue
                 shown = [f"{_fmt(a['recall@10'])} / {_fmt(a['recall@50'])}" for a in arms]
                 minus = cell["minus_kbrd"].get(C2CRS, {}).get(protocol)
-                lines.append(f"| {dimension.replace('_', ' ')} | {label} | {protocol} | {shown[0]} | {shown[1]} | "
+                lines.append(f"| {dimension.replace('_', ' ')} | {label.replace('_or_more', '+')} | {protocol} | "
+                             f"{shown[0]} | {shown[1]} | "
                              f"{arms[0]['n']} | {difference(minus['recall@50']) if minus else '–'} |")
     return lines + [""]
 

@@ -13,9 +13,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages.triples import UNK, token_texts
-
-TEXT_ROLE = "text"  # the role of a text sample: a review or plot sentence, not a conversation turn
+from stages.triples import TEXT_ROLE, UNK, token_texts
 
 
 @dataclass

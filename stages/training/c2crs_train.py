@@ -1,7 +1,5 @@
-"""The C2-CRS training stages: coarse pre-training, fine pre-training, recommender fine-tuning, and scoring.
-
-Over 400 lines: the three stages share one batch layout, the per-step sentence and context encodings and one epoch
-loop (_epoch), so they stay together.
+"""The C2-CRS training stages: coarse pre-training, fine pre-training, recommender fine-tuning, and scoring (the
+TextCNN baseline is textcnn_train.py, the pre-training diagnostics probe.py, the repeat choice repeat_choice.py).
 
 Each stage is a function of tensors, a model and its settings; it trains with stages.training.train (resumable,
 checkpointed every epoch) and reports per-epoch metrics through `on_epoch`. The knowledge-graph encoder runs, in
@@ -19,8 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.baselines import RepeatChoice, TextCNNRecommender
-from models.c2crs import C2CRS, SelfAttentivePooling, batch_entities
+from models.c2crs import C2CRS, batch_entities
 from stages.evaluation.rec_metrics import rank_of_targets
 from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, entity_batch, fine_batch,
                                         pad, per_conversation, recommendation_rows)
@@ -172,7 +169,7 @@ def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.nda
     return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
 
 
-def _epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float,
+def run_epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float,
            run: Run) -> dict:
     """One pass over the batches; distributed, each process steps on its share of every batch (run.ranks.shard).
     The forward pass runs under run.precision's autocast, the backward and the update in float32."""
@@ -211,7 +208,7 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
         return lambda rows: coarse_losses(model, run, table, rows)
 
     def train_epoch(epoch: int) -> dict:
-        return _epoch(model, optimizer, _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
+        return run_epoch(model, optimizer, _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
                       step(run.train), cfg.grad_clip, run)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
@@ -235,7 +232,7 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
 
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
-        return _epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip,
+        return run_epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip,
                       run)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
@@ -288,10 +285,10 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
         else:
             batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        return _epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip, run)
+        return run_epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip, run)
 
     def validate() -> dict:
-        return _recall_at(_valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
+        return recall_at(valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch, validate=validate,
                  monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
@@ -347,12 +344,12 @@ def scores_with_pooling_weights(model: C2CRS, run: Run, table: SampleTable,
 # ---------------------------------------------------------------- baselines and scoring for evaluation
 
 
-def _recall_at(ranks: np.ndarray) -> dict:
+def recall_at(ranks: np.ndarray) -> dict:
     return {"recall@10": float((ranks <= 10).mean()) if len(ranks) else 0.0,
             "recall@50": float((ranks <= 50).mean()) if len(ranks) else 0.0}
 
 
-def _valid_ranks(blocks, table: SampleTable) -> np.ndarray:
+def valid_ranks(blocks, table: SampleTable) -> np.ndarray:
     ranks = []
     for rows, scores in blocks:
         targets = [(i, item) for i, row in enumerate(rows) for item in table.targets[row]]
@@ -360,136 +357,3 @@ def _valid_ranks(blocks, table: SampleTable) -> np.ndarray:
             index, items = np.asarray(targets).T
             ranks.append(rank_of_targets(scores, index, items))
     return np.concatenate(ranks) if ranks else np.zeros(0)
-
-
-def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
-    """The TextCNN baseline: context words only, softmax over all items, the same (sample, item) pairs."""
-    optimizer = adam(model.parameters(), cfg.learning_rate)
-    sample_rows, target_items = recommendation_rows(run.train)
-
-    def step_loss(picked: np.ndarray) -> torch.Tensor:
-        ids = pad([run.train.context_tokens[r] for r in sample_rows[picked]], run.pad_id).to(run.device)
-        return torch.nn.functional.cross_entropy(model(ids), torch.as_tensor(target_items[picked], device=run.device))
-
-    def train_epoch(epoch: int) -> dict:
-        rng = epoch_generator(run.seed, epoch)
-        order = rng.permutation(len(sample_rows))
-        lengths = run.train.context_lengths[sample_rows[order]]
-        batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
-        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run)
-
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _recall_at(_valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size),
-                                                          run.valid)),
-                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
-
-
-def score_textcnn(model: TextCNNRecommender, run: Run, table: SampleTable,
-                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    return score_in_blocks(model, table, batch_size,
-                           lambda rows: model(pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)))
-
-
-# ---------------------------------------------------------------- diagnostics of pre-training (no fine-tuning)
-
-
-def zero_shot_blocks(model: C2CRS, run: Run, table: SampleTable,
-                     batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Item scores with no recommendation training: the graph view e_G of the context (the pooling pre-training
-    trained) dotted with the item rows of N. Above an untrained model's, pre-training put item signal in N."""
-    graph = _table_graph(model, run, table)
-    return score_in_blocks(model, table, batch_size, lambda rows: model.graph_view(
-        graph()[0], graph()[1][torch.as_tensor(rows, device=run.device)]) @ graph()[0][: run.graph.n_items].T)
-
-
-class FrozenProbe(torch.nn.Module):
-    """A recommender on frozen entity rows N: only a fresh self-attentive pooling and a per-item bias are trained.
-
-    Trained on N from pre-training and on N from an untrained model, it says how much item signal the rows carry
-    by themselves, with nothing that fine-tuning could overwrite."""
-
-    def __init__(self, N: torch.Tensor, n_items: int):
-        super().__init__()
-        self.register_buffer("N", N.detach())
-        self.n_items = n_items
-        self.pooling = SelfAttentivePooling(N.size(1))
-        self.item_bias = torch.nn.Parameter(torch.zeros(n_items))
-
-    def forward(self, entity_ids: torch.Tensor) -> torch.Tensor:
-        user = self.pooling(self.N[entity_ids.clamp(min=0)], entity_ids < 0)
-        return user @ self.N[: self.n_items].T + self.item_bias
-
-
-def train_frozen_probe(model: C2CRS, run: Run, epochs: int, batch_size: int, learning_rate: float,
-                       seed: int) -> tuple[FrozenProbe, list[dict]]:
-    """Fit a FrozenProbe on model's N (train split), keeping the epoch with the best validation recall@50."""
-    with torch.no_grad():
-        model.eval()
-        N = model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
-    torch.manual_seed(seed)
-    probe = FrozenProbe(N, run.graph.n_items).to(run.device)
-    optimizer = adam(probe.parameters(), learning_rate)
-    sample_rows, target_items = recommendation_rows(run.train)
-    history, best = [], None
-    for epoch in range(epochs):
-        probe.train()
-        order = epoch_generator(seed, epoch).permutation(len(sample_rows))
-        for start in range(0, len(order), batch_size):
-            picked = order[start: start + batch_size]
-            entity_ids = recommendation_batch(run.train, sample_rows[picked], run.max_context_entities, run.device)
-            loss = torch.nn.functional.cross_entropy(probe(entity_ids),
-                                                     torch.as_tensor(target_items[picked], device=run.device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        metrics = {"epoch": epoch + 1, **_recall_at(_valid_ranks(score_probe(probe, run, run.valid, batch_size),
-                                                                 run.valid))}
-        history.append(metrics)
-        if best is None or metrics["recall@50"] > best[0]:
-            best = (metrics["recall@50"], {k: v.clone() for k, v in probe.state_dict().items()})
-    probe.load_state_dict(best[1])
-    return probe, history
-
-
-def score_probe(probe: FrozenProbe, run: Run, table: SampleTable,
-                batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    return score_in_blocks(probe, table, batch_size, lambda rows: probe(
-        recommendation_batch(table, rows, run.max_context_entities, run.device)))
-
-
-# ---------------------------------------------------------------- repeats
-
-
-def recent_items_tensor(recent: list[list[int]]) -> torch.Tensor:
-    """Each sample's context movies, most recent first (evaluate.context_items_by_recency), as [n, K] padded -1."""
-    return pad(recent, -1)
-
-
-def fit_repeat_choice(table: SampleTable, recent: torch.Tensor, max_recency: int, states: torch.Tensor | None = None,
-                      n_states: int = 1) -> RepeatChoice:
-    """RepeatChoice's counts from one split's (sample, target) pairs: is the target a context movie, and which;
-    states: each sample's context state (None: the speaker alone decides p(repeat))."""
-    sample_rows, target_items = recommendation_rows(table)
-    roles = role_ids(table)
-    positions = []
-    for row, item in zip(sample_rows.tolist(), target_items.tolist()):
-        order = recent[row].tolist()
-        positions.append(order.index(item) if item in order else None)
-    return RepeatChoice.fit(positions, roles[sample_rows].tolist(), max_recency,
-                            None if states is None else states[sample_rows].tolist(), n_states)
-
-
-def role_ids(table: SampleTable) -> torch.Tensor:
-    """Who speaks in each sample's turn, as indices into RepeatChoice.ROLES."""
-    return torch.as_tensor([RepeatChoice.ROLES.index(role) for role in table.roles], dtype=torch.long)
-
-
-@torch.no_grad()
-def with_repeat_choice(blocks, recent: torch.Tensor, table: SampleTable, choice: RepeatChoice,
-                       states: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A recommender's score blocks turned into the RepeatChoice mixture's log-probabilities (states: each sample's
-    context state, when the choice was fitted with them)."""
-    roles = role_ids(table)
-    for rows, scores in blocks:
-        yield rows, choice(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows],
-                           None if states is None else states[rows]).numpy()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from models.c2crs import batch_entities
 from models.kgsf import KGSFRecommender
 from stages.training.c2crs_data import SampleTable, pad, recommendation_rows
-from stages.training.c2crs_train import (Run, _epoch, _recall_at, _valid_ranks, recommendation_batch,
+from stages.training.c2crs_train import (Run, run_epoch, recall_at, valid_ranks, recommendation_batch,
                                          score_in_blocks)
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
@@ -84,7 +84,7 @@ def train_kgsf(model: KGSFRecommender, run: Run, words: WordGraph, cfg, checkpoi
     def pretrain_epoch(epoch: int) -> dict:
         order = epoch_generator(run.seed, epoch).permutation(len(run.train))
         batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        return _epoch(model, pretrain_optimizer, batches, mim_step, cfg.grad_clip, run)
+        return run_epoch(model, pretrain_optimizer, batches, mim_step, cfg.grad_clip, run)
 
     pretrain_optimizer = adam(model.parameters(), cfg.learning_rate)
     # (no validation: the model ends as the last epoch left it, or as its checkpoint when the run resumes)
@@ -106,10 +106,10 @@ def train_kgsf(model: KGSFRecommender, run: Run, words: WordGraph, cfg, checkpoi
     def train_epoch(epoch: int) -> dict:
         order = epoch_generator(run.seed, epoch).permutation(len(sample_rows))
         batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        return _epoch(model, optimizer, batches, rec_step, cfg.grad_clip, run)
+        return run_epoch(model, optimizer, batches, rec_step, cfg.grad_clip, run)
 
     return train(model, optimizer, checkpoint_dir / "rec", cfg.epochs, train_epoch,
-                 validate=lambda: _recall_at(_valid_ranks(score_kgsf(model, run, run.valid, words, cfg.batch_size),
+                 validate=lambda: recall_at(valid_ranks(score_kgsf(model, run, run.valid, words, cfg.batch_size),
                                                           run.valid)),
                  monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from models.baselines import AutoRecRecommender
 from stages.training.c2crs_data import SampleTable, recommendation_rows
-from stages.training.c2crs_train import Run, _epoch, _recall_at, _valid_ranks, score_in_blocks
+from stages.training.c2crs_train import Run, run_epoch, recall_at, valid_ranks, score_in_blocks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
 FORMS_INPUT = "data/ingest/movie_forms.parquet"
@@ -74,10 +74,10 @@ def train_redial(model: AutoRecRecommender, run: Run, likes: dict, cfg, checkpoi
     def train_epoch(epoch: int) -> dict:
         order = epoch_generator(run.seed, epoch).permutation(len(sample_rows))
         batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        return _epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run)
+        return run_epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run)
 
     return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _recall_at(_valid_ranks(score_redial(model, run, run.valid, likes, cfg.batch_size),
+                 validate=lambda: recall_at(valid_ranks(score_redial(model, run, run.valid, likes, cfg.batch_size),
                                                           run.valid)),
                  monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
 
