@@ -31,6 +31,8 @@ run-all-baselines: setup
 	dvc exp run $(ALL_BASELINES)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 ui: setup

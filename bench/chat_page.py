@@ -21,15 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for common, also when run with runpy
 from common import ROOT, write_results  # noqa: E402  (puts the project root on sys.path)
-
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 # Each turn: the words typed, then a movie picked from the "@" autocomplete (the first hit for those letters).
-TURNS = [("Hi! I love sci-fi like @The Matr", "and anything with Keanu Reeves"),
-         ("I have seen that one. Something funnier, maybe with Jim Carrey?", None)]
+TURNS = [
+    ("Hi! I love sci-fi like @The Matr", "and anything with Keanu Reeves"),
+    ("I have seen that one. Something funnier, maybe with Jim Carrey?", None),
+]
 
 
 def main() -> int:
@@ -43,9 +44,18 @@ def main() -> int:
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="c2crs-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1280,860"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,860",
+    ):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     wait = WebDriverWait(browser, 120)
@@ -62,8 +72,12 @@ def main() -> int:
             answers = len(browser.find_elements(By.CSS_SELECTOR, ".msg.recommender"))
             began = time.perf_counter()
             text.send_keys(Keys.ENTER)
-            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.recommender")) > answers
-                       or b.find_element(By.ID, "error").text)
+            wait.until(
+                lambda b, answers=answers: (
+                    len(b.find_elements(By.CSS_SELECTOR, ".msg.recommender")) > answers
+                    or b.find_element(By.ID, "error").text
+                )
+            )
             seconds.append(round(time.perf_counter() - began, 3))
             error = browser.find_element(By.ID, "error").text
             if error:

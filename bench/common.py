@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,9 @@ def require_data_dir() -> Path:
     """The data mirror named by C2CRS_DATA_DIR, as given (not resolved); exit with a clear error if unset or missing."""
     data_dir = os.environ.get(DATA_DIR_ENV)
     if not data_dir:
-        sys.exit(f"error: {DATA_DIR_ENV} is not set; point it at the data mirror, e.g. {DATA_DIR_ENV}=/work/shared/data")
+        sys.exit(
+            f"error: {DATA_DIR_ENV} is not set; point it at the data mirror, e.g. {DATA_DIR_ENV}=/work/shared/data"
+        )
     if not Path(data_dir).is_dir():
         sys.exit(f"error: {DATA_DIR_ENV}={data_dir} is not a directory")
     return Path(data_dir)
@@ -45,7 +47,7 @@ def write_results(name: str, payload: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     record = {
         "benchmark": name,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         **payload,

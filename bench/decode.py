@@ -3,7 +3,8 @@
 Why: evaluate answers about 7,000 test contexts with each of four generators, and a user talking to the model waits
 for one response at a time; training is finetune_conv's whole cost (its target: 30 minutes on 2 cores).
 
-How: the generator is built as finetune_conv builds it (stages/training/runs.py: data/models/c2crs_conv.pt when it exists,
+How: the generator is built as finetune_conv builds it (stages/training/runs.py: data/models/c2crs_conv.pt when it
+exists,
 otherwise the same architecture from params.yaml with fresh weights, which does the same work) and reads test
 contexts of the data the pipeline built (data/triples, data/kg, data/reviews). Decoding runs exactly --tokens
 steps for every response (the end token is banned, so cached and uncached decoding do the same number of steps)
@@ -30,8 +31,6 @@ Prints a table and writes bench/results/decode.json (decode_NAME.json for a vari
 slow every number.
 """
 
-SAME_STEP_VARIANTS = ("transformer", "kbrd", "kgsf", "wo_iw")  # trained by finetune_conv's plain step
-
 import argparse
 import statistics
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, proc_status_mib, write_results  # noqa: E402
+
+SAME_STEP_VARIANTS = ("transformer", "kbrd", "kgsf", "wo_iw")  # trained by finetune_conv's plain step
 
 
 def _generator(params, workspace: Path, freeze: list[str], variant: str | None):
@@ -53,30 +54,42 @@ def _generator(params, workspace: Path, freeze: list[str], variant: str | None):
 
     run, _, inputs = runs.training_run(params, workspace)
     trained = conv_runs.conv_model_path(workspace, variant)
-    params = params.model_copy(update={"finetune_conv": params.finetune_conv.model_copy(
-        update={"freeze": freeze, "epochs": 0})})
+    params = params.model_copy(
+        update={"finetune_conv": params.finetune_conv.model_copy(update={"freeze": freeze, "epochs": 0})}
+    )
     if trained.is_file():
         model, _ = conv_runs.load_conversation_model(trained)
         for name in ("history", "kg", "review") + (("word",) if model.kgsf is not None else ()):
             model._encoder(name).requires_grad_(name not in freeze)
         model.frozen = tuple(freeze)
     else:
-        model, _, _ = conv_runs.train_conversation(params, workspace, NO_LOG,
-                                                 ROOT / "bench" / "results" / "decode_model.pt")
+        model, _, _ = conv_runs.train_conversation(
+            params, workspace, NO_LOG, ROOT / "bench" / "results" / "decode_model.pt"
+        )
     samples = pl.read_parquet(inputs["samples"])
     test = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
     vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
     train = conv_train.responses(samples, run.train, "train", vocabulary)
-    weights = (conv_train.loss_weights(train, vocabulary, params.finetune_conv.weight_threshold,
-                                       params.finetune_conv.weight_floor)
-               if params.finetune_conv.instance_weighting else None)
+    weights = (
+        conv_train.loss_weights(
+            train, vocabulary, params.finetune_conv.weight_threshold, params.finetune_conv.weight_floor
+        )
+        if params.finetune_conv.instance_weighting
+        else None
+    )
     torch.manual_seed(0)
-    return (model.to(run.device), run, test, conv_train.responses(samples, test, "test", vocabulary), vocabulary,
-            train, weights)
+    return (
+        model.to(run.device),
+        run,
+        test,
+        conv_train.responses(samples, test, "test", vocabulary),
+        vocabulary,
+        train,
+        weights,
+    )
 
 
-def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: str, batch: int,
-                    use_cache: bool) -> dict:
+def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: str, batch: int, use_cache: bool) -> dict:
     import torch
 
     from models.generator import beam_decode, greedy_decode
@@ -88,15 +101,18 @@ def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: st
     frozen = conv_train.FrozenStates(model, run, contexts=False)  # as evaluate's pass over the test split
     for first in range(0, len(rows), batch):
         with torch.no_grad():
-            memories, source = conv_train._batch(model, run, table, rows[first:first + batch], frozen)
+            memories, source = conv_train._batch(model, run, table, rows[first : first + batch], frozen)
             if method == "beam":
                 out = beam_decode(model.generator, memories, source, tokens, 4, banned_ids=banned, use_cache=use_cache)
             else:
                 out = greedy_decode(model.generator, memories, source, tokens, banned_ids=banned, use_cache=use_cache)
         assert all(len(r) == tokens for r in out)
     seconds = time.perf_counter() - start
-    return {"ms_per_response": 1000 * seconds / len(rows), "tokens_per_s": len(rows) * tokens / seconds,
-            "responses": len(rows)}
+    return {
+        "ms_per_response": 1000 * seconds / len(rows),
+        "tokens_per_s": len(rows) * tokens / seconds,
+        "responses": len(rows),
+    }
 
 
 def _train_timings(model, run, train, weights, params, steps: int) -> dict:
@@ -129,8 +145,13 @@ def _train_timings(model, run, train, weights, params, steps: int) -> dict:
             times.append(time.perf_counter() - start)
             sizes.append(len(picked))
     mean = statistics.mean(times)
-    return {"step_ms": 1000 * mean, "samples_per_s": float(np.mean(sizes)) / mean, "steps": len(times),
-            "batch_size": cfg.batch_size, "steps_per_epoch": len(batches)}
+    return {
+        "step_ms": 1000 * mean,
+        "samples_per_s": float(np.mean(sizes)) / mean,
+        "steps": len(times),
+        "batch_size": cfg.batch_size,
+        "steps_per_epoch": len(batches),
+    }
 
 
 def main() -> None:
@@ -138,8 +159,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30, help="tokens per response (default 30, evaluate's maximum)")
     parser.add_argument("--responses", type=int, default=16, help="responses timed one by one at batch 1")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
-    parser.add_argument("--variant", choices=SAME_STEP_VARIANTS,
-                        help="a conversation baseline (params.conv_baselines.variants) instead of finetune_conv's")
+    parser.add_argument(
+        "--variant",
+        choices=SAME_STEP_VARIANTS,
+        help="a conversation baseline (params.conv_baselines.variants) instead of finetune_conv's",
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -150,29 +174,46 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     if args.variant:
         params = params.variant(args.variant, kind="conv_baselines")
-    model, run, test, responses, vocabulary, train, weights = _generator(params, ROOT, params.finetune_conv.freeze,
-                                                                         args.variant)
+    model, run, test, responses, vocabulary, train, weights = _generator(
+        params, ROOT, params.finetune_conv.freeze, args.variant
+    )
     rows = responses.rows[np.argsort(test.context_lengths[responses.rows])][:: max(1, len(responses) // 64)][:64]
     decoding = {}
     for method in ("greedy", "beam"):
         for batch, chosen in ((1, rows[: args.responses]), (64, rows)):
             for use_cache in (True, False):
                 name = f"{method} batch {batch} {'cached' if use_cache else 'uncached'}"
-                decoding[name] = _decode_timings(model, run, test, chosen, vocabulary, args.tokens, method, batch,
-                                                 use_cache)
-                print(f"{name:28s} {decoding[name]['ms_per_response']:8.1f} ms/response "
-                      f"{decoding[name]['tokens_per_s']:8.0f} tokens/s", flush=True)
+                decoding[name] = _decode_timings(
+                    model, run, test, chosen, vocabulary, args.tokens, method, batch, use_cache
+                )
+                print(
+                    f"{name:28s} {decoding[name]['ms_per_response']:8.1f} ms/response "
+                    f"{decoding[name]['tokens_per_s']:8.0f} tokens/s",
+                    flush=True,
+                )
     training = {}
-    for label, freeze in ((f"freeze {params.finetune_conv.freeze}", params.finetune_conv.freeze),
-                          ("nothing frozen", [])):
+    for label, freeze in (
+        (f"freeze {params.finetune_conv.freeze}", params.finetune_conv.freeze),
+        ("nothing frozen", []),
+    ):
         model, run, _, _, _, train, weights = _generator(params, ROOT, list(freeze), args.variant)
         training[label] = _train_timings(model, run, train, weights, params, args.steps)
-        print(f"training, {label:20s} {training[label]['step_ms']:8.0f} ms/step "
-              f"{training[label]['samples_per_s']:6.1f} samples/s", flush=True)
-    write_results(f"decode_{args.variant}" if args.variant else "decode", {
-        "variant": args.variant, "tokens": args.tokens,
-        "trained_model": conv_runs.conv_model_path(ROOT, args.variant).is_file(),
-        "decoding": decoding, "training": training, "peak_rss_mib": proc_status_mib("VmHWM")})
+        print(
+            f"training, {label:20s} {training[label]['step_ms']:8.0f} ms/step "
+            f"{training[label]['samples_per_s']:6.1f} samples/s",
+            flush=True,
+        )
+    write_results(
+        f"decode_{args.variant}" if args.variant else "decode",
+        {
+            "variant": args.variant,
+            "tokens": args.tokens,
+            "trained_model": conv_runs.conv_model_path(ROOT, args.variant).is_file(),
+            "decoding": decoding,
+            "training": training,
+            "peak_rss_mib": proc_status_mib("VmHWM"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ from pathlib import Path
 
 import common
 
-CONFIGS = {"off": ({"C2CRS_DETERMINISTIC": "0"}, None), "on": ({"C2CRS_DETERMINISTIC": "1"}, None),
-           "off_one_thread": ({"C2CRS_DETERMINISTIC": "0"}, 1),
-           "off_mkl_cbwr": ({"C2CRS_DETERMINISTIC": "0", "MKL_CBWR": "COMPATIBLE"}, None)}
+CONFIGS = {
+    "off": ({"C2CRS_DETERMINISTIC": "0"}, None),
+    "on": ({"C2CRS_DETERMINISTIC": "1"}, None),
+    "off_one_thread": ({"C2CRS_DETERMINISTIC": "0"}, 1),
+    "off_mkl_cbwr": ({"C2CRS_DETERMINISTIC": "0", "MKL_CBWR": "COMPATIBLE"}, None),
+}
 
 
 def one_run(steps: int, threads: int | None, out: Path) -> None:
@@ -40,10 +43,10 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
     import torch
 
     from models.c2crs import C2CRS
-    from stages.training.runs import training_run
     from pipeline.config import load_params
     from stages.training import c2crs_train
     from stages.training.loop import adam, epoch_generator, seed_everything
+    from stages.training.runs import training_run
 
     if threads:
         torch.set_num_threads(threads)
@@ -68,8 +71,15 @@ def one_run(steps: int, threads: int | None, out: Path) -> None:
         losses.append(loss.item())
     elapsed = time.perf_counter() - started
     torch.save(model.state_dict(), out)
-    print(json.dumps({"loss": sum(losses) / len(losses), "data": data_hash.hexdigest()[:16],
-                      "ms_per_step": 1000 * elapsed / len(batches)}))
+    print(
+        json.dumps(
+            {
+                "loss": sum(losses) / len(losses),
+                "data": data_hash.hexdigest()[:16],
+                "ms_per_step": 1000 * elapsed / len(batches),
+            }
+        )
+    )
 
 
 def kernel_cost(repeats: int = 200) -> dict:
@@ -89,8 +99,7 @@ def kernel_cost(repeats: int = 200) -> dict:
         for _ in range(repeats):
             rows.grad = None
             rows[index].sum().backward()
-        result.setdefault("on" if deterministic else "off", []).append(
-            1000 * (time.perf_counter() - started) / repeats)
+        result.setdefault("on" if deterministic else "off", []).append(1000 * (time.perf_counter() - started) / repeats)
     torch.use_deterministic_algorithms(False)
     return {k: round(min(v), 3) for k, v in result.items()}
 
@@ -121,18 +130,28 @@ def main() -> None:
         runs = []
         for attempt in range(2):
             out = scratch / f"{name}-{attempt}.pt"
-            printed = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one-run",
-                                      str(threads or 0), str(out)], env={**os.environ, **env}, check=True,
-                                     capture_output=True, text=True).stdout
+            printed = subprocess.run(
+                [sys.executable, __file__, "--steps", str(args.steps), "--one-run", str(threads or 0), str(out)],
+                env={**os.environ, **env},
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             runs.append(json.loads(printed.strip().splitlines()[-1]))
         first, second = (torch.load(scratch / f"{name}-{i}.pt") for i in range(2))
         largest = max(float((first[k] - second[k]).abs().max()) for k in first)
-        results[name] = {"losses": [r["loss"] for r in runs], "data_hashes": [r["data"] for r in runs],
-                         "same_data": runs[0]["data"] == runs[1]["data"], "max_weight_difference": largest,
-                         "ms_per_step": [round(r["ms_per_step"], 1) for r in runs]}
-        print(f"{name:11} loss {runs[0]['loss']:.7f} vs {runs[1]['loss']:.7f}; same data: "
-              f"{results[name]['same_data']}; largest weight difference {largest:.3g}; ms/step "
-              f"{results[name]['ms_per_step']}")
+        results[name] = {
+            "losses": [r["loss"] for r in runs],
+            "data_hashes": [r["data"] for r in runs],
+            "same_data": runs[0]["data"] == runs[1]["data"],
+            "max_weight_difference": largest,
+            "ms_per_step": [round(r["ms_per_step"], 1) for r in runs],
+        }
+        print(
+            f"{name:11} loss {runs[0]['loss']:.7f} vs {runs[1]['loss']:.7f}; same data: "
+            f"{results[name]['same_data']}; largest weight difference {largest:.3g}; ms/step "
+            f"{results[name]['ms_per_step']}"
+        )
     common.write_results("determinism", {"steps": args.steps, "configs": results, "kernel_ms": kernel})
 
 

@@ -59,8 +59,9 @@ def evaluate(inputs, data_dir: Path, overrides: dict) -> tuple[dict, float, Enti
     start = time.perf_counter()
     linker = EntityLinker.build(inputs.labels, inputs.stopwords, **kwargs)
     build = time.perf_counter() - start
-    result = evaluate_linker(linker, data_dir / "crslab_redial" / "valid_data.json", inputs.uri_to_entity_id,
-                             inputs.movie_uris)
+    result = evaluate_linker(
+        linker, data_dir / "crslab_redial" / "valid_data.json", inputs.uri_to_entity_id, inputs.movie_uris
+    )
     return result, build, linker
 
 
@@ -110,29 +111,42 @@ def main() -> int:
         "utterances_per_second": len(texts) / link_seconds,
     }
     print(f"labels: {summary['labels']:,} non-movie entities -> {summary['surfaces']:,} surfaces in the automaton")
-    print(f"inputs: {load_seconds:.2f} s to read; automaton build {summary['build_seconds_median']:.2f} s (median of "
-          f"{args.repeats})")
-    print(f"linking: {len(texts):,} raw test-split messages, {mentions:,} mentions, {link_seconds:.2f} s median -> "
-          f"{summary['utterances_per_second']:,.0f} utterances/s")
+    print(
+        f"inputs: {load_seconds:.2f} s to read; automaton build {summary['build_seconds_median']:.2f} s (median of "
+        f"{args.repeats})"
+    )
+    print(
+        f"linking: {len(texts):,} raw test-split messages, {mentions:,} mentions, {link_seconds:.2f} s median -> "
+        f"{summary['utterances_per_second']:,.0f} utterances/s"
+    )
     print()
-    print(f"{'setting (against CRSLab valid_data.json)':<40}  {'P':>6}  {'R':>6}  {'F1':>6}  {'R map':>6}  "
-          f"{'F1 map':>6}  {'macroF1':>7}  {'pred':>5}  {'TP':>5}")
+    print(
+        f"{'setting (against CRSLab valid_data.json)':<40}  {'P':>6}  {'R':>6}  {'F1':>6}  {'R map':>6}  "
+        f"{'F1 map':>6}  {'macroF1':>7}  {'pred':>5}  {'TP':>5}"
+    )
     for name, r in evaluations.items():
         c = r["counts"]
-        print(f"{name:<40}  {r['precision']:>6.3f}  {r['recall']:>6.3f}  {r['f1']:>6.3f}  {r['recall_mapped']:>6.3f}  "
-              f"{r['f1_mapped']:>6.3f}  {r['macro_f1']:>7.3f}  {c['predicted']:>5}  {c['true_positives']:>5}")
+        print(
+            f"{name:<40}  {r['precision']:>6.3f}  {r['recall']:>6.3f}  {r['f1']:>6.3f}  {r['recall_mapped']:>6.3f}  "
+            f"{r['f1_mapped']:>6.3f}  {r['macro_f1']:>7.3f}  {c['predicted']:>5}  {c['true_positives']:>5}"
+        )
     c = evaluations["defaults"]["counts"]
-    print(f"\ngold: {c['gold']} entity annotations in {c['utterances']:,} utterances, {c['gold_unmapped']} outside the "
-          f"KG (recall bound {evaluations['defaults']['recall_bound']:.3f}); 'map' columns score the mapped gold only")
+    print(
+        f"\ngold: {c['gold']} entity annotations in {c['utterances']:,} utterances, {c['gold_unmapped']} outside the "
+        f"KG (recall bound {evaluations['defaults']['recall_bound']:.3f}); 'map' columns score the mapped gold only"
+    )
 
-    write_results("linker", {
-        "data_dir": str(data_dir),
-        "repeats": args.repeats,
-        "build_seconds": builds,
-        "link_seconds": passes,
-        "summary": summary,
-        "evaluation": evaluations,
-    })
+    write_results(
+        "linker",
+        {
+            "data_dir": str(data_dir),
+            "repeats": args.repeats,
+            "build_seconds": builds,
+            "link_seconds": passes,
+            "summary": summary,
+            "evaluation": evaluations,
+        },
+    )
     return 0
 
 

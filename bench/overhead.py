@@ -79,8 +79,15 @@ def timed_run(command: list[str], env: dict, log_path: Path) -> float:
     """Run one command from the project root; return its wall time. On failure, show the log's tail and stop."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT_SECONDS)
+        process = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=RUN_TIMEOUT_SECONDS,
+        )
     wall = time.perf_counter() - start
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -100,8 +107,15 @@ def run_variant(name: str, command: list[str], env: dict, repeats: int, logs: Pa
 def measure_in_process(env: dict, repeats: int, logs: Path) -> dict[str, list[float]]:
     log_path = logs / "in-process.log"
     with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-c", IN_PROCESS, str(repeats)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=log, text=True, timeout=RUN_TIMEOUT_SECONDS)
+        done = subprocess.run(
+            [sys.executable, "-c", IN_PROCESS, str(repeats)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            timeout=RUN_TIMEOUT_SECONDS,
+        )
     if done.returncode != 0:
         sys.exit(f"error: in-process measurement exited with {done.returncode}; log {log_path}")
     timings = json.loads(done.stdout.split("TIMINGS ", 1)[1])
@@ -139,8 +153,10 @@ def print_table(walls: dict[str, list[float]], direct: float, server_startup: fl
         print(f"{labels[name]:<36}  {'  '.join(cells):<36}  {median:>7.2f}  {overhead:>8}")
     print(f"\nPrefect server healthy after {server_startup:.2f} s (not counted in c)")
     verdict = "met" if target_met else "NOT met"
-    print(f"target: overhead <= {TARGET_SECONDS:.0f} s per stage with a server running: {verdict} "
-          f"(c median overhead {statistics.median(walls['server']) - direct:+.2f} s)")
+    print(
+        f"target: overhead <= {TARGET_SECONDS:.0f} s per stage with a server running: {verdict} "
+        f"(c median overhead {statistics.median(walls['server']) - direct:+.2f} s)"
+    )
 
 
 def main() -> int:
@@ -192,24 +208,29 @@ def main() -> int:
     target_met = server_overhead <= TARGET_SECONDS
     in_process_overhead = statistics.median(f - d for d, f in zip(in_process["direct"], in_process["flow"]))
     print_table(walls, direct, server_startup, target_met)
-    print(f"in one warm process: flow overhead {in_process_overhead:+.2f} s per stage (median), "
-          f"stage body {statistics.median(in_process['direct']):.2f} s")
+    print(
+        f"in one warm process: flow overhead {in_process_overhead:+.2f} s per stage (median), "
+        f"stage body {statistics.median(in_process['direct']):.2f} s"
+    )
 
-    write_results("overhead", {
-        "stage": STAGE,
-        "data_dir": str(data_dir),
-        "repeats": args.repeats,
-        "wall_seconds": walls,
-        "direct_median_seconds": direct,
-        "overhead_seconds": overhead,
-        "overhead_median_seconds": {name: statistics.median(runs) for name, runs in overhead.items()},
-        "prefect_server_startup_seconds": server_startup,
-        "mlflow_import_and_store_creation_seconds": mlflow_setup_seconds,
-        "in_process_seconds": in_process,
-        "in_process_overhead_median_seconds": in_process_overhead,
-        "target_overhead_seconds": TARGET_SECONDS,
-        "target_met_with_server": target_met,
-    })
+    write_results(
+        "overhead",
+        {
+            "stage": STAGE,
+            "data_dir": str(data_dir),
+            "repeats": args.repeats,
+            "wall_seconds": walls,
+            "direct_median_seconds": direct,
+            "overhead_seconds": overhead,
+            "overhead_median_seconds": {name: statistics.median(runs) for name, runs in overhead.items()},
+            "prefect_server_startup_seconds": server_startup,
+            "mlflow_import_and_store_creation_seconds": mlflow_setup_seconds,
+            "in_process_seconds": in_process,
+            "in_process_overhead_median_seconds": in_process_overhead,
+            "target_overhead_seconds": TARGET_SECONDS,
+            "target_met_with_server": target_met,
+        },
+    )
 
     shutil.rmtree(tmp)  # kept when a run fails (sys.exit above), for its logs
     return 0

@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for common, also when run with runpy
-from common import ROOT, write_results  # noqa: E402  (puts the project root on sys.path)
-
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+from common import ROOT, write_results  # noqa: E402  (puts the project root on sys.path)
 
 from pipeline.servers import free_port  # noqa: E402
 
@@ -41,9 +40,12 @@ WARM_UP = 3
 
 def conversations(workspace: Path, count: int, seed: int = 0) -> list[list[dict]]:
     """Prefixes of ReDial test conversations that end with a seeker's turn, as the API's messages."""
-    utterances = (pl.read_parquet(workspace / "data/ingest/utterances.parquet")
-                  .join(pl.read_parquet(workspace / "data/ingest/conversations.parquet").select("conv_id", "split"),
-                        on="conv_id").filter(pl.col("split") == "test").sort("conv_id", "turn_idx"))
+    utterances = (
+        pl.read_parquet(workspace / "data/ingest/utterances.parquet")
+        .join(pl.read_parquet(workspace / "data/ingest/conversations.parquet").select("conv_id", "split"), on="conv_id")
+        .filter(pl.col("split") == "test")
+        .sort("conv_id", "turn_idx")
+    )
     prefixes = []
     for _, turns in utterances.group_by("conv_id", maintain_order=True):
         messages = [{"role": r, "text": t[:2000]} for r, t in turns.select("role", "text").iter_rows() if t.strip()]
@@ -54,9 +56,26 @@ def conversations(workspace: Path, count: int, seed: int = 0) -> list[list[dict]
 
 def start_server(workspace: Path, port: int) -> subprocess.Popen:
     log = open(ROOT / "bench" / "results" / "serve-server.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--params", str(workspace / "params.yaml"),
-                             "--models-from", "workspace", "--port", str(port), "--timeout", "120"],
-                            cwd=workspace, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "serve",
+            "--params",
+            str(workspace / "params.yaml"),
+            "--models-from",
+            "workspace",
+            "--port",
+            str(port),
+            "--timeout",
+            "120",
+        ],
+        cwd=workspace,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ},
+    )
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> float:
@@ -96,9 +115,16 @@ async def load(url: str, path: str, extra: dict, bodies: list[list[dict]], concu
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - began
     quantiles = statistics.quantiles(latencies, n=20)
-    return {"endpoint": path, "concurrency": concurrency, "requests": requests, "errors": errors,
-            "requests_per_s": round(requests / wall, 2), "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(quantiles[18], 3), "max_s": round(max(latencies), 3)}
+    return {
+        "endpoint": path,
+        "concurrency": concurrency,
+        "requests": requests,
+        "errors": errors,
+        "requests_per_s": round(requests / wall, 2),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(quantiles[18], 3),
+        "max_s": round(max(latencies), 3),
+    }
 
 
 def main() -> int:
@@ -109,8 +135,10 @@ def main() -> int:
     workspace = args.workspace.resolve()
     for needed in ("data/models/c2crs_rec.pt", "data/models/c2crs_conv.pt", "data/ingest/utterances.parquet"):
         if not (workspace / needed).is_file():
-            sys.exit(f"error: {workspace / needed} is missing; train the models first: "
-                     "python -m pipeline repro finetune_rec finetune_conv")
+            sys.exit(
+                f"error: {workspace / needed} is missing; train the models first: "
+                "python -m pipeline repro finetune_rec finetune_conv"
+            )
     bodies = conversations(workspace, 200)
     port = free_port()
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
@@ -124,14 +152,19 @@ def main() -> int:
             for concurrency in CONCURRENCY:
                 cell = asyncio.run(load(url, path, extra, bodies, concurrency, args.requests))
                 cells.append(cell)
-                print(f"{path:14s} concurrency {concurrency}: {cell['requests_per_s']:6.2f} req/s  "
-                      f"p50 {cell['p50_s']:.3f} s  p95 {cell['p95_s']:.3f} s  max {cell['max_s']:.3f} s  "
-                      f"errors {cell['errors'] or 0}", flush=True)
+                print(
+                    f"{path:14s} concurrency {concurrency}: {cell['requests_per_s']:6.2f} req/s  "
+                    f"p50 {cell['p50_s']:.3f} s  p95 {cell['p95_s']:.3f} s  max {cell['max_s']:.3f} s  "
+                    f"errors {cell['errors'] or 0}",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(30)
-    write_results("serve", {"workspace": str(workspace), "startup_s": round(startup, 1),
-                            "conversations": len(bodies), "cells": cells})
+    write_results(
+        "serve",
+        {"workspace": str(workspace), "startup_s": round(startup, 1), "conversations": len(bodies), "cells": cells},
+    )
     return 0
 
 

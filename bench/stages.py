@@ -57,11 +57,12 @@ def throughput_count(stage: str, metrics: dict) -> tuple[int, str]:
 
 # --- in the child process -------------------------------------------------------------------------------------
 
+
 def measure_stage(stage: str) -> dict:
     """One repeat of one stage: import, then time its body (which reads its inputs and writes its outputs)."""
     import pipeline  # noqa: F401  (first: sets the environment the libraries read at import)
-    from stages.io.graph import stage_body
     from pipeline.config import load_params
+    from stages.io.graph import stage_body
 
     params = load_params(ROOT / "params.yaml")
     rss_after_imports = proc_status_mib("VmRSS")
@@ -86,8 +87,8 @@ def measure_linker() -> dict:
     import polars as pl
 
     import pipeline  # noqa: F401
-    from stages.text.linking import kg_entity_linker
     from pipeline.config import load_params
+    from stages.text.linking import kg_entity_linker
 
     params = load_params(ROOT / "params.yaml")
     rss_after_imports = proc_status_mib("VmRSS")
@@ -125,10 +126,17 @@ def measure_linker() -> dict:
 
 # --- in the parent process ------------------------------------------------------------------------------------
 
+
 def run_repeat(stage: str) -> dict:
     """Start a fresh interpreter measuring one stage and read its JSON line from stdout."""
-    child = subprocess.run([sys.executable, __file__, "--child", stage], cwd=ROOT, capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=CHILD_TIMEOUT_SECONDS)
+    child = subprocess.run(
+        [sys.executable, __file__, "--child", stage],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=CHILD_TIMEOUT_SECONDS,
+    )
     if child.returncode != 0:
         sys.exit(f"error: the {stage} child process failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -157,27 +165,38 @@ def summarize(runs: list[dict]) -> dict:
 
 def print_table(summaries: dict[str, dict], repeats: int) -> None:
     print(f"\nwall seconds over {repeats} fresh-process repeat(s); memory in MiB; throughput at the median time")
-    print(f"{'stage':<8}  {'wall min':>8}  {'median':>7}  {'RSS after imports':>17}  {'peak RSS':>8}  "
-          f"{'increment':>9}  throughput")
+    print(
+        f"{'stage':<8}  {'wall min':>8}  {'median':>7}  {'RSS after imports':>17}  {'peak RSS':>8}  "
+        f"{'increment':>9}  throughput"
+    )
     for stage, s in summaries.items():
         rate = f"{s['per_second']:>9,.0f} {s['unit']}/s ({s['count']:,} {s['unit']})"
         if stage == LINKER:
             rate += f"; build {s['build_seconds_median']:.2f} s + link {s['link_seconds_median']:.2f} s"
-        print(f"{stage:<8}  {s['wall_seconds_min']:>8.2f}  {s['wall_seconds_median']:>7.2f}  "
-              f"{s['rss_after_imports_mib']:>17.0f}  {s['peak_rss_mib']:>8.0f}  {s['stage_rss_increment_mib']:>9.0f}  "
-              f"{rate}")
+        print(
+            f"{stage:<8}  {s['wall_seconds_min']:>8.2f}  {s['wall_seconds_median']:>7.2f}  "
+            f"{s['rss_after_imports_mib']:>17.0f}  {s['peak_rss_mib']:>8.0f}  {s['stage_rss_increment_mib']:>9.0f}  "
+            f"{rate}"
+        )
     if LINKER in summaries:
-        print(f"\n{LINKER}: EntityLinker.build + link over data/ingest/utterances.parquet with the triples stage's "
-              f"labels; utterances/s counts the linking pass only")
+        print(
+            f"\n{LINKER}: EntityLinker.build + link over data/ingest/utterances.parquet with the triples stage's "
+            f"labels; utterances/s counts the linking pass only"
+        )
 
 
 def main() -> int:
     data_stages = stage_names()[: stage_names().index("triples") + 1]  # the training stages: bench/train.py
     choices = [*data_stages, LINKER]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", nargs="+", choices=choices, default=choices, metavar="STAGE",
-                        help=f"what to measure, run in this order whatever the order given: {' '.join(choices)} "
-                             "(default all)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=choices,
+        default=choices,
+        metavar="STAGE",
+        help=f"what to measure, run in this order whatever the order given: {' '.join(choices)} (default all)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="fresh-process repeats per stage (default 2)")
     parser.add_argument("--child", choices=choices, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,8 +226,9 @@ def main() -> int:
         for i in range(1, args.repeats + 1):
             run = run_repeat(name)
             runs[name].append(run)
-            print(f"  {name} repeat {i}: {run['wall_seconds']:.2f} s, peak RSS {run['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            print(
+                f"  {name} repeat {i}: {run['wall_seconds']:.2f} s, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True
+            )
     summaries = {name: summarize(stage_runs) for name, stage_runs in runs.items()}
     print_table(summaries, args.repeats)
 

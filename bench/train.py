@@ -81,12 +81,19 @@ REFERENCE_CONTEXT_TOKENS = 256
 REFERENCE_SENTENCE_TOKENS = 40
 CHILD_TIMEOUT_SECONDS = 3600
 MEMORY_MARGIN_MIB = 1536  # left to the rest of the machine by each measurement
-TRAINING_INPUTS = ("data/triples/samples.parquet", "data/triples/triples.parquet", "data/triples/vocab.parquet",
-                   "data/reviews/review_sentences.parquet", "data/kg/entities.parquet", "data/kg/relations.parquet",
-                   "data/kg/edges.parquet")
+TRAINING_INPUTS = (
+    "data/triples/samples.parquet",
+    "data/triples/triples.parquet",
+    "data/triples/vocab.parquet",
+    "data/reviews/review_sentences.parquet",
+    "data/kg/entities.parquet",
+    "data/kg/relations.parquet",
+    "data/kg/edges.parquet",
+)
 
 
 # --- in the child process -------------------------------------------------------------------------------------
+
 
 class Clock:
     """Seconds spent inside wrapped functions since the last reset (not nested: the wrapped ones do not call
@@ -102,6 +109,7 @@ class Clock:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
+
         return timed
 
 
@@ -139,18 +147,17 @@ def cap_memory() -> float:
 
 
 def measure(stage: str, config: str, steps: int, reference_batch: int, batch_override: int | None) -> dict:
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
     import pipeline  # noqa: F401  (first: sets the environment the libraries read at import)
     from models import c2crs as c2crs_model
     from models.c2crs import C2CRS
-    from stages.training.runs import training_run
     from pipeline.config import Params, apply_overrides, load_params, reference_overrides
     from stages.training import c2crs_train
     from stages.training.c2crs_data import recommendation_rows
     from stages.training.loop import adam, epoch_generator, seed_everything
+    from stages.training.runs import training_run
 
     params = load_params(ROOT / "params.yaml")
     reference = config == "reference"
@@ -163,8 +170,9 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     memory_cap_mib = cap_memory()
     cfg = getattr(params, stage)
     if reference:
-        model_config = dataclasses.replace(model_config,
-                                           max_positions=max(model_config.max_positions, REFERENCE_CONTEXT_TOKENS))
+        model_config = dataclasses.replace(
+            model_config, max_positions=max(model_config.max_positions, REFERENCE_CONTEXT_TOKENS)
+        )
         if stage != "finetune_rec":
             cfg = cfg.model_copy(update={"batch_size": reference_batch})
     if batch_override:
@@ -179,15 +187,18 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     def padded(builder, key: str, reference_width: int, width_name: str):
         """builder's batch with the token axis (last) of batch[key] padded to the reference width (reference
         only); the width is recorded either way."""
+
         def build(*args, **kwargs):
             batch = builder(*args, **kwargs)
             if reference:
                 batch[key] = F.pad(batch[key], (0, reference_width - batch[key].shape[-1]), value=pad_id)
             widths[width_name].append(batch[key].shape[-1])
             return batch
+
         return build
 
     context_batch_ = padded(context_batch, "context_ids", REFERENCE_CONTEXT_TOKENS, "context")
+
     def pad_(rows, value, min_length=1):  # stages.c2crs_train uses pad for the review sentences only
         out = pad(rows, value, max(min_length, REFERENCE_SENTENCE_TOKENS) if reference else min_length)
         widths["sentence"].append(out.shape[1])
@@ -205,8 +216,9 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
             """The R-GCN over the whole graph: N for every entity, the ids unrenumbered. Computed once per step
             (pretrain_fine's fine and coarse losses share it, as one forward of the reference model does)."""
             if "N" not in full_graph:
-                full_graph["N"] = model.entity_graph(run.graph.edge_index.to(run.device),
-                                                     run.graph.edge_type.to(run.device))
+                full_graph["N"] = model.entity_graph(
+                    run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device)
+                )
             return full_graph["N"], list(entity_ids)
 
         c2crs_train._node_rows = full_graph_rows
@@ -228,11 +240,12 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
     if stage == "finetune_rec":
         sample_rows, target_items = recommendation_rows(run.train)
         order = rng.permutation(len(sample_rows))
-        batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        batches = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
 
         def step_loss(picked):  # the body of finetune_recommender's train_epoch loop, up to the loss
-            entity_ids = c2crs_train.recommendation_batch(run.train, sample_rows[picked], run.max_context_entities,
-                                                          run.device)
+            entity_ids = c2crs_train.recommendation_batch(
+                run.train, sample_rows[picked], run.max_context_entities, run.device
+            )
             all_entities = cfg.softmax_over == "entities"
             nodes, (entity_ids,) = c2crs_train._node_rows(model, run, entity_ids, with_items=not all_entities)
             logits = model.recommendation_logits(nodes, entity_ids, all_entities=all_entities)
@@ -241,14 +254,19 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         model.cfg.temperature = cfg.temperature
         batches = c2crs_train._pretraining_batches(run, cfg, rng)
         if stage == "pretrain_coarse":
+
             def step_loss(rows):
                 return c2crs_train.coarse_losses(model, run, run.train, rows)
         else:
+
             def step_loss(rows):  # pretrain_fine's step_loss(run.train, rng)
                 context = c2crs_train.encode_context(model, run, run.train, rows)
                 fine = c2crs_train.fine_losses(model, run, run.train, rows, cfg.max_triples_per_sample, rng, context)
-                coarse = (c2crs_train.coarse_losses(model, run, run.train, rows, context) if cfg.coarse_weight
-                          else torch.zeros(()))
+                coarse = (
+                    c2crs_train.coarse_losses(model, run, run.train, rows, context)
+                    if cfg.coarse_weight
+                    else torch.zeros(())
+                )
                 return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
 
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
@@ -273,32 +291,58 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         sync()
         end = time.perf_counter()
         del loss
-        records.append({
-            "rows": len(rows),
-            "step_seconds": end - start,
-            "data_seconds": data_clock.seconds,
-            "forward_seconds": forward_end - start - data_clock.seconds,
-            "rgcn_seconds": graph_clock.seconds,
-            "backward_seconds": end - forward_end,
-            "context_width": max(widths["context"], default=0),
-            "sentence_width": max(widths["sentence"], default=0),
-            "rgcn_rows": sum(graph_rows),
-            "loss": loss_value,
-        })
-        print(f"  {stage} {config} step {i}{' (warm-up)' if i == 0 else ''}: {end - start:.3f} s", file=sys.stderr,
-              flush=True)
+        records.append(
+            {
+                "rows": len(rows),
+                "step_seconds": end - start,
+                "data_seconds": data_clock.seconds,
+                "forward_seconds": forward_end - start - data_clock.seconds,
+                "rgcn_seconds": graph_clock.seconds,
+                "backward_seconds": end - forward_end,
+                "context_width": max(widths["context"], default=0),
+                "sentence_width": max(widths["sentence"], default=0),
+                "rgcn_rows": sum(graph_rows),
+                "loss": loss_value,
+            }
+        )
+        print(
+            f"  {stage} {config} step {i}{' (warm-up)' if i == 0 else ''}: {end - start:.3f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     timed = records[1:]
-    mean = {k: statistics.fmean(r[k] for r in timed) for k in
-            ("step_seconds", "data_seconds", "forward_seconds", "rgcn_seconds", "backward_seconds", "context_width",
-             "sentence_width", "rgcn_rows")}
+    mean = {
+        k: statistics.fmean(r[k] for r in timed)
+        for k in (
+            "step_seconds",
+            "data_seconds",
+            "forward_seconds",
+            "rgcn_seconds",
+            "backward_seconds",
+            "context_width",
+            "sentence_width",
+            "rgcn_rows",
+        )
+    }
     return {
         "stage": stage,
         "config": config,
         "batch_size": cfg.batch_size,
-        "model": {k: getattr(model_config, k) for k in ("token_dim", "kg_dim", "ffn_dim", "n_layers", "n_heads",
-                                                         "max_positions", "kg_encoder", "projection_heads",
-                                                         "contrastive_loss")},
+        "model": {
+            k: getattr(model_config, k)
+            for k in (
+                "token_dim",
+                "kg_dim",
+                "ffn_dim",
+                "n_layers",
+                "n_heads",
+                "max_positions",
+                "kg_encoder",
+                "projection_heads",
+                "contrastive_loss",
+            )
+        },
         "parameters": sum(p.numel() for p in model.parameters()),
         "sample_unit": getattr(cfg, "sample_unit", None),
         "softmax_over": getattr(cfg, "softmax_over", None),
@@ -323,6 +367,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
 
 # --- in the parent process ------------------------------------------------------------------------------------
 
+
 def busy_pipeline_runs() -> list[str]:
     """`python -m pipeline run ...` processes running now (they share the CPU with the measurement)."""
     found = subprocess.run(["pgrep", "-af", "pipeline run"], capture_output=True, text=True)
@@ -330,11 +375,26 @@ def busy_pipeline_runs() -> list[str]:
 
 
 def run_child(stage: str, config: str, args, reference_batch: int) -> tuple[dict | None, str]:
-    command = [sys.executable, __file__, "--child", stage, config, "--steps", str(args.steps),
-               "--reference-batch", str(reference_batch)] + (["--batch", str(args.batch)] if args.batch else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        stage,
+        config,
+        "--steps",
+        str(args.steps),
+        "--reference-batch",
+        str(reference_batch),
+    ] + (["--batch", str(args.batch)] if args.batch else [])
     try:
-        child = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL, timeout=CHILD_TIMEOUT_SECONDS)
+        child = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=CHILD_TIMEOUT_SECONDS,
+        )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {CHILD_TIMEOUT_SECONDS} s"
     if child.returncode != 0:
@@ -353,13 +413,19 @@ def measure_pair(stage: str, args) -> dict[str, dict]:
             # Only the reference pre-training batch is ours to shrink (e.g. out of memory at 256).
             if config != "reference" or stage == "finetune_rec" or args.batch or batch <= 2:
                 sys.exit(f"error: {stage} {config} failed ({error})")
-            print(f"  {stage} {config} at batch {batch} failed ({error.splitlines()[0] if error else ''}); "
-                  f"retrying at batch {batch // 2}", flush=True)
+            print(
+                f"  {stage} {config} at batch {batch} failed ({error.splitlines()[0] if error else ''}); "
+                f"retrying at batch {batch // 2}",
+                flush=True,
+            )
             results.setdefault("_failures", []).append({"config": config, "batch_size": batch, "error": error})
             batch //= 2
         m = result["mean"]
-        print(f"  {stage:<15} {config:<9} batch {result['batch_size']:>3}: {m['step_seconds']:.3f} s/step, "
-              f"{result['samples_per_second']:.0f} samples/s, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"  {stage:<15} {config:<9} batch {result['batch_size']:>3}: {m['step_seconds']:.3f} s/step, "
+            f"{result['samples_per_second']:.0f} samples/s, peak RSS {result['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
         results[config] = result
     return results
 
@@ -377,11 +443,15 @@ def speedups(pair: dict) -> dict | None:
 
 
 def print_table(pairs: dict[str, dict], steps: int) -> None:
-    print(f"\nmean over {steps} timed step(s) after 1 warm-up, each (stage, configuration) in a fresh process; ms per "
-          f"step; data = batch tensors, forward = to the loss (R-GCN = inside entity_graph), backward = + clip + Adam")
-    header = (f"{'stage':<15}  {'config':<9}  {'batch':>5}  {'samples/s':>9}  {'step ms':>8}  {'data':>7}  "
-              f"{'forward':>8}  {'(R-GCN)':>8}  {'backward':>8}  {'ctx w':>5}  {'sent w':>6}  {'R-GCN rows':>10}  "
-              f"{'peak MiB':>8}")
+    print(
+        f"\nmean over {steps} timed step(s) after 1 warm-up, each (stage, configuration) in a fresh process; ms per "
+        f"step; data = batch tensors, forward = to the loss (R-GCN = inside entity_graph), backward = + clip + Adam"
+    )
+    header = (
+        f"{'stage':<15}  {'config':<9}  {'batch':>5}  {'samples/s':>9}  {'step ms':>8}  {'data':>7}  "
+        f"{'forward':>8}  {'(R-GCN)':>8}  {'backward':>8}  {'ctx w':>5}  {'sent w':>6}  {'R-GCN rows':>10}  "
+        f"{'peak MiB':>8}"
+    )
     print(header)
     print("-" * len(header))
     for stage, pair in pairs.items():
@@ -390,28 +460,48 @@ def print_table(pairs: dict[str, dict], steps: int) -> None:
                 continue
             r = pair[config]
             m = {k: v * 1000 if k.endswith("_seconds") else v for k, v in r["mean"].items()}
-            print(f"{stage:<15}  {config:<9}  {r['batch_size']:>5}  {r['samples_per_second']:>9.1f}  "
-                  f"{m['step_seconds']:>8.0f}  {m['data_seconds']:>7.0f}  {m['forward_seconds']:>8.0f}  "
-                  f"{m['rgcn_seconds']:>8.0f}  {m['backward_seconds']:>8.0f}  {m['context_width']:>5.0f}  "
-                  f"{m['sentence_width']:>6.0f}  {m['rgcn_rows']:>10,.0f}  {r['peak_rss_mib']:>8.0f}")
+            print(
+                f"{stage:<15}  {config:<9}  {r['batch_size']:>5}  {r['samples_per_second']:>9.1f}  "
+                f"{m['step_seconds']:>8.0f}  {m['data_seconds']:>7.0f}  {m['forward_seconds']:>8.0f}  "
+                f"{m['rgcn_seconds']:>8.0f}  {m['backward_seconds']:>8.0f}  {m['context_width']:>5.0f}  "
+                f"{m['sentence_width']:>6.0f}  {m['rgcn_rows']:>10,.0f}  {r['peak_rss_mib']:>8.0f}"
+            )
     ratios = {stage: speedups(pair) for stage, pair in pairs.items()}
     if any(ratios.values()):
         print("\nspeed-up of ours over reference-style (reference / ours):")
         for stage, s in ratios.items():
             if s:
-                print(f"  {stage:<15}  step time x{s['step_time_ratio']:.1f} (batch {s['reference_batch_size']} vs "
-                      f"{s['our_batch_size']}),  per sample x{s['per_sample_ratio']:.1f}")
+                print(
+                    f"  {stage:<15}  step time x{s['step_time_ratio']:.1f} (batch {s['reference_batch_size']} vs "
+                    f"{s['our_batch_size']}),  per sample x{s['per_sample_ratio']:.1f}"
+                )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement, after 1 warm-up (default 5)")
-    parser.add_argument("--stages", nargs="+", choices=TRAIN_STAGES, default=list(TRAIN_STAGES), metavar="STAGE",
-                        help=f"stages to measure: {' '.join(TRAIN_STAGES)} (default all)")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), metavar="CONFIG",
-                        help="ours and/or reference (default both)")
-    parser.add_argument("--reference-batch", type=int, default=256,
-                        help="pre-training batch of the reference configuration (default 256; halved on failure)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=TRAIN_STAGES,
+        default=list(TRAIN_STAGES),
+        metavar="STAGE",
+        help=f"stages to measure: {' '.join(TRAIN_STAGES)} (default all)",
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=CONFIGS,
+        default=list(CONFIGS),
+        metavar="CONFIG",
+        help="ours and/or reference (default both)",
+    )
+    parser.add_argument(
+        "--reference-batch",
+        type=int,
+        default=256,
+        help="pre-training batch of the reference configuration (default 256; halved on failure)",
+    )
     parser.add_argument("--batch", type=int, help="every batch size = this, in both configurations (smoke tests)")
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -428,16 +518,25 @@ def main() -> int:
         sys.exit(f"error: missing {', '.join(missing)}; run the data stages first (python -m pipeline run triples)")
     busy_before = busy_pipeline_runs()
     if busy_before:
-        print("warning: other training is using the CPU, every step is slower than on an idle machine:\n  "
-              + "\n  ".join(busy_before), flush=True)
+        print(
+            "warning: other training is using the CPU, every step is slower than on an idle machine:\n  "
+            + "\n  ".join(busy_before),
+            flush=True,
+        )
     if os.getloadavg()[0] > 0.5:
-        print(f"warning: 1-minute load average {os.getloadavg()[0]:.2f}: something else is using the CPU "
-              "(torch's threads slow down badly when a core is taken)", flush=True)
+        print(
+            f"warning: 1-minute load average {os.getloadavg()[0]:.2f}: something else is using the CPU "
+            "(torch's threads slow down badly when a core is taken)",
+            flush=True,
+        )
     stages = [s for s in TRAIN_STAGES if s in args.stages]
     configs = [c for c in CONFIGS if c in args.configs]
     args.configs = configs
-    print(f"{' '.join(stages)}: {' and '.join(configs)}, {args.steps} timed step(s) after 1 warm-up, each in a fresh "
-          f"interpreter", flush=True)
+    print(
+        f"{' '.join(stages)}: {' and '.join(configs)}, {args.steps} timed step(s) after 1 warm-up, each in a fresh "
+        f"interpreter",
+        flush=True,
+    )
     start = time.perf_counter()
     load_before = os.getloadavg()
     pairs = {stage: measure_pair(stage, args) for stage in stages}
@@ -445,27 +544,31 @@ def main() -> int:
     busy_after = busy_pipeline_runs()
     print_table(pairs, args.steps)
 
-    write_results("train", {
-        "data_dir": os.environ.get(DATA_DIR_ENV),
-        "inputs": list(TRAINING_INPUTS),
-        "steps": args.steps,
-        "warmup_steps": 1,
-        "batch_override": args.batch,
-        "reference": {
-            "params": str(REFERENCE_PARAMS.relative_to(ROOT)) + " (every key but device)",
-            "context_tokens": REFERENCE_CONTEXT_TOKENS, "sentence_tokens": REFERENCE_SENTENCE_TOKENS,
-            "pretraining_batch_asked": args.reference_batch,
-            "rgcn": "whole graph every step (entity_graph with nodes=None), featureless: W_r built for the "
-                    "(source, relation) pairs with an edge (PyG builds every entity's: a lower bound of its cost)",
-            "transformer": "every padded column (TokenEncoder's trailing-padding trim disabled in that process)",
+    write_results(
+        "train",
+        {
+            "data_dir": os.environ.get(DATA_DIR_ENV),
+            "inputs": list(TRAINING_INPUTS),
+            "steps": args.steps,
+            "warmup_steps": 1,
+            "batch_override": args.batch,
+            "reference": {
+                "params": str(REFERENCE_PARAMS.relative_to(ROOT)) + " (every key but device)",
+                "context_tokens": REFERENCE_CONTEXT_TOKENS,
+                "sentence_tokens": REFERENCE_SENTENCE_TOKENS,
+                "pretraining_batch_asked": args.reference_batch,
+                "rgcn": "whole graph every step (entity_graph with nodes=None), featureless: W_r built for the "
+                "(source, relation) pairs with an edge (PyG builds every entity's: a lower bound of its cost)",
+                "transformer": "every padded column (TokenEncoder's trailing-padding trim disabled in that process)",
+            },
+            "reference_failures": failures,
+            "concurrent_pipeline_runs": {"before": busy_before, "after": busy_after},
+            "load_average_before": load_before,
+            "wall_seconds": time.perf_counter() - start,
+            "results": pairs,
+            "speedup": {stage: speedups(pair) for stage, pair in pairs.items()},
         },
-        "reference_failures": failures,
-        "concurrent_pipeline_runs": {"before": busy_before, "after": busy_after},
-        "load_average_before": load_before,
-        "wall_seconds": time.perf_counter() - start,
-        "results": pairs,
-        "speedup": {stage: speedups(pair) for stage, pair in pairs.items()},
-    })
+    )
     return 0
 
 

@@ -19,8 +19,16 @@ class TextCNNRecommender(nn.Module):
     Padding positions are excluded from the max so that the pad count of a batch does not change a row's score.
     """
 
-    def __init__(self, vocab_size: int, n_items: int, embed_dim: int = 300, filters: tuple[int, ...] = (3, 4, 5),
-                 n_filters: int = 100, dropout: float = 0.5, pad_id: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        n_items: int,
+        embed_dim: int = 300,
+        filters: tuple[int, ...] = (3, 4, 5),
+        n_filters: int = 100,
+        dropout: float = 0.5,
+        pad_id: int = 0,
+    ):
         super().__init__()
         self.pad_id = pad_id
         self.filters = tuple(filters)
@@ -37,7 +45,7 @@ class TextCNNRecommender(nn.Module):
         x = self.embedding(context_ids).transpose(1, 2)  # [B, D, L]
         real = context_ids.ne(self.pad_id)
         pooled = []
-        for k, conv in zip(self.filters, self.convs):
+        for _k, conv in zip(self.filters, self.convs):
             h = F.relu(conv(x))  # [B, n_filters, L-k+1]
             # A window counts if it starts on a real token; an all-padding row pools to zeros.
             starts = real[:, : h.size(2)].unsqueeze(1)
@@ -90,8 +98,14 @@ class RepeatChoice(nn.Module):
         self.register_buffer("by_recency", by_recency.float())  # [roles, max_recency + 1], rows sum to 1
 
     @classmethod
-    def fit(cls, positions: list[int | None], roles: list[int], max_recency: int, states: list[int] | None = None,
-            n_states: int = 1) -> "RepeatChoice":
+    def fit(
+        cls,
+        positions: list[int | None],
+        roles: list[int],
+        max_recency: int,
+        states: list[int] | None = None,
+        n_states: int = 1,
+    ) -> "RepeatChoice":
         """From observed targets: positions[t] = the target's recency position among its sample's context movies
         (0 = most recent) or None for a new movie, roles[t] its turn's speaker, states[t] its context's state
         (None: one state). Add-one smoothing."""
@@ -107,8 +121,9 @@ class RepeatChoice(nn.Module):
                 by_recency[role, min(position, max_recency)] += 1
         return cls(repeats / (repeats + news), by_recency / by_recency.sum(1, keepdim=True))
 
-    def forward(self, scores: torch.Tensor, recent_items: torch.Tensor, roles: torch.Tensor,
-                states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, scores: torch.Tensor, recent_items: torch.Tensor, roles: torch.Tensor, states: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """scores [B, n_items] (the recommender's logits); recent_items [B, K] item ids, most recent first, -1
         padded; roles [B] indices into ROLES; states [B] (None: state 0) -> log-probabilities [B, n_items] of the
         mixture."""
@@ -122,8 +137,9 @@ class RepeatChoice(nn.Module):
         new = torch.log_softmax(scores.masked_fill(in_context, float("-inf")), dim=1) + torch.log1p(-p_repeat)
         max_recency = self.by_recency.size(1) - 1
         position = torch.arange(recent_items.size(1), device=scores.device).clamp(max=max_recency)
-        bucket_size = torch.zeros(len(scores), max_recency + 1).scatter_add_(1, position.expand_as(recent_items),
-                                                                            present.float())
+        bucket_size = torch.zeros(len(scores), max_recency + 1).scatter_add_(
+            1, position.expand_as(recent_items), present.float()
+        )
         weight = (self.by_recency[roles] / bucket_size.clamp(min=1))[torch.arange(len(scores))[:, None], position]
         weight = weight * present
         repeat = torch.log(weight / weight.sum(1, keepdim=True).clamp(min=1e-12)) + torch.log(p_repeat)

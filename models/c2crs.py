@@ -1,7 +1,7 @@
 """C2-CRS (Zhou et al., WSDM 2022): the three context encoders, the coarse-to-fine contrastive losses, the recommender.
 
-Over 400 lines on purpose: one model file, as nanoGPT: the views, the losses, the KG encoders and the recommender read top to bottom against
-the paper map below.
+Over 400 lines on purpose: one model file, as nanoGPT: the views, the losses, the KG encoders and the recommender read
+top to bottom against the paper map below.
 
 Paper map:
     Eq. 1-2   conversation view   TokenEncoder + SelfAttentivePooling          -> e_C, F
@@ -66,9 +66,12 @@ class C2CRSConfig:
     contrastive_loss: str = "cross_view"
 
     def __post_init__(self):
-        allowed = {"kg_encoder": ("table", "featureless"), "rec_pooling": ("own", "graph"),
-                   "projection_heads": ("per_view", "per_view_and_level"),
-                   "contrastive_loss": ("cross_view", "nt_xent")}
+        allowed = {
+            "kg_encoder": ("table", "featureless"),
+            "rec_pooling": ("own", "graph"),
+            "projection_heads": ("per_view", "per_view_and_level"),
+            "contrastive_loss": ("cross_view", "nt_xent"),
+        }
         for name, values in allowed.items():
             if getattr(self, name) not in values:
                 raise ValueError(f"C2CRSConfig.{name} must be one of {values}, got {getattr(self, name)!r}")
@@ -103,19 +106,28 @@ class EncoderLayer(nn.TransformerEncoderLayer):
     copies the packed projection into three tensors and zero-fills and copies them back in the backward pass: 14 % of
     a layer's training step on CPU (batch 128 x 120 tokens, dim 128). Same math; batch_first only."""
 
-    def _sa_block(self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-                  is_causal: bool = False) -> torch.Tensor:
+    def _sa_block(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         attention = self.self_attn
         if attn_mask is not None or is_causal or not attention.batch_first:
             return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
         B, L, D = x.shape
         heads = attention.num_heads
-        q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).view(
-            B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+            .view(B, L, 3, heads, D // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         # key_padding_mask arrives as an additive float mask (-inf at padding) from the layer's forward
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=attention.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attention.dropout if self.training else 0.0
+        )
         return self.dropout1(attention.out_proj(out.transpose(1, 2).reshape(B, L, D)))
 
 
@@ -131,18 +143,22 @@ class TokenEncoder(nn.Module):
         self.max_positions = cfg.max_positions
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.token_dim, padding_idx=cfg.pad_id)
         self.positions = nn.Embedding(cfg.max_positions, cfg.token_dim)
-        nn.init.normal_(self.tokens.weight, std=cfg.token_dim ** -0.5)
-        nn.init.normal_(self.positions.weight, std=cfg.token_dim ** -0.5)
+        nn.init.normal_(self.tokens.weight, std=cfg.token_dim**-0.5)
+        nn.init.normal_(self.positions.weight, std=cfg.token_dim**-0.5)
         with torch.no_grad():
             self.tokens.weight[cfg.pad_id].zero_()
         self.dropout = Dropout(cfg.dropout)
         layer = EncoderLayer(
-            d_model=cfg.token_dim, nhead=cfg.n_heads, dim_feedforward=cfg.ffn_dim,
-            dropout=cfg.dropout, batch_first=True,
+            d_model=cfg.token_dim,
+            nhead=cfg.n_heads,
+            dim_feedforward=cfg.ffn_dim,
+            dropout=cfg.dropout,
+            batch_first=True,
         )
         layer.self_attn.dropout = cfg.attention_dropout  # the layer's other dropouts stay cfg.dropout
         self.transformer = use_cheap_dropout(
-            nn.TransformerEncoder(layer, num_layers=cfg.n_layers, enable_nested_tensor=False))
+            nn.TransformerEncoder(layer, num_layers=cfg.n_layers, enable_nested_tensor=False)
+        )
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] -> (F [B, L, D], padding mask [B, L], True at pad)."""
@@ -177,7 +193,7 @@ class KGEncoder(nn.Module):
     def __init__(self, cfg: C2CRSConfig):
         super().__init__()
         self.entities = nn.Embedding(cfg.n_entities, cfg.kg_dim)
-        nn.init.normal_(self.entities.weight, std=cfg.kg_dim ** -0.5)
+        nn.init.normal_(self.entities.weight, std=cfg.kg_dim**-0.5)
         self.rgcn = RGCNConv(cfg.kg_dim, cfg.kg_dim, cfg.n_relations, num_bases=cfg.num_bases)
 
     def forward(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
@@ -213,8 +229,9 @@ class KGEncoder(nn.Module):
         # unbind: one view per relation whose backward stacks the gradients once; weight[r] per relation would
         # zero-fill a whole [relations, dim, dim] gradient for each relation used (about 100 a step)
         per_relation_weight = weight.unbind(0)
-        messages = [block @ per_relation_weight[r]
-                    for block, r in zip(mean.split(per_relation.tolist()), relations.tolist())]
+        messages = [
+            block @ per_relation_weight[r] for block, r in zip(mean.split(per_relation.tolist()), relations.tolist())
+        ]
         out = x_targets @ conv.root + conv.bias
         if messages:
             out = out.index_add(0, pairs % len(targets), torch.cat(messages).to(out.dtype))  # bf16 autocast: float32
@@ -296,8 +313,14 @@ def projection_head(dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out_dim))
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, valid: torch.Tensor | None = None,
-             not_negative: torch.Tensor | None = None, same_view_negatives: bool = False) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+    not_negative: torch.Tensor | None = None,
+    same_view_negatives: bool = False,
+) -> torch.Tensor:
     """Eq. 5 with cosine similarity and in-batch negatives, averaged over rows: row i of a should pick row i of b.
 
     valid [B] bool drops rows and columns where a view is missing (e.g. a user with no review sentence).
@@ -320,8 +343,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, valid: torch.
             logits = logits.masked_fill(not_negative & ~eye, float("-inf"))
         return F.cross_entropy(logits, torch.arange(n, device=a.device))
     z = F.normalize(torch.cat([a, b]), dim=-1)
-    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=a.device),
-                                                 float("-inf"))
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=a.device), float("-inf"))
     if not_negative is not None:
         excluded = (not_negative & ~eye).repeat(2, 2)
         excluded[torch.arange(2 * n), torch.arange(2 * n).roll(n)] = False  # the positive stays
@@ -348,9 +370,11 @@ class C2CRS(nn.Module):
         dims = {"conversation": cfg.token_dim, "graph": cfg.kg_dim, "review": cfg.token_dim}
         self.projection = nn.ModuleDict({view: projection_head(dim, cfg.projection_dim) for view, dim in dims.items()})
         # The fine (unit-level) loss's heads: the same as the coarse loss's, or their own (the reference's six).
-        self.unit_projection = (nn.ModuleDict({view: projection_head(dim, cfg.projection_dim)
-                                               for view, dim in dims.items()})
-                                if cfg.projection_heads == "per_view_and_level" else None)
+        self.unit_projection = (
+            nn.ModuleDict({view: projection_head(dim, cfg.projection_dim) for view, dim in dims.items()})
+            if cfg.projection_heads == "per_view_and_level"
+            else None
+        )
         # 4.3.1's "self-attentive mechanism as in Eq. 2": its own (fresh at fine-tuning), or the graph view's
         self.user_pooling = SelfAttentivePooling(cfg.kg_dim) if cfg.rec_pooling == "own" else None
         # a learned popularity prior, per entity (softmax over all entities in training uses every row)
@@ -362,15 +386,17 @@ class C2CRS(nn.Module):
         F_, pad = self.conversation_encoder(context_ids)
         return self.conversation_pooling(F_, pad), F_
 
-    def entity_graph(self, edge_index: torch.Tensor, edge_type: torch.Tensor,
-                     nodes: torch.Tensor | None = None) -> torch.Tensor:
+    def entity_graph(
+        self, edge_index: torch.Tensor, edge_type: torch.Tensor, nodes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """N for the whole graph, or only N[nodes] (see batch_entities for the matching id renumbering)."""
         if nodes is None:
             return self.kg_encoder(edge_index, edge_type)
         return self.kg_encoder.forward_nodes(nodes, edge_index, edge_type)
 
     def graph_view(self, N: torch.Tensor, entity_ids: torch.Tensor) -> torch.Tensor:
-        """Self-attentive pooling over the context entities' rows of N: entity_ids [B, E] (-1 pad) -> e_G [B, kg_dim]."""
+        """Self-attentive pooling over the context entities' rows of N: entity_ids [B, E] (-1 pad) -> e_G [B,
+        kg_dim]."""
         return self.graph_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0)
 
     def encode_sentences(self, sentence_ids: torch.Tensor, chunk: int = 128) -> torch.Tensor:
@@ -404,22 +430,38 @@ class C2CRS(nn.Module):
         return self.review_pooling(E, ~sentence_mask)
 
     # ---- contrastive pre-training (4.2) ---------------------------------------------------------------------------
-    def coarse_contrastive_loss(self, e_C: torch.Tensor, e_G: torch.Tensor, e_R: torch.Tensor,
-                                valid_graph: torch.Tensor, valid_review: torch.Tensor,
-                                valid_conversation: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. 4: InfoNCE over (e_C,e_G), (e_C,e_R), (e_G,e_R) after projection; a pair uses rows valid in both views."""
+    def coarse_contrastive_loss(
+        self,
+        e_C: torch.Tensor,
+        e_G: torch.Tensor,
+        e_R: torch.Tensor,
+        valid_graph: torch.Tensor,
+        valid_review: torch.Tensor,
+        valid_conversation: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Eq. 4: InfoNCE over (e_C,e_G), (e_C,e_R), (e_G,e_R) after projection; a pair uses rows valid in both
+        views."""
         if valid_conversation is None:
             valid_conversation = torch.ones_like(valid_graph)
         c, g, r = self.projection["conversation"](e_C), self.projection["graph"](e_G), self.projection["review"](e_R)
         t, nt_xent = self.cfg.temperature, self.cfg.contrastive_loss == "nt_xent"
-        return (info_nce(c, g, t, valid_conversation & valid_graph, same_view_negatives=nt_xent)
-                + info_nce(c, r, t, valid_conversation & valid_review, same_view_negatives=nt_xent)
-                + info_nce(g, r, t, valid_graph & valid_review, same_view_negatives=nt_xent))
+        return (
+            info_nce(c, g, t, valid_conversation & valid_graph, same_view_negatives=nt_xent)
+            + info_nce(c, r, t, valid_conversation & valid_review, same_view_negatives=nt_xent)
+            + info_nce(g, r, t, valid_graph & valid_review, same_view_negatives=nt_xent)
+        )
 
-    def fine_contrastive_loss(self, word_vectors: torch.Tensor, entity_vectors: torch.Tensor,
-                              sentence_vectors: torch.Tensor, entity_ids: torch.Tensor,
-                              sentence_ids: torch.Tensor, use_words: bool = True) -> torch.Tensor:
-        """Eq. 6 over aligned triples: row t is (F_j, N_e, E_k) = (word_vectors[t], entity_vectors[t], sentence_vectors[t]).
+    def fine_contrastive_loss(
+        self,
+        word_vectors: torch.Tensor,
+        entity_vectors: torch.Tensor,
+        sentence_vectors: torch.Tensor,
+        entity_ids: torch.Tensor,
+        sentence_ids: torch.Tensor,
+        use_words: bool = True,
+    ) -> torch.Tensor:
+        """Eq. 6 over aligned triples: row t is (F_j, N_e, E_k) = (word_vectors[t], entity_vectors[t],
+        sentence_vectors[t]).
 
         Build the rows as F[sample, token_position], N[entity], encode_sentences(sentence tokens).
         entity_ids / sentence_ids [T] identify each row's entity and sentence (sentence -1 = the entity has none;
@@ -429,16 +471,19 @@ class C2CRS(nn.Module):
         sentence E_k) would otherwise be pushed away from itself.
         """
         same_unit = (entity_ids[:, None] == entity_ids[None, :]) | (
-            (sentence_ids[:, None] == sentence_ids[None, :]) & (sentence_ids[:, None] >= 0))
+            (sentence_ids[:, None] == sentence_ids[None, :]) & (sentence_ids[:, None] >= 0)
+        )
         has_sentence = sentence_ids >= 0
         heads = self.unit_projection if self.unit_projection is not None else self.projection
         w, n, s = heads["conversation"](word_vectors), heads["graph"](entity_vectors), heads["review"](sentence_vectors)
         t, nt_xent = self.cfg.temperature, self.cfg.contrastive_loss == "nt_xent"
         if not use_words:
             return info_nce(n, s, t, has_sentence, same_unit, nt_xent)
-        return (info_nce(w, n, t, None, same_unit, nt_xent)
-                + info_nce(w, s, t, has_sentence, same_unit, nt_xent)
-                + info_nce(n, s, t, has_sentence, same_unit, nt_xent))
+        return (
+            info_nce(w, n, t, None, same_unit, nt_xent)
+            + info_nce(w, s, t, has_sentence, same_unit, nt_xent)
+            + info_nce(n, s, t, has_sentence, same_unit, nt_xent)
+        )
 
     @staticmethod
     def pretraining_loss(fine: torch.Tensor, coarse: torch.Tensor, coarse_weight: float) -> torch.Tensor:
@@ -458,8 +503,9 @@ class C2CRS(nn.Module):
     def _recommender_pooling(self) -> SelfAttentivePooling:
         return self.user_pooling if self.user_pooling is not None else self.graph_pooling
 
-    def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor,
-                              all_entities: bool = False) -> torch.Tensor:
+    def recommendation_logits(
+        self, N: torch.Tensor, entity_ids: torch.Tensor, all_entities: bool = False
+    ) -> torch.Tensor:
         """Eq. 8 before the softmax: e_u . n_i (+ bias_i) for every item -> [B, n_items], or for every row of N
         (all_entities, the reference's training softmax; N must then be the whole graph's)."""
         candidates = N if all_entities else N[: self.cfg.n_items]
@@ -477,7 +523,14 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "C2CRSConfig", "SelfAttentivePooling", "TokenEncoder", "KGEncoder", "FeaturelessRGCN", "C2CRS", "batch_entities",
+    "C2CRSConfig",
+    "SelfAttentivePooling",
+    "TokenEncoder",
+    "KGEncoder",
+    "FeaturelessRGCN",
+    "C2CRS",
+    "batch_entities",
     "info_nce",
-    "projection_head", "count_parameters",
+    "projection_head",
+    "count_parameters",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     dropped = round(p * 65536)  # of the 65536 values of 16 random bits, this many drop an element
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
     return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
 

@@ -1,7 +1,7 @@
 """C2-CRS response generation (paper 4.3.2): a Transformer decoder that fuses history, KG entities and reviews.
 
-Over 400 lines on purpose, one decoder file: the layers, the copy path, the loss and both decoders share the cache layout, so they stay
-together.
+Over 400 lines on purpose, one decoder file: the layers, the copy path, the loss and both decoders share the cache
+layout, so they stay together.
 
 Paper map:
     Eq. 10     DecoderLayer: self-attention over the words generated so far -> cross-attention to the
@@ -70,7 +70,9 @@ class GeneratorConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if self.infusion and not self.entity_bag:
-            raise ValueError("the infusion reads the user vector from the bag-of-entity head's entities: set entity_bag")
+            raise ValueError(
+                "the infusion reads the user vector from the bag-of-entity head's entities: set entity_bag"
+            )
         if self.entity_bag and self.entity_dim <= 0:
             raise ValueError("the bag-of-entity head needs entity_dim (the entity features' and user vector's size)")
 
@@ -97,8 +99,10 @@ class CopySource:
     blocked: torch.Tensor
 
     def split(self, sizes: list[int]) -> list["CopySource"]:
-        return [CopySource(*parts) for parts in zip(self.states.split(sizes), self.ids.split(sizes),
-                                                    self.blocked.split(sizes))]
+        return [
+            CopySource(*parts)
+            for parts in zip(self.states.split(sizes), self.ids.split(sizes), self.blocked.split(sizes))
+        ]
 
 
 class Attention(nn.Module):
@@ -120,12 +124,19 @@ class Attention(nn.Module):
         k, v = self.key_value(x).chunk(2, dim=-1)
         return self._split(k), self._split(v)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attend: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
         """attend: bool, broadcastable to [B, heads, T, L], True where a query may look; causal: row t sees <= t."""
         q = self._split(self.query(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=causal,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
         B, H, T, d = out.shape
         return self.out(out.transpose(1, 2).reshape(B, T, H * d))
 
@@ -145,18 +156,21 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.memories = list(cfg.memory_dims)  # the chain's order
         self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout)
-        self.cross_attention = nn.ModuleDict({m: Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout,
-                                                           cfg.memory_dims[m])
-                                              for m in self.memories})
+        self.cross_attention = nn.ModuleDict(
+            {m: Attention(cfg.dim, cfg.n_heads, cfg.attention_dropout, cfg.memory_dims[m]) for m in self.memories}
+        )
         self.norms = nn.ModuleDict({name: nn.LayerNorm(cfg.dim) for name in ("self", *self.memories, "ffn")})
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), Dropout(cfg.dropout),
-                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), Dropout(cfg.dropout), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.dropout = Dropout(cfg.dropout)
 
     def memory_keys_values(self, memories: dict[str, Memory]) -> dict:
         """Keys, values and attention mask of each memory, computed once per response (the cross-attention cache)."""
-        return {m: (*self.cross_attention[m].keys_values(memories[m].states), attendable(memories[m].pad))
-                for m in self.memories}
+        return {
+            m: (*self.cross_attention[m].keys_values(memories[m].states), attendable(memories[m].pad))
+            for m in self.memories
+        }
 
     def forward(self, x: torch.Tensor, memory_kv: dict, cache: dict | None = None) -> torch.Tensor:
         """x [B, T, dim]. With a cache (decoding), x holds the next position only and the cache the earlier ones."""
@@ -182,8 +196,8 @@ class ResponseGenerator(nn.Module):
         self.cfg = cfg
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_id)
         self.positions = nn.Embedding(cfg.max_positions, cfg.dim)
-        nn.init.normal_(self.tokens.weight, std=cfg.dim ** -0.5)
-        nn.init.normal_(self.positions.weight, std=cfg.dim ** -0.5)
+        nn.init.normal_(self.tokens.weight, std=cfg.dim**-0.5)
+        nn.init.normal_(self.positions.weight, std=cfg.dim**-0.5)
         with torch.no_grad():
             self.tokens.weight[cfg.pad_id].zero_()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
@@ -198,8 +212,9 @@ class ResponseGenerator(nn.Module):
             # the tokens the bias may raise (KGSF's copy mask: the words of its word graph); set by the owner
             self.register_buffer("bias_tokens", torch.zeros(cfg.vocab_size, dtype=torch.bool))
         if cfg.user_bias_dim:  # KBRD's user_representation_to_bias: two layers to a bias over the vocabulary
-            self.user_bias = nn.Sequential(nn.Linear(cfg.user_bias_dim, cfg.dim), nn.ReLU(),
-                                           nn.Linear(cfg.dim, cfg.vocab_size))
+            self.user_bias = nn.Sequential(
+                nn.Linear(cfg.user_bias_dim, cfg.dim), nn.ReLU(), nn.Linear(cfg.dim, cfg.vocab_size)
+            )
         if cfg.entity_bag:
             self.bag_align = nn.Linear(cfg.entity_dim + cfg.dim, cfg.entity_dim)  # KECRS's bag_dim_align
             self.bag_bias = nn.Parameter(torch.zeros(cfg.entity_bag))
@@ -214,8 +229,9 @@ class ResponseGenerator(nn.Module):
     def memory_keys_values(self, memories: dict[str, Memory]) -> list[dict]:
         return [layer.memory_keys_values(memories) for layer in self.layers]
 
-    def decode(self, ids: torch.Tensor, memory_kv: list[dict], caches: list[dict] | None = None,
-               offset: int = 0) -> torch.Tensor:
+    def decode(
+        self, ids: torch.Tensor, memory_kv: list[dict], caches: list[dict] | None = None, offset: int = 0
+    ) -> torch.Tensor:
         """Decoder states for input tokens ids [B, T] at positions offset.. -> [B, T, dim] (causal)."""
         T = ids.size(1)
         if offset + T > self.cfg.max_positions:
@@ -259,7 +275,7 @@ class ResponseGenerator(nn.Module):
 
     def copy_attention(self, hidden: torch.Tensor, source: CopySource) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention over source tokens [B, T, S], p_gen [B, T, 1]). Nothing copyable -> p_gen = 1."""
-        scores = self.copy_query(hidden) @ source.states.transpose(1, 2) / self.cfg.dim ** 0.5
+        scores = self.copy_query(hidden) @ source.states.transpose(1, 2) / self.cfg.dim**0.5
         blocked = source.blocked[:, None, :]
         nothing = source.blocked.all(dim=1)[:, None, None]
         attention = torch.softmax(scores.masked_fill(blocked, float("-inf")).masked_fill(nothing, 0.0), dim=-1)
@@ -268,8 +284,9 @@ class ResponseGenerator(nn.Module):
         p_gen = torch.sigmoid(self.copy_gate(torch.cat([hidden, attended], dim=-1)))
         return attention, p_gen.masked_fill(nothing, 1.0)
 
-    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, source: CopySource | None = None,
-                         user: Memory | None = None) -> torch.Tensor:
+    def target_log_probs(
+        self, hidden: torch.Tensor, targets: torch.Tensor, source: CopySource | None = None, user: Memory | None = None
+    ) -> torch.Tensor:
         """log P(w_t) of the given targets [B, T] under the mixture, without building the copy distribution over the
         whole vocabulary: P = p_gen * softmax(logits)[w] + (1 - p_gen) * (attention on source positions holding w).
 
@@ -280,7 +297,8 @@ class ResponseGenerator(nn.Module):
         user_rows = None if user is None else user.states.expand(-1, targets.size(1), -1)[real]
         vocab_log_probs = torch.log_softmax(self.vocabulary_logits(hidden[real], user_rows).float(), dim=-1)
         generated = torch.zeros(targets.shape, dtype=vocab_log_probs.dtype, device=hidden.device).masked_scatter(
-            real, vocab_log_probs.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1))
+            real, vocab_log_probs.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1)
+        )
         if not self.cfg.copy or source is None:
             return generated
         attention, p_gen = self.copy_attention(hidden, source)
@@ -288,11 +306,13 @@ class ResponseGenerator(nn.Module):
         p_gen = p_gen.squeeze(-1).float()
         return torch.log(p_gen * generated.exp() + (1 - p_gen) * copied.float() + 1e-12).masked_fill(~real, 0.0)
 
-    def next_token_log_probs(self, hidden: torch.Tensor, source: CopySource | None = None,
-                             user: Memory | None = None) -> torch.Tensor:
+    def next_token_log_probs(
+        self, hidden: torch.Tensor, source: CopySource | None = None, user: Memory | None = None
+    ) -> torch.Tensor:
         """The full output distribution for decoder states hidden [B, dim] -> log P [B, vocab]."""
-        probs = torch.softmax(self.vocabulary_logits(hidden, None if user is None else user.states[:, 0]).float(),
-                              dim=-1)
+        probs = torch.softmax(
+            self.vocabulary_logits(hidden, None if user is None else user.states[:, 0]).float(), dim=-1
+        )
         if self.cfg.copy and source is not None:
             attention, p_gen = self.copy_attention(hidden[:, None], source)
             copied = torch.zeros_like(probs).scatter_add_(1, source.ids, attention[:, 0].float())
@@ -324,8 +344,9 @@ def instance_weights(frequency: torch.Tensor, threshold: float, floor: float) ->
     return torch.where(frequency >= threshold, scaled, torch.ones_like(frequency))
 
 
-def generation_loss(target_log_probs: torch.Tensor, targets: torch.Tensor, pad_id: int,
-                    token_weights: torch.Tensor | None = None) -> torch.Tensor:
+def generation_loss(
+    target_log_probs: torch.Tensor, targets: torch.Tensor, pad_id: int, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 11 as a weighted negative log-likelihood, averaged over the real target tokens of the batch.
 
     Eq. 11 writes log(alpha * P); taken literally that is log alpha + log P, whose gradient ignores alpha. The
@@ -360,12 +381,13 @@ def _banned_by_ngrams(prefix: list[int], n: int) -> list[int]:
         return []
     if n == 1:
         return list(set(prefix))
-    tail = tuple(prefix[len(prefix) - n + 1:])
-    return [prefix[i + n - 1] for i in range(len(prefix) - n + 1) if tuple(prefix[i:i + n - 1]) == tail]
+    tail = tuple(prefix[len(prefix) - n + 1 :])
+    return [prefix[i + n - 1] for i in range(len(prefix) - n + 1) if tuple(prefix[i : i + n - 1]) == tail]
 
 
-def _mask_tokens(log_probs: torch.Tensor, prefixes: list[list[int]], banned_ids: list[int],
-                 block_ngram: int) -> torch.Tensor:
+def _mask_tokens(
+    log_probs: torch.Tensor, prefixes: list[list[int]], banned_ids: list[int], block_ngram: int
+) -> torch.Tensor:
     if banned_ids:
         log_probs[:, banned_ids] = float("-inf")
     if block_ngram > 0:
@@ -389,8 +411,9 @@ class _Stepper:
     """Feeds one token per row per step and returns the next-token log-probabilities; with use_cache the decoder
     sees only the new token (the cache holds the rest), without it the whole prefix again (for tests and benches)."""
 
-    def __init__(self, model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
-                 use_cache: bool):
+    def __init__(
+        self, model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None, use_cache: bool
+    ):
         self.model, self.source, self.use_cache = model, source, use_cache
         self.user = memories.get(USER)
         self.memory_kv = model.memory_keys_values(memories)
@@ -422,8 +445,9 @@ def _strip(tokens: list[int], end_id: int, pad_id: int) -> list[int]:
 
 def _check_length(model: ResponseGenerator, max_tokens: int) -> None:
     if not 1 <= max_tokens <= model.cfg.max_positions:
-        raise ValueError(f"max_tokens must be in 1..{model.cfg.max_positions} (the decoder's max_positions), "
-                         f"got {max_tokens}")
+        raise ValueError(
+            f"max_tokens must be in 1..{model.cfg.max_positions} (the decoder's max_positions), got {max_tokens}"
+        )
 
 
 def _batch_size(memories: dict[str, Memory], source: CopySource | None) -> int:
@@ -435,26 +459,56 @@ def _batch_size(memories: dict[str, Memory], source: CopySource | None) -> int:
 
 
 @torch.no_grad()
-def greedy_decode(model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
-                  max_tokens: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
-                  use_cache: bool = True) -> list[list[int]]:
+def greedy_decode(
+    model: ResponseGenerator,
+    memories: dict[str, Memory],
+    source: CopySource | None,
+    max_tokens: int,
+    block_ngram: int = 0,
+    banned_ids: tuple[int, ...] = (),
+    use_cache: bool = True,
+) -> list[list[int]]:
     """The most likely next token at every step, until the end token or max_tokens; returns token ids per row
     (without start and end tokens)."""
     _check_length(model, max_tokens)
-    return greedy_search(_Stepper(model, memories, source, use_cache), _batch_size(memories, source), model.cfg,
-                         max_tokens, block_ngram, banned_ids, model.output_bias.device)
+    return greedy_search(
+        _Stepper(model, memories, source, use_cache),
+        _batch_size(memories, source),
+        model.cfg,
+        max_tokens,
+        block_ngram,
+        banned_ids,
+        model.output_bias.device,
+    )
 
 
 @torch.no_grad()
-def beam_decode(model: ResponseGenerator, memories: dict[str, Memory], source: CopySource | None,
-                max_tokens: int, beam_size: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
-                length_penalty: float = 0.0, use_cache: bool = True) -> list[list[int]]:
+def beam_decode(
+    model: ResponseGenerator,
+    memories: dict[str, Memory],
+    source: CopySource | None,
+    max_tokens: int,
+    beam_size: int,
+    block_ngram: int = 0,
+    banned_ids: tuple[int, ...] = (),
+    length_penalty: float = 0.0,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Beam search (beam_search) over this generator."""
     _check_length(model, max_tokens)
     k = beam_size
     step = _Stepper(model, {m: _repeat_rows(v, k) for m, v in memories.items()}, _repeat_rows(source, k), use_cache)
-    return beam_search(step, _batch_size(memories, source), model.cfg, max_tokens, beam_size, block_ngram,
-                       banned_ids, length_penalty, model.output_bias.device)
+    return beam_search(
+        step,
+        _batch_size(memories, source),
+        model.cfg,
+        max_tokens,
+        beam_size,
+        block_ngram,
+        banned_ids,
+        length_penalty,
+        model.output_bias.device,
+    )
 
 
 # The searches below drive any decoder through a stepper: step(prefix [rows, t]) -> log P(next) [rows, vocab], and
@@ -462,8 +516,9 @@ def beam_decode(model: ResponseGenerator, memories: dict[str, Memory], source: C
 
 
 @torch.no_grad()
-def greedy_search(step, batch: int, ids, max_tokens: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (),
-                  device="cpu") -> list[list[int]]:
+def greedy_search(
+    step, batch: int, ids, max_tokens: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (), device="cpu"
+) -> list[list[int]]:
     prefix = torch.full((batch, 1), ids.start_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(max_tokens):
@@ -477,8 +532,17 @@ def greedy_search(step, batch: int, ids, max_tokens: int, block_ngram: int = 0, 
 
 
 @torch.no_grad()
-def beam_search(step, batch: int, ids, max_tokens: int, beam_size: int, block_ngram: int = 0,
-                banned_ids: tuple[int, ...] = (), length_penalty: float = 0.0, device="cpu") -> list[list[int]]:
+def beam_search(
+    step,
+    batch: int,
+    ids,
+    max_tokens: int,
+    beam_size: int,
+    block_ngram: int = 0,
+    banned_ids: tuple[int, ...] = (),
+    length_penalty: float = 0.0,
+    device="cpu",
+) -> list[list[int]]:
     """step's rows are each batch row beam_size times in a row. A hypothesis ends with the end token (its
     log-probability counted) or after max_tokens tokens; its score is its summed log-probability divided by
     length ** length_penalty (0: no normalisation)."""
@@ -507,7 +571,7 @@ def beam_search(step, batch: int, ids, max_tokens: int, beam_size: int, block_ng
             break
     final = (scores.view(-1) / lengths.clamp(min=1) ** length_penalty).view(batch, k)
     final = final.masked_fill(scores == float("-inf"), float("-inf"))
-    best = (final.argmax(dim=1) + offsets[:, 0])
+    best = final.argmax(dim=1) + offsets[:, 0]
     return [_strip(row, ids.end_id, ids.pad_id) for row in prefix[best, 1:].tolist()]
 
 
@@ -528,9 +592,16 @@ class ConversationModel(nn.Module):
     its self-attention, the user vectors of the vocabulary bias; the history is the encoders' conversation encoder.
     """
 
-    def __init__(self, encoders: C2CRS, generator: ResponseGenerator, movie_token_ids: list[int],
-                 uncopyable_ids: list[int], frozen: tuple[str, ...] = (), kgsf: KGSFRecommender | None = None,
-                 word_graph: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        encoders: C2CRS,
+        generator: ResponseGenerator,
+        movie_token_ids: list[int],
+        uncopyable_ids: list[int],
+        frozen: tuple[str, ...] = (),
+        kgsf: KGSFRecommender | None = None,
+        word_graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.encoders, self.generator, self.kgsf = encoders, generator, kgsf
         needs_kgsf = "word" in generator.cfg.memory_dims or generator.cfg.vocabulary_bias_dim
@@ -539,8 +610,10 @@ class ConversationModel(nn.Module):
         n_in = encoders.cfg.vocab_size
         self.placeholder_id = generator.cfg.vocab_size - 1
         if self.placeholder_id != n_in:
-            raise ValueError(f"the output vocabulary ({generator.cfg.vocab_size}) must be the input vocabulary "
-                             f"({n_in}) plus the movie placeholder")
+            raise ValueError(
+                f"the output vocabulary ({generator.cfg.vocab_size}) must be the input vocabulary "
+                f"({n_in}) plus the movie placeholder"
+            )
         to_output = torch.arange(n_in)
         to_output[torch.as_tensor(movie_token_ids, dtype=torch.long)] = self.placeholder_id
         uncopyable = torch.zeros(n_in, dtype=torch.bool)
@@ -568,8 +641,11 @@ class ConversationModel(nn.Module):
             if name == "word":
                 raise ValueError("the word encoder is KGSF's: this model has none")
             return self.encoders.kg_encoder
-        return (nn.ModuleList([self.kgsf.kg_encoder, self.kgsf.entity_pooling]) if name == "kg" else
-                nn.ModuleList([self.kgsf.words, self.kgsf.word_gcn, self.kgsf.word_pooling]))
+        return (
+            nn.ModuleList([self.kgsf.kg_encoder, self.kgsf.entity_pooling])
+            if name == "kg"
+            else nn.ModuleList([self.kgsf.words, self.kgsf.word_gcn, self.kgsf.word_pooling])
+        )
 
     def _run(self, name: str, fn, *args):
         if name in self.frozen:
@@ -589,9 +665,11 @@ class ConversationModel(nn.Module):
 
     def encode_sentences(self, sentence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Review sentences [S, Ls] -> token states [S, Ls, d] and sentence vectors E [S, d]."""
+
         def encode(ids):
             states, pad = self.encoders.review_encoder(ids)
             return states, self.encoders.sentence_pooling(states, pad)
+
         return self._run("review", encode, sentence_ids)
 
     def word_states(self) -> torch.Tensor:
@@ -602,11 +680,17 @@ class ConversationModel(nn.Module):
         """Context tokens [B, L] -> the conversation encoder's states F [B, L, d] and padding mask [B, L]."""
         return self._run("history", self.encoders.conversation_encoder, context_ids)
 
-    def memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor | None, entity_ids: torch.Tensor,
-                 sentence_ids: torch.Tensor, sentence_mask: torch.Tensor,
-                 review_states: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 history_states: torch.Tensor | None = None,
-                 word_states: torch.Tensor | None = None) -> tuple[dict[str, Memory], CopySource | None]:
+    def memories(
+        self,
+        context_ids: torch.Tensor,
+        entity_rows: torch.Tensor | None,
+        entity_ids: torch.Tensor,
+        sentence_ids: torch.Tensor,
+        sentence_mask: torch.Tensor,
+        review_states: tuple[torch.Tensor, torch.Tensor] | None = None,
+        history_states: torch.Tensor | None = None,
+        word_states: torch.Tensor | None = None,
+    ) -> tuple[dict[str, Memory], CopySource | None]:
         """Eq. 10's memories for a batch, and the copy source (context tokens, then review sentence tokens).
 
         context_ids [B, L]; entity_rows = N for the batch's entities (KGEncoder.forward_nodes) with entity_ids
@@ -659,8 +743,9 @@ class ConversationModel(nn.Module):
         ids = torch.cat([i for _, i in sources], dim=1)
         return memories, CopySource(states=states, ids=self.to_output[ids], blocked=self.uncopyable[ids])
 
-    def _kgsf_memories(self, context_ids: torch.Tensor, entity_rows: torch.Tensor, entity_ids: torch.Tensor,
-                       W: torch.Tensor) -> dict[str, Memory]:
+    def _kgsf_memories(
+        self, context_ids: torch.Tensor, entity_rows: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor
+    ) -> dict[str, Memory]:
         """KGSF's word memory (the graph words of the context's tokens, after the word GCN) and, for the
         vocabulary bias, the user's entity and word vectors [B, 1, 2d] (as KGSF's recommender pools them)."""
         word_ids = self.token_word[context_ids]
@@ -676,7 +761,23 @@ class ConversationModel(nn.Module):
         return out
 
 
-__all__ = ["ConversationModel", "MEMORIES", "USER", "greedy_search", "beam_search", "GeneratorConfig", "Memory", "CopySource", "Attention", "DecoderLayer",
-           "ResponseGenerator", "review_token_order", "instance_weights", "generation_loss", "bag_of_entity_loss",
-           "infusion_loss", "greedy_decode",
-           "beam_decode"]
+__all__ = [
+    "ConversationModel",
+    "MEMORIES",
+    "USER",
+    "greedy_search",
+    "beam_search",
+    "GeneratorConfig",
+    "Memory",
+    "CopySource",
+    "Attention",
+    "DecoderLayer",
+    "ResponseGenerator",
+    "review_token_order",
+    "instance_weights",
+    "generation_loss",
+    "bag_of_entity_loss",
+    "infusion_loss",
+    "greedy_decode",
+    "beam_decode",
+]

@@ -57,11 +57,13 @@ class HRED(nn.Module):
         if not bool(real[:, 0].all()):
             raise ValueError("every row needs at least one utterance, in its first slot")
         flat = utterances[real]  # [N, L]
-        packed = pack_padded_sequence(self.dropout(self.tokens(flat)), lengths[real].cpu(), batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.dropout(self.tokens(flat)), lengths[real].cpu(), batch_first=True, enforce_sorted=False
+        )
         _, h = self.utterance_encoder(packed)  # [2, N, dim]
         vectors = flat.new_zeros((B, U, 2 * self.cfg.dim), dtype=h.dtype).index_put(
-            real.nonzero(as_tuple=True), torch.cat([h[0], h[1]], dim=-1))
+            real.nonzero(as_tuple=True), torch.cat([h[0], h[1]], dim=-1)
+        )
         packed = pack_padded_sequence(vectors, real.sum(dim=1).cpu(), batch_first=True, enforce_sorted=False)
         _, state = self.context_encoder(packed)  # [1, B, context_dim]
         return torch.tanh(self.decoder_start(state))
@@ -80,7 +82,8 @@ class HRED(nn.Module):
         real = targets.ne(self.cfg.pad_id)
         log_probs = torch.log_softmax(self.logits(outputs[real]).float(), dim=-1)
         return torch.zeros(targets.shape, dtype=log_probs.dtype, device=targets.device).masked_scatter(
-            real, log_probs.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1))
+            real, log_probs.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1)
+        )
 
 
 class HREDStepper:

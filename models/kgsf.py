@@ -40,10 +40,18 @@ class KGSFRecommender(nn.Module):
     def __init__(self, cfg: KGSFConfig):
         super().__init__()
         self.cfg = cfg
-        self.kg_encoder = KGEncoder(C2CRSConfig(vocab_size=1, n_entities=cfg.n_entities, n_relations=cfg.n_relations,
-                                                n_items=cfg.n_items, kg_dim=cfg.dim, num_bases=cfg.num_bases))
+        self.kg_encoder = KGEncoder(
+            C2CRSConfig(
+                vocab_size=1,
+                n_entities=cfg.n_entities,
+                n_relations=cfg.n_relations,
+                n_items=cfg.n_items,
+                kg_dim=cfg.dim,
+                num_bases=cfg.num_bases,
+            )
+        )
         self.words = nn.Embedding(cfg.n_words, cfg.dim)
-        nn.init.normal_(self.words.weight, std=cfg.dim ** -0.5)
+        nn.init.normal_(self.words.weight, std=cfg.dim**-0.5)
         self.word_gcn = GCNConv(cfg.dim, cfg.dim)
         self.entity_pooling = SelfAttentivePooling(cfg.dim)
         self.word_pooling = SelfAttentivePooling(cfg.dim)
@@ -61,29 +69,40 @@ class KGSFRecommender(nn.Module):
         """W [n_words, dim]: the word embeddings after one GCN layer over the word graph (as KGSF, no nonlinearity)."""
         return self.word_gcn(self.words.weight, word_edge_index)
 
-    def user_vectors(self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor,
-                     word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def user_vectors(
+        self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor, word_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the fused user vector [B, dim], the word-side one w [B, dim]); entity_ids index rows of N and word_ids
         rows of W, both [B, *] with -1 padding."""
         e, w = self.side_vectors(N, entity_ids, W, word_ids)
         g = torch.sigmoid(self.gate(self.fuse(torch.cat([w, e], dim=-1))))
         return g * e + (1 - g) * w, w
 
-    def side_vectors(self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor,
-                     word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def side_vectors(
+        self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor, word_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the entity-side user vector e, the word-side one w), each [B, dim], before the gate (KGSF's generator
         reads both). A side with nothing to pool is a zero vector."""
-        return (self.entity_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0),
-                self.word_pooling(W[word_ids.clamp(min=0)], word_ids < 0))
+        return (
+            self.entity_pooling(N[entity_ids.clamp(min=0)], entity_ids < 0),
+            self.word_pooling(W[word_ids.clamp(min=0)], word_ids < 0),
+        )
 
-    def recommendation_logits(self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor,
-                              word_ids: torch.Tensor) -> torch.Tensor:
+    def recommendation_logits(
+        self, N: torch.Tensor, entity_ids: torch.Tensor, W: torch.Tensor, word_ids: torch.Tensor
+    ) -> torch.Tensor:
         """user . n_i + b_i for every item -> [B, n_items] (N's first n_items rows are the items)."""
         user, _ = self.user_vectors(N, entity_ids, W, word_ids)
         return user @ N[: self.cfg.n_items].T + self.item_bias[: self.cfg.n_items]
 
-    def mim_loss(self, N: torch.Tensor, node_ids: torch.Tensor, word_user: torch.Tensor, targets: torch.Tensor,
-                 rows: torch.Tensor) -> torch.Tensor:
+    def mim_loss(
+        self,
+        N: torch.Tensor,
+        node_ids: torch.Tensor,
+        word_user: torch.Tensor,
+        targets: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
         """KGSF's info_db_loss: squared error between the projected word-side vectors' scores over N's rows
         (entities node_ids, [n]) and the targets [B, n] (1 for the context's movies), summed over entities and
         averaged over the rows that count (rows [B] bool: KGSF counts the samples with context entities)."""

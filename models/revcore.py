@@ -47,5 +47,5 @@ class RevCoreRecommender(nn.Module):
             return torch.sigmoid(scores + self.sentiment.bias)
 
     def sentence_entities(self, sentence: int) -> list[int]:
-        start, end = self.link_offsets[sentence: sentence + 2].tolist()
+        start, end = self.link_offsets[sentence : sentence + 2].tolist()
         return self.link_entities[start:end].tolist()

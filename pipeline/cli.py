@@ -17,103 +17,182 @@ from pipeline.paths import project_root
 from stages.io.graph import STAGES, stage_body, stage_instances, stage_names, variants_of
 from stages.io.outputs import is_main_process
 
-MODELS_FROM_HELP = ("registry (default): each model's champion in the MLflow registry (models:/NAME@champion) when it "
-                    "was trained on the workspace's data, else the workspace's file; workspace: the DVC outputs")
+MODELS_FROM_HELP = (
+    "registry (default): each model's champion in the MLflow registry (models:/NAME@champion) when it "
+    "was trained on the workspace's data, else the workspace's file; workspace: the DVC outputs"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
-    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get("C2CRS_DEBUG")),
-                        help="on an error, show its traceback (also: C2CRS_DEBUG=1); without, one `error:` line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=bool(os.environ.get("C2CRS_DEBUG")),
+        help="on an error, show its traceback (also: C2CRS_DEBUG=1); without, one `error:` line",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one stage, or all of them, as a Prefect flow")
-    run.add_argument("stage", help=f"one of: {', '.join(stage_names())}, all; a foreach stage's variant as "
-                                   "STAGE@VARIANT (ablations@wo_coarse; the stage alone: every variant)")
+    run.add_argument(
+        "stage",
+        help=f"one of: {', '.join(stage_names())}, all; a foreach stage's variant as "
+        "STAGE@VARIANT (ablations@wo_coarse; the stage alone: every variant)",
+    )
     run.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
 
     commands.add_parser("stages", help="list the stages with their inputs and outputs")
 
-    repro = commands.add_parser("repro", help="`dvc repro` with one Prefect server and one MLflow parent run; "
-                                              "without dvc options, independent stages run side by side")
-    repro.add_argument("--jobs", type=int, default=2, help="stages at once, each with its share of the cores "
-                                                           "(default 2; 1: plain `dvc repro`)")
-    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (then stages run one at a "
-                                                                  "time, as dvc repro runs them)")
+    repro = commands.add_parser(
+        "repro",
+        help="`dvc repro` with one Prefect server and one MLflow parent run; "
+        "without dvc options, independent stages run side by side",
+    )
+    repro.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="stages at once, each with its share of the cores (default 2; 1: plain `dvc repro`)",
+    )
+    repro.add_argument(
+        "dvc_args",
+        nargs=argparse.REMAINDER,
+        help="passed to dvc repro (then stages run one at a time, as dvc repro runs them)",
+    )
 
-    ui = commands.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 and a Prefect worker for "
-                                        "the stage deployments, until Ctrl-C")
+    ui = commands.add_parser(
+        "ui",
+        help="start the Prefect and MLflow UIs on 127.0.0.1 and a Prefect worker for "
+        "the stage deployments, until Ctrl-C",
+    )
     ui.add_argument("--no-worker", action="store_true", help="the UIs only: no deployments, no worker")
 
-    worker = commands.add_parser("worker", help="deploy every stage to a process work pool and run its worker (flow "
-                                                "runs started in the Prefect UI run here) until Ctrl-C")
+    worker = commands.add_parser(
+        "worker",
+        help="deploy every stage to a process work pool and run its worker (flow "
+        "runs started in the Prefect UI run here) until Ctrl-C",
+    )
     worker.add_argument("--pool", default="c2crs-local", help="work pool (default: c2crs-local; made if missing)")
     worker.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: stages share a checkout)")
 
     deploy = commands.add_parser("deploy", help="register one Prefect deployment per stage and `all` on a work pool")
     deploy.add_argument("--pool", default="c2crs-local", help="work pool (default: c2crs-local)")
-    deploy.add_argument("--type", default="process", dest="pool_type",
-                        help="type of the pool when it has to be made: process (default), docker, kubernetes")
-    deploy.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="set_params",
-                        help="default params overrides of the deployments, as `dvc exp run -S` (device=cuda)")
-    deploy.add_argument("--job-variables", type=Path, help="JSON file of job variables for the pool's job template "
-                                                           "(image, volumes, GPU request: deploy/README.md)")
-    deploy.add_argument("--checkout", type=Path, help="the project directory the runs use (default: this one; for "
-                                                      "Docker mount it at the same path)")
+    deploy.add_argument(
+        "--type",
+        default="process",
+        dest="pool_type",
+        help="type of the pool when it has to be made: process (default), docker, kubernetes",
+    )
+    deploy.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="set_params",
+        help="default params overrides of the deployments, as `dvc exp run -S` (device=cuda)",
+    )
+    deploy.add_argument(
+        "--job-variables",
+        type=Path,
+        help="JSON file of job variables for the pool's job template (image, volumes, GPU request: deploy/README.md)",
+    )
+    deploy.add_argument(
+        "--checkout",
+        type=Path,
+        help="the project directory the runs use (default: this one; for Docker mount it at the same path)",
+    )
 
     score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
     score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
     score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    score.add_argument("--models", nargs="+", metavar="MODEL", help="only these models (default: every trained "
-                                                                    "model whose file exists, and the naive ones)")
-    score.add_argument("--models-from", choices=("registry", "workspace"), default="registry",
-                       help=MODELS_FROM_HELP)
+    score.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="only these models (default: every trained model whose file exists, and the naive ones)",
+    )
+    score.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
 
-    commands.add_parser("report", help="write the result tables of README.md and docs/ anew from the committed "
-                                       "reports/ (never typed by hand)")
+    commands.add_parser(
+        "report",
+        help="write the result tables of README.md and docs/ anew from the committed reports/ (never typed by hand)",
+    )
 
-    rate = commands.add_parser("rate", help="score filled copies of reports/conv_rating.csv: each model's mean "
-                                            "fluency and informativeness, and inter-rater agreement")
+    rate = commands.add_parser(
+        "rate",
+        help="score filled copies of reports/conv_rating.csv: each model's mean "
+        "fluency and informativeness, and inter-rater agreement",
+    )
     rate.add_argument("sheets", nargs="+", help="one filled rating sheet per rater (CSV)")
-    rate.add_argument("--key", default="reports/conv_rating_key.csv", help="which model wrote each item "
-                                                                             "(default: reports/conv_rating_key.csv)")
+    rate.add_argument(
+        "--key",
+        default="reports/conv_rating_key.csv",
+        help="which model wrote each item (default: reports/conv_rating_key.csv)",
+    )
 
     talk = commands.add_parser("talk", help="talk with the trained C2-CRS model in the terminal")
     talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     talk.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
 
-    serve = commands.add_parser("serve", help="the trained C2-CRS model behind an HTTP API and a chat page "
-                                              "(http://127.0.0.1:8000/), until Ctrl-C")
+    serve = commands.add_parser(
+        "serve",
+        help="the trained C2-CRS model behind an HTTP API and a chat page (http://127.0.0.1:8000/), until Ctrl-C",
+    )
     serve.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     serve.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
-    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this "
-                                                            "machine only; the API has no authentication)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default: 127.0.0.1, this machine only; the API has no authentication)",
+    )
     serve.add_argument("--port", type=int, default=8000, help="default: 8000")
-    serve.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait and run before it "
-                                                                   "gets 503 (default: 30)")
+    serve.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait and run before it gets 503 (default: 30)",
+    )
 
-    study = commands.add_parser("study", help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
-                                              "model per setting and seed (resumable); `report` writes "
-                                              "reports/pretraining.md from the finished runs")
+    study = commands.add_parser(
+        "study",
+        help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
+        "model per setting and seed (resumable); `report` writes "
+        "reports/pretraining.md from the finished runs",
+    )
     study.add_argument("action", choices=("run", "report", "list"))
     study.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
     study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     study.add_argument("--arms", nargs="+", help="only these arms (c2crs, kbrd, or an extension of params.study)")
-    study.add_argument("--workers", type=int, help="runs at once (default: params.study.workers); above 1 they are flow "
-                       "runs of the Prefect deployment c2crs-study/run on the local process pool")
-    study.add_argument("--pool", help="only submit the runs not done as flow runs to this work pool's workers "
-                                      "(deployed there; Prefect API: PREFECT_API_URL or `make ui`)")
+    study.add_argument(
+        "--workers",
+        type=int,
+        help="runs at once (default: params.study.workers); above 1 they are flow "
+        "runs of the Prefect deployment c2crs-study/run on the local process pool",
+    )
+    study.add_argument(
+        "--pool",
+        help="only submit the runs not done as flow runs to this work pool's workers "
+        "(deployed there; Prefect API: PREFECT_API_URL or `make ui`)",
+    )
 
-    models = commands.add_parser("models", help="the MLflow model registry: `list` the registered models with their "
-                                                "champion; `compare` versions side by side")
+    models = commands.add_parser(
+        "models",
+        help="the MLflow model registry: `list` the registered models with their "
+        "champion; `compare` versions side by side",
+    )
     models.add_argument("action", choices=("list", "compare"))
-    models.add_argument("references", nargs="*", metavar="MODEL",
-                        help="compare: NAME (its champion, else its newest version), NAME@ALIAS or NAME/VERSION")
+    models.add_argument(
+        "references",
+        nargs="*",
+        metavar="MODEL",
+        help="compare: NAME (its champion, else its newest version), NAME@ALIAS or NAME/VERSION",
+    )
     models.add_argument("--markdown", action="store_true", help="a markdown table (default: aligned text)")
 
-    reference = commands.add_parser("reference", help="print the `dvc exp run` command that sets the authors' "
-                                                      "configuration (params/reference.yaml)")
+    reference = commands.add_parser(
+        "reference", help="print the `dvc exp run` command that sets the authors' configuration (params/reference.yaml)"
+    )
     reference.add_argument("--file", default="params/reference.yaml")
 
     args, unknown = parser.parse_known_args(argv)
@@ -121,9 +200,22 @@ def main(argv: list[str] | None = None) -> int:
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    command = {"run": _run, "stages": _stages, "repro": _repro, "ui": operate.ui_command, "score": _score,
-               "rate": _rate, "talk": _talk, "serve": _serve, "study": _study, "reference": _reference,
-               "report": _report, "models": _models, "worker": operate.worker_command, "deploy": operate.deploy_command}[args.command]
+    command = {
+        "run": _run,
+        "stages": _stages,
+        "repro": _repro,
+        "ui": operate.ui_command,
+        "score": _score,
+        "rate": _rate,
+        "talk": _talk,
+        "serve": _serve,
+        "study": _study,
+        "reference": _reference,
+        "report": _report,
+        "models": _models,
+        "worker": operate.worker_command,
+        "deploy": operate.deploy_command,
+    }[args.command]
     if not args.debug:
         quiet_tracebacks()
     try:
@@ -135,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         expected = isinstance(exc, PROJECT_ERRORS)
-        print(f"error: {error_message(exc)}" + ("" if expected else " (an unexpected error: rerun with --debug "
-                                                                     "for its traceback, and report it)"),
-              file=sys.stderr)
+        print(
+            f"error: {error_message(exc)}"
+            + ("" if expected else " (an unexpected error: rerun with --debug for its traceback, and report it)"),
+            file=sys.stderr,
+        )
         return 2 if expected else 1
 
 
@@ -161,8 +255,12 @@ def error_message(exc: BaseException) -> str:
             url = exc.request.url
         except RuntimeError:  # an error raised before any request was made
             url = None
-        return f"cannot download {url}: {type(exc).__name__}: {exc} (check the network, or use the mirror: " \
-               f"data.source: mirror with C2CRS_DATA_DIR)" if url else f"{type(exc).__name__}: {exc}"
+        return (
+            f"cannot download {url}: {type(exc).__name__}: {exc} (check the network, or use the mirror: "
+            f"data.source: mirror with C2CRS_DATA_DIR)"
+            if url
+            else f"{type(exc).__name__}: {exc}"
+        )
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     text = " ".join(str(exc).split()) if not isinstance(exc, ConfigError) else str(exc)
@@ -196,8 +294,10 @@ def _run(args) -> int:
         return 2
     if variant and variant not in variants_of(STAGES[family], params):
         known = ", ".join(variants_of(STAGES[family], params)) or "none"
-        print(f"error: {args.stage!r}: {params_file.name} {STAGES[family].foreach} has no {variant!r}; it has {known}",
-              file=sys.stderr)
+        print(
+            f"error: {args.stage!r}: {params_file.name} {STAGES[family].foreach} has no {variant!r}; it has {known}",
+            file=sys.stderr,
+        )
         return 2
     stage_logging()
 
@@ -224,8 +324,11 @@ def _run(args) -> int:
         # The stage's outputs are written and its MLflow run ended; only Prefect's bookkeeping failed. Failing here
         # would make DVC discard a finished stage (no dvc.lock entry) and rerun it.
         print(summary_line(args.stage, FINISHED[args.stage], time.monotonic() - started))
-        print(f"warning: {args.stage} finished and wrote its outputs, but the Prefect API was lost "
-              f"({type(exc).__name__}: {exc}); its flow run's final state is not recorded", file=sys.stderr)
+        print(
+            f"warning: {args.stage} finished and wrote its outputs, but the Prefect API was lost "
+            f"({type(exc).__name__}: {exc}); its flow run's final state is not recorded",
+            file=sys.stderr,
+        )
         exit_now(0)
     print(summary_line(args.stage, metrics, time.monotonic() - started))
     return 0
@@ -264,10 +367,14 @@ def summary_line(stage: str, metrics: dict, seconds: float, shown: int = 6) -> s
     MLflow run (`dvc metrics show`)."""
     from pipeline.tracking import flatten
 
-    numbers = [(key, value) for key, value in flatten(metrics).items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    text = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                     for key, value in numbers[:shown])
+    numbers = [
+        (key, value)
+        for key, value in flatten(metrics).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    text = ", ".join(
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in numbers[:shown]
+    )
     more = f" (+{len(numbers) - shown} more)" if len(numbers) > shown else ""
     return f"{stage}: done in {seconds:.1f} s; {text}{more}"
 
@@ -286,8 +393,9 @@ def _study(args) -> int:
         return 2
     if args.action == "list":
         for job in todo:
-            print(f"{job.setting:24} seed {job.seed:<4} {job.arm:16} "
-                  f"{'done' if job.done(params, workspace) else 'to do'}")
+            print(
+                f"{job.setting:24} seed {job.seed:<4} {job.arm:16} {'done' if job.done(params, workspace) else 'to do'}"
+            )
     elif args.action == "run" and args.pool:
         return _submit_study(params, workspace, [job for job in todo if not job.done(params, workspace)], args.pool)
     elif args.action == "run":
@@ -308,8 +416,9 @@ def _submit_study(params, workspace: Path, todo: list, pool: str) -> int:
         return 2
     deployment = study_flows.deploy_study(pool, api)
     ids = study_flows.submit(todo, workspace, 1, api)
-    print(f"{len(ids)} flow runs of {deployment} submitted to work pool {pool!r} ({api}); `study report` once they "
-          "finish")
+    print(
+        f"{len(ids)} flow runs of {deployment} submitted to work pool {pool!r} ({api}); `study report` once they finish"
+    )
     return 0
 
 
@@ -331,8 +440,7 @@ def _models(args) -> int:
             return 0
     else:
         if not args.references:
-            print("error: `models compare` needs one or more MODEL (NAME, NAME@ALIAS or NAME/VERSION)",
-                  file=sys.stderr)
+            print("error: `models compare` needs one or more MODEL (NAME, NAME@ALIAS or NAME/VERSION)", file=sys.stderr)
             return 2
         try:
             table = registry.compare(client, args.references)
@@ -348,8 +456,11 @@ def _report(args) -> int:
     from pipeline import report
 
     changed = report.write(project_root())
-    print("rewritten: " + ", ".join(str(p.relative_to(project_root())) for p in changed) if changed
-          else "every generated table is up to date")
+    print(
+        "rewritten: " + ", ".join(str(p.relative_to(project_root())) for p in changed)
+        if changed
+        else "every generated table is up to date"
+    )
     return 0
 
 
@@ -357,8 +468,12 @@ def _reference(args) -> int:
     """The reference overrides as one command line; validated against params.yaml first."""
     from pipeline.config import reference_overrides
 
-    print(" ".join(["dvc exp run"] + [f"-S '{key}={json.dumps(value)}'"
-                                      for key, value in reference_overrides(Path(args.file)).items()]))
+    print(
+        " ".join(
+            ["dvc exp run"]
+            + [f"-S '{key}={json.dumps(value)}'" for key, value in reference_overrides(Path(args.file)).items()]
+        )
+    )
     return 0
 
 
@@ -376,11 +491,15 @@ def _score(args) -> int:
         print(f"error: --data {data}: file not found", file=sys.stderr)
         return 2
     workspace = params_file.parent
-    trained = {name: file for name, file in model_files(params, workspace).items()
-               if name != REPEAT_CHOICE and (not args.models or name in args.models
-                                             or (name == "c2crs" and REPEAT_CHOICE in args.models))}
+    trained = {
+        name: file
+        for name, file in model_files(params, workspace).items()
+        if name != REPEAT_CHOICE
+        and (not args.models or name in args.models or (name == "c2crs" and REPEAT_CHOICE in args.models))
+    }
     by_registered = registry.model_sources(
-        {registered_name(name, "recommender"): file for name, file in trained.items()}, workspace, args.models_from)
+        {registered_name(name, "recommender"): file for name, file in trained.items()}, workspace, args.models_from
+    )
     files = {name: by_registered[registered_name(name, "recommender")] for name in trained}
     if "c2crs" in files:
         files[REPEAT_CHOICE] = files["c2crs"]
@@ -399,7 +518,14 @@ def _score(args) -> int:
 
 def _rate(args) -> int:
     """Means per model over raters and items, Krippendorff's alpha (ordinal) per aspect; also as JSON."""
-    from stages.evaluation.conv_metrics import MODEL_NAMES, RATING_ASPECTS, RatingError, read_key, read_ratings, score_ratings
+    from stages.evaluation.conv_metrics import (
+        MODEL_NAMES,
+        RATING_ASPECTS,
+        RatingError,
+        read_key,
+        read_ratings,
+        score_ratings,
+    )
 
     try:
         for path in [args.key, *args.sheets]:
@@ -416,8 +542,10 @@ def _rate(args) -> int:
         print(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(f"{means[a]:.2f}" for a in RATING_ASPECTS) + " |")
     for aspect, agreement in scored["agreement"].items():
         alpha = agreement["krippendorff_alpha_ordinal"]
-        print(f"{aspect}: Krippendorff's alpha (ordinal) = "
-              + ("n/a (needs two raters and more than one distinct score)" if alpha is None else f"{alpha:.3f}"))
+        print(
+            f"{aspect}: Krippendorff's alpha (ordinal) = "
+            + ("n/a (needs two raters and more than one distinct score)" if alpha is None else f"{alpha:.3f}")
+        )
     print(json.dumps(scored, indent=2, sort_keys=True))
     return 0
 
@@ -501,8 +629,15 @@ def _repro_side_by_side(dvc: str, jobs: int, env: dict[str, str]) -> int:
 
     root = project_root()
     started = time.monotonic()
-    results = parallel.run_stages(parallel.dvc_stage_graph(root), lambda stage: [dvc, "repro", "--single-item", stage],
-                                  jobs, root, env, root / "logs" / "repro", echo=lambda line: print(line, flush=True))
+    results = parallel.run_stages(
+        parallel.dvc_stage_graph(root),
+        lambda stage: [dvc, "repro", "--single-item", stage],
+        jobs,
+        root,
+        env,
+        root / "logs" / "repro",
+        echo=lambda line: print(line, flush=True),
+    )
     table = parallel.summary(results, time.monotonic() - started)
     (root / "logs" / "repro" / "times.md").write_text(table + "\n", encoding="utf-8")
     print(table)

@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DATA_DIR_ENV = "C2CRS_DATA_DIR"
 
@@ -38,16 +46,20 @@ class ParamsLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
 ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
-               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def read_yaml(text: str):
@@ -168,7 +180,8 @@ class ScraperConfig(Section):
 
 class ReviewsConfig(Section):
     sources: list[Literal["imdb_scraper", "aclimdb", "revcore", "plots"]] = Field(
-        default=["aclimdb", "revcore", "plots"], min_length=1)
+        default=["aclimdb", "revcore", "plots"], min_length=1
+    )
     on_bad_record: Literal["error", "skip"] = "error"
     min_sentence_tokens: int = Field(default=4, ge=1)
     max_sentence_tokens: int = Field(default=40, ge=1)
@@ -234,7 +247,8 @@ class ModelConfig(Section):
     # Ablations (paper Table 4): views used in pre-training (w/o CH drops conversation, w/o UD drops review);
     # kg_edges: false keeps only self loops, so entities carry no structured knowledge (w/o SD).
     views: list[Literal["conversation", "graph", "review"]] = Field(
-        default=["conversation", "graph", "review"], min_length=1)
+        default=["conversation", "graph", "review"], min_length=1
+    )
     kg_edges: bool = True
     # Where this project and the authors' code differ (models/c2crs.py C2CRSConfig; params/reference.yaml sets
     # the reference's side of each):
@@ -412,28 +426,44 @@ class FinetuneConvConfig(TrainConfig):
     @model_validator(mode="after")
     def _kgsf_parts(self) -> "FinetuneConvConfig":
         kgsf_parts = ("kgsf", "revcore")
-        if self.pretrained not in kgsf_parts and ("word" in self.memories or "word" in self.freeze
-                                                  or self.vocabulary_bias):
-            raise ValueError("the word memory, freezing it and the vocabulary bias are KGSF's: they need "
-                             f"pretrained: kgsf or revcore (got {self.pretrained!r})")
+        if self.pretrained not in kgsf_parts and (
+            "word" in self.memories or "word" in self.freeze or self.vocabulary_bias
+        ):
+            raise ValueError(
+                "the word memory, freezing it and the vocabulary bias are KGSF's: they need "
+                f"pretrained: kgsf or revcore (got {self.pretrained!r})"
+            )
         if self.vocabulary_bias and "kg" not in self.memories:
             raise ValueError("vocabulary_bias reads the user's entity vector: memories must include kg")
-        if (self.bag_of_entity_weight or self.infusion_weight) and (self.pretrained in ("none", *kgsf_parts)
-                                                                    or "kg" not in self.freeze):
-            raise ValueError("bag_of_entity_weight and infusion_weight are KECRS's: they read a KBRD-style "
-                             "recommender's frozen R-GCN (pretrained: kecrs, kbrd or c2crs, freeze: [kg, ...])")
+        if (self.bag_of_entity_weight or self.infusion_weight) and (
+            self.pretrained in ("none", *kgsf_parts) or "kg" not in self.freeze
+        ):
+            raise ValueError(
+                "bag_of_entity_weight and infusion_weight are KECRS's: they read a KBRD-style "
+                "recommender's frozen R-GCN (pretrained: kecrs, kbrd or c2crs, freeze: [kg, ...])"
+            )
         if self.user_bias and self.pretrained in ("none", *kgsf_parts):
-            raise ValueError("user_bias is KBRD's: it reads a KBRD-style recommender's user vector (pretrained: "
-                             f"kbrd, kecrs or c2crs; got {self.pretrained!r})")
+            raise ValueError(
+                "user_bias is KBRD's: it reads a KBRD-style recommender's user vector (pretrained: "
+                f"kbrd, kecrs or c2crs; got {self.pretrained!r})"
+            )
         if self.infusion_weight and not self.bag_of_entity_weight:
-            raise ValueError("infusion_weight reads the user vector of the bag-of-entity head: set "
-                             "bag_of_entity_weight too")
-        if self.architecture == "hred" and (self.pretrained != "none" or self.memories != ["history"]
-                                            or self.copy_mechanism or self.vocabulary_bias or self.freeze
-                                            or self.user_bias):
-            raise ValueError("architecture hred reads the history only, from fresh weights: it needs pretrained: "
-                             "none, memories: [history], copy_mechanism: false, vocabulary_bias: false, user_bias: false, "
-                             "freeze: []")
+            raise ValueError(
+                "infusion_weight reads the user vector of the bag-of-entity head: set bag_of_entity_weight too"
+            )
+        if self.architecture == "hred" and (
+            self.pretrained != "none"
+            or self.memories != ["history"]
+            or self.copy_mechanism
+            or self.vocabulary_bias
+            or self.freeze
+            or self.user_bias
+        ):
+            raise ValueError(
+                "architecture hred reads the history only, from fresh weights: it needs pretrained: "
+                "none, memories: [history], copy_mechanism: false, vocabulary_bias: false, user_bias: false, "
+                "freeze: []"
+            )
         return self
 
 
@@ -506,24 +536,31 @@ class StudyConfig(Section):
     @model_validator(mode="after")
     def _curve_names_a_setting(self) -> "StudyConfig":
         if self.learning_curve and self.learning_curve.setting not in self.settings:
-            raise ValueError(f"study.learning_curve.setting: {self.learning_curve.setting!r} is not in study.settings "
-                             f"{sorted(self.settings)}")
+            raise ValueError(
+                f"study.learning_curve.setting: {self.learning_curve.setting!r} is not in study.settings "
+                f"{sorted(self.settings)}"
+            )
         return self
 
     def curve_settings(self) -> dict[str, tuple[float, str]]:
         """The learning curve's settings: name -> (fraction, pre-trained on "all" or the "same" share)."""
         if not self.learning_curve:
             return {}
-        return {f"{self.learning_curve.setting}_{round(f * 100)}pct_pretrain_{data}": (f, data)
-                for f in self.learning_curve.fractions for data in ("all", "same")}
+        return {
+            f"{self.learning_curve.setting}_{round(f * 100)}pct_pretrain_{data}": (f, data)
+            for f in self.learning_curve.fractions
+            for data in ("all", "same")
+        }
 
     def all_settings(self) -> dict[str, dict[str, Any]]:
         """Every setting's overrides: params.study.settings, then the learning curve's."""
         curve = {}
         for name, (fraction, data) in self.curve_settings().items():
             stages = ("finetune_rec",) if data == "all" else ("pretrain_coarse", "pretrain_fine", "finetune_rec")
-            curve[name] = {**self.settings[self.learning_curve.setting],
-                           **{f"{stage}.train_fraction": fraction for stage in stages}}
+            curve[name] = {
+                **self.settings[self.learning_curve.setting],
+                **{f"{stage}.train_fraction": fraction for stage in stages},
+            }
         return {**self.settings, **curve}
 
 
@@ -587,8 +624,9 @@ class Params(Section):
             return section
         for name, overrides in section.variants.items():
             if not name.isidentifier():
-                raise ValueError(f"{info.field_name}.variants.{name}: a variant name must be an identifier "
-                                 "(letters, digits, _)")
+                raise ValueError(
+                    f"{info.field_name}.variants.{name}: a variant name must be an identifier (letters, digits, _)"
+                )
             apply_overrides(info.data, name, overrides, kind=info.field_name)
         return section
 
@@ -599,8 +637,10 @@ class Params(Section):
             conv = self.variant(name, kind="conv_baselines").finetune_conv
             recommender = "redial" if conv.architecture == "hred" else conv.pretrained
             if recommender in BaselinesConfig.model_fields and recommender not in self.baselines.train:
-                raise ValueError(f"conv_baselines.train holds {name!r}, whose recommender {recommender!r} is not in "
-                                 f"baselines.train {self.baselines.train}: add it there")
+                raise ValueError(
+                    f"conv_baselines.train holds {name!r}, whose recommender {recommender!r} is not in "
+                    f"baselines.train {self.baselines.train}: add it there"
+                )
         return self
 
     def variant(self, name: str, kind: str = "ablations") -> "Params":
@@ -617,24 +657,34 @@ class Params(Section):
 # What a variant may change. An ablation: the sections the recommendation path (pretrain_coarse, pretrain_fine,
 # finetune_rec) reads; a conversation baseline: finetune_conv. The stages before them are shared by every variant.
 # The reference configuration (params/reference.yaml) sets both paths.
-VARIANT_SECTIONS = {"ablations": ("seed", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine",
-                                  "finetune_rec"),
-                    "conv_baselines": ("finetune_conv",),
-                    "study": ("seed", "device", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine",
-                              "finetune_rec"),
-                    "reference": ("seed", "device", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine",
-                                  "finetune_rec", "finetune_conv")}
+VARIANT_SECTIONS = {
+    "ablations": ("seed", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
+    "conv_baselines": ("finetune_conv",),
+    "study": ("seed", "device", "model", "pretrain_text", "pretrain_coarse", "pretrain_fine", "finetune_rec"),
+    "reference": (
+        "seed",
+        "device",
+        "model",
+        "pretrain_text",
+        "pretrain_coarse",
+        "pretrain_fine",
+        "finetune_rec",
+        "finetune_conv",
+    ),
+}
 
 
-def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations",
-                    where: str | None = None) -> dict:
+def apply_overrides(
+    sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations", where: str | None = None
+) -> dict:
     """The params as plain data with `overrides` ({"pretrain_fine.epochs": 0, ...}) applied and validated.
 
     sections maps section name -> validated section (or plain value); the result has no variants (neither
     ablations, conv_baselines nor study settings). Errors name the variant (or `where`) and the key.
     """
-    raw = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items()
-           if k not in VARIANT_SECTIONS}
+    raw = {
+        k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items() if k not in VARIANT_SECTIONS
+    }
     allowed = VARIANT_SECTIONS[kind]
     prefix = where or f"{kind}.variants.{variant}"
     for key, value in overrides.items():
@@ -645,7 +695,7 @@ def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kin
         node = raw
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                raise ValueError(f"{where}: {'.'.join(parts[:depth + 1])} is not a section")
+                raise ValueError(f"{where}: {'.'.join(parts[: depth + 1])} is not a section")
             node = node[part]
         if parts[-1] not in node:
             raise ValueError(f"{where}: unknown key; allowed here: {', '.join(node)}")
@@ -656,6 +706,7 @@ def apply_overrides(sections: dict, variant: str, overrides: dict[str, Any], kin
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"{prefix}: {problems}") from None
     return raw
+
 
 def reference_overrides(path: Path, params_path: Path | None = None) -> dict[str, Any]:
     """params/reference.yaml: the authors' configuration as dotted overrides, checked against params.yaml."""

@@ -44,8 +44,9 @@ def stage_command(stage: str, set_params: dict[str, Any], force: bool, python: s
 
 
 @flow(name=FLOW_NAME, description="Run a stage of the c2crs pipeline (all: every out-of-date stage) through DVC")
-def run_dvc_stage(stage: str = "all", set_params: dict[str, Any] | None = None, force: bool = False,
-                  checkout: str = "") -> int:
+def run_dvc_stage(
+    stage: str = "all", set_params: dict[str, Any] | None = None, force: bool = False, checkout: str = ""
+) -> int:
     """set_params: params overrides as `dvc exp run -S` keys ({"finetune_rec.lr": 0.0005, "device": "cuda"});
     force: run even when DVC says the stage is up to date; checkout: the project directory (default: this code's)."""
     logger = get_run_logger()
@@ -57,8 +58,7 @@ def run_dvc_stage(stage: str = "all", set_params: dict[str, Any] | None = None, 
     env = {**os.environ, TRIGGERED_BY_ENV: str(current_flow_run.id or "")}
     env[INVOCATION_ENV] = env.get(INVOCATION_ENV) or new_invocation()  # one MLflow parent run for this flow run
     logger.info("in %s: %s", root, " ".join(command))
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = []
     for line in process.stdout:
         logger.info("%s", line.rstrip())
@@ -80,9 +80,14 @@ def ensure_pool(pool: str, pool_type: str = "process") -> None:
             client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
 
 
-def deploy(pool: str = LOCAL_POOL, checkout: Path | None = None, set_params: dict[str, Any] | None = None,
-           job_variables: dict[str, Any] | None = None, pool_type: str = "process",
-           api_url: str | None = None) -> list[str]:
+def deploy(
+    pool: str = LOCAL_POOL,
+    checkout: Path | None = None,
+    set_params: dict[str, Any] | None = None,
+    job_variables: dict[str, Any] | None = None,
+    pool_type: str = "process",
+    api_url: str | None = None,
+) -> list[str]:
     """One deployment per stage instance and `all` on `pool` (made when missing, of pool_type), each running in
     `checkout`; set_params are the deployments' default overrides (a GPU pool: {"device": "cuda"}). api_url: the
     Prefect API (default: the settings'; Prefect reads its settings once, at import). Returns the deployment names."""
@@ -94,11 +99,24 @@ def deploy(pool: str = LOCAL_POOL, checkout: Path | None = None, set_params: dic
     with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
         ensure_pool(pool, pool_type)
         source = run_dvc_stage.from_source(source=str(root), entrypoint=ENTRYPOINT)
-        deployments = [source.to_deployment(
-            name=stage, parameters={"stage": stage, "set_params": set_params or {}, "checkout": str(root)},
-            job_variables=job_variables or {}, tags=[f"stage:{stage}"],
-            description=(f"every out-of-date stage of {root}" if stage == "all" else
-                         f"`dvc repro` of {stage} in {root}")) for stage in stages]
-        deploy_all(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
-                   ignore_warnings=True)
+        deployments = [
+            source.to_deployment(
+                name=stage,
+                parameters={"stage": stage, "set_params": set_params or {}, "checkout": str(root)},
+                job_variables=job_variables or {},
+                tags=[f"stage:{stage}"],
+                description=(
+                    f"every out-of-date stage of {root}" if stage == "all" else f"`dvc repro` of {stage} in {root}"
+                ),
+            )
+            for stage in stages
+        ]
+        deploy_all(
+            *deployments,
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            print_next_steps_message=False,
+            ignore_warnings=True,
+        )
     return [f"{FLOW_NAME}/{stage}" for stage in stages]

@@ -14,10 +14,9 @@ from prefect.runtime import flow_run as current_flow_run
 from pipeline.config import load_params
 from pipeline.invocation import TRIGGERED_BY_ENV, new_invocation
 from pipeline.paths import git_commit
+from pipeline.tracking import stage_run
 from stages.io.graph import STAGES, params_value, stage_body, stage_instances, stage_spec
 from stages.io.outputs import finish_interrupted_commits, stage_lock
-from pipeline.tracking import stage_run
-
 
 FINISHED: dict[str, dict] = {}  # stages of this process whose body ran and whose MLflow run ended: name -> metrics
 
@@ -41,17 +40,22 @@ def _run_stage(name: str, params_file: str) -> dict:
 def _stage_flow(stage: str):
     """A stage's Prefect flow; a foreach stage's takes the variant to run (none: every variant in the params)."""
     if not STAGES[stage].foreach:
+
         @flow(name=stage, description=STAGES[stage].summary)
         def stage_flow(params_file: str = "params.yaml") -> dict:
             return _run_stage(stage, params_file)
+
         return stage_flow
 
     @flow(name=stage, description=STAGES[stage].summary)
     def variant_flow(params_file: str = "params.yaml", variant: str = "") -> dict:
         if variant:
             return _run_stage(f"{stage}@{variant}", params_file)
-        return {name: STAGE_FLOWS[stage](params_file, name.partition("@")[2])
-                for name in stage_instances(load_params(params_file), [stage])}
+        return {
+            name: STAGE_FLOWS[stage](params_file, name.partition("@")[2])
+            for name in stage_instances(load_params(params_file), [stage])
+        }
+
     return variant_flow
 
 

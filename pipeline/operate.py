@@ -61,12 +61,16 @@ def worker_command(args) -> int:
 
     api = prefect_api()
     if not api:
-        print("error: no Prefect server: start `make ui` (it starts a worker too) or set PREFECT_API_URL",
-              file=sys.stderr)
+        print(
+            "error: no Prefect server: start `make ui` (it starts a worker too) or set PREFECT_API_URL", file=sys.stderr
+        )
         return 2
     names = [*deploy(args.pool, api_url=api), deploy_study(args.pool, api)]
-    print(f"{len(names)} deployments on work pool {args.pool!r}; worker polling it (log: logs/prefect-worker.log). "
-          "Ctrl-C stops it.", flush=True)
+    print(
+        f"{len(names)} deployments on work pool {args.pool!r}; worker polling it (log: logs/prefect-worker.log). "
+        "Ctrl-C stops it.",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     worker = servers.start_worker(args.pool, api, args.limit)
     try:
@@ -98,11 +102,15 @@ def ui_command(args) -> int:
             from pipeline.deployments import LOCAL_POOL, deploy
             from pipeline.study_flows import deploy_study
 
-            names = [*deploy(LOCAL_POOL, api_url=f"{started[0].url}/api"),
-                     deploy_study(LOCAL_POOL, f"{started[0].url}/api")]
+            names = [
+                *deploy(LOCAL_POOL, api_url=f"{started[0].url}/api"),
+                deploy_study(LOCAL_POOL, f"{started[0].url}/api"),
+            ]
             started.append(servers.start_worker(LOCAL_POOL, f"{started[0].url}/api"))
-            print(f"{len(names)} deployments (every stage, and the study) on work pool {LOCAL_POOL!r}, a worker polls it "
-                  "(logs/prefect-worker.log): run stages from the Deployments page")
+            print(
+                f"{len(names)} deployments (every stage, and the study) on work pool {LOCAL_POOL!r}, a worker polls it "
+                "(logs/prefect-worker.log): run stages from the Deployments page"
+            )
         print("Ctrl-C stops them all.", flush=True)
         while all(server.process.poll() is None for server in started):
             time.sleep(1)

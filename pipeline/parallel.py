@@ -39,8 +39,10 @@ def dvc_stage_graph(root: Path) -> dict[str, list[str]]:
     with Repo(str(root)) as repo:
         graph = repo.index.graph
         stages = [stage for stage in repo.index.stages if isinstance(stage, PipelineStage)]  # not .dvc files
-        return {stage.name: [dep.name for dep in graph.successors(stage) if isinstance(dep, PipelineStage)]
-                for stage in stages}
+        return {
+            stage.name: [dep.name for dep in graph.successors(stage) if isinstance(dep, PipelineStage)]
+            for stage in stages
+        }
 
 
 def cores() -> int:
@@ -56,9 +58,17 @@ class _Running:
     attempts: int
 
 
-def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str]], jobs: int, cwd: Path,
-               env: dict[str, str], log_dir: Path, echo: Callable[[str], None] = print,
-               lock_retries: int = 20, poll_seconds: float = 0.2) -> list[StageResult]:
+def run_stages(
+    upstream: dict[str, list[str]],
+    command: Callable[[str], list[str]],
+    jobs: int,
+    cwd: Path,
+    env: dict[str, str],
+    log_dir: Path,
+    echo: Callable[[str], None] = print,
+    lock_retries: int = 20,
+    poll_seconds: float = 0.2,
+) -> list[StageResult]:
     """Run command(stage) for every stage, in `upstream`'s order as far as the dependencies allow, `jobs` at once.
 
     Each stage's output goes to log_dir/<stage>.log. After a failure no new stage starts; the running ones finish.
@@ -73,8 +83,11 @@ def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str
     failed = False
 
     def ready() -> list[str]:
-        return [name for name in waiting if all(results.get(dep) and results[dep].status in ("ran", "unchanged")
-                                                for dep in upstream[name])]
+        return [
+            name
+            for name in waiting
+            if all(results.get(dep) and results[dep].status in ("ran", "unchanged") for dep in upstream[name])
+        ]
 
     def start(name: str, attempts: int = 1) -> None:
         can_run_now = len(running) + len(ready())  # this stage is among the ready ones
@@ -83,8 +96,9 @@ def run_stages(upstream: dict[str, list[str]], command: Callable[[str], list[str
         stage_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with log.open("w", encoding="utf-8") as out:
             # its own process group: stopping the stage stops dvc and the stage process dvc started
-            process = subprocess.Popen(command(name), cwd=cwd, env=stage_env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command(name), cwd=cwd, env=stage_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         running[name] = _Running(process, time.monotonic(), threads, log, attempts)
         waiting.remove(name)
         echo(f"started  {name} ({threads} thread{'s' if threads > 1 else ''})")
@@ -160,7 +174,8 @@ def _duration(seconds: float) -> str:
 def summary(results: list[StageResult], wall_seconds: float) -> str:
     """A markdown table of what each stage did and how long it took (the README's per-stage split)."""
     lines = ["| stage | status | threads | wall time |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.status} | {r.threads or ''} | {_duration(r.seconds) if r.seconds else ''} |"
-              for r in results]
+    lines += [
+        f"| {r.name} | {r.status} | {r.threads or ''} | {_duration(r.seconds) if r.seconds else ''} |" for r in results
+    ]
     lines.append(f"| **all** (wall clock, stages side by side) | | | **{_duration(wall_seconds)}** |")
     return "\n".join(lines)

@@ -36,14 +36,16 @@ def git_commit(cwd: Path | None = None) -> str:
         ).stdout.strip()
         changed = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, check=True,
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     from stages.io.graph import stage_making
 
-    dirty = [line for line in changed
-             if not all(path == "dvc.lock" or stage_making(path) for path in _paths(line))]
+    dirty = [line for line in changed if not all(path == "dvc.lock" or stage_making(path) for path in _paths(line))]
     return f"{commit}-dirty" if dirty else commit
 
 

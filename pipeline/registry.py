@@ -84,14 +84,21 @@ def register(name: str | None, model, file: Path, validation: dict, tags: dict[s
     import mlflow.pytorch
 
     # Graph models do not export to pt2, so the flavour pickles; the weights file beside it is what our loaders read.
-    info = mlflow.pytorch.log_model(model, name=(name or file.stem), serialization_format="pickle",
-                                    pip_requirements=MODEL_REQUIREMENTS, extra_files=[str(file)],
-                                    registered_model_name=name)
+    info = mlflow.pytorch.log_model(
+        model,
+        name=(name or file.stem),
+        serialization_format="pickle",
+        pip_requirements=MODEL_REQUIREMENTS,
+        extra_files=[str(file)],
+        registered_model_name=name,
+    )
     if name is None:
         return None
     # The kept epoch's validation numbers, named <name>.valid_... in the run (a stage may train two models; its
     # per-epoch curves keep their own names) and valid_... on the version (logged_metrics drops the name).
-    numbers = {f"{name}.{k}": v for k, v in version_metrics(validation or {}).items() if k.startswith(VALIDATION_PREFIX)}
+    numbers = {
+        f"{name}.{k}": v for k, v in version_metrics(validation or {}).items() if k.startswith(VALIDATION_PREFIX)
+    }
     if numbers:
         mlflow.log_metrics(numbers, step=int((validation or {}).get("best_epoch") or 0), model_id=info.model_id)
     client = MlflowClient()
@@ -139,10 +146,14 @@ def promote(client: MlflowClient, name: str, version: ModelVersion, rule, min_im
     if gain is None or gain > min_improvement:
         client.set_registered_model_alias(name, CHAMPION, str(version.version))
         old = "has none" if best is None else f"{best:.4f}"
-        return (f"{name}: version {version.version} is the new champion: {rule.metric} {value:.4f}, version "
-                f"{champion.version} {old}{caveat}")
-    return (f"{name}: version {champion.version} stays champion: version {version.version}'s {rule.metric} "
-            f"{value:.4f} does not beat its {best:.4f} by more than {min_improvement}{caveat}")
+        return (
+            f"{name}: version {version.version} is the new champion: {rule.metric} {value:.4f}, version "
+            f"{champion.version} {old}{caveat}"
+        )
+    return (
+        f"{name}: version {champion.version} stays champion: version {version.version}'s {rule.metric} "
+        f"{value:.4f} does not beat its {best:.4f} by more than {min_improvement}{caveat}"
+    )
 
 
 def _data_tags(version: ModelVersion) -> dict[str, str]:
@@ -163,16 +174,18 @@ def resolve(client: MlflowClient, reference: str) -> ModelVersion:
         name, alias = reference.split("@", 1)
         version = alias_version(client, name, alias)
         if version is None:
-            raise RegistryError(f"{reference}: no registered model {name!r} with alias {alias!r}"
-                                + _known(client, name))
+            raise RegistryError(
+                f"{reference}: no registered model {name!r} with alias {alias!r}" + _known(client, name)
+            )
         return version
     if "/" in reference:
         name, number = reference.split("/", 1)
         try:
             return client.get_model_version(name, number)
         except MlflowException:
-            raise RegistryError(f"{reference}: no version {number} of registered model {name!r}"
-                                + _known(client, name)) from None
+            raise RegistryError(
+                f"{reference}: no version {number} of registered model {name!r}" + _known(client, name)
+            ) from None
     champion = alias_version(client, reference, CHAMPION)
     if champion is not None:
         return champion
@@ -198,11 +211,15 @@ def model_file(client: MlflowClient, version: ModelVersion, into: Path | None = 
     """The weights file of a version, downloaded from its logged model."""
     name = version.tags.get(FILE_NAME_TAG)
     if not name:
-        raise RegistryError(f"{version.name}/{version.version} has no {FILE_NAME_TAG} tag: not registered by this "
-                            "pipeline")
+        raise RegistryError(
+            f"{version.name}/{version.version} has no {FILE_NAME_TAG} tag: not registered by this pipeline"
+        )
     into = into or Path(tempfile.mkdtemp(prefix="c2crs-model-"))
-    return Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}/extra_files/{name}",
-                                                    dst_path=str(into)))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{version.name}/{version.version}/extra_files/{name}", dst_path=str(into)
+        )
+    )
 
 
 def data_differences(version: ModelVersion, data: dict[str, Path], hashes: dict[str, str]) -> list[str]:
@@ -218,8 +235,9 @@ def data_differences(version: ModelVersion, data: dict[str, Path], hashes: dict[
     return differs
 
 
-def registry_files(client: MlflowClient, wanted: dict[str, Path], data: dict[str, Path],
-                   alias: str = CHAMPION) -> tuple[dict[str, Path], list[str]]:
+def registry_files(
+    client: MlflowClient, wanted: dict[str, Path], data: dict[str, Path], alias: str = CHAMPION
+) -> tuple[dict[str, Path], list[str]]:
     """For each registered name (-> its file in the workspace), the weights of its `alias` version when that version
     was trained on the data the workspace holds now (the vocabulary and entity ids must be the same), else the
     workspace's file; and one line per model saying which was used and why."""
@@ -233,8 +251,10 @@ def registry_files(client: MlflowClient, wanted: dict[str, Path], data: dict[str
         differs = data_differences(version, data, hashes)
         if differs:
             files[name] = workspace_file
-            notes.append(f"{name}: {alias} version {version.version} was trained on other data "
-                         f"({', '.join(differs)} differ); using {workspace_file}")
+            notes.append(
+                f"{name}: {alias} version {version.version} was trained on other data "
+                f"({', '.join(differs)} differ); using {workspace_file}"
+            )
             continue
         files[name] = model_file(client, version)
         notes.append(f"{name}: models:/{name}@{alias} (version {version.version})")
@@ -252,8 +272,9 @@ def model_sources(wanted: dict[str, Path], workspace: Path, models_from: str) ->
     from stages.training.runs import TRAINING_INPUTS
 
     experiment_id()
-    files, notes = registry_files(MlflowClient(tracking_uri()), wanted,
-                                           {name: workspace / path for name, path in TRAINING_INPUTS.items()})
+    files, notes = registry_files(
+        MlflowClient(tracking_uri()), wanted, {name: workspace / path for name, path in TRAINING_INPUTS.items()}
+    )
     for note in notes:
         print(f"model {note}", flush=True)
     return files
@@ -282,8 +303,15 @@ def list_models(client: MlflowClient) -> Table:
         challenger = alias_version(client, registered.name, CHALLENGER)
         valid = logged_metrics(client, champion) if champion else {}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(valid.items()) if k.startswith(VALIDATION_PREFIX))
-        rows.append([registered.name, str(len(versions)), str(champion.version) if champion else "–",
-                     str(challenger.version) if challenger else "–", shown or "–"])
+        rows.append(
+            [
+                registered.name,
+                str(len(versions)),
+                str(champion.version) if champion else "–",
+                str(challenger.version) if challenger else "–",
+                shown or "–",
+            ]
+        )
     return Table(["model", "versions", "champion", "challenger", "champion's validation"], rows)
 
 
@@ -304,9 +332,11 @@ def compare(client: MlflowClient, references: list[str]) -> Table:
     header = ["version", *(f"{v.name}/{v.version}" for v in versions)]
     runs = [client.get_run(v.run_id) for v in versions]
     metrics = [logged_metrics(client, v) for v in versions]
-    rows = [["aliases", *(", ".join(v.aliases) or "–" for v in versions)],
-            ["git commit", *(v.tags.get(GIT_TAG, "–")[:16] for v in versions)],
-            ["stage run", *(f"{r.info.run_name} {r.info.run_id[:8]}" for r in runs)]]
+    rows = [
+        ["aliases", *(", ".join(v.aliases) or "–" for v in versions)],
+        ["git commit", *(v.tags.get(GIT_TAG, "–")[:16] for v in versions)],
+        ["stage run", *(f"{r.info.run_name} {r.info.run_id[:8]}" for r in runs)],
+    ]
 
     params = [r.data.params for r in runs]
     keys = sorted({k for p in params for k in p if not k.startswith("input_sha256.")})
@@ -316,8 +346,9 @@ def compare(client: MlflowClient, references: list[str]) -> Table:
         rows.append(["params", *([f"the same {len(keys)}"] * len(versions))])
 
     metric_keys = sorted({k for m in metrics for k in m if ".ci95_" not in k})
-    for key in [k for k in metric_keys if k.startswith(VALIDATION_PREFIX)] + \
-               [k for k in metric_keys if k.startswith(TEST_PREFIX)]:
+    for key in [k for k in metric_keys if k.startswith(VALIDATION_PREFIX)] + [
+        k for k in metric_keys if k.startswith(TEST_PREFIX)
+    ]:
         rows.append([key, *(_with_interval(m, key) for m in metrics)])
 
     data = [_data_tags(v) for v in versions]

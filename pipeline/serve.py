@@ -28,8 +28,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.registry import (CHAMPION, RegistryError, all_versions, data_differences, logged_metrics, model_file,
-                               resolve)
+from pipeline.registry import (
+    CHAMPION,
+    RegistryError,
+    all_versions,
+    data_differences,
+    logged_metrics,
+    model_file,
+    resolve,
+)
 from pipeline.talk import CHAT_MODELS, chat_model_files, workspace_model
 from pipeline.tracking import tracking_uri
 from stages.chat.engine import Chat, Knowledge, Recommendation, Turn, load_generator, load_recommender
@@ -58,21 +65,26 @@ class Message(BaseModel):
 
 class RecommenderChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    recommender: str | None = Field(None, max_length=200, description="NAME/VERSION, NAME@ALIAS or 'workspace'; "
-                                                                      "default: the one loaded at start")
+    recommender: str | None = Field(
+        None, max_length=200, description="NAME/VERSION, NAME@ALIAS or 'workspace'; default: the one loaded at start"
+    )
 
 
 class RecommendRequest(RecommenderChoice):
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
-                                    description="the conversation so far, oldest first")
+    messages: list[Message] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="the conversation so far, oldest first"
+    )
     top_k: int = Field(10, ge=1, le=100)
     exclude_mentioned: bool = Field(True, description="leave out the movies the conversation names")
     explain: bool = True
 
 
 class ChatRequest(RecommendRequest):
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
-                                    description="the conversation so far, oldest first, ending with the seeker's")
+    messages: list[Message] = Field(
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="the conversation so far, oldest first, ending with the seeker's",
+    )
     top_k: int = Field(3, ge=1, le=20)
     generator: str | None = Field(None, max_length=200, description="as recommender")
 
@@ -99,8 +111,9 @@ class RecommendResponse(BaseModel):
 
 class ChatResponse(RecommendResponse):
     response: str = Field(description="the model's next utterance, movies as titles")
-    response_with_ids: str = Field(description='the same with movies as "@id": send it back as the recommender\'s '
-                                               "message")
+    response_with_ids: str = Field(
+        description='the same with movies as "@id": send it back as the recommender\'s message'
+    )
 
 
 class Movie(BaseModel):
@@ -127,9 +140,10 @@ class Models:
         self.knowledge = Knowledge(params, workspace)
         self.default = {kind: self._reference(kind, files[kind]) for kind in CHAT_MODELS}
         self.loaded: OrderedDict[tuple[str, str], object] = OrderedDict()
-        self.pinned = {("recommender", self.default["recommender"]): load_recommender(files["recommender"],
-                                                                                     self.knowledge),
-                       ("generator", self.default["generator"]): load_generator(files["generator"], self.knowledge)}
+        self.pinned = {
+            ("recommender", self.default["recommender"]): load_recommender(files["recommender"], self.knowledge),
+            ("generator", self.default["generator"]): load_generator(files["generator"], self.knowledge),
+        }
         self.lock = threading.Lock()
         self.input_hashes: dict[str, str] = {}  # the workspace's training inputs, hashed once
 
@@ -167,16 +181,16 @@ class Models:
         if reference == WORKSPACE:
             return load(workspace_model(self.workspace, kind), self.knowledge)
         if self.models_from == WORKSPACE:
-            raise ValueError(f"{reference}: this server was started with --models-from workspace; it uses the "
-                             "workspace's files only")
+            raise ValueError(
+                f"{reference}: this server was started with --models-from workspace; it uses the workspace's files only"
+            )
         client = MlflowClient(tracking_uri())
         version = resolve(client, reference)
         if version.name not in self.choices_of(kind):
             raise ValueError(f"{reference}: not a {kind} this chat can use ({', '.join(self.choices_of(kind))})")
         differs = data_differences(version, self._inputs(), self.input_hashes)
         if differs:
-            raise ValueError(f"{reference}: trained on other data than this workspace's ({', '.join(differs)} "
-                             "differ)")
+            raise ValueError(f"{reference}: trained on other data than this workspace's ({', '.join(differs)} differ)")
         return load(model_file(client, version), self.knowledge)
 
     def _inputs(self) -> dict[str, Path]:
@@ -186,15 +200,25 @@ class Models:
         """The registered names whose versions the chat can use: C2-CRS's recommender and its ablations; the
         generators trained on C2-CRS's encoders."""
         if kind == "recommender":
-            return [self.names["recommender"]] + [registered_name(ABLATION_PREFIX + v, "recommender")
-                                                  for v in self.params.ablations.variants]
+            return [self.names["recommender"]] + [
+                registered_name(ABLATION_PREFIX + v, "recommender") for v in self.params.ablations.variants
+            ]
         return [self.names["generator"], registered_name("wo_iw", "generator")]
 
     def registered(self) -> dict[str, list[dict]]:
         """Per kind, the versions a user can pick: the workspace's file and every registered version of a usable
         name, with its aliases, validation metric and whether it was trained on this workspace's data."""
-        out = {kind: [{"reference": WORKSPACE, "label": "this workspace's file", "usable": True,
-                       "loaded_at_start": self.default[kind] == WORKSPACE}] for kind in self.names}
+        out = {
+            kind: [
+                {
+                    "reference": WORKSPACE,
+                    "label": "this workspace's file",
+                    "usable": True,
+                    "loaded_at_start": self.default[kind] == WORKSPACE,
+                }
+            ]
+            for kind in self.names
+        }
         if self.models_from == WORKSPACE:
             return out
         client = MlflowClient(tracking_uri())
@@ -207,12 +231,17 @@ class Models:
                     differs = data_differences(version, self._inputs(), self.input_hashes)
                     reference = f"{name}/{version.version}"
                     named = sorted(a for a, v in aliases.items() if str(v) == str(version.version))
-                    out[kind].append({
-                        "reference": reference, "aliases": named,
-                        "label": reference + (f" ({', '.join(named)})" if named else ""),
-                        metric: logged_metrics(client, version).get(metric), "usable": not differs,
-                        "why_not": f"trained on other data ({', '.join(differs)} differ)" if differs else None,
-                        "loaded_at_start": self.default[kind] == reference})
+                    out[kind].append(
+                        {
+                            "reference": reference,
+                            "aliases": named,
+                            "label": reference + (f" ({', '.join(named)})" if named else ""),
+                            metric: logged_metrics(client, version).get(metric),
+                            "usable": not differs,
+                            "why_not": f"trained on other data ({', '.join(differs)} differ)" if differs else None,
+                            "loaded_at_start": self.default[kind] == reference,
+                        }
+                    )
         return out
 
     def run(self, work, timeout: float):
@@ -238,8 +267,10 @@ def _turns(knowledge: Knowledge, messages: list[Message]) -> tuple[list[Turn], l
 
 
 def _out(recommendations: list[Recommendation], first_rank: int = 1) -> list[RecommendationOut]:
-    return [RecommendationOut(rank=rank, movie_id=r.movie_id, title=r.title, score=r.score, explanation=r.explanation)
-            for rank, r in enumerate(recommendations, start=first_rank)]
+    return [
+        RecommendationOut(rank=rank, movie_id=r.movie_id, title=r.title, score=r.score, explanation=r.explanation)
+        for rank, r in enumerate(recommendations, start=first_rank)
+    ]
 
 
 def _milliseconds_since(began: float) -> float:
@@ -247,9 +278,18 @@ def _milliseconds_since(began: float) -> float:
 
 
 def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
-    app = FastAPI(title="c2crs", version="1", description=__doc__.split("\n\n")[1],
-                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
-                             "auto_configure": False})  # FastAPI's OpenTelemetry hooks: nothing leaves the process
+    app = FastAPI(
+        title="c2crs",
+        version="1",
+        description=__doc__.split("\n\n")[1],
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
+    )  # FastAPI's OpenTelemetry hooks: nothing leaves the process
     started = time.monotonic()
 
     @app.middleware("http")
@@ -265,8 +305,10 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         """FastAPI's 422 without the echo of the input (which may be large, or not encodable: a lone surrogate)."""
-        return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                                        for e in exc.errors()]}, status_code=422)
+        return JSONResponse(
+            {"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]},
+            status_code=422,
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -280,10 +322,13 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         began = time.monotonic()
         try:
             return await asyncio.wait_for(run_in_threadpool(models.run, work, timeout), timeout)
-        except (Busy, asyncio.TimeoutError):
+        except (TimeoutError, Busy):
             waited = time.monotonic() - began
-            raise HTTPException(503, f"no answer within {timeout:g} s (waited {waited:.1f} s: the server is busy "
-                                     "or the conversation long); try again") from None
+            raise HTTPException(
+                503,
+                f"no answer within {timeout:g} s (waited {waited:.1f} s: the server is busy "
+                "or the conversation long); try again",
+            ) from None
         except RegistryError as exc:
             raise HTTPException(404, str(exc)) from None
         except ValueError as exc:
@@ -304,22 +349,31 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         return {"loaded": models.default, "choices": models.registered()}
 
     @app.get("/v1/movies", response_model=list[Movie])
-    def movies(q: str = Query(min_length=1, max_length=100, description="words of the title"),
-               limit: int = Query(10, ge=1, le=50)):
+    def movies(
+        q: str = Query(min_length=1, max_length=100, description="words of the title"),
+        limit: int = Query(10, ge=1, le=50),
+    ):
         """ReDial movies whose title contains q, most mentioned first (the page's "@" autocomplete)."""
         return models.knowledge.find(q, limit)
 
     @app.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest):
         """The conversation so far -> the ranked movies for the model's next turn, each with its explanation."""
+
         def work():
             began = time.perf_counter()
             turns, unknown = _turns(models.knowledge, body.messages)
             recommender, used = models.model("recommender", body.recommender)
-            ranked = Chat(models.knowledge, recommender).recommend(turns, body.top_k, body.exclude_mentioned,
-                                                                    body.explain)
-            return RecommendResponse(recommendations=_out(ranked), unknown_titles=unknown,
-                                     models={"recommender": used}, elapsed_ms=_milliseconds_since(began))
+            ranked = Chat(models.knowledge, recommender).recommend(
+                turns, body.top_k, body.exclude_mentioned, body.explain
+            )
+            return RecommendResponse(
+                recommendations=_out(ranked),
+                unknown_titles=unknown,
+                models={"recommender": used},
+                elapsed_ms=_milliseconds_since(began),
+            )
+
         return await answer(work)
 
     @app.post("/v1/chat", response_model=ChatResponse)
@@ -332,13 +386,21 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
             began = time.perf_counter()
             turns, unknown = _turns(models.knowledge, body.messages)
             (recommender, used_recommender), (generator, used_generator) = (
-                models.model("recommender", body.recommender), models.model("generator", body.generator))
-            reply = Chat(models.knowledge, recommender, generator).respond(turns, body.top_k, body.exclude_mentioned,
-                                                                           body.explain)
-            return ChatResponse(response=reply.text, response_with_ids=reply.text_with_ids,
-                                recommendations=_out(reply.recommendations), unknown_titles=unknown,
-                                models={"recommender": used_recommender, "generator": used_generator},
-                                elapsed_ms=_milliseconds_since(began))
+                models.model("recommender", body.recommender),
+                models.model("generator", body.generator),
+            )
+            reply = Chat(models.knowledge, recommender, generator).respond(
+                turns, body.top_k, body.exclude_mentioned, body.explain
+            )
+            return ChatResponse(
+                response=reply.text,
+                response_with_ids=reply.text_with_ids,
+                recommendations=_out(reply.recommendations),
+                unknown_titles=unknown,
+                models={"recommender": used_recommender, "generator": used_generator},
+                elapsed_ms=_milliseconds_since(began),
+            )
+
         return await answer(work)
 
     @app.post("/v1/explain", response_model=RecommendationOut)
@@ -351,6 +413,7 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
             turns, _ = _turns(models.knowledge, body.messages)
             recommender, _ = models.model("recommender", body.recommender)
             return Chat(models.knowledge, recommender).explain_movie(turns, body.movie_id)
+
         rank, recommendation = await answer(work)
         return _out([recommendation], first_rank=rank)[0]
 

@@ -30,7 +30,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with code {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"{self.name} server exited with code {self.process.returncode}; see {self.log_path}"
+                )
             if is_healthy(self.health_url) and self.process.poll() is None:  # ours answers, not another's
                 return
             time.sleep(0.5)
@@ -92,14 +94,27 @@ def dvc_executable() -> str:
     return shutil.which("dvc") or str(BIN / "dvc")
 
 
-def _start(name: str, command: list[str], url: str, health_url: str, env: dict[str, str] | None = None,
-           log_name: str | None = None) -> Server:
+def _start(
+    name: str,
+    command: list[str],
+    url: str,
+    health_url: str,
+    env: dict[str, str] | None = None,
+    log_name: str | None = None,
+) -> Server:
     logs = project_root() / "logs"
     logs.mkdir(exist_ok=True)
     log_path = logs / (log_name or f"{name}-server.log")
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=project_root(), env=env)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=project_root(),
+            env=env,
+        )
     return Server(name, url, health_url, process, log_path)
 
 
@@ -115,29 +130,51 @@ def ensure_port_free(port: int, name: str, host: str = "127.0.0.1") -> None:
         try:
             probe.bind((host, port))
         except OSError:
-            raise PortTaken(f"port {port} on {host}, which the {name} server needs, is taken by another program "
-                            f"(see `lsof -i :{port}`); stop that program first") from None
+            raise PortTaken(
+                f"port {port} on {host}, which the {name} server needs, is taken by another program "
+                f"(see `lsof -i :{port}`); stop that program first"
+            ) from None
 
 
 def start_prefect(port: int) -> Server:
     ensure_port_free(port, "prefect")
     url = f"http://127.0.0.1:{port}"
-    return _start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                  url, f"{url}/api/health")
+    return _start(
+        "prefect",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        url,
+        f"{url}/api/health",
+    )
 
 
 def start_worker(pool: str, api_url: str, limit: int = 1) -> Server:
     """A Prefect process worker polling `pool`: flow runs of the deployments on it (from the UI or `prefect
     deployment run`) run here, `limit` at a time."""
-    return _start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                                     "--limit", str(limit)], api_url, f"{api_url}/health",
-                  env={**os.environ, "PREFECT_API_URL": api_url}, log_name="prefect-worker.log")
+    return _start(
+        "prefect-worker",
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(limit)],
+        api_url,
+        f"{api_url}/health",
+        env={**os.environ, "PREFECT_API_URL": api_url},
+        log_name="prefect-worker.log",
+    )
 
 
 def start_mlflow(port: int, backend_store_uri: str, artifact_root: str) -> Server:
     ensure_port_free(port, "mlflow")
     url = f"http://127.0.0.1:{port}"
-    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", backend_store_uri, "--default-artifact-root", artifact_root,
-               "--workers", "1"]
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+        "--default-artifact-root",
+        artifact_root,
+        "--workers",
+        "1",
+    ]
     return _start("mlflow", command, url, f"{url}/health")

@@ -16,7 +16,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,9 @@ class Job:
         return (self.results(params, workspace) / f"{self.arm}.json").is_file()
 
 
-def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | None = None,
-         arms: list[str] | None = None) -> list[Job]:
+def jobs(
+    params: Params, settings: list[str] | None = None, seeds: list[int] | None = None, arms: list[str] | None = None
+) -> list[Job]:
     """Seed by seed, so that a cut-off study has whole seeds of every arm; extensions last (they resume the C2-CRS
     run's finished pre-training when their overrides leave it unchanged). `arms`: only these (c2crs, kbrd or an
     extension's name)."""
@@ -67,8 +68,13 @@ def jobs(params: Params, settings: list[str] | None = None, seeds: list[int] | N
     if arms and any(arm not in known for arm in arms):
         raise ValueError(f"study: no arm {next(a for a in arms if a not in known)!r}; the arms are {known}")
     core = [Job(setting, seed, arm) for seed in seeds for setting in settings for arm in (C2CRS_ARM, KBRD)]
-    extra = [Job(setting, seed, name) for seed in seeds for setting in settings for name in params.study.extensions
-             if setting in params.study.settings]  # extensions apply to the settings, not to a learning curve's points
+    extra = [
+        Job(setting, seed, name)
+        for seed in seeds
+        for setting in settings
+        for name in params.study.extensions
+        if setting in params.study.settings
+    ]  # extensions apply to the settings, not to a learning curve's points
     return [job for job in core + extra if not arms or job.arm in arms]
 
 
@@ -105,8 +111,14 @@ def _waits_for(params: Params, job: Job) -> Job | None:
     return Job(job.setting, job.seed, C2CRS_ARM)
 
 
-def _ranks(model, run: c2crs_train.Run, table: c2crs_data.SampleTable, rows: pl.DataFrame, batch: int,
-           blocks=c2crs_train.score_samples) -> tuple[np.ndarray, np.ndarray]:
+def _ranks(
+    model,
+    run: c2crs_train.Run,
+    table: c2crs_data.SampleTable,
+    rows: pl.DataFrame,
+    batch: int,
+    blocks=c2crs_train.score_samples,
+) -> tuple[np.ndarray, np.ndarray]:
     scored = ((table.sample_ids[r], scores) for r, scores in blocks(model, run, table, batch))
     return rec_metrics.ranks_and_masked_ranks(scored, rows, rows["context_item_ids"].to_list())
 
@@ -130,28 +142,46 @@ class RunClock(StageLog):
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_outputs({self.path: {"seconds": round(self.seconds(), 1), "started_at": self.started_at,
-                                   "processes": self.processes}})
+        write_outputs(
+            {
+                self.path: {
+                    "seconds": round(self.seconds(), 1),
+                    "started_at": self.started_at,
+                    "processes": self.processes,
+                }
+            }
+        )
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def provenance(clock: RunClock, device: torch.device) -> dict:
     """Where and how a run was made: the code's commit, when, how long over all its processes, on what."""
-    return {"git_commit": git_commit(), "started_at": clock.started_at, "finished_at": _now(),
-            "seconds": round(clock.seconds(), 1), "processes": clock.processes, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "git_commit": git_commit(),
+        "started_at": clock.started_at,
+        "finished_at": _now(),
+        "seconds": round(clock.seconds(), 1),
+        "processes": clock.processes,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _reuse(params: Params, workspace: Path, job: Job, source: Job) -> dict:
     """A KBRD-style run shared with `source`'s setting: its files copied under job's setting, marked as such."""
     if not source.done(params, workspace):
         run_job(params, workspace, source)
-    result = {**json.loads((source.results(params, workspace) / f"{KBRD}.json").read_text()),
-              "setting": job.setting, "reused_from": f"{source.setting}/seed{source.seed}"}
+    result = {
+        **json.loads((source.results(params, workspace) / f"{KBRD}.json").read_text()),
+        "setting": job.setting,
+        "reused_from": f"{source.setting}/seed{source.seed}",
+    }
     target = job.results(params, workspace)
     target.mkdir(parents=True, exist_ok=True)
     temporary = target / f".{KBRD}.npz.tmp"
@@ -170,13 +200,16 @@ def _train_arm(params: Params, workspace: Path, job: Job, run_params: Params, lo
     elif extension and not _changes_pretraining(params.study.extensions[extension]):
         path = [("finetune_rec", out / f"{C2CRS_ARM}.pretrain_fine.pt")]
     else:
-        path = [(stage, out / f"{job.arm}.{previous}.pt" if previous else None)
-                for stage, (previous, _) in runs.REC_PATH.items()]
+        path = [
+            (stage, out / f"{job.arm}.{previous}.pt" if previous else None)
+            for stage, (previous, _) in runs.REC_PATH.items()
+        ]
     outcome, curves = {}, {}
     for stage, start_from in path:
         curve = CurveLog(log)
-        model, outcome[stage], _ = runs.train_c2crs(stage, run_params, workspace, curve, start_from,
-                                                       out / f"{job.arm}.{stage}.pt", loaded)
+        model, outcome[stage], _ = runs.train_c2crs(
+            stage, run_params, workspace, curve, start_from, out / f"{job.arm}.{stage}.pt", loaded
+        )
         curves[stage] = curve.rows()
     return model, outcome, curves
 
@@ -199,16 +232,24 @@ def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -
     test_rows = rec_metrics.expand_mentions(samples.filter(pl.col("split") == "test").sort("sample_id"))
     batch = params.evaluate.batch_size
     arrays["ranks"], arrays["masked_ranks"] = _ranks(model, run, test_table, test_rows, batch)
-    result = {"setting": job.setting, "seed": job.seed, "arm": job.arm,
-              "overrides": {**params.study.all_settings()[job.setting],
-                            **(params.study.extensions[extension] if extension else {})},
-              "training": outcome, "curves": curves}
+    result = {
+        "setting": job.setting,
+        "seed": job.seed,
+        "arm": job.arm,
+        "overrides": {
+            **params.study.all_settings()[job.setting],
+            **(params.study.extensions[extension] if extension else {}),
+        },
+        "training": outcome,
+        "curves": curves,
+    }
     result["repeat_choice"], arrays["repeat_choice"], arrays["repeat_choice_masked"] = _with_repeat_choice(
-        params, workspace, model, run, samples, test_table, test_rows, batch)
+        params, workspace, model, run, samples, test_table, test_rows, batch
+    )
     if job.arm == C2CRS_ARM and job.setting in params.study.settings:  # a curve's point shares its pre-training
-        result["diagnostics"], diagnostic_ranks = _diagnostics(run_params, run, model_config, out, samples,
-                                                               test_table, test_rows, batch,
-                                                               params.study.probe_epochs)
+        result["diagnostics"], diagnostic_ranks = _diagnostics(
+            run_params, run, model_config, out, samples, test_table, test_rows, batch, params.study.probe_epochs
+        )
         arrays.update(diagnostic_ranks)
     result["provenance"] = provenance(clock, run.device)
     result["seconds"] = result["provenance"]["seconds"]
@@ -221,25 +262,50 @@ def run_job(params: Params, workspace: Path, job: Job, log: StageLog = NO_LOG) -
     return result
 
 
-def _with_repeat_choice(params: Params, workspace: Path, model, run: c2crs_train.Run, samples: pl.DataFrame,
-                        test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int):
+def _with_repeat_choice(
+    params: Params,
+    workspace: Path,
+    model,
+    run: c2crs_train.Run,
+    samples: pl.DataFrame,
+    test_table: c2crs_data.SampleTable,
+    test_rows: pl.DataFrame,
+    batch: int,
+):
     """The model inside a learned choice between re-mentioning a context movie and a new one (beyond the paper;
     models.baselines.RepeatChoice, counted on the train split): (the fitted statistics, test ranks, masked)."""
     choice = repeat_choice.fitted(params, workspace, run, by_state=False)
-    recent = repeat_choice.recent_items_tensor(rec_metrics.context_items_by_recency(
-        samples.filter(pl.col("split") == "test").sort("sample_id")))
-    scored = ((test_table.sample_ids[r], s) for r, s in repeat_choice.with_repeat_choice(
-        c2crs_train.score_samples(model, run, test_table, batch), recent, test_table, choice))
+    recent = repeat_choice.recent_items_tensor(
+        rec_metrics.context_items_by_recency(samples.filter(pl.col("split") == "test").sort("sample_id"))
+    )
+    scored = (
+        (test_table.sample_ids[r], s)
+        for r, s in repeat_choice.with_repeat_choice(
+            c2crs_train.score_samples(model, run, test_table, batch), recent, test_table, choice
+        )
+    )
     ranks, masked = rec_metrics.ranks_and_masked_ranks(scored, test_rows, test_rows["context_item_ids"].to_list())
-    statistics = {role: {"p_repeat": round(float(choice.p_repeat[i, 0]), 4),
-                         "by_recency": [round(float(w), 4) for w in choice.by_recency[i]]}
-                  for i, role in enumerate(choice.ROLES)}
+    statistics = {
+        role: {
+            "p_repeat": round(float(choice.p_repeat[i, 0]), 4),
+            "by_recency": [round(float(w), 4) for w in choice.by_recency[i]],
+        }
+        for i, role in enumerate(choice.ROLES)
+    }
     return statistics, ranks, masked
 
 
-def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Path, samples: pl.DataFrame,
-                 test_table: c2crs_data.SampleTable, test_rows: pl.DataFrame, batch: int,
-                 probe_epochs: int) -> tuple[dict, dict[str, np.ndarray]]:
+def _diagnostics(
+    run_params: Params,
+    run: c2crs_train.Run,
+    model_config,
+    out: Path,
+    samples: pl.DataFrame,
+    test_table: c2crs_data.SampleTable,
+    test_rows: pl.DataFrame,
+    batch: int,
+    probe_epochs: int,
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Zero-shot recall and the frozen probe, for the pre-trained model and for an untrained one of the same seed."""
     pretrained = runs.load_c2crs(out / f"{C2CRS_ARM}.pretrain_fine.pt").to(run.device)
     loop.seed_everything(run_params.seed, run_params.deterministic)
@@ -251,13 +317,20 @@ def _diagnostics(run_params: Params, run: c2crs_train.Run, model_config, out: Pa
         valid_ranks, _ = _ranks(model, run, valid_table, valid_rows, batch, probe.zero_shot_blocks)
         found[f"zero_shot_{name}"] = {"valid": rec_metrics.metrics_from_ranks(valid_ranks)}
         arrays[f"zero_shot_{name}"], arrays[f"zero_shot_{name}_masked"] = _ranks(
-            model, run, test_table, test_rows, batch, probe.zero_shot_blocks)
-        frozen, history = probe.train_frozen_probe(model, run, probe_epochs, run_params.finetune_rec.batch_size,
-                                                   run_params.finetune_rec.learning_rate, run_params.seed)
-        found[f"probe_{name}"] = {"valid_history": history,
-                                  "valid": max(history, key=lambda h: h["recall@50"])}
-        arrays[f"probe_{name}"], arrays[f"probe_{name}_masked"] = _ranks(frozen, run, test_table, test_rows, batch,
-                                                                        probe.score_probe)
+            model, run, test_table, test_rows, batch, probe.zero_shot_blocks
+        )
+        frozen, history = probe.train_frozen_probe(
+            model,
+            run,
+            probe_epochs,
+            run_params.finetune_rec.batch_size,
+            run_params.finetune_rec.learning_rate,
+            run_params.seed,
+        )
+        found[f"probe_{name}"] = {"valid_history": history, "valid": max(history, key=lambda h: h["recall@50"])}
+        arrays[f"probe_{name}"], arrays[f"probe_{name}_masked"] = _ranks(
+            frozen, run, test_table, test_rows, batch, probe.score_probe
+        )
     return found, arrays
 
 
@@ -267,8 +340,15 @@ def prerequisites(params: Params, job: Job) -> list[Job]:
     return [needed] if needed else []
 
 
-def run_study(params: Params, workspace: Path, settings: list[str] | None = None, seeds: list[int] | None = None,
-              workers: int | None = None, arms: list[str] | None = None, api_url: str | None = None) -> list[dict]:
+def run_study(
+    params: Params,
+    workspace: Path,
+    settings: list[str] | None = None,
+    seeds: list[int] | None = None,
+    workers: int | None = None,
+    arms: list[str] | None = None,
+    api_url: str | None = None,
+) -> list[dict]:
     """Every job not yet done (and the runs they start from), one after another in this process, or with `workers` >
     1 as flow runs of the study deployment on the local process pool, that many at a time (pipeline/study_flows.py;
     api_url: the Prefect API, default the configured one or a temporary server). Returns the runs' results."""
@@ -292,8 +372,10 @@ def run_study(params: Params, workspace: Path, settings: list[str] | None = None
         states = study_flows.run_on_pool(todo, workspace, min(workers, len(todo)), url)
     failed = [job for job, state in zip(todo, states.values()) if state != "COMPLETED"]
     if failed:
-        raise RuntimeError(f"study: {len(failed)} run(s) did not complete ({failed[0]} first); the Prefect UI has "
-                           "their logs; `study run` again resumes them")
+        raise RuntimeError(
+            f"study: {len(failed)} run(s) did not complete ({failed[0]} first); the Prefect UI has "
+            "their logs; `study run` again resumes them"
+        )
     return [json.loads((job.results(params, workspace) / f"{job.arm}.json").read_text()) for job in todo]
 
 
@@ -307,16 +389,30 @@ def write_report(params: Params, workspace: Path) -> str:
     train_targets = samples.filter(pl.col("split") == "train")["target_item_ids"].explode().drop_nulls().to_numpy()
     naive = study_report.naive_ranks(test, rows, train_targets, n_items)
     order = list(params.study.all_settings())
-    finished = sorted(study_report.load_runs(workspace / params.study.results_dir),
-                      key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order))
+    finished = sorted(
+        study_report.load_runs(workspace / params.study.results_dir),
+        key=lambda r: order.index(r["setting"]) if r["setting"] in order else len(order),
+    )
     curve = params.study.learning_curve
-    summary = study_report.summarise(finished, rows, naive, rec_metrics.context_size_masks(rows),
-                                     params.evaluate.bootstrap_resamples, params.seed,
-                                     params.study.curve_settings(), curve.setting if curve else None)
+    summary = study_report.summarise(
+        finished,
+        rows,
+        naive,
+        rec_metrics.context_size_masks(rows),
+        params.evaluate.bootstrap_resamples,
+        params.seed,
+        params.study.curve_settings(),
+        curve.setting if curve else None,
+    )
     report = study_markdown.report(summary, params)
     plots = study_report.plot_files(summary, workspace / params.study.plots_dir)
-    write_outputs({workspace / params.study.report: report,
-                   workspace / params.study.results_dir / "summary.json": summary, **plots})
+    write_outputs(
+        {
+            workspace / params.study.report: report,
+            workspace / params.study.results_dir / "summary.json": summary,
+            **plots,
+        }
+    )
     for stale in set((workspace / params.study.plots_dir).rglob("*.json")) - set(plots):  # of runs no longer there
         stale.unlink()
     return report

@@ -56,8 +56,14 @@ def deploy_study(pool: str, api_url: str | None = None) -> str:
     with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
         ensure_pool(pool)
         study_run.from_source(source=str(project_root()), entrypoint=ENTRYPOINT).deploy(
-            name="run", work_pool_name=pool, build=False, push=False, print_next_steps=False,
-            ignore_warnings=True, tags=["study"])
+            name="run",
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,
+            tags=["study"],
+        )
     return DEPLOYMENT
 
 
@@ -69,10 +75,18 @@ def submit(jobs: list[Job], workspace: Path, threads: int, api_url: str | None =
     ids = []
     with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
         for job in jobs:
-            flow_run = run_deployment(DEPLOYMENT, timeout=0, tags=[f"setting:{job.setting}", f"seed:{job.seed}",
-                                                                    f"arm:{job.arm}"],
-                                      parameters={"setting": job.setting, "seed": job.seed, "arm": job.arm,
-                                                  "workspace": str(workspace), "threads": threads})
+            flow_run = run_deployment(
+                DEPLOYMENT,
+                timeout=0,
+                tags=[f"setting:{job.setting}", f"seed:{job.seed}", f"arm:{job.arm}"],
+                parameters={
+                    "setting": job.setting,
+                    "seed": job.seed,
+                    "arm": job.arm,
+                    "workspace": str(workspace),
+                    "threads": threads,
+                },
+            )
             ids.append(flow_run.id)
     return ids
 
@@ -82,8 +96,10 @@ def wait(ids: list, api_url: str | None = None, poll_seconds: float = 5.0) -> di
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}), \
-            get_client(sync_client=True) as client:
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}),
+        get_client(sync_client=True) as client,
+    ):
         while True:
             states = {str(i): client.read_flow_run(i).state.type.value for i in ids}
             if all(state in FINAL for state in states.values()):
@@ -111,13 +127,15 @@ def prefect_api(api_url: str | None = None) -> Iterator[str]:
 
 
 def run_on_pool(jobs: list[Job], workspace: Path, workers: int, api_url: str) -> dict[str, str]:
-    """The local fan-out: the deployment on the process pool, a worker running `workers` flow runs at once (each with
-    an equal share of the cores), every job submitted, then waited for; the worker stops at the end."""
+    """The local fan-out: the deployment on the process pool, every job submitted, then a worker running `workers`
+    flow runs at once (each with an equal share of the cores; started after the submissions, so its first poll sees
+    them all) until every one has finished; the worker stops at the end."""
     from pipeline import servers
 
     deploy_study(LOCAL_POOL, api_url)
+    ids = submit(jobs, workspace, max(1, torch.get_num_threads() // workers), api_url)
     worker = servers.start_worker(LOCAL_POOL, api_url, workers)
     try:
-        return wait(submit(jobs, workspace, max(1, torch.get_num_threads() // workers), api_url), api_url)
+        return wait(ids, api_url)
     finally:
         worker.stop()

@@ -13,7 +13,6 @@ from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_re
 from stages.io.graph import STAGES, stage_making
 from stages.io.stage_log import registered_name
 
-
 CHAT_MODELS = {"recommender": "finetune_rec", "generator": "finetune_conv"}  # what a chat loads: kind -> its stage
 
 
@@ -29,8 +28,9 @@ def chat_model_files(workspace: Path, models_from: str) -> dict[str, Path]:
     from pipeline.registry import model_sources
 
     names = {kind: registered_name("c2crs", kind) for kind in CHAT_MODELS}
-    sources = model_sources({names[kind]: workspace_model(workspace, kind) for kind in CHAT_MODELS}, workspace,
-                            models_from)
+    sources = model_sources(
+        {names[kind]: workspace_model(workspace, kind) for kind in CHAT_MODELS}, workspace, models_from
+    )
     files = {kind: sources[names[kind]] for kind in CHAT_MODELS}
     for file in files.values():
         if not file.is_file():
@@ -44,8 +44,9 @@ def talk(params: Params, workspace: Path, models_from: str = "registry") -> int:
     print("loading the models ...", flush=True)
     files = chat_model_files(workspace, models_from)
     knowledge = Knowledge(params, workspace)
-    chat = Chat(knowledge, load_recommender(files["recommender"], knowledge),
-                load_generator(files["generator"], knowledge))
+    chat = Chat(
+        knowledge, load_recommender(files["recommender"], knowledge), load_generator(files["generator"], knowledge)
+    )
     print(__doc__.split("\n\n")[1].replace("\n", " "))
     print("Empty line, Ctrl-D or Ctrl-C ends the conversation.\n")
     return converse(Session(chat))

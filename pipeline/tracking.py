@@ -14,7 +14,7 @@ import socket
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -25,8 +25,8 @@ from prefect.exceptions import TerminationSignal
 
 from pipeline import registry
 from pipeline.invocation import current_invocation
-from stages.io.outputs import content_hash
 from pipeline.paths import git_commit, project_root
+from stages.io.outputs import content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def experiment_id() -> str:
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(), tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+    return mlflow.create_experiment(
+        EXPERIMENT, artifact_location=artifact_root(), tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT}
+    )
 
 
 def mark_model_development(client: MlflowClient, exp_id: str) -> None:
@@ -65,9 +67,12 @@ def parent_run(invocation: str) -> str:
     found = client.search_runs([exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
     if found:
         return found[0].info.run_id
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    run = client.create_run(exp_id, run_name=f"pipeline {started}",
-                            tags={INVOCATION_TAG: invocation, "git_commit": git_commit(), **process_tags()})
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    run = client.create_run(
+        exp_id,
+        run_name=f"pipeline {started}",
+        tags={INVOCATION_TAG: invocation, "git_commit": git_commit(), **process_tags()},
+    )
     return run.info.run_id
 
 
@@ -98,8 +103,10 @@ class StageRun:
         with warnings.catch_warnings():  # a local path matches two registered source types; both mean a local file
             warnings.simplefilter("ignore")
             for name, digest in hashes.items():
-                mlflow.log_input(MetaDataset(resolve_dataset_source(str(inputs[name].resolve())), name=name,
-                                             digest=digest[:16]), context="input")
+                mlflow.log_input(
+                    MetaDataset(resolve_dataset_source(str(inputs[name].resolve())), name=name, digest=digest[:16]),
+                    context="input",
+                )
         client = MlflowClient()
         for version in self.versions:
             for name, digest in hashes.items():
@@ -126,9 +133,13 @@ class StageRun:
     def model(self, name: str | None, model, file: Path, validation: dict | None = None) -> None:
         """The trained module as a registry version (pinned requirements, so loading it does not start an inference
         of the environment, about 8 s)."""
-        version = registry.register(name, model, file, validation or {},
-                                    {registry.GIT_TAG: git_commit(), registry.PARAMS_TAG: self.params_hash,
-                                     registry.STAGE_TAG: self.stage})
+        version = registry.register(
+            name,
+            model,
+            file,
+            validation or {},
+            {registry.GIT_TAG: git_commit(), registry.PARAMS_TAG: self.params_hash, registry.STAGE_TAG: self.stage},
+        )
         if version is not None:
             self.versions.append(version)
 
@@ -136,8 +147,12 @@ class StageRun:
         client = MlflowClient()
         version = registry.version_of_file(client, name, file)
         if version is None:
-            logger.warning("%s: no registered version holds the weights of %s (trained outside the pipeline's "
-                           "flows?): its test metrics are not in the registry", name, file)
+            logger.warning(
+                "%s: no registered version holds the weights of %s (trained outside the pipeline's "
+                "flows?): its test metrics are not in the registry",
+                name,
+                file,
+            )
             return
         registry.log_test_metrics(version, test)
         decision = registry.promote(client, name, version, champion_metric, min_improvement)
@@ -192,8 +207,11 @@ def _process_start(pid: int) -> str | None:
 
 
 def process_tags() -> dict[str, str]:
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            PROCESS_START_TAG: _process_start(os.getpid()) or ""}
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PROCESS_START_TAG: _process_start(os.getpid()) or "",
+    }
 
 
 def close_abandoned_runs(client: MlflowClient, exp_id: str) -> list[str]:

@@ -4,9 +4,9 @@ variant (ablations@wo_coarse, ...), so a variant whose overrides change retrains
 
 from pathlib import Path
 
+from stages.evaluation.rec_metrics import ABLATION_PREFIX
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
-from stages.evaluation.rec_metrics import ABLATION_PREFIX
 from stages.io.stage_log import NO_LOG, CurveLog, PrefixedLog, StageLog, StageOutcome, registered_name
 from stages.training import runs
 
@@ -22,8 +22,9 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
     log = CurveLog(log)
     for stage in runs.REC_PATH:
         out = runs.ablation_model_path(workspace, variant, stage)
-        model, metrics[stage], read = runs.train_c2crs(stage, variant_params, workspace, PrefixedLog(log, stage),
-                                                       start_from, out, loaded)
+        model, metrics[stage], read = runs.train_c2crs(
+            stage, variant_params, workspace, PrefixedLog(log, stage), start_from, out, loaded
+        )
         inputs.update({name: path for name, path in read.items() if name != "start_from"})
         start_from = out
     log.model(registered_name(ABLATION_PREFIX + variant, "recommender"), model, start_from, metrics["finetune_rec"])

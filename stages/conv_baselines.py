@@ -16,8 +16,9 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
     spec = STAGES["conv_baselines"].for_variant(variant)
     variant_params = params.variant(variant, kind="conv_baselines")
     log = CurveLog(log)
-    model, outcome, inputs = conv_runs.train_conversation(variant_params, workspace, log,
-                                                     conv_runs.conv_model_path(workspace, variant))
+    model, outcome, inputs = conv_runs.train_conversation(
+        variant_params, workspace, log, conv_runs.conv_model_path(workspace, variant)
+    )
     metrics = {"overrides": params.conv_baselines.variants[variant], **outcome}
     write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
     log.model(registered_name(variant, "generator"), model, conv_runs.conv_model_path(workspace, variant), outcome)

@@ -27,8 +27,19 @@ from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
 from stages.sources import raw
 from stages.text import linking
-from stages.training import (baseline_models, c2crs_data, c2crs_train, conv_runs, conv_train, hred_train,
-                             kgsf_train, redial_train, repeat_choice, runs, textcnn_train)
+from stages.training import (
+    baseline_models,
+    c2crs_data,
+    c2crs_train,
+    conv_runs,
+    conv_train,
+    hred_train,
+    kgsf_train,
+    redial_train,
+    repeat_choice,
+    runs,
+    textcnn_train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +61,18 @@ def conv_model_files(params, workspace: Path) -> dict[str, Path]:
     return {**files, "c2crs": conv_runs.conv_model_path(workspace)}
 
 
-def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                split: str = "test", loaded=None, skip: frozenset[str] = frozenset(),
-                files: dict[str, Path] | None = None,
-                forms: pl.DataFrame | None = None,
-                history: tuple[list[list[int]], list[int]] | None = None
-                ) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
+def score_split(
+    params,
+    workspace: Path,
+    samples: pl.DataFrame,
+    triple_table: pl.DataFrame,
+    split: str = "test",
+    loaded=None,
+    skip: frozenset[str] = frozenset(),
+    files: dict[str, Path] | None = None,
+    forms: pl.DataFrame | None = None,
+    history: tuple[list[list[int]], list[int]] | None = None,
+) -> tuple[c2crs_data.SampleTable, dict[str, Callable]]:
     """For each model (but those in skip), a function giving its score blocks (row indices, [rows, n_items]) on a
     split's samples; the models are read from `files` (default: model_files, the workspace's). forms: the movie
     forms of the samples' conversations, which ReDial's recommender reads (default: the ingest stage's). history:
@@ -94,8 +111,9 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
         models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
     if "revcore" not in skip:  # KGSF's recommender on the contexts its retrieval enriches
         retrieval = baseline_models.revcore_retrieval(params, workspace, run, path=files["revcore"])
-        models["revcore"] = lambda: kgsf_train.score_kgsf(retrieval.model.kgsf, run, retrieval.augment(table), words,
-                                                          batch)
+        models["revcore"] = lambda: kgsf_train.score_kgsf(
+            retrieval.model.kgsf, run, retrieval.augment(table), words, batch
+        )
     if "redial" not in skip:
         redial = baseline_models.load_redial(files["redial"]).to(run.device)
         if forms is None:
@@ -108,8 +126,12 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
         models["c2crs"] = lambda: c2crs_train.score_samples(c2crs, run, table, batch)
     if rec_metrics.REPEAT_CHOICE not in skip:
         models[rec_metrics.REPEAT_CHOICE] = lambda: repeat_choice.with_repeat_choice(
-            c2crs_train.score_samples(c2crs, run, table, batch), repeat_choice.recent_items_tensor(recent), table,
-            repeat_choice.fitted(params, workspace, run), torch.as_tensor(states))
+            c2crs_train.score_samples(c2crs, run, table, batch),
+            repeat_choice.recent_items_tensor(recent),
+            table,
+            repeat_choice.fitted(params, workspace, run),
+            torch.as_tensor(states),
+        )
     variant_runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
     for variant in params.ablations.variants:
         if rec_metrics.ABLATION_PREFIX + variant in skip:
@@ -119,16 +141,27 @@ def score_split(params, workspace: Path, samples: pl.DataFrame, triple_table: pl
         if key not in variant_runs:
             variant_runs[key] = runs.training_run(variant_params, workspace)[0]
         model = runs.load_c2crs(files[rec_metrics.ABLATION_PREFIX + variant]).to(run.device)
-        models[rec_metrics.ABLATION_PREFIX + variant] = (
-            lambda model=model, run=variant_runs[key]: c2crs_train.score_samples(model, run, table, batch))
+        models[rec_metrics.ABLATION_PREFIX + variant] = lambda model=model, run=variant_runs[key]: (
+            c2crs_train.score_samples(model, run, table, batch)
+        )
     return table, models
 
 
-def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_table: pl.DataFrame,
-                     split: str = "test", log: StageLog = NO_LOG, loaded=None,
-                     skip: frozenset[str] = frozenset(), files: dict[str, Path] | None = None,
-                     top: dict[str, np.ndarray] | None = None, forms: pl.DataFrame | None = None,
-                     rows: pl.DataFrame | None = None, history: tuple[list[list[int]], list[int]] | None = None) -> dict:
+def evaluate_samples(
+    params,
+    workspace: Path,
+    samples: pl.DataFrame,
+    triple_table: pl.DataFrame,
+    split: str = "test",
+    log: StageLog = NO_LOG,
+    loaded=None,
+    skip: frozenset[str] = frozenset(),
+    files: dict[str, Path] | None = None,
+    top: dict[str, np.ndarray] | None = None,
+    forms: pl.DataFrame | None = None,
+    rows: pl.DataFrame | None = None,
+    history: tuple[list[list[int]], list[int]] | None = None,
+) -> dict:
     """Every model's (but skip's) metrics on one split's samples: {model: {protocol: metrics}} (the reports/rec.json
     shape). top: {model: None} to fill, while the models are scored, with each named model's best items for every
     sample row ([rows, TOP_ITEMS] entity ids; the generators' responses name them), instead of scoring it twice.
@@ -142,17 +175,23 @@ def evaluate_samples(params, workspace: Path, samples: pl.DataFrame, triple_tabl
         if top is not None and name in top:
             scored = _keeping_top(scored, top, name, len(table))
         ranks[name], masked[name] = rec_metrics.ranks_and_masked_ranks(
-            ((table.sample_ids[r], scores) for r, scores in scored), rows, rows["context_item_ids"])
+            ((table.sample_ids[r], scores) for r, scores in scored), rows, rows["context_item_ids"]
+        )
     results = {}
     for name in models:
         compare = name == "c2crs"
         results[name] = rec_metrics.evaluate_model(
-            rows, ranks[name], params.evaluate.bootstrap_resamples, params.seed,
+            rows,
+            ranks[name],
+            params.evaluate.bootstrap_resamples,
+            params.seed,
             compare_with={other: r for other, r in ranks.items() if other != name} if compare else None,
             masked_ranks=masked[name],
-            compare_masked={other: r for other, r in masked.items() if other != name} if compare else None)
-        log.epoch(0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)}
-                             for p, m in results[name].items()}})
+            compare_masked={other: r for other, r in masked.items() if other != name} if compare else None,
+        )
+        log.epoch(
+            0, {name: {p: {k: v for k, v in m.items() if not isinstance(v, dict)} for p, m in results[name].items()}}
+        )
     return results
 
 
@@ -178,37 +217,48 @@ def _setting(params, samples: pl.DataFrame) -> str:
     per_conversation = params.pretrain_coarse.samples_per_conversation
     if per_conversation is not None:
         pre += f" over {per_conversation} turns per conversation and epoch"
-    return (f"trained on {conversations.get('train', 0):,} train conversations (validation "
-            f"{conversations.get('valid', 0):,}), tested on {conversations.get('test', 0):,}; token dim "
-            f"{params.model.token_dim}, KG dim {params.model.kg_dim}, {pre}, at most {params.finetune_rec.epochs} "
-            "recommender epochs with early stopping on validation recall@50. The paper trained on the full ReDial "
-            "train split (about 10k conversations), with token dim 300 and 12 + 13 pre-training epochs over every "
-            "turn, and scored all turns: compare directions and gaps between rows, not levels.")
+    return (
+        f"trained on {conversations.get('train', 0):,} train conversations (validation "
+        f"{conversations.get('valid', 0):,}), tested on {conversations.get('test', 0):,}; token dim "
+        f"{params.model.token_dim}, KG dim {params.model.kg_dim}, {pre}, at most {params.finetune_rec.epochs} "
+        "recommender epochs with early stopping on validation recall@50. The paper trained on the full ReDial "
+        "train split (about 10k conversations), with token dim 300 and 12 + 13 pre-training epochs over every "
+        "turn, and scored all turns: compare directions and gaps between rows, not levels."
+    )
 
 
-def _gold_words(workspace: Path, samples: pl.DataFrame, table: c2crs_data.SampleTable,
-                data: conv_train.Responses) -> list[list[str]]:
+def _gold_words(
+    workspace: Path, samples: pl.DataFrame, table: c2crs_data.SampleTable, data: conv_train.Responses
+) -> list[list[str]]:
     """The test responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
     vocabulary ids), cut where the samples' responses are cut."""
-    part = samples.filter(pl.col("split") == "test").sort("sample_id").select("conv_id", "turn_idx",
-                                                                              "response_token_ids")
-    texts = part.join(pl.read_parquet(workspace / "data/ingest/utterances.parquet").select("conv_id", "turn_idx",
-                                                                                          "text"),
-                      on=["conv_id", "turn_idx"], how="left", maintain_order="left")
+    part = (
+        samples.filter(pl.col("split") == "test").sort("sample_id").select("conv_id", "turn_idx", "response_token_ids")
+    )
+    texts = part.join(
+        pl.read_parquet(workspace / "data/ingest/utterances.parquet").select("conv_id", "turn_idx", "text"),
+        on=["conv_id", "turn_idx"],
+        how="left",
+        maintain_order="left",
+    )
     words = [triples.token_texts(text)[: len(ids)] for text, ids in zip(texts["text"], texts["response_token_ids"])]
     return [words[row] for row in data.rows]
 
 
-def _context_turns(utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles: dict[str, str],
-                   turns: int = 4) -> list[str]:
+def _context_turns(
+    utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles: dict[str, str], turns: int = 4
+) -> list[str]:
     """The last turns before a sample's turn, as "role: text" with "@123" shown as the movie's title."""
     earlier = utterances.filter((pl.col("conv_id") == conv_id) & (pl.col("turn_idx") < turn_idx)).sort("turn_idx")
-    return [f"{role}: " + re.sub(r"@\d+", lambda m: titles.get(m.group(0), m.group(0)), text)
-            for role, text in earlier.select("role", "text").tail(turns).iter_rows()]
+    return [
+        f"{role}: " + re.sub(r"@\d+", lambda m: titles.get(m.group(0), m.group(0)), text)
+        for role, text in earlier.select("role", "text").tail(turns).iter_rows()
+    ]
 
 
-def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], log: StageLog = NO_LOG,
-                          loaded=None) -> tuple[dict, str, str, str]:
+def evaluate_conversation(
+    params, workspace: Path, top: dict[str, np.ndarray], log: StageLog = NO_LOG, loaded=None
+) -> tuple[dict, str, str, str]:
     """Every generator on the test split's recommender turns: reports/conv.json's content, the report, the rating
     sheet and its key.
 
@@ -225,16 +275,21 @@ def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], l
     data = conv_train.responses(samples, table, "test", vocabulary)
     decoding = params.evaluate.decoding
     entities = pl.read_parquet(inputs["entities"])
-    linker = linking.kg_entity_linker(entities, pl.read_parquet(inputs["edges"]),
-                                      raw.raw_files(params.data, workspace, "stopwords")["stopwords"], params.linking)
+    linker = linking.kg_entity_linker(
+        entities,
+        pl.read_parquet(inputs["edges"]),
+        raw.raw_files(params.data, workspace, "stopwords")["stopwords"],
+        params.linking,
+    )
     items = entities.filter(pl.col("is_item"))
     movie_token = dict(zip(items["entity_id"], (f"@{m}" for m in items["movie_id"])))
     movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
     title = {f"@{m}": f"{t} ({y})" if y else t for m, t, y in movies.select("movie_id", "title", "year").iter_rows()}
 
     def names_entity(words) -> bool:
-        return (any(w.startswith("@") or w == conv_train.PLACEHOLDER for w in words)
-                or bool(linker.link(" ".join(words))))
+        return any(w.startswith("@") or w == conv_train.PLACEHOLDER for w in words) or bool(
+            linker.link(" ".join(words))
+        )
 
     def words(tokens: list[int]) -> list[str]:
         return [vocabulary.tokens[t] for t in tokens if vocabulary.tokens[t] not in triples.SPECIAL_TOKENS]
@@ -246,44 +301,58 @@ def evaluate_conversation(params, workspace: Path, top: dict[str, np.ndarray], l
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
     said = {}
     reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
-        lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table))
+        lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table)
+    )
     for name, path in paths.items():
         model, config = conv_runs.load_conversation_model(path)
         model.to(run.device)
-        score = (hred_train.perplexity_and_responses if isinstance(model, HRED)
-                 else conv_train.perplexity_and_responses)
+        score = hred_train.perplexity_and_responses if isinstance(model, HRED) else conv_train.perplexity_and_responses
         read = reviewed(config.encoders["max_positions"]) if config.pretrained == "revcore" else table
         scored, responses = score(model, run, read, data, decoding, vocabulary.banned_ids)
         perplexity, generated = scored["perplexity"], [words(t) for t in responses]
         recommended = top[conv_runs.conv_recommender(config)]
-        said[name] = [conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
-                      for response, row in zip(generated, data.rows)]
-        results[name] = {**conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
-                         "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n)
-                                            for n in conv_metrics.DIST_NS}}
+        said[name] = [
+            conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
+            for response, row in zip(generated, data.rows)
+        ]
+        results[name] = {
+            **conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
+            "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n) for n in conv_metrics.DIST_NS},
+        }
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
 
-    picked = np.sort(np.random.default_rng(params.seed).choice(
-        len(data), min(params.evaluate.samples_for_reading, len(data)), replace=False))
+    picked = np.sort(
+        np.random.default_rng(params.seed).choice(
+            len(data), min(params.evaluate.samples_for_reading, len(data)), replace=False
+        )
+    )
 
     def shown(response: list[str]) -> str:
         return " ".join(title.get(w, w) for w in response)
 
     utterances = pl.read_parquet(workspace / "data/ingest/utterances.parquet")
     turn_of = dict(zip(samples["sample_id"], zip(samples["conv_id"], samples["turn_idx"])))
-    readable = [{"sample_id": int(table.sample_ids[data.rows[i]]),
-                 "context": _context_turns(utterances, *turn_of[int(table.sample_ids[data.rows[i]])], title),
-                 "gold": shown(gold[i]), "responses": {name: shown(said[name][i]) for name in paths}}
-                for i in picked.tolist()]
-    protocol = (f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
-                f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
-                f"{decoding.method} decoding" + (f" (beam {decoding.beam_size})" if decoding.method == "beam" else "")
-                + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; each movie "
-                "placeholder filled with the next of the model's recommender's top items, every movie one word "
-                "(its id), as the reference code's vocabulary has it; the gold responses likewise; perplexity of "
-                "the gold responses under each model (movies as the placeholder). Definitions in "
-                "stages/evaluation/conv_metrics.py.")
+    readable = [
+        {
+            "sample_id": int(table.sample_ids[data.rows[i]]),
+            "context": _context_turns(utterances, *turn_of[int(table.sample_ids[data.rows[i]])], title),
+            "gold": shown(gold[i]),
+            "responses": {name: shown(said[name][i]) for name in paths},
+        }
+        for i in picked.tolist()
+    ]
+    protocol = (
+        f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
+        f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
+        f"{decoding.method} decoding"
+        + (f" (beam {decoding.beam_size})" if decoding.method == "beam" else "")
+        + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; each movie "
+        "placeholder filled with the next of the model's recommender's top items, every movie one word "
+        "(its id), as the reference code's vocabulary has it; the gold responses likewise; perplexity of "
+        "the gold responses under each model (movies as the placeholder). Definitions in "
+        "stages/evaluation/conv_metrics.py."
+    )
     report = conv_metrics.conversation_report(results, protocol, readable, list(paths))
     sheet, key = conv_metrics.rating_sheet(readable, list(paths), params.seed)
     return results, report, sheet, key
@@ -311,22 +380,37 @@ def headline(results: dict, keys: tuple[str, ...]) -> dict[str, float]:
 
 def recall_at_k_plot(results: dict, protocol: str = "all_turns") -> list[dict]:
     """The DVC plot of recall@k (k = 1..50) under a protocol: one row per k, one column per model."""
-    curves = {model: by_protocol[protocol]["recall_curve"] for model, by_protocol in results.items()
-              if by_protocol.get(protocol, {}).get("recall_curve")}
+    curves = {
+        model: by_protocol[protocol]["recall_curve"]
+        for model, by_protocol in results.items()
+        if by_protocol.get(protocol, {}).get("recall_curve")
+    }
     longest = max((len(curve) for curve in curves.values()), default=0)
-    return [{"k": k + 1, **{model: curve[k] for model, curve in curves.items() if k < len(curve)}}
-            for k in range(longest)]
+    return [
+        {"k": k + 1, **{model: curve[k] for model, curve in curves.items() if k < len(curve)}} for k in range(longest)
+    ]
 
 
 def distinct_plot(conversation: dict) -> list[dict]:
     """The DVC plot of Dist-2/3/4 (corpus level) per generator and the human responses: one row per model."""
-    return [{"model": model, **{f"dist@{n}": values[f"dist@{n}"]["corpus"] for n in conv_metrics.DIST_NS}}
-            for model, values in conversation.items()]
+    return [
+        {"model": model, **{f"dist@{n}": values[f"dist@{n}"]["corpus"] for n in conv_metrics.DIST_NS}}
+        for model, values in conversation.items()
+    ]
 
 
-STANDARD_LABELS = {"repeat": "naive repeat", "popularity": "popularity", "textcnn": "TextCNN", "redial": "ReDial",
-                   "kbrd": "KBRD-style", "kecrs": "KECRS", "kgsf": "KGSF", "revcore": "RevCore", "c2crs": "C2-CRS",
-                   rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice"}
+STANDARD_LABELS = {
+    "repeat": "naive repeat",
+    "popularity": "popularity",
+    "textcnn": "TextCNN",
+    "redial": "ReDial",
+    "kbrd": "KBRD-style",
+    "kecrs": "KECRS",
+    "kgsf": "KGSF",
+    "revcore": "RevCore",
+    "c2crs": "C2-CRS",
+    rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice",
+}
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
@@ -338,31 +422,59 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     loaded = runs.training_run(params, workspace)  # read once for both tasks
     # the recommenders whose movies the generators name
     top = dict.fromkeys([*conv_runs.CONV_RECOMMENDER.values(), conv_runs.HRED_RECOMMENDER])
-    results = evaluate_samples(params, workspace, samples, pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
-                               "test", log, loaded, top=top)
+    results = evaluate_samples(
+        params,
+        workspace,
+        samples,
+        pl.read_parquet(workspace / runs.TRAINING_INPUTS["triples"]),
+        "test",
+        log,
+        loaded,
+        top=top,
+    )
     for model, standard in evaluate_standard(params, workspace, loaded).items():
         results[model].update(standard)
-    report = rec_metrics.recommendation_report(results, _setting(params, samples)) + "\n".join([
-        "", "## The standardized protocol (Kostric and Balog)", "",
-        "standard_full / standard_dedup (stages/evaluation/standard_protocol.py): every recommender message that names "
-        "a movie and has context, on the raw test messages (not merged turns); dedup keeps only the movies no earlier "
-        "message named. Nothing masked.", "", standard_protocol.peer_table(results, STANDARD_LABELS)])
+    report = rec_metrics.recommendation_report(results, _setting(params, samples)) + "\n".join(
+        [
+            "",
+            "## The standardized protocol (Kostric and Balog)",
+            "",
+            "standard_full / standard_dedup (stages/evaluation/standard_protocol.py): every recommender message that "
+            "names "
+            "a movie and has context, on the raw test messages (not merged turns); dedup keeps only the movies no "
+            "earlier "
+            "message named. Nothing masked.",
+            "",
+            standard_protocol.peer_table(results, STANDARD_LABELS),
+        ]
+    )
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, top, log, loaded)
     rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
     out = {Path(r).name: workspace / r for r in spec.reports}
-    write_outputs({rec_metrics_path: headline(results, REC_HEADLINE),
-                   conv_metrics_path: headline(conversation, CONV_HEADLINE),
-                   out["rec.json"]: results, out["conv.json"]: conversation, out["rec.md"]: report,
-                   out["conv.md"]: conv_report, out["conv_rating.csv"]: sheet, out["conv_rating_key.csv"]: key,
-                   out["recall_at_k.json"]: recall_at_k_plot(results), out["distinct.json"]: distinct_plot(conversation)})
+    write_outputs(
+        {
+            rec_metrics_path: headline(results, REC_HEADLINE),
+            conv_metrics_path: headline(conversation, CONV_HEADLINE),
+            out["rec.json"]: results,
+            out["conv.json"]: conversation,
+            out["rec.md"]: report,
+            out["conv.md"]: conv_report,
+            out["conv_rating.csv"]: sheet,
+            out["conv_rating_key.csv"]: key,
+            out["recall_at_k.json"]: recall_at_k_plot(results),
+            out["distinct.json"]: distinct_plot(conversation),
+        }
+    )
     rule = params.evaluate.champion
     for name, file in model_files(params, workspace).items():
         if name != rec_metrics.REPEAT_CHOICE:  # C2-CRS's own model, re-ranked: nothing of its own to register
-            log.evaluated(registered_name(name, "recommender"), file, results[name], rule.recommender,
-                          rule.min_improvement)
+            log.evaluated(
+                registered_name(name, "recommender"), file, results[name], rule.recommender, rule.min_improvement
+            )
     for name, file in conv_model_files(params, workspace).items():
-        log.evaluated(registered_name(name, "generator"), file, conversation[name], rule.generator,
-                      rule.min_improvement)
+        log.evaluated(
+            registered_name(name, "generator"), file, conversation[name], rule.generator, rule.min_improvement
+        )
     return StageOutcome(inputs, {"rec": results, "conv": conversation})
 
 
@@ -371,10 +483,14 @@ def _linking(params, workspace: Path):
     entities = pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"])
     items = entities.filter(pl.col("is_item"))
     stopwords = raw.raw_files(params.data, workspace, "stopwords")["stopwords"]
-    linker = linking.kg_entity_linker(entities, pl.read_parquet(workspace / runs.TRAINING_INPUTS["edges"]), stopwords,
-                                      params.linking)
-    return linker, pl.read_parquet(workspace / runs.TRAINING_INPUTS["vocab"]), dict(zip(items["movie_id"],
-                                                                                      items["entity_id"]))
+    linker = linking.kg_entity_linker(
+        entities, pl.read_parquet(workspace / runs.TRAINING_INPUTS["edges"]), stopwords, params.linking
+    )
+    return (
+        linker,
+        pl.read_parquet(workspace / runs.TRAINING_INPUTS["vocab"]),
+        dict(zip(items["movie_id"], items["entity_id"])),
+    )
 
 
 def evaluate_standard(params, workspace: Path, loaded=None, skip: frozenset[str] = frozenset()) -> dict:
@@ -382,17 +498,33 @@ def evaluate_standard(params, workspace: Path, loaded=None, skip: frozenset[str]
     on the raw test file's recommender messages: {model: {protocol: metrics}}."""
     linker, vocabulary, item_entity = _linking(params, workspace)
     test_file = ingest.redial_raw_files(params.data, workspace).redial_test
-    samples, rows, history = standard_protocol.instances(test_file, linker, vocabulary, item_entity,
-                                                         params.triples.context_max_tokens,
-                                                         params.triples.response_max_tokens)
-    by_rows = evaluate_samples(params, workspace, samples, pl.DataFrame(schema=triples.TRIPLE_SCHEMA), "test",
-                               loaded=loaded, skip=skip, rows=rows, history=history)
-    return {model: {name: by_rows[model][mask] for name, mask in standard_protocol.PROTOCOLS.items()}
-            for model in by_rows}
+    samples, rows, history = standard_protocol.instances(
+        test_file,
+        linker,
+        vocabulary,
+        item_entity,
+        params.triples.context_max_tokens,
+        params.triples.response_max_tokens,
+    )
+    by_rows = evaluate_samples(
+        params,
+        workspace,
+        samples,
+        pl.DataFrame(schema=triples.TRIPLE_SCHEMA),
+        "test",
+        loaded=loaded,
+        skip=skip,
+        rows=rows,
+        history=history,
+    )
+    return {
+        model: {name: by_rows[model][mask] for name, mask in standard_protocol.PROTOCOLS.items()} for model in by_rows
+    }
 
 
-def score_file(params, workspace: Path, path: Path, names: list[str] | None = None,
-               files: dict[str, Path] | None = None) -> dict:
+def score_file(
+    params, workspace: Path, path: Path, names: list[str] | None = None, files: dict[str, Path] | None = None
+) -> dict:
     """The trained models on conversations a user brings (ReDial JSONL), with the pipeline's own rules: merged
     turns, the kg stage's entities and linker, the triples stage's vocabulary; every conversation is scored.
 
@@ -401,24 +533,49 @@ def score_file(params, workspace: Path, path: Path, names: list[str] | None = No
     files = files or model_files(params, workspace)
     unknown = sorted(set(names or ()) - set(files) - set(rec_metrics.NAIVE_MODELS))
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; the trained ones are {', '.join(files)} "
-                         f"(and the naive {', '.join(rec_metrics.NAIVE_MODELS)})")
+        raise ValueError(
+            f"unknown model(s) {', '.join(unknown)}; the trained ones are {', '.join(files)} "
+            f"(and the naive {', '.join(rec_metrics.NAIVE_MODELS)})"
+        )
     wanted = set(names) if names else set(files)
-    missing = {name: f"{file.relative_to(workspace)} (made by stage {stage_making(str(file.relative_to(workspace)))})"
-               for name, file in files.items() if name in wanted and not file.is_file()}
+    missing = {
+        name: f"{file.relative_to(workspace)} (made by stage {stage_making(str(file.relative_to(workspace)))})"
+        for name, file in files.items()
+        if name in wanted and not file.is_file()
+    }
     skip = frozenset(set(files) - wanted | set(missing))
     bad = ingest.BadRecords(params.ingest.on_bad_record)
     conversations, utterance_rows, form_rows = ingest.read_conversations(Path(path), "test", bad, {})
     if not conversations:
         raise ValueError(f"{path}: no conversation could be read")
-    utterances = (pl.DataFrame(utterance_rows, schema=ingest.UTTERANCE_SCHEMA)
-                  .join(pl.DataFrame(conversations, schema=ingest.CONVERSATION_SCHEMA).select("conv_id", "split"),
-                        on="conv_id").sort("conv_id", "turn_idx"))
+    utterances = (
+        pl.DataFrame(utterance_rows, schema=ingest.UTTERANCE_SCHEMA)
+        .join(pl.DataFrame(conversations, schema=ingest.CONVERSATION_SCHEMA).select("conv_id", "split"), on="conv_id")
+        .sort("conv_id", "turn_idx")
+    )
     linker, vocabulary, item_entity = _linking(params, workspace)
     linked = triples.link_all(utterances, linker, item_entity)
-    samples, _ = triples.build_samples(utterances, linked, vocabulary, item_entity, params.triples.context_max_tokens,
-                                       params.triples.response_max_tokens)
+    samples, _ = triples.build_samples(
+        utterances,
+        linked,
+        vocabulary,
+        item_entity,
+        params.triples.context_max_tokens,
+        params.triples.response_max_tokens,
+    )
     no_triples = pl.DataFrame(schema=triples.TRIPLE_SCHEMA)
-    return {"conversations": len(conversations), "bad_records": dict(bad.counts), "missing": missing,
-            "results": evaluate_samples(params, workspace, samples, no_triples, "test", skip=skip, files=files,
-                                        forms=pl.DataFrame(form_rows, schema=ingest.FORM_SCHEMA))}
+    return {
+        "conversations": len(conversations),
+        "bad_records": dict(bad.counts),
+        "missing": missing,
+        "results": evaluate_samples(
+            params,
+            workspace,
+            samples,
+            no_triples,
+            "test",
+            skip=skip,
+            files=files,
+            forms=pl.DataFrame(form_rows, schema=ingest.FORM_SCHEMA),
+        ),
+    }

@@ -22,11 +22,11 @@ from pathlib import Path
 import polars as pl
 from tqdm import tqdm
 
-from stages.sources.fetch import extract_member, missing_mirror_files
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, WarningTally
 from stages.sources import raw
+from stages.sources.fetch import extract_member, missing_mirror_files
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,9 @@ class BadRecords:
 # ---------------------------------------------------------------- finding the raw files
 
 
-def locate_mirror_files(mirror_dir: Path, redial_train: str, redial_test: str, movies: str, movies_imdb: str,
-                        movies_dbpedia: str) -> RawRedialFiles:
+def locate_mirror_files(
+    mirror_dir: Path, redial_train: str, redial_test: str, movies: str, movies_imdb: str, movies_dbpedia: str
+) -> RawRedialFiles:
     files = RawRedialFiles(
         redial_train=mirror_dir / redial_train,
         redial_test=mirror_dir / redial_test,
@@ -138,8 +139,9 @@ def locate_mirror_files(mirror_dir: Path, redial_train: str, redial_test: str, m
 # ---------------------------------------------------------------- conversations
 
 
-def read_conversations(path: Path, split: str, bad: BadRecords,
-                       seen: dict[int, str]) -> tuple[list[dict], list[dict], list[dict]]:
+def read_conversations(
+    path: Path, split: str, bad: BadRecords, seen: dict[int, str]
+) -> tuple[list[dict], list[dict], list[dict]]:
     """Parse one ReDial JSONL file into conversation rows, merged utterance rows and movie form rows.
 
     `seen` maps the conversation ids read so far (from any file) to where they were read, to catch duplicates.
@@ -157,25 +159,33 @@ def read_conversations(path: Path, split: str, bad: BadRecords,
                 continue
             conv_id = record["conversationId"]
             if conv_id in seen:
-                bad.report("duplicate_conversation", path, line_no,
-                           f"conversation {conv_id} was already read from {seen[conv_id]}")
+                bad.report(
+                    "duplicate_conversation",
+                    path,
+                    line_no,
+                    f"conversation {conv_id} was already read from {seen[conv_id]}",
+                )
                 continue
             seen[conv_id] = f"{path.name} line {line_no}"
-            conversations.append({
-                "conv_id": conv_id,
-                "split": split,
-                "seeker_worker_id": record["initiatorWorkerId"],
-                "recommender_worker_id": record["respondentWorkerId"],
-                "n_turns": len(turns),
-                "n_messages": len(record["messages"]),
-                "source_file": path.name,
-                "source_line": line_no,
-            })
+            conversations.append(
+                {
+                    "conv_id": conv_id,
+                    "split": split,
+                    "seeker_worker_id": record["initiatorWorkerId"],
+                    "recommender_worker_id": record["respondentWorkerId"],
+                    "n_turns": len(turns),
+                    "n_messages": len(record["messages"]),
+                    "source_file": path.name,
+                    "source_line": line_no,
+                }
+            )
             utterances.extend({"conv_id": conv_id, "turn_idx": i, **turn} for i, turn in enumerate(turns))
             forms.extend(_movie_forms(record, conv_id, path, line_no, bad))
     if not conversations:
-        raise BadRecordError(f"{path}: no conversation could be read ({sum(bad.counts.values())} bad records so "
-                             "far): expected ReDial's JSON lines, one conversation object per line, in UTF-8")
+        raise BadRecordError(
+            f"{path}: no conversation could be read ({sum(bad.counts.values())} bad records so "
+            "far): expected ReDial's JSON lines, one conversation object per line, in UTF-8"
+        )
     return conversations, utterances, forms
 
 
@@ -183,11 +193,13 @@ def _json_lines(path: Path) -> list[bytes]:
     """The file's lines (split at LF, CR or CRLF), without a UTF-8 byte order mark."""
     data = path.read_bytes()
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise BadRecordError(f"{path}: the file is UTF-16; ReDial's JSON lines are UTF-8 (convert it, e.g. "
-                             "iconv -f UTF-16 -t UTF-8)")
+        raise BadRecordError(
+            f"{path}: the file is UTF-16; ReDial's JSON lines are UTF-8 (convert it, e.g. iconv -f UTF-16 -t UTF-8)"
+        )
     if data.lstrip()[:1] == b"[":
-        raise BadRecordError(f"{path}: the file is one JSON array; ReDial's format is one conversation object per "
-                             "line (JSON lines)")
+        raise BadRecordError(
+            f"{path}: the file is one JSON array; ReDial's format is one conversation object per line (JSON lines)"
+        )
     return data.removeprefix(b"\xef\xbb\xbf").splitlines()
 
 
@@ -203,26 +215,43 @@ def _movie_forms(record: dict, conv_id: int, path: Path, line_no: int, bad: BadR
             continue
         where = f"conversation {conv_id}: {key}"
         if not isinstance(answers, dict):
-            bad.report("bad_movie_form", path, line_no, f"{where} must be a mapping, got {type(answers).__name__} "
-                       "(the form is dropped)")
+            bad.report(
+                "bad_movie_form",
+                path,
+                line_no,
+                f"{where} must be a mapping, got {type(answers).__name__} (the form is dropped)",
+            )
             continue
         form_rows = []
         for movie_id, answer in answers.items():
-            valid = (isinstance(answer, dict) and str(movie_id) in declared and all(
-                type(answer.get(name)) is int and answer[name] in codes for name, codes in FORM_ANSWERS.items()))
+            valid = (
+                isinstance(answer, dict)
+                and str(movie_id) in declared
+                and all(type(answer.get(name)) is int and answer[name] in codes for name, codes in FORM_ANSWERS.items())
+            )
             if not valid:
-                bad.report("bad_movie_form", path, line_no,
-                           f"{where}: movie {movie_id!r} needs a movie of movieMentions and "
-                           f"{{suggested: 0|1, seen: 0|1|2, liked: 0|1|2}}, got {answer!r} (the form is dropped)")
+                bad.report(
+                    "bad_movie_form",
+                    path,
+                    line_no,
+                    f"{where}: movie {movie_id!r} needs a movie of movieMentions and "
+                    f"{{suggested: 0|1, seen: 0|1|2, liked: 0|1|2}}, got {answer!r} (the form is dropped)",
+                )
                 form_rows = None
                 break
-            form_rows.append({"conv_id": conv_id, "movie_id": int(movie_id), "form": form,
-                              **{name: answer[name] for name in FORM_ANSWERS}})
+            form_rows.append(
+                {
+                    "conv_id": conv_id,
+                    "movie_id": int(movie_id),
+                    "form": form,
+                    **{name: answer[name] for name in FORM_ANSWERS},
+                }
+            )
         rows += form_rows or []
     return rows
 
 
-MAX_ID = 2 ** 63 - 1  # ids are stored as int64
+MAX_ID = 2**63 - 1  # ids are stored as int64
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # no text of a conversation holds these
 
 
@@ -247,8 +276,12 @@ def _parse_records(raw_line: bytes, path: Path, line_no: int, bad: BadRecords) -
         return []
     if len(records) > 1:
         for _ in records:
-            bad.report("joined_records", path, line_no, f"{len(records)} JSON values on one line (a line break is "
-                       "missing between them)")
+            bad.report(
+                "joined_records",
+                path,
+                line_no,
+                f"{len(records)} JSON values on one line (a line break is missing between them)",
+            )
         return []
     record = _check_record(records[0], path, line_no, bad)
     return [] if record is None else [record]
@@ -267,26 +300,43 @@ def _check_record(record, path: Path, line_no: int, bad: BadRecords) -> dict | N
     for key in ("conversationId", "initiatorWorkerId", "respondentWorkerId"):
         value = _parse_id(record[key])
         if value is None:
-            bad.report("bad_id", path, line_no, f"{key} must be a whole number from 0 to {MAX_ID} (or its digits "
-                       f"as a string), got {record[key]!r}")
+            bad.report(
+                "bad_id",
+                path,
+                line_no,
+                f"{key} must be a whole number from 0 to {MAX_ID} (or its digits as a string), got {record[key]!r}",
+            )
             return None
         record[key] = value
     where = f"conversation {record['conversationId']}"
     if record["initiatorWorkerId"] == record["respondentWorkerId"]:
-        bad.report("bad_id", path, line_no, f"{where}: the initiator and the respondent are the same worker "
-                   f"({record['initiatorWorkerId']})")
+        bad.report(
+            "bad_id",
+            path,
+            line_no,
+            f"{where}: the initiator and the respondent are the same worker ({record['initiatorWorkerId']})",
+        )
         return None
     if record["movieMentions"] == []:  # an empty mapping written as [] by some copies
         record["movieMentions"] = {}
     mentions = record["movieMentions"]
     if not isinstance(record["messages"], list) or not isinstance(mentions, dict):
-        bad.report("missing_keys", path, line_no, f"{where}: messages must be a list and movieMentions a mapping "
-                   f"of movie id to title, got {type(record['messages']).__name__} and {type(mentions).__name__}")
+        bad.report(
+            "missing_keys",
+            path,
+            line_no,
+            f"{where}: messages must be a list and movieMentions a mapping "
+            f"of movie id to title, got {type(record['messages']).__name__} and {type(mentions).__name__}",
+        )
         return None
     wrong_movie = next((m for m in mentions if _parse_id(m) is None), None)
     if wrong_movie is not None:
-        bad.report("bad_id", path, line_no, f"{where}: movieMentions key {wrong_movie!r} is no movie id (digits, "
-                   f"at most {MAX_ID})")
+        bad.report(
+            "bad_id",
+            path,
+            line_no,
+            f"{where}: movieMentions key {wrong_movie!r} is no movie id (digits, at most {MAX_ID})",
+        )
         return None
     for index, message in enumerate(record["messages"]):
         absent = [k for k in REQUIRED_MESSAGE_KEYS if not isinstance(message, dict) or k not in message]
@@ -298,8 +348,12 @@ def _check_record(record, path: Path, line_no: int, bad: BadRecords) -> dict | N
             bad.report("bad_text", path, line_no, f"{where}: message {index}: text {problem}")
             return None
         if _parse_id(message["senderWorkerId"]) is None:
-            bad.report("bad_id", path, line_no, f"{where}: message {index}: senderWorkerId must be a whole number, "
-                       f"got {message['senderWorkerId']!r}")
+            bad.report(
+                "bad_id",
+                path,
+                line_no,
+                f"{where}: message {index}: senderWorkerId must be a whole number, got {message['senderWorkerId']!r}",
+            )
             return None
     return record
 
@@ -338,14 +392,22 @@ def _merge_turns(record: dict, path: Path, line_no: int, bad: BadRecords) -> lis
             continue
         role = roles.get(_parse_id(message["senderWorkerId"]))
         if role is None:
-            bad.report("unknown_sender", path, line_no,
-                       f"{where}: sender {message['senderWorkerId']!r} is neither the initiator nor the respondent")
+            bad.report(
+                "unknown_sender",
+                path,
+                line_no,
+                f"{where}: sender {message['senderWorkerId']!r} is neither the initiator nor the respondent",
+            )
             return None
         movie_ids = []
         for movie_id in MENTION.findall(text):
             if movie_id not in declared:
-                bad.report("unknown_mention", path, line_no,
-                           f"{where}: text mention @{movie_id} is absent from movieMentions (the mention is dropped)")
+                bad.report(
+                    "unknown_mention",
+                    path,
+                    line_no,
+                    f"{where}: text mention @{movie_id} is absent from movieMentions (the mention is dropped)",
+                )
                 continue
             movie_ids.append(int(movie_id))
         if turns and turns[-1]["role"] == role:
@@ -363,8 +425,9 @@ def _merge_turns(record: dict, path: Path, line_no: int, bad: BadRecords) -> lis
     return [{"role": t["role"], "text": " ".join(t["text"]), "movie_ids": t["movie_ids"]} for t in turns]
 
 
-def assign_validation(conversations: list[dict], valid_split: str, valid_fraction: float,
-                      full_train_conversations: int, seed: int) -> str:
+def assign_validation(
+    conversations: list[dict], valid_split: str, valid_fraction: float, full_train_conversations: int, seed: int
+) -> str:
     """Move part of the train conversations to valid, in place; returns the rule that was applied.
 
     With the full official train file the KGSF/CRSLab validation ids are used, so numbers compare with theirs;
@@ -396,27 +459,36 @@ def read_movies(files: RawRedialFiles, utterances: pl.DataFrame) -> pl.DataFrame
     """The item set: every movie of the ReDial release, with title, year, IMDb id and DBpedia URI when known."""
     catalogue = _read_csv(files.movies, {"movieId": pl.Int64, "movieName": pl.String, "nbMentions": pl.Int64})
     parsed = [_split_title(name) for name in catalogue["movieName"]]
-    movies = pl.DataFrame({
-        "movie_id": catalogue["movieId"],
-        "title": [title for title, _ in parsed],
-        "year": pl.Series([year for _, year in parsed], dtype=pl.Int32),
-        "mentions_redial_release": catalogue["nbMentions"],
-    })
-    counts = (utterances.select(pl.col("movie_ids").explode().alias("movie_id")).drop_nulls()
-              .group_by("movie_id").len(name="mentions_ingested"))
-    imdb = (_read_csv(files.movies_imdb, {"databaseId": pl.Int64, "imdbId": pl.String})
-            .filter(pl.col("databaseId") >= 0, pl.col("imdbId").str.contains(r"^\d+$"))
-            .select(pl.col("databaseId").alias("movie_id"),
-                    ("tt" + pl.col("imdbId").str.zfill(7)).alias("imdb_id"))
-            .unique("movie_id", keep="first"))
+    movies = pl.DataFrame(
+        {
+            "movie_id": catalogue["movieId"],
+            "title": [title for title, _ in parsed],
+            "year": pl.Series([year for _, year in parsed], dtype=pl.Int32),
+            "mentions_redial_release": catalogue["nbMentions"],
+        }
+    )
+    counts = (
+        utterances.select(pl.col("movie_ids").explode().alias("movie_id"))
+        .drop_nulls()
+        .group_by("movie_id")
+        .len(name="mentions_ingested")
+    )
+    imdb = (
+        _read_csv(files.movies_imdb, {"databaseId": pl.Int64, "imdbId": pl.String})
+        .filter(pl.col("databaseId") >= 0, pl.col("imdbId").str.contains(r"^\d+$"))
+        .select(pl.col("databaseId").alias("movie_id"), ("tt" + pl.col("imdbId").str.zfill(7)).alias("imdb_id"))
+        .unique("movie_id", keep="first")
+    )
     dbpedia = _read_dbpedia_uris(files.movies_dbpedia)
-    return (movies.join(counts, on="movie_id", how="left")
-            .with_columns(pl.col("mentions_ingested").fill_null(0).cast(pl.Int64))
-            .join(dbpedia, on="movie_id", how="left")
-            .join(imdb, on="movie_id", how="left")
-            .select(list(MOVIE_SCHEMA))
-            .cast(MOVIE_SCHEMA)
-            .sort("movie_id"))
+    return (
+        movies.join(counts, on="movie_id", how="left")
+        .with_columns(pl.col("mentions_ingested").fill_null(0).cast(pl.Int64))
+        .join(dbpedia, on="movie_id", how="left")
+        .join(imdb, on="movie_id", how="left")
+        .select(list(MOVIE_SCHEMA))
+        .cast(MOVIE_SCHEMA)
+        .sort("movie_id")
+    )
 
 
 def _read_csv(path: Path, columns: dict) -> pl.DataFrame:
@@ -450,7 +522,8 @@ def _read_dbpedia_uris(path: Path) -> pl.DataFrame:
 
 def split_statistics(conversations: pl.DataFrame, utterances: pl.DataFrame) -> dict:
     per_turn = utterances.join(conversations.select("conv_id", "split"), on="conv_id").with_columns(
-        pl.col("movie_ids").list.len().alias("mentions"))
+        pl.col("movie_ids").list.len().alias("mentions")
+    )
     stats = {}
     for split in ("train", "valid", "test"):
         turns = per_turn.filter(pl.col("split") == split)
@@ -463,8 +536,14 @@ def split_statistics(conversations: pl.DataFrame, utterances: pl.DataFrame) -> d
     return stats
 
 
-def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fraction: float,
-           full_train_conversations: int, seed: int) -> IngestResult:
+def ingest(
+    files: RawRedialFiles,
+    on_bad_record: str,
+    valid_split: str,
+    valid_fraction: float,
+    full_train_conversations: int,
+    seed: int,
+) -> IngestResult:
     bad = BadRecords(on_bad_record)
     conversations, utterances, forms, seen = [], [], [], {}
     for path, split in ((files.redial_train, "train"), (files.redial_test, "test")):
@@ -478,8 +557,12 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
     utterances_df = pl.DataFrame(utterances, schema=UTTERANCE_SCHEMA).sort("conv_id", "turn_idx")
     movies_df = read_movies(files, utterances_df)
     forms_df = pl.DataFrame(forms, schema=FORM_SCHEMA).sort("conv_id", "form", "movie_id")
-    outside = (utterances_df.select(pl.col("movie_ids").explode()).drop_nulls()
-               .filter(~pl.col("movie_ids").is_in(movies_df["movie_id"].implode())).height)
+    outside = (
+        utterances_df.select(pl.col("movie_ids").explode())
+        .drop_nulls()
+        .filter(~pl.col("movie_ids").is_in(movies_df["movie_id"].implode()))
+        .height
+    )
     metrics = {
         **split_statistics(conversations_df, utterances_df),
         "validation_rule": rule,
@@ -487,9 +570,16 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
         "movies_with_dbpedia_uri": movies_df["dbpedia_uri"].is_not_null().sum(),
         "movies_with_imdb_id": movies_df["imdb_id"].is_not_null().sum(),
         "mentions_outside_movie_list": outside,
-        "movie_forms": {form: {"conversations": part["conv_id"].n_unique(), "movies": part.height,
-                               "liked": int((part["liked"] == 1).sum()), "disliked": int((part["liked"] == 0).sum())}
-                        for form in FORMS.values() for part in [forms_df.filter(pl.col("form") == form)]},
+        "movie_forms": {
+            form: {
+                "conversations": part["conv_id"].n_unique(),
+                "movies": part.height,
+                "liked": int((part["liked"] == 1).sum()),
+                "disliked": int((part["liked"] == 0).sum()),
+            }
+            for form in FORMS.values()
+            for part in [forms_df.filter(pl.col("form") == form)]
+        },
         "bad_records": dict(sorted(bad.counts.items())),
     }
     bad.tally.summary()
@@ -499,13 +589,17 @@ def ingest(files: RawRedialFiles, on_bad_record: str, valid_split: str, valid_fr
 def redial_raw_files(data, workspace: Path) -> RawRedialFiles:
     """The raw ReDial files; without a mirror the conversations come from the official zip."""
     if data.resolved_source() == "mirror":
-        return locate_mirror_files(raw.mirror_dir(data, workspace), **data.files.model_dump(
-            include={"redial_train", "redial_test", "movies", "movies_imdb", "movies_dbpedia"}))
+        return locate_mirror_files(
+            raw.mirror_dir(data, workspace),
+            **data.files.model_dump(include={"redial_train", "redial_test", "movies", "movies_imdb", "movies_dbpedia"}),
+        )
     cache = workspace / data.cache_dir
     zipped = data.downloads.redial_zip
     archive = raw.download(data, zipped.url, cache / "redial_dataset.zip", zipped.sha256)
-    extracted = {name: extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
-                 for name in ("redial_train", "redial_test", "movies")}
+    extracted = {
+        name: extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
+        for name in ("redial_train", "redial_test", "movies")
+    }
     return RawRedialFiles(**extracted, **raw.raw_files(data, workspace, "movies_imdb", "movies_dbpedia"))
 
 
@@ -514,11 +608,13 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     result = ingest(files, seed=params.seed, **params.ingest.model_dump())
     spec = STAGES["ingest"]
     conversations, utterances, movies, forms = (workspace / out for out in spec.outs)
-    write_outputs({
-        conversations: result.conversations,
-        utterances: result.utterances,
-        movies: result.movies,
-        forms: result.forms,
-        workspace / spec.metrics[0]: result.metrics,
-    })
+    write_outputs(
+        {
+            conversations: result.conversations,
+            utterances: result.utterances,
+            movies: result.movies,
+            forms: result.forms,
+            workspace / spec.metrics[0]: result.metrics,
+        }
+    )
     return StageOutcome(dict(files.items()), result.metrics)

@@ -23,11 +23,10 @@ from urllib.parse import unquote
 import polars as pl
 from tqdm import tqdm
 
-from stages.sources import safe_pickle
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
-from stages.sources import raw
+from stages.sources import raw, safe_pickle
 from stages.text import linking
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,16 @@ INVERSE_SUFFIX = "^-1"
 REFERENCE_MIN_EXCLUSIVE = 1000  # CRSLab keeps a relation when its count is "> 1000"
 DISAMBIGUATION = re.compile(r"\s*\([^()]*\)$")
 TRIPLE_SCHEMA = {"head_uri": pl.String, "relation": pl.String, "tail_uri": pl.String, "source": pl.String}
-ENTITY_SCHEMA = {"entity_id": pl.Int64, "uri": pl.String, "label": pl.String, "is_item": pl.Boolean,
-                 "movie_id": pl.Int64}
+ENTITY_SCHEMA = {
+    "entity_id": pl.Int64,
+    "uri": pl.String,
+    "label": pl.String,
+    "is_item": pl.Boolean,
+    "movie_id": pl.Int64,
+}
 RELATION_SCHEMA = {"relation_id": pl.Int64, "name": pl.String, "n_edges": pl.Int64, "is_inverse": pl.Boolean}
 EDGE_SCHEMA = {"src": pl.Int64, "rel": pl.Int64, "dst": pl.Int64}
+
 
 class KgDataError(ValueError):
     """A KG input that cannot be used; the message names the file, the record (head id) and the problem."""
@@ -128,16 +133,19 @@ def _entity_table(mapping, path: Path, offset: int) -> pl.DataFrame:
         repeated = table.filter(pl.col(column).is_duplicated()).sort(column, "uri")
         if repeated.height:
             first = repeated.row(0, named=True)
-            raise KgDataError(f"{path}: {column} {first[column]!r} is used by more than one entity "
-                              f"({', '.join(repeated.filter(pl.col(column) == first[column])['uri'].head(3))})")
+            raise KgDataError(
+                f"{path}: {column} {first[column]!r} is used by more than one entity "
+                f"({', '.join(repeated.filter(pl.col(column) == first[column])['uri'].head(3))})"
+            )
     return table
 
 
 def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
     """{head: [(relation, tail), ...]} -> (head, rel, tail) int columns, shifted back by offset."""
     if not isinstance(adjacency, dict):
-        raise KgDataError(f"{path}: expected a mapping head id -> [[relation, tail], ...], "
-                          f"got {type(adjacency).__name__}")
+        raise KgDataError(
+            f"{path}: expected a mapping head id -> [[relation, tail], ...], got {type(adjacency).__name__}"
+        )
     heads, rels, tails = [], [], []
     for head, pairs in tqdm(adjacency.items(), desc=path.name, unit=" heads", disable=None, leave=False):
         try:
@@ -145,8 +153,9 @@ def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
         except (TypeError, ValueError):
             raise KgDataError(f"{path}: head {head!r} is not an integer entity id") from None
         if not isinstance(pairs, (list, tuple)):
-            raise KgDataError(f"{path}: head {head}: expected a list of [relation, tail] pairs, "
-                              f"got {type(pairs).__name__}")
+            raise KgDataError(
+                f"{path}: head {head}: expected a list of [relation, tail] pairs, got {type(pairs).__name__}"
+            )
         for pair in pairs:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise KgDataError(f"{path}: head {head}: expected a [relation, tail] pair, got {pair!r}")
@@ -156,8 +165,11 @@ def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
     if not heads:
         raise KgDataError(f"{path}: the subgraph has no triples")
     try:
-        table = pl.DataFrame({"head": heads, "rel": rels, "tail": tails},
-                             schema={"head": pl.Int64, "rel": pl.Int64, "tail": pl.Int64}, strict=True)
+        table = pl.DataFrame(
+            {"head": heads, "rel": rels, "tail": tails},
+            schema={"head": pl.Int64, "rel": pl.Int64, "tail": pl.Int64},
+            strict=True,
+        )
     except (TypeError, pl.exceptions.PolarsError):
         for head, rel, tail in zip(heads, rels, tails):
             bad = [v for v in (rel, tail) if not isinstance(v, int) or isinstance(v, bool)]
@@ -167,8 +179,14 @@ def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
     return table.with_columns(pl.col("head", "rel", "tail") - offset)
 
 
-def _check_ids(table: pl.DataFrame, entities: pl.DataFrame, path: Path, entity_path: Path, offset: int,
-               relation_ids: pl.Series | None = None) -> None:
+def _check_ids(
+    table: pl.DataFrame,
+    entities: pl.DataFrame,
+    path: Path,
+    entity_path: Path,
+    offset: int,
+    relation_ids: pl.Series | None = None,
+) -> None:
     """Every head and tail id must be an entity of entity_path; relation ids must be known (or >= 0 if unnamed)."""
     known = entities["id"].implode()
     for column, what in (("head", "head"), ("tail", "tail")):
@@ -178,26 +196,40 @@ def _check_ids(table: pl.DataFrame, entities: pl.DataFrame, path: Path, entity_p
             raise KgDataError(
                 f"{path}: head {row['head'] + offset}: {what} entity id {row[column] + offset} is not in "
                 f"{entity_path.name} (ids {entities['id'].min() + offset}..{entities['id'].max() + offset}; "
-                f"{bad.height} such triple(s))")
-    bad = (table.filter(~pl.col("rel").is_in(relation_ids.implode())) if relation_ids is not None
-           else table.filter(pl.col("rel") < 0))
+                f"{bad.height} such triple(s))"
+            )
+    bad = (
+        table.filter(~pl.col("rel").is_in(relation_ids.implode()))
+        if relation_ids is not None
+        else table.filter(pl.col("rel") < 0)
+    )
     if bad.height:
         row = bad.row(0, named=True)
-        allowed = (f"one of the ids in relation2id.json ({', '.join(map(str, relation_ids.sort()))})"
-                   if relation_ids is not None else f"an integer >= {offset}")
-        raise KgDataError(f"{path}: head {row['head'] + offset}: relation id {row['rel'] + offset} is not "
-                          f"{allowed} ({bad.height} such triple(s))")
+        allowed = (
+            f"one of the ids in relation2id.json ({', '.join(map(str, relation_ids.sort()))})"
+            if relation_ids is not None
+            else f"an integer >= {offset}"
+        )
+        raise KgDataError(
+            f"{path}: head {row['head'] + offset}: relation id {row['rel'] + offset} is not "
+            f"{allowed} ({bad.height} such triple(s))"
+        )
 
 
-def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, offset: int,
-                    source: str) -> KgSource:
+def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, offset: int, source: str) -> KgSource:
     entities = _entity_table(entity_map, entity_path, offset)
     table = _flatten_adjacency(adjacency, subkg_path, offset)
     _check_ids(table, entities, subkg_path, entity_path, offset)
-    triples = (table.join(entities.rename({"id": "head", "uri": "head_uri"}), on="head", how="left")
-               .join(entities.rename({"id": "tail", "uri": "tail_uri"}), on="tail", how="left")
-               .select("head_uri", ("dbpedia:" + pl.col("rel").cast(pl.String)).alias("relation"), "tail_uri",
-                       pl.lit(source).alias("source")))
+    triples = (
+        table.join(entities.rename({"id": "head", "uri": "head_uri"}), on="head", how="left")
+        .join(entities.rename({"id": "tail", "uri": "tail_uri"}), on="tail", how="left")
+        .select(
+            "head_uri",
+            ("dbpedia:" + pl.col("rel").cast(pl.String)).alias("relation"),
+            "tail_uri",
+            pl.lit(source).alias("source"),
+        )
+    )
     return KgSource(triples.cast(TRIPLE_SCHEMA), frozenset(entities["uri"]))
 
 
@@ -207,21 +239,39 @@ def load_kgsf_kg(subkg_path: Path, entity2id_path: Path) -> KgSource:
     Relation names are not in this source, so relation r is "dbpedia:<r>" (KGSF's id; CRSLab's JSON id - 1).
     """
     subkg_path, entity2id_path = Path(subkg_path), Path(entity2id_path)
-    return _dbpedia_source(load_pickle_restricted(subkg_path), load_pickle_restricted(entity2id_path),
-                           subkg_path, entity2id_path, offset=0, source="dbpedia")
+    return _dbpedia_source(
+        load_pickle_restricted(subkg_path),
+        load_pickle_restricted(entity2id_path),
+        subkg_path,
+        entity2id_path,
+        offset=0,
+        source="dbpedia",
+    )
 
 
 def load_crslab_kg(subkg_path: Path, entity2id_path: Path, id_offset: int = 1) -> KgSource:
     """CRSLab's JSON copy of the KGSF subgraph (dbpedia_subkg.json, entity2id.json): entity and relation ids are
     KGSF's + id_offset (1), heads are strings. Gives the same triples as load_kgsf_kg on the same graph."""
     subkg_path, entity2id_path = Path(subkg_path), Path(entity2id_path)
-    return _dbpedia_source(_load_json(subkg_path), _load_json(entity2id_path), subkg_path, entity2id_path,
-                           offset=id_offset, source="dbpedia")
+    return _dbpedia_source(
+        _load_json(subkg_path),
+        _load_json(entity2id_path),
+        subkg_path,
+        entity2id_path,
+        offset=id_offset,
+        source="dbpedia",
+    )
 
 
-def load_movie_metadata_kg(movies: pl.DataFrame, kg_path: Path, entity2id_path: Path, relation2id_path: Path,
-                           id2info_path: Path, item_ids_path: Path | None = None,
-                           entity2type_path: Path | None = None) -> KgSource:
+def load_movie_metadata_kg(
+    movies: pl.DataFrame,
+    kg_path: Path,
+    entity2id_path: Path,
+    relation2id_path: Path,
+    id2info_path: Path,
+    item_ids_path: Path | None = None,
+    entity2type_path: Path | None = None,
+) -> KgSource:
     """CFCRS's metadata KG: ReDial movies -> genre, star, director, writer (kg.json {str(head): [[rel, tail], ...]},
     entity2id.json {name: id}, relation2id.json {name: id}).
 
@@ -235,11 +285,16 @@ def load_movie_metadata_kg(movies: pl.DataFrame, kg_path: Path, entity2id_path: 
     kg_path, entity_path, relation_path = Path(kg_path), Path(entity2id_path), Path(relation2id_path)
     entities = _metadata_entities(_load_json(entity_path), entity_path)
     relations = _load_json(relation_path)
-    if (not isinstance(relations, dict) or not all(isinstance(v, int) for v in relations.values())
-            or len(set(relations.values())) != len(relations)):
+    if (
+        not isinstance(relations, dict)
+        or not all(isinstance(v, int) for v in relations.values())
+        or len(set(relations.values())) != len(relations)
+    ):
         raise KgDataError(f"{relation_path}: expected a mapping relation name -> integer id, one id per name")
-    relation_table = pl.DataFrame({"rel": list(relations.values()), "relation": [f"meta:{k}" for k in relations]},
-                                  schema={"rel": pl.Int64, "relation": pl.String})
+    relation_table = pl.DataFrame(
+        {"rel": list(relations.values()), "relation": [f"meta:{k}" for k in relations]},
+        schema={"rel": pl.Int64, "relation": pl.String},
+    )
     table = _flatten_adjacency(_load_json(kg_path), kg_path, offset=0)
     _check_ids(table, entities, kg_path, entity_path, 0, relation_table["rel"])
 
@@ -255,22 +310,30 @@ def load_movie_metadata_kg(movies: pl.DataFrame, kg_path: Path, entity2id_path: 
         raise KgDataError(f"{item_ids_path}: item id {unknown_items[0]} is not in {entity_path.name}")
     info = _load_json(Path(id2info_path))
     try:
-        title_to_movie = pl.DataFrame({"name": [v["name"] for v in info.values()],
-                                       "movie_id": [int(k) for k in info]})
+        title_to_movie = pl.DataFrame({"name": [v["name"] for v in info.values()], "movie_id": [int(k) for k in info]})
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise KgDataError(f"{id2info_path}: expected a mapping movieId -> {{name, ...}}: {exc!r}") from None
     movie_uris = _movie_keys(movies).select("movie_id", pl.col("uri").alias("movie_uri"))
-    keyed = entities.with_columns(pl.col("name").replace_strict(types, default="entity", return_dtype=pl.String)
-                                  .alias("type"), pl.col("id").is_in(item_ids.implode()).alias("is_item"))
-    item_keys = (keyed.filter("is_item").join(title_to_movie, on="name", how="left")
-                 .join(movie_uris, on="movie_id", how="left").drop("movie_id"))
-    keyed = (pl.concat([item_keys, keyed.filter(~pl.col("is_item"))], how="diagonal")
-             .with_columns(pl.coalesce("movie_uri", "meta:" + pl.col("type") + ":" + pl.col("name")).alias("uri")))
+    keyed = entities.with_columns(
+        pl.col("name").replace_strict(types, default="entity", return_dtype=pl.String).alias("type"),
+        pl.col("id").is_in(item_ids.implode()).alias("is_item"),
+    )
+    item_keys = (
+        keyed.filter("is_item")
+        .join(title_to_movie, on="name", how="left")
+        .join(movie_uris, on="movie_id", how="left")
+        .drop("movie_id")
+    )
+    keyed = pl.concat([item_keys, keyed.filter(~pl.col("is_item"))], how="diagonal").with_columns(
+        pl.coalesce("movie_uri", "meta:" + pl.col("type") + ":" + pl.col("name")).alias("uri")
+    )
     # duplicates only where one title names two ReDial movies; the joins below give such heads both movies' edges
-    triples = (table.join(keyed.select(pl.col("id").alias("head"), pl.col("uri").alias("head_uri")), on="head")
-               .join(keyed.select(pl.col("id").alias("tail"), pl.col("uri").alias("tail_uri")), on="tail")
-               .join(relation_table, on="rel")
-               .select("head_uri", "relation", "tail_uri", pl.lit("movie_metadata").alias("source")))
+    triples = (
+        table.join(keyed.select(pl.col("id").alias("head"), pl.col("uri").alias("head_uri")), on="head")
+        .join(keyed.select(pl.col("id").alias("tail"), pl.col("uri").alias("tail_uri")), on="tail")
+        .join(relation_table, on="rel")
+        .select("head_uri", "relation", "tail_uri", pl.lit("movie_metadata").alias("source"))
+    )
     return KgSource(triples.cast(TRIPLE_SCHEMA), frozenset(keyed["uri"]))
 
 
@@ -280,8 +343,9 @@ def _metadata_entities(mapping, path: Path) -> pl.DataFrame:
     bad = next(((k, v) for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
     if bad:
         raise KgDataError(f"{path}: entity {bad[0]!r}: id {bad[1]!r} is not an integer >= 0")
-    table = pl.DataFrame({"id": list(mapping.values()), "name": list(mapping)},
-                         schema={"id": pl.Int64, "name": pl.String})
+    table = pl.DataFrame(
+        {"id": list(mapping.values()), "name": list(mapping)}, schema={"id": pl.Int64, "name": pl.String}
+    )
     repeated = table.filter(pl.col("id").is_duplicated())
     if repeated.height:
         raise KgDataError(f"{path}: id {repeated['id'][0]} is used by more than one entity")
@@ -303,7 +367,7 @@ def label_from_uri(uri: str) -> str:
     "Tom Hanks". Percent-escapes are decoded and a trailing disambiguation in parentheses is dropped."""
     uri = normalize_uri(uri)
     if uri.startswith(DBPEDIA_RESOURCE):
-        name = unquote(uri[len(DBPEDIA_RESOURCE):]).replace("_", " ").strip()
+        name = unquote(uri[len(DBPEDIA_RESOURCE) :]).replace("_", " ").strip()
         short = DISAMBIGUATION.sub("", name).strip()
         return short or name
     if uri.startswith("meta:"):
@@ -317,9 +381,13 @@ def uri_labels(uris: pl.Series) -> pl.Series:
     uri = pl.col("uri")
     name = uri.str.slice(len(DBPEDIA_RESOURCE)).str.replace_all("_", " ", literal=True).str.strip_chars()
     short = name.str.replace(DISAMBIGUATION.pattern, "").str.strip_chars()
-    label = (pl.when(uri.str.starts_with(DBPEDIA_RESOURCE)).then(pl.when(short != "").then(short).otherwise(name))
-             .when(uri.str.starts_with("meta:")).then(uri.str.replace(r"^meta:(?:[^:]*:)?", ""))
-             .otherwise(uri))
+    label = (
+        pl.when(uri.str.starts_with(DBPEDIA_RESOURCE))
+        .then(pl.when(short != "").then(short).otherwise(name))
+        .when(uri.str.starts_with("meta:"))
+        .then(uri.str.replace(r"^meta:(?:[^:]*:)?", ""))
+        .otherwise(uri)
+    )
     uris = uris.rename("uri")
     labels = uris.to_frame().select(label.alias("label"))["label"]
     escaped = (uris.str.starts_with(DBPEDIA_RESOURCE) & uris.str.contains("%", literal=True)).arg_true()
@@ -345,16 +413,24 @@ def _movie_keys(movies: pl.DataFrame) -> pl.DataFrame:
     if repeated.height:
         raise KgDataError(f"movies table: movie_id {repeated['movie_id'][0]} appears more than once")
     title = pl.col("title") if "title" in movies.columns else pl.lit(None, dtype=pl.String)
-    keyed = (movies.select(pl.col("movie_id").cast(pl.Int64), pl.col("dbpedia_uri").cast(pl.String),
-                           title.cast(pl.String).alias("title"))
-             .sort("movie_id")
-             .with_columns(_uri_expr("dbpedia_uri"))
-             .with_columns(pl.when(pl.col("dbpedia_uri") != "").then(pl.col("dbpedia_uri")).alias("dbpedia_uri")))
+    keyed = (
+        movies.select(
+            pl.col("movie_id").cast(pl.Int64),
+            pl.col("dbpedia_uri").cast(pl.String),
+            title.cast(pl.String).alias("title"),
+        )
+        .sort("movie_id")
+        .with_columns(_uri_expr("dbpedia_uri"))
+        .with_columns(pl.when(pl.col("dbpedia_uri") != "").then(pl.col("dbpedia_uri")).alias("dbpedia_uri"))
+    )
     shared = pl.col("dbpedia_uri").is_not_null() & (pl.col("dbpedia_uri").cum_count().over("dbpedia_uri") > 1)
     return keyed.with_columns(
         pl.when(pl.col("dbpedia_uri").is_null() | shared)
-        .then("redial:" + pl.col("movie_id").cast(pl.String)).otherwise(pl.col("dbpedia_uri")).alias("uri"),
-        shared.alias("shares_uri"))
+        .then("redial:" + pl.col("movie_id").cast(pl.String))
+        .otherwise(pl.col("dbpedia_uri"))
+        .alias("uri"),
+        shared.alias("shares_uri"),
+    )
 
 
 def _check_triples(triples: pl.DataFrame) -> pl.DataFrame:
@@ -367,8 +443,11 @@ def _check_triples(triples: pl.DataFrame) -> pl.DataFrame:
     if nulls:
         row = triples.filter(pl.any_horizontal(pl.col(nulls).is_null())).row(0, named=True)
         raise KgDataError(f"triples table ({row['source']}): null {', '.join(nulls)} in triple {row}")
-    return triples.select(list(TRIPLE_SCHEMA)).cast(TRIPLE_SCHEMA).with_columns(_uri_expr("head_uri"),
-                                                                                _uri_expr("tail_uri"))
+    return (
+        triples.select(list(TRIPLE_SCHEMA))
+        .cast(TRIPLE_SCHEMA)
+        .with_columns(_uri_expr("head_uri"), _uri_expr("tail_uri"))
+    )
 
 
 def _encode(triples: pl.DataFrame, *extra: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -376,11 +455,20 @@ def _encode(triples: pl.DataFrame, *extra: pl.Series) -> tuple[pl.DataFrame, pl.
 
     Returns (head, relation, tail) with int codes and the vocabulary (code, uri) of the triples' and extra URIs.
     """
-    vocab = (pl.concat([triples["head_uri"], triples["tail_uri"], *(e.rename("head_uri") for e in extra)])
-             .unique().sort().rename("uri").to_frame().with_row_index("code").cast({"code": pl.Int64}))
-    coded = (triples.join(vocab.rename({"uri": "head_uri", "code": "head"}), on="head_uri", how="left")
-             .join(vocab.rename({"uri": "tail_uri", "code": "tail"}), on="tail_uri", how="left")
-             .select("head", "relation", "tail"))
+    vocab = (
+        pl.concat([triples["head_uri"], triples["tail_uri"], *(e.rename("head_uri") for e in extra)])
+        .unique()
+        .sort()
+        .rename("uri")
+        .to_frame()
+        .with_row_index("code")
+        .cast({"code": pl.Int64})
+    )
+    coded = (
+        triples.join(vocab.rename({"uri": "head_uri", "code": "head"}), on="head_uri", how="left")
+        .join(vocab.rename({"uri": "tail_uri", "code": "tail"}), on="tail_uri", how="left")
+        .select("head", "relation", "tail")
+    )
     return coded, vocab
 
 
@@ -389,9 +477,13 @@ def count_relation_edges(triples: pl.DataFrame) -> pl.DataFrame:
     entities (self edges are replaced by the self-loop relation, so they do not count). Columns head/tail may be
     URIs or codes."""
     head, tail = ("head", "tail") if "head" in triples.columns else ("head_uri", "tail_uri")
-    return (triples.filter(pl.col(head) != pl.col(tail))
-            .unique([head, "relation", tail])
-            .group_by("relation").len(name="n").select("relation", (2 * pl.col("n")).alias("n_both_directions")))
+    return (
+        triples.filter(pl.col(head) != pl.col(tail))
+        .unique([head, "relation", tail])
+        .group_by("relation")
+        .len(name="n")
+        .select("relation", (2 * pl.col("n")).alias("n_both_directions"))
+    )
 
 
 def within_hops(edges: pl.DataFrame, seeds: pl.Series, hops: int | None) -> pl.Series:
@@ -400,13 +492,21 @@ def within_hops(edges: pl.DataFrame, seeds: pl.Series, hops: int | None) -> pl.S
         return pl.concat([edges["head"], edges["tail"], seeds.rename("head")]).unique().rename("node")
     if hops < 0:
         raise ValueError(f"hops must be >= 0 or None, got {hops}")
-    pairs = pl.concat([edges.select(pl.col("head").alias("a"), pl.col("tail").alias("b")),
-                       edges.select(pl.col("tail").alias("a"), pl.col("head").alias("b"))]).unique()
+    pairs = pl.concat(
+        [
+            edges.select(pl.col("head").alias("a"), pl.col("tail").alias("b")),
+            edges.select(pl.col("tail").alias("a"), pl.col("head").alias("b")),
+        ]
+    ).unique()
     reached = seeds.rename("node").unique().to_frame()
     frontier = reached
     for _ in range(hops):
-        step = (pairs.join(frontier, left_on="a", right_on="node", how="semi").select(pl.col("b").alias("node"))
-                .unique().join(reached, on="node", how="anti"))
+        step = (
+            pairs.join(frontier, left_on="a", right_on="node", how="semi")
+            .select(pl.col("b").alias("node"))
+            .unique()
+            .join(reached, on="node", how="anti")
+        )
         if step.height == 0:
             break
         reached = pl.concat([reached, step])
@@ -414,8 +514,15 @@ def within_hops(edges: pl.DataFrame, seeds: pl.Series, hops: int | None) -> pl.S
     return reached["node"]
 
 
-def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_relation_edges: int = 1001,
-             hops: int | None = 2, add_inverse: bool = True, add_self_loops: bool = True) -> KgResult:
+def build_kg(
+    triples: pl.DataFrame,
+    movies: pl.DataFrame,
+    seed_uris=(),
+    min_relation_edges: int = 1001,
+    hops: int | None = 2,
+    add_inverse: bool = True,
+    add_self_loops: bool = True,
+) -> KgResult:
     """The KG the models use, with compact ids.
 
     Rules, in this order:
@@ -457,46 +564,82 @@ def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_rela
     in_reach = kept.filter(pl.col("head").is_in(reached) & pl.col("tail").is_in(reached))
 
     other_codes = pl.concat([in_reach["head"], in_reach["tail"], seed_codes]).unique().sort()
-    others = (other_codes.filter(~other_codes.is_in(item_codes.implode())).rename("node").to_frame()
-              .join(uri_code, on="node", how="left", maintain_order="left")["uri"])
-    entities = pl.concat([
-        items.select("uri", pl.coalesce("title", uri_labels(items["uri"])).alias("label"),
-                     pl.lit(True).alias("is_item"), "movie_id"),
-        pl.DataFrame({"uri": others, "label": uri_labels(others)}, schema={"uri": pl.String, "label": pl.String})
-        .with_columns(pl.lit(False).alias("is_item"), pl.lit(None, dtype=pl.Int64).alias("movie_id")),
-    ]).with_row_index("entity_id").select(list(ENTITY_SCHEMA)).cast(ENTITY_SCHEMA)
+    others = (
+        other_codes.filter(~other_codes.is_in(item_codes.implode()))
+        .rename("node")
+        .to_frame()
+        .join(uri_code, on="node", how="left", maintain_order="left")["uri"]
+    )
+    entities = (
+        pl.concat(
+            [
+                items.select(
+                    "uri",
+                    pl.coalesce("title", uri_labels(items["uri"])).alias("label"),
+                    pl.lit(True).alias("is_item"),
+                    "movie_id",
+                ),
+                pl.DataFrame(
+                    {"uri": others, "label": uri_labels(others)}, schema={"uri": pl.String, "label": pl.String}
+                ).with_columns(pl.lit(False).alias("is_item"), pl.lit(None, dtype=pl.Int64).alias("movie_id")),
+            ]
+        )
+        .with_row_index("entity_id")
+        .select(list(ENTITY_SCHEMA))
+        .cast(ENTITY_SCHEMA)
+    )
 
     names = sorted(in_reach["relation"].unique().to_list(), key=_natural_key)
-    forward = pl.DataFrame({"relation": names, "rel": range(len(names))},
-                           schema={"relation": pl.String, "rel": pl.Int64})
+    forward = pl.DataFrame(
+        {"relation": names, "rel": range(len(names))}, schema={"relation": pl.String, "rel": pl.Int64}
+    )
     node_to_id = entities.select("uri", "entity_id").join(uri_code, on="uri").select("node", "entity_id")
-    edges = (in_reach.join(node_to_id.rename({"node": "head", "entity_id": "src"}), on="head")
-             .join(node_to_id.rename({"node": "tail", "entity_id": "dst"}), on="tail")
-             .join(forward, on="relation")
-             .select("src", "rel", "dst"))
+    edges = (
+        in_reach.join(node_to_id.rename({"node": "head", "entity_id": "src"}), on="head")
+        .join(node_to_id.rename({"node": "tail", "entity_id": "dst"}), on="tail")
+        .join(forward, on="relation")
+        .select("src", "rel", "dst")
+    )
     parts = [edges]
     if add_inverse:
         parts.append(edges.select(pl.col("dst").alias("src"), pl.col("rel") + len(names), pl.col("src").alias("dst")))
     relation_names = names + ([name + INVERSE_SUFFIX for name in names] if add_inverse else [])
     if add_self_loops:
-        parts.append(entities.select(pl.col("entity_id").alias("src"), pl.lit(len(relation_names)).alias("rel"),
-                                     pl.col("entity_id").alias("dst")))
+        parts.append(
+            entities.select(
+                pl.col("entity_id").alias("src"),
+                pl.lit(len(relation_names)).alias("rel"),
+                pl.col("entity_id").alias("dst"),
+            )
+        )
         relation_names.append(SELF_LOOP)
     all_edges = pl.concat([p.cast(EDGE_SCHEMA) for p in parts]).sort("src", "rel", "dst")
     n_edges = all_edges.group_by("rel").len()
-    relations = (pl.DataFrame({"relation_id": range(len(relation_names)), "name": relation_names,
-                               "is_inverse": [len(names) <= i < 2 * len(names) and add_inverse
-                                              for i in range(len(relation_names))]})
-                 .join(n_edges.rename({"rel": "relation_id", "len": "n_edges"}), on="relation_id", how="left")
-                 .with_columns(pl.col("n_edges").fill_null(0))
-                 .select(list(RELATION_SCHEMA)).cast(RELATION_SCHEMA))
+    relations = (
+        pl.DataFrame(
+            {
+                "relation_id": range(len(relation_names)),
+                "name": relation_names,
+                "is_inverse": [len(names) <= i < 2 * len(names) and add_inverse for i in range(len(relation_names))],
+            }
+        )
+        .join(n_edges.rename({"rel": "relation_id", "len": "n_edges"}), on="relation_id", how="left")
+        .with_columns(pl.col("n_edges").fill_null(0))
+        .select(list(RELATION_SCHEMA))
+        .cast(RELATION_SCHEMA)
+    )
 
     if unknown_seeds.len():
-        log.warning("%d seed URI(s) are not in the KG and were ignored, e.g. %s", unknown_seeds.len(),
-                    vocab.filter(pl.col("code").is_in(unknown_seeds.implode()))["uri"][0])
+        log.warning(
+            "%d seed URI(s) are not in the KG and were ignored, e.g. %s",
+            unknown_seeds.len(),
+            vocab.filter(pl.col("code").is_in(unknown_seeds.implode()))["uri"][0],
+        )
     if items["shares_uri"].any():
-        log.warning("%d movie(s) share a DBpedia URI with a lower movie_id and are keyed redial:<movie_id>",
-                    items["shares_uri"].sum())
+        log.warning(
+            "%d movie(s) share a DBpedia URI with a lower movie_id and are keyed redial:<movie_id>",
+            items["shares_uri"].sum(),
+        )
     linked = pl.concat([edges["src"], edges["dst"]]).unique()
     metrics = {
         "entities": entities.height,
@@ -523,7 +666,7 @@ def build_kg(triples: pl.DataFrame, movies: pl.DataFrame, seed_uris=(), min_rela
 
 
 def _natural_key(name: str) -> tuple:
-    """"dbpedia:9" before "dbpedia:10"."""
+    """ "dbpedia:9" before "dbpedia:10"."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
@@ -541,20 +684,27 @@ def reference_counts(triples: pl.DataFrame, min_exclusive: int = REFERENCE_MIN_E
     return _reference_counts_coded(coded, vocab.height, min_exclusive)
 
 
-def _reference_counts_coded(coded: pl.DataFrame, n_vocabulary: int,
-                            min_exclusive: int = REFERENCE_MIN_EXCLUSIVE) -> dict:
+def _reference_counts_coded(
+    coded: pl.DataFrame, n_vocabulary: int, min_exclusive: int = REFERENCE_MIN_EXCLUSIVE
+) -> dict:
     heads = coded["head"].unique()
     proper = coded.filter(pl.col("head") != pl.col("tail"))
-    listed = pl.concat([
-        proper,
-        proper.select(pl.col("tail").alias("head"), "relation", pl.col("head").alias("tail")),
-        heads.to_frame().select("head", pl.lit("\0self_loop").alias("relation"), pl.col("head").alias("tail")),
-    ])
+    listed = pl.concat(
+        [
+            proper,
+            proper.select(pl.col("tail").alias("head"), "relation", pl.col("head").alias("tail")),
+            heads.to_frame().select("head", pl.lit("\0self_loop").alias("relation"), pl.col("head").alias("tail")),
+        ]
+    )
     kept = listed.group_by("relation").len().filter(pl.col("len") > min_exclusive)
     edges = listed.join(kept, on="relation", how="semi").unique()
     touched = pl.concat([edges["head"], edges["tail"]]).n_unique()
-    return {"relations": kept.height, "edges": edges.height, "entities": n_vocabulary + 1,
-            "entities_with_edges": touched}
+    return {
+        "relations": kept.height,
+        "edges": edges.height,
+        "entities": n_vocabulary + 1,
+        "entities_with_edges": touched,
+    }
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
@@ -562,15 +712,35 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     spec = STAGES["kg"]
     movies_path, utterances_path = (workspace / dep for dep in spec.deps)
     movies = pl.read_parquet(movies_path)
-    metadata = ("metadata_kg", "metadata_entity_ids", "metadata_relation_ids", "metadata_item_ids",
-                "metadata_entity_types", "movie_info")
-    files = raw.raw_files(params.data, workspace, "dbpedia_subkg", "dbpedia_entity_ids", "stopwords",
-                          *(metadata if cfg.merge_metadata_kg else ()))
+    metadata = (
+        "metadata_kg",
+        "metadata_entity_ids",
+        "metadata_relation_ids",
+        "metadata_item_ids",
+        "metadata_entity_types",
+        "movie_info",
+    )
+    files = raw.raw_files(
+        params.data,
+        workspace,
+        "dbpedia_subkg",
+        "dbpedia_entity_ids",
+        "stopwords",
+        *(metadata if cfg.merge_metadata_kg else ()),
+    )
     sources = [load_kgsf_kg(files["dbpedia_subkg"], files["dbpedia_entity_ids"])]
     if cfg.merge_metadata_kg:
-        sources.append(load_movie_metadata_kg(
-            movies, files["metadata_kg"], files["metadata_entity_ids"], files["metadata_relation_ids"],
-            files["movie_info"], files["metadata_item_ids"], files["metadata_entity_types"]))
+        sources.append(
+            load_movie_metadata_kg(
+                movies,
+                files["metadata_kg"],
+                files["metadata_entity_ids"],
+                files["metadata_relation_ids"],
+                files["movie_info"],
+                files["metadata_item_ids"],
+                files["metadata_entity_types"],
+            )
+        )
     source = merge_sources(*sources)
     seeds: set[str] = set()
     if cfg.link_seeds:
@@ -578,16 +748,35 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         uris = sorted(source.entity_uris - set(movies["dbpedia_uri"].drop_nulls()))
         ends = pl.concat([source.triples["head_uri"], source.triples["tail_uri"]])
         degree_by_uri = dict(ends.value_counts().iter_rows())
-        linker = linking.build_linker(linking.entity_labels(dict(enumerate(uris))),
-                                      {i: degree_by_uri.get(uri, 0) for i, uri in enumerate(uris)},
-                                      files["stopwords"], params.linking)
+        linker = linking.build_linker(
+            linking.entity_labels(dict(enumerate(uris))),
+            {i: degree_by_uri.get(uri, 0) for i, uri in enumerate(uris)},
+            files["stopwords"],
+            params.linking,
+        )
         texts = pl.read_parquet(utterances_path)["text"]
-        seeds = {uris[m.entity_id] for text in tqdm(texts, desc="linking seeds", unit=" utt", disable=None)
-                 for m in linker.link(text)}
-    result = build_kg(source.triples, movies, seed_uris=sorted(seeds), min_relation_edges=cfg.min_relation_edges,
-                      hops=cfg.hops, add_inverse=cfg.add_inverse, add_self_loops=cfg.add_self_loops)
+        seeds = {
+            uris[m.entity_id]
+            for text in tqdm(texts, desc="linking seeds", unit=" utt", disable=None)
+            for m in linker.link(text)
+        }
+    result = build_kg(
+        source.triples,
+        movies,
+        seed_uris=sorted(seeds),
+        min_relation_edges=cfg.min_relation_edges,
+        hops=cfg.hops,
+        add_inverse=cfg.add_inverse,
+        add_self_loops=cfg.add_self_loops,
+    )
     metrics = {**result.metrics, "linked_seeds": len(seeds)}
     entities_out, relations_out, edges_out = (workspace / out for out in spec.outs)
-    write_outputs({entities_out: result.entities, relations_out: result.relations, edges_out: result.edges,
-                   workspace / spec.metrics[0]: metrics})
+    write_outputs(
+        {
+            entities_out: result.entities,
+            relations_out: result.relations,
+            edges_out: result.edges,
+            workspace / spec.metrics[0]: metrics,
+        }
+    )
     return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)

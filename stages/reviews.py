@@ -22,11 +22,11 @@ import polars as pl
 from sentencex import segment
 from tqdm import tqdm
 
-from stages.sources.safe_pickle import load_pickle_restricted
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, WarningTally
 from stages.sources import raw
+from stages.sources.safe_pickle import load_pickle_restricted
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,18 @@ def aclimdb_reviews(path: Path, imdb_to_movies: dict[str, list[int]], bad: BadRe
     """Reviews of ReDial movies from the Large Movie Review Dataset: the mirror's JSONL, or the official tarball."""
     records = _aclimdb_tarball(path) if tarfile.is_tarfile(path) else _aclimdb_jsonl(path)
     rows = []
-    for where, record in records:
+    for _where, record in records:
         for movie_id in imdb_to_movies.get(record["imdb_id"], ()):
-            rows.append({"movie_id": movie_id, "source": "aclimdb", "rating": record["rating"], "helpful": None,
-                         "review_id": f"{record['split']}/{record['label']}/{record['id']}", "text": record["text"]})
+            rows.append(
+                {
+                    "movie_id": movie_id,
+                    "source": "aclimdb",
+                    "rating": record["rating"],
+                    "helpful": None,
+                    "review_id": f"{record['split']}/{record['label']}/{record['id']}",
+                    "text": record["text"],
+                }
+            )
     return _review_rows(_checked(rows, str(path), bad))
 
 
@@ -125,11 +133,15 @@ def _aclimdb_jsonl(path: Path):
         for line_no, line in enumerate(tqdm(f, desc="aclimdb", unit=" reviews", disable=None), start=1):
             try:
                 record = json.loads(line)
-                yield f"{path}, line {line_no}", {key: record[key] for key in
-                                                  ("split", "label", "id", "rating", "imdb_id", "text")}
+                yield (
+                    f"{path}, line {line_no}",
+                    {key: record[key] for key in ("split", "label", "id", "rating", "imdb_id", "text")},
+                )
             except (json.JSONDecodeError, KeyError) as exc:
-                raise ReviewDataError(f"{path}, line {line_no}: expected a JSON review with split, label, id, "
-                                      f"rating, imdb_id, text: {exc}") from None
+                raise ReviewDataError(
+                    f"{path}, line {line_no}: expected a JSON review with split, label, id, "
+                    f"rating, imdb_id, text: {exc}"
+                ) from None
 
 
 def _aclimdb_tarball(path: Path):
@@ -150,8 +162,10 @@ def _aclimdb_tarball(path: Path):
         imdb = IMDB_TITLE.search(lines[review_id]) if review_id < len(lines) else None
         if imdb is None:
             raise ReviewDataError(f"{path}: no IMDb URL for {split}/{label}/{review_id} in urls_{label}.txt")
-        yield f"{path}:{split}/{label}/{review_id}", {"split": split, "label": label, "id": review_id,
-                                                     "rating": rating, "imdb_id": imdb.group(1), "text": text}
+        yield (
+            f"{path}:{split}/{label}/{review_id}",
+            {"split": split, "label": label, "id": review_id, "rating": rating, "imdb_id": imdb.group(1), "text": text},
+        )
 
 
 def revcore_reviews(path: Path, movie_ids: set[int], bad: BadReviews) -> pl.DataFrame:
@@ -164,8 +178,16 @@ def revcore_reviews(path: Path, movie_ids: set[int], bad: BadReviews) -> pl.Data
         if not (str(key).isdigit() and isinstance(tokens, list)):
             raise ReviewDataError(f"{path}: record {key!r}: expected a movie id mapped to a list of tokens")
         if int(key) in movie_ids:
-            rows.append({"movie_id": int(key), "source": "revcore", "review_id": f"revcore/{key}", "rating": None,
-                         "helpful": None, "text": detokenize(tokens)})
+            rows.append(
+                {
+                    "movie_id": int(key),
+                    "source": "revcore",
+                    "review_id": f"revcore/{key}",
+                    "rating": None,
+                    "helpful": None,
+                    "text": detokenize(tokens),
+                }
+            )
     return _review_rows(_checked(rows, str(path), bad))
 
 
@@ -195,7 +217,7 @@ def read_movie_info(path: Path) -> dict:
             raise ReviewDataError(f"{path}: not valid JSON: {exc}") from None
         log.warning("%s: removed the known stray 'f' at character %d", path, exc.pos)
         try:
-            return json.loads(text[: exc.pos] + text[exc.pos + 1:])
+            return json.loads(text[: exc.pos] + text[exc.pos + 1 :])
         except json.JSONDecodeError as again:
             raise ReviewDataError(f"{path}: not valid JSON: {again}") from None
 
@@ -206,8 +228,16 @@ def plot_reviews(movie_info: dict, movie_ids: set[int], path: Path, bad: BadRevi
         if not isinstance(info, dict):
             raise ReviewDataError(f"{path}: record {key!r}: expected an object with name, plot, ...")
         if int(key) in movie_ids and info.get("plot"):
-            rows.append({"movie_id": int(key), "source": "plots", "review_id": f"plot/{key}", "rating": None,
-                         "helpful": None, "text": info["plot"]})
+            rows.append(
+                {
+                    "movie_id": int(key),
+                    "source": "plots",
+                    "review_id": f"plot/{key}",
+                    "rating": None,
+                    "helpful": None,
+                    "text": info["plot"],
+                }
+            )
     return _review_rows(_checked(rows, str(path), bad))
 
 
@@ -217,46 +247,68 @@ def scraped_reviews(scraped, imdb_to_movies: dict[str, list[int]], bad: BadRevie
     for movie in scraped:
         for review in movie.reviews:
             for movie_id in imdb_to_movies.get(movie.imdb_id, ()):
-                rows.append({"movie_id": movie_id, "source": "imdb_scraper", "review_id": review.review_id,
-                             "rating": review.rating, "helpful": review.helpful_yes, "text": review.text})
+                rows.append(
+                    {
+                        "movie_id": movie_id,
+                        "source": "imdb_scraper",
+                        "review_id": review.review_id,
+                        "rating": review.rating,
+                        "helpful": review.helpful_yes,
+                        "text": review.text,
+                    }
+                )
     return _review_rows(_checked(rows, "imdb_scraper", bad))
 
 
 # ---------------------------------------------------------------- sentences
 
 
-def split_sentences(reviews: pl.DataFrame, source_order: list[str], min_tokens: int, max_tokens: int,
-                    max_sentences_per_movie: int) -> pl.DataFrame:
+def split_sentences(
+    reviews: pl.DataFrame, source_order: list[str], min_tokens: int, max_tokens: int, max_sentences_per_movie: int
+) -> pl.DataFrame:
     """Sentences of every review; per movie the first max_sentences_per_movie by the selection rule.
 
     A sentence shorter than min_tokens words rarely carries a preference ("Wow."); a longer one than max_tokens is
     cut there (the reference used 40 tokens).
     """
     rows = []
-    ordered = reviews.with_columns(pl.col("source").replace_strict(
-        {s: i for i, s in enumerate(source_order)}, return_dtype=pl.Int32).alias("source_rank"))
-    ordered = ordered.sort(["movie_id", "source_rank", "helpful", "review_id"], descending=[False, False, True, False],
-                           nulls_last=True)
-    for movie_id, source, review_id, text in tqdm(ordered.select("movie_id", "source", "review_id", "text").iter_rows(),
-                                                  total=ordered.height, desc="sentences", unit=" reviews",
-                                                  disable=None):
+    ordered = reviews.with_columns(
+        pl.col("source")
+        .replace_strict({s: i for i, s in enumerate(source_order)}, return_dtype=pl.Int32)
+        .alias("source_rank")
+    )
+    ordered = ordered.sort(
+        ["movie_id", "source_rank", "helpful", "review_id"], descending=[False, False, True, False], nulls_last=True
+    )
+    for movie_id, source, review_id, text in tqdm(
+        ordered.select("movie_id", "source", "review_id", "text").iter_rows(),
+        total=ordered.height,
+        desc="sentences",
+        unit=" reviews",
+        disable=None,
+    ):
         pieces = (sentence.split() for sentence in segment("en", text))
         for position, words in enumerate(words for words in pieces if words):
             if len(words) >= min_tokens:
                 rows.append((movie_id, source, review_id, position, " ".join(words[:max_tokens])))
     sentences = pl.DataFrame(rows, schema=[c for c in SENTENCE_SCHEMA if c != "sentence_id"], orient="row")
-    sentences = (sentences.unique(["movie_id", "text"], keep="first", maintain_order=True)
-                 .with_columns(pl.int_range(pl.len()).over("movie_id").alias("rank"))
-                 .filter(pl.col("rank") < max_sentences_per_movie).drop("rank"))
+    sentences = (
+        sentences.unique(["movie_id", "text"], keep="first", maintain_order=True)
+        .with_columns(pl.int_range(pl.len()).over("movie_id").alias("rank"))
+        .filter(pl.col("rank") < max_sentences_per_movie)
+        .drop("rank")
+    )
     return sentences.with_row_index("sentence_id").cast(SENTENCE_SCHEMA).select(list(SENTENCE_SCHEMA))
 
 
-def coverage(sentences: pl.DataFrame, all_movies: set[int], test_movies: set[int],
-             sources: list[str]) -> dict:
+def coverage(sentences: pl.DataFrame, all_movies: set[int], test_movies: set[int], sources: list[str]) -> dict:
     """Share of ReDial movies, and of movies mentioned in the test split, with at least one sentence."""
+
     def shares(covered: set[int]) -> dict:
-        return {"movies": round(len(covered & all_movies) / max(len(all_movies), 1), 4),
-                "test_movies": round(len(covered & test_movies) / max(len(test_movies), 1), 4)}
+        return {
+            "movies": round(len(covered & all_movies) / max(len(all_movies), 1), 4),
+            "test_movies": round(len(covered & test_movies) / max(len(test_movies), 1), 4),
+        }
 
     result = {"overall": shares(set(sentences["movie_id"]))}
     for source in sources:
@@ -272,7 +324,9 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     test_movies = set(
         pl.read_parquet(utterances_path)
         .join(pl.read_parquet(conversations_path).filter(pl.col("split") == "test"), on="conv_id")
-        .select(pl.col("movie_ids").explode()).drop_nulls()["movie_ids"])
+        .select(pl.col("movie_ids").explode())
+        .drop_nulls()["movie_ids"]
+    )
     local = {"aclimdb": "aclimdb_reviews", "revcore": "revcore_reviews"}
     files = raw.raw_files(params.data, workspace, "movie_info", *(local[s] for s in cfg.sources if s in local))
     movie_info = read_movie_info(files["movie_info"])
@@ -292,8 +346,9 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             tables.append(scraped_reviews(scraped, imdb_to_movies, bad))
     review_table = pl.concat(tables)
     bad.tally.summary()
-    sentences = split_sentences(review_table, cfg.sources, cfg.min_sentence_tokens,
-                                cfg.max_sentence_tokens, cfg.max_sentences_per_movie)
+    sentences = split_sentences(
+        review_table, cfg.sources, cfg.min_sentence_tokens, cfg.max_sentence_tokens, cfg.max_sentences_per_movie
+    )
     metrics = {
         "coverage": coverage(sentences, movie_ids, test_movies, cfg.sources),
         "reviews": dict(review_table.group_by("source").len().iter_rows()),
@@ -312,9 +367,14 @@ def _scrape_imdb(cfg, imdb_ids: list[str], workspace: Path):
     from stages.sources.imdb_scraper import ImdbReviewScraper  # httpx and the parser only when scraping
 
     ids = imdb_ids[: cfg.max_movies] if cfg.max_movies else imdb_ids
-    with ImdbReviewScraper(workspace / cfg.cache_dir, user_agent=cfg.user_agent,
-                           requests_per_second=cfg.requests_per_second, max_retries=cfg.max_retries,
-                           max_pages=cfg.max_pages_per_movie, allowed_hosts=cfg.allowed_hosts,
-                           timeout=cfg.timeout_seconds) as scraper:
+    with ImdbReviewScraper(
+        workspace / cfg.cache_dir,
+        user_agent=cfg.user_agent,
+        requests_per_second=cfg.requests_per_second,
+        max_retries=cfg.max_retries,
+        max_pages=cfg.max_pages_per_movie,
+        allowed_hosts=cfg.allowed_hosts,
+        timeout=cfg.timeout_seconds,
+    ) as scraper:
         scraped = list(scraper.scrape(ids))
         return scraped, scraper.stats.as_dict()

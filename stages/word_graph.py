@@ -59,25 +59,43 @@ def read_word_edges(path: Path, words: dict[str, int]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_word_graph(words: dict[str, int], pairs: list[tuple[str, str]], vocabulary: pl.DataFrame,
-                     stopwords: set[str], drop_stopwords: bool) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame,
-                                                                          dict]:
+def build_word_graph(
+    words: dict[str, int],
+    pairs: list[tuple[str, str]],
+    vocabulary: pl.DataFrame,
+    stopwords: set[str],
+    drop_stopwords: bool,
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict]:
     """(words, edges, token_words, metrics). Word ids are renumbered 0..n-1 in the index's id order."""
     ordered = sorted(words, key=words.get)
     word_id = {w: i for i, w in enumerate(ordered)}
     kept = [(a, b) for a, b in pairs if not (drop_stopwords and (a in stopwords or b in stopwords))]
     directed = sorted({(word_id[a], word_id[b]) for a, b in kept} | {(word_id[b], word_id[a]) for a, b in kept})
-    tokens = vocabulary.select("token_id", "token").with_columns(
-        pl.col("token").str.to_lowercase().replace_strict(word_id, default=None, return_dtype=pl.Int32)
-        .alias("word_id")).drop_nulls("word_id")
-    words_table = pl.DataFrame({"word_id": range(len(ordered)), "word": ordered},
-                               schema={"word_id": pl.Int32, "word": pl.String})
+    tokens = (
+        vocabulary.select("token_id", "token")
+        .with_columns(
+            pl.col("token")
+            .str.to_lowercase()
+            .replace_strict(word_id, default=None, return_dtype=pl.Int32)
+            .alias("word_id")
+        )
+        .drop_nulls("word_id")
+    )
+    words_table = pl.DataFrame(
+        {"word_id": range(len(ordered)), "word": ordered}, schema={"word_id": pl.Int32, "word": pl.String}
+    )
     edges = pl.DataFrame(directed, schema={"source": pl.Int32, "target": pl.Int32}, orient="row")
     token_words = tokens.select(pl.col("token_id").cast(pl.Int32), "word_id")
     touched = edges["source"].n_unique() if edges.height else 0
-    metrics = {"words": len(ordered), "edges": edges.height, "input_edges": len(pairs),
-               "stopword_edges_dropped": len(pairs) - len(kept), "words_with_edges": touched,
-               "vocabulary_tokens": vocabulary.height, "vocabulary_tokens_in_graph": token_words.height}
+    metrics = {
+        "words": len(ordered),
+        "edges": edges.height,
+        "input_edges": len(pairs),
+        "stopword_edges_dropped": len(pairs) - len(kept),
+        "words_with_edges": touched,
+        "vocabulary_tokens": vocabulary.height,
+        "vocabulary_tokens_in_graph": token_words.height,
+    }
     return words_table, edges, token_words, metrics
 
 
@@ -88,9 +106,11 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     pairs = read_word_edges(files["conceptnet_edges"], words)
     stopwords = {line.strip() for line in files["stopwords"].read_text(encoding="utf-8").splitlines() if line.strip()}
     vocabulary = pl.read_parquet(workspace / spec.deps[0])
-    words_table, edges, token_words, metrics = build_word_graph(words, pairs, vocabulary, stopwords,
-                                                                params.word_graph.drop_stopwords)
+    words_table, edges, token_words, metrics = build_word_graph(
+        words, pairs, vocabulary, stopwords, params.word_graph.drop_stopwords
+    )
     words_out, edges_out, token_words_out = (workspace / out for out in spec.outs)
-    write_outputs({words_out: words_table, edges_out: edges, token_words_out: token_words,
-                   workspace / spec.metrics[0]: metrics})
+    write_outputs(
+        {words_out: words_table, edges_out: edges, token_words_out: token_words, workspace / spec.metrics[0]: metrics}
+    )
     return StageOutcome({**files, "vocab": workspace / spec.deps[0]}, metrics)

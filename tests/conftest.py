@@ -19,14 +19,38 @@ REAL_MIRROR = os.environ.get("C2CRS_DATA_DIR")
 
 
 ACLIMDB_FIXTURE = [
-    {"split": "train", "label": "pos", "id": 1, "rating": 9, "imdb_id": "tt0012345",
-     "text": "Alpha is a joy from start to end.<br /><br />The map scene is great fun. Wow."},
-    {"split": "test", "label": "neg", "id": 2, "rating": 2, "imdb_id": "tt0012345",
-     "text": "I did not like the ending of this film at all."},
-    {"split": "train", "label": "neg", "id": 3, "rating": 3, "imdb_id": "tt0022222",
-     "text": "Beta has cheap scares and a silly monster in the basement."},
-    {"split": "train", "label": "pos", "id": 4, "rating": 10, "imdb_id": "tt9999999",
-     "text": "A movie that is not in ReDial at all, so it is never joined."},
+    {
+        "split": "train",
+        "label": "pos",
+        "id": 1,
+        "rating": 9,
+        "imdb_id": "tt0012345",
+        "text": "Alpha is a joy from start to end.<br /><br />The map scene is great fun. Wow.",
+    },
+    {
+        "split": "test",
+        "label": "neg",
+        "id": 2,
+        "rating": 2,
+        "imdb_id": "tt0012345",
+        "text": "I did not like the ending of this film at all.",
+    },
+    {
+        "split": "train",
+        "label": "neg",
+        "id": 3,
+        "rating": 3,
+        "imdb_id": "tt0022222",
+        "text": "Beta has cheap scares and a silly monster in the basement.",
+    },
+    {
+        "split": "train",
+        "label": "pos",
+        "id": 4,
+        "rating": 10,
+        "imdb_id": "tt9999999",
+        "text": "A movie that is not in ReDial at all, so it is never joined.",
+    },
 ]
 REVCORE_FIXTURE = {
     "100": ["``", "Alpha", "''", "is", "the", "best", "comedy", "of", "its", "year", ",", "I", "think", "."],
@@ -37,8 +61,14 @@ REVCORE_FIXTURE = {
 
 # A tiny DBpedia subgraph in KGSF's pickle form: entity ids, and head -> [(relation, tail)].
 DBPEDIA = "http://dbpedia.org/resource/"
-KG_ENTITIES = {f"<{DBPEDIA}Alpha_(film)>": 0, f"<{DBPEDIA}Gamma>": 1, f"<{DBPEDIA}Tom_Hanks>": 2,
-               f"<{DBPEDIA}Comedy_film>": 3, f"<{DBPEDIA}Meryl_Streep>": 4, f"<{DBPEDIA}Far_Away>": 5}
+KG_ENTITIES = {
+    f"<{DBPEDIA}Alpha_(film)>": 0,
+    f"<{DBPEDIA}Gamma>": 1,
+    f"<{DBPEDIA}Tom_Hanks>": 2,
+    f"<{DBPEDIA}Comedy_film>": 3,
+    f"<{DBPEDIA}Meryl_Streep>": 4,
+    f"<{DBPEDIA}Far_Away>": 5,
+}
 KG_ADJACENCY = {0: [(7, 2), (9, 3)], 1: [(7, 4), (9, 3)], 4: [(7, 5)], 5: [(8, 5)]}
 
 
@@ -117,7 +147,16 @@ def prefect_harness():
         yield
 
 
-CHAT_STAGES = ("ingest", "reviews", "kg", "triples", "pretrain_coarse", "pretrain_fine", "finetune_rec", "finetune_conv")
+CHAT_STAGES = (
+    "ingest",
+    "reviews",
+    "kg",
+    "triples",
+    "pretrain_coarse",
+    "pretrain_fine",
+    "finetune_rec",
+    "finetune_conv",
+)
 
 
 @pytest.fixture(scope="session")

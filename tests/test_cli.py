@@ -12,8 +12,14 @@ from tests.conftest import PROJECT
 
 
 def cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_stages_lists_each_stage_with_inputs_and_outputs():
@@ -114,19 +120,25 @@ def test_a_data_error_inside_a_stage_is_one_error_line_without_tracebacks(params
     lines = train.read_text().splitlines()
     lines[2] = '{"conversationId": 5, "messages": 3}'
     train.write_text("\n".join(lines) + "\n")
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
-                          cwd=params_file.parent, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
+        cwd=params_file.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {train}, line 3: record lacks required key(s) initiatorWorkerId, respondentWorkerId, "
-                      "movieMentions [missing_keys]. Set ingest.on_bad_record: skip to drop such records and count "
-                      "them."]
+    assert errors == [
+        f"error: {train}, line 3: record lacks required key(s) initiatorWorkerId, respondentWorkerId, "
+        "movieMentions [missing_keys]. Set ingest.on_bad_record: skip to drop such records and count "
+        "them."
+    ]
 
 
-def test_project_errors_exit_2_with_one_line_bugs_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_project_errors_exit_2_with_one_line_bugs_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     import httpx
 
     from pipeline import cli as cli_module

@@ -106,8 +106,14 @@ def test_device_resolution():
 
 
 def test_an_ablation_variant_is_the_params_with_its_overrides(tmp_path):
-    params = load_params(write(tmp_path, lambda p: p["ablations"].update(variants={
-        "wo_ch": {"model.views": ["graph", "review"]}, "wo_fine": {"pretrain_fine.epochs": 0}})))
+    params = load_params(
+        write(
+            tmp_path,
+            lambda p: p["ablations"].update(
+                variants={"wo_ch": {"model.views": ["graph", "review"]}, "wo_fine": {"pretrain_fine.epochs": 0}}
+            ),
+        )
+    )
     variant = params.variant("wo_ch")
     assert variant.model.views == ["graph", "review"] and variant.ablations.variants == {}
     assert variant.pretrain_fine == params.pretrain_fine and params.model.views == ["conversation", "graph", "review"]
@@ -119,12 +125,21 @@ def test_an_ablation_variant_is_the_params_with_its_overrides(tmp_path):
         params.variant("wo_ch").variant("nope", kind="conv_baselines")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model.view": ["graph"]}, "ablations.variants.bad.model.view: unknown key; allowed here: token_dim"),
-    ({"triples.context_max_tokens": 64}, "ablations.variants.bad.triples.context_max_tokens: a variant of ablations may change only"),
-    ({"pretrain_fine.epochs": -1}, "ablations.variants.bad: pretrain_fine.epochs: Input should be greater than or equal to 0"),
-    ({"model.views.graph": 1}, "ablations.variants.bad.model.views.graph: model.views is not a section"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.view": ["graph"]}, "ablations.variants.bad.model.view: unknown key; allowed here: token_dim"),
+        (
+            {"triples.context_max_tokens": 64},
+            "ablations.variants.bad.triples.context_max_tokens: a variant of ablations may change only",
+        ),
+        (
+            {"pretrain_fine.epochs": -1},
+            "ablations.variants.bad: pretrain_fine.epochs: Input should be greater than or equal to 0",
+        ),
+        ({"model.views.graph": 1}, "ablations.variants.bad.model.views.graph: model.views is not a section"),
+    ],
+)
 def test_a_bad_ablation_override_names_the_variant_and_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as error:
         load_params(write(tmp_path, lambda p: p["ablations"].update(variants={"bad": overrides})))
@@ -132,28 +147,47 @@ def test_a_bad_ablation_override_names_the_variant_and_the_key(tmp_path, overrid
 
 
 def test_a_conv_baseline_overrides_only_finetune_conv(tmp_path):
-    params = load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["transformer"], variants={
-        "transformer": {"finetune_conv.memories": ["history"], "finetune_conv.copy_mechanism": False}})))
+    params = load_params(
+        write(
+            tmp_path,
+            lambda p: p["conv_baselines"].update(
+                train=["transformer"],
+                variants={
+                    "transformer": {"finetune_conv.memories": ["history"], "finetune_conv.copy_mechanism": False}
+                },
+            ),
+        )
+    )
     variant = params.variant("transformer", kind="conv_baselines")
     assert variant.finetune_conv.memories == ["history"] and not variant.finetune_conv.copy_mechanism
     assert variant.conv_baselines.variants == {} and variant.ablations.variants == {}
     with pytest.raises(ConfigError) as error:
-        load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=[], variants={
-            "bad": {"model.token_dim": 64}})))
-    assert "conv_baselines.variants.bad.model.token_dim: a variant of conv_baselines may change only finetune_conv" \
+        load_params(
+            write(tmp_path, lambda p: p["conv_baselines"].update(train=[], variants={"bad": {"model.token_dim": 64}}))
+        )
+    assert (
+        "conv_baselines.variants.bad.model.token_dim: a variant of conv_baselines may change only finetune_conv"
         in str(error.value)
+    )
     with pytest.raises(ConfigError, match="finetune_conv.memories: Value error, list each memory once"):
         load_params(write(tmp_path, lambda p: p["finetune_conv"].update(memories=["kg", "history", "kg"])))
-    assert load_params(write(tmp_path, lambda p: p["finetune_conv"].update(
-        memories=["kg", "history"]))).finetune_conv.memories == ["kg", "history"]  # the order is the chain's
+    assert load_params(
+        write(tmp_path, lambda p: p["finetune_conv"].update(memories=["kg", "history"]))
+    ).finetune_conv.memories == ["kg", "history"]  # the order is the chain's
     for kgsf_only in ({"memories": ["history", "word"]}, {"freeze": ["word"]}, {"vocabulary_bias": True}):
         with pytest.raises(ConfigError, match="are KGSF's: they need pretrained: kgsf"):
-            load_params(write(tmp_path, lambda p: p["finetune_conv"].update(kgsf_only)))
+            load_params(write(tmp_path, lambda p, kgsf_only=kgsf_only: p["finetune_conv"].update(kgsf_only)))
     with pytest.raises(ConfigError, match="architecture hred reads the history only, from fresh weights"):
         load_params(write(tmp_path, lambda p: p["finetune_conv"].update(architecture="hred")))
     with pytest.raises(ConfigError, match="vocabulary_bias reads the user's entity vector"):
-        load_params(write(tmp_path, lambda p: p["finetune_conv"].update(
-            pretrained="kgsf", memories=["word", "history"], vocabulary_bias=True)))
+        load_params(
+            write(
+                tmp_path,
+                lambda p: p["finetune_conv"].update(
+                    pretrained="kgsf", memories=["word", "history"], vocabulary_bias=True
+                ),
+            )
+        )
 
 
 def test_the_trained_baselines_are_known_and_bring_their_recommenders(tmp_path):
@@ -165,20 +199,29 @@ def test_the_trained_baselines_are_known_and_bring_their_recommenders(tmp_path):
         load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["kecrs"])))
     with pytest.raises(ConfigError, match="whose recommender 'redial' is not in baselines.train"):
         load_params(write(tmp_path, lambda p: p["conv_baselines"].update(train=["redial"])))
-    everything = load_params(write(tmp_path, lambda p: (
-        p["baselines"].update(train=["textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore"]),
-        p["conv_baselines"].update(train=list(p["conv_baselines"]["variants"])))))
+    everything = load_params(
+        write(
+            tmp_path,
+            lambda p: (
+                p["baselines"].update(train=["textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore"]),
+                p["conv_baselines"].update(train=list(p["conv_baselines"]["variants"])),
+            ),
+        )
+    )
     assert len(everything.conv_baselines.train) == 7
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("seed", True, "seed: Input should be a valid integer"),  # not 1
-    ("seed", "42", "seed: Input should be a valid integer"),
-    ("seed", 2 ** 80, "seed: Input should be less than 4294967296"),
-    ("ingest.valid_fraction", "0.2", "ingest.valid_fraction: Input should be a valid number"),
-    ("model.token_dim", 64.0, "model.token_dim: Input should be a valid integer"),
-    ("finetune_conv.copy_mechanism", "yes", "finetune_conv.copy_mechanism: Input should be a valid boolean"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("seed", True, "seed: Input should be a valid integer"),  # not 1
+        ("seed", "42", "seed: Input should be a valid integer"),
+        ("seed", 2**80, "seed: Input should be less than 4294967296"),
+        ("ingest.valid_fraction", "0.2", "ingest.valid_fraction: Input should be a valid number"),
+        ("model.token_dim", 64.0, "model.token_dim: Input should be a valid integer"),
+        ("finetune_conv.copy_mechanism", "yes", "finetune_conv.copy_mechanism: Input should be a valid boolean"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_refused_not_coerced(tmp_path, key, value, message):
     def change(params):
         *parents, last = key.split(".")

@@ -6,8 +6,16 @@ import math
 import pytest
 
 from pipeline.cli import main
-from stages.evaluation.conv_metrics import (RatingError, bleu, distinct, generation_metrics, rating_sheet, read_key,
-                                  read_ratings, score_ratings)
+from stages.evaluation.conv_metrics import (
+    RatingError,
+    bleu,
+    distinct,
+    generation_metrics,
+    rating_sheet,
+    read_key,
+    read_ratings,
+    score_ratings,
+)
 from stages.training.conv_train import PLACEHOLDER, fill_movies
 
 RESPONSES = [["i", "like", "it", "i", "like", "it"], ["i", "like", "comedies"], ["ok"]]
@@ -32,20 +40,37 @@ def test_bleu_by_hand():
 
 def test_generation_metrics_contract():
     metrics = generation_metrics(RESPONSES, RESPONSES, lambda words: "comedies" in words, perplexity=12.5)
-    assert set(metrics) == {"dist@2", "dist@3", "dist@4", "bleu@1", "bleu@2", "perplexity", "avg_len",
-                            "entity_rate", "n"}
+    assert set(metrics) == {
+        "dist@2",
+        "dist@3",
+        "dist@4",
+        "bleu@1",
+        "bleu@2",
+        "perplexity",
+        "avg_len",
+        "entity_rate",
+        "n",
+    }
     assert metrics["avg_len"] == pytest.approx(10 / 3) and metrics["entity_rate"] == pytest.approx(1 / 3)
     assert metrics["bleu@1"] == pytest.approx(1.0) and metrics["perplexity"] == 12.5
 
 
 def test_fill_movies_puts_the_recommenders_items_in_order():
     words = ["try", PLACEHOLDER, "or", PLACEHOLDER, "or", PLACEHOLDER]
-    assert fill_movies(words, ["Alpha (2001)", "Beta (1999)"]) == ["try", "Alpha (2001)", "or", "Beta (1999)", "or",
-                                                                   PLACEHOLDER]
+    assert fill_movies(words, ["Alpha (2001)", "Beta (1999)"]) == [
+        "try",
+        "Alpha (2001)",
+        "or",
+        "Beta (1999)",
+        "or",
+        PLACEHOLDER,
+    ]
 
 
-SAMPLES = [{"sample_id": 7, "context": ["hi", "any comedy?"], "responses": {"a": "try Alpha", "b": "hi hi"}},
-           {"sample_id": 9, "context": ["hello"], "responses": {"a": "what do you like?", "b": "ok"}}]
+SAMPLES = [
+    {"sample_id": 7, "context": ["hi", "any comedy?"], "responses": {"a": "try Alpha", "b": "hi hi"}},
+    {"sample_id": 9, "context": ["hello"], "responses": {"a": "what do you like?", "b": "ok"}},
+]
 
 
 def _filled(tmp_path, name, scores):
@@ -69,12 +94,15 @@ def test_the_rating_sheet_hides_the_models_and_scores_means_and_agreement(tmp_pa
     one = _filled(tmp_path, "one.csv", {"a": ("2", "2"), "b": ("1", "0")})
     two = _filled(tmp_path, "two.csv", {"a": ("2", "2"), "b": ("1", "0")})
     scored = score_ratings({"one": read_ratings(one), "two": read_ratings(two)}, read_key(tmp_path / "key.csv"))
-    assert scored["models"] == {"a": {"fluency": 2.0, "informativeness": 2.0},
-                                "b": {"fluency": 1.0, "informativeness": 0.0}}
+    assert scored["models"] == {
+        "a": {"fluency": 2.0, "informativeness": 2.0},
+        "b": {"fluency": 1.0, "informativeness": 0.0},
+    }
     assert scored["agreement"]["fluency"]["krippendorff_alpha_ordinal"] == pytest.approx(1.0)  # identical raters
     three = _filled(tmp_path, "three.csv", {"a": ("0", "0"), "b": ("2", "2")})  # the opposite opinion
-    disagreeing = score_ratings({"one": read_ratings(one), "three": read_ratings(three)},
-                                read_key(tmp_path / "key.csv"))
+    disagreeing = score_ratings(
+        {"one": read_ratings(one), "three": read_ratings(three)}, read_key(tmp_path / "key.csv")
+    )
     assert disagreeing["agreement"]["fluency"]["krippendorff_alpha_ordinal"] < 0
 
 

@@ -10,8 +10,10 @@ import yaml
 from pipeline.config import load_params
 from stages.io.graph import stage_body, stage_instances
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() "
-                                "is False (the CUDA path is exercised on a GPU machine)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: torch.cuda.is_available() is False (the CUDA path is exercised on a GPU machine)",
+)
 
 
 @pytest.mark.usefixtures("mlflow_store")

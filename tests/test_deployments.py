@@ -43,7 +43,14 @@ def test_stage_commands_keep_dvc_in_charge():
     python = "/venv/bin/python"
     assert stage_command("ingest", {}, False, python)[1:] == ["repro", "--single-item", "ingest"]
     assert stage_command("ablations@wo_ch", {"finetune_rec.lr": 0.001}, True, python)[1:] == [
-        "exp", "run", "-s", "ablations@wo_ch", "-f", "-S", "finetune_rec.lr=0.001"]
+        "exp",
+        "run",
+        "-s",
+        "ablations@wo_ch",
+        "-f",
+        "-S",
+        "finetune_rec.lr=0.001",
+    ]
     assert stage_command("all", {}, False, python) == [python, "-m", "pipeline", "repro"]
     assert stage_command("all", {"device": "cuda"}, False, python)[1:] == ["exp", "run", "-S", 'device="cuda"']
 
@@ -56,17 +63,36 @@ def test_a_deployment_run_executes_the_stage_through_dvc_on_a_process_worker(tmp
     assert {"c2crs/all", "c2crs/ingest", "c2crs/finetune_rec", "c2crs/ablations@wo_ch"} <= set(names)
 
     flow_run = run_deployment("c2crs/ingest", timeout=0)  # scheduled; the worker below picks it up
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": mlflow_store,
-           "C2CRS_PYTHON": sys.executable}
-    worker = subprocess.run([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "test-pool",
-                             "--type", "process", "--run-once"], env=env, cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "MLFLOW_TRACKING_URI": mlflow_store,
+        "C2CRS_PYTHON": sys.executable,
+    }
+    worker = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            "test-pool",
+            "--type",
+            "process",
+            "--run-once",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     with get_client(sync_client=True) as client:
         finished = client.read_flow_run(flow_run.id)
         assert finished.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
-        [stage_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[f"triggered-by:{flow_run.id}"])))
+        [stage_run] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"triggered-by:{flow_run.id}"]))
+        )
     assert "stage:ingest" in stage_run.tags and stage_run.state.is_completed()
 
     lock = yaml.safe_load((root / "dvc.lock").read_text())

@@ -61,15 +61,21 @@ def test_two_gloo_processes_train_the_recommender_like_one(params_file, tmp_path
     raw["distributed"] = True
     params_file.write_text(yaml.safe_dump(raw))
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(project=str(PROJECT), params_file=str(params_file),
-                                    out=str(tmp_path / "distributed.pt")))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker)], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    worker.write_text(
+        WORKER.format(project=str(PROJECT), params_file=str(params_file), out=str(tmp_path / "distributed.pt"))
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
-    one, two = (torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"]
-                for name in ("single", "distributed"))
+    one, two = (
+        torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"] for name in ("single", "distributed")
+    )
     assert one.keys() == two.keys()
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key

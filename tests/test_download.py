@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from pipeline.config import load_params
-from stages.ingest import redial_raw_files
-from stages.sources.raw import is_transient
 from stages import ingest
+from stages.ingest import redial_raw_files
 from stages.sources import fetch
+from stages.sources.raw import is_transient
 from tests.conftest import FIXTURES
 
 
@@ -83,33 +83,46 @@ def test_download_mode_retries_transient_failures_then_ingests(tmp_path, monkeyp
     monkeypatch.setattr(fetch.httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler)))
     monkeypatch.delenv("C2CRS_DATA_DIR", raising=False)
     params = load_params(FIXTURES.parents[1] / "params.yaml")
-    data = params.data.model_copy(update={
-        "source": "download", "retry_backoff_seconds": 0.0,
-        "downloads": params.data.downloads.model_copy(update={
-            "redial_zip": params.data.downloads.redial_zip.model_copy(update={"sha256": sha(bodies["redial_dataset.zip"])}),
-            "movies_imdb": params.data.downloads.movies_imdb.model_copy(
-                update={"sha256": sha(bodies["movies_merged_with_imdb.csv"])}),
-            "movies_dbpedia": params.data.downloads.movies_dbpedia.model_copy(
-                update={"sha256": sha(bodies["id2entity.jsonl"])}),
-        }),
-    })
+    data = params.data.model_copy(
+        update={
+            "source": "download",
+            "retry_backoff_seconds": 0.0,
+            "downloads": params.data.downloads.model_copy(
+                update={
+                    "redial_zip": params.data.downloads.redial_zip.model_copy(
+                        update={"sha256": sha(bodies["redial_dataset.zip"])}
+                    ),
+                    "movies_imdb": params.data.downloads.movies_imdb.model_copy(
+                        update={"sha256": sha(bodies["movies_merged_with_imdb.csv"])}
+                    ),
+                    "movies_dbpedia": params.data.downloads.movies_dbpedia.model_copy(
+                        update={"sha256": sha(bodies["id2entity.jsonl"])}
+                    ),
+                }
+            ),
+        }
+    )
     raw = redial_raw_files(data, tmp_path)
     assert failures["redial_dataset.zip"] == 0
     assert raw.redial_train == tmp_path / "data/raw/train_data.jsonl"
     assert raw.redial_train.read_bytes() == (FIXTURES / "mirror/redial/train.jsonl").read_bytes()
-    result = ingest.ingest(raw, on_bad_record="error", valid_split="fraction", valid_fraction=0.25,
-                           full_train_conversations=10006, seed=0)
+    result = ingest.ingest(
+        raw, on_bad_record="error", valid_split="fraction", valid_fraction=0.25, full_train_conversations=10006, seed=0
+    )
     assert result.metrics["test"]["conversations"] == 2
 
 
-@pytest.mark.parametrize("location, refused", [
-    ("https://raw.githubusercontent.com/o/r/c/f.bin", None),  # GitHub's content host: followed
-    ("/o/r/raw/c/moved.bin", None),  # the same host
-    ("https://evil.example.net/f.bin", "host 'evil.example.net'"),
-    ("https://github.com:8443/f.bin", "port 8443"),
-    ("http://github.com/f.bin", "a downgrade from https to http"),
-    ("ftp://github.com/f.bin", "a downgrade from https to http"),
-])
+@pytest.mark.parametrize(
+    "location, refused",
+    [
+        ("https://raw.githubusercontent.com/o/r/c/f.bin", None),  # GitHub's content host: followed
+        ("/o/r/raw/c/moved.bin", None),  # the same host
+        ("https://evil.example.net/f.bin", "host 'evil.example.net'"),
+        ("https://github.com:8443/f.bin", "port 8443"),
+        ("http://github.com/f.bin", "a downgrade from https to http"),
+        ("ftp://github.com/f.bin", "a downgrade from https to http"),
+    ],
+)
 def test_a_download_follows_only_redirects_on_its_scheme_port_and_hosts(tmp_path, location, refused):
     seen = []
 

@@ -42,8 +42,9 @@ def test_the_stage_command_finds_the_checkouts_python_without_an_activated_envir
     if not (PROJECT / ".venv" / "bin" / "python").exists():
         pytest.skip("no .venv in this checkout (make setup creates it)")
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
-    done = subprocess.run([str(PROJECT / "bin" / "run-stage"), "--help"], env=env, capture_output=True, text=True,
-                          cwd="/", timeout=120)
+    done = subprocess.run(
+        [str(PROJECT / "bin" / "run-stage"), "--help"], env=env, capture_output=True, text=True, cwd="/", timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "usage: python -m pipeline run" in done.stdout
 
@@ -53,15 +54,22 @@ def test_a_foreach_stage_is_one_stage_per_variant_of_its_params_section():
 
     params = load_params(PROJECT / "params.yaml")
     assert STAGES["ablations"].foreach == "ablations.variants"  # every ablation variant is trained
-    assert [name for name in stage_instances(params) if name.startswith("ablations@")] == \
-        [f"ablations@{variant}" for variant in params.ablations.variants]
+    assert [name for name in stage_instances(params) if name.startswith("ablations@")] == [
+        f"ablations@{variant}" for variant in params.ablations.variants
+    ]
     # baselines and conv_baselines: the ones their `train` list names (the default set; the rest opt in)
     assert STAGES["conv_baselines"].foreach == "conv_baselines.train"
-    assert [name for name in stage_instances(params) if name.startswith("conv_baselines@")] == \
-        ["conv_baselines@transformer", "conv_baselines@kgsf", "conv_baselines@wo_iw"]
+    assert [name for name in stage_instances(params) if name.startswith("conv_baselines@")] == [
+        "conv_baselines@transformer",
+        "conv_baselines@kgsf",
+        "conv_baselines@wo_iw",
+    ]
     assert STAGES["baselines"].foreach == "baselines.train"
-    assert [name for name in stage_instances(params) if name.startswith("baselines@")] == \
-        ["baselines@textcnn", "baselines@kbrd", "baselines@kgsf"]
+    assert [name for name in stage_instances(params) if name.startswith("baselines@")] == [
+        "baselines@textcnn",
+        "baselines@kbrd",
+        "baselines@kgsf",
+    ]
     kecrs = stage_spec("conv_baselines@kecrs")  # any variant's paths, trained or not
     assert kecrs.outs == ("data/models/conv_baselines/kecrs.pt",) and "conv_baselines.variants.kecrs" in kecrs.params
     assert stage_making("data/models/baselines/revcore.pt") == "baselines@revcore"
@@ -92,8 +100,13 @@ def test_dvc_expands_the_graph_as_the_reader_does():
 
     graph = dvc_stage_graph(PROJECT)
     assert list(graph) == stage_instances(load_params(PROJECT / "params.yaml"))
-    assert set(graph["evaluate"]) >= {"ablations@wo_ch", "conv_baselines@kgsf", "finetune_rec", "baselines@kbrd",
-                                      "baselines@kgsf"}  # the baselines folder: every trained recommender
+    assert set(graph["evaluate"]) >= {
+        "ablations@wo_ch",
+        "conv_baselines@kgsf",
+        "finetune_rec",
+        "baselines@kbrd",
+        "baselines@kgsf",
+    }  # the baselines folder: every trained recommender
     assert set(graph["conv_baselines@kgsf"]) >= {"baselines@kbrd", "baselines@kgsf", "word_graph"}
     assert set(graph["ablations@wo_ch"]) == {"triples", "reviews", "kg"}
 
@@ -118,8 +131,12 @@ def test_the_graph_reader_names_a_broken_file(tmp_path):
 def _runtime_imports(path):
     """Top-level modules imported by a file, outside `if TYPE_CHECKING:` blocks."""
     tree = ast.parse(path.read_text())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-               and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
@@ -155,8 +172,9 @@ def test_every_plot_reads_what_a_stage_writes():
         [(name, props)] = plot.items()
         files = list(props["y"]) if isinstance(props.get("y"), dict) else [name]
         for path in files:
-            assert any(out == path or out.startswith(path + "/") or path.startswith(out + "/") for out in written), \
+            assert any(out == path or out.startswith(path + "/") or path.startswith(out + "/") for out in written), (
                 f"plot {name!r}: {path}"
+            )
 
 
 def import_closure(module: Path) -> set[str]:
@@ -188,6 +206,9 @@ def test_every_file_a_stage_imports_is_a_dvc_dep():
     """dvc.yaml lists every project file whose change can change a stage's outputs (a file or a folder above it),
     so `dvc repro` reruns the stage when one changes."""
     for name, spec in STAGES.items():
-        missing = sorted(path for path in import_closure(PROJECT / f"stages/{name}.py")
-                         if not any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in spec.code))
+        missing = sorted(
+            path
+            for path in import_closure(PROJECT / f"stages/{name}.py")
+            if not any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in spec.code)
+        )
         assert not missing, f"dvc.yaml, stage {name}: deps miss {missing}"

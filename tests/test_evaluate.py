@@ -15,17 +15,23 @@ from stages.triples import SAMPLE_SCHEMA
 def samples_table(rows):
     """rows: (sample_id, conv_id, turn_idx, role, context_item_ids, target_item_ids[, context_entity_ids])."""
     return pl.DataFrame(
-        [(sid, conv, turn, role, "test", [], entities[0] if entities else [], ctx, targets, [])
-         for sid, conv, turn, role, ctx, targets, *entities in rows],
-        schema=SAMPLE_SCHEMA, orient="row")
+        [
+            (sid, conv, turn, role, "test", [], entities[0] if entities else [], ctx, targets, [])
+            for sid, conv, turn, role, ctx, targets, *entities in rows
+        ],
+        schema=SAMPLE_SCHEMA,
+        orient="row",
+    )
 
 
-SAMPLES = samples_table([
-    (0, 1, 1, "recommender", [3], [5, 3], [3, 40]),   # two targets, the second a repeat of the context
-    (1, 1, 2, "seeker", [3, 5], []),         # no target: no row
-    (2, 1, 3, "recommender", [3, 5], [7]),
-    (3, 2, 1, "seeker", [], [7]),
-])
+SAMPLES = samples_table(
+    [
+        (0, 1, 1, "recommender", [3], [5, 3], [3, 40]),  # two targets, the second a repeat of the context
+        (1, 1, 2, "seeker", [3, 5], []),  # no target: no row
+        (2, 1, 3, "recommender", [3, 5], [7]),
+        (3, 2, 1, "seeker", [], [7]),
+    ]
+)
 
 
 def test_metrics_from_ranks_by_hand():
@@ -44,8 +50,7 @@ def test_metrics_of_nothing_are_none():
 
 
 def test_rank_counts_scores_at_least_as_high_so_ties_count_against_the_target():
-    scores = np.array([[0.9, 0.5, 0.5, 0.1],
-                       [0.2, 0.2, 0.2, 0.2]], dtype=np.float32)
+    scores = np.array([[0.9, 0.5, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2]], dtype=np.float32)
     ranks = rec_metrics.rank_of_targets(scores, np.array([0, 0, 0, 1]), np.array([0, 1, 2, 3]))
     assert ranks.tolist() == [1, 3, 3, 4]
 
@@ -61,11 +66,12 @@ def test_ranks_from_blocks_equal_ranks_from_the_full_matrix():
     rng = np.random.default_rng(0)
     n_samples, n_items = 50, 30
     scores = rng.integers(0, 5, size=(n_samples, n_items)).astype(np.float32)  # many ties
-    rows = pl.DataFrame({"sample_id": np.repeat(np.arange(n_samples), 2),
-                         "target_item": rng.integers(0, n_items, size=2 * n_samples)})
+    rows = pl.DataFrame(
+        {"sample_id": np.repeat(np.arange(n_samples), 2), "target_item": rng.integers(0, n_items, size=2 * n_samples)}
+    )
     full = rec_metrics.rank_of_targets(scores, rows["sample_id"].to_numpy(), rows["target_item"].to_numpy(), chunk=7)
     permutation = rng.permutation(n_samples)  # blocks in any order, sample ids not sorted inside a block
-    blocks = [(permutation[i:i + 8], scores[permutation[i:i + 8]]) for i in range(0, n_samples, 8)]
+    blocks = [(permutation[i : i + 8], scores[permutation[i : i + 8]]) for i in range(0, n_samples, 8)]
     assert rec_metrics.ranks_from_score_blocks(iter(blocks), rows).tolist() == full.tolist()
 
 
@@ -82,7 +88,11 @@ def test_expand_mentions_keeps_every_mention_and_flags_repeats():
     rows = rec_metrics.expand_mentions(SAMPLES)
     assert rows.columns == list(rec_metrics.ROW_COLUMNS)
     assert rows.select("sample_id", "target_item", "in_context", "has_entities").rows() == [
-        (0, 5, False, True), (0, 3, True, True), (2, 7, False, False), (3, 7, False, False)]
+        (0, 5, False, True),
+        (0, 3, True, True),
+        (2, 7, False, False),
+        (3, 7, False, False),
+    ]
     assert rows["context_item_ids"].to_list() == [[3], [3], [3, 5], []]
 
 
@@ -153,8 +163,10 @@ def test_evaluate_model_reports_every_protocol():
 
 def test_markdown_table_lists_models_and_paper_rows():
     rows = rec_metrics.expand_mentions(SAMPLES)
-    results = {"popularity": rec_metrics.evaluate_model(rows, np.array([1, 2, 40, 5]), n_resamples=20),
-               "c2crs": rec_metrics.evaluate_model(rows, np.array([3, 1, 4, 1]), n_resamples=20)}
+    results = {
+        "popularity": rec_metrics.evaluate_model(rows, np.array([1, 2, 40, 5]), n_resamples=20),
+        "c2crs": rec_metrics.evaluate_model(rows, np.array([3, 1, 4, 1]), n_resamples=20),
+    }
     table = rec_metrics.markdown_table(results, rec_metrics.PAPER_TABLE1)
     assert "### all_turns" in table and "### recommender_turns" in table
     assert "| popularity |" in table and "| c2crs |" in table
@@ -182,8 +194,11 @@ def test_paired_difference_by_hand():
 
 def test_the_report_has_table_1_margins_and_table_4():
     rows = rec_metrics.expand_mentions(SAMPLES)
-    ranks = {"kbrd": np.array([30, 20, 11, 70]), "c2crs_wo_fine": np.array([2, 20, 60, 5]),
-             "c2crs_mine": np.array([2, 2, 2, 2])}
+    ranks = {
+        "kbrd": np.array([30, 20, 11, 70]),
+        "c2crs_wo_fine": np.array([2, 20, 60, 5]),
+        "c2crs_mine": np.array([2, 2, 2, 2]),
+    }
     results = {name: rec_metrics.evaluate_model(rows, r, n_resamples=50) for name, r in ranks.items()}
     results["c2crs"] = rec_metrics.evaluate_model(rows, np.array([1, 20, 60, 5]), n_resamples=50, compare_with=ranks)
     report = rec_metrics.recommendation_report(results, "a tiny hand-made setting.")
@@ -215,10 +230,15 @@ def test_masked_rank_never_counts_an_excluded_item():
 
 def test_masked_ranks_from_blocks_by_hand():
     rows = rec_metrics.expand_mentions(SAMPLES)  # targets 5, 3, 7, 7; contexts [3], [3], [3, 5], []
-    scores = np.array([[0, 0, 0, 9, 0, 8, 0, 1],    # sample 0: the context movie 3 above the target 5
-                       [0] * 8,                     # sample 1 has no row
-                       [0, 0, 0, 9, 0, 9, 0, 5],    # sample 2: both context movies above the target 7
-                       [0, 0, 0, 0, 0, 0, 0, 1]], dtype=np.float32)
+    scores = np.array(
+        [
+            [0, 0, 0, 9, 0, 8, 0, 1],  # sample 0: the context movie 3 above the target 5
+            [0] * 8,  # sample 1 has no row
+            [0, 0, 0, 9, 0, 9, 0, 5],  # sample 2: both context movies above the target 7
+            [0, 0, 0, 0, 0, 0, 0, 1],
+        ],
+        dtype=np.float32,
+    )
     blocks = [(np.array([2, 3]), scores[2:]), (np.array([0, 1]), scores[:2])]
     exclude = rows["context_item_ids"].to_list()
     ranks, masked = rec_metrics.ranks_and_masked_ranks(iter(blocks), rows, exclude)
@@ -234,8 +254,14 @@ def test_masked_protocol_and_its_margins_use_the_masked_ranks():
     rows = rec_metrics.expand_mentions(SAMPLES)  # new_items rows: 0 and 2
     ranks, masked = np.array([20, 1, 60, 5]), np.array([1, 1, 9, 5])
     other, other_masked = np.array([1, 1, 1, 1]), np.array([30, 30, 30, 30])
-    result = rec_metrics.evaluate_model(rows, ranks, n_resamples=50, compare_with={"kbrd": other}, masked_ranks=masked,
-                                     compare_masked={"kbrd": other_masked})
+    result = rec_metrics.evaluate_model(
+        rows,
+        ranks,
+        n_resamples=50,
+        compare_with={"kbrd": other},
+        masked_ranks=masked,
+        compare_masked={"kbrd": other_masked},
+    )
     assert set(result) == set(rec_metrics.PROTOCOLS)
     assert result["new_items"]["recall@10"] == 0.0 and result["new_items_masked"]["recall@10"] == 1.0
     assert result["new_items_masked"]["n"] == result["new_items"]["n"] == 2
@@ -247,12 +273,14 @@ def test_masked_protocol_and_its_margins_use_the_masked_ranks():
 
 
 def test_context_items_by_recency_replays_later_mentions():
-    samples = samples_table([
-        (0, 1, 1, "seeker", [10, 11], [12]),               # the first turn named 10 then 11
-        (1, 1, 2, "recommender", [10, 11, 12], [10]),
-        (2, 1, 3, "seeker", [10, 11, 12], []),
-        (4, 2, 1, "seeker", [20], []),
-    ])
+    samples = samples_table(
+        [
+            (0, 1, 1, "seeker", [10, 11], [12]),  # the first turn named 10 then 11
+            (1, 1, 2, "recommender", [10, 11, 12], [10]),
+            (2, 1, 3, "seeker", [10, 11, 12], []),
+            (4, 2, 1, "seeker", [20], []),
+        ]
+    )
     # context_item_ids keeps first mentions (10, 11, 12); 10 named again in turn 2 is the most recent for sample 2
     assert rec_metrics.context_items_by_recency(samples) == [[11, 10], [12, 11, 10], [10, 12, 11], [20]]
     assert rec_metrics.context_items_by_recency(samples.reverse()) == [[20], [10, 12, 11], [12, 11, 10], [11, 10]]
@@ -269,15 +297,17 @@ def test_repeat_scores_by_hand():
     assert ranks.tolist() == [1, 2, 3, 4, 5, 1, 3]
 
 
-REPEAT_SAMPLES = samples_table([
-    (0, 1, 1, "seeker", [10], [11]),
-    (1, 1, 2, "recommender", [10, 11], [10, 12]),
-    (2, 1, 3, "seeker", [10, 11, 12], [12]),
-    (3, 1, 4, "recommender", [10, 11, 12], [10]),
-    (4, 1, 5, "seeker", [10, 11, 12], [10]),
-    (5, 2, 1, "recommender", [], [20]),
-    (6, 2, 2, "seeker", [20], [20]),
-])
+REPEAT_SAMPLES = samples_table(
+    [
+        (0, 1, 1, "seeker", [10], [11]),
+        (1, 1, 2, "recommender", [10, 11], [10, 12]),
+        (2, 1, 3, "seeker", [10, 11, 12], [12]),
+        (3, 1, 4, "recommender", [10, 11, 12], [10]),
+        (4, 1, 5, "seeker", [10, 11, 12], [10]),
+        (5, 2, 1, "recommender", [], [20]),
+        (6, 2, 2, "seeker", [20], [20]),
+    ]
+)
 
 
 def test_repeat_recall_at_1_is_the_share_of_targets_that_are_the_latest_context_movie():
@@ -309,7 +339,10 @@ def test_by_context_splits_rows_on_linked_entities():
     assert split["without_entities"]["recall@10"] == pytest.approx(1 / 2)
     assert split["without_entities"]["recall@1"] == 0.0
     assert result["recommender_turns"]["by_context"]["without_entities"]["n"] == 1
-    assert result["new_items"]["by_context"]["with_entities"] == {**rec_metrics.metrics_from_ranks(np.array([1])), "n": 1}
+    assert result["new_items"]["by_context"]["with_entities"] == {
+        **rec_metrics.metrics_from_ranks(np.array([1])),
+        "n": 1,
+    }
     assert set(split["with_entities"]) == {*rec_metrics.METRICS, "n"}
 
 
@@ -318,10 +351,17 @@ def test_the_report_shows_the_new_protocols_the_naive_baselines_and_recall_by_co
     names = ("popularity", "repeat", "repeat_popularity", "kbrd")
     ranks = {name: np.array([30, 1, 11, 70]) + i for i, name in enumerate(names)}
     masked = {name: r - 1 for name, r in ranks.items()}
-    results = {name: rec_metrics.evaluate_model(rows, ranks[name], n_resamples=20, masked_ranks=masked[name])
-               for name in names}
-    results["c2crs"] = rec_metrics.evaluate_model(rows, np.array([1, 20, 60, 5]), n_resamples=20, compare_with=ranks,
-                                               masked_ranks=np.array([1, 20, 5, 5]), compare_masked=masked)
+    results = {
+        name: rec_metrics.evaluate_model(rows, ranks[name], n_resamples=20, masked_ranks=masked[name]) for name in names
+    }
+    results["c2crs"] = rec_metrics.evaluate_model(
+        rows,
+        np.array([1, 20, 60, 5]),
+        n_resamples=20,
+        compare_with=ranks,
+        masked_ranks=np.array([1, 20, 5, 5]),
+        compare_masked=masked,
+    )
     report = rec_metrics.recommendation_report(results, "tiny.")
     assert "new_items_masked" in report.split("Setting:")[0]  # the protocol text names the masked variant
     table1 = report.split("## C2-CRS and the baselines")[1].split("## Margins")[0]

@@ -13,11 +13,11 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-from pipeline.flows import run_stage_flow
 from pipeline import registry
-from pipeline.paths import git_commit
 from pipeline.config import load_params
-from stages.io.graph import STAGES, stage_instances
+from pipeline.flows import run_stage_flow
+from pipeline.paths import git_commit
+from stages.io.graph import stage_instances
 from stages.io.stage_log import registered_name
 from tests.conftest import PROJECT
 
@@ -76,25 +76,29 @@ def test_all_runs_every_stage_as_a_subflow_under_one_mlflow_parent(params_file, 
     # Subflows inherit the parent's tags and add their own stage tag.
     [parent_flow] = [run for run in flow_runs_tagged("stage:all", params_file) if run.parent_task_run_id is None]
     with get_client(sync_client=True) as prefect:
-        subflows = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id={"any_": [parent_flow.id]}))
+        subflows = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [parent_flow.id]}))
     assert len(subflows) == len(instances) and all(flow.state.is_completed() for flow in subflows)
     assert all("stage:all" in flow.tags for flow in subflows)
 
     # Every trained model is a registered version; evaluate made each the champion (the first of its name).
     params = load_params(params_file)
     registered = {m.name for m in client.search_registered_models()}
-    assert registered == ({"c2crs-recommender", "c2crs-generator"}
-                          | {registered_name(v, "recommender") for v in params.baselines.train}
-                          | {registered_name(f"c2crs_{v}", "recommender") for v in params.ablations.variants}
-                          | {registered_name(v, "generator") for v in params.conv_baselines.train})
+    assert registered == (
+        {"c2crs-recommender", "c2crs-generator"}
+        | {registered_name(v, "recommender") for v in params.baselines.train}
+        | {registered_name(f"c2crs_{v}", "recommender") for v in params.ablations.variants}
+        | {registered_name(v, "generator") for v in params.conv_baselines.train}
+    )
     for name in registered:
         champion = client.get_model_version_by_alias(name, "champion")
         assert registry.logged_metrics(client, champion).keys() & {"test.all_turns.recall_at_10", "test.perplexity"}
         assert champion.tags["data.samples"] and champion.tags[registry.FILE_TAG]
     [evaluate_run] = [r for r in children if r.info.run_name == "evaluate"]
     assert {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "reports")} >= {
-        "reports/rec.md", "reports/conv.md", "reports/conv_rating.csv"}
+        "reports/rec.md",
+        "reports/conv.md",
+        "reports/conv_rating.csv",
+    }
 
     from pipeline.cli import main
 
@@ -123,9 +127,17 @@ def test_cli_runs_a_stage_against_a_prefect_server(params_file, mlflow_store):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": mlflow_store}
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
-                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     [summary] = [line for line in done.stdout.splitlines() if line.startswith("ingest: done in ")]
-    assert "conversations" in summary and len(summary) < 300 and "{" not in done.stdout  # one line, not the metrics as JSON
+    assert (
+        "conversations" in summary and len(summary) < 300 and "{" not in done.stdout
+    )  # one line, not the metrics as JSON
     assert "Starting temporary server" not in done.stderr  # the given server was used, not an ephemeral one

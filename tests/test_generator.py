@@ -7,16 +7,35 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS, C2CRSConfig
-from models.generator import (ConversationModel, CopySource, GeneratorConfig, Memory, ResponseGenerator,
-                              _banned_by_ngrams, beam_decode, generation_loss, greedy_decode, instance_weights)
+from models.generator import (
+    ConversationModel,
+    CopySource,
+    GeneratorConfig,
+    Memory,
+    ResponseGenerator,
+    _banned_by_ngrams,
+    beam_decode,
+    generation_loss,
+    greedy_decode,
+    instance_weights,
+)
 
 PAD, START, END = 0, 1, 2
 
 
 def tiny_generator(vocab_size=12, copy=True, memories=("history", "kg", "review"), seed=0, max_positions=8):
     torch.manual_seed(seed)
-    cfg = GeneratorConfig(vocab_size=vocab_size, memory_dims={m: 8 if m != "kg" else 6 for m in memories}, dim=8,
-                          n_layers=2, n_heads=2, ffn_dim=16, dropout=0.0, max_positions=max_positions, copy=copy)
+    cfg = GeneratorConfig(
+        vocab_size=vocab_size,
+        memory_dims={m: 8 if m != "kg" else 6 for m in memories},
+        dim=8,
+        n_layers=2,
+        n_heads=2,
+        ffn_dim=16,
+        dropout=0.0,
+        max_positions=max_positions,
+        copy=copy,
+    )
     return ResponseGenerator(cfg).eval()
 
 
@@ -94,8 +113,9 @@ def test_generation_loss_weights_each_token_and_averages_over_real_tokens():
     targets = torch.tensor([[4, 5, 0], [4, 0, 0]])  # 0 is padding
     weights = torch.ones(8)
     weights[4] = 0.1
-    expected = (0.1 * -torch.log(torch.tensor(0.5)) - torch.log(torch.tensor(0.25))
-                + 0.1 * -torch.log(torch.tensor(0.1))) / 3
+    expected = (
+        0.1 * -torch.log(torch.tensor(0.5)) - torch.log(torch.tensor(0.25)) + 0.1 * -torch.log(torch.tensor(0.1))
+    ) / 3
     assert torch.allclose(generation_loss(log_probs, targets, 0, weights), expected)
     plain = (-torch.log(torch.tensor([0.5, 0.25, 0.1]))).mean()
     assert torch.allclose(generation_loss(log_probs, targets, 0), plain)
@@ -114,12 +134,14 @@ def test_cached_and_uncached_decoding_give_the_same_tokens(copy):
     model, memories = tiny_generator(copy=copy), tiny_memories()
     source = tiny_source() if copy else None
     cached = greedy_decode(model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START))
-    uncached = greedy_decode(model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START),
-                             use_cache=False)
+    uncached = greedy_decode(
+        model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START), use_cache=False
+    )
     assert cached == uncached and all(len(r) <= 7 for r in cached)
     beam = beam_decode(model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START))
-    assert beam == beam_decode(model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START),
-                               use_cache=False)
+    assert beam == beam_decode(
+        model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START), use_cache=False
+    )
 
 
 def test_greedy_decoding_blocks_repeated_ngrams():
@@ -156,28 +178,57 @@ def test_beam_search_with_a_wide_beam_equals_exhaustive_search(seed, length_pena
     memories = tiny_memories(batch=1, seed=4)
     source = CopySource(torch.randn(1, 2, 8), torch.tensor([[3, 4]]), torch.zeros(1, 2, dtype=torch.bool))
     # Every response: fewer than max_tokens words and the end token, or exactly max_tokens words.
-    candidates = [list(words) + [END] for length in range(max_tokens)
-                  for words in itertools.product([3, 4], repeat=length)]
+    candidates = [
+        list(words) + [END] for length in range(max_tokens) for words in itertools.product([3, 4], repeat=length)
+    ]
     candidates += [list(words) for words in itertools.product([3, 4], repeat=max_tokens)]
 
     def score(c):
         return _sequence_log_prob(model, memories, source, c) / len(c) ** length_penalty
 
     best = max(candidates, key=score)
-    found = beam_decode(model, memories, source, max_tokens=max_tokens, beam_size=64, banned_ids=(PAD, START),
-                        length_penalty=length_penalty)[0]
+    found = beam_decode(
+        model,
+        memories,
+        source,
+        max_tokens=max_tokens,
+        beam_size=64,
+        banned_ids=(PAD, START),
+        length_penalty=length_penalty,
+    )[0]
     assert found == [t for t in best if t != END]
     assert greedy_decode(model, memories, source, max_tokens, banned_ids=(PAD, START))[0] != found
 
 
 def test_the_conversation_model_builds_memories_and_a_copy_source():
     torch.manual_seed(0)
-    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
-                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
-    generator = ResponseGenerator(GeneratorConfig(vocab_size=11, memory_dims={"history": 8, "kg": 6, "review": 8},
-                                                  dim=8, n_heads=2, ffn_dim=16, max_positions=8))
-    model = ConversationModel(encoders, generator, movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4],
-                              frozen=("review",))
+    encoders = C2CRS(
+        C2CRSConfig(
+            vocab_size=10,
+            n_entities=6,
+            n_relations=2,
+            n_items=3,
+            token_dim=8,
+            kg_dim=6,
+            n_layers=1,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=20,
+        )
+    )
+    generator = ResponseGenerator(
+        GeneratorConfig(
+            vocab_size=11,
+            memory_dims={"history": 8, "kg": 6, "review": 8},
+            dim=8,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=8,
+        )
+    )
+    model = ConversationModel(
+        encoders, generator, movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=("review",)
+    )
     context = torch.tensor([[5, 9, 4, 6], [7, 0, 0, 0]])
     entity_ids = torch.tensor([[0, 1], [-1, -1]])
     rows = model.entity_rows(torch.tensor([0, 1]), torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 1]))
@@ -192,8 +243,11 @@ def test_the_conversation_model_builds_memories_and_a_copy_source():
     assert source.ids[0, 1] == 10  # the movie token is copied as the placeholder
     assert source.blocked[0, 2] and source.blocked[1, 1]  # the separator and padding are not copyable
     hidden = generator.decode(torch.tensor([[START, 5], [START, 6]]), generator.memory_keys_values(memories))
-    loss = generation_loss(generator.target_log_probs(hidden, torch.tensor([[5, END], [10, END]]), source),
-                           torch.tensor([[5, END], [10, END]]), PAD)
+    loss = generation_loss(
+        generator.target_log_probs(hidden, torch.tensor([[5, END], [10, END]]), source),
+        torch.tensor([[5, END], [10, END]]),
+        PAD,
+    )
     loss.backward()
     assert encoders.review_encoder.tokens.weight.grad is None  # frozen
     assert encoders.conversation_encoder.tokens.weight.grad is not None
@@ -206,8 +260,9 @@ def test_loss_weights_spare_the_end_token_and_the_movie_placeholder():
     from stages.triples import SPECIAL_TOKENS
 
     tokens = list(SPECIAL_TOKENS) + ["hi", "@123", "rare"]
-    vocabulary = conv_vocabulary(pl.DataFrame({"token_id": range(len(tokens)), "token": tokens,
-                                               "count": [0] * len(tokens)}))
+    vocabulary = conv_vocabulary(
+        pl.DataFrame({"token_id": range(len(tokens)), "token": tokens, "count": [0] * len(tokens)})
+    )
     hi, rare, placeholder = tokens.index("hi"), tokens.index("rare"), vocabulary.placeholder_id
     assert vocabulary.tokens[placeholder] == PLACEHOLDER and vocabulary.movie_token_ids == [tokens.index("@123")]
     train = Responses(rows=None, tokens=[[hi, placeholder, hi]] * 10 + [[rare]])  # hi 20x, placeholder 10x
@@ -218,12 +273,26 @@ def test_loss_weights_spare_the_end_token_and_the_movie_placeholder():
 
 def _conversation_model(frozen=("review",)):
     torch.manual_seed(0)
-    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
-                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
-    generator = ResponseGenerator(GeneratorConfig(vocab_size=11, memory_dims={"history": 8, "review": 8},
-                                                  dim=8, n_heads=2, ffn_dim=16, max_positions=8))
-    return ConversationModel(encoders, generator, movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4],
-                             frozen=frozen)
+    encoders = C2CRS(
+        C2CRSConfig(
+            vocab_size=10,
+            n_entities=6,
+            n_relations=2,
+            n_items=3,
+            token_dim=8,
+            kg_dim=6,
+            n_layers=1,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=20,
+        )
+    )
+    generator = ResponseGenerator(
+        GeneratorConfig(
+            vocab_size=11, memory_dims={"history": 8, "review": 8}, dim=8, n_heads=2, ffn_dim=16, max_positions=8
+        )
+    )
+    return ConversationModel(encoders, generator, movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=frozen)
 
 
 def test_cached_frozen_review_states_give_the_memories_of_encoding_them_in_the_batch():
@@ -243,8 +312,7 @@ def test_cached_frozen_review_states_give_the_memories_of_encoding_them_in_the_b
                 ids[i, j, : len(sentence_tokens[s])] = torch.tensor(sentence_tokens[s])
                 mask[i, j] = True
         expected, expected_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask)
-        cached, cached_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask,
-                                               cache.batch(documents))
+        cached, cached_source = model.memories(context, None, torch.full((2, 1), -1), ids, mask, cache.batch(documents))
         assert torch.allclose(cached["review"].states, expected["review"].states, atol=1e-5)
         real = ~expected_source.blocked  # the copy path reads the states of copyable tokens only
         assert torch.allclose(cached_source.states[real], expected_source.states[real], atol=1e-5)
@@ -267,10 +335,12 @@ def test_cached_frozen_context_states_give_the_generator_of_encoding_them_in_the
         context = pad([contexts[r] for r in rows], 0)
         outputs = []
         for history_states in (None, cache.batch(rows, context)):
-            memories, source = model.memories(context, None, torch.full((3, 1), -1), *no_review,
-                                              history_states=history_states)
-            hidden = model.generator.decode(torch.tensor([[START, 5], [START, 6], [START, 7]]),
-                                            model.generator.memory_keys_values(memories))
+            memories, source = model.memories(
+                context, None, torch.full((3, 1), -1), *no_review, history_states=history_states
+            )
+            hidden = model.generator.decode(
+                torch.tensor([[START, 5], [START, 6], [START, 7]]), model.generator.memory_keys_values(memories)
+            )
             outputs.append(model.generator.target_log_probs(hidden, targets, source).detach())
         assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
         real = context.ne(0)
@@ -282,8 +352,9 @@ def test_cached_frozen_context_states_give_the_generator_of_encoding_them_in_the
 def test_target_log_probs_skip_padding_and_equal_the_full_softmax_at_real_positions():
     model, memories, source = tiny_generator(), tiny_memories(), tiny_source()
     targets = torch.tensor([[5, 6, END], [7, END, PAD], [END, PAD, PAD]])
-    hidden = model.decode(torch.tensor([[START, 5, 6], [START, 7, PAD], [START, PAD, PAD]]),
-                          model.memory_keys_values(memories))
+    hidden = model.decode(
+        torch.tensor([[START, 5, 6], [START, 7, PAD], [START, PAD, PAD]]), model.memory_keys_values(memories)
+    )
     got = model.target_log_probs(hidden, targets, source).detach()
     for b, t in zip(*targets.ne(PAD).nonzero(as_tuple=True)):
         full = model.next_token_log_probs(hidden[b, t][None], CopySource(*(x[b][None] for x in vars(source).values())))
@@ -303,18 +374,25 @@ def test_decoding_a_batch_in_groups_of_rows_gives_the_log_probs_and_gradients_of
     picked = conv_train.by_response_length(data, np.arange(6))
     assert [len(responses[i]) for i in picked] == [0, 1, 2, 2, 3, 4]
     g = torch.Generator().manual_seed(3)
-    memories = {"history": Memory(torch.randn(6, 4, 8, generator=g, requires_grad=True),
-                                  torch.tensor([[False] * 4] * 3 + [[False, False, True, True]] * 3)),
-                "review": Memory(torch.randn(6, 2, 8, generator=g, requires_grad=True),
-                                 torch.zeros(6, 2, dtype=torch.bool))}
-    source = CopySource(torch.randn(6, 5, 8, generator=g), torch.randint(3, 11, (6, 5), generator=g),
-                        torch.zeros(6, 5, dtype=torch.bool))
+    memories = {
+        "history": Memory(
+            torch.randn(6, 4, 8, generator=g, requires_grad=True),
+            torch.tensor([[False] * 4] * 3 + [[False, False, True, True]] * 3),
+        ),
+        "review": Memory(torch.randn(6, 2, 8, generator=g, requires_grad=True), torch.zeros(6, 2, dtype=torch.bool)),
+    }
+    source = CopySource(
+        torch.randn(6, 5, 8, generator=g),
+        torch.randint(3, 11, (6, 5), generator=g),
+        torch.zeros(6, 5, dtype=torch.bool),
+    )
     model.eval()  # no dropout: the groupings must agree exactly
     results = []
     for groups in (1, 4):
         monkeypatch.setattr(conv_train, "DECODER_GROUPS", groups)
-        log_probs, targets, _ = conv_train._teacher_forced(model, SimpleNamespace(device="cpu"), data, picked,
-                                                           memories, source)
+        log_probs, targets, _ = conv_train._teacher_forced(
+            model, SimpleNamespace(device="cpu"), data, picked, memories, source
+        )
         real = targets.ne(PAD)
         (-log_probs[real].sum()).backward()
         results.append((log_probs[real].detach(), targets[real], memories["history"].states.grad.clone()))
@@ -328,14 +406,18 @@ def test_decoding_a_batch_in_groups_of_rows_gives_the_log_probs_and_gradients_of
 def test_the_copy_path_ignores_blocked_positions_so_dropping_review_padding_changes_nothing():
     model, memories, source = tiny_generator(), tiny_memories(), tiny_source()
     targets = torch.tensor([[5, 6, END], [7, END, PAD], [END, PAD, PAD]])
-    hidden = model.decode(torch.tensor([[START, 5, 6], [START, 7, PAD], [START, PAD, PAD]]),
-                          model.memory_keys_values(memories))
+    hidden = model.decode(
+        torch.tensor([[START, 5, 6], [START, 7, PAD], [START, PAD, PAD]]), model.memory_keys_values(memories)
+    )
     g = torch.Generator().manual_seed(4)
-    padded = CopySource(torch.cat([source.states, torch.randn(3, 4, 8, generator=g)], dim=1),
-                        torch.cat([source.ids, torch.zeros(3, 4, dtype=torch.long)], dim=1),
-                        torch.cat([source.blocked, torch.ones(3, 4, dtype=torch.bool)], dim=1))
-    assert torch.allclose(model.target_log_probs(hidden, targets, source),
-                          model.target_log_probs(hidden, targets, padded), atol=1e-6)
+    padded = CopySource(
+        torch.cat([source.states, torch.randn(3, 4, 8, generator=g)], dim=1),
+        torch.cat([source.ids, torch.zeros(3, 4, dtype=torch.long)], dim=1),
+        torch.cat([source.blocked, torch.ones(3, 4, dtype=torch.bool)], dim=1),
+    )
+    assert torch.allclose(
+        model.target_log_probs(hidden, targets, source), model.target_log_probs(hidden, targets, padded), atol=1e-6
+    )
     from models.generator import review_token_order
 
     tokens = torch.tensor([[5, 6, 0, 0, 0, 0], [7, 0, 0, 8, 9, 0], [0, 0, 0, 0, 0, 0]])

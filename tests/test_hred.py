@@ -13,8 +13,9 @@ PAD, START, END, SPLIT = 0, 1, 2, 4
 
 def _model(seed: int = 0) -> HRED:
     torch.manual_seed(seed)
-    return HRED(HREDConfig(vocab_size=12, dim=8, context_dim=16, dropout=0.0, split_id=SPLIT,
-                           max_utterance_tokens=3)).eval()
+    return HRED(
+        HREDConfig(vocab_size=12, dim=8, context_dim=16, dropout=0.0, split_id=SPLIT, max_utterance_tokens=3)
+    ).eval()
 
 
 def test_a_context_splits_into_its_utterances_each_cut_to_its_last_tokens():
@@ -57,6 +58,5 @@ def test_a_beam_of_one_is_greedy_and_both_stop_at_max_tokens():
     greedy = greedy_search(HREDStepper(model, state), 3, model.cfg, max_tokens=5)
     beam = beam_search(HREDStepper(model, state), 3, model.cfg, max_tokens=5, beam_size=1)
     assert greedy == beam and all(len(r) <= 5 for r in greedy)
-    wide = beam_search(HREDStepper(model, state.repeat_interleave(3, dim=1)), 3, model.cfg, max_tokens=5,
-                       beam_size=3)
+    wide = beam_search(HREDStepper(model, state.repeat_interleave(3, dim=1)), 3, model.cfg, max_tokens=5, beam_size=3)
     assert len(wide) == 3 and all(len(r) <= 5 for r in wide)

@@ -10,8 +10,16 @@ import re
 import httpx
 import pytest
 
-from stages.sources.imdb_scraper import (USER_AGENT, ImdbReviewScraper, MovieReviews, PageParseError, RefusedError, Review,
-                                 ScrapeError, parse_reviews_page)
+from stages.sources.imdb_scraper import (
+    USER_AGENT,
+    ImdbReviewScraper,
+    MovieReviews,
+    PageParseError,
+    RefusedError,
+    Review,
+    ScrapeError,
+    parse_reviews_page,
+)
 from tests.conftest import FIXTURES
 
 PAGES = FIXTURES / "imdb"
@@ -21,16 +29,46 @@ PAGE1 = f"https://www.imdb.com/title/{MOVIE}/reviews/"
 PAGE2 = f"https://www.imdb.com/title/{MOVIE}/reviews/_ajax?paginationKey=g4wp7cbkpq-page2"
 PAGE3 = f"https://www.imdb.com/title/{MOVIE}/reviews/_ajax?paginationKey=g4wp7cbkpq-page3"
 
-REVIEW_1 = Review(review_id="rw1000001", rating=10, helpful_yes=1234, helpful_total=1500,
-                  title="A masterpiece & then some",
-                  text="First line of the review.\nSecond paragraph, with emphasis.\nThird line.",
-                  author="film_fan", date="12 March 2004")
-REVIEW_2 = Review(review_id="rw1000002", rating=None, helpful_yes=None, helpful_total=None, title="No rating here",
-                  text="Short text.", author="quiet_viewer", date="1 January 1995")
-REVIEW_3 = Review(review_id="rw1000003", rating=3, helpful_yes=0, helpful_total=7, title="Overrated",
-                  text="Too long.", author="grump", date="5 May 2010")
-REVIEW_4 = Review(review_id="rw1000004", rating=7, helpful_yes=2, helpful_total=2, title="Fine", text="The end.",
-                  author="last_one", date="9 September 2019")
+REVIEW_1 = Review(
+    review_id="rw1000001",
+    rating=10,
+    helpful_yes=1234,
+    helpful_total=1500,
+    title="A masterpiece & then some",
+    text="First line of the review.\nSecond paragraph, with emphasis.\nThird line.",
+    author="film_fan",
+    date="12 March 2004",
+)
+REVIEW_2 = Review(
+    review_id="rw1000002",
+    rating=None,
+    helpful_yes=None,
+    helpful_total=None,
+    title="No rating here",
+    text="Short text.",
+    author="quiet_viewer",
+    date="1 January 1995",
+)
+REVIEW_3 = Review(
+    review_id="rw1000003",
+    rating=3,
+    helpful_yes=0,
+    helpful_total=7,
+    title="Overrated",
+    text="Too long.",
+    author="grump",
+    date="5 May 2010",
+)
+REVIEW_4 = Review(
+    review_id="rw1000004",
+    rating=7,
+    helpful_yes=2,
+    helpful_total=2,
+    title="Fine",
+    text="The end.",
+    author="last_one",
+    date="9 September 2019",
+)
 
 
 class FakeClock:
@@ -52,8 +90,9 @@ def page(name: str):
 
 
 def reply(status: int, text: str = "", **headers):
-    return lambda request: httpx.Response(status, text=text, headers={k.replace("_", "-"): v
-                                                                      for k, v in headers.items()})
+    return lambda request: httpx.Response(
+        status, text=text, headers={k.replace("_", "-"): v for k, v in headers.items()}
+    )
 
 
 class FakeSite:
@@ -114,10 +153,13 @@ def test_the_classic_first_page_parses_exactly():
     assert parsed.layout == "classic"
 
 
-@pytest.mark.parametrize("name,reviews,next_key", [
-    ("classic_page2.html", [REVIEW_3], "g4wp7cbkpq-page3"),
-    ("classic_page3.html", [REVIEW_4], None),  # the last page: div.load-more-data without a data-key
-])
+@pytest.mark.parametrize(
+    "name,reviews,next_key",
+    [
+        ("classic_page2.html", [REVIEW_3], "g4wp7cbkpq-page3"),
+        ("classic_page3.html", [REVIEW_4], None),  # the last page: div.load-more-data without a data-key
+    ],
+)
 def test_ajax_pages_parse_exactly(name, reviews, next_key):
     parsed = parse_reviews_page((PAGES / name).read_text(), PAGE2)
     assert (parsed.reviews, parsed.next_key) == (reviews, next_key)
@@ -126,10 +168,26 @@ def test_ajax_pages_parse_exactly(name, reviews, next_key):
 def test_the_2024_layout_parses_exactly():
     parsed = parse_reviews_page((PAGES / "modern_page.html").read_text(), PAGE1)
     assert parsed.reviews == [
-        Review(review_id="rw7000001", rating=9, helpful_yes=1200, helpful_total=1227, title="Still great",
-               text="Rewatched it.\nHolds up & more.", author="new_fan", date="Jun 1, 2024"),
-        Review(review_id="rw7000002", rating=None, helpful_yes=None, helpful_total=None, title="Unrated",
-               text="No stars.", author="someone", date="Jul 2, 2024"),
+        Review(
+            review_id="rw7000001",
+            rating=9,
+            helpful_yes=1200,
+            helpful_total=1227,
+            title="Still great",
+            text="Rewatched it.\nHolds up & more.",
+            author="new_fan",
+            date="Jun 1, 2024",
+        ),
+        Review(
+            review_id="rw7000002",
+            rating=None,
+            helpful_yes=None,
+            helpful_total=None,
+            title="Unrated",
+            text="No stars.",
+            author="someone",
+            date="Jul 2, 2024",
+        ),
     ]
     assert (parsed.next_key, parsed.layout) == (None, "2024")
 
@@ -147,17 +205,29 @@ def test_a_malformed_page_raises_naming_the_url():
         parse_reviews_page((PAGES / "malformed.html").read_text(), PAGE1)
 
 
-@pytest.mark.parametrize("html,problem", [
-    ('<div class="lister-item"><div class="review-container"><div class="text">x</div></div></div>',
-     r"review 1 \(no id\): expected a data-review-id attribute"),
-    ('<div class="lister-item" data-review-id="rw9"><div class="review-container"><a class="title">t</a></div></div>',
-     r"review 1 \(rw9\): expected the review text in div.text"),
-    ('<div class="lister-item" data-review-id="rw9"><div class="review-container"><span '
-     'class="rating-other-user-rating"><span>11</span></span><div class="text">x</div></div></div>',
-     r"review 1 \(rw9\): expected a rating from 1 to 10, got '11'"),
-    ('<article class="user-review-item"><div class="ipc-html-content-inner-div">x</div></article>',
-     r"review 1 \(no id\): expected a link to /review/rw<digits>/"),
-])
+@pytest.mark.parametrize(
+    "html,problem",
+    [
+        (
+            '<div class="lister-item"><div class="review-container"><div class="text">x</div></div></div>',
+            r"review 1 \(no id\): expected a data-review-id attribute",
+        ),
+        (
+            '<div class="lister-item" data-review-id="rw9"><div class="review-container">'
+            '<a class="title">t</a></div></div>',
+            r"review 1 \(rw9\): expected the review text in div.text",
+        ),
+        (
+            '<div class="lister-item" data-review-id="rw9"><div class="review-container"><span '
+            'class="rating-other-user-rating"><span>11</span></span><div class="text">x</div></div></div>',
+            r"review 1 \(rw9\): expected a rating from 1 to 10, got '11'",
+        ),
+        (
+            '<article class="user-review-item"><div class="ipc-html-content-inner-div">x</div></article>',
+            r"review 1 \(no id\): expected a link to /review/rw<digits>/",
+        ),
+    ],
+)
 def test_a_broken_review_raises_naming_url_review_and_field(html, problem):
     with pytest.raises(PageParseError, match=f"^{re.escape(PAGE1)}: {problem}"):
         parse_reviews_page(html, PAGE1)
@@ -192,8 +262,17 @@ def test_pagination_follows_the_keys_to_the_last_page(site, tmp_path):
     assert site.urls() == [ROBOTS, PAGE1, PAGE2, PAGE3]
     assert site.user_agents == {USER_AGENT}
     assert scraper.stats.as_dict() == {
-        "requests": 4, "pages_downloaded": 3, "cache_hits": 0, "retries": 0, "refusals": 0, "robots_fetches": 1,
-        "movies": 1, "movies_failed": 0, "reviews": 4, "slept_seconds": 3.0}  # the rate limit, 1 s per request
+        "requests": 4,
+        "pages_downloaded": 3,
+        "cache_hits": 0,
+        "retries": 0,
+        "refusals": 0,
+        "robots_fetches": 1,
+        "movies": 1,
+        "movies_failed": 0,
+        "reviews": 4,
+        "slept_seconds": 3.0,
+    }  # the rate limit, 1 s per request
 
 
 def test_the_page_cap_stops_pagination(site, tmp_path):
@@ -276,13 +355,16 @@ def test_robots_disallow_refuses_without_fetching_the_page(site, tmp_path):
     assert scraper.stats.refusals == 1
 
 
-@pytest.mark.parametrize("robots,allowed", [
-    ([reply(404)], True),
-    ([reply(403)], False),
-    ([reply(503)], False),
-    ([httpx.ConnectError("connection refused")], False),
-    ([reply(302, location="https://evil.example.com/robots.txt")], False),
-])
+@pytest.mark.parametrize(
+    "robots,allowed",
+    [
+        ([reply(404)], True),
+        ([reply(403)], False),
+        ([reply(503)], False),
+        ([httpx.ConnectError("connection refused")], False),
+        ([reply(302, location="https://evil.example.com/robots.txt")], False),
+    ],
+)
 def test_robots_failures_allow_on_404_and_disallow_otherwise(site, tmp_path, robots, allowed):
     site.routes[ROBOTS] = robots
     scraper = scraper_for(site, tmp_path, max_retries=1)
@@ -295,8 +377,10 @@ def test_robots_failures_allow_on_404_and_disallow_otherwise(site, tmp_path, rob
 def test_the_host_of_the_first_url_must_be_allowed(site, tmp_path):
     scraper = scraper_for(site, tmp_path, base_url="https://evil.example.com")
     result = scraper.scrape_movie(MOVIE)
-    assert result.error == (f"https://evil.example.com/title/{MOVIE}/reviews/: host 'evil.example.com' is not one "
-                            "of the allowed hosts (m.imdb.com, www.imdb.com); not fetched")
+    assert result.error == (
+        f"https://evil.example.com/title/{MOVIE}/reviews/: host 'evil.example.com' is not one "
+        "of the allowed hosts (m.imdb.com, www.imdb.com); not fetched"
+    )
     assert site.requests == []
     with pytest.raises(RefusedError, match="host '127.0.0.1' is not one of the allowed hosts"):
         scraper.fetch("http://127.0.0.1/admin")
@@ -308,17 +392,22 @@ def test_a_redirect_off_the_allow_list_is_refused(site, tmp_path):
     site.routes[PAGE1] = reply(301, location="https://evil.example.com/title/tt0109127/reviews/")
     scraper = scraper_for(site, tmp_path)
     result = scraper.scrape_movie(MOVIE)
-    assert result.error == (f"https://evil.example.com/title/{MOVIE}/reviews/ (redirected from {PAGE1}): host "
-                            "'evil.example.com' is not one of the allowed hosts (m.imdb.com, www.imdb.com); not "
-                            "fetched")
+    assert result.error == (
+        f"https://evil.example.com/title/{MOVIE}/reviews/ (redirected from {PAGE1}): host "
+        "'evil.example.com' is not one of the allowed hosts (m.imdb.com, www.imdb.com); not "
+        "fetched"
+    )
     assert site.urls() == [ROBOTS, PAGE1]
     assert scraper.stats.refusals == 1
 
 
-@pytest.mark.parametrize("location, refused", [
-    ("https://m.imdb.com:8443/title/tt0109127/reviews/", "port 8443 is refused"),
-    ("http://www.imdb.com/title/tt0109127/reviews/", "a downgrade from https to http is refused"),
-])
+@pytest.mark.parametrize(
+    "location, refused",
+    [
+        ("https://m.imdb.com:8443/title/tt0109127/reviews/", "port 8443 is refused"),
+        ("http://www.imdb.com/title/tt0109127/reviews/", "a downgrade from https to http is refused"),
+    ],
+)
 def test_a_redirect_to_another_port_or_down_to_http_is_refused(site, tmp_path, location, refused):
     site.routes[PAGE1] = reply(301, location=location)
     scraper = scraper_for(site, tmp_path)
@@ -329,8 +418,13 @@ def test_a_redirect_to_another_port_or_down_to_http_is_refused(site, tmp_path, l
 
 def test_a_redirect_within_the_allow_list_is_followed_and_cached_under_the_first_url(site, tmp_path):
     mobile = f"https://m.imdb.com/title/{MOVIE}/reviews/"
-    site.routes.update({PAGE1: reply(302, location=mobile), mobile: page("classic_page3.html"),
-                        "https://m.imdb.com/robots.txt": reply(404)})
+    site.routes.update(
+        {
+            PAGE1: reply(302, location=mobile),
+            mobile: page("classic_page3.html"),
+            "https://m.imdb.com/robots.txt": reply(404),
+        }
+    )
     scraper = scraper_for(site, tmp_path)
     result = scraper.scrape_movie(MOVIE)
     assert result.reviews == [REVIEW_4] and result.error is None
@@ -408,12 +502,15 @@ def test_404_is_not_retried(site, tmp_path):
     assert scraper.stats.retries == 0
 
 
-@pytest.mark.parametrize("kwargs,problem", [
-    ({"requests_per_second": 0}, "requests_per_second must be greater than 0, got 0"),
-    ({"max_pages": 0}, "max_pages must be greater than 0, got 0"),
-    ({"max_retries": -1}, "max_retries must be 0 or more, got -1"),
-    ({"on_error": "ignore"}, "on_error must be 'skip' or 'error', got 'ignore'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,problem",
+    [
+        ({"requests_per_second": 0}, "requests_per_second must be greater than 0, got 0"),
+        ({"max_pages": 0}, "max_pages must be greater than 0, got 0"),
+        ({"max_retries": -1}, "max_retries must be 0 or more, got -1"),
+        ({"on_error": "ignore"}, "on_error must be 'skip' or 'error', got 'ignore'"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, kwargs, problem):
     with pytest.raises(ValueError, match=problem):
         ImdbReviewScraper(tmp_path, client=httpx.Client(transport=httpx.MockTransport(reply(200))), **kwargs)

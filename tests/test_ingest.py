@@ -11,15 +11,25 @@ from tests.conftest import FIXTURES
 
 
 def files(mirror: Path, train: str = "redial/train.jsonl") -> ingest.RawRedialFiles:
-    return ingest.locate_mirror_files(mirror, redial_train=train, redial_test="redial/test.jsonl",
-                                      movies="redial/movies_with_mentions.csv",
-                                      movies_imdb="redial/movies_merged_with_imdb.csv",
-                                      movies_dbpedia="crslab_redial/id2entity.jsonl")
+    return ingest.locate_mirror_files(
+        mirror,
+        redial_train=train,
+        redial_test="redial/test.jsonl",
+        movies="redial/movies_with_mentions.csv",
+        movies_imdb="redial/movies_merged_with_imdb.csv",
+        movies_dbpedia="crslab_redial/id2entity.jsonl",
+    )
 
 
 def run(raw: ingest.RawRedialFiles, on_bad_record="error", valid_split="fraction", valid_fraction=0.25):
-    return ingest.ingest(raw, on_bad_record=on_bad_record, valid_split=valid_split, valid_fraction=valid_fraction,
-                         full_train_conversations=10006, seed=0)
+    return ingest.ingest(
+        raw,
+        on_bad_record=on_bad_record,
+        valid_split=valid_split,
+        valid_fraction=valid_fraction,
+        full_train_conversations=10006,
+        seed=0,
+    )
 
 
 def test_consecutive_messages_of_one_speaker_are_merged(mirror):
@@ -47,8 +57,7 @@ def test_splits_and_statistics(mirror):
     result = run(files(mirror))
     splits = dict(result.conversations.group_by("split").len().iter_rows())
     assert splits == {"train": 3, "valid": 1, "test": 2}
-    assert result.metrics["test"] == {"conversations": 2, "turns": 5, "movie_mentions": 5,
-                                      "mentions_by_recommender": 3}
+    assert result.metrics["test"] == {"conversations": 2, "turns": 5, "movie_mentions": 5, "mentions_by_recommender": 3}
     assert result.metrics["validation_rule"] == "fraction"
     assert result.metrics["bad_records"] == {}
 
@@ -68,8 +77,15 @@ def test_movies_table(mirror):
     movies = run(files(mirror)).movies
     assert movies["movie_id"].to_list() == [100, 200, 300, 400, 500]
     beta = movies.filter(pl.col("movie_id") == 200).row(0, named=True)
-    assert beta == {"movie_id": 200, "title": "Beta", "year": 1999, "mentions_redial_release": 3,
-                    "mentions_ingested": 4, "dbpedia_uri": None, "imdb_id": None}
+    assert beta == {
+        "movie_id": 200,
+        "title": "Beta",
+        "year": 1999,
+        "mentions_redial_release": 3,
+        "mentions_ingested": 4,
+        "dbpedia_uri": None,
+        "imdb_id": None,
+    }
     alpha = movies.filter(pl.col("movie_id") == 100).row(0, named=True)
     assert (alpha["imdb_id"], alpha["dbpedia_uri"]) == ("tt0012345", "http://dbpedia.org/resource/Alpha_(film)")
     gamma = movies.filter(pl.col("movie_id") == 300).row(0, named=True)
@@ -132,18 +148,26 @@ def test_movie_forms_are_kept_with_their_answers(mirror):
     result = run(files(mirror))
     forms = result.forms.filter(pl.col("conv_id") == 11)
     assert forms.select("form", "movie_id", "liked").rows() == [
-        ("recommender", 300, 1), ("recommender", 400, 1), ("seeker", 100, 1), ("seeker", 200, 0), ("seeker", 300, 2)]
+        ("recommender", 300, 1),
+        ("recommender", 400, 1),
+        ("seeker", 100, 1),
+        ("seeker", 200, 0),
+        ("seeker", 300, 2),
+    ]
     assert result.metrics["movie_forms"]["seeker"] == {"conversations": 1, "movies": 3, "liked": 1, "disliked": 1}
     assert result.forms.filter(pl.col("conv_id") != 11).is_empty()  # the other fixtures' forms are empty
 
 
-@pytest.mark.parametrize("form, reason", [
-    (["100"], "initiatorQuestions must be a mapping, got list"),
-    ({"100": {"suggested": 0, "seen": 1, "liked": 3}}, "movie '100' needs a movie of movieMentions"),
-    ({"100": {"suggested": 0, "seen": 1, "liked": True}}, "movie '100' needs"),
-    ({"100": {"suggested": 0, "seen": 1}}, "movie '100' needs"),
-    ({"999": {"suggested": 0, "seen": 1, "liked": 1}}, "movie '999' needs a movie of movieMentions"),
-])
+@pytest.mark.parametrize(
+    "form, reason",
+    [
+        (["100"], "initiatorQuestions must be a mapping, got list"),
+        ({"100": {"suggested": 0, "seen": 1, "liked": 3}}, "movie '100' needs a movie of movieMentions"),
+        ({"100": {"suggested": 0, "seen": 1, "liked": True}}, "movie '100' needs"),
+        ({"100": {"suggested": 0, "seen": 1}}, "movie '100' needs"),
+        ({"999": {"suggested": 0, "seen": 1, "liked": 1}}, "movie '999' needs a movie of movieMentions"),
+    ],
+)
 def test_a_bad_movie_form_is_named_and_dropped_keeping_the_conversation(mirror, form, reason):
     import json
 

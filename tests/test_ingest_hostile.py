@@ -13,10 +13,18 @@ from hypothesis import strategies as st
 from stages import ingest
 from tests.test_ingest import files, run
 
-GOOD = {"conversationId": "40", "initiatorWorkerId": 7, "respondentWorkerId": 8, "movieMentions": {"100": "Alpha"},
-        "initiatorQuestions": {}, "respondentQuestions": {},
-        "messages": [{"messageId": 0, "senderWorkerId": 7, "text": "I liked @100"},
-                     {"messageId": 1, "senderWorkerId": 8, "text": "Then watch it again"}]}
+GOOD = {
+    "conversationId": "40",
+    "initiatorWorkerId": 7,
+    "respondentWorkerId": 8,
+    "movieMentions": {"100": "Alpha"},
+    "initiatorQuestions": {},
+    "respondentQuestions": {},
+    "messages": [
+        {"messageId": 0, "senderWorkerId": 7, "text": "I liked @100"},
+        {"messageId": 1, "senderWorkerId": 8, "text": "Then watch it again"},
+    ],
+}
 
 
 def _line(**changes) -> str:
@@ -42,9 +50,12 @@ def _train(mirror: Path, *lines: str, raw: bytes | None = None) -> ingest.RawRed
 # (the line, the kind of bad record, what its message says)
 HOSTILE = {
     "conversation id Infinity": (_line().replace('"40"', "Infinity", 1), "bad_id", "conversationId must be a whole"),
-    "sender id Infinity": (_line().replace('"senderWorkerId": 7', '"senderWorkerId": Infinity', 1), "bad_id",
-                           "senderWorkerId must be a whole number"),
-    "id beyond int64": (_line(conversationId=2 ** 64), "bad_id", "from 0 to 9223372036854775807"),
+    "sender id Infinity": (
+        _line().replace('"senderWorkerId": 7', '"senderWorkerId": Infinity', 1),
+        "bad_id",
+        "senderWorkerId must be a whole number",
+    ),
+    "id beyond int64": (_line(conversationId=2**64), "bad_id", "from 0 to 9223372036854775807"),
     "id true": (_line(conversationId=True), "bad_id", "got True"),
     "id with a fraction": (_line(conversationId=12345.7), "bad_id", "got 12345.7"),
     "negative id": (_line(respondentWorkerId=-8), "bad_id", "respondentWorkerId must be"),
@@ -55,13 +66,18 @@ HOSTILE = {
     "text a list": (_line(message_text=["a"]), "bad_text", "got list"),
     "text an object": (_line(message_text={"a": 1}), "bad_text", "got dict"),
     "text with NUL": (_line(message_text="a\x00b"), "bad_text", "control character"),
-    "text with a lone surrogate": (_line().replace("I liked @100", "I liked @100 \\ud800", 1), "bad_text",
-                                   "lone surrogate"),
-    "100,000 nested arrays": (_line().replace('"initiatorQuestions": {}', '"initiatorQuestions": '
-                                              + "[" * 100_000 + "]" * 100_000, 1), "malformed_json",
-                              "nested too deeply"),
+    "text with a lone surrogate": (
+        _line().replace("I liked @100", "I liked @100 \\ud800", 1),
+        "bad_text",
+        "lone surrogate",
+    ),
+    "100,000 nested arrays": (
+        _line().replace('"initiatorQuestions": {}', '"initiatorQuestions": ' + "[" * 100_000 + "]" * 100_000, 1),
+        "malformed_json",
+        "nested too deeply",
+    ),
     "movieMentions a list": (_line(movieMentions=["100"]), "missing_keys", "movieMentions a mapping"),
-    "movie id beyond int64": (_line(movieMentions={str(2 ** 64): "Huge"}), "bad_id", "is no movie id"),
+    "movie id beyond int64": (_line(movieMentions={str(2**64): "Huge"}), "bad_id", "is no movie id"),
 }
 
 
@@ -70,7 +86,7 @@ def test_a_hostile_record_is_named_in_error_mode_and_counted_in_skip_mode(mirror
     line, kind, message = HOSTILE[case]
     with pytest.raises(ingest.BadRecordError) as error:
         run(_train(mirror, line))
-    assert f"hostile.jsonl, line 5: " in str(error.value) and message in str(error.value)
+    assert "hostile.jsonl, line 5: " in str(error.value) and message in str(error.value)
     assert f"[{kind}]" in str(error.value)
     result = run(_train(mirror, line), on_bad_record="skip")
     assert result.metrics["bad_records"] == {kind: 1}
@@ -91,13 +107,16 @@ def test_an_empty_movie_mapping_written_as_a_list_is_accepted(mirror):
 
 
 @pytest.mark.parametrize("on_bad_record", ["error", "skip"])
-@pytest.mark.parametrize("content, message", [
-    (b"", "no conversation could be read"),
-    (b"\n  \n\n", "no conversation could be read"),
-    (b'{"not": "a conversation"}\n', "no conversation could be read|line 1: record lacks"),  # (error: its record)
-    (_line().encode("utf-16"), "the file is UTF-16"),
-    (("[" + _line() + ",\n" + _line(conversationId="41") + "]").encode(), "one JSON array"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "no conversation could be read"),
+        (b"\n  \n\n", "no conversation could be read"),
+        (b'{"not": "a conversation"}\n', "no conversation could be read|line 1: record lacks"),  # (error: its record)
+        (_line().encode("utf-16"), "the file is UTF-16"),
+        (("[" + _line() + ",\n" + _line(conversationId="41") + "]").encode(), "one JSON array"),
+    ],
+)
 def test_a_file_that_is_not_redial_json_lines_fails_in_both_modes(mirror, on_bad_record, content, message):
     with pytest.raises(ingest.BadRecordError, match=message) as error:
         run(_train(mirror, raw=content), on_bad_record=on_bad_record)
@@ -109,6 +128,7 @@ def test_a_byte_order_mark_and_cr_line_ends_are_read_as_they_are_meant(mirror):
     with_bom = run(_train(mirror, raw=b"\xef\xbb\xbf" + "\n".join(lines).encode()))
     cr_only = run(_train(mirror, raw="\r".join(lines).encode()))
     plain = run(files(mirror))
+
     def same(result) -> bool:
         return result.conversations.drop("source_file").equals(plain.conversations.drop("source_file"))
 
@@ -124,11 +144,21 @@ def test_fifty_thousand_messages_of_one_speaker_merge_into_one_turn(mirror):
     assert turns["text"][0] == " ".join(f"word{i}" for i in range(50_000))
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
-                                                                                       max_size=3), max_leaves=6)
-FIELDS = ["conversationId", "initiatorWorkerId", "respondentWorkerId", "movieMentions", "messages",
-          "initiatorQuestions", "message_text", "message_senderWorkerId"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+FIELDS = [
+    "conversationId",
+    "initiatorWorkerId",
+    "respondentWorkerId",
+    "movieMentions",
+    "messages",
+    "initiatorQuestions",
+    "message_text",
+    "message_senderWorkerId",
+]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -143,8 +173,7 @@ def test_any_json_value_in_any_field_is_kept_checked_or_one_named_bad_record(mir
     bad = sum(result.metrics["bad_records"].values())
     ours = result.conversations.filter(pl.col("source_line") == 5)  # its id may be the changed field
     kept = ours.height == 1
-    assert kept != (bad >= 1) or (kept and set(result.metrics["bad_records"]) <= {"unknown_mention",
-                                                                                  "bad_movie_form"})
+    assert kept != (bad >= 1) or (kept and set(result.metrics["bad_records"]) <= {"unknown_mention", "bad_movie_form"})
     if kept:  # what was kept has the types the tables promise
         row = ours.row(0, named=True)
         assert isinstance(row["seeker_worker_id"], int) and row["seeker_worker_id"] >= 0

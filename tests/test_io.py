@@ -11,8 +11,14 @@ import time
 import polars as pl
 import pytest
 
-from stages.io.outputs import (COMMIT_LOCK, OutputsBusyError, content_hash, finish_interrupted_commits, stage_lock,
-                                write_outputs)
+from stages.io.outputs import (
+    COMMIT_LOCK,
+    OutputsBusyError,
+    content_hash,
+    finish_interrupted_commits,
+    stage_lock,
+    write_outputs,
+)
 from tests.conftest import PROJECT
 
 
@@ -182,7 +188,11 @@ def test_repeated_skip_warnings_are_shown_a_few_times_then_counted(caplog):
         tally.warn("bad json", "line 7: bad json")
         tally.summary()
     lines = [record.getMessage() for record in caplog.records]
-    assert lines == ["skipped: review 0: empty review text", "skipped: review 1: empty review text",
-                     "skipped: review 2: empty review text", "skipped: line 7: bad json",
-                     "skipped 18 records of kind 'empty review text' in all (15 not shown above)"]
+    assert lines == [
+        "skipped: review 0: empty review text",
+        "skipped: review 1: empty review text",
+        "skipped: review 2: empty review text",
+        "skipped: line 7: bad json",
+        "skipped 18 records of kind 'empty review text' in all (15 not shown above)",
+    ]
     assert tally.counts == {"empty review text": 18, "bad json": 1}

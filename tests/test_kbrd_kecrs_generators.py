@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS, C2CRSConfig
-from models.generator import (USER, GeneratorConfig, Memory, ResponseGenerator, bag_of_entity_loss, generation_loss,
-                              greedy_decode, infusion_loss)
+from models.generator import (
+    USER,
+    GeneratorConfig,
+    Memory,
+    ResponseGenerator,
+    bag_of_entity_loss,
+    generation_loss,
+    greedy_decode,
+    infusion_loss,
+)
 from pipeline.config import FinetuneConvConfig
 from stages.training import conv_runs, kecrs_train, runs
 
@@ -22,9 +30,22 @@ PAD, START, END = 0, 1, 2
 
 def _generator(seed: int = 0, mixing: float = 0.1) -> ResponseGenerator:
     torch.manual_seed(seed)
-    model = ResponseGenerator(GeneratorConfig(vocab_size=11, memory_dims={"history": 8}, dim=8, n_heads=2,
-                                              ffn_dim=16, dropout=0.0, max_positions=8, copy=False, entity_bag=6,
-                                              entity_dim=4, entity_bag_mixing=mixing, infusion=True)).eval()
+    model = ResponseGenerator(
+        GeneratorConfig(
+            vocab_size=11,
+            memory_dims={"history": 8},
+            dim=8,
+            n_heads=2,
+            ffn_dim=16,
+            dropout=0.0,
+            max_positions=8,
+            copy=False,
+            entity_bag=6,
+            entity_dim=4,
+            entity_bag_mixing=mixing,
+            infusion=True,
+        )
+    ).eval()
     with torch.no_grad():
         model.bag_entities.normal_()
     return model
@@ -33,13 +54,20 @@ def _generator(seed: int = 0, mixing: float = 0.1) -> ResponseGenerator:
 def test_the_bag_sums_each_real_positions_entity_distribution():
     model = _generator()
     g = torch.Generator().manual_seed(1)
-    hidden, user = torch.randn(2, 3, 8, generator=g), Memory(torch.randn(2, 1, 4, generator=g),
-                                                             torch.zeros(2, 1, dtype=torch.bool))
+    hidden, user = (
+        torch.randn(2, 3, 8, generator=g),
+        Memory(torch.randn(2, 1, 4, generator=g), torch.zeros(2, 1, dtype=torch.bool)),
+    )
     targets = torch.tensor([[5, 6, END], [7, END, PAD]])
     sums = model.bag_of_entities(hidden, targets, user)
     for b, real in ((0, 3), (1, 2)):
-        expected = sum(torch.softmax(model.bag_align(torch.cat([user.states[b, 0], hidden[b, t]]))
-                                     @ model.bag_entities.T + model.bag_bias, dim=-1) for t in range(real))
+        expected = sum(
+            torch.softmax(
+                model.bag_align(torch.cat([user.states[b, 0], hidden[b, t]])) @ model.bag_entities.T + model.bag_bias,
+                dim=-1,
+            )
+            for t in range(real)
+        )
         assert torch.allclose(sums[b], expected, atol=1e-6)
         assert float(sums[b].sum()) == pytest.approx(real, abs=1e-5)  # one distribution per real position
 
@@ -63,8 +91,10 @@ def test_decoding_adds_an_entitys_probability_to_the_token_naming_it():
     with torch.no_grad():
         model.bag_bias[3] = 50.0  # the bag is all on entity 3
     g = torch.Generator().manual_seed(3)
-    hidden, user = torch.randn(2, 8, generator=g), Memory(torch.randn(2, 1, 4, generator=g),
-                                                          torch.zeros(2, 1, dtype=torch.bool))
+    hidden, user = (
+        torch.randn(2, 8, generator=g),
+        Memory(torch.randn(2, 1, 4, generator=g), torch.zeros(2, 1, dtype=torch.bool)),
+    )
     plain = model.next_token_log_probs(hidden).exp()
     mixed = model.next_token_log_probs(hidden, None, user).exp()
     expected = plain.clone()
@@ -78,8 +108,14 @@ def test_decoding_adds_an_entitys_probability_to_the_token_naming_it():
 
 
 def test_entity_names_are_mention_tokens_and_one_word_labels():
-    entities = pl.DataFrame({"entity_id": [0, 1, 2, 3, 4], "label": ["Heat", "Comedy film", "comedy", "Comedy", None],
-                             "is_item": [True, False, False, False, False], "movie_id": [123, None, None, None, None]})
+    entities = pl.DataFrame(
+        {
+            "entity_id": [0, 1, 2, 3, 4],
+            "label": ["Heat", "Comedy film", "comedy", "Comedy", None],
+            "is_item": [True, False, False, False, False],
+            "movie_id": [123, None, None, None, None],
+        }
+    )
     edges = pl.DataFrame({"src": [3, 3, 2, 0], "rel": [0, 0, 0, 0], "dst": [0, 1, 0, 3]})
     tokens = ["__pad__", "@123", "comedy", "heat"]
     entity_token, token_entity = kecrs_train.entity_names(entities, edges, tokens)
@@ -89,28 +125,55 @@ def test_entity_names_are_mention_tokens_and_one_word_labels():
 
 def test_the_bag_targets_are_the_kg_neighbours_of_the_turns_movies_and_the_names_of_the_context():
     graph = SimpleNamespace(n_entities=5, edge_index=torch.tensor([[0, 0, 1, 2, 3], [0, 3, 4, 0, 1]]))
-    table = SimpleNamespace(targets=[[0], [1, 2], []], context_entities=[[3], [], [0, 4]], context_items=[[], [],
-                                                                                                           [0]])
+    table = SimpleNamespace(targets=[[0], [1, 2], []], context_entities=[[3], [], [0, 4]], context_items=[[], [], [0]])
     generator = SimpleNamespace(cfg=SimpleNamespace(vocab_size=6))
     losses = kecrs_train.KECRSLosses(generator, graph, np.array([5, -1, -1, 4, 3]), 1.5, 0.025, "cpu")
     assert losses.neighbours(table, np.array([0, 1, 2])).int().tolist() == [
         [0, 0, 0, 1, 0],  # 0 -> 3 (its self loop is no neighbour)
         [1, 0, 0, 0, 1],  # 1 -> 4, 2 -> 0
-        [0, 0, 0, 0, 0]]
+        [0, 0, 0, 0, 0],
+    ]
     assert losses.names(table, np.array([0, 2])).int().tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 1, 0, 1]]
 
 
 def _kecrs_model(seed: int = 0):
     """A tiny KECRS generator: 10 input tokens (9 a movie), 6 entities, a frozen KBRD-style R-GCN."""
     torch.manual_seed(seed)
-    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=4,
-                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    encoders = C2CRS(
+        C2CRSConfig(
+            vocab_size=10,
+            n_entities=6,
+            n_relations=2,
+            n_items=3,
+            token_dim=8,
+            kg_dim=4,
+            n_layers=1,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=20,
+        )
+    )
     config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
-        generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"history": 8}, dim=8, n_heads=2,
-                                                     ffn_dim=16, max_positions=8, copy=False, entity_bag=6,
-                                                     entity_dim=4, infusion=True)),
-        movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg"], pretrained="kecrs")
+        generator=dataclasses.asdict(
+            GeneratorConfig(
+                vocab_size=11,
+                memory_dims={"history": 8},
+                dim=8,
+                n_heads=2,
+                ffn_dim=16,
+                max_positions=8,
+                copy=False,
+                entity_bag=6,
+                entity_dim=4,
+                infusion=True,
+            )
+        ),
+        movie_token_ids=[9],
+        uncopyable_ids=[0, 1, 2, 3, 4],
+        frozen=["kg"],
+        pretrained="kecrs",
+    )
     model = conv_runs.conversation_model(config, encoders)
     edge_index, edge_type = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
@@ -134,13 +197,20 @@ def test_kecrs_reads_its_recommenders_user_vector_frozen_and_decodes_the_same_af
     assert torch.allclose(memories[USER].states[:, 0], expected, atol=1e-6)
     assert not memories[USER].states.requires_grad  # the recommender is frozen, as KECRS detaches it
     targets = torch.tensor([[5, END], [10, END]])
-    hidden = model.generator.decode(torch.tensor([[START, 5], [START, 10]]),
-                                    model.generator.memory_keys_values(memories))
-    loss = (generation_loss(model.generator.target_log_probs(hidden, targets, None, memories[USER]), targets, PAD)
-            + bag_of_entity_loss(model.generator.bag_of_entities(hidden, targets, memories[USER]),
-                                 torch.tensor([[1, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]]))
-            + infusion_loss(model.generator.infusion_scores(memories[USER].states[:, 0]),
-                            torch.zeros(2, 11, dtype=torch.bool).index_fill_(1, torch.tensor([5]), True)))
+    hidden = model.generator.decode(
+        torch.tensor([[START, 5], [START, 10]]), model.generator.memory_keys_values(memories)
+    )
+    loss = (
+        generation_loss(model.generator.target_log_probs(hidden, targets, None, memories[USER]), targets, PAD)
+        + bag_of_entity_loss(
+            model.generator.bag_of_entities(hidden, targets, memories[USER]),
+            torch.tensor([[1, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]]),
+        )
+        + infusion_loss(
+            model.generator.infusion_scores(memories[USER].states[:, 0]),
+            torch.zeros(2, 11, dtype=torch.bool).index_fill_(1, torch.tensor([5]), True),
+        )
+    )
     loss.backward()
     assert all(p.grad is None for p in model.encoders.kg_encoder.parameters())
     assert model.generator.bag_align.weight.grad is not None and model.generator.infusion_align.weight.grad is not None
@@ -163,32 +233,65 @@ def test_kecrs_losses_need_a_frozen_kbrd_style_recommender():
         FinetuneConvConfig(pretrained="none", memories=["history"], bag_of_entity_weight=1.5, freeze=["kg"])
     with pytest.raises(ValueError, match="set bag_of_entity_weight too"):
         FinetuneConvConfig(pretrained="kecrs", memories=["history"], infusion_weight=0.025, freeze=["kg"])
-    FinetuneConvConfig(pretrained="kecrs", memories=["history"], bag_of_entity_weight=1.5, infusion_weight=0.025,
-                       freeze=["kg"])
+    FinetuneConvConfig(
+        pretrained="kecrs", memories=["history"], bag_of_entity_weight=1.5, infusion_weight=0.025, freeze=["kg"]
+    )
 
 
 def test_kbrds_user_bias_shifts_every_logit_by_its_users_bias_and_reads_the_frozen_user_vector():
     torch.manual_seed(0)
-    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=4,
-                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    encoders = C2CRS(
+        C2CRSConfig(
+            vocab_size=10,
+            n_entities=6,
+            n_relations=2,
+            n_items=3,
+            token_dim=8,
+            kg_dim=4,
+            n_layers=1,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=20,
+        )
+    )
     config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
-        generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"history": 8}, dim=8, n_heads=2,
-                                                     ffn_dim=16, max_positions=8, copy=False, user_bias_dim=4)),
-        movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg"], pretrained="kbrd")
+        generator=dataclasses.asdict(
+            GeneratorConfig(
+                vocab_size=11,
+                memory_dims={"history": 8},
+                dim=8,
+                n_heads=2,
+                ffn_dim=16,
+                max_positions=8,
+                copy=False,
+                user_bias_dim=4,
+            )
+        ),
+        movie_token_ids=[9],
+        uncopyable_ids=[0, 1, 2, 3, 4],
+        frozen=["kg"],
+        pretrained="kbrd",
+    )
     model = conv_runs.conversation_model(config, encoders).eval()
     edge_index, edge_type = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([0, 1, 0, 1])
     entity_ids = torch.tensor([[0, 2], [3, -1]])
     nodes = torch.tensor([0, 2, 3])
     rows = model.entity_rows(nodes, edge_index, edge_type)
-    memories, _ = model.memories(torch.tensor([[5, 6], [7, 0]]), rows, torch.tensor([[0, 1], [2, -1]]),
-                                 torch.zeros((2, 1, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.bool))
+    memories, _ = model.memories(
+        torch.tensor([[5, 6], [7, 0]]),
+        rows,
+        torch.tensor([[0, 1], [2, -1]]),
+        torch.zeros((2, 1, 1), dtype=torch.long),
+        torch.zeros((2, 1), dtype=torch.bool),
+    )
     N = encoders.entity_graph(edge_index, edge_type)
     assert torch.allclose(memories[USER].states[:, 0], encoders.user_vector(N, entity_ids), atol=1e-5)
     hidden = torch.randn(2, 3, 8)
     user = memories[USER].states.expand(-1, 3, -1)
-    shift = model.generator.vocabulary_logits(hidden, user) - (hidden @ model.generator.tokens.weight.T
-                                                               + model.generator.output_bias)
+    shift = model.generator.vocabulary_logits(hidden, user) - (
+        hidden @ model.generator.tokens.weight.T + model.generator.output_bias
+    )
     assert torch.allclose(shift, model.generator.user_bias(user), atol=1e-5)
     assert not torch.allclose(shift[0, 0], shift[1, 0])  # each user its own bias, the same at every step
     with pytest.raises(ValueError, match="needs the user vectors"):

@@ -24,8 +24,7 @@ R = kg.DBPEDIA_RESOURCE
 
 def triples_of(*rows: tuple[str, str, str]) -> pl.DataFrame:
     full = lambda name: name if ":" in name else R + name  # noqa: E731
-    return pl.DataFrame([(full(h), rel, full(t), "test") for h, rel, t in rows], schema=kg.TRIPLE_SCHEMA,
-                        orient="row")
+    return pl.DataFrame([(full(h), rel, full(t), "test") for h, rel, t in rows], schema=kg.TRIPLE_SCHEMA, orient="row")
 
 
 # Heat and Why_Me are movies 1 and 2; movie 3 has no URI; movie 4's URI is absent from the KG.
@@ -40,11 +39,13 @@ TINY = triples_of(
     ("Heat_(1995_film)", "genre", "Crime_film"),
     ("Heat_(1995_film)", "self", "Heat_(1995_film)"),
 )
-MOVIES = pl.DataFrame({  # deliberately not in movie_id order
-    "movie_id": [4, 2, 1, 3],
-    "dbpedia_uri": [R + "Isolated_Film", R + "Why_Me%3F_(2015_film)", "<" + R + "Heat_(1995_film)>", None],
-    "title": [None, None, "Heat", "Lost Movie"],
-})
+MOVIES = pl.DataFrame(
+    {  # deliberately not in movie_id order
+        "movie_id": [4, 2, 1, 3],
+        "dbpedia_uri": [R + "Isolated_Film", R + "Why_Me%3F_(2015_film)", "<" + R + "Heat_(1995_film)>", None],
+        "title": [None, None, "Heat", "Lost Movie"],
+    }
+)
 
 
 def build(triples=TINY, movies=MOVIES, **kwargs) -> kg.KgResult:
@@ -72,8 +73,7 @@ def test_relation_filter_counts_both_directions_at_the_boundary():
 
 def test_inverse_relations_and_self_loops():
     result = build(min_relation_edges=4)
-    assert result.relations["name"].to_list() == ["birthPlace", "starring", "birthPlace^-1", "starring^-1",
-                                                  "self_loop"]
+    assert result.relations["name"].to_list() == ["birthPlace", "starring", "birthPlace^-1", "starring^-1", "self_loop"]
     assert result.relations["relation_id"].to_list() == [0, 1, 2, 3, 4]
     assert result.relations["is_inverse"].to_list() == [False, False, True, True, False]
     edges = named_edges(result)
@@ -96,13 +96,16 @@ def test_without_inverses_or_self_loops():
     assert result.edges.height == 5 and result.metrics["self_loops"] == 0
 
 
-@pytest.mark.parametrize(("hops", "others"), [
-    (0, set()),
-    (1, {"Al_Pacino", "Crime_film", "Robert_De_Niro"}),
-    (2, {"Al_Pacino", "Crime_film", "New_York", "Robert_De_Niro"}),
-    (3, {"Al_Pacino", "Crime_film", "New_York", "Robert_De_Niro", "USA"}),
-    (None, {"Al_Pacino", "Crime_film", "New_York", "Robert_De_Niro", "USA"}),
-])
+@pytest.mark.parametrize(
+    ("hops", "others"),
+    [
+        (0, set()),
+        (1, {"Al_Pacino", "Crime_film", "Robert_De_Niro"}),
+        (2, {"Al_Pacino", "Crime_film", "New_York", "Robert_De_Niro"}),
+        (3, {"Al_Pacino", "Crime_film", "New_York", "Robert_De_Niro", "USA"}),
+        (None, {"Al_Pacino", "Crime_film", "New_York", "Robert_De_Niro", "USA"}),
+    ],
+)
 def test_hop_filter_keeps_the_induced_subgraph_around_the_movies(hops, others):
     result = build(hops=hops, add_inverse=False, add_self_loops=False)
     non_items = result.entities.filter(~pl.col("is_item"))["uri"].str.replace(R, "", literal=True)
@@ -116,8 +119,7 @@ def test_hop_filter_keeps_the_induced_subgraph_around_the_movies(hops, others):
 
 
 def test_seed_uris_extend_the_neighbourhood():
-    result = build(hops=1, seed_uris=["<" + R + "USA>", R + "Not_In_The_KG"], add_inverse=False,
-                   add_self_loops=False)
+    result = build(hops=1, seed_uris=["<" + R + "USA>", R + "Not_In_The_KG"], add_inverse=False, add_self_loops=False)
     edges = named_edges(result)
     assert ("New_York", "country", "USA") in edges
     assert ("Al_Pacino", "birthPlace", "New_York") in edges  # both ends within one hop of some seed
@@ -132,14 +134,19 @@ def test_ids_are_compact_with_every_movie_an_item_first():
     items = entities.filter("is_item")
     assert items["entity_id"].to_list() == [0, 1, 2, 3]
     assert items["movie_id"].to_list() == [1, 2, 3, 4]
-    assert items["uri"].to_list() == [R + "Heat_(1995_film)", R + "Why_Me%3F_(2015_film)", "redial:3",
-                                      R + "Isolated_Film"]
+    assert items["uri"].to_list() == [
+        R + "Heat_(1995_film)",
+        R + "Why_Me%3F_(2015_film)",
+        "redial:3",
+        R + "Isolated_Film",
+    ]
     others = entities.filter(~pl.col("is_item"))
     assert others["uri"].to_list() == sorted(others["uri"]) and others["movie_id"].null_count() == others.height
     assert result.metrics["items"] == 4 and result.metrics["items_without_uri"] == 1
     assert result.metrics["items_with_edges"] == 2  # movies 3 and 4 are items without edges, with a self loop
-    assert result.edges.filter(pl.col("src").is_in([2, 3]) | pl.col("dst").is_in([2, 3]))["rel"].unique().to_list() \
-        == [result.relations.height - 1]
+    assert result.edges.filter(pl.col("src").is_in([2, 3]) | pl.col("dst").is_in([2, 3]))["rel"].unique().to_list() == [
+        result.relations.height - 1
+    ]
     assert result.edges.schema == kg.EDGE_SCHEMA and result.entities.schema == kg.ENTITY_SCHEMA
     assert result.relations.schema == kg.RELATION_SCHEMA
 
@@ -152,25 +159,27 @@ def test_two_movies_with_one_uri_stay_two_items():
 
 
 def test_labels():
-    labels = dict(zip(build(hops=3).entities["uri"].str.replace(R, "", literal=True),
-                      build(hops=3).entities["label"]))
+    labels = dict(zip(build(hops=3).entities["uri"].str.replace(R, "", literal=True), build(hops=3).entities["label"]))
     assert labels["Heat_(1995_film)"] == "Heat"  # the ReDial title wins
     assert labels["Why_Me%3F_(2015_film)"] == "Why Me?"  # no title: from the URI
     assert labels["redial:3"] == "Lost Movie"
     assert labels["Robert_De_Niro"] == "Robert De Niro"
 
 
-@pytest.mark.parametrize(("uri", "label"), [
-    ("<http://dbpedia.org/resource/Tom_Hanks>", "Tom Hanks"),
-    ("http://dbpedia.org/resource/Heat_(1995_film)", "Heat"),
-    ("<http://dbpedia.org/resource/Why_Me%3F_(2015_film)>", "Why Me?"),
-    ("<http://dbpedia.org/resource/Christopher_%22Play%22_Martin>", 'Christopher "Play" Martin'),
-    ("<http://dbpedia.org/resource/Am%C3%A9lie>", "Amélie"),
-    ("<http://dbpedia.org/resource/(500)_Days_of_Summer>", "(500) Days of Summer"),
-    ("<http://dbpedia.org/resource/Up_(2009_film)_(soundtrack)>", "Up (2009 film)"),
-    ("meta:person:Tom Hanks", "Tom Hanks"),
-    ("<http://www.imdb.com/name/nm0404181/>", "http://www.imdb.com/name/nm0404181/"),
-])
+@pytest.mark.parametrize(
+    ("uri", "label"),
+    [
+        ("<http://dbpedia.org/resource/Tom_Hanks>", "Tom Hanks"),
+        ("http://dbpedia.org/resource/Heat_(1995_film)", "Heat"),
+        ("<http://dbpedia.org/resource/Why_Me%3F_(2015_film)>", "Why Me?"),
+        ("<http://dbpedia.org/resource/Christopher_%22Play%22_Martin>", 'Christopher "Play" Martin'),
+        ("<http://dbpedia.org/resource/Am%C3%A9lie>", "Amélie"),
+        ("<http://dbpedia.org/resource/(500)_Days_of_Summer>", "(500) Days of Summer"),
+        ("<http://dbpedia.org/resource/Up_(2009_film)_(soundtrack)>", "Up (2009 film)"),
+        ("meta:person:Tom Hanks", "Tom Hanks"),
+        ("<http://www.imdb.com/name/nm0404181/>", "http://www.imdb.com/name/nm0404181/"),
+    ],
+)
 def test_label_from_uri(uri, label):
     assert kg.label_from_uri(uri) == label
 
@@ -256,9 +265,14 @@ def write_kgsf(directory: Path, subkg, entity2id) -> tuple[Path, Path]:
 
 def metadata(directory: Path = META, movies=None, **optional) -> kg.KgSource:
     paths = {"item_ids_path": directory / "item_ids.json", "entity2type_path": directory / "entity2type.json"}
-    return kg.load_movie_metadata_kg(META_MOVIES if movies is None else movies, directory / "kg.json",
-                                     directory / "entity2id.json", directory / "relation2id.json",
-                                     directory / "id2info.json", **(paths | optional))
+    return kg.load_movie_metadata_kg(
+        META_MOVIES if movies is None else movies,
+        directory / "kg.json",
+        directory / "entity2id.json",
+        directory / "relation2id.json",
+        directory / "id2info.json",
+        **(paths | optional),
+    )
 
 
 def test_pickle_and_json_forms_give_the_same_triples(tmp_path):
@@ -279,18 +293,21 @@ def test_pickle_and_json_forms_give_the_same_triples(tmp_path):
     }
 
 
-@pytest.mark.parametrize(("subkg", "entity2id", "message"), [
-    ({"1": [[8, 99]]}, None, r"dbpedia_subkg.json: head 1: tail entity id 99 is not in entity2id.json"),
-    ({"77": [[8, 2]]}, None, r"dbpedia_subkg.json: head 77: head entity id 77 is not in entity2id.json"),
-    ({"1": [[0, 2]]}, None, r"dbpedia_subkg.json: head 1: relation id 0 is not an integer >= 1"),
-    ({"1": [[8, "x"]]}, None, r"dbpedia_subkg.json: head 1: id 'x' is not an integer"),
-    ({"1": [[8, 2, 3]]}, None, r"dbpedia_subkg.json: head 1: expected a \[relation, tail\] pair"),
-    ({"1": 5}, None, r"dbpedia_subkg.json: head 1: expected a list"),
-    ({}, None, r"dbpedia_subkg.json: the subgraph has no triples"),
-    ({"1": []}, None, r"dbpedia_subkg.json: the subgraph has no triples"),
-    (None, {"<a>": 1, "<b>": 1}, r"entity2id.json: id 0 is used by more than one entity"),
-    (None, {"<a>": 0}, r"entity2id.json: entity '<a>': id 0 is not an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("subkg", "entity2id", "message"),
+    [
+        ({"1": [[8, 99]]}, None, r"dbpedia_subkg.json: head 1: tail entity id 99 is not in entity2id.json"),
+        ({"77": [[8, 2]]}, None, r"dbpedia_subkg.json: head 77: head entity id 77 is not in entity2id.json"),
+        ({"1": [[0, 2]]}, None, r"dbpedia_subkg.json: head 1: relation id 0 is not an integer >= 1"),
+        ({"1": [[8, "x"]]}, None, r"dbpedia_subkg.json: head 1: id 'x' is not an integer"),
+        ({"1": [[8, 2, 3]]}, None, r"dbpedia_subkg.json: head 1: expected a \[relation, tail\] pair"),
+        ({"1": 5}, None, r"dbpedia_subkg.json: head 1: expected a list"),
+        ({}, None, r"dbpedia_subkg.json: the subgraph has no triples"),
+        ({"1": []}, None, r"dbpedia_subkg.json: the subgraph has no triples"),
+        (None, {"<a>": 1, "<b>": 1}, r"entity2id.json: id 0 is used by more than one entity"),
+        (None, {"<a>": 0}, r"entity2id.json: entity '<a>': id 0 is not an integer >= 1"),
+    ],
+)
 def test_bad_ids_name_file_head_and_id(tmp_path, subkg, entity2id, message):
     directory = tmp_path / "crslab"
     shutil.copytree(CRSLAB, directory)
@@ -310,9 +327,13 @@ def test_bad_pickle_ids(tmp_path):
         kg.load_kgsf_kg(tmp_path / "nowhere.pkl", paths[1])
 
 
-META_MOVIES = pl.DataFrame({"movie_id": [1, 3, 5, 6],
-                            "dbpedia_uri": [R + "Heat_(1995_film)", None, None, R + "Twin_(2000_film)"],
-                            "title": ["Heat", "Lost Movie", "Twin", "Twin"]})
+META_MOVIES = pl.DataFrame(
+    {
+        "movie_id": [1, 3, 5, 6],
+        "dbpedia_uri": [R + "Heat_(1995_film)", None, None, R + "Twin_(2000_film)"],
+        "title": ["Heat", "Lost Movie", "Twin", "Twin"],
+    }
+)
 
 
 def test_movie_metadata_lands_on_the_items():
@@ -355,10 +376,11 @@ def test_movie_metadata_optional_files():
 # ---------------------------------------------------------------- the real mirror
 
 MIRROR = Path(os.environ.get("C2CRS_DATA_DIR", "/nonexistent"))
-real = pytest.mark.skipif(not (MIRROR / "dbpedia_kgsf" / "subkg.pkl").is_file()
-                          or not (MIRROR / "crslab_redial" / "dbpedia_subkg.json").is_file(),
-                          reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with dbpedia_kgsf/ "
-                                 "and crslab_redial/")
+real = pytest.mark.skipif(
+    not (MIRROR / "dbpedia_kgsf" / "subkg.pkl").is_file()
+    or not (MIRROR / "crslab_redial" / "dbpedia_subkg.json").is_file(),
+    reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with dbpedia_kgsf/ and crslab_redial/",
+)
 
 
 @pytest.fixture(scope="module")
@@ -371,8 +393,9 @@ def real_movies():
     """movie_id, dbpedia_uri (with the file's angle brackets) and title, as the ingest stage has them."""
     uris = json.loads((MIRROR / "crslab_redial" / "id2entity.jsonl").read_text())
     titles = json.loads((MIRROR / "crslab_redial" / "mid2name_redial.json").read_text())
-    return pl.DataFrame({"movie_id": [int(k) for k in uris], "dbpedia_uri": list(uris.values()),
-                         "title": [titles.get(k) for k in uris]})
+    return pl.DataFrame(
+        {"movie_id": [int(k) for k in uris], "dbpedia_uri": list(uris.values()), "title": [titles.get(k) for k in uris]}
+    )
 
 
 @real
@@ -385,8 +408,12 @@ def test_real_pickle_and_json_forms_agree(real_kgsf):
 
 @real
 def test_real_reference_counts_match_design(real_kgsf):
-    assert kg.reference_counts(real_kgsf.triples) == {"relations": 35, "edges": 316_884, "entities": 64_363,
-                                                      "entities_with_edges": 59_809}
+    assert kg.reference_counts(real_kgsf.triples) == {
+        "relations": 35,
+        "edges": 316_884,
+        "entities": 64_363,
+        "entities_with_edges": 59_809,
+    }
 
 
 @real
@@ -416,8 +443,17 @@ def test_real_movie_metadata(real_kgsf, real_movies):
 
 
 def test_vectorised_labels_equal_label_from_uri():
-    uris = [kg.normalize_uri(u) for u in (
-        "<http://dbpedia.org/resource/Why_Me%3F_(2015_film)>", "http://dbpedia.org/resource/Heat_(1995_film)",
-        "http://dbpedia.org/resource/(500)_Days_of_Summer", "http://dbpedia.org/resource/_(x)",
-        "meta:person:Tom Hanks", "meta:genre", "redial:12", "http://www.sva.edu")]
+    uris = [
+        kg.normalize_uri(u)
+        for u in (
+            "<http://dbpedia.org/resource/Why_Me%3F_(2015_film)>",
+            "http://dbpedia.org/resource/Heat_(1995_film)",
+            "http://dbpedia.org/resource/(500)_Days_of_Summer",
+            "http://dbpedia.org/resource/_(x)",
+            "meta:person:Tom Hanks",
+            "meta:genre",
+            "redial:12",
+            "http://www.sva.edu",
+        )
+    ]
     assert kg.uri_labels(pl.Series(uris)).to_list() == [kg.label_from_uri(u) for u in uris]

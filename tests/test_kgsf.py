@@ -9,8 +9,9 @@ import torch
 from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.word_graph import build_word_graph, read_word_edges, read_word_index
 
-VOCABULARY = pl.DataFrame({"token_id": [0, 1, 2, 3, 4], "token": ["__pad__", "Comedy", "funny", "the", "zzz"],
-                           "count": [0, 5, 4, 9, 1]})
+VOCABULARY = pl.DataFrame(
+    {"token_id": [0, 1, 2, 3, 4], "token": ["__pad__", "Comedy", "funny", "the", "zzz"], "count": [0, 5, 4, 9, 1]}
+)
 
 
 def test_the_word_graph_joins_words_both_ways_drops_stopword_edges_and_maps_tokens_by_lowercase():
@@ -19,8 +20,14 @@ def test_the_word_graph_joins_words_both_ways_drops_stopword_edges_and_maps_toke
     table, edges, token_words, metrics = build_word_graph(words, pairs, VOCABULARY, {"the"}, drop_stopwords=True)
     assert table["word"].to_list() == ["laugh", "funny", "the", "comedy"]  # renumbered in the index's id order
     ids = dict(zip(table["word"], table["word_id"]))
-    assert sorted(edges.rows()) == sorted([(ids["comedy"], ids["funny"]), (ids["funny"], ids["comedy"]),
-                                           (ids["funny"], ids["laugh"]), (ids["laugh"], ids["funny"])])
+    assert sorted(edges.rows()) == sorted(
+        [
+            (ids["comedy"], ids["funny"]),
+            (ids["funny"], ids["comedy"]),
+            (ids["funny"], ids["laugh"]),
+            (ids["laugh"], ids["funny"]),
+        ]
+    )
     assert dict(token_words.rows()) == {1: ids["comedy"], 2: ids["funny"], 3: ids["the"]}
     assert metrics["stopword_edges_dropped"] == 1 and metrics["edges"] == 4
     _, kept, _, _ = build_word_graph(words, pairs, VOCABULARY, {"the"}, drop_stopwords=False)
@@ -66,8 +73,9 @@ def test_kgsf_learns_items_from_words_alone_and_from_entities_alone():
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        logits = model.recommendation_logits(model.entity_rows(nodes, edge_index, edge_type),
-                                             entity_ids, model.word_states(word_edges), word_ids)
+        logits = model.recommendation_logits(
+            model.entity_rows(nodes, edge_index, edge_type), entity_ids, model.word_states(word_edges), word_ids
+        )
     assert logits.argmax(dim=1).tolist() == targets.tolist()
 
 

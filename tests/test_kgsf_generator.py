@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS, C2CRSConfig
-from models.generator import (USER, ConversationModel, GeneratorConfig, Memory, ResponseGenerator, beam_decode,
-                              generation_loss, greedy_decode)
+from models.generator import (
+    USER,
+    ConversationModel,
+    GeneratorConfig,
+    Memory,
+    ResponseGenerator,
+    beam_decode,
+    generation_loss,
+    greedy_decode,
+)
 from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.training import conv_runs, runs
 
@@ -17,9 +25,19 @@ PAD, START, END = 0, 1, 2
 
 def _generator(memory_dims: dict, bias_dim: int = 0, seed: int = 0) -> ResponseGenerator:
     torch.manual_seed(seed)
-    return ResponseGenerator(GeneratorConfig(vocab_size=11, memory_dims=memory_dims, dim=8, n_heads=2, ffn_dim=16,
-                                             dropout=0.0, max_positions=8, copy=False,
-                                             vocabulary_bias_dim=bias_dim)).eval()
+    return ResponseGenerator(
+        GeneratorConfig(
+            vocab_size=11,
+            memory_dims=memory_dims,
+            dim=8,
+            n_heads=2,
+            ffn_dim=16,
+            dropout=0.0,
+            max_positions=8,
+            copy=False,
+            vocabulary_bias_dim=bias_dim,
+        )
+    ).eval()
 
 
 def test_the_decoder_reads_its_memories_in_the_configured_order():
@@ -28,8 +46,10 @@ def test_the_decoder_reads_its_memories_in_the_configured_order():
     kg_first.load_state_dict(history_first.state_dict())  # the same weights, only the chain differs
     assert kg_first.layers[0].memories == ["kg", "history"]
     g = torch.Generator().manual_seed(1)
-    memories = {"history": Memory(torch.randn(2, 4, 8, generator=g), torch.zeros(2, 4, dtype=torch.bool)),
-                "kg": Memory(torch.randn(2, 3, 6, generator=g), torch.zeros(2, 3, dtype=torch.bool))}
+    memories = {
+        "history": Memory(torch.randn(2, 4, 8, generator=g), torch.zeros(2, 4, dtype=torch.bool)),
+        "kg": Memory(torch.randn(2, 3, 6, generator=g), torch.zeros(2, 3, dtype=torch.bool)),
+    }
     ids = torch.tensor([[START, 5, 6], [START, 7, 8]])
     a = history_first.decode(ids, history_first.memory_keys_values(memories))
     b = kg_first.decode(ids, kg_first.memory_keys_values(memories))
@@ -60,18 +80,44 @@ def test_the_vocabulary_bias_raises_graph_words_only_and_teacher_forcing_equals_
 def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, conv_runs.ConvModelConfig]:
     """A tiny KGSF generator: 10 input tokens (9 is a movie), 6 entities, 5 graph words of tokens 5..8."""
     torch.manual_seed(seed)
-    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
-                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    encoders = C2CRS(
+        C2CRSConfig(
+            vocab_size=10,
+            n_entities=6,
+            n_relations=2,
+            n_items=3,
+            token_dim=8,
+            kg_dim=6,
+            n_layers=1,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=20,
+        )
+    )
     kgsf = KGSFRecommender(KGSFConfig(n_words=5, n_entities=6, n_relations=2, n_items=3, dim=6, num_bases=2))
     word_edges = torch.tensor([[0, 1, 1, 2, 3], [1, 0, 2, 1, 4]])
     token_word = torch.tensor([-1, -1, -1, -1, -1, 0, 1, 2, 3, -1])  # tokens 5..8 are words 0..3; word 4 unsaid
     config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
-        generator=dataclasses.asdict(GeneratorConfig(vocab_size=11, memory_dims={"kg": 6, "word": 6, "history": 8},
-                                                     dim=8, n_heads=2, ffn_dim=16, max_positions=8, copy=False,
-                                                     vocabulary_bias_dim=12)),
-        movie_token_ids=[9], uncopyable_ids=[0, 1, 2, 3, 4], frozen=["kg", "word"], pretrained="kgsf",
-        kgsf=dataclasses.asdict(kgsf.cfg), word_edges=word_edges.size(1))
+        generator=dataclasses.asdict(
+            GeneratorConfig(
+                vocab_size=11,
+                memory_dims={"kg": 6, "word": 6, "history": 8},
+                dim=8,
+                n_heads=2,
+                ffn_dim=16,
+                max_positions=8,
+                copy=False,
+                vocabulary_bias_dim=12,
+            )
+        ),
+        movie_token_ids=[9],
+        uncopyable_ids=[0, 1, 2, 3, 4],
+        frozen=["kg", "word"],
+        pretrained="kgsf",
+        kgsf=dataclasses.asdict(kgsf.cfg),
+        word_edges=word_edges.size(1),
+    )
     return conv_runs.conversation_model(config, encoders, kgsf, (word_edges, token_word)), config
 
 
@@ -102,14 +148,17 @@ def test_kgsf_generator_reads_words_entities_and_user_vectors_from_its_frozen_re
     assert model.generator.bias_tokens.nonzero().flatten().tolist() == [5, 6, 7, 8]  # graph words, no placeholder
 
     targets = torch.tensor([[5, END], [10, END], [6, END]])
-    hidden = model.generator.decode(torch.tensor([[START, 5], [START, 10], [START, 6]]),
-                                    model.generator.memory_keys_values(memories))
+    hidden = model.generator.decode(
+        torch.tensor([[START, 5], [START, 10], [START, 6]]), model.generator.memory_keys_values(memories)
+    )
     generation_loss(model.generator.target_log_probs(hidden, targets, source, memories[USER]), targets, PAD).backward()
     assert all(p.grad is None for p in model.kgsf.parameters())  # KGSF freezes its recommender's parts
     assert model.encoders.conversation_encoder.tokens.weight.grad is not None
     assert model.generator.bias_output.weight.grad is not None
-    for decoded in (greedy_decode(model.generator, memories, source, 5),
-                    beam_decode(model.generator, memories, source, 5, beam_size=2)):
+    for decoded in (
+        greedy_decode(model.generator, memories, source, 5),
+        beam_decode(model.generator, memories, source, 5, beam_size=2),
+    ):
         assert len(decoded) == 3 and all(len(r) <= 5 for r in decoded)
 
 
@@ -149,8 +198,20 @@ def test_a_saved_kgsf_generator_loads_with_its_word_graph(tmp_path):
 
 
 def test_the_word_memory_and_vocabulary_bias_need_kgsf():
-    encoders = C2CRS(C2CRSConfig(vocab_size=10, n_entities=6, n_relations=2, n_items=3, token_dim=8, kg_dim=6,
-                                 n_layers=1, n_heads=2, ffn_dim=16, max_positions=20))
+    encoders = C2CRS(
+        C2CRSConfig(
+            vocab_size=10,
+            n_entities=6,
+            n_relations=2,
+            n_items=3,
+            token_dim=8,
+            kg_dim=6,
+            n_layers=1,
+            n_heads=2,
+            ffn_dim=16,
+            max_positions=20,
+        )
+    )
     with pytest.raises(ValueError, match="need KGSF's recommender and its word graph"):
         ConversationModel(encoders, _generator({"word": 6, "history": 8}), [9], [0, 1, 2, 3, 4])
     with pytest.raises(ValueError, match="the word encoder is KGSF's"):

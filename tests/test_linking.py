@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.text.linking import (EntityLinker, dbpedia_label, evaluate_linker, label_variants, mirror_linker_inputs,
-                            normalize, normalized_tokens, tokenize)
+from stages.text.linking import (
+    EntityLinker,
+    dbpedia_label,
+    evaluate_linker,
+    label_variants,
+    mirror_linker_inputs,
+    normalize,
+    normalized_tokens,
+    tokenize,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "linking" / "valid_data.json"
 MIRROR = Path(os.environ.get("C2CRS_DATA_DIR", "/nonexistent"))
@@ -26,9 +34,23 @@ MIRROR_F1_FLOOR = 0.37
 def test_tokenize_offsets_and_kinds():
     text = "I don't like @12345, but Tom Hanks’s café... rocks!"
     tokens = tokenize(text)
-    assert [t.text for t in tokens] == ["I", "don't", "like", "@12345", ",", "but", "Tom", "Hanks’s", "café", ".",
-                                        ".", ".", "rocks", "!"]
-    assert all(text[t.start:t.end] == t.text for t in tokens)
+    assert [t.text for t in tokens] == [
+        "I",
+        "don't",
+        "like",
+        "@12345",
+        ",",
+        "but",
+        "Tom",
+        "Hanks’s",
+        "café",
+        ".",
+        ".",
+        ".",
+        "rocks",
+        "!",
+    ]
+    assert all(text[t.start : t.end] == t.text for t in tokens)
 
 
 def test_normalize():
@@ -42,7 +64,7 @@ def test_normalize():
 @given(st.text(max_size=80))
 def test_tokenize_round_trip(text):
     tokens = tokenize(text)
-    assert all(text[t.start:t.end] == t.text for t in tokens)
+    assert all(text[t.start : t.end] == t.text for t in tokens)
     assert all(a.end <= b.start for a, b in zip(tokens, tokens[1:]))
     assert "".join(t.text for t in tokens) == "".join(text.split())  # every non-space character is in one token
 
@@ -95,7 +117,8 @@ def test_case_and_accent_insensitive():
     linker = EntityLinker.build({1: ["Café Society"], 2: ["Beyoncé"]}, stopwords=set())
     assert linked(linker, "CAFE society and beyonce") == [("CAFE society", 1), ("beyonce", 2)]
     assert linked(linker, unicodedata.normalize("NFD", "Beyoncé’s album")) == [
-        (unicodedata.normalize("NFD", "Beyoncé’s"), 2)]
+        (unicodedata.normalize("NFD", "Beyoncé’s"), 2)
+    ]
 
 
 def test_possessive_matches_the_name():
@@ -109,8 +132,9 @@ def test_stopword_short_and_numeric_filters():
     assert linked(linker, "It is up to her, 1984, The Who, nice, ha! Jaws") == [("Jaws", 8)]
     assert linker.stats.skipped_stopword == 4  # It, Her, The Who (all stopwords), Nice (chat word)
     assert linker.stats.skipped_short == 3  # Up, Ha!, 1984
-    loose = EntityLinker.build(labels, stopwords=set(), min_label_chars=2, add_chat_stopwords=False,
-                               skip_all_stopword_labels=False)
+    loose = EntityLinker.build(
+        labels, stopwords=set(), min_label_chars=2, add_chat_stopwords=False, skip_all_stopword_labels=False
+    )
     assert {e for _, e in linked(loose, "It is up to her, 1984, The Who, nice, ha! Jaws")} == {1, 2, 3, 5, 6, 7, 8}
 
 
@@ -161,9 +185,11 @@ SEPARATORS = [" ", "  ", ", ", ". ", "! ", "-", " @123 ", "'s "]
 label_sets = st.dictionaries(
     st.integers(1, 12),
     st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=3).map(" ".join), min_size=1, max_size=2),
-    max_size=10)
+    max_size=10,
+)
 texts = st.lists(st.tuples(st.sampled_from(WORDS), st.sampled_from(SEPARATORS)), max_size=25).map(
-    lambda parts: "".join(word + sep for word, sep in parts))
+    lambda parts: "".join(word + sep for word, sep in parts)
+)
 degrees = st.none() | st.dictionaries(st.integers(1, 12), st.integers(0, 20))
 
 
@@ -174,7 +200,7 @@ def test_linking_properties(labels, text, degree):
     mentions = linker.link(text)
     tokens = tokenize(text)
     for m in mentions:
-        assert text[m.start:m.end] == m.surface
+        assert text[m.start : m.end] == m.surface
         assert (tokens[m.token_start].start, tokens[m.token_end - 1].end) == (m.start, m.end)
         assert " ".join(normalized_tokens(m.surface)) in linker.labels[m.entity_id]
     assert all(a.end <= b.start and a.token_end <= b.token_start for a, b in zip(mentions, mentions[1:]))
@@ -192,19 +218,39 @@ def fixture_linker():
 
 
 def test_evaluate_on_fixture():
-    uri_map = {DBP.format(name): i for name, i in
-               [("Tom_Hanks", 1), ("Horror_film", 2), ("Steven_Spielberg", 3), ("Nice", 4), ("Heat_(1995_film)", 10)]}
+    uri_map = {
+        DBP.format(name): i
+        for name, i in [
+            ("Tom_Hanks", 1),
+            ("Horror_film", 2),
+            ("Steven_Spielberg", 3),
+            ("Nice", 4),
+            ("Heat_(1995_film)", 10),
+        ]
+    }
     result = evaluate_linker(fixture_linker(), FIXTURE, uri_map, {DBP.format("Heat_(1995_film)")}, sample_size=2)
-    assert result["counts"] == {"utterances": 5, "gold": 6, "predicted": 4, "true_positives": 3, "gold_unmapped": 1,
-                                "gold_mapped": 5, "ambiguous_spans": 0}
+    assert result["counts"] == {
+        "utterances": 5,
+        "gold": 6,
+        "predicted": 4,
+        "true_positives": 3,
+        "gold_unmapped": 1,
+        "gold_mapped": 5,
+        "ambiguous_spans": 0,
+    }
     assert result["precision"] == pytest.approx(0.75)
     assert result["recall"] == pytest.approx(0.5)
     assert result["f1"] == pytest.approx(0.6)
     assert result["recall_mapped"] == pytest.approx(0.6)
     assert result["macro_f1"] == pytest.approx(0.5)
     assert len(result["sample_misses"]) == 2 and len(result["sample_false_hits"]) == 1
-    assert result["sample_false_hits"][0] == {"conv_id": 1, "utt_id": 2, "text": "any horror movies ?",
-                                              "entity_id": 2, "surface": "horror"}
+    assert result["sample_false_hits"][0] == {
+        "conv_id": 1,
+        "utt_id": 2,
+        "text": "any horror movies ?",
+        "entity_id": 2,
+        "surface": "horror",
+    }
     again = evaluate_linker(fixture_linker(), FIXTURE, uri_map, {DBP.format("Heat_(1995_film)")}, sample_size=2)
     assert again["sample_misses"] == result["sample_misses"]  # seeded
 
@@ -219,12 +265,15 @@ def test_evaluate_names_a_bad_file(tmp_path):
 # ---------------------------------------------------------------- real mirror
 
 
-@pytest.mark.skipif(not (MIRROR / "crslab_redial" / "valid_data.json").is_file(),
-                    reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with crslab_redial/")
+@pytest.mark.skipif(
+    not (MIRROR / "crslab_redial" / "valid_data.json").is_file(),
+    reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with crslab_redial/",
+)
 def test_mirror_f1_floor():
     inputs = mirror_linker_inputs(MIRROR)
     linker = EntityLinker.build(inputs.labels, inputs.stopwords, degree=inputs.degree)
-    result = evaluate_linker(linker, MIRROR / "crslab_redial" / "valid_data.json", inputs.uri_to_entity_id,
-                             inputs.movie_uris)
+    result = evaluate_linker(
+        linker, MIRROR / "crslab_redial" / "valid_data.json", inputs.uri_to_entity_id, inputs.movie_uris
+    )
     assert result["counts"]["utterances"] == 16387
     assert result["f1"] >= MIRROR_F1_FLOOR, result

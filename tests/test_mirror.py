@@ -11,8 +11,9 @@ from stages import ingest
 from tests.conftest import PROJECT
 
 MIRROR = Path(os.environ.get("C2CRS_DATA_DIR", "/nonexistent"))
-pytestmark = pytest.mark.skipif(not (MIRROR / "redial").is_dir(),
-                                reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with redial/")
+pytestmark = pytest.mark.skipif(
+    not (MIRROR / "redial").is_dir(), reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with redial/"
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,9 @@ def raw():
 
 @pytest.fixture(scope="module")
 def result(raw):
-    return ingest.ingest(raw, on_bad_record="skip", valid_split="auto", valid_fraction=0.1,
-                         full_train_conversations=10006, seed=42)
+    return ingest.ingest(
+        raw, on_bad_record="skip", valid_split="auto", valid_fraction=0.1, full_train_conversations=10006, seed=42
+    )
 
 
 def test_real_split_counts(result):
@@ -44,17 +46,20 @@ def test_real_movies(result):
 
 
 def test_turns_alternate_after_merging(result):
-    alternating = (result.utterances.sort("conv_id", "turn_idx")
-                   .with_columns(pl.col("role").shift().over("conv_id").alias("previous"))
-                   .filter(pl.col("role") == pl.col("previous")))
+    alternating = (
+        result.utterances.sort("conv_id", "turn_idx")
+        .with_columns(pl.col("role").shift().over("conv_id").alias("previous"))
+        .filter(pl.col("role") == pl.col("previous"))
+    )
     assert alternating.height == 0
 
 
 def test_the_one_known_bad_mention_is_reported(raw, result):
     assert result.metrics["bad_records"] == {"unknown_mention": 1}
     with pytest.raises(ingest.BadRecordError, match=r"train_partial.jsonl, line 107: conversation 1382: .*@115908"):
-        ingest.ingest(raw, on_bad_record="error", valid_split="auto", valid_fraction=0.1,
-                      full_train_conversations=10006, seed=42)
+        ingest.ingest(
+            raw, on_bad_record="error", valid_split="auto", valid_fraction=0.1, full_train_conversations=10006, seed=42
+        )
 
 
 def test_every_data_stage_on_the_mirror(tmp_path, monkeypatch):
@@ -69,8 +74,12 @@ def test_every_data_stage_on_the_mirror(tmp_path, monkeypatch):
     metrics = {name: stage_body(name)(params, tmp_path).metrics for name in data_stages}
     assert metrics["reviews"]["coverage"]["overall"]["test_movies"] > 0.95
     assert metrics["reviews"]["bad_records"] == 18
-    assert metrics["kg"]["reference"] == {"relations": 35, "edges": 316884, "entities": 64363,
-                                          "entities_with_edges": 59809}
+    assert metrics["kg"]["reference"] == {
+        "relations": 35,
+        "edges": 316884,
+        "entities": 64363,
+        "entities_with_edges": 59809,
+    }
     assert metrics["kg"]["items"] == 6924 and metrics["kg"]["relations"] == 69
     assert metrics["triples"]["samples"] == {"test": 14362, "train": 25810, "valid": 2761}
     assert metrics["triples"]["linker"]["f1"] > 0.33

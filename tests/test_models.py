@@ -12,15 +12,26 @@ import torch
 import torch.nn.functional as F
 
 from models.baselines import TextCNNRecommender, popularity_scores
-from models.c2crs import (C2CRS, C2CRSConfig, KGEncoder, SelfAttentivePooling, TokenEncoder, batch_entities,
-                          info_nce)
+from models.c2crs import C2CRS, C2CRSConfig, KGEncoder, SelfAttentivePooling, TokenEncoder, batch_entities, info_nce
 
 B, L, K, LS, E_CTX = 4, 12, 3, 6, 3
 
 
 def tiny_config(**overrides) -> C2CRSConfig:
-    base = dict(vocab_size=50, n_entities=30, n_relations=5, n_items=10, token_dim=16, kg_dim=8, n_heads=2,
-                ffn_dim=16, num_bases=2, projection_dim=8, max_positions=32, dropout=0.0)
+    base = dict(
+        vocab_size=50,
+        n_entities=30,
+        n_relations=5,
+        n_items=10,
+        token_dim=16,
+        kg_dim=8,
+        n_heads=2,
+        ffn_dim=16,
+        num_bases=2,
+        projection_dim=8,
+        max_positions=32,
+        dropout=0.0,
+    )
     base.update(overrides)
     return C2CRSConfig(**base)
 
@@ -135,8 +146,11 @@ def test_kg_forward_nodes_equals_full_forward():
     assert part.shape == (len(nodes), cfg.kg_dim)
     assert torch.allclose(part, full[nodes], atol=1e-5)
     isolated = edge_index[1] != 42  # a node without in-edges: root weight + bias only
-    assert torch.allclose(kg.forward_nodes(torch.tensor([42]), edge_index[:, isolated], edge_type[isolated]),
-                          kg(edge_index[:, isolated], edge_type[isolated])[42:43], atol=1e-5)
+    assert torch.allclose(
+        kg.forward_nodes(torch.tensor([42]), edge_index[:, isolated], edge_type[isolated]),
+        kg(edge_index[:, isolated], edge_type[isolated])[42:43],
+        atol=1e-5,
+    )
     weights = torch.randn(len(nodes), cfg.kg_dim)  # and the same gradients for every weight
     grads = []
     for output in (lambda: kg(edge_index, edge_type)[nodes], lambda: kg.forward_nodes(nodes, edge_index, edge_type)):
@@ -161,8 +175,9 @@ def test_batch_entities_keeps_item_layout(setup):
     N = model.entity_graph(edge_index, edge_type)
     N_sub = model.entity_graph(edge_index, edge_type, nodes=nodes)
     assert torch.allclose(model.graph_view(N_sub, remapped), model.graph_view(N, entities), atol=1e-5)
-    assert torch.allclose(model.recommendation_logits(N_sub, remapped), model.recommendation_logits(N, entities),
-                          atol=1e-5)
+    assert torch.allclose(
+        model.recommendation_logits(N_sub, remapped), model.recommendation_logits(N, entities), atol=1e-5
+    )
 
 
 # ---- InfoNCE -----------------------------------------------------------------------------------------------------
@@ -217,7 +232,11 @@ def test_fine_loss_masks_duplicate_entities_and_sentences(setup):
     sents[3] = sents[2]
     loss = model.fine_contrastive_loss(words, ents, sents, entity_ids, sentence_ids)
     same = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
-    w, n, s = model.projection["conversation"](words), model.projection["graph"](ents), model.projection["review"](sents)
+    w, n, s = (
+        model.projection["conversation"](words),
+        model.projection["graph"](ents),
+        model.projection["review"](sents),
+    )
 
     def by_hand(x, y):  # explicit per-row log-softmax over the allowed columns
         cos = F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T / cfg.temperature
@@ -244,8 +263,16 @@ def test_coarse_loss_reaches_every_view_parameter(setup):
     loss = model.coarse_contrastive_loss(e_C, e_G, e_R, (entities >= 0).any(1), sentence_mask.any(1))
     assert torch.isfinite(loss)
     loss.backward()
-    for name in ("conversation_encoder", "conversation_pooling", "kg_encoder", "graph_pooling", "review_encoder",
-                 "sentence_pooling", "review_pooling", "projection"):
+    for name in (
+        "conversation_encoder",
+        "conversation_pooling",
+        "kg_encoder",
+        "graph_pooling",
+        "review_encoder",
+        "sentence_pooling",
+        "review_pooling",
+        "projection",
+    ):
         assert_all_have_grad(getattr(model, name), name)
     assert model.user_pooling.proj.weight.grad is None  # the recommender is not part of pre-training
     touched = entities[entities >= 0].unique()
@@ -268,8 +295,13 @@ def test_fine_and_pretraining_loss_reach_their_parameters(setup):
     entity_rows = torch.tensor([ctx_local[0, 0], ctx_local[0, 1], ctx_local[0, 2], ctx_local[0, 0], ctx_local[1, 0]])
     sentence_tokens = sentences[1]  # [K, LS] -> 3 distinct sentences
     sentence_ids = torch.tensor([0, 1, 2, 0, 1])
-    fine = model.fine_contrastive_loss(F_[sample, position], N[entity_rows],
-                                       model.encode_sentences(sentence_tokens)[sentence_ids], entity_ids, sentence_ids)
+    fine = model.fine_contrastive_loss(
+        F_[sample, position],
+        N[entity_rows],
+        model.encode_sentences(sentence_tokens)[sentence_ids],
+        entity_ids,
+        sentence_ids,
+    )
     loss = model.pretraining_loss(fine, coarse, 0.2)
     assert torch.allclose(loss, fine + 0.2 * coarse)
     loss.backward()
@@ -313,8 +345,9 @@ def test_recommender_overfits_tiny_problem(setup):
     first = None
     for _ in range(40):
         opt.zero_grad()
-        loss = model.recommendation_loss(model.recommendation_logits(model.entity_graph(edge_index, edge_type),
-                                                                     entities), targets)
+        loss = model.recommendation_loss(
+            model.recommendation_logits(model.entity_graph(edge_index, edge_type), entities), targets
+        )
         first = loss.item() if first is None else first
         loss.backward()
         opt.step()
@@ -331,9 +364,10 @@ def test_item_bias_is_per_entity_and_added_to_the_logits(setup):
         model.item_bias.copy_(torch.arange(cfg.n_entities, dtype=torch.float))
     N = model.entity_graph(edge_index, edge_type)
     plain = model.user_vector(N, entities) @ N.T
-    assert torch.allclose(model.recommendation_logits(N, entities), plain[:, :cfg.n_items] + torch.arange(10.0))
-    assert torch.allclose(model.recommendation_logits(N, entities, all_entities=True),
-                          plain + torch.arange(float(cfg.n_entities)))
+    assert torch.allclose(model.recommendation_logits(N, entities), plain[:, : cfg.n_items] + torch.arange(10.0))
+    assert torch.allclose(
+        model.recommendation_logits(N, entities, all_entities=True), plain + torch.arange(float(cfg.n_entities))
+    )
 
 
 def test_rec_pooling_graph_reuses_the_pretrained_graph_pooling(setup):
@@ -374,8 +408,13 @@ def test_six_projection_heads_give_the_fine_loss_its_own_heads(setup):
     model = C2CRS(tiny_config(projection_heads="per_view_and_level"))
     assert C2CRS(tiny_config()).unit_projection is None
     T = 6
-    loss = model.fine_contrastive_loss(torch.randn(T, cfg.token_dim), torch.randn(T, cfg.kg_dim),
-                                       torch.randn(T, cfg.token_dim), torch.arange(T), torch.arange(T))
+    loss = model.fine_contrastive_loss(
+        torch.randn(T, cfg.token_dim),
+        torch.randn(T, cfg.kg_dim),
+        torch.randn(T, cfg.token_dim),
+        torch.arange(T),
+        torch.arange(T),
+    )
     loss.backward()
     assert all(p.grad is not None for p in model.unit_projection.parameters())
     assert all(p.grad is None for p in model.projection.parameters())
@@ -437,8 +476,7 @@ def test_repeat_choice_by_hand():
 
     seeker, recommender = RepeatChoice.ROLES.index("seeker"), RepeatChoice.ROLES.index("recommender")
     # seeker targets: 2 repeats at position 0, 1 at position 1, 1 new; recommender: 1 repeat at position 3, 3 new
-    fitted = RepeatChoice.fit([0, 0, 1, None, 3, None, None, None],
-                              [seeker] * 4 + [recommender] * 4, max_recency=2)
+    fitted = RepeatChoice.fit([0, 0, 1, None, 3, None, None, None], [seeker] * 4 + [recommender] * 4, max_recency=2)
     assert fitted.p_repeat[seeker, 0].item() == pytest.approx(4 / 6)  # add-one: (3 + 1) / (3 + 1 + 1 + 1)
     assert fitted.p_repeat[recommender, 0].item() == pytest.approx(2 / 6)
     assert fitted.by_recency[seeker].tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6])
@@ -462,10 +500,16 @@ def test_repeat_choice_fitted_on_a_table():
     from stages.training.c2crs_data import SampleTable
     from stages.training.repeat_choice import fit_repeat_choice
 
-    table = SampleTable(sample_ids=np.arange(3), conv_ids=np.zeros(3, dtype=int),
-                        roles=["seeker", "recommender", "seeker"], context_tokens=[[1]] * 3,
-                        context_entities=[[]] * 3, context_items=[[]] * 3, targets=[[5], [7, 5], [9]],
-                        triples=[[]] * 3)
+    table = SampleTable(
+        sample_ids=np.arange(3),
+        conv_ids=np.zeros(3, dtype=int),
+        roles=["seeker", "recommender", "seeker"],
+        context_tokens=[[1]] * 3,
+        context_entities=[[]] * 3,
+        context_items=[[]] * 3,
+        targets=[[5], [7, 5], [9]],
+        triples=[[]] * 3,
+    )
     recent = torch.tensor([[5, -1], [5, 2], [5, 7]])
     choice = fit_repeat_choice(table, recent, max_recency=1)
     # seeker: 5 at position 0 (repeat), 9 new; recommender: 7 new, 5 at position 0 (repeat)
@@ -485,9 +529,15 @@ def test_choice_states_count_context_movies_and_the_turn_before():
 
     from stages.evaluation.rec_metrics import choice_states
 
-    samples = pl.DataFrame({"sample_id": [0, 1, 2, 3], "conv_id": [1, 1, 1, 2], "turn_idx": [1, 2, 3, 1],
-                            "context_item_ids": [[5], [5], [5, 6, 7, 8, 9], []],
-                            "target_item_ids": [[], [6], [], [4]]})
+    samples = pl.DataFrame(
+        {
+            "sample_id": [0, 1, 2, 3],
+            "conv_id": [1, 1, 1, 2],
+            "turn_idx": [1, 2, 3, 1],
+            "context_item_ids": [[5], [5], [5, 6, 7, 8, 9], []],
+            "target_item_ids": [[], [6], [], [4]],
+        }
+    )
     # (movies 1, 2, 3, 4+ -> 0..3) x 2 + named by the turn before: turn 1's is turn 0 (its context)
     assert choice_states(samples) == [0 * 2 + 1, 0 * 2 + 0, 3 * 2 + 1, 0 * 2 + 0]
 

@@ -28,8 +28,15 @@ def run(tmp_path, upstream, jobs=2, seconds=0.5):
     script = tmp_path / "stage.py"
     script.write_text(STAGE)
     records = tmp_path / "records.jsonl"
-    results = run_stages(upstream, lambda name: [sys.executable, str(script), name, str(seconds), str(records)],
-                         jobs, tmp_path, dict(os.environ), tmp_path / "logs", echo=lambda line: None)
+    results = run_stages(
+        upstream,
+        lambda name: [sys.executable, str(script), name, str(seconds), str(records)],
+        jobs,
+        tmp_path,
+        dict(os.environ),
+        tmp_path / "logs",
+        echo=lambda line: None,
+    )
     ran = {r["name"]: r for r in map(json.loads, records.read_text().splitlines())} if records.exists() else {}
     return results, ran
 
@@ -69,8 +76,15 @@ if not marker.exists():
     sys.exit(255)
 print("done")
 """)
-    results = run_stages({"a": []}, lambda name: [sys.executable, str(script)], 2, tmp_path, dict(os.environ),
-                         tmp_path / "logs", echo=lambda line: None)
+    results = run_stages(
+        {"a": []},
+        lambda name: [sys.executable, str(script)],
+        2,
+        tmp_path,
+        dict(os.environ),
+        tmp_path / "logs",
+        echo=lambda line: None,
+    )
     assert results[0].status == "ran" and (tmp_path / "logs/a.log").read_text().strip() == "done"
 
 
@@ -82,7 +96,8 @@ def test_real_dvc_stages_side_by_side_keep_one_lock_file(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True, env=env)
     (tmp_path / "params.yaml").write_text("variants: {x: {k: 1}, y: {k: 2}}\n")
-    (tmp_path / "dvc.yaml").write_text("""stages:
+    (tmp_path / "dvc.yaml").write_text(
+        """stages:
   make:
     foreach: ${variants}
     do:
@@ -92,7 +107,8 @@ def test_real_dvc_stages_side_by_side_keep_one_lock_file(tmp_path):
     cmd: cat x.txt y.txt > both.txt
     deps: [x.txt, y.txt]
     outs: [both.txt]
-""".replace("outs: [${key}.txt]", "outs:\n        - ${key}.txt"))
+""".replace("outs: [${key}.txt]", "outs:\n        - ${key}.txt")
+    )
     from pipeline.parallel import dvc_stage_graph
 
     graph = dvc_stage_graph(tmp_path)
@@ -114,14 +130,16 @@ def test_sigterm_stops_the_running_stages_and_their_children(tmp_path):
     import time
 
     runner = tmp_path / "runner.py"
-    runner.write_text(textwrap.dedent(f"""
+    runner.write_text(
+        textwrap.dedent(f"""
         import os, subprocess, sys
         sys.path.insert(0, {str(PROJECT)!r})
         from pathlib import Path
         from pipeline.parallel import run_stages
         here = Path({str(tmp_path)!r})
         # the stage starts a grandchild that needs a second to exit after SIGTERM (as a stage ending its runs)
-        slow_exit = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), sys.exit(0))); time.sleep(60)"
+        slow_exit = ("import signal, sys, time; "
+                     "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), sys.exit(0))); time.sleep(60)")
         child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', %r]); "
                  "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)" % slow_exit)
         try:
@@ -130,7 +148,8 @@ def test_sigterm_stops_the_running_stages_and_their_children(tmp_path):
         except KeyboardInterrupt:
             gone = subprocess.run(["ps", "-p", open(here / "grandchild.pid").read()], capture_output=True).returncode
             open(here / "interrupted", "w").write(str(gone))
-    """))
+    """)
+    )
     process = subprocess.Popen([sys.executable, str(runner)])
     pid_file = tmp_path / "grandchild.pid"
     for _ in range(100):

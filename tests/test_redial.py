@@ -8,8 +8,9 @@ import torch
 from models.baselines import AutoRecRecommender
 from stages.training import redial_train
 
-ENTITIES = pl.DataFrame({"entity_id": [0, 1, 2, 3], "is_item": [True, True, True, False],
-                         "movie_id": [100, 200, 300, None]})
+ENTITIES = pl.DataFrame(
+    {"entity_id": [0, 1, 2, 3], "is_item": [True, True, True, False], "movie_id": [100, 200, 300, None]}
+)
 
 
 class _Table:
@@ -27,8 +28,15 @@ def _forms(rows):
 
 
 def test_the_seekers_answer_wins_and_the_recommenders_fills_in():
-    forms = _forms([(1, 100, "recommender", 0, 1, 1), (1, 100, "seeker", 0, 1, 0),
-                    (1, 200, "recommender", 1, 0, 1), (1, 300, "seeker", 1, 2, 2), (2, 999, "seeker", 0, 1, 1)])
+    forms = _forms(
+        [
+            (1, 100, "recommender", 0, 1, 1),
+            (1, 100, "seeker", 0, 1, 0),
+            (1, 200, "recommender", 1, 0, 1),
+            (1, 300, "seeker", 1, 2, 2),
+            (2, 999, "seeker", 0, 1, 1),
+        ]
+    )
     likes = redial_train.seeker_likes(forms, ENTITIES)
     assert likes == {(1, 0): 0.0, (1, 1): 1.0, (1, 2): 0.5}  # movie 999 is no item
 
@@ -39,8 +47,12 @@ def test_the_input_holds_each_context_movies_liking_and_coverage_counts_answers(
     x = redial_train.likes_input(table, np.array([0, 2]), likes, n_items=3)
     assert x.tolist() == [[0.0, 1.0, 0.5], [0.0, 0.5, 0.0]]  # no answer: "did not say"
     assert redial_train.label_coverage(table, likes) == {
-        "samples": 3, "samples_with_context_movies": 2, "samples_with_a_liked_or_disliked_movie": 1,
-        "context_mentions": 4, "context_mentions_liked_or_disliked": 2}
+        "samples": 3,
+        "samples_with_context_movies": 2,
+        "samples_with_a_liked_or_disliked_movie": 1,
+        "context_mentions": 4,
+        "context_mentions_liked_or_disliked": 2,
+    }
 
 
 def test_the_autoencoder_learns_which_movie_follows_a_liked_one():

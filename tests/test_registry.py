@@ -30,8 +30,14 @@ def train(tmp_path: Path, name: str, recall: float, lr: float, data: bytes = b"s
 
 
 def evaluate(weights: Path, name: str = "c2crs-recommender", rule=RECALL) -> None:
-    test = {"all_turns": {"recall@10": 0.2, "n": 100, "ci95": {"recall@10": [0.15, 0.25]},
-                          "margin_over": {"kbrd": {"difference": 0.01}}}}
+    test = {
+        "all_turns": {
+            "recall@10": 0.2,
+            "n": 100,
+            "ci95": {"recall@10": [0.15, 0.25]},
+            "margin_over": {"kbrd": {"difference": 0.01}},
+        }
+    }
     with stage_run("evaluate", {}) as run:
         run.evaluated(name, weights, test, rule, 0.0)
 
@@ -53,8 +59,11 @@ def test_the_champion_moves_only_to_a_version_that_is_better_on_validation(mlflo
     better = train(tmp_path, name, recall=0.35, lr=5e-4)
     evaluate(better)
     assert str(registry.alias_version(client, name, registry.CHAMPION).version) == "3"
-    [evaluate_run] = [r for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-                      if r.info.run_name == "evaluate" and "version 3" in r.data.tags.get(f"champion.{name}", "")]
+    [evaluate_run] = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+        if r.info.run_name == "evaluate" and "version 3" in r.data.tags.get(f"champion.{name}", "")
+    ]
     assert "new champion" in evaluate_run.data.tags[f"champion.{name}"]
 
 

@@ -24,12 +24,15 @@ VOCABULARY = pl.DataFrame({"token": TOKENS, "token_id": list(range(len(TOKENS)))
 def _model(weights: dict[str, float] | None = None, links: list[list[int]] = ((),) * 4) -> RevCoreRecommender:
     kgsf = KGSFConfig(n_words=3, n_entities=6, n_relations=2, n_items=2, dim=4, num_bases=2)
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in links])])
-    model = RevCoreRecommender(RevCoreConfig(kgsf=dataclasses.asdict(kgsf), vocab_size=len(TOKENS),
-                                             n_sentences=len(links), n_links=int(offsets[-1])))
+    model = RevCoreRecommender(
+        RevCoreConfig(
+            kgsf=dataclasses.asdict(kgsf), vocab_size=len(TOKENS), n_sentences=len(links), n_links=int(offsets[-1])
+        )
+    )
     weight = np.zeros(len(TOKENS), dtype=np.float32)
     for word, value in (weights or {}).items():
         weight[ID[word]] = value
-    return revcore_train.load_sentiment(model, weight, 0.0, offsets, np.asarray([e for l in links for e in l]))
+    return revcore_train.load_sentiment(model, weight, 0.0, offsets, np.asarray([e for link in links for e in link]))
 
 
 def test_the_sentiment_model_learns_polarity_from_rated_reviews_and_measures_it_on_held_out_ones():
@@ -66,9 +69,16 @@ def test_sentence_links_are_the_linkers_entities_in_sentence_order():
 
 def _table(contexts: list[list[str]], items: list[list[int]], entities: list[list[int]]) -> SampleTable:
     n = len(contexts)
-    return SampleTable(sample_ids=np.arange(n), conv_ids=np.arange(n), roles=["recommender"] * n,
-                       context_tokens=[[ID[w] for w in c] for c in contexts], context_entities=entities,
-                       context_items=items, targets=[[1]] * n, triples=[[] for _ in range(n)])
+    return SampleTable(
+        sample_ids=np.arange(n),
+        conv_ids=np.arange(n),
+        roles=["recommender"] * n,
+        context_tokens=[[ID[w] for w in c] for c in contexts],
+        context_entities=entities,
+        context_items=items,
+        targets=[[1]] * n,
+        triples=[[] for _ in range(n)],
+    )
 
 
 def _retrieval(model: RevCoreRecommender, review_movies: int = 3, max_context_tokens: int = 100):
@@ -78,20 +88,28 @@ def _retrieval(model: RevCoreRecommender, review_movies: int = 3, max_context_to
     entities = pl.DataFrame({"entity_id": [0, 1, 2], "is_item": [True, True, False], "movie_id": [11, 12, None]})
     sentence_tokens = [[ID["great"], ID["plot"], ID["loved"]], [ID["awful"], ID["boring"]], [ID["plot"]], [ID["the"]]]
     cfg = SimpleNamespace(review_movies=review_movies, review_tokens=2)
-    return revcore_train.ReviewRetrieval.build(model, sentence_tokens, sentences, entities, VOCABULARY, cfg,
-                                               max_context_tokens)
+    return revcore_train.ReviewRetrieval.build(
+        model, sentence_tokens, sentences, entities, VOCABULARY, cfg, max_context_tokens
+    )
 
 
 def test_retrieval_picks_the_review_sentence_whose_polarity_agrees_with_the_utterance_that_mentions_the_movie():
-    model = _model({"great": 3.0, "loved": 3.0, "wonderful": 3.0, "awful": -3.0, "boring": -3.0, "hated": -3.0},
-                   links=[[2, 0], [], [2], []])
+    model = _model(
+        {"great": 3.0, "loved": 3.0, "wonderful": 3.0, "awful": -3.0, "boring": -3.0, "hated": -3.0},
+        links=[[2, 0], [], [2], []],
+    )
     retrieval = _retrieval(model)
     assert retrieval.movie_sentences == {0: [0, 1], 1: [2]} and retrieval.movie_token == {0: ID["@11"], 1: ID["@12"]}
-    table = _table([["loved", "@11", SPLIT, "the"],  # liked movie 0 -> its positive sentence
-                    ["hated", "@11", SPLIT, "wonderful", "@12"],  # disliked 0 -> negative; 1 -> its only one
-                    ["the", "plot"],  # movie 0 is in the context but its mention was cut: neutral
-                    ["great"]],  # no context movie: nothing retrieved
-                   items=[[0], [0, 1], [0], []], entities=[[0], [0, 1], [0], [2]])
+    table = _table(
+        [
+            ["loved", "@11", SPLIT, "the"],  # liked movie 0 -> its positive sentence
+            ["hated", "@11", SPLIT, "wonderful", "@12"],  # disliked 0 -> negative; 1 -> its only one
+            ["the", "plot"],  # movie 0 is in the context but its mention was cut: neutral
+            ["great"],
+        ],  # no context movie: nothing retrieved
+        items=[[0], [0, 1], [0], []],
+        entities=[[0], [0, 1], [0], [2]],
+    )
     assert retrieval.choose(table, np.arange(4)) == [[0], [2, 1], [0], []]
     enriched = retrieval.augment(table)
     split = ID[SPLIT]

@@ -10,14 +10,17 @@ from stages.sources import safe_pickle
 from stages.sources.safe_pickle import PickleSafetyError, load_pickle_restricted
 
 
-@pytest.mark.parametrize("payload, named", [
-    (b"cbuiltins\nbytearray\n(I8000000000\ntR.", "builtins.bytearray"),  # an 8 GB allocation if called
-    (b"c__builtin__\nbytearray\n(I8000000000\ntR.", "__builtin__.bytearray"),
-    (b"cbuiltins\nbytes\n(I8000000000\ntR.", "builtins.bytes"),
-    (b"cos\nsystem\n(S'echo owned'\ntR.", "os.system"),
-    (b"cbuiltins\neval\n(S'1+1'\ntR.", "builtins.eval"),
-    (b"cbuiltins\nint\n(S'12'\ntR.", "builtins.int"),  # scalars are opcodes: no reason to call a type
-])
+@pytest.mark.parametrize(
+    "payload, named",
+    [
+        (b"cbuiltins\nbytearray\n(I8000000000\ntR.", "builtins.bytearray"),  # an 8 GB allocation if called
+        (b"c__builtin__\nbytearray\n(I8000000000\ntR.", "__builtin__.bytearray"),
+        (b"cbuiltins\nbytes\n(I8000000000\ntR.", "builtins.bytes"),
+        (b"cos\nsystem\n(S'echo owned'\ntR.", "os.system"),
+        (b"cbuiltins\neval\n(S'1+1'\ntR.", "builtins.eval"),
+        (b"cbuiltins\nint\n(S'12'\ntR.", "builtins.int"),  # scalars are opcodes: no reason to call a type
+    ],
+)
 def test_a_pickle_naming_anything_but_containers_is_refused_before_it_runs(tmp_path, payload, named):
     path = tmp_path / "crafted.pkl"
     path.write_bytes(payload)
@@ -26,8 +29,14 @@ def test_a_pickle_naming_anything_but_containers_is_refused_before_it_runs(tmp_p
 
 
 def test_the_containers_of_the_public_files_load_in_every_protocol(tmp_path):
-    value = {"subkg": collections.defaultdict(list, {1: [(2, 3)]}), "ids": {"a": 1}, "s": {1, 2},
-             "f": frozenset({3}), "t": (1, "x", 2.5, None, True), "o": collections.OrderedDict(a=1)}
+    value = {
+        "subkg": collections.defaultdict(list, {1: [(2, 3)]}),
+        "ids": {"a": 1},
+        "s": {1, 2},
+        "f": frozenset({3}),
+        "t": (1, "x", 2.5, None, True),
+        "o": collections.OrderedDict(a=1),
+    }
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps(value, protocol=protocol))

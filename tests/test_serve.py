@@ -13,8 +13,7 @@ from models.c2crs import C2CRS, C2CRSConfig
 from pipeline.serve import MAX_BODY_BYTES, Models, create_app
 from pipeline.tracking import stage_run, tracking_uri
 from stages.chat import engine
-from stages.training import c2crs_train
-from stages.training import runs
+from stages.training import c2crs_train, runs
 from stages.training.runs import TRAINING_INPUTS
 
 LOVED_ALPHA = [{"role": "seeker", "text": 'hi, I loved "Alpha" with Tom Hanks and "No Such Film"'}]
@@ -104,23 +103,28 @@ def test_chat_answers_with_the_recommenders_movies(api, models):
     # The shown response is the one kept for the conversation, movies as titles; no placeholder is left.
     assert models.knowledge.titled(body["response_with_ids"]) == body["response"]
     assert "__movie__" not in body["response"]
-    follow_up = LOVED_ALPHA + [{"role": "recommender", "text": body["response_with_ids"]},
-                               {"role": "seeker", "text": "something else? I have seen @400"}]
+    follow_up = LOVED_ALPHA + [
+        {"role": "recommender", "text": body["response_with_ids"]},
+        {"role": "seeker", "text": "something else? I have seen @400"},
+    ]
     again = api.post("/v1/chat", json={"messages": follow_up, "top_k": 2}).json()
     assert 400 not in [r["movie_id"] for r in again["recommendations"]]
 
 
-@pytest.mark.parametrize("body, status, says", [
-    ({"messages": [{"role": "bot", "text": "hi"}]}, 422, "seeker"),
-    ({"messages": [{"role": "seeker", "text": ""}]}, 422, "at least 1 character"),
-    ({"messages": [{"role": "seeker", "text": "x" * 2001}]}, 422, "at most 2000"),
-    ({"messages": [{"role": "seeker", "text": "hi"}] * 101}, 422, "at most 100"),
-    ({"messages": []}, 422, "at least 1 item"),
-    ({"messages": LOVED_ALPHA, "top_k": 0}, 422, "greater than or equal to 1"),
-    ({"messages": LOVED_ALPHA, "temperature": 2}, 422, "Extra inputs"),
-    ({"messages": LOVED_ALPHA + [{"role": "recommender", "text": "ok"}]}, 422, "must be the seeker's"),
-    ({"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/1"}, 422, "started with --models-from workspace"),
-])
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ({"messages": [{"role": "bot", "text": "hi"}]}, 422, "seeker"),
+        ({"messages": [{"role": "seeker", "text": ""}]}, 422, "at least 1 character"),
+        ({"messages": [{"role": "seeker", "text": "x" * 2001}]}, 422, "at most 2000"),
+        ({"messages": [{"role": "seeker", "text": "hi"}] * 101}, 422, "at most 100"),
+        ({"messages": []}, 422, "at least 1 item"),
+        ({"messages": LOVED_ALPHA, "top_k": 0}, 422, "greater than or equal to 1"),
+        ({"messages": LOVED_ALPHA, "temperature": 2}, 422, "Extra inputs"),
+        ({"messages": LOVED_ALPHA + [{"role": "recommender", "text": "ok"}]}, 422, "must be the seeker's"),
+        ({"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/1"}, 422, "started with --models-from workspace"),
+    ],
+)
 def test_bad_chat_requests_get_a_4xx_that_says_what_is_wrong(api, body, status, says):
     answer = api.post("/v1/chat", json=body)
     assert answer.status_code == status and says in answer.text
@@ -128,16 +132,23 @@ def test_bad_chat_requests_get_a_4xx_that_says_what_is_wrong(api, body, status, 
 
 
 def test_bodies_that_are_too_big_unsized_or_not_json_are_refused(api):
-    big = api.post("/v1/recommend", content=b"{" + b" " * MAX_BODY_BYTES + b"}",
-                   headers={"content-type": "application/json"})
+    big = api.post(
+        "/v1/recommend", content=b"{" + b" " * MAX_BODY_BYTES + b"}", headers={"content-type": "application/json"}
+    )
     assert big.status_code == 413
-    unsized = api.post("/v1/recommend", content=iter([b'{"messages": []}']),  # chunked: no Content-Length
-                       headers={"content-type": "application/json"})
+    unsized = api.post(
+        "/v1/recommend",
+        content=iter([b'{"messages": []}']),  # chunked: no Content-Length
+        headers={"content-type": "application/json"},
+    )
     assert unsized.status_code == 411
     garbled = api.post("/v1/recommend", content=b'{"messages": [', headers={"content-type": "application/json"})
     assert garbled.status_code == 422 and "JSON" in garbled.text
-    surrogate = api.post("/v1/recommend", content=b'{"messages": [{"role": "seeker", "text": "\\ud800 @100"}]}',
-                         headers={"content-type": "application/json"})  # JSON that no UTF-8 text can hold
+    surrogate = api.post(
+        "/v1/recommend",
+        content=b'{"messages": [{"role": "seeker", "text": "\\ud800 @100"}]}',
+        headers={"content-type": "application/json"},
+    )  # JSON that no UTF-8 text can hold
     assert surrogate.status_code == 422 and "valid string" in surrogate.text
 
 
@@ -147,7 +158,8 @@ def test_a_failure_inside_is_a_500_naming_a_log_entry_not_a_traceback(models, mo
 
     monkeypatch.setattr(engine.Chat, "recommend", broken)
     answer = TestClient(create_app(models), raise_server_exceptions=False).post(
-        "/v1/recommend", json={"messages": LOVED_ALPHA})
+        "/v1/recommend", json={"messages": LOVED_ALPHA}
+    )
     assert answer.status_code == 500 and "internal error" in answer.json()["detail"]
     assert "secret" not in answer.text and "Traceback" not in answer.text
     incident = answer.json()["detail"].split()[-1]
@@ -224,14 +236,17 @@ def test_the_registry_champion_loads_at_start_and_the_picker_lists_versions(chat
     api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": f"c2crs-recommender/{third}"})
     assert [key for key in models.loaded if key[0] == "recommender"] == [("recommender", f"c2crs-recommender/{third}")]
     no_alias = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "c2crs-recommender@best"})
-    assert no_alias.status_code == 404 and "no registered model 'c2crs-recommender' with alias 'best'" in \
-        no_alias.json()["detail"]
+    assert (
+        no_alias.status_code == 404
+        and "no registered model 'c2crs-recommender' with alias 'best'" in no_alias.json()["detail"]
+    )
     refused = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": f"c2crs-recommender/{other}"})
     assert refused.status_code == 422 and "trained on other data" in refused.json()["detail"]
     unknown = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "c2crs-recommender/99"})
     assert unknown.status_code == 404 and f"it has versions {first}, {other}, {third}" in unknown.json()["detail"]
-    wrong_kind = api.post("/v1/recommend", json={"messages": LOVED_ALPHA,
-                                                 "recommender": f"c2crs-generator/{generator}"})
+    wrong_kind = api.post(
+        "/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": f"c2crs-generator/{generator}"}
+    )
     assert wrong_kind.status_code == 422 and "not a recommender this chat can use" in wrong_kind.json()["detail"]
 
 
@@ -249,8 +264,9 @@ def test_model_files_of_another_kind_or_other_data_are_refused_by_name(chat_work
 
 
 def test_the_terminal_why_tells_the_same_explanation(models):
-    session = engine.Session(engine.Chat(models.knowledge, models.model("recommender", None)[0],
-                                         models.model("generator", None)[0]), top_k=2)
+    session = engine.Session(
+        engine.Chat(models.knowledge, models.model("recommender", None)[0], models.model("generator", None)[0]), top_k=2
+    )
     assert session.why() == "no recommendation yet: say something first"
     answer, recommended, unknown = session.reply(LOVED_ALPHA[0]["text"])
     assert unknown == ["No Such Film"] and len(recommended) == 2 and session.turns[-1].role == "recommender"

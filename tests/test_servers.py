@@ -11,16 +11,20 @@ from pipeline.servers import Server, free_port
 
 def start(code: str, tmp_path) -> Server:
     log = tmp_path / "server.log"
-    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=open(log, "wb"),
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
     port = free_port()
     return Server("demo", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/health", process, log)
 
 
 def test_stop_ends_the_process_group(tmp_path):
     # The server starts a worker of its own, as uvicorn/gunicorn do; both must go.
-    server = start("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
-                   "time.sleep(120)']); print('up', flush=True); time.sleep(120)", tmp_path)
+    server = start(
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(120)']); print('up', flush=True); time.sleep(120)",
+        tmp_path,
+    )
     group = server.process.pid
     server.stop()
     assert server.process.poll() is not None
@@ -82,7 +86,9 @@ def test_a_ui_server_refuses_a_port_that_another_program_holds(monkeypatch):
         other.listen()
         port = other.getsockname()[1]
         for start in (lambda: servers.start_prefect(port), lambda: servers.start_mlflow(port, "sqlite://", "x")):
-            with pytest.raises(servers.PortTaken, match=f"port {port} on 127.0.0.1, which the .* server needs, is "
-                                                         "taken by another program"):
+            with pytest.raises(
+                servers.PortTaken,
+                match=f"port {port} on 127.0.0.1, which the .* server needs, is taken by another program",
+            ):
                 start()
     servers.ensure_port_free(port, "prefect")  # free again once the other program let go

@@ -13,20 +13,31 @@ from stages.triples import SPECIAL_TOKENS
 
 
 def _conversation(conv_id, messages, mentions):
-    return {"conversationId": conv_id, "initiatorWorkerId": 1, "respondentWorkerId": 2, "movieMentions": mentions,
-            "messages": [{"senderWorkerId": sender, "text": text} for sender, text in messages]}
+    return {
+        "conversationId": conv_id,
+        "initiatorWorkerId": 1,
+        "respondentWorkerId": 2,
+        "movieMentions": mentions,
+        "messages": [{"senderWorkerId": sender, "text": text} for sender, text in messages],
+    }
 
 
 @pytest.fixture
 def test_file(tmp_path) -> Path:
     path = tmp_path / "test.jsonl"
     conversations = [
-        _conversation(7, [(2, "Try @123 !"),  # no context yet: not an instance
-                          (1, "I loved @45"),  # the seeker's: not an instance
-                          (2, ""),  # an empty message is context too
-                          (2, "Then @45 and @123 , or @999"),  # @999 is not declared: not a target
-                          (1, "ok"),
-                          (2, "@123 again")], {"123": "A", "45": "B", "12": "C"}),
+        _conversation(
+            7,
+            [
+                (2, "Try @123 !"),  # no context yet: not an instance
+                (1, "I loved @45"),  # the seeker's: not an instance
+                (2, ""),  # an empty message is context too
+                (2, "Then @45 and @123 , or @999"),  # @999 is not declared: not a target
+                (1, "ok"),
+                (2, "@123 again"),
+            ],
+            {"123": "A", "45": "B", "12": "C"},
+        ),
         _conversation(8, [(1, "hi"), (2, "@12")], {"12": "C"}),
     ]
     path.write_text("\n".join(json.dumps(c) for c in conversations) + "\n")
@@ -39,7 +50,10 @@ def test_messages_follow_their_substring_rule_and_dedup(test_file):
     # "@123" also contains "@12": their substring test names both, in movieMentions' order
     assert rows["movie_ids"].to_list()[0] == [123, 12]
     assert rows.filter((pl.col("conv_id") == 7) & (pl.col("turn_idx") == 3))["fresh"].item().to_list() == [
-        False, False, False]  # @123 and @12 were named in message 0, @45 by the seeker: any earlier message counts
+        False,
+        False,
+        False,
+    ]  # @123 and @12 were named in message 0, @45 by the seeker: any earlier message counts
     assert rows["role"].to_list()[:3] == ["recommender", "seeker", "recommender"]
 
 
@@ -51,11 +65,17 @@ class NoLinker:
 def test_instances_are_recommender_messages_with_a_movie_and_context(test_file):
     movies = [123, 45, 12]
     item_entity = {movie: i for i, movie in enumerate(movies)}
-    vocabulary = pl.DataFrame({"token_id": list(range(len(SPECIAL_TOKENS))), "token": list(SPECIAL_TOKENS),
-                               "count": [0] * len(SPECIAL_TOKENS)},
-                              schema={"token_id": pl.Int32, "token": pl.String, "count": pl.Int64})
-    samples, rows, (recent, states) = standard_protocol.instances(test_file, NoLinker(), vocabulary, item_entity,
-                                                                  256, 30)
+    vocabulary = pl.DataFrame(
+        {
+            "token_id": list(range(len(SPECIAL_TOKENS))),
+            "token": list(SPECIAL_TOKENS),
+            "count": [0] * len(SPECIAL_TOKENS),
+        },
+        schema={"token_id": pl.Int32, "token": pl.String, "count": pl.Int64},
+    )
+    samples, rows, (recent, states) = standard_protocol.instances(
+        test_file, NoLinker(), vocabulary, item_entity, 256, 30
+    )
     assert samples.select("conv_id", "turn_idx").rows() == [(7, 3), (7, 5), (8, 1)]
     # the context is what the linker reads ("@123" is movie 123 alone), most recent first, replayed over every
     # message: the seeker's @45 is more recent than @123
@@ -69,12 +89,15 @@ def test_instances_are_recommender_messages_with_a_movie_and_context(test_file):
 MIRROR = Path(os.environ.get("C2CRS_DATA_DIR", "/nonexistent"))
 
 
-@pytest.mark.skipif(not (MIRROR / "redial/test_data.jsonl").is_file(),
-                    reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with redial/test_data.jsonl")
+@pytest.mark.skipif(
+    not (MIRROR / "redial/test_data.jsonl").is_file(),
+    reason="real data mirror absent: set C2CRS_DATA_DIR to a directory with redial/test_data.jsonl",
+)
 def test_the_real_test_file_gives_their_published_counts():
     rows = standard_protocol.messages(MIRROR / "redial/test_data.jsonl")
-    instances = rows.filter((pl.col("role") == "recommender") & (pl.col("turn_idx") > 0)
-                            & (pl.col("movie_ids").list.len() > 0))
+    instances = rows.filter(
+        (pl.col("role") == "recommender") & (pl.col("turn_idx") > 0) & (pl.col("movie_ids").list.len() > 0)
+    )
     fresh = instances["fresh"].explode()
     assert (instances.height, len(fresh)) == (4198, 4975)  # their statistics file: full
     assert (int(fresh.sum()), int(instances["fresh"].list.any().sum())) == (4472, 3838)  # dedup

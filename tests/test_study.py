@@ -10,18 +10,29 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.io.graph import stage_body
 from pipeline.config import ConfigError, load_params, reference_overrides
+from stages.io.graph import stage_body
 from stages.training.c2crs_data import recommendation_rows
 from stages.training.c2crs_train import pretraining_rows
 
 PROJECT = Path(__file__).resolve().parents[1]
 # What a CPU setting may keep at this project's value although the reference differs: how much is trained, sizes,
 # where it runs, and the training softmax (over every entity it needs the whole graph's R-GCN in every step).
-VOLUME_KEYS = {"device", "model.token_dim", "model.ffn_dim", "model.max_review_sentences",
-               "pretrain_coarse.samples_per_conversation", "pretrain_coarse.epochs", "pretrain_coarse.batch_size",
-               "pretrain_fine.samples_per_conversation", "pretrain_fine.epochs", "pretrain_fine.batch_size",
-               "finetune_rec.softmax_over", "finetune_rec.epochs", "finetune_rec.patience"}
+VOLUME_KEYS = {
+    "device",
+    "model.token_dim",
+    "model.ffn_dim",
+    "model.max_review_sentences",
+    "pretrain_coarse.samples_per_conversation",
+    "pretrain_coarse.epochs",
+    "pretrain_coarse.batch_size",
+    "pretrain_fine.samples_per_conversation",
+    "pretrain_fine.epochs",
+    "pretrain_fine.batch_size",
+    "finetune_rec.softmax_over",
+    "finetune_rec.epochs",
+    "finetune_rec.patience",
+}
 
 
 def test_reference_file_is_valid_and_the_cpu_setting_matches_its_switches():
@@ -47,8 +58,9 @@ def test_reference_file_with_an_unknown_key_names_file_and_key(tmp_path):
 
 
 def test_reference_command_prints_every_key():
-    printed = subprocess.run([sys.executable, "-m", "pipeline", "reference"], cwd=PROJECT, capture_output=True,
-                             text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "reference"], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout
     reference = yaml.safe_load((PROJECT / "params/reference.yaml").read_text())
     assert printed.startswith("dvc exp run ")
     assert printed.count(" -S ") == len(reference)
@@ -84,9 +96,14 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
     from pipeline import study
 
     raw = yaml.safe_load(params_file.read_text())
-    raw["study"].update(seeds=[1, 2], workers=1, probe_epochs=2,
-                        settings={name: raw["study"]["settings"][name] for name in ("ours", "reference_switches")},
-                        extensions={"keep_contrastive": {"finetune_rec.pretraining_weight": 1.0}}, learning_curve=None)
+    raw["study"].update(
+        seeds=[1, 2],
+        workers=1,
+        probe_epochs=2,
+        settings={name: raw["study"]["settings"][name] for name in ("ours", "reference_switches")},
+        extensions={"keep_contrastive": {"finetune_rec.pretraining_weight": 1.0}},
+        learning_curve=None,
+    )
     raw["finetune_rec"]["epochs"] = 1
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
@@ -96,11 +113,16 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
 
     done = study.run_study(params, workspace, seeds=[1])
     assert {(r["setting"], r["arm"]) for r in done} == {
-        (s, a) for s in ("ours", "reference_switches") for a in ("c2crs", "kbrd", "keep_contrastive")}
+        (s, a) for s in ("ours", "reference_switches") for a in ("c2crs", "kbrd", "keep_contrastive")
+    }
     c2crs = next(r for r in done if r["setting"] == "reference_switches" and r["arm"] == "c2crs")
     assert c2crs["training"]["pretrain_fine"]["epochs_run"] == 2
-    assert set(c2crs["diagnostics"]) == {"zero_shot_pretrained", "zero_shot_untrained", "probe_pretrained",
-                                         "probe_untrained"}
+    assert set(c2crs["diagnostics"]) == {
+        "zero_shot_pretrained",
+        "zero_shot_untrained",
+        "probe_pretrained",
+        "probe_untrained",
+    }
     arrays = np.load(workspace / "reports/pretraining_runs/reference_switches/seed1/c2crs.npz")
     assert arrays["ranks"].shape == arrays["masked_ranks"].shape == arrays["probe_untrained"].shape
     assert (arrays["masked_ranks"] <= arrays["ranks"]).all()
@@ -149,9 +171,16 @@ def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
     from pipeline.config import Params, apply_overrides
 
     reference = reference_overrides(PROJECT / "params/reference.yaml")
-    tiny = {"device": "cpu", "model.token_dim": 16, "model.ffn_dim": 32, "pretrain_coarse.epochs": 1,
-            "pretrain_fine.epochs": 1, "finetune_rec.epochs": 1, "pretrain_coarse.batch_size": 4,
-            "pretrain_fine.batch_size": 4}
+    tiny = {
+        "device": "cpu",
+        "model.token_dim": 16,
+        "model.ffn_dim": 32,
+        "pretrain_coarse.epochs": 1,
+        "pretrain_fine.epochs": 1,
+        "finetune_rec.epochs": 1,
+        "pretrain_coarse.batch_size": 4,
+        "pretrain_fine.batch_size": 4,
+    }
     base = load_params(params_file)
     params = Params.model_validate(apply_overrides(dict(base), "reference", {**reference, **tiny}, kind="reference"))
     assert params.finetune_rec.softmax_over == "entities" and params.model.kg_encoder == "featureless"
@@ -172,22 +201,28 @@ def test_the_verdict_says_helps_or_hurts_only_when_every_interval_does():
 
     def minus(*intervals, level="ci95_seeds"):
         cells = iter(intervals)
-        return {p: {m: {"ci95": [-1, 1], level: next(cells), "difference": 0.0} for m in ("recall@10", "recall@50")}
-                for p in ("all_turns", "recommender_turns")}
+        return {
+            p: {m: {"ci95": [-1, 1], level: next(cells), "difference": 0.0} for m in ("recall@10", "recall@50")}
+            for p in ("all_turns", "recommender_turns")
+        }
 
     assert verdict(minus(*[(0.01, 0.02)] * 4)) == "helps"
     assert verdict(minus(*[(-0.02, -0.01)] * 4)) == "hurts"
     assert verdict(minus((-0.01, -0.002), (-0.01, 0.001), (-0.01, 0.01), (-0.01, 0.01))).startswith(
-        "hurts on some metrics")
+        "hurts on some metrics"
+    )
     assert verdict(minus(*[(-0.01, 0.01)] * 4)).startswith("tie")
     # with one seed there is no seed-level interval: the fixed-model interval decides
     assert verdict(minus(*[(0.01, 0.02)] * 4, level="ci95")) == "helps"
-    assert excluded({"ci95": [-1, 1], "ci95_seeds": [-0.012, 0.015]}) == \
-        "a gain above +0.015 and a loss beyond -0.012 are excluded"
+    assert (
+        excluded({"ci95": [-1, 1], "ci95_seeds": [-0.012, 0.015]})
+        == "a gain above +0.015 and a loss beyond -0.012 are excluded"
+    )
 
 
 def test_seed_level_interval_adds_training_variance():
     import polars as pl
+
     from stages.evaluation.rec_metrics import METRICS, seed_level_difference
 
     rows = pl.DataFrame({"conv_id": np.repeat(np.arange(50), 4)})
@@ -244,10 +279,20 @@ def test_learning_curve_and_settings_that_share_runs(params_file, mlflow_store):
     from pipeline import study
 
     raw = yaml.safe_load(params_file.read_text())
-    raw["study"].update(seeds=[1], workers=1, extensions={}, learning_curve={"setting": "base", "fractions": [0.5]},
-                        settings={"base": {"model.rec_pooling": "graph"},
-                                  "flat": {"pretrain_coarse.epochs": 4, "pretrain_coarse.patience": 1,
-                                           "pretrain_coarse.min_improvement": 0.5}})
+    raw["study"].update(
+        seeds=[1],
+        workers=1,
+        extensions={},
+        learning_curve={"setting": "base", "fractions": [0.5]},
+        settings={
+            "base": {"model.rec_pooling": "graph"},
+            "flat": {
+                "pretrain_coarse.epochs": 4,
+                "pretrain_coarse.patience": 1,
+                "pretrain_coarse.min_improvement": 0.5,
+            },
+        },
+    )
     raw["finetune_rec"]["epochs"] = 1
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
@@ -255,18 +300,31 @@ def test_learning_curve_and_settings_that_share_runs(params_file, mlflow_store):
     for stage in ("ingest", "reviews", "kg", "triples"):
         stage_body(stage)(params, workspace)
     done = {(r["setting"], r["arm"]): r for r in study.run_study(params, workspace)}
-    assert set(done) == {(s, a) for s in ("base", "flat", "base_50pct_pretrain_all", "base_50pct_pretrain_same")
-                         for a in ("c2crs", "kbrd")}
+    assert set(done) == {
+        (s, a)
+        for s in ("base", "flat", "base_50pct_pretrain_all", "base_50pct_pretrain_same")
+        for a in ("c2crs", "kbrd")
+    }
 
     results = workspace / "reports/pretraining_runs"
     assert done[("flat", "kbrd")]["reused_from"] == "base/seed1"
     assert done[("base_50pct_pretrain_same", "kbrd")]["reused_from"] == "base_50pct_pretrain_all/seed1"
-    assert (np.load(results / "flat/seed1/kbrd.npz")["ranks"] == np.load(results / "base/seed1/kbrd.npz")["ranks"]).all()
+    assert (
+        np.load(results / "flat/seed1/kbrd.npz")["ranks"] == np.load(results / "base/seed1/kbrd.npz")["ranks"]
+    ).all()
     assert done[("flat", "c2crs")]["training"]["pretrain_coarse"]["epochs_run"] < 4  # flattened: stopped early
 
     base = done[("base", "c2crs")]
-    assert set(base["provenance"]) >= {"git_commit", "started_at", "finished_at", "seconds", "processes", "cores",
-                                       "threads", "torch"}
+    assert set(base["provenance"]) >= {
+        "git_commit",
+        "started_at",
+        "finished_at",
+        "seconds",
+        "processes",
+        "cores",
+        "threads",
+        "torch",
+    }
     assert base["provenance"]["processes"] == 1 and base["seconds"] == base["provenance"]["seconds"] > 0
     assert [row["epoch"] for row in base["curves"]["pretrain_coarse"]] == [1, 2]
     assert {"train_loss", "valid_loss"} <= set(base["curves"]["pretrain_fine"][0])

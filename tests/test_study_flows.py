@@ -19,8 +19,14 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def _workspace(params_file, coarse_epochs: int = 2):
     raw = yaml.safe_load(params_file.read_text())
-    raw["study"].update(seeds=[1, 2], workers=2, probe_epochs=1, extensions={}, learning_curve=None,
-                        settings={"base": {"model.rec_pooling": "graph"}})
+    raw["study"].update(
+        seeds=[1, 2],
+        workers=2,
+        probe_epochs=1,
+        extensions={},
+        learning_curve=None,
+        settings={"base": {"model.rec_pooling": "graph"}},
+    )
     raw["pretrain_coarse"]["epochs"] = coarse_epochs
     raw["finetune_rec"]["epochs"] = 1
     params_file.write_text(yaml.safe_dump(raw))
@@ -70,7 +76,8 @@ def test_a_run_killed_with_its_worker_resumes_when_submitted_again(params_file, 
     time.sleep(2)
     assert not job.done(params, workspace)
 
-    [result] = study.run_study(params, workspace, settings=["base"], seeds=[1], arms=["c2crs"], workers=2,
-                               api_url=_api())
+    [result] = study.run_study(
+        params, workspace, settings=["base"], seeds=[1], arms=["c2crs"], workers=2, api_url=_api()
+    )
     assert result["provenance"]["processes"] == 2  # the killed process's seconds are counted too
     assert [row["epoch"] for row in result["curves"]["pretrain_coarse"]] == list(range(1, 41))

@@ -9,8 +9,8 @@ from pipeline.config import load_params
 from stages.io.graph import stage_body
 from stages.io.stage_log import NO_LOG
 from stages.text_triples import TEXT_CONV_OFFSET
-from stages.triples import TEXT_ROLE
 from stages.training.c2crs_train import pretraining_rows
+from stages.triples import TEXT_ROLE
 
 
 def _workspace(params_file, ratio: float = 0.0):
@@ -37,15 +37,17 @@ def test_text_samples_are_sentences_with_their_movie_and_entities(params_file):
     movie_of = dict(zip(sentences["sentence_id"], sentences["movie_id"]))
     token = dict(zip(vocabulary["token_id"], vocabulary["token"]))
     own = dict(zip(samples["sample_id"], samples["conv_id"] - TEXT_CONV_OFFSET))
-    for sample_id, sentence, tokens, items in samples.select("sample_id", pl.col("conv_id") - TEXT_CONV_OFFSET,
-                                                             "context_token_ids", "context_item_ids").iter_rows():
+    for sentence, tokens, items in samples.select(
+        pl.col("conv_id") - TEXT_CONV_OFFSET, "context_token_ids", "context_item_ids"
+    ).iter_rows():
         assert items == [item_of[movie_of[sentence]]]
         assert token[tokens[0]] in (f"@{movie_of[sentence]}", "__unk__")  # the movie it is about comes first
-    for sample_id, position, entity, sentence in triples.iter_rows():
+    for sample_id, _position, _entity, sentence in triples.iter_rows():
         assert sentence != own[sample_id]  # never the sample's own sentence
     first = triples.filter(pl.col("token_position") == 0)
-    assert first.height > 0 and all(e == i for e, i in zip(
-        first["entity_id"], first.join(samples, on="sample_id")["context_item_ids"].list.first()))
+    assert first.height > 0 and all(
+        e == i for e, i in zip(first["entity_id"], first.join(samples, on="sample_id")["context_item_ids"].list.first())
+    )
 
 
 def test_pretraining_draws_text_samples_at_the_ratio(params_file):
@@ -69,6 +71,7 @@ def test_pretraining_draws_text_samples_at_the_ratio(params_file):
     without = params.model_copy(update={"pretrain_text": params.pretrain_text.model_copy(update={"ratio": 0.0})})
     runs.train_c2crs("pretrain_coarse", without, workspace, NO_LOG, None, workspace / "without_text.pt", loaded)
     assert len(list((workspace / "data/checkpoints").glob("pretrain_coarse-*"))) == 2
-    _, _, read = runs.train_c2crs("finetune_rec", params, workspace, NO_LOG, workspace / "with_text.pt",
-                                  workspace / "rec.pt", loaded)
+    _, _, read = runs.train_c2crs(
+        "finetune_rec", params, workspace, NO_LOG, workspace / "with_text.pt", workspace / "rec.pt", loaded
+    )
     assert "text_samples" not in read

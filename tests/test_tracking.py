@@ -173,11 +173,17 @@ def test_a_run_left_running_by_a_dead_process_is_closed_at_the_next_start(mlflow
     dead.wait()
     client = MlflowClient(mlflow_store)
     exp_id = tracking.experiment_id()
-    abandoned = client.create_run(exp_id, run_name="killed -9", tags={
-        **tracking.process_tags(), tracking.PID_TAG: str(dead.pid), tracking.PROCESS_START_TAG: "1"}).info.run_id
+    abandoned = client.create_run(
+        exp_id,
+        run_name="killed -9",
+        tags={**tracking.process_tags(), tracking.PID_TAG: str(dead.pid), tracking.PROCESS_START_TAG: "1"},
+    ).info.run_id
     alive = client.create_run(exp_id, run_name="still running", tags=tracking.process_tags()).info.run_id
-    elsewhere = client.create_run(exp_id, run_name="other host", tags={
-        tracking.HOST_TAG: "another-machine", tracking.PID_TAG: "1", tracking.PROCESS_START_TAG: "1"}).info.run_id
+    elsewhere = client.create_run(
+        exp_id,
+        run_name="other host",
+        tags={tracking.HOST_TAG: "another-machine", tracking.PID_TAG: "1", tracking.PROCESS_START_TAG: "1"},
+    ).info.run_id
     assert tracking.close_abandoned_runs(client, exp_id) == [abandoned]
     assert client.get_run(abandoned).info.status == "KILLED"
     assert client.get_run(alive).info.status == "RUNNING" and client.get_run(elsewhere).info.status == "RUNNING"

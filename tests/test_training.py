@@ -44,17 +44,28 @@ def tiny_problem(process_seed: int, seed: int = 0):
 
 def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     model, optimizer, train_epoch, validate = tiny_problem(0)
-    straight = train(model, optimizer, tmp_path / "straight", 4, train_epoch, validate, monitor="valid_loss",
-                     higher_is_better=False)
+    straight = train(
+        model, optimizer, tmp_path / "straight", 4, train_epoch, validate, monitor="valid_loss", higher_is_better=False
+    )
     expected = [p.detach().clone() for p in model.parameters()]
 
     model, optimizer, train_epoch, validate = tiny_problem(0)
-    train(model, optimizer, tmp_path / "resumed", 2, train_epoch, validate, monitor="valid_loss",
-          higher_is_better=False)  # the process "dies" here, after two epochs
+    train(
+        model, optimizer, tmp_path / "resumed", 2, train_epoch, validate, monitor="valid_loss", higher_is_better=False
+    )  # the process "dies" here, after two epochs
     model, optimizer, train_epoch, validate = tiny_problem(123)  # a new process: fresh weights, other RNG state
     seen = []
-    resumed = train(model, optimizer, tmp_path / "resumed", 4, train_epoch, validate, monitor="valid_loss",
-                    higher_is_better=False, on_epoch=lambda epoch, metrics: seen.append((epoch, metrics)))
+    resumed = train(
+        model,
+        optimizer,
+        tmp_path / "resumed",
+        4,
+        train_epoch,
+        validate,
+        monitor="valid_loss",
+        higher_is_better=False,
+        on_epoch=lambda epoch, metrics: seen.append((epoch, metrics)),
+    )
     assert resumed.history == straight.history
     # The resumed run reports the epochs it did not train too, so its log and curve file have the whole curve.
     assert seen == [(row["epoch"], {k: v for k, v in row.items() if k != "epoch"}) for row in straight.history]
@@ -64,8 +75,17 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
     model, optimizer, train_epoch, _ = tiny_problem(0)
     values = iter([0.5, 0.4, 0.45, 0.46, 0.47, 0.48])
-    state = train(model, optimizer, tmp_path, 6, train_epoch, validate=lambda: {"loss": next(values)},
-                  monitor="valid_loss", higher_is_better=False, patience=2)
+    state = train(
+        model,
+        optimizer,
+        tmp_path,
+        6,
+        train_epoch,
+        validate=lambda: {"loss": next(values)},
+        monitor="valid_loss",
+        higher_is_better=False,
+        patience=2,
+    )
     assert (state.epoch, state.best_epoch) == (4, 2)
     assert (tmp_path / "best.pt").is_file()
 
@@ -73,8 +93,18 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
 def test_early_stopping_on_a_flattening_metric_keeps_the_lowest_epoch(tmp_path):
     model, optimizer, train_epoch, _ = tiny_problem(0)
     values = iter([1.0, 0.5, 0.498, 0.497, 0.3])  # after epoch 2 it falls by under 1 % an epoch
-    state = train(model, optimizer, tmp_path, 5, train_epoch, validate=lambda: {"loss": next(values)},
-                  monitor="valid_loss", higher_is_better=False, patience=2, min_improvement=0.01)
+    state = train(
+        model,
+        optimizer,
+        tmp_path,
+        5,
+        train_epoch,
+        validate=lambda: {"loss": next(values)},
+        monitor="valid_loss",
+        higher_is_better=False,
+        patience=2,
+        min_improvement=0.01,
+    )
     assert (state.epoch, state.best_epoch, state.best_metric) == (4, 4, 0.497)  # flattened; the lowest kept
 
 
@@ -94,11 +124,31 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert all(isinstance(v, float) for v in flat.values()) and len(flat) == 2 * len(results)
     variants = {"wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud"}  # the shipped params.yaml's
     assert set(params.ablations.variants) == variants
-    assert set(results) == ({"popularity", "repeat", "repeat_popularity", "textcnn", "redial", "kbrd", "kecrs",
-                             "kgsf", "revcore", "c2crs", "c2crs-repeat-choice"} | {f"c2crs_{v}" for v in variants})
+    assert set(results) == (
+        {
+            "popularity",
+            "repeat",
+            "repeat_popularity",
+            "textcnn",
+            "redial",
+            "kbrd",
+            "kecrs",
+            "kgsf",
+            "revcore",
+            "c2crs",
+            "c2crs-repeat-choice",
+        }
+        | {f"c2crs_{v}" for v in variants}
+    )
     for protocols in results.values():
-        assert set(protocols) == {"all_turns", "recommender_turns", "new_items", "new_items_masked", "standard_full",
-                                  "standard_dedup"}
+        assert set(protocols) == {
+            "all_turns",
+            "recommender_turns",
+            "new_items",
+            "new_items_masked",
+            "standard_full",
+            "standard_dedup",
+        }
         assert {"recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10", "n"} <= set(protocols["all_turns"])
     assert results["c2crs"]["all_turns"]["n"] == results["popularity"]["all_turns"]["n"] > 0
     assert set(results["c2crs"]["all_turns"]["margin_over"]) == set(results) - {"c2crs"}
@@ -109,10 +159,13 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     # The DVC plots' data: per-epoch curves of every training stage, recall@k and Dist-n on the test split.
     curve = json.loads((workspace / "reports/curves/finetune_rec.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2] and {"train_loss", "valid_recall@50"} <= set(curve[0])
-    baselines_curves = {name: json.loads((workspace / f"reports/curves/baselines/{name}.json").read_text())
-                        for name in ("textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore")}
-    assert all("valid_recall@50" in curve[0] for name, curve in baselines_curves.items()
-               if name not in ("kgsf", "revcore"))
+    baselines_curves = {
+        name: json.loads((workspace / f"reports/curves/baselines/{name}.json").read_text())
+        for name in ("textcnn", "kbrd", "kgsf", "redial", "kecrs", "revcore")
+    }
+    assert all(
+        "valid_recall@50" in curve[0] for name, curve in baselines_curves.items() if name not in ("kgsf", "revcore")
+    )
     for name in ("kgsf", "revcore"):
         assert "mim_train_loss" in baselines_curves[name][0] and "valid_recall@50" in baselines_curves[name][-1]
     revcore = json.loads((workspace / "metrics/baselines/revcore.json").read_text())
@@ -132,15 +185,16 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert all(a["kbrd"] <= b["kbrd"] for a, b in zip(recall_at_k, recall_at_k[1:]))
 
     # Every variant trained its whole path with its overrides; w/o Fine's coarse step is the main run's.
-    ablations = {variant: json.loads((workspace / f"metrics/ablations/{variant}.json").read_text())
-                 for variant in params.ablations.variants}
+    ablations = {
+        variant: json.loads((workspace / f"metrics/ablations/{variant}.json").read_text())
+        for variant in params.ablations.variants
+    }
     for variant, outcome in ablations.items():
         assert np.isfinite(outcome["finetune_rec"]["train_loss"]), variant
     assert ablations["wo_coarse"]["pretrain_coarse"]["epochs_run"] == 0
     assert ablations["multitask"]["pretrain_fine"]["epochs_run"] == 0
     main_coarse = torch.load(workspace / "data/models/pretrain_coarse.pt", weights_only=True)["state_dict"]
-    reused = torch.load(workspace / "data/models/ablations/wo_fine/pretrain_coarse.pt",
-                        weights_only=True)["state_dict"]
+    reused = torch.load(workspace / "data/models/ablations/wo_fine/pretrain_coarse.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(main_coarse[k], reused[k]) for k in main_coarse)
 
     # Conversation: every generator on the test responses, the metrics contract, the report and the rating sheet.
@@ -149,7 +203,9 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert conv_flat["c2crs.perplexity"] == conversation["c2crs"]["perplexity"] and "human.perplexity" not in conv_flat
     assert conv_flat["human.dist@2.corpus"] == conversation["human"]["dist@2"]["corpus"]
     distinct = {row["model"]: row for row in json.loads((workspace / "reports/distinct.json").read_text())}
-    assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(conversation)
+    assert distinct["c2crs"]["dist@3"] == conversation["c2crs"]["dist@3"]["corpus"] and set(distinct) == set(
+        conversation
+    )
     assert set(conversation) == {"human", "c2crs"} | set(params.conv_baselines.train)
     assert set(params.conv_baselines.train) == {"transformer", "kbrd", "redial", "kgsf", "kecrs", "revcore", "wo_iw"}
     for name, metrics in conversation.items():
@@ -193,7 +249,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     scored, said = conv_train.perplexity_and_responses(generator, run, test, responses, decoding, vocabulary.banned_ids)
     assert scored["perplexity"] == pytest.approx(conversation["c2crs"]["perplexity"], rel=1e-6)
     assert scored["perplexity"] == pytest.approx(
-        conv_train.perplexity(generator, run, test, responses, decoding.batch_size)["perplexity"], rel=1e-6)
+        conv_train.perplexity(generator, run, test, responses, decoding.batch_size)["perplexity"], rel=1e-6
+    )
     assert said == conv_train.generate(generator, run, test, responses.rows, decoding, vocabulary.banned_ids)
     # Scoring runs the R-GCN on the items and the table's context entities only: the whole graph's scores.
     from stages.training import c2crs_train
@@ -233,12 +290,14 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
                 for i, r in enumerate(rows):
                     scores[i, table.targets[r]] = 1.0
                 yield rows, scores
+
         return table, {**models, "oracle": oracle}
 
     with monkeypatch.context() as patched:
         patched.setattr(evaluate, "score_split", with_oracle)
-        with_oracle_results = evaluate.evaluate_samples(params, workspace, pl.read_parquet(inputs["samples"]),
-                                                        pl.read_parquet(inputs["triples"]))
+        with_oracle_results = evaluate.evaluate_samples(
+            params, workspace, pl.read_parquet(inputs["samples"]), pl.read_parquet(inputs["triples"])
+        )
     for protocol in ("all_turns", "recommender_turns", "new_items"):
         oracle = with_oracle_results["oracle"][protocol]
         assert oracle["n"] > 0 and oracle["recall@10"] == 1.0, protocol
@@ -249,8 +308,13 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_recommender
 
     knowledge = Knowledge(params, workspace)
-    chat = Session(Chat(knowledge, load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge),
-                        load_generator(workspace / "data/models/c2crs_conv.pt", knowledge)))
+    chat = Session(
+        Chat(
+            knowledge,
+            load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge),
+            load_generator(workspace / "data/models/c2crs_conv.pt", knowledge),
+        )
+    )
     answer, recommended, unknown = chat.reply('hi, I loved "Alpha" and "No Such Film"')
     assert chat.turns[0].movie_ids == [100] and unknown == ["No Such Film"]
     assert isinstance(answer, str) and "Alpha (2001)" not in recommended and len(recommended) == 3
@@ -270,7 +334,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     partial = score_file(params, workspace, mirror / "redial/test.jsonl", ["c2crs", "c2crs_wo_ch"])
     assert set(partial["results"]) == {"c2crs", "popularity", "repeat", "repeat_popularity"}
     assert partial["missing"] == {
-        "c2crs_wo_ch": "data/models/ablations/wo_ch/finetune_rec.pt (made by stage ablations@wo_ch)"}
+        "c2crs_wo_ch": "data/models/ablations/wo_ch/finetune_rec.pt (made by stage ablations@wo_ch)"
+    }
     with pytest.raises(ValueError, match="unknown model.s. nope"):
         score_file(params, workspace, mirror / "redial/test.jsonl", ["nope"])
 
@@ -282,8 +347,10 @@ def test_an_ablation_variant_is_its_own_stage_and_logs_each_step(params_file):
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
     workspace = params_file.parent
-    assert [name for name in stage_instances(params) if name.startswith("ablations")] == \
-        ["ablations@short", "ablations@wo_sd"]  # yaml.safe_dump sorts the keys
+    assert [name for name in stage_instances(params) if name.startswith("ablations")] == [
+        "ablations@short",
+        "ablations@wo_sd",
+    ]  # yaml.safe_dump sorts the keys
     for stage in ("ingest", "reviews", "kg", "triples"):
         stage_body(stage)(params, workspace)
 
@@ -347,8 +414,8 @@ class _NotData:
 def test_model_and_checkpoint_files_are_loaded_without_unpickling_objects(tmp_path):
     import pickle
 
-    from stages.training.runs import load_c2crs
     from stages.training.loop import load_checkpoint
+    from stages.training.runs import load_c2crs
 
     path = tmp_path / "model.pt"
     torch.save({"config": {"vocab_size": 3}, "state_dict": {}, "payload": _NotData()}, path)
@@ -385,8 +452,15 @@ def test_a_bf16_training_stage_trains_close_to_fp32(params_file):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
     assert len(list((workspace / "data/checkpoints").glob("pretrain_coarse-*"))) == 2
     bf16 = load_params(params_file)
-    for stage in ("pretrain_fine", "finetune_rec", "baselines@textcnn", "baselines@kbrd", "baselines@kgsf",
-                  "baselines@redial", "finetune_conv"):  # every training step's layers
+    for stage in (
+        "pretrain_fine",
+        "finetune_rec",
+        "baselines@textcnn",
+        "baselines@kbrd",
+        "baselines@kgsf",
+        "baselines@redial",
+        "finetune_conv",
+    ):  # every training step's layers
         metrics = stage_body(stage)(bf16, workspace).metrics
         losses = [value for key, value in _flat(metrics) if key.endswith("train_loss")]
         assert losses and all(np.isfinite(losses)), stage
@@ -432,6 +506,7 @@ def test_batches_by_context_then_response_length_cover_every_row_once_and_pad_le
 
     def padded(batches, lengths):
         return sum(int(lengths[b].max()) * len(b) for b in batches)
+
     assert padded(both, responses) < 0.8 * padded(plain, responses)
     assert padded(both, contexts) < 1.2 * padded(plain, contexts)
 

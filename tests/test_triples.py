@@ -9,24 +9,43 @@ from stages.text.linking import EntityLinker
 
 # Items 0 (movie 100) and 1 (movie 200); entity 2 "Tom Hanks" starred in movie 100; entity 3 "comedy".
 ITEM_ENTITY = {100: 0, 200: 1}
-ENTITIES = pl.DataFrame({"entity_id": [0, 1, 2, 3], "is_item": [True, True, False, False],
-                         "movie_id": [100, 200, None, None], "mentions": [5, 1, 0, 0]})
+ENTITIES = pl.DataFrame(
+    {
+        "entity_id": [0, 1, 2, 3],
+        "is_item": [True, True, False, False],
+        "movie_id": [100, 200, None, None],
+        "mentions": [5, 1, 0, 0],
+    }
+)
 EDGES = pl.DataFrame({"src": [2, 0, 3, 3, 0], "rel": [0, 1, 0, 0, 2], "dst": [0, 2, 0, 1, 0]})
-SENTENCES = pl.DataFrame({
-    "sentence_id": [0, 1, 2, 3],
-    "movie_id": [100, 100, 200, 200],
-    "text": ["Tom Hanks is wonderful in this comedy.", "The soundtrack is loud and long.",
-             "A dull comedy with no laughs.", "The dog steals the whole show."],
-})
-UTTERANCES = pl.DataFrame({
-    "conv_id": [1, 1, 1, 2, 2],
-    "turn_idx": [0, 1, 2, 0, 1],
-    "role": ["seeker", "recommender", "seeker", "seeker", "recommender"],
-    "split": ["train", "train", "train", "test", "test"],
-    "text": ["I love Tom Hanks comedies like @100", "Then watch @200 !", "Great, thanks",
-             "Any comedy?", "Sure, @100"],
-    "movie_ids": [[100], [200], [], [], [100]],
-})
+SENTENCES = pl.DataFrame(
+    {
+        "sentence_id": [0, 1, 2, 3],
+        "movie_id": [100, 100, 200, 200],
+        "text": [
+            "Tom Hanks is wonderful in this comedy.",
+            "The soundtrack is loud and long.",
+            "A dull comedy with no laughs.",
+            "The dog steals the whole show.",
+        ],
+    }
+)
+UTTERANCES = pl.DataFrame(
+    {
+        "conv_id": [1, 1, 1, 2, 2],
+        "turn_idx": [0, 1, 2, 0, 1],
+        "role": ["seeker", "recommender", "seeker", "seeker", "recommender"],
+        "split": ["train", "train", "train", "test", "test"],
+        "text": [
+            "I love Tom Hanks comedies like @100",
+            "Then watch @200 !",
+            "Great, thanks",
+            "Any comedy?",
+            "Sure, @100",
+        ],
+        "movie_ids": [[100], [200], [], [], [100]],
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +129,7 @@ def test_sentence_rules(rule, expected):
 def test_triples_reuse_one_sentence_per_mention(linked):
     samples, mentions = triples.build_samples(UTTERANCES, linked, vocabulary(), ITEM_ENTITY, 256, 30)
     candidates = triples.candidate_sentences(ENTITIES, EDGES, SENTENCES, max_movies_per_entity=5)
-    chooser = triples.SentenceChooser("bm25", SENTENCES, np.full(4, np.nan), {2: "Tom Hanks", 3: "Comedy"},
-                                      candidates)
+    chooser = triples.SentenceChooser("bm25", SENTENCES, np.full(4, np.nan), {2: "Tom Hanks", 3: "Comedy"}, candidates)
     table = triples.build_triples(mentions, linked, UTTERANCES, chooser)
     assert set(table.columns) == set(triples.TRIPLE_SCHEMA)
     tom = table.filter(pl.col("entity_id") == 2)

@@ -64,8 +64,9 @@ class Knowledge:
         items = entities.filter(pl.col("is_item"))
         self.item_entity = dict(zip(items["movie_id"], items["entity_id"]))
         self.entity_movie = {e: m for m, e in self.item_entity.items()}
-        self.titles = {m: f"{t} ({y})" if y else t for m, t, y in self.movies.select("movie_id", "title", "year")
-                       .iter_rows()}
+        self.titles = {
+            m: f"{t} ({y})" if y else t for m, t, y in self.movies.select("movie_id", "title", "year").iter_rows()
+        }
         by_popularity = self.movies.sort("mentions_ingested", descending=True)
         self.title_to_movie: dict[str, int] = {}
         for movie_id, title in by_popularity.select("movie_id", "title").iter_rows():
@@ -76,18 +77,32 @@ class Knowledge:
         self.vocab_table = pl.read_parquet(inputs["vocab"])
         self.vocabulary = conv_train.conv_vocabulary(self.vocab_table)
         sentences = pl.read_parquet(inputs["review_sentences"])
-        self.chooser = triples.sentence_chooser(params.triples, entities, edges, self.movies, sentences,
-                                               pl.read_parquet(workspace / "data/reviews/reviews.parquet"))
-        self.explainer = Explainer(KnowledgeGraph(entities, pl.read_parquet(inputs["relations"]), edges),
-                                   self.chooser, sentences, self.entity_movie)
+        self.chooser = triples.sentence_chooser(
+            params.triples,
+            entities,
+            edges,
+            self.movies,
+            sentences,
+            pl.read_parquet(workspace / "data/reviews/reviews.parquet"),
+        )
+        self.explainer = Explainer(
+            KnowledgeGraph(entities, pl.read_parquet(inputs["relations"]), edges),
+            self.chooser,
+            sentences,
+            self.entity_movie,
+        )
 
     def find(self, words: str, limit: int = 10) -> list[dict]:
         """Movies whose title contains `words` (any case), most mentioned in ReDial first."""
         hits = self.movies.filter(pl.col("title").str.to_lowercase().str.contains(words.lower(), literal=True))
         hits = hits.filter(pl.col("movie_id").is_in(list(self.item_entity)))
-        return [{"movie_id": m, "title": self.titles[m], "mentions": n} for m, n in
-                hits.sort("mentions_ingested", "movie_id", descending=[True, False]).head(limit)
-                .select("movie_id", "mentions_ingested").iter_rows()]
+        return [
+            {"movie_id": m, "title": self.titles[m], "mentions": n}
+            for m, n in hits.sort("mentions_ingested", "movie_id", descending=[True, False])
+            .head(limit)
+            .select("movie_id", "mentions_ingested")
+            .iter_rows()
+        ]
 
     def read_turn(self, role: str, text: str) -> tuple[Turn, list[str]]:
         """A message as a turn: quoted titles become "@id"; returns the turn and the quoted titles not found."""
@@ -117,16 +132,21 @@ class Knowledge:
         for turn in turns:
             if merged and merged[-1].role == turn.role:  # as ingest merges a speaker's consecutive messages
                 last = merged[-1]
-                merged[-1] = Turn(turn.role, f"{last.text} {turn.text}",
-                                  list(dict.fromkeys(last.movie_ids + turn.movie_ids)))
+                merged[-1] = Turn(
+                    turn.role, f"{last.text} {turn.text}", list(dict.fromkeys(last.movie_ids + turn.movie_ids))
+                )
             else:
                 merged.append(turn)
         merged.append(Turn("recommender", ""))
-        utterances = pl.DataFrame([(0, i, t.role, t.text, t.movie_ids) for i, t in enumerate(merged)],
-                                  schema=ingest.UTTERANCE_SCHEMA, orient="row").with_columns(split=pl.lit("test"))
+        utterances = pl.DataFrame(
+            [(0, i, t.role, t.text, t.movie_ids) for i, t in enumerate(merged)],
+            schema=ingest.UTTERANCE_SCHEMA,
+            orient="row",
+        ).with_columns(split=pl.lit("test"))
         linked = triples.link_all(utterances, self.linker, self.item_entity)
-        samples, mentions = triples.build_samples(utterances, linked, self.vocab_table, self.item_entity, longest,
-                                                  self.params.triples.response_max_tokens)
+        samples, mentions = triples.build_samples(
+            utterances, linked, self.vocab_table, self.item_entity, longest, self.params.triples.response_max_tokens
+        )
         triple_table = triples.build_triples(mentions, linked, utterances, self.chooser)
         return c2crs_data.sample_table(samples, triple_table, "test")
 
@@ -148,8 +168,10 @@ def load_generator(path: Path, knowledge: Knowledge) -> ConversationModel:
     except (TypeError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a generator file ({exc})") from None
     if config.architecture == "hred" or config.pretrained != "c2crs" or config.kgsf is not None:
-        raise ValueError(f"{path}: a {conv_runs.conv_recommender(config)} generator; the chat talks with generators "
-                         "trained on C2-CRS's encoders (c2crs-generator, wo-iw-generator)")
+        raise ValueError(
+            f"{path}: a {conv_runs.conv_recommender(config)} generator; the chat talks with generators "
+            "trained on C2-CRS's encoders (c2crs-generator, wo-iw-generator)"
+        )
     _check_sizes(path, model.encoders.cfg.vocab_size, model.encoders.cfg.n_entities, knowledge)
     return model.to(knowledge.run.device).eval()
 
@@ -157,8 +179,10 @@ def load_generator(path: Path, knowledge: Knowledge) -> ConversationModel:
 def _check_sizes(path: Path, vocab_size: int, n_entities: int, knowledge: Knowledge) -> None:
     expected = (len(knowledge.vocab_table), knowledge.run.graph.n_entities)
     if (vocab_size, n_entities) != expected:
-        raise ValueError(f"{path}: trained on other data ({vocab_size} words and {n_entities} entities; this "
-                         f"workspace has {expected[0]} and {expected[1]})")
+        raise ValueError(
+            f"{path}: trained on other data ({vocab_size} words and {n_entities} entities; this "
+            f"workspace has {expected[0]} and {expected[1]})"
+        )
 
 
 class Chat:
@@ -176,13 +200,15 @@ class Chat:
         return min(sizes)
 
     @torch.no_grad()
-    def _ranked(self, turns: list[Turn], exclude_mentioned: bool) -> tuple[c2crs_data.SampleTable, list[int],
-                                                                           np.ndarray, list]:
+    def _ranked(
+        self, turns: list[Turn], exclude_mentioned: bool
+    ) -> tuple[c2crs_data.SampleTable, list[int], np.ndarray, list]:
         """The sample of the model's next turn, every item entity best first, their scores, the attended entities."""
         knowledge = self.knowledge
         table = knowledge.next_sample(turns, self._longest())
         scores, entity_ids, weights = c2crs_train.scores_with_pooling_weights(
-            self.recommender, knowledge.run, table, np.array([len(table) - 1]))
+            self.recommender, knowledge.run, table, np.array([len(table) - 1])
+        )
         scores = scores[0]
         if exclude_mentioned:
             named = [knowledge.item_entity[m] for t in turns for m in t.movie_ids if m in knowledge.item_entity]
@@ -190,17 +216,24 @@ class Chat:
         ranked = [int(e) for e in np.argsort(-scores, kind="stable") if np.isfinite(scores[e])]
         return table, ranked, scores, knowledge.explainer.context_entities(entity_ids[0], weights[0])
 
-    def _recommendations(self, turns: list[Turn], entities: list[int], scores: np.ndarray, attended: list,
-                         explain: bool) -> list[Recommendation]:
+    def _recommendations(
+        self, turns: list[Turn], entities: list[int], scores: np.ndarray, attended: list, explain: bool
+    ) -> list[Recommendation]:
         knowledge = self.knowledge
         seeker_words = knowledge.titled(" ".join(t.text for t in turns if t.role == "seeker"))
-        return [Recommendation(knowledge.entity_movie[e], knowledge.titles[knowledge.entity_movie[e]],
-                               round(float(scores[e]), 4),
-                               knowledge.explainer.explain(e, attended, seeker_words) if explain else None)
-                for e in entities]
+        return [
+            Recommendation(
+                knowledge.entity_movie[e],
+                knowledge.titles[knowledge.entity_movie[e]],
+                round(float(scores[e]), 4),
+                knowledge.explainer.explain(e, attended, seeker_words) if explain else None,
+            )
+            for e in entities
+        ]
 
-    def recommend(self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True,
-                  explain: bool = True) -> list[Recommendation]:
+    def recommend(
+        self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True, explain: bool = True
+    ) -> list[Recommendation]:
         """The top_k movies for the model's next turn, best first, with their explanations."""
         _, ranked, scores, attended = self._ranked(turns, exclude_mentioned)
         return self._recommendations(turns, ranked[:top_k], scores, attended, explain)
@@ -220,14 +253,21 @@ class Chat:
             raise ValueError("this chat has no generator")
         knowledge = self.knowledge
         table, ranked, scores, attended = self._ranked(turns, exclude_mentioned)
-        tokens = conv_train.generate(self.generator, knowledge.run, table, np.array([len(table) - 1]),
-                                     knowledge.params.evaluate.decoding, knowledge.vocabulary.banned_ids)[0]
+        tokens = conv_train.generate(
+            self.generator,
+            knowledge.run,
+            table,
+            np.array([len(table) - 1]),
+            knowledge.params.evaluate.decoding,
+            knowledge.vocabulary.banned_ids,
+        )[0]
         words = [knowledge.vocabulary.tokens[t] for t in tokens]
         filling = ranked[: max(top_k, words.count(conv_train.PLACEHOLDER))]
         said = conv_train.fill_movies(words, [f"@{knowledge.entity_movie[e]}" for e in filling])
         shown = conv_train.fill_movies(words, [knowledge.titles[knowledge.entity_movie[e]] for e in filling])
-        return Reply(" ".join(shown), " ".join(said),
-                     self._recommendations(turns, ranked[:top_k], scores, attended, explain))
+        return Reply(
+            " ".join(shown), " ".join(said), self._recommendations(turns, ranked[:top_k], scores, attended, explain)
+        )
 
 
 class Session:

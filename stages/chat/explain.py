@@ -76,7 +76,7 @@ class KnowledgeGraph:
         self.relation_names = dict(zip(relations["relation_id"], relations["name"]))
 
     def neighbours(self, entity: int) -> np.ndarray:
-        return self.dst[self.starts[entity]:self.starts[entity + 1]]
+        return self.dst[self.starts[entity] : self.starts[entity + 1]]
 
     def relation(self, src: int, dst: int) -> str | None:
         """The name of the first relation of an edge src -> dst; None when there is no such edge."""
@@ -103,8 +103,11 @@ class KnowledgeGraph:
         for middle in shared[np.lexsort((shared, degrees))].tolist():
             onward = self.relation(middle, target)
             if onward is not None:
-                paths.append(KGPath([ends[0], KGNode(middle, self.label(middle)), ends[1]],
-                                    [self.relation(source, middle), onward]))
+                paths.append(
+                    KGPath(
+                        [ends[0], KGNode(middle, self.label(middle)), ends[1]], [self.relation(source, middle), onward]
+                    )
+                )
             if len(paths) == limit:
                 break
         return paths
@@ -113,9 +116,17 @@ class KnowledgeGraph:
 class Explainer:
     """Builds the Explanation of a recommended movie from the recommender's pooling weights and the data."""
 
-    def __init__(self, graph: KnowledgeGraph, chooser: SentenceChooser, sentences: pl.DataFrame,
-                 entity_movie: dict[int, int], top_entities: int = 5, max_paths: int = 4, paths_per_entity: int = 2,
-                 max_sentences: int = 2):
+    def __init__(
+        self,
+        graph: KnowledgeGraph,
+        chooser: SentenceChooser,
+        sentences: pl.DataFrame,
+        entity_movie: dict[int, int],
+        top_entities: int = 5,
+        max_paths: int = 4,
+        paths_per_entity: int = 2,
+        max_sentences: int = 2,
+    ):
         self.graph, self.chooser, self.entity_movie = graph, chooser, entity_movie
         self.top_entities, self.max_paths, self.max_sentences = top_entities, max_paths, max_sentences
         self.paths_per_entity = paths_per_entity
@@ -140,8 +151,10 @@ class Explainer:
         pool = self.movie_sentences.get(movie_id, np.zeros(0, dtype=np.int64))
         ranked = self.chooser.rank(pool, " ".join(names + [seeker_words])) if len(pool) else []
         ranked.sort(key=lambda ranked_sentence: _negative(self.chooser.ratings[ranked_sentence[0]]))  # stable
-        sentences = [ReviewSentence(s, self.chooser.texts[s], self.sources[s], _rating(self.chooser.ratings[s]),
-                                    round(score, 3)) for s, score in ranked[: self.max_sentences]]
+        sentences = [
+            ReviewSentence(s, self.chooser.texts[s], self.sources[s], _rating(self.chooser.ratings[s]), round(score, 3))
+            for s, score in ranked[: self.max_sentences]
+        ]
         return Explanation(movie_id, attended[: self.top_entities], paths, sentences)
 
 

@@ -22,20 +22,39 @@ from pathlib import Path
 import numpy as np
 
 DIST_NS = (2, 3, 4)
-PAPER_NOTE = ("Zhou et al., WSDM 2022, Table 2 (ReDial): Dist-n as the C2-CRS code computes it (corpus), trained on "
-              "the full ReDial train split")
+PAPER_NOTE = (
+    "Zhou et al., WSDM 2022, Table 2 (ReDial): Dist-n as the C2-CRS code computes it (corpus), trained on "
+    "the full ReDial train split"
+)
 PAPER_TABLE2 = {  # Dist-2, Dist-3, Dist-4
-    "Transformer": (0.067, 0.139, 0.227), "ReDial": (0.082, 0.143, 0.245), "KBRD": (0.086, 0.153, 0.265),
-    "KGSF": (0.114, 0.204, 0.282), "KECRS": (0.040, 0.090, 0.149), "RevCore": (0.092, 0.163, 0.221),
+    "Transformer": (0.067, 0.139, 0.227),
+    "ReDial": (0.082, 0.143, 0.245),
+    "KBRD": (0.086, 0.153, 0.265),
+    "KGSF": (0.114, 0.204, 0.282),
+    "KECRS": (0.040, 0.090, 0.149),
+    "RevCore": (0.092, 0.163, 0.221),
     "C2-CRS": (0.163, 0.291, 0.417),
 }
 PAPER_TABLE3 = {  # Fluency, Informativeness (0-2, mean of three annotators)
-    "Transformer": (0.97, 0.92), "ReDial": (1.35, 1.04), "KBRD": (1.23, 1.15), "KGSF": (1.48, 1.37),
-    "KECRS": (1.39, 1.19), "RevCore": (1.52, 1.34), "C2-CRS": (1.55, 1.47),
+    "Transformer": (0.97, 0.92),
+    "ReDial": (1.35, 1.04),
+    "KBRD": (1.23, 1.15),
+    "KGSF": (1.48, 1.37),
+    "KECRS": (1.39, 1.19),
+    "RevCore": (1.52, 1.34),
+    "C2-CRS": (1.55, 1.47),
 }
-MODEL_NAMES = {"transformer": "Transformer", "redial": "ReDial (HRED)", "kbrd": "KBRD", "kgsf": "KGSF",
-               "kecrs": "KECRS", "revcore": "RevCore", "wo_iw": "C2-CRS w/o instance weighting", "c2crs": "C2-CRS",
-               "human": "human (gold responses)"}
+MODEL_NAMES = {
+    "transformer": "Transformer",
+    "redial": "ReDial (HRED)",
+    "kbrd": "KBRD",
+    "kgsf": "KGSF",
+    "kecrs": "KECRS",
+    "revcore": "RevCore",
+    "wo_iw": "C2-CRS w/o instance weighting",
+    "c2crs": "C2-CRS",
+    "human": "human (gold responses)",
+}
 RATING_ASPECTS = ("fluency", "informativeness")
 RATING_COLUMNS = ("item", "sample_id", "context", "response", *RATING_ASPECTS)
 
@@ -45,15 +64,17 @@ class RatingError(ValueError):
 
 
 def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def distinct(responses: Sequence[Sequence[str]], n: int) -> dict[str, float]:
     """dist@n under both definitions (see the module docstring)."""
     grams = [g for words in responses for g in ngrams(words, n)]
     unique = len(set(grams))
-    return {"corpus": unique / len(grams) if grams else 0.0,
-            "per_sentence": unique / len(responses) if responses else 0.0}
+    return {
+        "corpus": unique / len(grams) if grams else 0.0,
+        "per_sentence": unique / len(responses) if responses else 0.0,
+    }
 
 
 def bleu(responses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], n: int) -> float:
@@ -64,13 +85,19 @@ def bleu(responses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]
     weights = tuple(1.0 if k == n else 0.0 for k in range(1, 5))
     with warnings.catch_warnings():  # NLTK warns for every response without an n-gram match; that is a 0
         warnings.simplefilter("ignore")
-        scores = [sentence_bleu([list(ref)], list(hyp), weights=weights) if hyp and ref else 0.0
-                  for hyp, ref in zip(responses, references)]
+        scores = [
+            sentence_bleu([list(ref)], list(hyp), weights=weights) if hyp and ref else 0.0
+            for hyp, ref in zip(responses, references)
+        ]
     return float(np.mean(scores)) if scores else 0.0
 
 
-def generation_metrics(responses: Sequence[Sequence[str]], references: Sequence[Sequence[str]] | None,
-                       names_entity: Callable[[Sequence[str]], bool], perplexity: float | None) -> dict:
+def generation_metrics(
+    responses: Sequence[Sequence[str]],
+    references: Sequence[Sequence[str]] | None,
+    names_entity: Callable[[Sequence[str]], bool],
+    perplexity: float | None,
+) -> dict:
     """The reports/conv.json entry of one model (references None: no BLEU, e.g. for the gold responses)."""
     metrics: dict = {f"dist@{n}": distinct(responses, n) for n in DIST_NS}
     if references is not None:
@@ -93,16 +120,21 @@ def _number(value, digits: int = 3) -> str:
 
 def table2(results: dict[str, dict]) -> str:
     """The paper's Table 2 rows (Dist-n, corpus) above ours (both Dist-n definitions and the other metrics)."""
-    lines = ["| model | Dist-2 | Dist-3 | Dist-4 | Dist-2/3/4 per response | BLEU-1 | BLEU-2 | perplexity | "
-             "words | entity rate |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | Dist-2 | Dist-3 | Dist-4 | Dist-2/3/4 per response | BLEU-1 | BLEU-2 | perplexity | "
+        "words | entity rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, dist in PAPER_TABLE2.items():
         lines.append(f"| paper: {name} | " + " | ".join(f"{d:.3f}" for d in dist) + " | | | | | | |")
     for model, m in results.items():
         per = "/".join(f"{m[f'dist@{n}']['per_sentence']:.2f}" for n in DIST_NS)
-        lines.append(f"| {MODEL_NAMES.get(model, model)} | "
-                     + " | ".join(_number(m[f"dist@{n}"]["corpus"]) for n in DIST_NS)
-                     + f" | {per} | {_number(m.get('bleu@1'))} | {_number(m.get('bleu@2'))} | "
-                       f"{_number(m['perplexity'], 1)} | {m['avg_len']:.1f} | {m['entity_rate']:.3f} |")
+        lines.append(
+            f"| {MODEL_NAMES.get(model, model)} | "
+            + " | ".join(_number(m[f"dist@{n}"]["corpus"]) for n in DIST_NS)
+            + f" | {per} | {_number(m.get('bleu@1'))} | {_number(m.get('bleu@2'))} | "
+            f"{_number(m['perplexity'], 1)} | {m['avg_len']:.1f} | {m['entity_rate']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -112,8 +144,11 @@ def generator_only_table(results: dict[str, dict]) -> str:
     for model, m in results.items():
         if "generator_only" in m:
             dist = [m["generator_only"][f"dist@{n}"] for n in DIST_NS]
-            lines.append(f"| {MODEL_NAMES.get(model, model)} | "
-                         + " | ".join(f"{d['corpus']:.3f} / {d['per_sentence']:.2f}" for d in dist) + " |")
+            lines.append(
+                f"| {MODEL_NAMES.get(model, model)} | "
+                + " | ".join(f"{d['corpus']:.3f} / {d['per_sentence']:.2f}" for d in dist)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -130,27 +165,35 @@ def samples_section(samples: list[dict], models: Sequence[str]) -> str:
 
 
 def conversation_report(results: dict[str, dict], protocol: str, samples: list[dict], models: Sequence[str]) -> str:
-    return "\n\n".join([
-        "# Conversation task: automatic evaluation (the paper's Table 2) and responses to read",
-        f"Protocol: {protocol}",
-        f"The paper's rows: {PAPER_NOTE}. Ours: every model trained by the same code on the same splits "
-        "(finetune_conv, conv_baselines); Dist-2/3/4 columns are the corpus definition, comparable with the paper's; "
-        "'per response' is KGSF's and CRSLab's definition (distinct n-grams / responses). The gold row is the test "
-        "set's own responses, a reference for what people write.",
-        table2(results),
-        "The generators alone, movie placeholders left unfilled (Dist-n corpus / per response): what the fill "
-        "adds is the recommenders' variety of movies.",
-        generator_only_table(results),
-        "Human evaluation (the paper's Table 3: fluency / informativeness, 0-2, mean of three annotators): "
-        + ", ".join(f"{k} {f:.2f} / {i:.2f}" for k, (f, i) in PAPER_TABLE3.items())
-        + ". Ours is not measured: fill reports/conv_rating.csv (one copy per rater) and run "
-          "`python -m pipeline rate FILLED.csv ...` for the means and Krippendorff's alpha.",
-        "## Responses to read",
-        "Movie placeholders are filled with the top items of each model's recommender (C2-CRS's for C2-CRS and "
-        "w/o instance weighting, KGSF's for KGSF, ReDial's for ReDial, TextCNN's for the Transformer); movies are shown as "
-        "titles.",
-        samples_section(samples, models),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                "# Conversation task: automatic evaluation (the paper's Table 2) and responses to read",
+                f"Protocol: {protocol}",
+                f"The paper's rows: {PAPER_NOTE}. Ours: every model trained by the same code on the same splits "
+                "(finetune_conv, conv_baselines); Dist-2/3/4 columns are the corpus definition, comparable with the "
+                "paper's; "
+                "'per response' is KGSF's and CRSLab's definition (distinct n-grams / responses). The gold row is "
+                "the test "
+                "set's own responses, a reference for what people write.",
+                table2(results),
+                "The generators alone, movie placeholders left unfilled (Dist-n corpus / per response): what the fill "
+                "adds is the recommenders' variety of movies.",
+                generator_only_table(results),
+                "Human evaluation (the paper's Table 3: fluency / informativeness, 0-2, mean of three annotators): "
+                + ", ".join(f"{k} {f:.2f} / {i:.2f}" for k, (f, i) in PAPER_TABLE3.items())
+                + ". Ours is not measured: fill reports/conv_rating.csv (one copy per rater) and run "
+                "`python -m pipeline rate FILLED.csv ...` for the means and Krippendorff's alpha.",
+                "## Responses to read",
+                "Movie placeholders are filled with the top items of each model's recommender (C2-CRS's for C2-CRS and "
+                "w/o instance weighting, KGSF's for KGSF, ReDial's for ReDial, TextCNN's for the Transformer); "
+                "movies are shown as "
+                "titles.",
+                samples_section(samples, models),
+            ]
+        )
+        + "\n"
+    )
 
 
 # ---------------------------------------------------------------- the rating sheet
@@ -170,8 +213,9 @@ def rating_sheet(samples: list[dict], models: Sequence[str], seed: int) -> tuple
     key_writer.writerow(("item", "model"))
     for item, index in enumerate(order, 1):
         sample, model = rows[index]
-        sheet_writer.writerow((item, sample["sample_id"], " / ".join(sample["context"]), sample["responses"][model],
-                               "", ""))
+        sheet_writer.writerow(
+            (item, sample["sample_id"], " / ".join(sample["context"]), sample["responses"][model], "", "")
+        )
         key_writer.writerow((item, model))
     return sheet.getvalue(), key.getvalue()
 
@@ -189,8 +233,9 @@ def read_ratings(path: Path) -> dict[int, dict[str, int]]:
             for aspect in RATING_ASPECTS:
                 value = (row[aspect] or "").strip()
                 if value not in ("0", "1", "2"):
-                    raise RatingError(f"{path}, line {line} (item {row['item']}): {aspect} must be 0, 1 or 2, "
-                                      f"got {value!r}")
+                    raise RatingError(
+                        f"{path}, line {line} (item {row['item']}): {aspect} must be 0, 1 or 2, got {value!r}"
+                    )
                 scores[aspect] = int(value)
             ratings[int(row["item"])] = scores
     if not ratings:
@@ -205,19 +250,25 @@ def score_ratings(sheets: dict[str, dict[int, dict[str, int]]], key: dict[int, s
     items = sorted(key)
     for name, ratings in sheets.items():
         if set(ratings) != set(items):
-            raise RatingError(f"{name}: rates items {len(ratings)} items, the key has {len(items)}; "
-                              f"missing {sorted(set(items) - set(ratings))[:5]}, unknown "
-                              f"{sorted(set(ratings) - set(items))[:5]}")
+            raise RatingError(
+                f"{name}: rates items {len(ratings)} items, the key has {len(items)}; "
+                f"missing {sorted(set(items) - set(ratings))[:5]}, unknown "
+                f"{sorted(set(ratings) - set(items))[:5]}"
+            )
     models = sorted(set(key.values()))
     result = {"raters": len(sheets), "items": len(items), "models": {}, "agreement": {}}
     for model in models:
         mine = [i for i in items if key[i] == model]
-        result["models"][model] = {a: float(np.mean([r[i][a] for r in sheets.values() for i in mine]))
-                                   for a in RATING_ASPECTS}
+        result["models"][model] = {
+            a: float(np.mean([r[i][a] for r in sheets.values() for i in mine])) for a in RATING_ASPECTS
+        }
     for aspect in RATING_ASPECTS:
         matrix = np.array([[ratings[i][aspect] for i in items] for ratings in sheets.values()], dtype=float)
-        alpha = (krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal")
-                 if len(sheets) > 1 and len(np.unique(matrix)) > 1 else None)
+        alpha = (
+            krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal")
+            if len(sheets) > 1 and len(np.unique(matrix)) > 1
+            else None
+        )
         result["agreement"][aspect] = {"krippendorff_alpha_ordinal": None if alpha is None else float(alpha)}
     return result
 

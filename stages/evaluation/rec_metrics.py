@@ -26,12 +26,23 @@ from scipy import stats
 
 METRICS = ("recall@1", "recall@10", "recall@50", "ndcg@10", "mrr@10")
 REPEAT_KS = (10, 50)
-ROW_COLUMNS = ("sample_id", "conv_id", "turn_idx", "role", "target_item", "in_context", "context_item_ids",
-               "has_entities", "context_entities")
+ROW_COLUMNS = (
+    "sample_id",
+    "conv_id",
+    "turn_idx",
+    "role",
+    "target_item",
+    "in_context",
+    "context_item_ids",
+    "has_entities",
+    "context_entities",
+)
 # How much context a scored turn has: earlier turns (consecutive messages of one speaker are one turn) and linked
 # entities in the context (movies included). Bins: (label, lowest, highest or None).
-CONTEXT_SIZES = {"earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7_or_more", 7, None)),
-                 "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6_or_more", 6, None))}
+CONTEXT_SIZES = {
+    "earlier_turns": (("1", 1, 1), ("2-3", 2, 3), ("4-6", 4, 6), ("7_or_more", 7, None)),
+    "context_entities": (("0", 0, 0), ("1-2", 1, 2), ("3-5", 3, 5), ("6_or_more", 6, None)),
+}
 
 
 def _new_items(rows: pl.DataFrame) -> np.ndarray:
@@ -97,14 +108,22 @@ def expand_mentions(samples: pl.DataFrame) -> pl.DataFrame:
     has_entities says whether the context has any linked entity (context_entity_ids holds every linked mention,
     movies included).
     """
-    return (samples.filter(pl.col("target_item_ids").list.len() > 0)
-            .select("sample_id", "conv_id", "turn_idx", "role", "context_item_ids",
-                    (pl.col("context_entity_ids").list.len() > 0).alias("has_entities"),
-                    pl.col("context_entity_ids").list.len().alias("context_entities"),
-                    pl.col("target_item_ids").alias("target_item"))
-            .explode("target_item")
-            .with_columns(pl.col("context_item_ids").list.contains(pl.col("target_item")).alias("in_context"))
-            .select(ROW_COLUMNS))
+    return (
+        samples.filter(pl.col("target_item_ids").list.len() > 0)
+        .select(
+            "sample_id",
+            "conv_id",
+            "turn_idx",
+            "role",
+            "context_item_ids",
+            (pl.col("context_entity_ids").list.len() > 0).alias("has_entities"),
+            pl.col("context_entity_ids").list.len().alias("context_entities"),
+            pl.col("target_item_ids").alias("target_item"),
+        )
+        .explode("target_item")
+        .with_columns(pl.col("context_item_ids").list.contains(pl.col("target_item")).alias("in_context"))
+        .select(ROW_COLUMNS)
+    )
 
 
 def protocol_rows(rows: pl.DataFrame, protocol: str) -> np.ndarray:
@@ -117,8 +136,13 @@ def protocol_rows(rows: pl.DataFrame, protocol: str) -> np.ndarray:
 # ---------------------------------------------------------------- ranks
 
 
-def _excluded_at_least(scores: np.ndarray, sample_index: np.ndarray, target_items: np.ndarray,
-                       target_score: np.ndarray, exclude: Sequence[Sequence[int]]) -> np.ndarray:
+def _excluded_at_least(
+    scores: np.ndarray,
+    sample_index: np.ndarray,
+    target_items: np.ndarray,
+    target_score: np.ndarray,
+    exclude: Sequence[Sequence[int]],
+) -> np.ndarray:
     """Per row, how many of its excluded items (the target itself never, each item once) score at least as high
     as the target: what rank_of_targets counted but must not."""
     lengths = np.array([len(items) for items in exclude], dtype=np.int64)
@@ -135,8 +159,13 @@ def _excluded_at_least(scores: np.ndarray, sample_index: np.ndarray, target_item
     return np.bincount(row[counted], minlength=len(target_items))
 
 
-def rank_of_targets(scores: np.ndarray, sample_index: np.ndarray, target_items: np.ndarray,
-                    chunk: int = 1024, exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+def rank_of_targets(
+    scores: np.ndarray,
+    sample_index: np.ndarray,
+    target_items: np.ndarray,
+    chunk: int = 1024,
+    exclude: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
     """1-based rank of each target among all items: the number of items scoring at least as high as it.
 
     Ties count against the target (pessimistic): a model that gives many items the same score (popularity: equal
@@ -155,20 +184,25 @@ def rank_of_targets(scores: np.ndarray, sample_index: np.ndarray, target_items: 
     if np.isnan(target_score).any():
         raise EvaluationError("a target item has a NaN score")
     for start in range(0, len(target_items), chunk):
-        block = scores[sample_index[start:start + chunk]]
-        ranks[start:start + chunk] = (block >= target_score[start:start + chunk, None]).sum(axis=1)
+        block = scores[sample_index[start : start + chunk]]
+        ranks[start : start + chunk] = (block >= target_score[start : start + chunk, None]).sum(axis=1)
     if exclude is not None:
         ranks -= _excluded_at_least(scores, sample_index, target_items, target_score, exclude)
     return ranks
 
 
-def _ranks_from_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
-                       excludes: Sequence[pl.Series | Sequence[Sequence[int]] | None]) -> list[np.ndarray]:
+def _ranks_from_blocks(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    rows: pl.DataFrame,
+    excludes: Sequence[pl.Series | Sequence[Sequence[int]] | None],
+) -> list[np.ndarray]:
     """One rank array per entry of excludes (None: nothing excluded), all from a single pass over the blocks."""
     row_samples = rows["sample_id"].to_numpy()
     targets = rows["target_item"].to_numpy()
-    excludes = [None if exclude is None else exclude.to_list() if isinstance(exclude, pl.Series) else list(exclude)
-                for exclude in excludes]
+    excludes = [
+        None if exclude is None else exclude.to_list() if isinstance(exclude, pl.Series) else list(exclude)
+        for exclude in excludes
+    ]
     for exclude in excludes:
         if exclude is not None and len(exclude) != rows.height:
             raise EvaluationError(f"exclude has {len(exclude)} entries for {rows.height} rows")
@@ -188,16 +222,23 @@ def _ranks_from_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl
             raise EvaluationError("a sample appears in more than one score block")
         hit_rows = np.flatnonzero(hit)
         for kept, exclude in zip(ranks, excludes):
-            kept[hit] = rank_of_targets(scores, order[position[hit]], targets[hit],
-                                        exclude=None if exclude is None else [exclude[i] for i in hit_rows])
+            kept[hit] = rank_of_targets(
+                scores,
+                order[position[hit]],
+                targets[hit],
+                exclude=None if exclude is None else [exclude[i] for i in hit_rows],
+            )
     if (ranks[0] == 0).any():
         missing = np.unique(row_samples[ranks[0] == 0])
         raise EvaluationError(f"{len(missing)} samples have no scores, e.g. sample_id {missing[:5].tolist()}")
     return ranks
 
 
-def ranks_from_score_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
-                            exclude: pl.Series | Sequence[Sequence[int]] | None = None) -> np.ndarray:
+def ranks_from_score_blocks(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    rows: pl.DataFrame,
+    exclude: pl.Series | Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
     """Ranks for every row (aligned with `rows`) from (sample_ids, scores[len(sample_ids), n_items]) blocks.
 
     Lets a model score the test set a block at a time (e.g. 1024 x 6,924 float32, 28 MB) instead of holding the
@@ -207,8 +248,9 @@ def ranks_from_score_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], row
     return _ranks_from_blocks(blocks, rows, [exclude])[0]
 
 
-def ranks_and_masked_ranks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame,
-                           exclude: pl.Series | Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+def ranks_and_masked_ranks(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame, exclude: pl.Series | Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
     """(ranks over all items, ranks without each row's `exclude` items) from one pass, so a model is scored once."""
     ranks, masked = _ranks_from_blocks(blocks, rows, [None, exclude])
     return ranks, masked
@@ -249,11 +291,12 @@ def choice_states(samples: pl.DataFrame) -> list[int]:
     turn the first turn's movies; unknown, counted as no, when that turn's sample is not in `samples`)."""
     previous: dict[int, tuple[int, bool]] = {}
     state = {}
-    ordered = samples.sort("conv_id", "turn_idx").select("sample_id", "conv_id", "turn_idx", "context_item_ids",
-                                                          "target_item_ids")
+    ordered = samples.sort("conv_id", "turn_idx").select(
+        "sample_id", "conv_id", "turn_idx", "context_item_ids", "target_item_ids"
+    )
     for sample_id, conv_id, turn, context, targets in ordered.iter_rows():
         before = previous.get(conv_id)
-        named = (before[1] if before is not None and before[0] == turn - 1 else turn == 1 and len(context) > 0)
+        named = before[1] if before is not None and before[0] == turn - 1 else turn == 1 and len(context) > 0
         bucket = min(max(len(set(context)), 1), CONTEXT_MOVIE_BUCKETS) - 1
         state[sample_id] = bucket * 2 + int(named)
         previous[conv_id] = (turn, len(targets) > 0)
@@ -281,8 +324,9 @@ def repeat_popularity_scores(context_items: Sequence[Sequence[int]], popularity:
     return np.where(repeat > 0, popularity.max() + repeat, popularity[None, :]).astype(np.float32)
 
 
-def naive_scorers(recent: Sequence[Sequence[int]],
-                  popularity: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+def naive_scorers(
+    recent: Sequence[Sequence[int]], popularity: np.ndarray
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """The models that need no training, as functions of sample rows -> scores [rows, n_items]: popularity, repeat
     and repeat_popularity; recent[row] = that sample's context movies, most recent first (context_items_by_recency)."""
     popularity = np.asarray(popularity)
@@ -300,9 +344,16 @@ def metric_values(ranks: np.ndarray) -> np.ndarray:
     """Per-row value of each metric in METRICS (one relevant item per row), shape [n_rows, len(METRICS)]."""
     ranks = np.asarray(ranks, dtype=np.float64)
     top10 = ranks <= 10
-    return np.stack([ranks <= 1, top10, ranks <= 50,
-                     np.where(top10, 1.0 / np.log2(ranks + 1.0), 0.0),
-                     np.where(top10, 1.0 / ranks, 0.0)], axis=1).astype(np.float64)
+    return np.stack(
+        [
+            ranks <= 1,
+            top10,
+            ranks <= 50,
+            np.where(top10, 1.0 / np.log2(ranks + 1.0), 0.0),
+            np.where(top10, 1.0 / ranks, 0.0),
+        ],
+        axis=1,
+    ).astype(np.float64)
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict:
@@ -346,8 +397,9 @@ def _percentiles(stats: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarra
     return np.percentile(stats, [tail, 100.0 - tail], axis=0)
 
 
-def bootstrap_ci(rows: pl.DataFrame, ranks: np.ndarray | None = None, *, n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap_ci(
+    rows: pl.DataFrame, ranks: np.ndarray | None = None, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, list[float]]:
     """Percentile interval of each metric, resampling conversations with replacement (cluster bootstrap).
     `ranks` defaults to rows["rank"]."""
     ranks = rows["rank"].to_numpy() if ranks is None else np.asarray(ranks)
@@ -359,30 +411,42 @@ def bootstrap_ci(rows: pl.DataFrame, ranks: np.ndarray | None = None, *, n_resam
     return {m: [float(lo), float(hi)] for m, lo, hi in zip(METRICS, low, high)}
 
 
-def paired_difference(rows: pl.DataFrame, ranks_a: np.ndarray, ranks_b: np.ndarray, *, n_resamples: int = 1000,
-                      seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+def paired_difference(
+    rows: pl.DataFrame,
+    ranks_a: np.ndarray,
+    ranks_b: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict]:
     """Model a minus model b on the same rows: the difference of each metric and its paired cluster-bootstrap
     interval (both models scored on the same resampled conversations). An interval above 0 means a beats b."""
     ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
     if not len(ranks_a) == len(ranks_b) == rows.height:
         raise EvaluationError(f"{len(ranks_a)} and {len(ranks_b)} ranks for {rows.height} rows")
-    return paired_values_difference(rows, metric_values(ranks_a) - metric_values(ranks_b), n_resamples=n_resamples,
-                                    seed=seed, level=level)
+    return paired_values_difference(
+        rows, metric_values(ranks_a) - metric_values(ranks_b), n_resamples=n_resamples, seed=seed, level=level
+    )
 
 
-def paired_values_difference(rows: pl.DataFrame, differences: np.ndarray, *, n_resamples: int = 1000, seed: int = 0,
-                             level: float = 0.95) -> dict[str, dict]:
+def paired_values_difference(
+    rows: pl.DataFrame, differences: np.ndarray, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict]:
     """The mean of per-row metric differences [n_rows, len(METRICS)] (e.g. averaged over several seeds' runs) with
     its cluster-bootstrap interval over conversations."""
     if rows.height == 0:
         return {m: {"difference": None, "ci95": [None, None]} for m in METRICS}
     low, high = _percentiles(_bootstrap_stats(rows, differences, n_resamples, seed), level)
-    return {m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
-            for m, d, lo, hi in zip(METRICS, differences.mean(axis=0), low, high)}
+    return {
+        m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
+        for m, d, lo, hi in zip(METRICS, differences.mean(axis=0), low, high)
+    }
 
 
-def seed_level_difference(rows: pl.DataFrame, per_seed: list[np.ndarray], *, n_resamples: int = 1000,
-                          seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+def seed_level_difference(
+    rows: pl.DataFrame, per_seed: list[np.ndarray], *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict]:
     """a minus b with training variance in the interval: per_seed holds each seed's per-row differences
     [n_rows, len(METRICS)] (both arms trained with that seed, scored on the same rows).
 
@@ -401,8 +465,7 @@ def seed_level_difference(rows: pl.DataFrame, per_seed: list[np.ndarray], *, n_r
         difference = float(means[:, i].mean())
         interval = [None, None]
         if n >= 2:
-            half = stats.t.ppf(0.5 + level / 2, n - 1) * np.sqrt(means[:, i].var(ddof=1) / n
-                                                                  + conversation_variance[i])
+            half = stats.t.ppf(0.5 + level / 2, n - 1) * np.sqrt(means[:, i].var(ddof=1) / n + conversation_variance[i])
             interval = [difference - float(half), difference + float(half)]
         out[metric] = {"difference": difference, "per_seed": [float(v) for v in means[:, i]], "ci95": interval}
     return out
@@ -427,27 +490,42 @@ def by_context(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict]:
     that reads the KG can only use it on the first kind."""
     has_entities = rows["has_entities"].to_numpy().astype(bool)
     ranks = np.asarray(ranks)
-    return {"with_entities": metrics_from_ranks(ranks[has_entities]),
-            "without_entities": metrics_from_ranks(ranks[~has_entities])}
+    return {
+        "with_entities": metrics_from_ranks(ranks[has_entities]),
+        "without_entities": metrics_from_ranks(ranks[~has_entities]),
+    }
 
 
 def context_size_masks(rows: pl.DataFrame) -> dict[str, dict[str, np.ndarray]]:
     """{dimension: {bin label: boolean mask over the rows}} (CONTEXT_SIZES; a row's turn_idx is its earlier turns)."""
     size = {"earlier_turns": rows["turn_idx"].to_numpy(), "context_entities": rows["context_entities"].to_numpy()}
-    return {dimension: {label: (size[dimension] >= low) & (True if high is None else size[dimension] <= high)
-                        for label, low, high in bins} for dimension, bins in CONTEXT_SIZES.items()}
+    return {
+        dimension: {
+            label: (size[dimension] >= low) & (True if high is None else size[dimension] <= high)
+            for label, low, high in bins
+        }
+        for dimension, bins in CONTEXT_SIZES.items()
+    }
 
 
 def by_context_size(rows: pl.DataFrame, ranks: np.ndarray) -> dict[str, dict[str, dict]]:
     """Metrics (with n) of the rows in each bin of how much context they have (CONTEXT_SIZES)."""
     ranks = np.asarray(ranks)
-    return {dimension: {label: metrics_from_ranks(ranks[mask]) for label, mask in bins.items()}
-            for dimension, bins in context_size_masks(rows).items()}
+    return {
+        dimension: {label: metrics_from_ranks(ranks[mask]) for label, mask in bins.items()}
+        for dimension, bins in context_size_masks(rows).items()
+    }
 
 
-def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                   compare_with: dict[str, np.ndarray] | None = None, masked_ranks: np.ndarray | None = None,
-                   compare_masked: dict[str, np.ndarray] | None = None) -> dict:
+def evaluate_model(
+    rows: pl.DataFrame,
+    ranks: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    compare_with: dict[str, np.ndarray] | None = None,
+    masked_ranks: np.ndarray | None = None,
+    compare_masked: dict[str, np.ndarray] | None = None,
+) -> dict:
     """{protocol: metrics + n + ci95 + repeat_share + by_context + recall_curve (recall@1..50)} for one model; the
     caller writes {model: this} to
     reports/rec.json.
@@ -481,16 +559,23 @@ def evaluate_model(rows: pl.DataFrame, ranks: np.ndarray, n_resamples: int = 100
         }
         if compare_with:
             results[protocol]["margin_over"] = {
-                name: paired_difference(kept_rows, kept_ranks, np.asarray(other)[keep], n_resamples=n_resamples,
-                                        seed=seed)
-                for name, other in others.items()}
+                name: paired_difference(
+                    kept_rows, kept_ranks, np.asarray(other)[keep], n_resamples=n_resamples, seed=seed
+                )
+                for name, other in others.items()
+            }
     return results
 
 
 # ---------------------------------------------------------------- report
 
-TABLE_COLUMNS = (("R@1", "recall@1"), ("R@10", "recall@10"), ("R@50", "recall@50"), ("NDCG@10", "ndcg@10"),
-                 ("MRR@10", "mrr@10"))
+TABLE_COLUMNS = (
+    ("R@1", "recall@1"),
+    ("R@10", "recall@10"),
+    ("R@50", "recall@50"),
+    ("NDCG@10", "ndcg@10"),
+    ("MRR@10", "mrr@10"),
+)
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -542,8 +627,11 @@ def margins_table(results: dict, model: str = "c2crs", others: tuple[str, ...] =
     for protocol, metrics in results.get(model, {}).items():
         for other, difference in metrics.get("margin_over", {}).items():
             if other in others:
-                lines.append(f"| {protocol} | {other} | " + " | ".join(
-                    _signed(difference[m]) for m in ("recall@10", "recall@50", "ndcg@10")) + " |")
+                lines.append(
+                    f"| {protocol} | {other} | "
+                    + " | ".join(_signed(difference[m]) for m in ("recall@10", "recall@50", "ndcg@10"))
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -551,17 +639,25 @@ def ablation_table(results: dict) -> str:
     """The paper's Table 4: each variant's R@1/10/50 under the paper's protocol with the paper's numbers beside
     them, and our recommender_turns numbers. Variants the paper does not have get no paper cells."""
     keys = ("recall@1", "recall@10", "recall@50")
-    lines = ["| variant | model | R@1 | R@10 | R@50 | paper R@1 | paper R@10 | paper R@50 | C2-CRS minus this, R@50 | "
-             "recommender turns R@10 | recommender turns R@50 |", "|---|---|" + "---|" * 9]
+    lines = [
+        "| variant | model | R@1 | R@10 | R@50 | paper R@1 | paper R@10 | paper R@50 | C2-CRS minus this, R@50 | "
+        "recommender turns R@10 | recommender turns R@50 |",
+        "|---|---|" + "---|" * 9,
+    ]
     margins = results.get("c2crs", {}).get(PAPER_PROTOCOL, {}).get("margin_over", {})
     names = [m for m in PAPER_TABLE4 if m in results] + [
-        m for m in results if m.startswith(ABLATION_PREFIX) and m not in PAPER_TABLE4]
+        m for m in results if m.startswith(ABLATION_PREFIX) and m not in PAPER_TABLE4
+    ]
     for model in names:
         label, paper = PAPER_TABLE4.get(model, (model.removeprefix(ABLATION_PREFIX), {}))
         ours, other = results[model].get(PAPER_PROTOCOL, {}), results[model].get("recommender_turns", {})
         margin = _signed(margins[model]["recall@50"]) if model in margins else "–"
-        cells = ([_cell(ours, k) for k in keys] + [_cell(paper, k) for k in keys] + [margin]
-                 + [_cell(other, k) for k in ("recall@10", "recall@50")])
+        cells = (
+            [_cell(ours, k) for k in keys]
+            + [_cell(paper, k) for k in keys]
+            + [margin]
+            + [_cell(other, k) for k in ("recall@10", "recall@50")]
+        )
         lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -572,14 +668,20 @@ CONTEXT_PROTOCOLS = ("all_turns", "new_items_masked")
 def by_context_table(results: dict, protocols: tuple[str, ...] = CONTEXT_PROTOCOLS) -> str:
     """R@10 and R@50 of each model on samples whose context has linked entities and on those whose context has
     none, per protocol (point values: a split of the rows above, no intervals)."""
-    lines = ["| protocol | model | R@10 with entities | R@50 with entities | n with | R@10 without | R@50 without | "
-             "n without |", "|---|---|" + "---|" * 6]
+    lines = [
+        "| protocol | model | R@10 with entities | R@50 with entities | n with | R@10 without | R@50 without | "
+        "n without |",
+        "|---|---|" + "---|" * 6,
+    ]
     for protocol in protocols:
         for model, by_protocol in results.items():
             split = by_protocol.get(protocol, {}).get("by_context")
             if split:
-                cells = [_cell(split[part], key) if key != "n" else str(split[part]["n"])
-                         for part in ("with_entities", "without_entities") for key in ("recall@10", "recall@50", "n")]
+                cells = [
+                    _cell(split[part], key) if key != "n" else str(split[part]["n"])
+                    for part in ("with_entities", "without_entities")
+                    for key in ("recall@10", "recall@50", "n")
+                ]
                 lines.append(f"| {protocol} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -588,43 +690,47 @@ def recommendation_report(results: dict, setting: str) -> str:
     """reports/rec.md: the protocol, the setting next to the paper's, Table 1 with the naive baselines and margins,
     recall by context, Table 4."""
     main = {m: results[m] for m in (*BASELINES, "c2crs", REPEAT_CHOICE) if m in results}
-    return "\n".join([
-        "# Recommendation on the ReDial test split",
-        "",
-        "Protocol: every ground-truth movie mention of a scored turn is one sample (the first turn has no context and "
-        "is not scored). all_turns scores seeker and recommender turns (the C2-CRS code and Table 1), "
-        "recommender_turns only the recommender's (CRSLab's KGSF and most later papers); both rank each target "
-        "among all 6,924 ReDial movies and keep targets already mentioned in the context. new_items (Kostric and "
-        "Balog's re-evaluation of ReDial CRS) keeps only the recommender turns' targets that were not mentioned "
-        "before in the conversation, with the same ranks, so movies already mentioned still compete with the target; "
-        "new_items_masked scores the same samples with the context's movies removed from the ranking, so a target "
-        "ranks only among movies not mentioned yet. repeat ranks the context's movies, most recent mention first, "
-        "above all other movies (tied, which counts against the target); repeat_popularity ranks the rest by train "
-        "popularity. Neither is trained: what they score under all_turns and recommender_turns is what repeats "
-        "alone buy, and repeat scores 0 under new_items by construction. 95 % intervals: bootstrap over test "
-        "conversations.",
-        "",
-        f"Setting: {setting}",
-        "",
-        "## C2-CRS and the baselines (the paper's Table 1)",
-        "",
-        markdown_table(main, PAPER_TABLE1),
-        "## Margins of C2-CRS",
-        "",
-        "C2-CRS minus each model on the same samples, ranked the same way (masked ranks for both under "
-        "new_items_masked); 95 % paired bootstrap intervals over test conversations.",
-        "",
-        margins_table(results),
-        "## Recall by context",
-        "",
-        "Samples whose context has at least one linked entity (a movie or another KG entity) and samples whose "
-        "context has none; a model that reads the KG can only use it on the first kind.",
-        "",
-        by_context_table(main),
-        "## Ablations (the paper's Table 4)",
-        "",
-        f"Ours under {PAPER_PROTOCOL} with 95 % intervals, the paper's numbers beside them ({PAPER_NOTE}), "
-        "and ours under recommender_turns. w/o Coarse-Fine is the KBRD-style baseline.",
-        "",
-        ablation_table(results),
-    ])
+    return "\n".join(
+        [
+            "# Recommendation on the ReDial test split",
+            "",
+            "Protocol: every ground-truth movie mention of a scored turn is one sample (the first turn has no "
+            "context and "
+            "is not scored). all_turns scores seeker and recommender turns (the C2-CRS code and Table 1), "
+            "recommender_turns only the recommender's (CRSLab's KGSF and most later papers); both rank each target "
+            "among all 6,924 ReDial movies and keep targets already mentioned in the context. new_items (Kostric and "
+            "Balog's re-evaluation of ReDial CRS) keeps only the recommender turns' targets that were not mentioned "
+            "before in the conversation, with the same ranks, so movies already mentioned still compete with the "
+            "target; "
+            "new_items_masked scores the same samples with the context's movies removed from the ranking, so a target "
+            "ranks only among movies not mentioned yet. repeat ranks the context's movies, most recent mention first, "
+            "above all other movies (tied, which counts against the target); repeat_popularity ranks the rest by train "
+            "popularity. Neither is trained: what they score under all_turns and recommender_turns is what repeats "
+            "alone buy, and repeat scores 0 under new_items by construction. 95 % intervals: bootstrap over test "
+            "conversations.",
+            "",
+            f"Setting: {setting}",
+            "",
+            "## C2-CRS and the baselines (the paper's Table 1)",
+            "",
+            markdown_table(main, PAPER_TABLE1),
+            "## Margins of C2-CRS",
+            "",
+            "C2-CRS minus each model on the same samples, ranked the same way (masked ranks for both under "
+            "new_items_masked); 95 % paired bootstrap intervals over test conversations.",
+            "",
+            margins_table(results),
+            "## Recall by context",
+            "",
+            "Samples whose context has at least one linked entity (a movie or another KG entity) and samples whose "
+            "context has none; a model that reads the KG can only use it on the first kind.",
+            "",
+            by_context_table(main),
+            "## Ablations (the paper's Table 4)",
+            "",
+            f"Ours under {PAPER_PROTOCOL} with 95 % intervals, the paper's numbers beside them ({PAPER_NOTE}), "
+            "and ours under recommender_turns. w/o Coarse-Fine is the KBRD-style baseline.",
+            "",
+            ablation_table(results),
+        ]
+    )

@@ -11,13 +11,30 @@ from stages.evaluation import rec_metrics, study_markdown
 REC_JSON, CONV_JSON = "reports/rec.json", "reports/conv.json"
 STUDY_SUMMARY = "reports/pretraining_runs/summary.json"
 
-REC_LABELS = {"popularity": "Popularity", "repeat": "repeat (the context's movies, most recent first)",
-              "repeat_popularity": "repeat, then popularity", "textcnn": "TextCNN", "redial": "ReDial",
-              "kbrd": "KBRD-style (= w/o Coarse-Fine)", "kecrs": "KECRS", "kgsf": "KGSF", "revcore": "RevCore",
-              "c2crs": "**C2-CRS**", rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice (beyond the paper)"}
-CONV_LABELS = {"transformer": "Transformer", "redial": "ReDial", "kbrd": "KBRD", "kgsf": "KGSF", "kecrs": "KECRS",
-               "revcore": "RevCore", "c2crs": "**C2-CRS**", "wo_iw": "C2-CRS w/o instance weighting",
-               "human": "human (the test responses)"}
+REC_LABELS = {
+    "popularity": "Popularity",
+    "repeat": "repeat (the context's movies, most recent first)",
+    "repeat_popularity": "repeat, then popularity",
+    "textcnn": "TextCNN",
+    "redial": "ReDial",
+    "kbrd": "KBRD-style (= w/o Coarse-Fine)",
+    "kecrs": "KECRS",
+    "kgsf": "KGSF",
+    "revcore": "RevCore",
+    "c2crs": "**C2-CRS**",
+    rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice (beyond the paper)",
+}
+CONV_LABELS = {
+    "transformer": "Transformer",
+    "redial": "ReDial",
+    "kbrd": "KBRD",
+    "kgsf": "KGSF",
+    "kecrs": "KECRS",
+    "revcore": "RevCore",
+    "c2crs": "**C2-CRS**",
+    "wo_iw": "C2-CRS w/o instance weighting",
+    "human": "human (the test responses)",
+}
 
 
 def _value(metrics: dict, key: str, interval: bool = True) -> str:
@@ -43,21 +60,28 @@ def rec_table(reports: dict) -> str:
     """Table 1 (and Table 4's variants): R@1/10/50 in all turns and recommender turns, 95 % intervals, the paper's
     numbers (all turns, full ReDial) beside."""
     rec = reports[REC_JSON]
-    lines = ["| model | all turns R@1 | R@10 | R@50 | recommender turns R@1 | R@10 | R@50 | paper R@1 / R@10 / R@50 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | all turns R@1 | R@10 | R@50 | recommender turns R@1 | R@10 | R@50 | paper R@1 / R@10 / R@50 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for model in _rec_models(rec):
         paper = rec_metrics.PAPER_TABLE1.get(model) or rec_metrics.PAPER_TABLE4.get(model)
-        cells = [_value(rec[model]["all_turns"], "recall@1", False), _value(rec[model]["all_turns"], "recall@10"),
-                 _value(rec[model]["all_turns"], "recall@50"),
-                 _value(rec[model]["recommender_turns"], "recall@1", False),
-                 _value(rec[model]["recommender_turns"], "recall@10"),
-                 _value(rec[model]["recommender_turns"], "recall@50"),
-                 " / ".join(f"{paper[1][k]:.3f}" for k in ("recall@1", "recall@10", "recall@50")) if paper else "–"]
+        cells = [
+            _value(rec[model]["all_turns"], "recall@1", False),
+            _value(rec[model]["all_turns"], "recall@10"),
+            _value(rec[model]["all_turns"], "recall@50"),
+            _value(rec[model]["recommender_turns"], "recall@1", False),
+            _value(rec[model]["recommender_turns"], "recall@10"),
+            _value(rec[model]["recommender_turns"], "recall@50"),
+            " / ".join(f"{paper[1][k]:.3f}" for k in ("recall@1", "recall@10", "recall@50")) if paper else "–",
+        ]
         lines.append(f"| {_rec_label(model)} | " + " | ".join(cells) + " |")
     n = {p: rec["c2crs"][p]["n"] for p in ("all_turns", "recommender_turns")}
-    return "\n".join(lines) + (f"\n\nRows: {n['all_turns']} target mentions (all turns), {n['recommender_turns']} "
-                               f"(recommender turns); [95 % bootstrap interval over test conversations]. Paper: "
-                               f"{rec_metrics.PAPER_NOTE}.\n")
+    return "\n".join(lines) + (
+        f"\n\nRows: {n['all_turns']} target mentions (all turns), {n['recommender_turns']} "
+        f"(recommender turns); [95 % bootstrap interval over test conversations]. Paper: "
+        f"{rec_metrics.PAPER_NOTE}.\n"
+    )
 
 
 def rec_margins(reports: dict) -> str:
@@ -69,8 +93,10 @@ def rec_margins(reports: dict) -> str:
         if all(margins):
             cells = [_signed(m[k]) for m in margins for k in ("recall@10", "recall@50")]
             lines.append(f"| {_rec_label(model)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n[95 % paired bootstrap interval over test conversations]; better / worse: it " \
-                              "excludes 0.\n"
+    return (
+        "\n".join(lines) + "\n\n[95 % paired bootstrap interval over test conversations]; better / worse: it "
+        "excludes 0.\n"
+    )
 
 
 def _signed(difference: dict) -> str:
@@ -82,16 +108,20 @@ def _signed(difference: dict) -> str:
 def conv_table(reports: dict) -> str:
     """Table 2: every generator's distinct n-grams, BLEU and perplexity on the test responses."""
     conv = reports[CONV_JSON]
-    lines = ["| generator | Dist-2 | Dist-3 | Dist-4 | BLEU-1 | BLEU-2 | perplexity | mean length |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| generator | Dist-2 | Dist-3 | Dist-4 | BLEU-1 | BLEU-2 | perplexity | mean length |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for model in [m for m in CONV_LABELS if m in conv]:
         m = conv[model]
         cells = [f"{m[f'dist@{n}']['corpus']:.3f}" for n in (2, 3, 4)]
         cells += [f"{m[k]:.3f}" if m.get(k) is not None else "–" for k in ("bleu@1", "bleu@2")]
         cells += [f"{m['perplexity']:.1f}" if m.get("perplexity") is not None else "–", f"{m['avg_len']:.1f}"]
         lines.append(f"| {CONV_LABELS[model]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nDist-n: distinct n-grams over all n-grams of the generated test responses " \
-                              "(corpus); perplexity of the gold responses.\n"
+    return (
+        "\n".join(lines) + "\n\nDist-n: distinct n-grams over all n-grams of the generated test responses "
+        "(corpus); perplexity of the gold responses.\n"
+    )
 
 
 def pretraining_answer(reports: dict) -> str:
@@ -101,17 +131,26 @@ def pretraining_answer(reports: dict) -> str:
 
 def pretraining_table(reports: dict) -> str:
     """Per setting, C2-CRS minus KBRD-style with the seed-level interval, and both arms' validation R@50."""
-    lines = ["| setting | seeds | all turns R@10 | R@50 | recommender turns R@10 | R@50 | validation R@50, C2-CRS vs "
-             "KBRD-style |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | seeds | all turns R@10 | R@50 | recommender turns R@10 | R@50 | validation R@50, C2-CRS vs "
+        "KBRD-style |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for setting, entry in study_markdown.settings_in_order(reports[STUDY_SUMMARY]):
         minus = entry["minus_kbrd"].get("c2crs")
         if not minus:
             continue
-        cells = [study_markdown.difference(minus[p][k]) for p in ("all_turns", "recommender_turns")
-                 for k in ("recall@10", "recall@50")]
+        cells = [
+            study_markdown.difference(minus[p][k])
+            for p in ("all_turns", "recommender_turns")
+            for k in ("recall@10", "recall@50")
+        ]
         valid = entry["valid_recall@50"]
-        lines.append(f"| `{setting}` | {len(minus['seeds'])} | " + " | ".join(cells)
-                     + f" | {valid['c2crs']['mean']:.3f} vs {valid['kbrd']['mean']:.3f} |")
+        lines.append(
+            f"| `{setting}` | {len(minus['seeds'])} | "
+            + " | ".join(cells)
+            + f" | {valid['c2crs']['mean']:.3f} vs {valid['kbrd']['mean']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

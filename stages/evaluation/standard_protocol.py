@@ -33,8 +33,9 @@ PEER_TABLE2 = {
     "ReFICR": ((0.049, 0.270, 0.507), (0.018, 0.213, 0.465)),
     "naive repeat": ((0.043, 0.090, 0.090), (0.0, 0.0, 0.0)),
 }
-PEER_NOTE = ("Kostric and Balog, SIGIR '26, Table 2: trained on all 10,006 ReDial train conversations (ours: the "
-             "mirror's 2,251)")
+PEER_NOTE = (
+    "Kostric and Balog, SIGIR '26, Table 2: trained on all 10,006 ReDial train conversations (ours: the mirror's 2,251)"
+)
 
 
 def messages(path: Path) -> pl.DataFrame:
@@ -51,34 +52,62 @@ def messages(path: Path) -> pl.DataFrame:
         named: set[str] = set()
         for index, message in enumerate(conversation["messages"]):
             movies = [movie for movie in mentions if f"@{movie}" in message["text"]]
-            rows.append({"conv_id": int(conversation["conversationId"]), "turn_idx": index,
-                         "role": "recommender" if message["senderWorkerId"] == recommender else "seeker",
-                         "text": message["text"], "movie_ids": [int(m) for m in movies],
-                         "fresh": [m not in named for m in movies]})
+            rows.append(
+                {
+                    "conv_id": int(conversation["conversationId"]),
+                    "turn_idx": index,
+                    "role": "recommender" if message["senderWorkerId"] == recommender else "seeker",
+                    "text": message["text"],
+                    "movie_ids": [int(m) for m in movies],
+                    "fresh": [m not in named for m in movies],
+                }
+            )
             named.update(movies)
-    return pl.DataFrame(rows, schema={"conv_id": pl.Int64, "turn_idx": pl.Int32, "role": pl.String,
-                                      "text": pl.String, "movie_ids": pl.List(pl.Int64),
-                                      "fresh": pl.List(pl.Boolean)})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "conv_id": pl.Int64,
+            "turn_idx": pl.Int32,
+            "role": pl.String,
+            "text": pl.String,
+            "movie_ids": pl.List(pl.Int64),
+            "fresh": pl.List(pl.Boolean),
+        },
+    )
 
 
-def instances(path: Path, linker, vocabulary: pl.DataFrame, item_entity: dict[int, int], context_max_tokens: int,
-              response_max_tokens: int) -> tuple[pl.DataFrame, pl.DataFrame, tuple[list[list[int]], list[int]]]:
+def instances(
+    path: Path,
+    linker,
+    vocabulary: pl.DataFrame,
+    item_entity: dict[int, int],
+    context_max_tokens: int,
+    response_max_tokens: int,
+) -> tuple[pl.DataFrame, pl.DataFrame, tuple[list[list[int]], list[int]]]:
     """(samples of the instances, their evaluation rows, their history): one sample per recommender message that
     names a movie and has context; rows as rec_metrics.expand_mentions makes them, with in_context = named by an
     earlier message; history: each instance's context movies by recency and its new-or-repeat state, replayed over
     every message (evaluate.score_split's `history`)."""
     utterances = messages(path).with_columns(pl.lit("test").alias("split"))
     linked = triples.link_all(utterances, linker, item_entity)
-    every, _ = triples.build_samples(utterances, linked, vocabulary, item_entity, context_max_tokens,
-                                     response_max_tokens)
+    every, _ = triples.build_samples(
+        utterances, linked, vocabulary, item_entity, context_max_tokens, response_max_tokens
+    )
     recent, states = rec_metrics.context_items_by_recency(every), rec_metrics.choice_states(every)
     keep = ((every["role"] == "recommender") & (every["target_item_ids"].list.len() > 0)).to_numpy()
     samples = every.filter(pl.Series(keep))
     history = ([r for r, k in zip(recent, keep) if k], [s for s, k in zip(states, keep) if k])
     rows = rec_metrics.expand_mentions(samples)
-    fresh = (samples.select("conv_id", "turn_idx")
-             .join(utterances.select("conv_id", "turn_idx", "fresh"), on=["conv_id", "turn_idx"], how="left",
-                   maintain_order="left")["fresh"].explode())
+    fresh = (
+        samples.select("conv_id", "turn_idx")
+        .join(
+            utterances.select("conv_id", "turn_idx", "fresh"),
+            on=["conv_id", "turn_idx"],
+            how="left",
+            maintain_order="left",
+        )["fresh"]
+        .explode()
+    )
     if len(fresh) != rows.height:
         raise ValueError(f"{path}: {len(fresh)} movie flags for {rows.height} targets")
     return samples, rows.with_columns((~fresh).alias("in_context")), history

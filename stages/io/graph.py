@@ -43,9 +43,15 @@ class StageSpec:
         def fill(values: tuple[str, ...]) -> tuple[str, ...]:
             return tuple(value.replace("${key}", variant).replace("${item}", variant) for value in values)
 
-        return dataclasses.replace(self, name=f"{self.name}@{variant}", params=fill(self.params),
-                                   outs=fill(self.outs), metrics=fill(self.metrics), reports=fill(self.reports),
-                                   foreach="")
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}@{variant}",
+            params=fill(self.params),
+            outs=fill(self.outs),
+            metrics=fill(self.metrics),
+            reports=fill(self.reports),
+            foreach="",
+        )
 
 
 def _path(entry) -> str:
@@ -67,7 +73,8 @@ def load_stage_graph(path: Path = DVC_YAML) -> dict[str, StageSpec]:
         deps = [str(d) for d in stage.get("deps", [])]
         outs = stage.get("outs", [])
         graph[name] = StageSpec(
-            name=name, summary=" ".join(str(stage.get("desc", "")).split()),
+            name=name,
+            summary=" ".join(str(stage.get("desc", "")).split()),
             params=tuple(stage.get("params", [])),
             code=tuple(d for d in deps if not d.startswith("data/")),
             deps=tuple(d for d in deps if d.startswith("data/")),
@@ -75,7 +82,8 @@ def load_stage_graph(path: Path = DVC_YAML) -> dict[str, StageSpec]:
             metrics=tuple(_path(m) for m in stage.get("metrics", [])),
             reports=tuple(_path(o) for o in outs if isinstance(o, dict)),
             external_inputs=" ".join(str(stage.get("meta", {}).get("external_inputs", "")).split()),
-            foreach=foreach)
+            foreach=foreach,
+        )
     return graph
 
 
@@ -117,9 +125,14 @@ def stage_spec(name: str) -> StageSpec:
         raise ValueError(f"unknown stage {name!r}; dvc.yaml has {', '.join(STAGES)}")
     spec = STAGES[family]
     if bool(variant) != bool(spec.foreach):
-        raise ValueError(f"stage {family!r} " + (f"runs once per variant of params {spec.foreach}: "
-                                                 f"name one as {family}@<variant>" if spec.foreach
-                                                 else "has no variants"))
+        raise ValueError(
+            f"stage {family!r} "
+            + (
+                f"runs once per variant of params {spec.foreach}: name one as {family}@<variant>"
+                if spec.foreach
+                else "has no variants"
+            )
+        )
     return spec.for_variant(variant) if variant else spec
 
 

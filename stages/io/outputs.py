@@ -142,8 +142,9 @@ def stage_lock(workspace: Path, stage: str):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise OutputsBusyError(f"stage {stage} is already running in {workspace} (pid {holder}); wait for it "
-                                   "or stop it") from None
+            raise OutputsBusyError(
+                f"stage {stage} is already running in {workspace} (pid {holder}); wait for it or stop it"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

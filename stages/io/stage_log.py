@@ -16,7 +16,8 @@ class StageLog:
         pass
 
     def model(self, name: str, model, file: Path, validation: dict | None = None) -> None:
-        """A trained model, saved at `file` (the DVC output). `name` is its registered model name (registered_name below);
+        """A trained model, saved at `file` (the DVC output). `name` is its registered model name (registered_name
+        below);
         None keeps it out of the registry (a pre-training step's encoders). `validation` holds its validation
         metrics, which decide which version is the champion."""
 
@@ -88,5 +89,6 @@ class WarningTally:
     def summary(self) -> None:
         for kind, count in sorted(self.counts.items()):
             if count > self.shown:
-                self.logger.warning("skipped %d records of kind %r in all (%d not shown above)", count, kind,
-                                    count - self.shown)
+                self.logger.warning(
+                    "skipped %d records of kind %r in all (%d not shown above)", count, kind, count - self.shown
+                )

@@ -18,8 +18,14 @@ log = logging.getLogger(__name__)
 USER_AGENT = "c2crs-pipeline/0.1 (research; reproducing C2-CRS)"
 MAX_REDIRECTS = 5
 # Where a download may be redirected besides its own host (GitHub serves /raw/ files from its content hosts).
-REDIRECT_HOSTS = {"github.com": {"raw.githubusercontent.com", "objects.githubusercontent.com",
-                                 "media.githubusercontent.com", "codeload.github.com"}}
+REDIRECT_HOSTS = {
+    "github.com": {
+        "raw.githubusercontent.com",
+        "objects.githubusercontent.com",
+        "media.githubusercontent.com",
+        "codeload.github.com",
+    }
+}
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 
 
@@ -31,11 +37,17 @@ def _check_hop(target: httpx.URL, start: httpx.URL) -> None:
     """A download follows a redirect only on its scheme (https stays https), its default port and its own host or
     that host's known content hosts (REDIRECT_HOSTS); the checksum is checked after, but MD5 (aclImdb) is weak."""
     hosts = {start.host} | REDIRECT_HOSTS.get(start.host, set())
-    problem = ("a downgrade from https to http" if start.scheme == "https" and target.scheme != "https"
-               else f"the scheme {target.scheme!r}" if target.scheme not in ("http", "https")
-               else f"port {target.port}" if target.port is not None
-               else f"host {target.host!r} (allowed: {', '.join(sorted(hosts))})" if target.host not in hosts
-               else None)
+    problem = (
+        "a downgrade from https to http"
+        if start.scheme == "https" and target.scheme != "https"
+        else f"the scheme {target.scheme!r}"
+        if target.scheme not in ("http", "https")
+        else f"port {target.port}"
+        if target.port is not None
+        else f"host {target.host!r} (allowed: {', '.join(sorted(hosts))})"
+        if target.host not in hosts
+        else None
+    )
     if problem:
         raise RedirectRefused(f"{start}: redirected to {target}: refused, {problem}; not downloaded")
 
@@ -62,8 +74,11 @@ def _get(client: httpx.Client, url: str):
 
 def missing_mirror_files(mirror_dir: Path, files: dict[str, Path]) -> None:
     """Fail naming every params key whose file is not in the mirror."""
-    missing = [f"data.files.{name} ({path}{': a directory, not a file' if path.is_dir() else ''})"
-               for name, path in files.items() if not path.is_file()]
+    missing = [
+        f"data.files.{name} ({path}{': a directory, not a file' if path.is_dir() else ''})"
+        for name, path in files.items()
+        if not path.is_file()
+    ]
     if missing:
         raise FileNotFoundError(
             f"data mirror {mirror_dir} lacks: {', '.join(missing)}. Check C2CRS_DATA_DIR or data.mirror_dir, "
@@ -71,8 +86,9 @@ def missing_mirror_files(mirror_dir: Path, files: dict[str, Path]) -> None:
         )
 
 
-def download_file(url: str, dest: Path, sha256: str | None, timeout: float, client: httpx.Client | None = None,
-                  md5: str | None = None) -> Path:
+def download_file(
+    url: str, dest: Path, sha256: str | None, timeout: float, client: httpx.Client | None = None, md5: str | None = None
+) -> Path:
     """Fetch url to dest once: a cached file with the right checksum is reused; a partial download never lands.
 
     SHA-256 where known; MD5 only for files whose publisher gives nothing else (the aclImdb tarball).
@@ -92,8 +108,10 @@ def download_file(url: str, dest: Path, sha256: str | None, timeout: float, clie
             response.raise_for_status()
             digest = hashlib.new(algorithm)
             total = int(response.headers.get("content-length", 0)) or None
-            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                                                   disable=None) as bar:
+            with (
+                open(partial, "wb") as out,
+                tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar,
+            ):
                 for chunk in response.iter_bytes():
                     out.write(chunk)
                     digest.update(chunk)

@@ -75,41 +75,41 @@ class PageParseError(ScrapeError):
 
 @dataclass(frozen=True)
 class Review:
-    review_id: str                # "rw1234567"
-    rating: int | None            # 1-10; None when the reviewer gave none
-    helpful_yes: int | None       # "123 out of 150 found this helpful" -> 123, 150
+    review_id: str  # "rw1234567"
+    rating: int | None  # 1-10; None when the reviewer gave none
+    helpful_yes: int | None  # "123 out of 150 found this helpful" -> 123, 150
     helpful_total: int | None
     title: str | None
-    text: str                     # whitespace normalised; each <br> run becomes one newline
+    text: str  # whitespace normalised; each <br> run becomes one newline
     author: str | None = None
-    date: str | None = None       # as IMDb shows it, e.g. "12 March 2004"
+    date: str | None = None  # as IMDb shows it, e.g. "12 March 2004"
 
 
 @dataclass(frozen=True)
 class ReviewPage:
     reviews: list[Review]
-    next_key: str | None          # the classic layout's pagination key of the next page
-    layout: str                   # "classic", "2024" or "empty"
+    next_key: str | None  # the classic layout's pagination key of the next page
+    layout: str  # "classic", "2024" or "empty"
 
 
 @dataclass
 class MovieReviews:
     imdb_id: str
     reviews: list[Review] = field(default_factory=list)
-    pages_fetched: int = 0        # pages read, from the cache or the network
-    truncated: bool = False       # stopped by the page cap while IMDb had more
-    error: str | None = None      # why the scrape of this movie stopped early (with on_error="skip")
+    pages_fetched: int = 0  # pages read, from the cache or the network
+    truncated: bool = False  # stopped by the page cap while IMDb had more
+    error: str | None = None  # why the scrape of this movie stopped early (with on_error="skip")
 
 
 @dataclass
 class ScrapeStats:
     """Counters for the stage's metrics."""
 
-    requests: int = 0             # HTTP requests sent, including robots.txt, redirect hops and retries
+    requests: int = 0  # HTTP requests sent, including robots.txt, redirect hops and retries
     pages_downloaded: int = 0
     cache_hits: int = 0
     retries: int = 0
-    refusals: int = 0             # URLs not fetched: host not allow-listed or disallowed by robots.txt
+    refusals: int = 0  # URLs not fetched: host not allow-listed or disallowed by robots.txt
     robots_fetches: int = 0
     movies: int = 0
     movies_failed: int = 0
@@ -274,19 +274,40 @@ class ImdbReviewScraper:
     had or read comes back with the reviews read so far and `error` set; with "error" the ScrapeError is raised.
     """
 
-    def __init__(self, cache_dir: Path | str, *, client: httpx.Client | None = None, user_agent: str = USER_AGENT,
-                 requests_per_second: float = 1.0, max_retries: int = 4, backoff_base: float = 2.0,
-                 backoff_max: float = 60.0, retry_after_max: float = 300.0, max_pages: int = 10,
-                 allowed_hosts: Iterable[str] = ALLOWED_HOSTS, max_redirects: int = 5, timeout: float = 30.0,
-                 base_url: str = BASE_URL, on_error: str = "skip", clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        for name, value, low in (("requests_per_second", requests_per_second, 0), ("max_pages", max_pages, 0),
-                                 ("timeout", timeout, 0)):
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        *,
+        client: httpx.Client | None = None,
+        user_agent: str = USER_AGENT,
+        requests_per_second: float = 1.0,
+        max_retries: int = 4,
+        backoff_base: float = 2.0,
+        backoff_max: float = 60.0,
+        retry_after_max: float = 300.0,
+        max_pages: int = 10,
+        allowed_hosts: Iterable[str] = ALLOWED_HOSTS,
+        max_redirects: int = 5,
+        timeout: float = 30.0,
+        base_url: str = BASE_URL,
+        on_error: str = "skip",
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        for name, value, low in (
+            ("requests_per_second", requests_per_second, 0),
+            ("max_pages", max_pages, 0),
+            ("timeout", timeout, 0),
+        ):
             if not value > low:
                 raise ValueError(f"{name} must be greater than {low}, got {value!r}")
-        for name, value in (("max_retries", max_retries), ("max_redirects", max_redirects),
-                            ("backoff_base", backoff_base), ("backoff_max", backoff_max),
-                            ("retry_after_max", retry_after_max)):
+        for name, value in (
+            ("max_retries", max_retries),
+            ("max_redirects", max_redirects),
+            ("backoff_base", backoff_base),
+            ("backoff_max", backoff_max),
+            ("retry_after_max", retry_after_max),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value!r}")
         if on_error not in ("skip", "error"):
@@ -330,8 +351,12 @@ class ImdbReviewScraper:
         with tqdm(imdb_ids, desc="IMDb reviews", unit=" movie", disable=None) as bar:
             for imdb_id in bar:
                 result = self.scrape_movie(imdb_id)
-                bar.set_postfix(requests=self.stats.requests, cached=self.stats.cache_hits,
-                                failed=self.stats.movies_failed, refresh=False)
+                bar.set_postfix(
+                    requests=self.stats.requests,
+                    cached=self.stats.cache_hits,
+                    failed=self.stats.movies_failed,
+                    refresh=False,
+                )
                 yield result
 
     def scrape_movie(self, imdb_id: str) -> MovieReviews:
@@ -360,8 +385,7 @@ class ImdbReviewScraper:
                 raise
             result.error = str(exc)
             self.stats.movies_failed += 1
-            log.warning("%s: %s (kept %d reviews of %d pages)", imdb_id, exc, len(result.reviews),
-                        result.pages_fetched)
+            log.warning("%s: %s (kept %d reviews of %d pages)", imdb_id, exc, len(result.reviews), result.pages_fetched)
         self.stats.movies += 1
         self.stats.reviews += len(result.reviews)
         return result
@@ -426,16 +450,23 @@ class ImdbReviewScraper:
         via = "" if str(target) == start else f" (redirected from {start})"
         if target.scheme not in ("http", "https") or target.host.lower() not in self.allowed_hosts:
             self.stats.refusals += 1
-            raise RefusedError(f"{target}{via}: host {target.host!r} is not one of the allowed hosts "
-                               f"({', '.join(sorted(self.allowed_hosts))}); not fetched")
+            raise RefusedError(
+                f"{target}{via}: host {target.host!r} is not one of the allowed hosts "
+                f"({', '.join(sorted(self.allowed_hosts))}); not fetched"
+            )
         if target.port is not None or (httpx.URL(start).scheme == "https" and target.scheme != "https"):
             self.stats.refusals += 1
-            raise RefusedError(f"{target}{via}: " + (f"port {target.port}" if target.port is not None else
-                                                     "a downgrade from https to http") + " is refused; not fetched")
+            raise RefusedError(
+                f"{target}{via}: "
+                + (f"port {target.port}" if target.port is not None else "a downgrade from https to http")
+                + " is refused; not fetched"
+            )
         if check_robots and not self._robots_for(target).can_fetch(self.user_agent, str(target)):
             self.stats.refusals += 1
-            raise RefusedError(f"{target}{via}: disallowed for {self.user_agent.split('/')[0]!r} by "
-                               f"{self._robots_url(target)}; not fetched")
+            raise RefusedError(
+                f"{target}{via}: disallowed for {self.user_agent.split('/')[0]!r} by "
+                f"{self._robots_url(target)}; not fetched"
+            )
 
     # ------------------------------------------------------------ robots.txt
 
@@ -492,7 +523,7 @@ class ImdbReviewScraper:
             if retry_after is not None:
                 delay = min(retry_after, self.retry_after_max)
             else:
-                delay = min(self.backoff_max, self.backoff_base * 2 ** attempt)
+                delay = min(self.backoff_max, self.backoff_base * 2**attempt)
             self.stats.retries += 1
             log.warning("%s: %s, retrying in %.1f s (%d of %d)", url, problem, delay, attempt + 1, self.max_retries)
             self._pause(delay)

@@ -36,11 +36,50 @@ AMBIGUOUS = -1  # automaton value: a label that blocks its span but links nothin
 
 # Chat words that are DBpedia titles ("Nice", "Haha", "LOL") but are rarely meant as entities in ReDial. Added to the
 # stopword list the caller passes (KGSF's stopwords.txt has function words but not these).
-CHAT_STOPWORDS = frozenset({
-    "lol", "haha", "hahaha", "hehe", "yeah", "yes", "yep", "nope", "ok", "okay", "hi", "hello", "hey", "bye",
-    "thanks", "thank", "nice", "cool", "awesome", "great", "good", "love", "like", "fun", "funny", "movie", "movies",
-    "film", "films", "watch", "seen", "enjoy", "sure", "wow", "omg", "oh", "really", "well", "today", "tonight",
-})
+CHAT_STOPWORDS = frozenset(
+    {
+        "lol",
+        "haha",
+        "hahaha",
+        "hehe",
+        "yeah",
+        "yes",
+        "yep",
+        "nope",
+        "ok",
+        "okay",
+        "hi",
+        "hello",
+        "hey",
+        "bye",
+        "thanks",
+        "thank",
+        "nice",
+        "cool",
+        "awesome",
+        "great",
+        "good",
+        "love",
+        "like",
+        "fun",
+        "funny",
+        "movie",
+        "movies",
+        "film",
+        "films",
+        "watch",
+        "seen",
+        "enjoy",
+        "sure",
+        "wow",
+        "omg",
+        "oh",
+        "really",
+        "well",
+        "today",
+        "tonight",
+    }
+)
 
 DBPEDIA_RESOURCE = "http://dbpedia.org/resource/"
 DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")  # "Heat (1995 film)" -> "Heat"
@@ -110,8 +149,8 @@ def _variants_with_qualifier(label: str) -> dict[str, str | None]:
     label = " ".join(label.split())
     variants: dict[str, str | None] = {label: None} if label else {}
     qualifier = DISAMBIGUATION.search(label)
-    if qualifier and label[:qualifier.start()].strip():
-        variants.setdefault(label[:qualifier.start()].strip(), qualifier.group().strip(" ()").lower())
+    if qualifier and label[: qualifier.start()].strip():
+        variants.setdefault(label[: qualifier.start()].strip(), qualifier.group().strip(" ()").lower())
     for name, dropped in list(variants.items()):
         match = FILM_SUFFIX.match(name)
         if match:
@@ -133,7 +172,7 @@ def dbpedia_label(uri: str, keep_qualifier: bool = False) -> str | None:
     uri = uri.strip().strip("<>")
     if not uri.startswith(DBPEDIA_RESOURCE):
         return None
-    name = DBPEDIA_DUPLICATE.sub("", unquote(uri[len(DBPEDIA_RESOURCE):]))
+    name = DBPEDIA_DUPLICATE.sub("", unquote(uri[len(DBPEDIA_RESOURCE) :]))
     name = " ".join(name.replace("_", " ").split())
     if not keep_qualifier:
         name = DISAMBIGUATION.sub("", name).strip() or name
@@ -166,11 +205,19 @@ class EntityLinker:
     stats: LinkerStats = field(default_factory=LinkerStats)
 
     @classmethod
-    def build(cls, labels: Mapping[int, Iterable[str]], stopwords: Iterable[str],
-              degree: Mapping[int, int] | None = None, min_label_chars: int = 3, dominance_ratio: float = 3.0,
-              min_dominant_degree: int = 1, use_variants: bool = True, add_chat_stopwords: bool = True,
-              skip_all_stopword_labels: bool = True,
-              kept_qualifiers: Iterable[str] | None = ("genre", "film genre")) -> "EntityLinker":
+    def build(
+        cls,
+        labels: Mapping[int, Iterable[str]],
+        stopwords: Iterable[str],
+        degree: Mapping[int, int] | None = None,
+        min_label_chars: int = 3,
+        dominance_ratio: float = 3.0,
+        min_dominant_degree: int = 1,
+        use_variants: bool = True,
+        add_chat_stopwords: bool = True,
+        skip_all_stopword_labels: bool = True,
+        kept_qualifiers: Iterable[str] | None = ("genre", "film genre"),
+    ) -> "EntityLinker":
         """Compile labels into the automaton.
 
         labels: entity_id -> surface names. stopwords: words that never link alone (normalized here).
@@ -186,8 +233,9 @@ class EntityLinker:
         fire in its place.
         """
         if min_label_chars < 1 or dominance_ratio < 1:
-            raise ValueError(f"min_label_chars must be >= 1 (got {min_label_chars}) and dominance_ratio >= 1 "
-                             f"(got {dominance_ratio})")
+            raise ValueError(
+                f"min_label_chars must be >= 1 (got {min_label_chars}) and dominance_ratio >= 1 (got {dominance_ratio})"
+            )
         stop = {normalize(word) for word in stopwords if word.strip()}
         if add_chat_stopwords:
             stop |= CHAT_STOPWORDS
@@ -298,8 +346,14 @@ def read_stopwords(path: Path) -> set[str]:
 # ---------------------------------------------------------------- evaluation against CRSLab's annotations
 
 
-def evaluate_linker(linker: EntityLinker, valid_data_path: Path, uri_to_entity_id: Mapping[str, int],
-                    movie_uris: set[str], sample_size: int = 20, seed: int = 0) -> dict:
+def evaluate_linker(
+    linker: EntityLinker,
+    valid_data_path: Path,
+    uri_to_entity_id: Mapping[str, int],
+    movie_uris: set[str],
+    sample_size: int = 20,
+    seed: int = 0,
+) -> dict:
     """Micro P/R/F1 of the linker against the `entity` annotations of CRSLab's ReDial file (valid_data.json).
 
     Per utterance, the predicted set is the non-movie entity ids linked in " ".join(text); the gold set is the
@@ -317,11 +371,13 @@ def evaluate_linker(linker: EntityLinker, valid_data_path: Path, uri_to_entity_i
     try:
         conversations = json.loads(Path(valid_data_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{valid_data_path}: expected CRSLab's valid_data.json (a JSON list of conversations): "
-                         f"{exc}") from None
+        raise ValueError(
+            f"{valid_data_path}: expected CRSLab's valid_data.json (a JSON list of conversations): {exc}"
+        ) from None
     if not isinstance(conversations, list):
-        raise ValueError(f"{valid_data_path}: expected a JSON list of conversations, "
-                         f"got {type(conversations).__name__}")
+        raise ValueError(
+            f"{valid_data_path}: expected a JSON list of conversations, got {type(conversations).__name__}"
+        )
     movie_ids = {uri_to_entity_id[uri] for uri in movie_uris if uri in uri_to_entity_id}
 
     counts = Counter()
@@ -333,8 +389,10 @@ def evaluate_linker(linker: EntityLinker, valid_data_path: Path, uri_to_entity_i
         conv_id = conversation.get("conv_id", c_index)
         for u_index, utterance in enumerate(dialog):
             if not isinstance(utterance, dict) or not isinstance(utterance.get("text"), list):
-                raise ValueError(f"{valid_data_path}: conversation {conv_id}, utterance {u_index}: "
-                                 "expected an object with a 'text' token list")
+                raise ValueError(
+                    f"{valid_data_path}: conversation {conv_id}, utterance {u_index}: "
+                    "expected an object with a 'text' token list"
+                )
             text = " ".join(str(token) for token in utterance["text"])
             gold: set = set()  # entity ids, and the URIs the map lacks: misses that no prediction can hit
             for uri in utterance.get("entity", []):
@@ -356,8 +414,11 @@ def evaluate_linker(linker: EntityLinker, valid_data_path: Path, uri_to_entity_i
                 f1_per_utterance.append(2 * len(hits) / (len(gold) + len(predicted)))
             where = {"conv_id": conv_id, "utt_id": utterance.get("utt_id", u_index), "text": text}
             misses += [{**where, "gold": g} for g in sorted(gold - hits, key=str)]
-            false_hits += [{**where, "entity_id": m.entity_id, "surface": m.surface}
-                           for m in mentions if m.entity_id in predicted - gold]
+            false_hits += [
+                {**where, "entity_id": m.entity_id, "surface": m.surface}
+                for m in mentions
+                if m.entity_id in predicted - gold
+            ]
 
     gold_reachable = counts["gold_mapped"]  # all counts are of distinct entities per utterance
     tp, predicted, gold = counts["true_positives"], counts["predicted"], counts["gold"]
@@ -373,8 +434,18 @@ def evaluate_linker(linker: EntityLinker, valid_data_path: Path, uri_to_entity_i
         "f1_mapped": _f1(precision, recall_mapped),
         "recall_bound": gold_reachable / gold if gold else 0.0,
         "macro_f1": sum(f1_per_utterance) / len(f1_per_utterance) if f1_per_utterance else 0.0,
-        "counts": {key: counts[key] for key in ("utterances", "gold", "predicted", "true_positives", "gold_unmapped",
-                                                "gold_mapped", "ambiguous_spans")},
+        "counts": {
+            key: counts[key]
+            for key in (
+                "utterances",
+                "gold",
+                "predicted",
+                "true_positives",
+                "gold_unmapped",
+                "gold_mapped",
+                "ambiguous_spans",
+            )
+        },
         "sample_misses": _sample(misses, sample_size, rng),
         "sample_false_hits": _sample(false_hits, sample_size, rng),
     }
@@ -480,28 +551,40 @@ def evaluation_report(evaluation: dict, labels: Mapping[int, str] | None = None)
         "| conversation | utterance | gold | text |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {m['conv_id']} | {m['utt_id']} | {cell(labels.get(m['gold'], m['gold']))} | {cell(m['text'])} |"
-              for m in evaluation["sample_misses"]]
-    lines += ["", "## Sampled false hits (linked, not in the gold)", "",
-              "| conversation | utterance | surface | entity | text |", "|---|---|---|---|---|"]
-    lines += [f"| {h['conv_id']} | {h['utt_id']} | {cell(h['surface'])} | "
-              f"{cell(labels.get(h['entity_id'], h['entity_id']))} | {cell(h['text'])} |"
-              for h in evaluation["sample_false_hits"]]
+    lines += [
+        f"| {m['conv_id']} | {m['utt_id']} | {cell(labels.get(m['gold'], m['gold']))} | {cell(m['text'])} |"
+        for m in evaluation["sample_misses"]
+    ]
+    lines += [
+        "",
+        "## Sampled false hits (linked, not in the gold)",
+        "",
+        "| conversation | utterance | surface | entity | text |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {h['conv_id']} | {h['utt_id']} | {cell(h['surface'])} | "
+        f"{cell(labels.get(h['entity_id'], h['entity_id']))} | {cell(h['text'])} |"
+        for h in evaluation["sample_false_hits"]
+    ]
     return "\n".join(lines) + "\n"
 
 
-def build_linker(labels: dict[int, list[str]], degree: dict[int, int], stopwords: Path,
-                 cfg) -> EntityLinker:
+def build_linker(labels: dict[int, list[str]], degree: dict[int, int], stopwords: Path, cfg) -> EntityLinker:
     """The linker with params.linking's rules (cfg) over these labels."""
-    return EntityLinker.build(labels, read_stopwords(stopwords), degree=degree,
-                              min_label_chars=cfg.min_label_chars, dominance_ratio=cfg.dominance_ratio,
-                              min_dominant_degree=cfg.min_dominant_degree, use_variants=cfg.use_variants,
-                              add_chat_stopwords=cfg.add_chat_stopwords)
+    return EntityLinker.build(
+        labels,
+        read_stopwords(stopwords),
+        degree=degree,
+        min_label_chars=cfg.min_label_chars,
+        dominance_ratio=cfg.dominance_ratio,
+        min_dominant_degree=cfg.min_dominant_degree,
+        use_variants=cfg.use_variants,
+        add_chat_stopwords=cfg.add_chat_stopwords,
+    )
 
 
-
-def kg_entity_linker(entities: pl.DataFrame, edges: pl.DataFrame, stopwords: Path,
-                     cfg) -> EntityLinker:
+def kg_entity_linker(entities: pl.DataFrame, edges: pl.DataFrame, stopwords: Path, cfg) -> EntityLinker:
     """The linker over the kg stage's non-item entities, degrees from its edges (self loops aside)."""
     others = entities.filter(~pl.col("is_item"))
     degree = dict(edges.filter(pl.col("src") != pl.col("dst"))["src"].value_counts().iter_rows())

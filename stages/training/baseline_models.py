@@ -30,14 +30,18 @@ def load_revcore(path: Path) -> RevCoreRecommender:
     return load_module(path, lambda config: RevCoreRecommender(RevCoreConfig(**config)))
 
 
-def revcore_retrieval(params, workspace: Path, run: c2crs_train.Run, max_positions: int | None = None,
-                      path: Path | None = None) -> revcore_train.ReviewRetrieval:
+def revcore_retrieval(
+    params, workspace: Path, run: c2crs_train.Run, max_positions: int | None = None, path: Path | None = None
+) -> revcore_train.ReviewRetrieval:
     """RevCore's review retrieval over the workspace's reviews, with the recommender saved at `path` (default:
     baselines@revcore's model, whose KGSF parts are retrieval.model.kgsf); an enriched context keeps its last
     tokens that an encoder of max_positions can read (None: triples.context_max_tokens)."""
     model = load_revcore(path or workspace / STAGES["baselines"].for_variant("revcore").outs[0]).to(run.device)
     longest = params.triples.context_max_tokens
-    return revcore_train.load_retrieval(model, run.sentence_tokens,
-                                        {name: workspace / path for name, path in TRAINING_INPUTS.items()},
-                                        params.baselines.revcore,
-                                        longest if max_positions is None else min(longest, max_positions))
+    return revcore_train.load_retrieval(
+        model,
+        run.sentence_tokens,
+        {name: workspace / path for name, path in TRAINING_INPUTS.items()},
+        params.baselines.revcore,
+        longest if max_positions is None else min(longest, max_positions),
+    )

@@ -53,8 +53,13 @@ def pad(rows: list[list[int]], value: int, min_length: int = 1) -> torch.Tensor:
     return out
 
 
-def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None,
-                     then_by: np.ndarray | None = None, group: int = 4) -> list[np.ndarray]:
+def bucketed_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator | None,
+    then_by: np.ndarray | None = None,
+    group: int = 4,
+) -> list[np.ndarray]:
     """Row indices in batches of similar length; batch order shuffled by rng (None: in length order, for eval).
 
     Rows are shuffled, cut into chunks of 50 batches, sorted by length within a chunk, then batched: similar
@@ -66,12 +71,12 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Genera
     chunk = batch_size * 50
     batches = []
     for start in range(0, len(order), chunk):
-        part = order[start: start + chunk]
+        part = order[start : start + chunk]
         part = part[np.argsort(lengths[part], kind="stable")]
         if then_by is not None:
-            runs = [part[i: i + batch_size * group] for i in range(0, len(part), batch_size * group)]
+            runs = [part[i : i + batch_size * group] for i in range(0, len(part), batch_size * group)]
             part = np.concatenate([run[np.argsort(then_by[run], kind="stable")] for run in runs])
-        batches += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     if rng is not None:
         rng.shuffle(batches)
     return batches
@@ -124,7 +129,6 @@ class SampleTable:
             return self.documents[row][:limit]
         return list(dict.fromkeys(s for _, _, s in reversed(self.triples[row])))[:limit]
 
-
     @property
     def is_text(self) -> np.ndarray:
         """Which rows are text samples (stages/text_triples.py), not conversation turns."""
@@ -132,18 +136,29 @@ class SampleTable:
 
     def concat(self, other: "SampleTable") -> "SampleTable":
         """This table's rows, then other's (neither with documents of its own)."""
+
         def join(a, b):
             return np.concatenate([a, b]) if isinstance(a, np.ndarray) else a + b
-        return SampleTable(**{f.name: None if getattr(self, f.name) is None else join(getattr(self, f.name),
-                                                                                       getattr(other, f.name))
-                              for f in dataclasses.fields(self)})
+
+        return SampleTable(
+            **{
+                f.name: None if getattr(self, f.name) is None else join(getattr(self, f.name), getattr(other, f.name))
+                for f in dataclasses.fields(self)
+            }
+        )
 
     def subset(self, rows: np.ndarray) -> "SampleTable":
         """The table of these rows only (in this order)."""
+
         def pick(values):
             return values[rows] if isinstance(values, np.ndarray) else [values[r] for r in rows]
-        return SampleTable(**{f.name: None if getattr(self, f.name) is None else pick(getattr(self, f.name))
-                              for f in dataclasses.fields(self)})
+
+        return SampleTable(
+            **{
+                f.name: None if getattr(self, f.name) is None else pick(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+            }
+        )
 
 
 def conversation_subset(conv_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -157,8 +172,11 @@ def conversation_subset(conv_ids: np.ndarray, fraction: float) -> np.ndarray:
 
 def sample_table(samples: pl.DataFrame, triples: pl.DataFrame, split: str) -> SampleTable:
     part = samples.filter(pl.col("split") == split).sort("sample_id")
-    grouped = (triples.join(part.select("sample_id"), on="sample_id")
-               .group_by("sample_id").agg("token_position", "entity_id", "sentence_id"))
+    grouped = (
+        triples.join(part.select("sample_id"), on="sample_id")
+        .group_by("sample_id")
+        .agg("token_position", "entity_id", "sentence_id")
+    )
     by_sample = {s: list(zip(p, e, k)) for s, p, e, k in grouped.iter_rows()}
     return SampleTable(
         sample_ids=part["sample_id"].to_numpy(),
@@ -174,8 +192,10 @@ def sample_table(samples: pl.DataFrame, triples: pl.DataFrame, split: str) -> Sa
 
 def context_batch(table: SampleTable, rows: np.ndarray, pad_id: int, max_entities: int | None) -> dict:
     """Context tokens [B, L] and the most recent context entities [B, E] (padded with -1; max_entities None: all)."""
-    return {"context_ids": pad([table.context_tokens[r] for r in rows], pad_id),
-            "entity_ids": entity_batch(table, rows, max_entities)}
+    return {
+        "context_ids": pad([table.context_tokens[r] for r in rows], pad_id),
+        "entity_ids": entity_batch(table, rows, max_entities),
+    }
 
 
 def entity_batch(table: SampleTable, rows: np.ndarray, max_entities: int | None) -> torch.Tensor:
@@ -184,8 +204,9 @@ def entity_batch(table: SampleTable, rows: np.ndarray, max_entities: int | None)
     return pad([table.context_entities[r][first:] for r in rows], -1)
 
 
-def review_batch(table: SampleTable, rows: np.ndarray, sentence_tokens: list[list[int]], pad_id: int,
-                 max_sentences: int) -> dict:
+def review_batch(
+    table: SampleTable, rows: np.ndarray, sentence_tokens: list[list[int]], pad_id: int, max_sentences: int
+) -> dict:
     """Each sample's review document as [B, K, Ls] token ids and a [B, K] mask of real sentences."""
     documents = [table.review_sentences(r, max_sentences) for r in rows]
     k = max([1] + [len(d) for d in documents])
@@ -200,23 +221,31 @@ def review_batch(table: SampleTable, rows: np.ndarray, sentence_tokens: list[lis
     return {"sentence_ids": ids, "sentence_mask": mask}
 
 
-def fine_batch(table: SampleTable, rows: np.ndarray, max_triples_per_sample: int,
-               rng: np.random.Generator | None) -> dict:
+def fine_batch(
+    table: SampleTable, rows: np.ndarray, max_triples_per_sample: int, rng: np.random.Generator | None
+) -> dict:
     """The word-entity-sentence triples of a batch: (row in batch, token position, entity, sentence)."""
     picked = []
     for i, r in enumerate(rows):
         triples = table.triples[r]
         if len(triples) > max_triples_per_sample:
-            chosen = (rng.choice(len(triples), max_triples_per_sample, replace=False) if rng is not None
-                      else np.arange(max_triples_per_sample))
+            chosen = (
+                rng.choice(len(triples), max_triples_per_sample, replace=False)
+                if rng is not None
+                else np.arange(max_triples_per_sample)
+            )
             triples = [triples[c] for c in sorted(chosen)]
         picked += [(i, p, e, s) for p, e, s in triples]
     if not picked:
         empty = torch.zeros(0, dtype=torch.long)
         return {"triple_rows": empty, "triple_positions": empty, "triple_entities": empty, "triple_sentences": empty}
     columns = torch.as_tensor(picked, dtype=torch.long).T
-    return {"triple_rows": columns[0], "triple_positions": columns[1], "triple_entities": columns[2],
-            "triple_sentences": columns[3]}
+    return {
+        "triple_rows": columns[0],
+        "triple_positions": columns[1],
+        "triple_entities": columns[2],
+        "triple_sentences": columns[3],
+    }
 
 
 def recommendation_rows(table: SampleTable) -> tuple[np.ndarray, np.ndarray]:
@@ -226,5 +255,3 @@ def recommendation_rows(table: SampleTable) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     pairs = np.asarray(rows, dtype=np.int64)
     return pairs[:, 0], pairs[:, 1]
-
-

@@ -19,8 +19,17 @@ from tqdm import tqdm
 
 from models.c2crs import C2CRS, batch_entities
 from stages.evaluation.rec_metrics import rank_of_targets
-from stages.training.c2crs_data import (Graph, SampleTable, bucketed_batches, context_batch, entity_batch, fine_batch,
-                                        pad, per_conversation, recommendation_rows)
+from stages.training.c2crs_data import (
+    Graph,
+    SampleTable,
+    bucketed_batches,
+    context_batch,
+    entity_batch,
+    fine_batch,
+    pad,
+    per_conversation,
+    recommendation_rows,
+)
 from stages.training.distributed import SINGLE_PROCESS, Ranks
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
 
@@ -98,8 +107,9 @@ def encode_context(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray)
     return EncodedContext(batch, e_c, words, StepSentences(model, run))
 
 
-def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray,
-                  context: EncodedContext | None = None) -> torch.Tensor:
+def coarse_losses(
+    model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, context: EncodedContext | None = None
+) -> torch.Tensor:
     context = context or encode_context(model, run, table, rows)
     batch = context.batch
     rows_valid = torch.ones(len(rows), dtype=torch.bool, device=run.device)
@@ -122,12 +132,20 @@ def coarse_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray,
         e_r = model.review_document(E, sentence_mask)
     else:
         e_r, valid_review = torch.zeros(len(rows), model.cfg.token_dim, device=run.device), valid_review & False
-    return model.coarse_contrastive_loss(e_c, e_g, e_r, valid_graph=(entity_ids >= 0).any(1),
-                                         valid_review=valid_review, valid_conversation=rows_valid)
+    return model.coarse_contrastive_loss(
+        e_c, e_g, e_r, valid_graph=(entity_ids >= 0).any(1), valid_review=valid_review, valid_conversation=rows_valid
+    )
 
 
-def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, max_triples: int,
-                rng: np.random.Generator | None, context: EncodedContext | None = None) -> torch.Tensor:
+def fine_losses(
+    model: C2CRS,
+    run: Run,
+    table: SampleTable,
+    rows: np.ndarray,
+    max_triples: int,
+    rng: np.random.Generator | None,
+    context: EncodedContext | None = None,
+) -> torch.Tensor:
     batch = {k: v.to(run.device) for k, v in fine_batch(table, rows, max_triples, rng).items()}
     if len(batch["triple_rows"]) < 2:
         return torch.zeros((), device=run.device, requires_grad=True)
@@ -143,9 +161,14 @@ def fine_losses(model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray, ma
         sentence_vectors = context.sentences.vectors(sentence_ids.tolist())
     else:
         sentence_vectors, sentence_ids = torch.zeros_like(word_vectors), torch.full_like(sentence_ids, -1)
-    return model.fine_contrastive_loss(word_vectors, entity_vectors, sentence_vectors,
-                                       entity_ids=batch["triple_entities"], sentence_ids=sentence_ids,
-                                       use_words="conversation" in run.views)
+    return model.fine_contrastive_loss(
+        word_vectors,
+        entity_vectors,
+        sentence_vectors,
+        entity_ids=batch["triple_entities"],
+        sentence_ids=sentence_ids,
+        use_words="conversation" in run.views,
+    )
 
 
 def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator, text_ratio: float = 0.0) -> np.ndarray:
@@ -153,8 +176,7 @@ def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator, text_rat
     it mentions) ("mention", the reference's samples), at most cfg.samples_per_conversation per conversation; then
     text_ratio x as many of the table's text samples (stages/text_triples.py), drawn anew each epoch."""
     is_text = table.is_text
-    candidates = (recommendation_rows(table)[0] if cfg.sample_unit == "mention"
-                  else np.flatnonzero(~is_text))
+    candidates = recommendation_rows(table)[0] if cfg.sample_unit == "mention" else np.flatnonzero(~is_text)
     rows = candidates[per_conversation(table.conv_ids[candidates], cfg.samples_per_conversation, rng)]
     if text_ratio > 0 and is_text.any():
         texts = np.flatnonzero(is_text)
@@ -164,13 +186,13 @@ def pretraining_rows(table: SampleTable, cfg, rng: np.random.Generator, text_rat
 
 
 def _pretraining_batches(run: Run, cfg, rng: np.random.Generator) -> list[np.ndarray]:
-    rows = np.concatenate([pretraining_rows(run.train, cfg, rng, run.text_ratio)
-                           for _ in range(run.passes_per_epoch)])
+    rows = np.concatenate([pretraining_rows(run.train, cfg, rng, run.text_ratio) for _ in range(run.passes_per_epoch)])
     return [rows[batch] for batch in bucketed_batches(run.train.context_lengths[rows], cfg.batch_size, rng)]
 
 
-def run_epoch(model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float,
-           run: Run) -> dict:
+def run_epoch(
+    model, optimizer, batches, step_loss: Callable[[np.ndarray], torch.Tensor], grad_clip: float, run: Run
+) -> dict:
     """One pass over the batches; distributed, each process steps on its share of every batch (run.ranks.shard).
     The forward pass runs under run.precision's autocast, the backward and the update in float32."""
     ranks = run.ranks
@@ -196,7 +218,7 @@ def _mean_loss(table: SampleTable, cfg, step_loss: Callable[[np.ndarray], torch.
     rows = pretraining_rows(table, cfg, np.random.default_rng(seed))
     batches = [rows[b] for b in bucketed_batches(table.context_lengths[rows], cfg.batch_size, None)]
     losses = [(float(step_loss(rows)), len(rows)) for rows in batches]
-    return {"loss": sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)}
+    return {"loss": sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1)}
 
 
 def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
@@ -208,13 +230,28 @@ def pretrain_coarse(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=
         return lambda rows: coarse_losses(model, run, table, rows)
 
     def train_epoch(epoch: int) -> dict:
-        return run_epoch(model, optimizer, _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
-                      step(run.train), cfg.grad_clip, run)
+        return run_epoch(
+            model,
+            optimizer,
+            _pretraining_batches(run, cfg, epoch_generator(run.seed, epoch)),
+            step(run.train),
+            cfg.grad_clip,
+            run,
+        )
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _mean_loss(run.valid, cfg, step(run.valid), run.seed),
-                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch,
-                 min_improvement=cfg.min_improvement)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: _mean_loss(run.valid, cfg, step(run.valid), run.seed),
+        monitor="valid_loss",
+        higher_is_better=False,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+        min_improvement=cfg.min_improvement,
+    )
 
 
 def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None) -> LoopState:
@@ -228,31 +265,49 @@ def pretrain_fine(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=No
             fine = fine_losses(model, run, table, rows, cfg.max_triples_per_sample, rng, context)
             coarse = coarse_losses(model, run, table, rows, context) if cfg.coarse_weight else torch.zeros(())
             return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
+
         return loss
 
     def train_epoch(epoch: int) -> dict:
         rng = epoch_generator(run.seed, epoch)
-        return run_epoch(model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip,
-                      run)
+        return run_epoch(
+            model, optimizer, _pretraining_batches(run, cfg, rng), step_loss(run.train, rng), cfg.grad_clip, run
+        )
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: _mean_loss(run.valid, cfg, step_loss(run.valid, None), run.seed),
-                 monitor="valid_loss", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch,
-                 min_improvement=cfg.min_improvement)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: _mean_loss(run.valid, cfg, step_loss(run.valid, None), run.seed),
+        monitor="valid_loss",
+        higher_is_better=False,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+        min_improvement=cfg.min_improvement,
+    )
 
 
 def recommendation_batch(table: SampleTable, rows: np.ndarray, max_entities: int, device) -> torch.Tensor:
     return entity_batch(table, rows, max_entities).to(device)
 
 
-def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_epoch=None,
-                          training_pairs: tuple[np.ndarray, np.ndarray] | None = None) -> LoopState:
+def finetune_recommender(
+    model: C2CRS,
+    run: Run,
+    cfg,
+    checkpoint_dir: Path,
+    on_epoch=None,
+    training_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LoopState:
     """Recommendation fine-tuning (4.3.1): self-attention over the context entities, softmax over all items (or
     all entities, cfg.softmax_over). training_pairs: the (sample rows, target items) to train on; default every
     (sample, target) pair of the train split (KECRS trains on a subset).
 
     One step runs the R-GCN on every item and the batch's context entities (every item's row is scored) and
-    trains on a batch of (sample, target item) pairs. Validation: recall@10 and recall@50 on the valid split, which picks the best epoch.
+    trains on a batch of (sample, target item) pairs. Validation: recall@10 and recall@50 on the valid split, which
+    picks the best epoch.
     """
     optimizer = adam(model.parameters(), cfg.learning_rate)
     sample_rows, target_items = training_pairs or recommendation_rows(run.train)
@@ -273,7 +328,9 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             context = encode_context(model, run, run.train, samples)
             pretraining = model.pretraining_loss(
                 fine_losses(model, run, run.train, samples, cfg.max_triples_per_sample, rng, context),
-                coarse_losses(model, run, run.train, samples, context), cfg.coarse_weight)
+                coarse_losses(model, run, run.train, samples, context),
+                cfg.coarse_weight,
+            )
             loss = loss + cfg.pretraining_weight * pretraining
         return loss
 
@@ -284,19 +341,30 @@ def finetune_recommender(model: C2CRS, run: Run, cfg, checkpoint_dir: Path, on_e
             lengths = run.train.context_lengths[sample_rows[order]]
             batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
         else:
-            batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+            batches = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
         return run_epoch(model, optimizer, batches, lambda picked: step_loss(picked, rng), cfg.grad_clip, run)
 
     def validate() -> dict:
         return recall_at(valid_ranks(score_samples(model, run, run.valid, cfg.batch_size), run.valid))
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch, validate=validate,
-                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=validate,
+        monitor="valid_recall@50",
+        higher_is_better=True,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+    )
 
 
 @torch.no_grad()
-def score_in_blocks(model: torch.nn.Module, table: SampleTable, batch_size: int,
-                    scores_of: Callable[[np.ndarray], torch.Tensor]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def score_in_blocks(
+    model: torch.nn.Module, table: SampleTable, batch_size: int, scores_of: Callable[[np.ndarray], torch.Tensor]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(row indices, scores [rows, n_items]) for every sample of a table, `batch_size` rows at a time, with the model
     in eval mode meanwhile; scores_of(rows) scores one block."""
     with evaluating(model):
@@ -309,25 +377,35 @@ def _table_graph(model: C2CRS, run: Run, table: SampleTable) -> Callable[[], tup
     """N for the items and the table's context entities only (KGEncoder.forward_nodes: their one-hop neighbourhood,
     20x cheaper than the whole graph on ReDial) and every row's context entities renumbered into it ([rows, E],
     -1 padding), computed on first use (inside score_in_blocks, so in eval mode) and then reused."""
+
     @functools.cache
     def graph():
         entity_ids = recommendation_batch(table, np.arange(len(table)), run.max_context_entities, run.device)
         nodes, (remapped,) = batch_entities(entity_ids, n_items=run.graph.n_items)
-        return model.entity_graph(run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device),
-                                  nodes), remapped
+        return model.entity_graph(
+            run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device), nodes
+        ), remapped
+
     return graph
 
 
-def score_samples(model: C2CRS, run: Run, table: SampleTable, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def score_samples(
+    model: C2CRS, run: Run, table: SampleTable, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The recommender's item scores (Eq. 8) for every sample of a table, in blocks."""
     graph = _table_graph(model, run, table)
-    return score_in_blocks(model, table, batch_size, lambda rows: model.recommendation_logits(
-        graph()[0], graph()[1][torch.as_tensor(rows, device=run.device)]))
+    return score_in_blocks(
+        model,
+        table,
+        batch_size,
+        lambda rows: model.recommendation_logits(graph()[0], graph()[1][torch.as_tensor(rows, device=run.device)]),
+    )
 
 
 @torch.no_grad()
-def scores_with_pooling_weights(model: C2CRS, run: Run, table: SampleTable,
-                                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def scores_with_pooling_weights(
+    model: C2CRS, run: Run, table: SampleTable, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the recommender recommends and what it attended to, from one pass over the graph: the item scores of the
     rows [R, n_items] (score_samples' scores), their context entities as the recommender reads them (the most recent
     max_context_entities, -1 padding) [R, E], and each entity's weight in the user vector [R, E]."""
@@ -345,8 +423,10 @@ def scores_with_pooling_weights(model: C2CRS, run: Run, table: SampleTable,
 
 
 def recall_at(ranks: np.ndarray) -> dict:
-    return {"recall@10": float((ranks <= 10).mean()) if len(ranks) else 0.0,
-            "recall@50": float((ranks <= 50).mean()) if len(ranks) else 0.0}
+    return {
+        "recall@10": float((ranks <= 10).mean()) if len(ranks) else 0.0,
+        "recall@50": float((ranks <= 50).mean()) if len(ranks) else 0.0,
+    }
 
 
 def valid_ranks(blocks, table: SampleTable) -> np.ndarray:

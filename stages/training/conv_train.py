@@ -52,15 +52,19 @@ def conv_vocabulary(vocabulary: pl.DataFrame) -> ConvVocabulary:
     ordered = vocabulary.sort("token_id")
     tokens = ordered["token"].to_list()
     if ordered["token_id"].to_list() != list(range(len(tokens))) or tokens[: len(SPECIAL_TOKENS)] != list(
-            SPECIAL_TOKENS):
+        SPECIAL_TOKENS
+    ):
         raise ValueError(f"vocab.parquet: expected token ids 0..n-1 starting with {SPECIAL_TOKENS}")
     if PLACEHOLDER in tokens:
         raise ValueError(f"vocab.parquet: holds {PLACEHOLDER!r}, which the generator reserves for its placeholder")
     index = {t: i for i, t in enumerate(tokens)}
     movies = [i for i, t in enumerate(tokens) if t.startswith("@")]
-    return ConvVocabulary(tokens=tokens + [PLACEHOLDER], movie_token_ids=movies,
-                          uncopyable_ids=[index[t] for t in (PAD, START, END, UNK, SPLIT)],
-                          banned_ids=[index[t] for t in (PAD, START, UNK, SPLIT)] + movies)
+    return ConvVocabulary(
+        tokens=tokens + [PLACEHOLDER],
+        movie_token_ids=movies,
+        uncopyable_ids=[index[t] for t in (PAD, START, END, UNK, SPLIT)],
+        banned_ids=[index[t] for t in (PAD, START, UNK, SPLIT)] + movies,
+    )
 
 
 @dataclass
@@ -148,10 +152,12 @@ class FrozenReviews:
         if missing:
             self._add(missing)
         k = max([1] + [len(d) for d in documents])
-        vector_index = torch.tensor([[self.row[s] for s in d] + [0] * (k - len(d)) for d in documents],
-                                    device=self.states.device)
-        token_rows = [np.concatenate([self.token_rows[s] for s in d]) if d else np.zeros(0, np.int64)
-                      for d in documents]
+        vector_index = torch.tensor(
+            [[self.row[s] for s in d] + [0] * (k - len(d)) for d in documents], device=self.states.device
+        )
+        token_rows = [
+            np.concatenate([self.token_rows[s] for s in d]) if d else np.zeros(0, np.int64) for d in documents
+        ]
         token_index = np.zeros((len(documents), max([0] + [len(r) for r in token_rows])), dtype=np.int64)
         for i, rows in enumerate(token_rows):
             token_index[i, : len(rows)] = rows
@@ -201,8 +207,11 @@ class FrozenStates:
     def __init__(self, model: ConversationModel, run: Run, contexts: bool = True):
         self.model, self.run, self.contexts = model, run, contexts
         wanted = model.generator.cfg.memory_dims
-        self.reviews = (FrozenReviews(model, run.sentence_tokens, run.pad_id, run.device)
-                        if "review" in model.frozen and "review" in wanted else None)
+        self.reviews = (
+            FrozenReviews(model, run.sentence_tokens, run.pad_id, run.device)
+            if "review" in model.frozen and "review" in wanted
+            else None
+        )
         self._history: dict[int, FrozenHistory] = {}
         self._words: torch.Tensor | None = None
 
@@ -223,8 +232,9 @@ class FrozenStates:
         return self._history[id(table)]
 
 
-def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray,
-           frozen: FrozenStates | None = None) -> tuple[dict, object]:
+def _batch(
+    model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray, frozen: FrozenStates | None = None
+) -> tuple[dict, object]:
     """The memories and the copy source of a batch of table rows."""
     wanted = model.generator.cfg.memory_dims
     context = {k: v.to(run.device) for k, v in context_batch(table, rows, run.pad_id, run.max_context_entities).items()}
@@ -239,29 +249,51 @@ def _batch(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndar
             documents = [table.review_sentences(r, run.max_review_sentences) for r in rows]
             review_states = frozen.reviews.batch(documents)
     else:
-        reviews = {"sentence_ids": torch.zeros((len(rows), 1, 1), dtype=torch.long),
-                   "sentence_mask": torch.zeros((len(rows), 1), dtype=torch.bool)}
+        reviews = {
+            "sentence_ids": torch.zeros((len(rows), 1, 1), dtype=torch.long),
+            "sentence_mask": torch.zeros((len(rows), 1), dtype=torch.bool),
+        }
     history = frozen.history(table) if frozen is not None else None
     history_states = history.batch(rows, context["context_ids"]) if history is not None else None
-    return model.memories(context["context_ids"], entity_rows, entity_ids, reviews["sentence_ids"].to(run.device),
-                          reviews["sentence_mask"].to(run.device), review_states, history_states,
-                          frozen.words() if frozen is not None else None)
+    return model.memories(
+        context["context_ids"],
+        entity_rows,
+        entity_ids,
+        reviews["sentence_ids"].to(run.device),
+        reviews["sentence_mask"].to(run.device),
+        review_states,
+        history_states,
+        frozen.words() if frozen is not None else None,
+    )
 
 
-def teacher_forcing(tokens: list[list[int]], start_id: int, end_id: int,
-                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forcing(
+    tokens: list[list[int]], start_id: int, end_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder inputs (start + response) and targets (response + end), right-padded."""
     return pad([[start_id] + t for t in tokens], pad_id), pad([t + [end_id] for t in tokens], pad_id)
 
 
-def target_log_probs(model: ConversationModel, run: Run, table: SampleTable, data: Responses, picked: np.ndarray,
-                     frozen: FrozenStates | None = None,
-                     auxiliary=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def target_log_probs(
+    model: ConversationModel,
+    run: Run,
+    table: SampleTable,
+    data: Responses,
+    picked: np.ndarray,
+    frozen: FrozenStates | None = None,
+    auxiliary=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log P of every target token of the picked responses [B, T], the targets [B, T] (rows in the order of
     by_response_length(data, picked)), and the auxiliary losses' mean over the responses (None without)."""
     picked = by_response_length(data, picked)
-    return _teacher_forced(model, run, data, picked, *_batch(model, run, table, data.rows[picked], frozen),
-                           auxiliary=auxiliary and (auxiliary, table))
+    return _teacher_forced(
+        model,
+        run,
+        data,
+        picked,
+        *_batch(model, run, table, data.rows[picked], frozen),
+        auxiliary=auxiliary and (auxiliary, table),
+    )
 
 
 # The decoder runs a batch in this many groups of rows, each padded to its own longest response: on ReDial a batch
@@ -274,21 +306,23 @@ def by_response_length(data: Responses, picked: np.ndarray) -> np.ndarray:
     return picked[np.argsort([len(data.tokens[i]) for i in picked], kind="stable")]
 
 
-def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked: np.ndarray, memories: dict,
-                    source, auxiliary=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _teacher_forced(
+    model: ConversationModel, run: Run, data: Responses, picked: np.ndarray, memories: dict, source, auxiliary=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher-forced log P [B, T] and targets [B, T] of the picked responses (the rows of memories and source),
     decoded in DECODER_GROUPS consecutive groups of rows; the result is the same for any grouping. auxiliary:
     (losses, table), losses(table, table rows, decoder states, targets, memories) -> the group's summed extra
     losses (KECRS's: stages/training/kecrs_train.KECRSLosses); their mean over the rows comes third."""
     cfg = model.generator.cfg
     sizes = [len(g) for g in np.array_split(np.arange(len(picked)), min(DECODER_GROUPS, len(picked)))]
-    groups = zip(np.split(picked, np.cumsum(sizes)[:-1]),
-                 zip(*(m.split(sizes) for m in memories.values())) if memories else [()] * len(sizes),
-                 source.split(sizes) if source is not None else [None] * len(sizes))
+    groups = zip(
+        np.split(picked, np.cumsum(sizes)[:-1]),
+        zip(*(m.split(sizes) for m in memories.values())) if memories else [()] * len(sizes),
+        source.split(sizes) if source is not None else [None] * len(sizes),
+    )
     log_probs, targets, extra = [], [], None
     for rows, group_memories, group_source in groups:
-        inputs, group_targets = teacher_forcing([data.tokens[i] for i in rows], cfg.start_id, cfg.end_id,
-                                                cfg.pad_id)
+        inputs, group_targets = teacher_forcing([data.tokens[i] for i in rows], cfg.start_id, cfg.end_id, cfg.pad_id)
         inputs, group_targets = inputs.to(run.device), group_targets.to(run.device)
         group = dict(zip(memories, group_memories))
         hidden = model.generator.decode(inputs, model.generator.memory_keys_values(group))
@@ -299,13 +333,16 @@ def _teacher_forced(model: ConversationModel, run: Run, data: Responses, picked:
             group_extra = losses(table, data.rows[rows], hidden, group_targets, group)
             extra = group_extra if extra is None else extra + group_extra
     width = max(t.size(1) for t in targets)
-    return (torch.cat([F.pad(p, (0, width - p.size(1))) for p in log_probs]),
-            torch.cat([F.pad(t, (0, width - t.size(1)), value=cfg.pad_id) for t in targets]),
-            None if extra is None else extra / len(picked))
+    return (
+        torch.cat([F.pad(p, (0, width - p.size(1))) for p in log_probs]),
+        torch.cat([F.pad(t, (0, width - t.size(1)), value=cfg.pad_id) for t in targets]),
+        None if extra is None else extra / len(picked),
+    )
 
 
-def length_batches(table: SampleTable, data: Responses, batch_size: int,
-                    rng: np.random.Generator | None) -> list[np.ndarray]:
+def length_batches(
+    table: SampleTable, data: Responses, batch_size: int, rng: np.random.Generator | None
+) -> list[np.ndarray]:
     """Batches of similar context length; for scoring (rng None) also of similar response length, which pads the
     decoder 48 % less and cannot change a per-token sum. Not for training: the loss is a mean over each batch's
     tokens, so batches of short responses would weigh their tokens up to 8x more (measured on the Transformer
@@ -313,13 +350,20 @@ def length_batches(table: SampleTable, data: Responses, batch_size: int,
     lengths = table.context_lengths[data.rows]
     if rng is not None:
         return bucketed_batches(lengths, batch_size, rng)
-    return bucketed_batches(lengths, batch_size, None,
-                            then_by=np.fromiter(map(len, data.tokens), dtype=np.int64, count=len(data)))
+    return bucketed_batches(
+        lengths, batch_size, None, then_by=np.fromiter(map(len, data.tokens), dtype=np.int64, count=len(data))
+    )
 
 
 @torch.no_grad()
-def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Responses, batch_size: int,
-               frozen: FrozenStates | None = None) -> dict:
+def perplexity(
+    model: ConversationModel,
+    run: Run,
+    table: SampleTable,
+    data: Responses,
+    batch_size: int,
+    frozen: FrozenStates | None = None,
+) -> dict:
     """exp(mean negative log-likelihood per target token, end token included), unweighted, and the token count
     (nan with no tokens)."""
     with evaluating(model):
@@ -332,9 +376,17 @@ def perplexity(model: ConversationModel, run: Run, table: SampleTable, data: Res
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
-def finetune_conversation(model: ConversationModel, run: Run, train_data: Responses, valid_data: Responses,
-                          weights: torch.Tensor | None, cfg, checkpoint_dir: Path, on_epoch=None,
-                          auxiliary=None) -> LoopState:
+def finetune_conversation(
+    model: ConversationModel,
+    run: Run,
+    train_data: Responses,
+    valid_data: Responses,
+    weights: torch.Tensor | None,
+    cfg,
+    checkpoint_dir: Path,
+    on_epoch=None,
+    auxiliary=None,
+) -> LoopState:
     """Response generation fine-tuning with Eq. 11's loss (weights: Eq. 12's alpha per token, None: plain
     cross-entropy) plus the auxiliary losses when given (see _teacher_forced); early stopping on validation
     perplexity."""
@@ -349,8 +401,9 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
         batches = length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
         for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
             with autocast(run.device, run.precision):
-                log_probs, targets, extra = target_log_probs(model, run, run.train, train_data, picked, frozen,
-                                                             auxiliary)
+                log_probs, targets, extra = target_log_probs(
+                    model, run, run.train, train_data, picked, frozen, auxiliary
+                )
                 loss = generation_loss(log_probs.float(), targets, model.generator.cfg.pad_id, weights)
                 if extra is not None:
                     loss = loss + extra
@@ -362,23 +415,38 @@ def finetune_conversation(model: ConversationModel, run: Run, train_data: Respon
             total, tokens = total + loss.item() * real, tokens + real
         return {"loss": total / max(tokens, 1)}
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size, frozen),
-                 monitor="valid_perplexity", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size, frozen),
+        monitor="valid_perplexity",
+        higher_is_better=False,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+    )
 
 
 # ---------------------------------------------------------------- decoding
 
 
 @torch.no_grad()
-def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray, decoding,
-             banned_ids: list[int]) -> list[list[int]]:
+def generate(
+    model: ConversationModel, run: Run, table: SampleTable, rows: np.ndarray, decoding, banned_ids: list[int]
+) -> list[list[int]]:
     """A response (output-vocabulary ids, no start/end) for each of the table's `rows`, in that order."""
     with evaluating(model):
         out: list[list[int] | None] = [None] * len(rows)
         frozen = FrozenStates(model, run, contexts=False)
-        for batch in tqdm(bucketed_batches(table.context_lengths[rows], decoding.batch_size, None), desc="generate",
-                          unit=" batch", leave=False, disable=None):
+        for batch in tqdm(
+            bucketed_batches(table.context_lengths[rows], decoding.batch_size, None),
+            desc="generate",
+            unit=" batch",
+            leave=False,
+            disable=None,
+        ):
             memories, source = _batch(model, run, table, rows[batch], frozen)
             for i, response in zip(batch, _decode(model, memories, source, decoding, banned_ids)):
                 out[i] = response
@@ -387,23 +455,38 @@ def generate(model: ConversationModel, run: Run, table: SampleTable, rows: np.nd
 
 def _decode(model: ConversationModel, memories: dict, source, decoding, banned_ids: list[int]) -> list[list[int]]:
     if decoding.method == "beam":
-        return beam_decode(model.generator, memories, source, decoding.max_tokens, decoding.beam_size,
-                           decoding.block_ngram, tuple(banned_ids), decoding.length_penalty)
-    return greedy_decode(model.generator, memories, source, decoding.max_tokens, decoding.block_ngram,
-                         tuple(banned_ids))
+        return beam_decode(
+            model.generator,
+            memories,
+            source,
+            decoding.max_tokens,
+            decoding.beam_size,
+            decoding.block_ngram,
+            tuple(banned_ids),
+            decoding.length_penalty,
+        )
+    return greedy_decode(
+        model.generator, memories, source, decoding.max_tokens, decoding.block_ngram, tuple(banned_ids)
+    )
 
 
 @torch.no_grad()
-def perplexity_and_responses(model: ConversationModel, run: Run, table: SampleTable, data: Responses, decoding,
-                             banned_ids: list[int]) -> tuple[dict, list[list[int]]]:
+def perplexity_and_responses(
+    model: ConversationModel, run: Run, table: SampleTable, data: Responses, decoding, banned_ids: list[int]
+) -> tuple[dict, list[list[int]]]:
     """perplexity() of data's responses and generate()'s response for each of data's rows, from one encoding of
     each batch's context, entities and reviews (evaluate's pass over the test split: the encoders are most of it)."""
     with evaluating(model):
         out: list[list[int] | None] = [None] * len(data)
         nll, count = 0.0, 0
         frozen = FrozenStates(model, run, contexts=False)
-        for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
-                           unit=" batch", leave=False, disable=None):
+        for picked in tqdm(
+            length_batches(table, data, decoding.batch_size, None),
+            desc="perplexity and generate",
+            unit=" batch",
+            leave=False,
+            disable=None,
+        ):
             picked = by_response_length(data, picked)
             memories, source = _batch(model, run, table, data.rows[picked], frozen)
             log_probs, targets, _ = _teacher_forced(model, run, data, picked, memories, source)

@@ -48,7 +48,7 @@ class Ranks:
         gradients is that gradient)."""
         if not self.active or len(rows) < self.world_size:
             return rows, 1.0
-        mine = rows[self.rank:: self.world_size]
+        mine = rows[self.rank :: self.world_size]
         return mine, self.world_size * len(mine) / len(rows)
 
     def step_runner(self, model: torch.nn.Module) -> Callable[[Callable, np.ndarray], torch.Tensor]:
@@ -57,7 +57,8 @@ class Ranks:
             return lambda step, rows: step(rows)
         device = next(model.parameters()).device
         return torch.nn.parallel.DistributedDataParallel(
-            _Step(model), device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            _Step(model), device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
 
     def mean(self, total: float, count: int) -> float:
         """A per-row mean over every process's rows."""

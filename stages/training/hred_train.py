@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from models.generator import beam_search, generation_loss, greedy_search
 from models.hred import HRED, HREDStepper
-from stages.training.c2crs_data import SampleTable, bucketed_batches, pad
+from stages.training.c2crs_data import SampleTable, bucketed_batches
 from stages.training.c2crs_train import Run
 from stages.training.conv_train import Responses, by_response_length, length_batches, teacher_forcing
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
@@ -45,8 +45,9 @@ def utterance_batch(model: HRED, table: SampleTable, rows: np.ndarray, device) -
     return batch.to(device)
 
 
-def target_log_probs(model: HRED, run: Run, table: SampleTable, data: Responses, picked: np.ndarray,
-                     state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def target_log_probs(
+    model: HRED, run: Run, table: SampleTable, data: Responses, picked: np.ndarray, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log P of every target token of the picked responses [B, T] and the targets [B, T]; state: the decoder's
     first state for them when the caller has it (model.encode)."""
     cfg = model.cfg
@@ -70,8 +71,9 @@ def perplexity(model: HRED, run: Run, table: SampleTable, data: Responses, batch
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
-def train_hred(model: HRED, run: Run, train_data: Responses, valid_data: Responses, cfg, checkpoint_dir: Path,
-               on_epoch=None) -> LoopState:
+def train_hred(
+    model: HRED, run: Run, train_data: Responses, valid_data: Responses, cfg, checkpoint_dir: Path, on_epoch=None
+) -> LoopState:
     """Cross-entropy on the train responses (teacher forcing), early stopping on validation perplexity."""
     optimizer = adam(model.parameters(), cfg.learning_rate)
 
@@ -90,9 +92,18 @@ def train_hred(model: HRED, run: Run, train_data: Responses, valid_data: Respons
             total, tokens = total + loss.item() * real, tokens + real
         return {"loss": total / max(tokens, 1)}
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size),
-                 monitor="valid_perplexity", higher_is_better=False, patience=cfg.patience, on_epoch=on_epoch)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: perplexity(model, run, run.valid, valid_data, cfg.batch_size),
+        monitor="valid_perplexity",
+        higher_is_better=False,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+    )
 
 
 def decode(model: HRED, state: torch.Tensor, decoding, banned_ids: list[int]) -> list[list[int]]:
@@ -100,15 +111,32 @@ def decode(model: HRED, state: torch.Tensor, decoding, banned_ids: list[int]) ->
     batch = state.size(1)
     if decoding.method == "beam":
         step = HREDStepper(model, state.repeat_interleave(decoding.beam_size, dim=1))
-        return beam_search(step, batch, model.cfg, decoding.max_tokens, decoding.beam_size, decoding.block_ngram,
-                           tuple(banned_ids), decoding.length_penalty, state.device)
-    return greedy_search(HREDStepper(model, state), batch, model.cfg, decoding.max_tokens, decoding.block_ngram,
-                         tuple(banned_ids), state.device)
+        return beam_search(
+            step,
+            batch,
+            model.cfg,
+            decoding.max_tokens,
+            decoding.beam_size,
+            decoding.block_ngram,
+            tuple(banned_ids),
+            decoding.length_penalty,
+            state.device,
+        )
+    return greedy_search(
+        HREDStepper(model, state),
+        batch,
+        model.cfg,
+        decoding.max_tokens,
+        decoding.block_ngram,
+        tuple(banned_ids),
+        state.device,
+    )
 
 
 @torch.no_grad()
-def generate(model: HRED, run: Run, table: SampleTable, rows: np.ndarray, decoding,
-             banned_ids: list[int]) -> list[list[int]]:
+def generate(
+    model: HRED, run: Run, table: SampleTable, rows: np.ndarray, decoding, banned_ids: list[int]
+) -> list[list[int]]:
     """A response for each of the table's rows, in that order."""
     with evaluating(model):
         out: list[list[int] | None] = [None] * len(rows)
@@ -120,14 +148,20 @@ def generate(model: HRED, run: Run, table: SampleTable, rows: np.ndarray, decodi
 
 
 @torch.no_grad()
-def perplexity_and_responses(model: HRED, run: Run, table: SampleTable, data: Responses, decoding,
-                             banned_ids: list[int]) -> tuple[dict, list[list[int]]]:
+def perplexity_and_responses(
+    model: HRED, run: Run, table: SampleTable, data: Responses, decoding, banned_ids: list[int]
+) -> tuple[dict, list[list[int]]]:
     """As conv_train.perplexity_and_responses: perplexity of data's responses and a response for each row."""
     with evaluating(model):
         out: list[list[int] | None] = [None] * len(data)
         nll, count = 0.0, 0
-        for picked in tqdm(length_batches(table, data, decoding.batch_size, None), desc="perplexity and generate",
-                           unit=" batch", leave=False, disable=None):
+        for picked in tqdm(
+            length_batches(table, data, decoding.batch_size, None),
+            desc="perplexity and generate",
+            unit=" batch",
+            leave=False,
+            disable=None,
+        ):
             picked = by_response_length(data, picked)
             state = model.encode(utterance_batch(model, table, data.rows[picked], run.device))
             log_probs, targets = target_log_probs(model, run, table, data, picked, state)

@@ -18,12 +18,16 @@ from stages.training.redial_train import LIKING
 def new_liked_pairs(table: SampleTable, likes: dict) -> tuple[np.ndarray, np.ndarray]:
     """The (sample row, target item) pairs whose item is new to the conversation and liked by the seeker."""
     rows, items = recommendation_rows(table)
-    keep = [item not in table.context_items[row] and likes.get((int(table.conv_ids[row]), int(item))) == LIKING[1]
-            for row, item in zip(rows, items)]
+    keep = [
+        item not in table.context_items[row] and likes.get((int(table.conv_ids[row]), int(item))) == LIKING[1]
+        for row, item in zip(rows, items)
+    ]
     keep = np.asarray(keep, dtype=bool)
     if not keep.any():
-        raise ValueError("KECRS: no train target is both new to its conversation and liked by the seeker (the "
-                         "ingest stage's movie_forms.parquet has no such answer): nothing to train on")
+        raise ValueError(
+            "KECRS: no train target is both new to its conversation and liked by the seeker (the "
+            "ingest stage's movie_forms.parquet has no such answer): nothing to train on"
+        )
     return rows[keep], items[keep]
 
 
@@ -57,12 +61,22 @@ class KECRSLosses:
     the bag of entities, towards the KG neighbours of each response's movies (the turn's targets), and the
     infusion, towards the tokens naming the context's entities and movies."""
 
-    def __init__(self, generator: ResponseGenerator, graph, entity_token: np.ndarray, bag_weight: float,
-                 infusion_weight: float, device):
+    def __init__(
+        self,
+        generator: ResponseGenerator,
+        graph,
+        entity_token: np.ndarray,
+        bag_weight: float,
+        infusion_weight: float,
+        device,
+    ):
         n = graph.n_entities
         links = graph.edge_index[:, graph.edge_index[0] != graph.edge_index[1]]  # self loops are no neighbours
-        self.adjacency = torch.sparse_coo_tensor(links, torch.ones(links.size(1)), (n, n),
-                                                check_invariants=True).coalesce().to(device)
+        self.adjacency = (
+            torch.sparse_coo_tensor(links, torch.ones(links.size(1)), (n, n), check_invariants=True)
+            .coalesce()
+            .to(device)
+        )
         self.entity_token = entity_token
         self.generator, self.n_entities, self.device = generator, n, device
         self.bag_weight, self.infusion_weight = bag_weight, infusion_weight
@@ -82,8 +96,9 @@ class KECRSLosses:
             out[i, torch.as_tensor(tokens[tokens >= 0], dtype=torch.long, device=self.device)] = True
         return out
 
-    def __call__(self, table: SampleTable, rows: np.ndarray, hidden: torch.Tensor, targets: torch.Tensor,
-                 memories: dict) -> torch.Tensor:
+    def __call__(
+        self, table: SampleTable, rows: np.ndarray, hidden: torch.Tensor, targets: torch.Tensor, memories: dict
+    ) -> torch.Tensor:
         user = memories[USER]
         total = hidden.new_zeros((), dtype=torch.float32)
         if self.bag_weight:

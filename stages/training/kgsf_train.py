@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from models.c2crs import batch_entities
 from models.kgsf import KGSFRecommender
 from stages.training.c2crs_data import SampleTable, pad, recommendation_rows
-from stages.training.c2crs_train import (Run, run_epoch, recall_at, valid_ranks, recommendation_batch,
-                                         score_in_blocks)
+from stages.training.c2crs_train import Run, recall_at, recommendation_batch, run_epoch, score_in_blocks, valid_ranks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
-WORD_GRAPH_INPUTS = {"words": "data/word_graph/words.parquet", "word_edges": "data/word_graph/edges.parquet",
-                     "token_words": "data/word_graph/token_words.parquet"}
+WORD_GRAPH_INPUTS = {
+    "words": "data/word_graph/words.parquet",
+    "word_edges": "data/word_graph/edges.parquet",
+    "token_words": "data/word_graph/token_words.parquet",
+}
 
 
 @dataclass
@@ -36,8 +38,10 @@ def load_word_graph(workspace: Path, vocab_size: int, device) -> WordGraph:
     edges = pl.read_parquet(workspace / WORD_GRAPH_INPUTS["word_edges"])
     token_words = pl.read_parquet(workspace / WORD_GRAPH_INPUTS["token_words"])
     if token_words.height and int(token_words["token_id"].max()) >= vocab_size:
-        raise ValueError(f"{WORD_GRAPH_INPUTS['token_words']}: token id {int(token_words['token_id'].max())} is "
-                         f"outside the vocabulary ({vocab_size} tokens): rerun the word_graph stage")
+        raise ValueError(
+            f"{WORD_GRAPH_INPUTS['token_words']}: token id {int(token_words['token_id'].max())} is "
+            f"outside the vocabulary ({vocab_size} tokens): rerun the word_graph stage"
+        )
     token_word = np.full(vocab_size, -1, dtype=np.int64)
     token_word[token_words["token_id"].to_numpy()] = token_words["word_id"].to_numpy()
     edge_index = torch.as_tensor(edges.select("source", "target").to_numpy().T.copy(), dtype=torch.long)
@@ -56,14 +60,14 @@ def _step_graph(model: KGSFRecommender, run: Run, table: SampleTable, rows: np.n
     are the items."""
     entity_ids = recommendation_batch(table, rows, run.max_context_entities, run.device)
     nodes, (entity_ids,) = batch_entities(entity_ids, n_items=model.cfg.n_items)
-    N = model.entity_rows(nodes.to(run.device), run.graph.edge_index.to(run.device),
-                          run.graph.edge_type.to(run.device))
+    N = model.entity_rows(nodes.to(run.device), run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device))
     W = model.word_states(words.edge_index)
     return N, entity_ids, nodes.to(run.device), W, context_words(table, rows, words).to(run.device)
 
 
-def _mim_loss(model: KGSFRecommender, run: Run, table: SampleTable, rows: np.ndarray, N, entity_ids, nodes, W,
-              word_ids) -> torch.Tensor:
+def _mim_loss(
+    model: KGSFRecommender, run: Run, table: SampleTable, rows: np.ndarray, N, entity_ids, nodes, W, word_ids
+) -> torch.Tensor:
     """MIM on the rows: the word-side vector scores the step's entities against the context's movies."""
     _, word_user = model.user_vectors(N, entity_ids, W, word_ids)
     targets = torch.zeros(len(rows), len(nodes), device=run.device)
@@ -74,22 +78,30 @@ def _mim_loss(model: KGSFRecommender, run: Run, table: SampleTable, rows: np.nda
     return model.mim_loss(N, nodes, word_user, targets, counted)
 
 
-def train_kgsf(model: KGSFRecommender, run: Run, words: WordGraph, cfg, checkpoint_dir: Path,
-               on_epoch=None) -> LoopState:
+def train_kgsf(
+    model: KGSFRecommender, run: Run, words: WordGraph, cfg, checkpoint_dir: Path, on_epoch=None
+) -> LoopState:
     """MIM pre-training (cfg.pretrain_epochs over every train sample, its own checkpoints), then recommendation on
     the (sample, target item) pairs with cfg.mim_weight x MIM on each batch's samples."""
+
     def mim_step(rows: np.ndarray) -> torch.Tensor:
         return _mim_loss(model, run, run.train, rows, *_step_graph(model, run, run.train, rows, words))
 
     def pretrain_epoch(epoch: int) -> dict:
         order = epoch_generator(run.seed, epoch).permutation(len(run.train))
-        batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        batches = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
         return run_epoch(model, pretrain_optimizer, batches, mim_step, cfg.grad_clip, run)
 
     pretrain_optimizer = adam(model.parameters(), cfg.learning_rate)
     # (no validation: the model ends as the last epoch left it, or as its checkpoint when the run resumes)
-    train(model, pretrain_optimizer, checkpoint_dir / "mim", cfg.pretrain_epochs, pretrain_epoch,
-          on_epoch=None if on_epoch is None else lambda e, m: on_epoch(e, {f"mim_{k}": v for k, v in m.items()}))
+    train(
+        model,
+        pretrain_optimizer,
+        checkpoint_dir / "mim",
+        cfg.pretrain_epochs,
+        pretrain_epoch,
+        on_epoch=None if on_epoch is None else lambda e, m: on_epoch(e, {f"mim_{k}": v for k, v in m.items()}),
+    )
 
     optimizer = adam(model.parameters(), cfg.learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
@@ -105,19 +117,29 @@ def train_kgsf(model: KGSFRecommender, run: Run, words: WordGraph, cfg, checkpoi
 
     def train_epoch(epoch: int) -> dict:
         order = epoch_generator(run.seed, epoch).permutation(len(sample_rows))
-        batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        batches = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
         return run_epoch(model, optimizer, batches, rec_step, cfg.grad_clip, run)
 
-    return train(model, optimizer, checkpoint_dir / "rec", cfg.epochs, train_epoch,
-                 validate=lambda: recall_at(valid_ranks(score_kgsf(model, run, run.valid, words, cfg.batch_size),
-                                                          run.valid)),
-                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir / "rec",
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: recall_at(valid_ranks(score_kgsf(model, run, run.valid, words, cfg.batch_size), run.valid)),
+        monitor="valid_recall@50",
+        higher_is_better=True,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+    )
 
 
-def score_kgsf(model: KGSFRecommender, run: Run, table: SampleTable, words: WordGraph,
-               batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def score_kgsf(
+    model: KGSFRecommender, run: Run, table: SampleTable, words: WordGraph, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """KGSF's item scores for every sample of a table, in blocks; N (items and the table's context entities) and W
     are computed once, on first use (in eval mode, inside score_in_blocks)."""
+
     @functools.cache
     def graphs():
         N, entity_ids, _, W, _ = _step_graph(model, run, table, np.arange(len(table)), words)

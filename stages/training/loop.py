@@ -87,12 +87,15 @@ class LoopState:
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "loop": state.__dict__,
-        "rng": {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()},
-    }, temporary)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loop": state.__dict__,
+            "rng": {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()},
+        },
+        temporary,
+    )
     temporary.replace(path)
 
 
@@ -124,10 +127,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: Path, epochs: int,
-          train_epoch: Callable[[int], dict], validate: Callable[[], dict] | None = None,
-          monitor: str | None = None, higher_is_better: bool = True, patience: int | None = None,
-          on_epoch: Callable[[int, dict], None] | None = None, min_improvement: float = 0.0) -> LoopState:
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    checkpoint_dir: Path,
+    epochs: int,
+    train_epoch: Callable[[int], dict],
+    validate: Callable[[], dict] | None = None,
+    monitor: str | None = None,
+    higher_is_better: bool = True,
+    patience: int | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    min_improvement: float = 0.0,
+) -> LoopState:
     """Run epochs, resuming from checkpoint_dir/last.pt; keep checkpoint_dir/best.pt by the monitored metric.
 
     train_epoch(epoch) returns the epoch's training metrics; validate() the validation metrics (the test split is
@@ -138,8 +150,19 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_d
     turns: the second waits, then resumes the first's finished run.
     """
     with _exclusive(checkpoint_dir):
-        return _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, monitor, higher_is_better,
-                      patience, on_epoch, min_improvement)
+        return _train(
+            model,
+            optimizer,
+            checkpoint_dir,
+            epochs,
+            train_epoch,
+            validate,
+            monitor,
+            higher_is_better,
+            patience,
+            on_epoch,
+            min_improvement,
+        )
 
 
 @contextlib.contextmanager
@@ -169,8 +192,19 @@ def _better(value: float, than: float | None, higher_is_better: bool, by: float 
     return value > than + margin if higher_is_better else value < than - margin
 
 
-def _train(model, optimizer, checkpoint_dir, epochs, train_epoch, validate, monitor, higher_is_better, patience,
-           on_epoch, min_improvement) -> LoopState:
+def _train(
+    model,
+    optimizer,
+    checkpoint_dir,
+    epochs,
+    train_epoch,
+    validate,
+    monitor,
+    higher_is_better,
+    patience,
+    on_epoch,
+    min_improvement,
+) -> LoopState:
     last, best = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     state = LoopState()
     if last.is_file():

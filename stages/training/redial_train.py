@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from models.baselines import AutoRecRecommender
 from stages.training.c2crs_data import SampleTable, recommendation_rows
-from stages.training.c2crs_train import Run, run_epoch, recall_at, valid_ranks, score_in_blocks
+from stages.training.c2crs_train import Run, recall_at, run_epoch, score_in_blocks, valid_ranks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
 FORMS_INPUT = "data/ingest/movie_forms.parquet"
@@ -30,8 +30,11 @@ def seeker_likes(forms: pl.DataFrame, entities: pl.DataFrame) -> dict[tuple[int,
     """{(conversation, item entity id): liking} from the seeker's form, or the recommender's where the seeker
     answered nothing about the movie (both answer for the seeker)."""
     items = entities.filter(pl.col("is_item")).select("entity_id", "movie_id")
-    answers = (forms.join(items, on="movie_id").sort("conv_id", "entity_id", pl.col("form") != "seeker")
-               .unique(["conv_id", "entity_id"], keep="first", maintain_order=True))
+    answers = (
+        forms.join(items, on="movie_id")
+        .sort("conv_id", "entity_id", pl.col("form") != "seeker")
+        .unique(["conv_id", "entity_id"], keep="first", maintain_order=True)
+    )
     return {(c, e): LIKING[int(liked)] for c, e, liked in answers.select("conv_id", "entity_id", "liked").iter_rows()}
 
 
@@ -56,13 +59,18 @@ def label_coverage(table: SampleTable, likes: dict) -> dict:
         labelled += any(said)
         mentions += len(items)
         answered += sum(said)
-    return {"samples": len(table), "samples_with_context_movies": with_movies,
-            "samples_with_a_liked_or_disliked_movie": labelled, "context_mentions": mentions,
-            "context_mentions_liked_or_disliked": answered}
+    return {
+        "samples": len(table),
+        "samples_with_context_movies": with_movies,
+        "samples_with_a_liked_or_disliked_movie": labelled,
+        "context_mentions": mentions,
+        "context_mentions_liked_or_disliked": answered,
+    }
 
 
-def train_redial(model: AutoRecRecommender, run: Run, likes: dict, cfg, checkpoint_dir: Path,
-                 on_epoch=None) -> LoopState:
+def train_redial(
+    model: AutoRecRecommender, run: Run, likes: dict, cfg, checkpoint_dir: Path, on_epoch=None
+) -> LoopState:
     optimizer = adam(model.parameters(), cfg.learning_rate)
     sample_rows, target_items = recommendation_rows(run.train)
     n_items = model.decoder.out_features
@@ -73,17 +81,27 @@ def train_redial(model: AutoRecRecommender, run: Run, likes: dict, cfg, checkpoi
 
     def train_epoch(epoch: int) -> dict:
         order = epoch_generator(run.seed, epoch).permutation(len(sample_rows))
-        batches = [order[start: start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        batches = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
         return run_epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run)
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: recall_at(valid_ranks(score_redial(model, run, run.valid, likes, cfg.batch_size),
-                                                          run.valid)),
-                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: recall_at(valid_ranks(score_redial(model, run, run.valid, likes, cfg.batch_size), run.valid)),
+        monitor="valid_recall@50",
+        higher_is_better=True,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+    )
 
 
-def score_redial(model: AutoRecRecommender, run: Run, table: SampleTable, likes: dict,
-                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def score_redial(
+    model: AutoRecRecommender, run: Run, table: SampleTable, likes: dict, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     n_items = model.decoder.out_features
-    return score_in_blocks(model, table, batch_size,
-                           lambda rows: model(likes_input(table, rows, likes, n_items).to(run.device)))
+    return score_in_blocks(
+        model, table, batch_size, lambda rows: model(likes_input(table, rows, likes, n_items).to(run.device))
+    )

@@ -20,8 +20,9 @@ def recent_items_tensor(recent: list[list[int]]) -> torch.Tensor:
     return pad(recent, -1)
 
 
-def fit_repeat_choice(table: SampleTable, recent: torch.Tensor, max_recency: int, states: torch.Tensor | None = None,
-                      n_states: int = 1) -> RepeatChoice:
+def fit_repeat_choice(
+    table: SampleTable, recent: torch.Tensor, max_recency: int, states: torch.Tensor | None = None, n_states: int = 1
+) -> RepeatChoice:
     """RepeatChoice's counts from one split's (sample, target) pairs: is the target a context movie, and which;
     states: each sample's context state (None: the speaker alone decides p(repeat))."""
     sample_rows, target_items = recommendation_rows(table)
@@ -30,8 +31,13 @@ def fit_repeat_choice(table: SampleTable, recent: torch.Tensor, max_recency: int
     for row, item in zip(sample_rows.tolist(), target_items.tolist()):
         order = recent[row].tolist()
         positions.append(order.index(item) if item in order else None)
-    return RepeatChoice.fit(positions, roles[sample_rows].tolist(), max_recency,
-                            None if states is None else states[sample_rows].tolist(), n_states)
+    return RepeatChoice.fit(
+        positions,
+        roles[sample_rows].tolist(),
+        max_recency,
+        None if states is None else states[sample_rows].tolist(),
+        n_states,
+    )
 
 
 def role_ids(table: SampleTable) -> torch.Tensor:
@@ -40,25 +46,31 @@ def role_ids(table: SampleTable) -> torch.Tensor:
 
 
 @torch.no_grad()
-def with_repeat_choice(blocks, recent: torch.Tensor, table: SampleTable, choice: RepeatChoice,
-                       states: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def with_repeat_choice(
+    blocks, recent: torch.Tensor, table: SampleTable, choice: RepeatChoice, states: torch.Tensor | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A recommender's score blocks turned into the RepeatChoice mixture's log-probabilities (states: each sample's
     context state, when the choice was fitted with them)."""
     roles = role_ids(table)
     for rows, scores in blocks:
-        yield rows, choice(torch.from_numpy(np.ascontiguousarray(scores)), recent[rows], roles[rows],
-                           None if states is None else states[rows]).numpy()
+        yield (
+            rows,
+            choice(
+                torch.from_numpy(np.ascontiguousarray(scores)),
+                recent[rows],
+                roles[rows],
+                None if states is None else states[rows],
+            ).numpy(),
+        )
 
 
 def fitted(params, workspace: Path, run: Run, by_state: bool = True) -> RepeatChoice:
     """RepeatChoice's counts from the train split (whether a turn's movie repeats a context movie, and which), by
     speaker and context state (rec_metrics.choice_states; by_state False: by speaker alone, the pre-training
     study's choice since it began)."""
-    train = (pl.read_parquet(workspace / TRAINING_INPUTS["samples"]).filter(pl.col("split") == "train")
-             .sort("sample_id"))
+    train = pl.read_parquet(workspace / TRAINING_INPUTS["samples"]).filter(pl.col("split") == "train").sort("sample_id")
     recent = recent_items_tensor(rec_metrics.context_items_by_recency(train))
     if not by_state:
         return fit_repeat_choice(run.train, recent, params.evaluate.max_recency)
     states = torch.as_tensor(rec_metrics.choice_states(train))
-    return fit_repeat_choice(run.train, recent, params.evaluate.max_recency, states,
-                                         rec_metrics.CHOICE_STATES)
+    return fit_repeat_choice(run.train, recent, params.evaluate.max_recency, states, rec_metrics.CHOICE_STATES)

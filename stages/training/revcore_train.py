@@ -35,20 +35,32 @@ def fit_sentiment(reviews: pl.DataFrame, vocabulary: pl.DataFrame, seed: int) ->
     rated = reviews.filter((pl.col("rating") >= POSITIVE_RATING) | (pl.col("rating") <= NEGATIVE_RATING))
     labels = (rated["rating"] >= POSITIVE_RATING).to_numpy()
     if labels.all() or not labels.any():
-        raise ValueError(f"{REVIEWS_INPUT}: {rated.height} rated reviews ({int(labels.sum())} positive): RevCore's "
-                         "sentiment model needs both polarities (params reviews.sources must include aclimdb)")
+        raise ValueError(
+            f"{REVIEWS_INPUT}: {rated.height} rated reviews ({int(labels.sum())} positive): RevCore's "
+            "sentiment model needs both polarities (params reviews.sources must include aclimdb)"
+        )
     token_id = dict(zip(vocabulary["token"], vocabulary["token_id"]))
     words = [sorted({token_id[t] for t in token_texts(text) if t in token_id}) for text in rated["text"]]
     indptr = np.concatenate([[0], np.cumsum([len(w) for w in words])])
-    bags = sparse.csr_matrix((np.ones(indptr[-1]), np.concatenate(words or [[]]).astype(np.int64), indptr),
-                             shape=(len(words), vocabulary.height))
+    bags = sparse.csr_matrix(
+        (np.ones(indptr[-1]), np.concatenate(words or [[]]).astype(np.int64), indptr),
+        shape=(len(words), vocabulary.height),
+    )
     rng = np.random.default_rng(seed)
-    held = np.concatenate([rng.permutation(np.flatnonzero(labels == label))[: int((labels == label).sum() * HELD_OUT)]
-                           for label in (False, True)])  # HELD_OUT of each polarity (none of a rare one)
+    held = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(labels == label))[: int((labels == label).sum() * HELD_OUT)]
+            for label in (False, True)
+        ]
+    )  # HELD_OUT of each polarity (none of a rare one)
     fit = np.setdiff1d(np.arange(len(words)), held)
     classifier = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(bags[fit], labels[fit])
-    measures = {"rated_reviews": rated.height, "positive": int(labels.sum()), "held_out": len(held),
-                "held_out_accuracy": float(classifier.score(bags[held], labels[held])) if len(held) else None}
+    measures = {
+        "rated_reviews": rated.height,
+        "positive": int(labels.sum()),
+        "held_out": len(held),
+        "held_out_accuracy": float(classifier.score(bags[held], labels[held])) if len(held) else None,
+    }
     return classifier.coef_[0].astype(np.float32), float(classifier.intercept_[0]), measures
 
 
@@ -86,18 +98,34 @@ class ReviewRetrieval:
     max_context_tokens: int  # the enriched context is cut to its last this many tokens
 
     @classmethod
-    def build(cls, model: RevCoreRecommender, sentence_tokens: list[list[int]], sentences: pl.DataFrame,
-              entities: pl.DataFrame, vocabulary: pl.DataFrame, cfg, max_context_tokens: int) -> "ReviewRetrieval":
+    def build(
+        cls,
+        model: RevCoreRecommender,
+        sentence_tokens: list[list[int]],
+        sentences: pl.DataFrame,
+        entities: pl.DataFrame,
+        vocabulary: pl.DataFrame,
+        cfg,
+        max_context_tokens: int,
+    ) -> "ReviewRetrieval":
         item_of_movie = dict(entities.filter(pl.col("is_item")).select("movie_id", "entity_id").iter_rows())
         movie_sentences: dict[int, list[int]] = {}
         for sentence, movie in sentences.sort("sentence_id").select("sentence_id", "movie_id").iter_rows():
             if movie in item_of_movie:
                 movie_sentences.setdefault(item_of_movie[movie], []).append(sentence)
         token_id = dict(zip(vocabulary["token"], vocabulary["token_id"]))
-        movie_token = {item: token_id[f"@{movie}"] for movie, item in item_of_movie.items()
-                       if f"@{movie}" in token_id}
-        return cls(model, sentence_tokens, movie_sentences, model.positive(sentence_tokens).cpu().numpy(),
-                   movie_token, token_id[SPLIT], cfg.review_movies, cfg.review_tokens, max_context_tokens)
+        movie_token = {item: token_id[f"@{movie}"] for movie, item in item_of_movie.items() if f"@{movie}" in token_id}
+        return cls(
+            model,
+            sentence_tokens,
+            movie_sentences,
+            model.positive(sentence_tokens).cpu().numpy(),
+            movie_token,
+            token_id[SPLIT],
+            cfg.review_movies,
+            cfg.review_tokens,
+            max_context_tokens,
+        )
 
     def utterance_polarity(self, table: SampleTable, rows: np.ndarray) -> dict[tuple[int, int], float]:
         """P(positive) of the last utterance of each row's context that mentions each of its recent movies;
@@ -140,21 +168,30 @@ class ReviewRetrieval:
         chosen = self.choose(table, np.arange(len(table)))
         tokens, entities = [], []
         for row, sentences in enumerate(chosen):
-            review_words = [t for s in sentences for t in [self.split_id, *self.sentence_tokens[s][: self.review_tokens]]]
-            tokens.append((list(table.context_tokens[row]) + review_words)[-self.max_context_tokens:])
+            review_words = [
+                t for s in sentences for t in [self.split_id, *self.sentence_tokens[s][: self.review_tokens]]
+            ]
+            tokens.append((list(table.context_tokens[row]) + review_words)[-self.max_context_tokens :])
             own = list(table.context_entities[row])
             linked = dict.fromkeys(e for s in sentences for e in self.model.sentence_entities(s) if e not in own)
             entities.append(list(linked) + own)
         return dataclasses.replace(table, context_tokens=tokens, context_entities=entities, documents=chosen)
 
 
-def load_retrieval(model: RevCoreRecommender, sentence_tokens: list[list[int]], inputs: dict, cfg,
-                   max_context_tokens: int) -> ReviewRetrieval:
+def load_retrieval(
+    model: RevCoreRecommender, sentence_tokens: list[list[int]], inputs: dict, cfg, max_context_tokens: int
+) -> ReviewRetrieval:
     """The retrieval of a RevCore model over the workspace's review sentences (inputs: runs.TRAINING_INPUTS' paths;
     cfg: params.baselines.revcore)."""
-    return ReviewRetrieval.build(model, sentence_tokens, pl.read_parquet(inputs["review_sentences"]),
-                                 pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["vocab"]), cfg,
-                                 max_context_tokens)
+    return ReviewRetrieval.build(
+        model,
+        sentence_tokens,
+        pl.read_parquet(inputs["review_sentences"]),
+        pl.read_parquet(inputs["entities"]),
+        pl.read_parquet(inputs["vocab"]),
+        cfg,
+        max_context_tokens,
+    )
 
 
 def retrieval_measures(table: SampleTable, augmented: SampleTable, likes: dict, retrieval: ReviewRetrieval) -> dict:
@@ -162,23 +199,29 @@ def retrieval_measures(table: SampleTable, augmented: SampleTable, likes: dict, 
     said in ReDial's movie form (liked 1, disliked 0; a diagnostic only: the forms are never read to retrieve)."""
     rows = np.arange(len(table))
     polarity = retrieval.utterance_polarity(table, rows)
-    said = [(p >= 0.5, likes[(int(table.conv_ids[row]), item)]) for (row, item), p in polarity.items()
-            if likes.get((int(table.conv_ids[row]), item)) in (0.0, 1.0)]
+    said = [
+        (p >= 0.5, likes[(int(table.conv_ids[row]), item)])
+        for (row, item), p in polarity.items()
+        if likes.get((int(table.conv_ids[row]), item)) in (0.0, 1.0)
+    ]
     agree_liked = [predicted for predicted, liked in said if liked == 1.0]
     agree_disliked = [not predicted for predicted, liked in said if liked == 0.0]
-    return {"samples": len(table),
-            "with_review": int(sum(1 for d in augmented.documents if d)),
-            "review_sentences": int(sum(len(d) for d in augmented.documents)),
-            "added_entities": int(sum(len(a) - len(b) for a, b in zip(augmented.context_entities,
-                                                                      table.context_entities))),
-            "polarity_vs_forms": {"mentions": len(said),
-                                  "liked_predicted_positive": float(np.mean(agree_liked)) if agree_liked else None,
-                                  "disliked_predicted_negative": (float(np.mean(agree_disliked)) if agree_disliked
-                                                                  else None)}}
+    return {
+        "samples": len(table),
+        "with_review": int(sum(1 for d in augmented.documents if d)),
+        "review_sentences": int(sum(len(d) for d in augmented.documents)),
+        "added_entities": int(sum(len(a) - len(b) for a, b in zip(augmented.context_entities, table.context_entities))),
+        "polarity_vs_forms": {
+            "mentions": len(said),
+            "liked_predicted_positive": float(np.mean(agree_liked)) if agree_liked else None,
+            "disliked_predicted_negative": (float(np.mean(agree_disliked)) if agree_disliked else None),
+        },
+    }
 
 
-def load_sentiment(model: RevCoreRecommender, weight: np.ndarray, bias: float, offsets: np.ndarray,
-                   linked: np.ndarray) -> RevCoreRecommender:
+def load_sentiment(
+    model: RevCoreRecommender, weight: np.ndarray, bias: float, offsets: np.ndarray, linked: np.ndarray
+) -> RevCoreRecommender:
     """Fill a fresh RevCore model's sentiment weights and sentence links."""
     with torch.no_grad():
         model.sentiment.weight.copy_(torch.as_tensor(weight)[None])

@@ -27,9 +27,13 @@ TRAINING_SECTIONS = ("seed", "device", "deterministic", "precision", "model")
 
 
 TRAINING_INPUTS = {
-    "samples": "data/triples/samples.parquet", "triples": "data/triples/triples.parquet",
-    "vocab": "data/triples/vocab.parquet", "review_sentences": "data/reviews/review_sentences.parquet",
-    "entities": "data/kg/entities.parquet", "relations": "data/kg/relations.parquet", "edges": "data/kg/edges.parquet",
+    "samples": "data/triples/samples.parquet",
+    "triples": "data/triples/triples.parquet",
+    "vocab": "data/triples/vocab.parquet",
+    "review_sentences": "data/reviews/review_sentences.parquet",
+    "entities": "data/kg/entities.parquet",
+    "relations": "data/kg/relations.parquet",
+    "edges": "data/kg/edges.parquet",
 }
 
 
@@ -50,24 +54,45 @@ def training_run(params, workspace: Path) -> tuple[c2crs_train.Run, C2CRSConfig,
     if not cfg.kg_edges:
         edges = edges.filter(pl.col("src") == pl.col("dst"))
     graph = c2crs_data.load_graph(pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["relations"]), edges)
-    sentence_tokens = c2crs_data.sentence_token_ids(pl.read_parquet(inputs["review_sentences"]), vocabulary,
-                                                    cfg.max_sentence_tokens)
+    sentence_tokens = c2crs_data.sentence_token_ids(
+        pl.read_parquet(inputs["review_sentences"]), vocabulary, cfg.max_sentence_tokens
+    )
     ranks, device = distributed.setup(params.distributed, device_of(params))
     run = c2crs_train.Run(
         graph=graph,
         train=c2crs_data.sample_table(samples, triple_table, "train"),
         valid=c2crs_data.sample_table(samples, triple_table, "valid"),
-        sentence_tokens=sentence_tokens, pad_id=0, max_context_entities=cfg.max_context_entities,
-        max_review_sentences=cfg.max_review_sentences, device=device, seed=params.seed,
-        views=frozenset(cfg.views), ranks=ranks, precision=params.precision)
+        sentence_tokens=sentence_tokens,
+        pad_id=0,
+        max_context_entities=cfg.max_context_entities,
+        max_review_sentences=cfg.max_review_sentences,
+        device=device,
+        seed=params.seed,
+        views=frozenset(cfg.views),
+        ranks=ranks,
+        precision=params.precision,
+    )
     model_config = C2CRSConfig(
-        vocab_size=vocabulary.height, n_entities=graph.n_entities, n_relations=graph.n_relations,
-        n_items=graph.n_items, token_dim=cfg.token_dim, kg_dim=cfg.kg_dim, n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+        vocab_size=vocabulary.height,
+        n_entities=graph.n_entities,
+        n_relations=graph.n_relations,
+        n_items=graph.n_items,
+        token_dim=cfg.token_dim,
+        kg_dim=cfg.kg_dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        ffn_dim=cfg.ffn_dim,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
         num_bases=cfg.num_bases,
-        projection_dim=cfg.projection_dim, item_bias=cfg.item_bias, kg_encoder=cfg.kg_encoder,
-        rec_pooling=cfg.rec_pooling, projection_heads=cfg.projection_heads, contrastive_loss=cfg.contrastive_loss,
-        max_positions=max(int(samples["context_token_ids"].list.len().max()), cfg.max_sentence_tokens))
+        projection_dim=cfg.projection_dim,
+        item_bias=cfg.item_bias,
+        kg_encoder=cfg.kg_encoder,
+        rec_pooling=cfg.rec_pooling,
+        projection_heads=cfg.projection_heads,
+        contrastive_loss=cfg.contrastive_loss,
+        max_positions=max(int(samples["context_token_ids"].list.len().max()), cfg.max_sentence_tokens),
+    )
     return run, model_config, inputs
 
 
@@ -82,8 +107,9 @@ def checkpoint_dir(workspace: Path, name: str, params, sections: tuple[str, ...]
         for part in parents:
             source, target = source[part], target.setdefault(part, {})
         target[last] = source[last]
-    key = json.dumps({"params": chosen, "inputs": {n: content_hash(p) for n, p in sorted(inputs.items())}},
-                     sort_keys=True)
+    key = json.dumps(
+        {"params": chosen, "inputs": {n: content_hash(p) for n, p in sorted(inputs.items())}}, sort_keys=True
+    )
     return workspace / "data" / "checkpoints" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -120,25 +146,33 @@ def load_c2crs(path: Path) -> C2CRS:
 
 def training_outcome(state) -> dict:
     """How many epochs ran, and the metrics of the kept (best) epoch."""
-    best = next((h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history
-                else {})
-    return {"epochs_run": state.epoch, "best_epoch": state.best_epoch,
-            **{k: v for k, v in best.items() if k != "epoch"}}
+    best = next(
+        (h for h in state.history if h["epoch"] == state.best_epoch), state.history[-1] if state.history else {}
+    )
+    return {
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        **{k: v for k, v in best.items() if k != "epoch"},
+    }
 
 
 # The recommendation path: (stage, the stage whose model it starts from, its training function).
-REC_PATH = {"pretrain_coarse": (None, c2crs_train.pretrain_coarse),
-            "pretrain_fine": ("pretrain_coarse", c2crs_train.pretrain_fine),
-            "finetune_rec": ("pretrain_fine", c2crs_train.finetune_recommender)}
+REC_PATH = {
+    "pretrain_coarse": (None, c2crs_train.pretrain_coarse),
+    "pretrain_fine": ("pretrain_coarse", c2crs_train.pretrain_fine),
+    "finetune_rec": ("pretrain_fine", c2crs_train.finetune_recommender),
+}
 
 
 def with_share(run: c2crs_train.Run, fraction: float) -> c2crs_train.Run:
     """The run on `fraction` of its train conversations (c2crs_data.conversation_subset), each epoch passing over
     them round(1 / fraction) times: an epoch takes as many steps as on all conversations, so epochs, patience and
     min_improvement mean the same at every share (a learning curve compares converged runs, not step counts)."""
-    return dataclasses.replace(run, train=run.train.subset(c2crs_data.conversation_subset(run.train.conv_ids,
-                                                                                           fraction)),
-                               passes_per_epoch=max(1, round(1 / fraction)))
+    return dataclasses.replace(
+        run,
+        train=run.train.subset(c2crs_data.conversation_subset(run.train.conv_ids, fraction)),
+        passes_per_epoch=max(1, round(1 / fraction)),
+    )
 
 
 def with_text_samples(run: c2crs_train.Run, params, workspace: Path, inputs: dict[str, Path]) -> c2crs_train.Run:
@@ -146,13 +180,15 @@ def with_text_samples(run: c2crs_train.Run, params, workspace: Path, inputs: dic
     join `inputs` (so the checkpoint key)."""
     for name, path in TEXT_INPUTS.items():
         inputs[name] = workspace / path
-    text = c2crs_data.sample_table(pl.read_parquet(inputs["text_samples"]), pl.read_parquet(inputs["text_triples"]),
-                                   "train")
+    text = c2crs_data.sample_table(
+        pl.read_parquet(inputs["text_samples"]), pl.read_parquet(inputs["text_triples"]), "train"
+    )
     return dataclasses.replace(run, train=run.train.concat(text), text_ratio=params.pretrain_text.ratio)
 
 
-def train_c2crs(stage: str, params, workspace: Path, log: StageLog, start_from: Path | None,
-                out: Path, loaded=None) -> tuple[C2CRS, dict, dict[str, Path]]:
+def train_c2crs(
+    stage: str, params, workspace: Path, log: StageLog, start_from: Path | None, out: Path, loaded=None
+) -> tuple[C2CRS, dict, dict[str, Path]]:
     """One step of the recommendation path: train from `start_from` (None: fresh weights), keep the best epoch,
     save it to `out`. Returns the model, the training outcome and the inputs read."""
     run, model_config, inputs = loaded or training_run(params, workspace)  # loaded: training_run's, reused
@@ -187,8 +223,12 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
     log = CurveLog(log)
     model, metrics, inputs = train_c2crs(stage, params, workspace, log, start_from, workspace / spec.outs[0])
     write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
-    log.model(registered_name("c2crs", "recommender") if stage == "finetune_rec" else None, model,
-              workspace / spec.outs[0], metrics)
+    log.model(
+        registered_name("c2crs", "recommender") if stage == "finetune_rec" else None,
+        model,
+        workspace / spec.outs[0],
+        metrics,
+    )
     return StageOutcome(inputs, metrics)
 
 

@@ -44,13 +44,26 @@ def train_textcnn(model: TextCNNRecommender, run: Run, cfg, checkpoint_dir: Path
         batches = [order[batch] for batch in bucketed_batches(lengths, cfg.batch_size, rng)]
         return run_epoch(model, optimizer, batches, step_loss, cfg.grad_clip, run)
 
-    return train(model, optimizer, checkpoint_dir, cfg.epochs, train_epoch,
-                 validate=lambda: recall_at(valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size),
-                                                          run.valid)),
-                 monitor="valid_recall@50", higher_is_better=True, patience=cfg.patience, on_epoch=on_epoch)
+    return train(
+        model,
+        optimizer,
+        checkpoint_dir,
+        cfg.epochs,
+        train_epoch,
+        validate=lambda: recall_at(valid_ranks(score_textcnn(model, run, run.valid, cfg.batch_size), run.valid)),
+        monitor="valid_recall@50",
+        higher_is_better=True,
+        patience=cfg.patience,
+        on_epoch=on_epoch,
+    )
 
 
-def score_textcnn(model: TextCNNRecommender, run: Run, table: SampleTable,
-                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    return score_in_blocks(model, table, batch_size,
-                           lambda rows: model(pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)))
+def score_textcnn(
+    model: TextCNNRecommender, run: Run, table: SampleTable, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    return score_in_blocks(
+        model,
+        table,
+        batch_size,
+        lambda rows: model(pad([table.context_tokens[r] for r in rows], run.pad_id).to(run.device)),
+    )
