@@ -34,36 +34,39 @@ from models.dropout import Dropout, use_cheap_dropout
 
 @dataclass
 class C2CRSConfig:
+    """Every size and switch comes from params.yaml's `model` section and the data (stages/training/runs.py:
+    training_run); nothing has a default here."""
+
     vocab_size: int
     n_entities: int
     n_relations: int
     n_items: int  # items are entity ids 0..n_items-1
-    pad_id: int = 0
-    token_dim: int = 300
-    kg_dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 2
-    ffn_dim: int = 300
-    dropout: float = 0.1
-    attention_dropout: float = 0.0  # the reference's; 0 lets CPU and GPU use the fused attention kernel
-    num_bases: int = 8
-    projection_dim: int = 128
-    temperature: float = 0.07
-    max_positions: int = 256  # contexts are left-truncated to <= 256 tokens, review sentences to <= 40
+    pad_id: int
+    token_dim: int
+    kg_dim: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    dropout: float
+    attention_dropout: float  # the reference's 0 lets CPU and GPU use the fused attention kernel
+    num_bases: int
+    projection_dim: int
+    temperature: float  # of the contrastive losses; each pre-training stage sets its own (pretrain_*.temperature)
+    max_positions: int  # contexts are left-truncated to <= 256 tokens, review sentences to <= 40
     # Eq. 8 has no bias; the reference code adds a per-entity bias (a learned popularity prior). Off = the paper.
-    item_bias: bool = False
+    item_bias: bool
     # "table": an entity embedding table fed to a basis R-GCN (ours); "featureless": the reference's R-GCN with
     # x=None, whose basis tables are indexed by entity (num_bases x n_entities x kg_dim parameters).
-    kg_encoder: str = "table"
+    kg_encoder: str
     # The recommender's user vector: "own" self-attention, fresh at fine-tuning (paper 4.3.1 as we read it), or
     # "graph": the graph view's pooling that pre-training trained (the reference code's kg_attn).
-    rec_pooling: str = "own"
+    rec_pooling: str
     # "per_view": one projection head per view, shared by the coarse and the fine loss; "per_view_and_level": six,
     # user-level and unit-level per view (the reference).
-    projection_heads: str = "per_view"
+    projection_heads: str
     # "cross_view": InfoNCE with the other view's B rows as candidates; "nt_xent": SimCLR's 2B-1 candidates, the
     # same view's other rows included (the reference).
-    contrastive_loss: str = "cross_view"
+    contrastive_loss: str
 
     def __post_init__(self):
         allowed = {
@@ -190,11 +193,11 @@ class KGEncoder(nn.Module):
     single layer: N is used directly in dot products for recommendation (Eq. 8), where a ReLU would clamp scores.
     """
 
-    def __init__(self, cfg: C2CRSConfig):
+    def __init__(self, n_entities: int, n_relations: int, dim: int, num_bases: int):
         super().__init__()
-        self.entities = nn.Embedding(cfg.n_entities, cfg.kg_dim)
-        nn.init.normal_(self.entities.weight, std=cfg.kg_dim**-0.5)
-        self.rgcn = RGCNConv(cfg.kg_dim, cfg.kg_dim, cfg.n_relations, num_bases=cfg.num_bases)
+        self.entities = nn.Embedding(n_entities, dim)
+        nn.init.normal_(self.entities.weight, std=dim**-0.5)
+        self.rgcn = RGCNConv(dim, dim, n_relations, num_bases=num_bases)
 
     def forward(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
         """The whole graph: edge_index [2, E] (source, target), edge_type [E] -> N [n_entities, kg_dim]."""
@@ -248,13 +251,13 @@ class FeaturelessRGCN(nn.Module):
     each relation's in-edges, plus root and bias, as RGCNConv's defaults).
     """
 
-    def __init__(self, cfg: "C2CRSConfig"):
+    def __init__(self, n_entities: int, n_relations: int, dim: int, num_bases: int):
         super().__init__()
-        self.n_relations = cfg.n_relations
-        self.basis = nn.Parameter(torch.empty(cfg.num_bases, cfg.n_entities, cfg.kg_dim))
-        self.comp = nn.Parameter(torch.empty(cfg.n_relations, cfg.num_bases))
-        self.root = nn.Parameter(torch.empty(cfg.n_entities, cfg.kg_dim))
-        self.bias = nn.Parameter(torch.zeros(cfg.kg_dim))
+        self.n_relations = n_relations
+        self.basis = nn.Parameter(torch.empty(num_bases, n_entities, dim))
+        self.comp = nn.Parameter(torch.empty(n_relations, num_bases))
+        self.root = nn.Parameter(torch.empty(n_entities, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
         for weight in (self.basis, self.comp, self.root):
             glorot(weight)
 
@@ -287,7 +290,8 @@ def edges_into(targets: torch.Tensor, edge_index: torch.Tensor, n_entities: int)
 
 
 def build_kg_encoder(cfg: "C2CRSConfig") -> nn.Module:
-    return FeaturelessRGCN(cfg) if cfg.kg_encoder == "featureless" else KGEncoder(cfg)
+    encoder = FeaturelessRGCN if cfg.kg_encoder == "featureless" else KGEncoder
+    return encoder(cfg.n_entities, cfg.n_relations, cfg.kg_dim, cfg.num_bases)
 
 
 def batch_entities(*entity_ids: torch.Tensor, n_items: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:

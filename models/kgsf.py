@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GCNConv
 
-from models.c2crs import C2CRSConfig, KGEncoder, SelfAttentivePooling
+from models.c2crs import KGEncoder, SelfAttentivePooling
 
 
 @dataclass
@@ -40,16 +40,7 @@ class KGSFRecommender(nn.Module):
     def __init__(self, cfg: KGSFConfig):
         super().__init__()
         self.cfg = cfg
-        self.kg_encoder = KGEncoder(
-            C2CRSConfig(
-                vocab_size=1,
-                n_entities=cfg.n_entities,
-                n_relations=cfg.n_relations,
-                n_items=cfg.n_items,
-                kg_dim=cfg.dim,
-                num_bases=cfg.num_bases,
-            )
-        )
+        self.kg_encoder = KGEncoder(cfg.n_entities, cfg.n_relations, cfg.dim, cfg.num_bases)
         self.words = nn.Embedding(cfg.n_words, cfg.dim)
         nn.init.normal_(self.words.weight, std=cfg.dim**-0.5)
         self.word_gcn = GCNConv(cfg.dim, cfg.dim)

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -71,6 +72,7 @@ class Download(Section):
     """A public file: where it is and the checksum it must have (SHA-256, or MD5 where only that is published)."""
 
     url: str = Field(pattern=r"^https?://")
+    # one of the two: the other is absent (the only keys of the schema that params.yaml may leave out)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
@@ -84,33 +86,33 @@ class Download(Section):
 class RawFiles(Section):
     """Names of the raw files, relative to the mirror directory (the official zip's names differ: see downloads)."""
 
-    redial_train: str = "redial/train_partial.jsonl"
-    redial_test: str = "redial/test_data.jsonl"
-    movies: str = "redial/movies_with_mentions.csv"
-    movies_imdb: str = "redial/movies_merged_with_imdb.csv"
-    movies_dbpedia: str = "crslab_redial/id2entity.jsonl"
-    aclimdb_reviews: str = "reviews_aclimdb/aclimdb_reviews.jsonl.gz"
-    revcore_reviews: str = "reviews_revcore/movie2tokenreview_helpful.pkl"
-    movie_info: str = "movie_metadata/id2info.json"
-    dbpedia_subkg: str = "dbpedia_kgsf/subkg.pkl"
-    dbpedia_entity_ids: str = "dbpedia_kgsf/entity2entityId.pkl"
-    stopwords: str = "dbpedia_kgsf/stopwords.txt"
-    metadata_kg: str = "movie_metadata/kg.json"
-    metadata_entity_ids: str = "movie_metadata/entity2id.json"
-    metadata_relation_ids: str = "movie_metadata/relation2id.json"
-    metadata_item_ids: str = "movie_metadata/item_ids.json"
-    metadata_entity_types: str = "movie_metadata/entity2type.json"
-    linking_gold: str = "crslab_redial/valid_data.json"
-    conceptnet_edges: str = "conceptnet/conceptnet_one_hop_edges.txt"
-    conceptnet_words: str = "conceptnet/conceptnet_one_hop_key2index.json"
+    redial_train: str
+    redial_test: str
+    movies: str
+    movies_imdb: str
+    movies_dbpedia: str
+    aclimdb_reviews: str
+    revcore_reviews: str
+    movie_info: str
+    dbpedia_subkg: str
+    dbpedia_entity_ids: str
+    stopwords: str
+    metadata_kg: str
+    metadata_entity_ids: str
+    metadata_relation_ids: str
+    metadata_item_ids: str
+    metadata_entity_types: str
+    linking_gold: str
+    conceptnet_edges: str
+    conceptnet_words: str
 
 
 class RedialZip(Download):
     """The official ReDial release and the names of the files inside it."""
 
-    redial_train: str = "train_data.jsonl"
-    redial_test: str = "test_data.jsonl"
-    movies: str = "movies_with_mentions.csv"
+    redial_train: str
+    redial_test: str
+    movies: str
 
 
 class Downloads(Section):
@@ -136,14 +138,14 @@ class Downloads(Section):
 
 
 class DataConfig(Section):
-    source: Literal["auto", "mirror", "download"] = "auto"
-    mirror_dir: str | None = None
-    cache_dir: str = "data/raw"
-    files: RawFiles = RawFiles()
+    source: Literal["auto", "mirror", "download"]
+    mirror_dir: str | None
+    cache_dir: str
+    files: RawFiles
     downloads: Downloads
-    timeout_seconds: float = Field(default=60.0, gt=0)
-    retries: int = Field(default=3, ge=0, le=10)
-    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    timeout_seconds: float = Field(gt=0)
+    retries: int = Field(ge=0, le=10)
+    retry_backoff_seconds: float = Field(ge=0)
 
     def resolved_source(self) -> Literal["mirror", "download"]:
         """auto means the mirror when one is configured (C2CRS_DATA_DIR or data.mirror_dir), else the download."""
@@ -159,34 +161,32 @@ class DataConfig(Section):
 
 
 class IngestConfig(Section):
-    on_bad_record: Literal["error", "skip"] = "error"
-    valid_split: Literal["auto", "kgsf_ids", "fraction"] = "auto"
-    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
-    full_train_conversations: int = Field(default=10006, gt=0)
+    on_bad_record: Literal["error", "skip"]
+    valid_split: Literal["auto", "kgsf_ids", "fraction"]
+    valid_fraction: float = Field(gt=0, lt=1)
+    full_train_conversations: int = Field(gt=0)
 
 
 class ScraperConfig(Section):
     """The IMDb review scraper (reviews source imdb_scraper); needs internet."""
 
-    cache_dir: str = "data/raw/imdb_pages"
-    requests_per_second: float = Field(default=1.0, gt=0, le=1.0)
-    max_pages_per_movie: int = Field(default=2, ge=1, le=50)
-    max_movies: int | None = Field(default=None, ge=1)
-    max_retries: int = Field(default=4, ge=0, le=10)
-    timeout_seconds: float = Field(default=30.0, gt=0)
-    user_agent: str = Field(default="c2crs-review-scraper/0.1 (research; reproducing C2-CRS)", min_length=8)
-    allowed_hosts: list[str] = Field(default=["www.imdb.com", "m.imdb.com"], min_length=1)
+    cache_dir: str
+    requests_per_second: float = Field(gt=0, le=1.0)
+    max_pages_per_movie: int = Field(ge=1, le=50)
+    max_movies: int | None = Field(ge=1)
+    max_retries: int = Field(ge=0, le=10)
+    timeout_seconds: float = Field(gt=0)
+    user_agent: str = Field(min_length=8)
+    allowed_hosts: list[str] = Field(min_length=1)
 
 
 class ReviewsConfig(Section):
-    sources: list[Literal["imdb_scraper", "aclimdb", "revcore", "plots"]] = Field(
-        default=["aclimdb", "revcore", "plots"], min_length=1
-    )
-    on_bad_record: Literal["error", "skip"] = "error"
-    min_sentence_tokens: int = Field(default=4, ge=1)
-    max_sentence_tokens: int = Field(default=40, ge=1)
-    max_sentences_per_movie: int = Field(default=20, ge=1)
-    scraper: ScraperConfig = ScraperConfig()
+    sources: list[Literal["imdb_scraper", "aclimdb", "revcore", "plots"]] = Field(min_length=1)
+    on_bad_record: Literal["error", "skip"]
+    min_sentence_tokens: int = Field(ge=1)
+    max_sentence_tokens: int = Field(ge=1)
+    max_sentences_per_movie: int = Field(ge=1)
+    scraper: ScraperConfig
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -200,63 +200,61 @@ class ReviewsConfig(Section):
 class LinkingConfig(Section):
     """The entity linker of utterances to KG entities (used by kg, to find seeds, and by triples)."""
 
-    min_label_chars: int = Field(default=3, ge=1)
-    dominance_ratio: float = Field(default=3.0, ge=1.0)
-    min_dominant_degree: int = Field(default=1, ge=0)
-    use_variants: bool = True
-    add_chat_stopwords: bool = True
-    report_samples: int = Field(default=20, ge=0, le=500)
+    min_label_chars: int = Field(ge=1)
+    dominance_ratio: float = Field(ge=1.0)
+    min_dominant_degree: int = Field(ge=0)
+    use_variants: bool
+    add_chat_stopwords: bool
+    report_samples: int = Field(ge=0, le=500)
 
 
 class KgConfig(Section):
-    merge_metadata_kg: bool = False
-    min_relation_edges: int = Field(default=1001, ge=1)
-    hops: int | None = Field(default=2, ge=0, le=6)
-    add_inverse: bool = True
-    add_self_loops: bool = True
-    link_seeds: bool = True
+    merge_metadata_kg: bool
+    min_relation_edges: int = Field(ge=1)
+    hops: int | None = Field(ge=0, le=6)
+    add_inverse: bool
+    add_self_loops: bool
+    link_seeds: bool
 
 
 class TriplesConfig(Section):
-    min_token_frequency: int = Field(default=2, ge=1)
-    context_max_tokens: int = Field(default=256, ge=1)
-    response_max_tokens: int = Field(default=30, ge=1)
-    sentence_rule: Literal["bm25", "highest_rated", "first"] = "bm25"
-    max_movies_per_entity: int = Field(default=20, ge=1)
+    min_token_frequency: int = Field(ge=1)
+    context_max_tokens: int = Field(ge=1)
+    response_max_tokens: int = Field(ge=1)
+    sentence_rule: Literal["bm25", "highest_rated", "first"]
+    max_movies_per_entity: int = Field(ge=1)
 
 
 class WordGraphConfig(Section):
-    drop_stopwords: bool = True  # KGSF drops every ConceptNet edge with a stopword at either end
+    drop_stopwords: bool  # KGSF drops every ConceptNet edge with a stopword at either end
 
 
 class ModelConfig(Section):
     """C2-CRS architecture (models/c2crs.py). CPU defaults; the reference's sizes are in README ("paper" set)."""
 
-    token_dim: int = Field(default=128, ge=8)
-    kg_dim: int = Field(default=128, ge=8)
-    n_layers: int = Field(default=2, ge=1)
-    n_heads: int = Field(default=2, ge=1)
-    ffn_dim: int = Field(default=256, ge=8)
-    dropout: float = Field(default=0.1, ge=0, lt=1)
-    attention_dropout: float = Field(default=0.0, ge=0, lt=1)  # on the attention weights (the reference: 0)
-    num_bases: int = Field(default=8, ge=1)
-    projection_dim: int = Field(default=128, ge=8)
-    max_context_entities: int | None = Field(default=32, ge=1)  # most recent ones; null: all (the reference)
-    max_review_sentences: int = Field(default=10, ge=1)
-    max_sentence_tokens: int = Field(default=40, ge=1)
+    token_dim: int = Field(ge=8)
+    kg_dim: int = Field(ge=8)
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    ffn_dim: int = Field(ge=8)
+    dropout: float = Field(ge=0, lt=1)
+    attention_dropout: float = Field(ge=0, lt=1)  # on the attention weights (the reference: 0)
+    num_bases: int = Field(ge=1)
+    projection_dim: int = Field(ge=8)
+    max_context_entities: int | None = Field(ge=1)  # most recent ones; null: all (the reference)
+    max_review_sentences: int = Field(ge=1)
+    max_sentence_tokens: int = Field(ge=1)
     # Ablations (paper Table 4): views used in pre-training (w/o CH drops conversation, w/o UD drops review);
     # kg_edges: false keeps only self loops, so entities carry no structured knowledge (w/o SD).
-    views: list[Literal["conversation", "graph", "review"]] = Field(
-        default=["conversation", "graph", "review"], min_length=1
-    )
-    kg_edges: bool = True
+    views: list[Literal["conversation", "graph", "review"]] = Field(min_length=1)
+    kg_edges: bool
     # Where this project and the authors' code differ (models/c2crs.py C2CRSConfig; params/reference.yaml sets
     # the reference's side of each):
-    kg_encoder: Literal["table", "featureless"] = "table"
-    rec_pooling: Literal["own", "graph"] = "own"
-    item_bias: bool = False
-    projection_heads: Literal["per_view", "per_view_and_level"] = "per_view"
-    contrastive_loss: Literal["cross_view", "nt_xent"] = "cross_view"
+    kg_encoder: Literal["table", "featureless"]
+    rec_pooling: Literal["own", "graph"]
+    item_bias: bool
+    projection_heads: Literal["per_view", "per_view_and_level"]
+    contrastive_loss: Literal["cross_view", "nt_xent"]
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -266,73 +264,73 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(default=3, ge=0)
-    batch_size: int = Field(default=128, ge=2)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    grad_clip: float = Field(default=0.1, gt=0)
-    patience: int | None = Field(default=None, ge=1)
+    epochs: int = Field(ge=0)
+    batch_size: int = Field(ge=2)
+    learning_rate: float = Field(gt=0)
+    grad_clip: float = Field(gt=0)
+    patience: int | None = Field(ge=1)
 
 
 class CoarseConfig(TrainConfig):
-    temperature: float = Field(default=0.07, gt=0)
+    temperature: float = Field(gt=0)
     # turn: one sample per turn; mention: one per (turn, movie it mentions), only turns that mention one (the
     # reference's pre-training samples)
-    sample_unit: Literal["turn", "mention"] = "turn"
-    samples_per_conversation: int | None = Field(default=2, ge=1)  # drawn per conversation and epoch; null: all
+    sample_unit: Literal["turn", "mention"]
+    samples_per_conversation: int | None = Field(ge=1)  # drawn per conversation and epoch; null: all
     # early stopping counts an epoch as better only when its held-out loss fell by this fraction of the last such
     # epoch's (0: any fall); with patience it stops pre-training once the loss has flattened
-    min_improvement: float = Field(default=0.0, ge=0, lt=1)
+    min_improvement: float = Field(ge=0, lt=1)
     # the share of the train conversations this stage trains on (a learning curve; c2crs_data.conversation_subset),
     # passed over 1/share times an epoch (runs.with_share)
-    train_fraction: float = Field(default=1.0, gt=0, le=1)
+    train_fraction: float = Field(gt=0, le=1)
 
 
 class FineConfig(CoarseConfig):
-    coarse_weight: float = Field(default=0.2, ge=0)  # lambda of Eq. 7
-    max_triples_per_sample: int = Field(default=8, ge=1)
+    coarse_weight: float = Field(ge=0)  # lambda of Eq. 7
+    max_triples_per_sample: int = Field(ge=1)
 
 
 class TextTriplesConfig(Section):
-    min_entities: int = Field(default=1, ge=1)  # linked entities (movies aside) a sentence needs to be a sample
+    min_entities: int = Field(ge=1)  # linked entities (movies aside) a sentence needs to be a sample
 
 
 class PretrainTextConfig(Section):
     # text_triples' samples drawn per conversation sample in each pre-training epoch (0: conversations only)
-    ratio: float = Field(default=0.0, ge=0)
+    ratio: float = Field(ge=0)
 
 
 class RecConfig(TrainConfig):
     # the training softmax: over the items, or over every KG entity as the reference (evaluation ranks items)
-    softmax_over: Literal["items", "entities"] = "items"
+    softmax_over: Literal["items", "entities"]
     # > 0: the "multi-task" ablation, adding this weight x (fine + coarse_weight x coarse) to every step
-    pretraining_weight: float = Field(default=0.0, ge=0)
-    coarse_weight: float = Field(default=0.2, ge=0)
-    max_triples_per_sample: int = Field(default=8, ge=1)
+    pretraining_weight: float = Field(ge=0)
+    coarse_weight: float = Field(ge=0)
+    max_triples_per_sample: int = Field(ge=1)
     # multi-task: the pre-training losses of a step use at most this many of its samples (null: all of them)
-    pretraining_samples_per_step: int | None = Field(default=64, ge=2)
-    train_fraction: float = Field(default=1.0, gt=0, le=1)  # of the train conversations (a learning curve)
+    pretraining_samples_per_step: int | None = Field(ge=2)
+    train_fraction: float = Field(gt=0, le=1)  # of the train conversations (a learning curve)
 
 
 class TextCNNConfig(TrainConfig):
-    embed_dim: int = Field(default=128, ge=8)
-    n_filters: int = Field(default=100, ge=1)
-    dropout: float = Field(default=0.5, ge=0, lt=1)
+    embed_dim: int = Field(ge=8)
+    n_filters: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
 
 
 class KGSFRecConfig(TrainConfig):
-    pretrain_epochs: int = Field(default=3, ge=0)  # Mutual Information Maximisation alone, before recommendation
-    mim_weight: float = Field(default=0.025, ge=0)  # the MIM loss's weight in recommendation training (KGSF's)
+    pretrain_epochs: int = Field(ge=0)  # Mutual Information Maximisation alone, before recommendation
+    mim_weight: float = Field(ge=0)  # the MIM loss's weight in recommendation training (KGSF's)
 
 
 class RevCoreRecConfig(KGSFRecConfig):
     """RevCore's recommender is KGSF's on review-enriched contexts (stages/training/revcore_train.py)."""
 
-    review_movies: int = Field(default=3, ge=1)  # the most recent context movies that get a retrieved review
-    review_tokens: int = Field(default=20, ge=1)  # words of it spliced into the context (RevCore's 20)
+    review_movies: int = Field(ge=1)  # the most recent context movies that get a retrieved review
+    review_tokens: int = Field(ge=1)  # words of it spliced into the context (RevCore's 20)
 
 
 class ReDialRecConfig(TrainConfig):
-    hidden: int = Field(default=1000, ge=1)  # the autoencoder's hidden layer (ReDial's layer_sizes [1000])
+    hidden: int = Field(ge=1)  # the autoencoder's hidden layer (ReDial's layer_sizes [1000])
 
 
 class KBRDConfig(Section):
@@ -347,13 +345,13 @@ class BaselinesConfig(Section):
     """Each recommender named in `train` is one baselines stage (baselines@textcnn, ...), trained with its entry's
     settings; the others are there for `dvc exp run -S 'baselines.train=[...]'` (README: the whole comparison)."""
 
-    train: list[str] = DEFAULT_BASELINES
-    textcnn: TextCNNConfig = TextCNNConfig(epochs=5, batch_size=256, grad_clip=1.0, patience=2)
-    kbrd: KBRDConfig = KBRDConfig()
-    kgsf: KGSFRecConfig = KGSFRecConfig(epochs=10, batch_size=256, patience=3)
-    redial: ReDialRecConfig = ReDialRecConfig(epochs=15, batch_size=64, grad_clip=1.0, patience=3)
-    kecrs: KBRDConfig = KBRDConfig()  # KECRS's recommender: KBRD's, on new liked targets (finetune_rec's settings)
-    revcore: RevCoreRecConfig = RevCoreRecConfig(epochs=10, batch_size=256, patience=3)
+    train: list[str]
+    textcnn: TextCNNConfig
+    kbrd: KBRDConfig
+    kgsf: KGSFRecConfig
+    redial: ReDialRecConfig
+    kecrs: KBRDConfig  # KECRS's recommender: KBRD's, on new liked targets (finetune_rec's settings)
+    revcore: RevCoreRecConfig
 
     @field_validator("train")
     @classmethod
@@ -370,13 +368,13 @@ class VariantsConfig(Section):
     `dvc exp run -S` takes). ablations: the paper's Table 4; conv_baselines: its Table 2 rows (finetune_conv keys).
     dvc.yaml makes each variant its own stage (ablations@<variant>)."""
 
-    variants: dict[str, dict[str, Any]] = {}
+    variants: dict[str, dict[str, Any]]
 
 
 class ConvBaselinesConfig(VariantsConfig):
     """The conversation baselines: variants of finetune_conv; dvc.yaml trains those named in `train`."""
 
-    train: list[str] = []
+    train: list[str]
 
     @model_validator(mode="after")
     def _known_once(self) -> "ConvBaselinesConfig":
@@ -398,23 +396,23 @@ class FinetuneConvConfig(TrainConfig):
     # placeholder at evaluation (c2crs, kbrd, kgsf; none: TextCNN, which reads only the words).
     # kecrs = KECRS's recommender (KBRD's, on new liked targets); revcore = RevCore's (KGSF's, on contexts its
     # review retrieval enriches: the generator reads the same enriched contexts and the retrieved sentences).
-    pretrained: Literal["c2crs", "kbrd", "kecrs", "kgsf", "revcore", "none"] = "c2crs"
+    pretrained: Literal["c2crs", "kbrd", "kecrs", "kgsf", "revcore", "none"]
     # transformer: models/generator.py (the keys below); hred: ReDial's hierarchical GRU encoder-decoder
     # (models/hred.py: fresh weights, history only; copy, the vocabulary bias and freezing do not apply)
-    architecture: Literal["transformer", "hred"] = "transformer"
-    memories: list[MEMORY] = Field(default=["history", "kg", "review"], min_length=1)  # the cross-attention chain
-    copy_mechanism: bool = True  # pointer-generator over the context's and the review sentences' tokens
-    vocabulary_bias: bool = False  # KGSF's: the user's entity and word vectors bias the graph words' logits
-    user_bias: bool = False  # KBRD's: the recommender's user vector biases every token's logit
-    instance_weighting: bool = True  # Eq. 11-12; false: plain cross-entropy
-    weight_threshold: float = Field(default=1500, gt=0)  # beta of Eq. 12 (a count in the train responses)
-    weight_floor: float = Field(default=0.02, gt=0, le=1)  # gamma of Eq. 12
-    freeze: list[MEMORY] = []  # encoders kept as pre-trained (no gradient): history, kg, review
+    architecture: Literal["transformer", "hred"]
+    memories: list[MEMORY] = Field(min_length=1)  # the cross-attention chain
+    copy_mechanism: bool  # pointer-generator over the context's and the review sentences' tokens
+    vocabulary_bias: bool  # KGSF's: the user's entity and word vectors bias the graph words' logits
+    user_bias: bool  # KBRD's: the recommender's user vector biases every token's logit
+    instance_weighting: bool  # Eq. 11-12; false: plain cross-entropy
+    weight_threshold: float = Field(gt=0)  # beta of Eq. 12 (a count in the train responses)
+    weight_floor: float = Field(gt=0, le=1)  # gamma of Eq. 12
+    freeze: list[MEMORY]  # encoders kept as pre-trained (no gradient): history, kg, review
     # KECRS's extra losses (stages/training/kecrs_train.py): > 0 turns each on; the bag of entities also mixes
     # bag_of_entity_mixing x an entity's probability into its name's at decoding
-    bag_of_entity_weight: float = Field(default=0.0, ge=0)
-    infusion_weight: float = Field(default=0.0, ge=0)
-    bag_of_entity_mixing: float = Field(default=0.1, ge=0)
+    bag_of_entity_weight: float = Field(ge=0)
+    infusion_weight: float = Field(ge=0)
+    bag_of_entity_mixing: float = Field(ge=0)
 
     @field_validator("memories")
     @classmethod
@@ -468,12 +466,12 @@ class FinetuneConvConfig(TrainConfig):
 
 
 class DecodingConfig(Section):
-    method: Literal["greedy", "beam"] = "greedy"
-    beam_size: int = Field(default=4, ge=1)
-    max_tokens: int = Field(default=30, ge=1)
-    block_ngram: int = Field(default=3, ge=0)  # never repeat an n-gram of this size within a response; 0: off
-    length_penalty: float = Field(default=0.0, ge=0)  # beam: score / length ** this
-    batch_size: int = Field(default=64, ge=1)
+    method: Literal["greedy", "beam"]
+    beam_size: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+    block_ngram: int = Field(ge=0)  # never repeat an n-gram of this size within a response; 0: off
+    length_penalty: float = Field(ge=0)  # beam: score / length ** this
+    batch_size: int = Field(ge=1)
 
 
 class ChampionMetric(Section):
@@ -485,18 +483,18 @@ class ChampionRule(Section):
     """When evaluate moves a registered model's `champion` alias to the version it just scored: when that version
     beats the champion's validation metric by more than min_improvement (never on test numbers)."""
 
-    recommender: ChampionMetric = ChampionMetric(metric="valid_recall@50", higher_is_better=True)
-    generator: ChampionMetric = ChampionMetric(metric="valid_perplexity", higher_is_better=False)
-    min_improvement: float = Field(default=0.0, ge=0)
+    recommender: ChampionMetric
+    generator: ChampionMetric
+    min_improvement: float = Field(ge=0)
 
 
 class EvaluateConfig(Section):
-    bootstrap_resamples: int = Field(default=1000, ge=10)
-    batch_size: int = Field(default=512, ge=1)
-    decoding: DecodingConfig = DecodingConfig()
-    samples_for_reading: int = Field(default=50, ge=1)  # test contexts shown with every model's response
-    max_recency: int = Field(default=8, ge=1)  # c2crs-repeat-choice: recency positions told apart (older: one)
-    champion: ChampionRule = ChampionRule()
+    bootstrap_resamples: int = Field(ge=10)
+    batch_size: int = Field(ge=1)
+    decoding: DecodingConfig
+    samples_for_reading: int = Field(ge=1)  # test contexts shown with every model's response
+    max_recency: int = Field(ge=1)  # c2crs-repeat-choice: recency positions told apart (older: one)
+    champion: ChampionRule
 
 
 class LearningCurveConfig(Section):
@@ -520,18 +518,18 @@ class StudyConfig(Section):
     overrides, as `dvc exp run -S` keys), C2-CRS against the KBRD-style model (the same code without pre-training),
     once per seed; extensions (beyond the paper) are more C2-CRS arms, their overrides applied on top of a setting."""
 
-    seeds: list[int] = Field(default=[1, 2, 3], min_length=1)
-    workers: int = Field(default=2, ge=1)  # runs trained at once, each in its own process with a share of the cores
-    settings: dict[str, dict[str, Any]] = Field(default={"ours": {}}, min_length=1)
-    extensions: dict[str, dict[str, Any]] = {}
-    learning_curve: LearningCurveConfig | None = None
-    probe_epochs: int = Field(default=10, ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
+    seeds: list[int] = Field(min_length=1)
+    workers: int = Field(ge=1)  # runs trained at once, each in its own process with a share of the cores
+    settings: dict[str, dict[str, Any]] = Field(min_length=1)
+    extensions: dict[str, dict[str, Any]]
+    learning_curve: LearningCurveConfig | None
+    probe_epochs: int = Field(ge=1)  # the frozen probe's epochs (best on validation recall@50 kept)
     # Each finished run's results (test ranks, validation metrics, diagnostics; small) are kept in git, so a study
     # cut off in one session goes on in the next; its models and checkpoints stay under data/.
-    results_dir: str = "reports/pretraining_runs"
-    models_dir: str = "data/study/pretraining"
-    report: str = "reports/pretraining.md"
-    plots_dir: str = "reports/pretraining_plots"  # the report's curves as DVC plot data (dvc.yaml's plots)
+    results_dir: str
+    models_dir: str
+    report: str
+    plots_dir: str  # the report's curves as DVC plot data (dvc.yaml's plots)
 
     @model_validator(mode="after")
     def _curve_names_a_setting(self) -> "StudyConfig":
@@ -565,31 +563,31 @@ class StudyConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(default=42, ge=0, lt=2**32)  # numpy and torch both take it
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True  # torch's deterministic kernels: reruns agree bit for bit (bench/determinism.py)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: training forward passes under bf16 autocast (GPU)
-    distributed: bool = False  # under torchrun: the C2-CRS training steps split each batch across the processes
+    seed: int = Field(ge=0, lt=2**32)  # numpy and torch both take it
+    device: Literal["auto", "cpu", "cuda"]
+    deterministic: bool  # torch's deterministic kernels: reruns agree bit for bit (bench/determinism.py)
+    precision: Literal["fp32", "bf16"]  # bf16: training forward passes under bf16 autocast (GPU)
+    distributed: bool  # under torchrun: the C2-CRS training steps split each batch across the processes
     data: DataConfig
     _source: Path = PrivateAttr(default=Path("params.yaml"))  # the file read (load_params), named in later errors
-    ingest: IngestConfig = IngestConfig()
-    reviews: ReviewsConfig = ReviewsConfig()
-    linking: LinkingConfig = LinkingConfig()
-    kg: KgConfig = KgConfig()
-    triples: TriplesConfig = TriplesConfig()
-    word_graph: WordGraphConfig = WordGraphConfig()
-    model: ModelConfig = ModelConfig()
-    text_triples: TextTriplesConfig = TextTriplesConfig()
-    pretrain_text: PretrainTextConfig = PretrainTextConfig()
-    pretrain_coarse: CoarseConfig = CoarseConfig()
-    pretrain_fine: FineConfig = FineConfig()
-    finetune_rec: RecConfig = RecConfig(epochs=10, batch_size=256, patience=3)
-    baselines: BaselinesConfig = BaselinesConfig()
-    ablations: VariantsConfig = VariantsConfig()
-    finetune_conv: FinetuneConvConfig = FinetuneConvConfig(epochs=6, batch_size=128, patience=2)
-    conv_baselines: ConvBaselinesConfig = ConvBaselinesConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    study: StudyConfig = StudyConfig()
+    ingest: IngestConfig
+    reviews: ReviewsConfig
+    linking: LinkingConfig
+    kg: KgConfig
+    triples: TriplesConfig
+    word_graph: WordGraphConfig
+    model: ModelConfig
+    text_triples: TextTriplesConfig
+    pretrain_text: PretrainTextConfig
+    pretrain_coarse: CoarseConfig
+    pretrain_fine: FineConfig
+    finetune_rec: RecConfig
+    baselines: BaselinesConfig
+    ablations: VariantsConfig
+    finetune_conv: FinetuneConvConfig
+    conv_baselines: ConvBaselinesConfig
+    evaluate: EvaluateConfig
+    study: StudyConfig
 
     @staticmethod
     def _earlier_sections_valid(info: ValidationInfo) -> bool:
@@ -677,14 +675,14 @@ VARIANT_SECTIONS = {
 def apply_overrides(
     sections: dict, variant: str, overrides: dict[str, Any], kind: str = "ablations", where: str | None = None
 ) -> dict:
-    """The params as plain data with `overrides` ({"pretrain_fine.epochs": 0, ...}) applied and validated.
+    """The params as plain data with `overrides` ({"pretrain_fine.epochs": 0, ...}) applied, each section they change
+    validated.
 
-    sections maps section name -> validated section (or plain value); the result has no variants (neither
-    ablations, conv_baselines nor study settings). Errors name the variant (or `where`) and the key.
+    sections maps section name -> validated section (or plain value); the result has no ablation or conversation
+    baseline variants of its own (the study section stays as it is). Errors name the variant (or `where`) and the key.
     """
-    raw = {
-        k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items() if k not in VARIANT_SECTIONS
-    }
+    raw = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items()}
+    raw.update(ablations={"variants": {}}, conv_baselines={"variants": {}, "train": []})  # a variant has none
     allowed = VARIANT_SECTIONS[kind]
     prefix = where or f"{kind}.variants.{variant}"
     for key, value in overrides.items():
@@ -700,11 +698,14 @@ def apply_overrides(
         if parts[-1] not in node:
             raise ValueError(f"{where}: unknown key; allowed here: {', '.join(node)}")
         node[parts[-1]] = value
-    try:
-        Params.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{prefix}: {problems}") from None
+    problems = []
+    for section in dict.fromkeys(key.split(".")[0] for key in overrides):  # each section the overrides changed
+        try:
+            TypeAdapter(Params.model_fields[section].annotation).validate_python(raw[section], strict=True)
+        except ValidationError as exc:
+            problems += [f"{'.'.join(str(p) for p in (section, *e['loc']))}: {e['msg']}" for e in exc.errors()]
+    if problems:
+        raise ValueError(f"{prefix}: {'; '.join(problems)}")
     return raw
 
 

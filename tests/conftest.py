@@ -186,3 +186,30 @@ def chat_models(chat_workspace):
 
     params, workspace = chat_workspace
     return Models(params, workspace, "workspace")
+
+
+def c2crs_config(**fields):
+    """A C2CRSConfig for a unit test: params.yaml's `model` values, then `fields` (sizes of the test's toy data)."""
+    from models.c2crs import C2CRSConfig
+
+    model = yaml.safe_load((PROJECT / "params.yaml").read_text())["model"]
+    shared = {
+        k: model[k]
+        for k in (
+            "token_dim",
+            "kg_dim",
+            "n_layers",
+            "n_heads",
+            "ffn_dim",
+            "dropout",
+            "attention_dropout",
+            "num_bases",
+            "projection_dim",
+            "item_bias",
+            "kg_encoder",
+            "rec_pooling",
+            "projection_heads",
+            "contrastive_loss",
+        )
+    }
+    return C2CRSConfig(**{"pad_id": 0, "temperature": 0.07, "max_positions": 64, **shared, **fields})

@@ -1,5 +1,6 @@
 """params.yaml validation: errors name the key and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,42 @@ def test_a_key_given_twice_is_refused_and_yaml_1_2_numbers_are_numbers(tmp_path)
     exponent = tmp_path / "exponent.yaml"
     exponent.write_text(text.replace("  learning_rate: 0.001\n", "  learning_rate: 1e-3\n", 1))
     assert load_params(exponent).pretrain_coarse.learning_rate == 0.001  # PyYAML alone reads '1e-3', a string
+
+
+def _leaf_keys(section: dict, path: tuple = ()) -> list[tuple]:
+    """Every key path of params.yaml, sections and leaves, but inside free-form maps (variants, study settings and
+    extensions: their keys are names, not schema fields)."""
+    free_form = {
+        ("ablations", "variants"),
+        ("conv_baselines", "variants"),
+        ("study", "settings"),
+        ("study", "extensions"),
+    }
+    keys = []
+    for key, value in section.items():
+        keys.append((*path, key))
+        if isinstance(value, dict) and (*path, key) not in free_form:
+            keys += _leaf_keys(value, (*path, key))
+    return keys
+
+
+def test_every_key_of_params_yaml_is_required(tmp_path):
+    """params.yaml is the one set of defaults: the schema has none of its own, so deleting any key is an error that
+    names it, never a silent fallback (a download's checksum is one of two: either may be absent)."""
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    either = {"md5", "sha256"}
+    checked = 0
+    for path in _leaf_keys(shipped):
+        if path[:2] == ("data", "downloads") and path[-1] in either:
+            continue
+        raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+        node = raw
+        for part in path[:-1]:
+            node = node[part]
+        del node[path[-1]]
+        target = tmp_path / "params.yaml"
+        target.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=re.escape(f"{'.'.join(path)}: required key is missing")):
+            load_params(target)
+        checked += 1
+    assert checked > 200

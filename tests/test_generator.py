@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.c2crs import C2CRS, C2CRSConfig
+from models.c2crs import C2CRS
 from models.generator import (
     ConversationModel,
     CopySource,
@@ -19,6 +19,7 @@ from models.generator import (
     greedy_decode,
     instance_weights,
 )
+from tests.conftest import c2crs_config
 
 PAD, START, END = 0, 1, 2
 
@@ -203,7 +204,7 @@ def test_beam_search_with_a_wide_beam_equals_exhaustive_search(seed, length_pena
 def test_the_conversation_model_builds_memories_and_a_copy_source():
     torch.manual_seed(0)
     encoders = C2CRS(
-        C2CRSConfig(
+        c2crs_config(
             vocab_size=10,
             n_entities=6,
             n_relations=2,
@@ -274,7 +275,7 @@ def test_loss_weights_spare_the_end_token_and_the_movie_placeholder():
 def _conversation_model(frozen=("review",)):
     torch.manual_seed(0)
     encoders = C2CRS(
-        C2CRSConfig(
+        c2crs_config(
             vocab_size=10,
             n_entities=6,
             n_relations=2,

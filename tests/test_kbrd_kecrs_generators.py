@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from models.c2crs import C2CRS, C2CRSConfig
+from models.c2crs import C2CRS
 from models.generator import (
     USER,
     GeneratorConfig,
@@ -22,8 +22,9 @@ from models.generator import (
     greedy_decode,
     infusion_loss,
 )
-from pipeline.config import FinetuneConvConfig
+from pipeline.config import FinetuneConvConfig, load_params
 from stages.training import conv_runs, kecrs_train, runs
+from tests.conftest import PROJECT, c2crs_config
 
 PAD, START, END = 0, 1, 2
 
@@ -140,7 +141,7 @@ def _kecrs_model(seed: int = 0):
     """A tiny KECRS generator: 10 input tokens (9 a movie), 6 entities, a frozen KBRD-style R-GCN."""
     torch.manual_seed(seed)
     encoders = C2CRS(
-        C2CRSConfig(
+        c2crs_config(
             vocab_size=10,
             n_entities=6,
             n_relations=2,
@@ -226,14 +227,20 @@ def test_kecrs_reads_its_recommenders_user_vector_frozen_and_decodes_the_same_af
     assert greedy_decode(loaded.generator, got, None, 5) == greedy_decode(model.generator, want, None, 5)
 
 
+def finetune_conv(**changes) -> FinetuneConvConfig:
+    """params.yaml's finetune_conv section with `changes`, validated as the schema validates it."""
+    shipped = load_params(PROJECT / "params.yaml").finetune_conv.model_dump()
+    return FinetuneConvConfig.model_validate({**shipped, **changes})
+
+
 def test_kecrs_losses_need_a_frozen_kbrd_style_recommender():
     with pytest.raises(ValueError, match="KECRS's"):
-        FinetuneConvConfig(pretrained="kecrs", memories=["history"], bag_of_entity_weight=1.5)
+        finetune_conv(pretrained="kecrs", memories=["history"], bag_of_entity_weight=1.5)
     with pytest.raises(ValueError, match="KECRS's"):
-        FinetuneConvConfig(pretrained="none", memories=["history"], bag_of_entity_weight=1.5, freeze=["kg"])
+        finetune_conv(pretrained="none", memories=["history"], bag_of_entity_weight=1.5, freeze=["kg"])
     with pytest.raises(ValueError, match="set bag_of_entity_weight too"):
-        FinetuneConvConfig(pretrained="kecrs", memories=["history"], infusion_weight=0.025, freeze=["kg"])
-    FinetuneConvConfig(
+        finetune_conv(pretrained="kecrs", memories=["history"], infusion_weight=0.025, freeze=["kg"])
+    finetune_conv(
         pretrained="kecrs", memories=["history"], bag_of_entity_weight=1.5, infusion_weight=0.025, freeze=["kg"]
     )
 
@@ -241,7 +248,7 @@ def test_kecrs_losses_need_a_frozen_kbrd_style_recommender():
 def test_kbrds_user_bias_shifts_every_logit_by_its_users_bias_and_reads_the_frozen_user_vector():
     torch.manual_seed(0)
     encoders = C2CRS(
-        C2CRSConfig(
+        c2crs_config(
             vocab_size=10,
             n_entities=6,
             n_relations=2,
@@ -297,4 +304,4 @@ def test_kbrds_user_bias_shifts_every_logit_by_its_users_bias_and_reads_the_froz
     with pytest.raises(ValueError, match="needs the user vectors"):
         model.generator.vocabulary_logits(hidden)
     with pytest.raises(ValueError, match="user_bias is KBRD's"):
-        FinetuneConvConfig(pretrained="none", memories=["history"], user_bias=True)
+        finetune_conv(pretrained="none", memories=["history"], user_bias=True)

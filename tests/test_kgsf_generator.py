@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from models.c2crs import C2CRS, C2CRSConfig
+from models.c2crs import C2CRS
 from models.generator import (
     USER,
     ConversationModel,
@@ -19,6 +19,7 @@ from models.generator import (
 )
 from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.training import conv_runs, runs
+from tests.conftest import c2crs_config
 
 PAD, START, END = 0, 1, 2
 
@@ -81,7 +82,7 @@ def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, conv_runs.ConvModelCo
     """A tiny KGSF generator: 10 input tokens (9 is a movie), 6 entities, 5 graph words of tokens 5..8."""
     torch.manual_seed(seed)
     encoders = C2CRS(
-        C2CRSConfig(
+        c2crs_config(
             vocab_size=10,
             n_entities=6,
             n_relations=2,
@@ -199,7 +200,7 @@ def test_a_saved_kgsf_generator_loads_with_its_word_graph(tmp_path):
 
 def test_the_word_memory_and_vocabulary_bias_need_kgsf():
     encoders = C2CRS(
-        C2CRSConfig(
+        c2crs_config(
             vocab_size=10,
             n_entities=6,
             n_relations=2,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models.baselines import TextCNNRecommender, popularity_scores
 from models.c2crs import C2CRS, C2CRSConfig, KGEncoder, SelfAttentivePooling, TokenEncoder, batch_entities, info_nce
+from tests.conftest import c2crs_config
 
 B, L, K, LS, E_CTX = 4, 12, 3, 6, 3
 
@@ -31,9 +32,11 @@ def tiny_config(**overrides) -> C2CRSConfig:
         projection_dim=8,
         max_positions=32,
         dropout=0.0,
+        rec_pooling="own",  # Eq. 8 as printed: the recommender's own pooling, no item bias
+        item_bias=False,
     )
     base.update(overrides)
-    return C2CRSConfig(**base)
+    return c2crs_config(**base)
 
 
 def random_graph(n_nodes: int, n_edges: int, n_relations: int, seed: int = 0):
@@ -138,7 +141,7 @@ def test_self_attentive_pooling_masking():
 def test_kg_forward_nodes_equals_full_forward():
     torch.manual_seed(0)
     cfg = tiny_config(n_entities=60, n_relations=7, num_bases=3)
-    kg = KGEncoder(cfg)
+    kg = KGEncoder(cfg.n_entities, cfg.n_relations, cfg.kg_dim, cfg.num_bases)
     edge_index, edge_type = random_graph(60, 300, 7, seed=3)
     full = kg(edge_index, edge_type)
     nodes = torch.tensor([5, 0, 17, 5, 59, 33])  # unordered, with a duplicate

@@ -3,8 +3,9 @@
 pickle.load executes whatever a pickle names; these files come from strangers. The unpickler here admits only the
 container types that such files are built with: list, tuple, dict, set and frozenset (older protocols build sets by
 calling set on a list; a complex number likewise), collections.defaultdict (KGSF's subkg.pkl: a defaultdict(list)) and
-collections.OrderedDict. Scalars need no admitting: pickle writes them as opcodes. No type that takes a size is admitted (bytes, bytearray:
-`bytearray(8000000000)` would allocate 8 GB), and a file over MAX_BYTES is refused before reading.
+collections.OrderedDict. Scalars need no admitting: pickle writes them as opcodes. No type that takes a size is
+admitted (bytes, bytearray: `bytearray(8000000000)` would allocate 8 GB), and a file over MAX_BYTES is refused before
+reading.
 """
 
 import pickle
