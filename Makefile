@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pipeline.plots
 	touch $@
 
 setup: $(VENV)/.installed

@@ -54,3 +54,27 @@ def test_a_block_is_written_from_the_reports(tmp_path):
     assert f"{c2crs['difference']:+.3f}" in text
     page.write_text(text)
     assert report.render(page, reports) == text  # writing it again changes nothing
+
+
+def test_every_figure_is_drawn_from_the_reports_and_shown_in_the_docs():
+    from stages.evaluation import result_figures
+
+    reports = result_figures.read_reports(PROJECT)
+    shown = "".join(path.read_text(encoding="utf-8") for path in report.documents(PROJECT))
+    for name in result_figures.FIGURES:
+        assert result_figures.render(name, reports).startswith(b"\x89PNG"), name
+        assert f"figures/{name}" in shown and (PROJECT / report.FIGURES / name).is_file(), name
+
+
+def test_dvc_plots_render_offline(tmp_path):
+    """dvc plots show fills this template (.dvc/config), which carries Vega itself: no script from a CDN."""
+    import configparser
+
+    from pipeline import plots
+
+    config = configparser.ConfigParser()
+    config.read(PROJECT / ".dvc/config")
+    assert PROJECT / ".dvc" / config["plots"]["html_template"] == PROJECT / plots.TEMPLATE
+    (tmp_path / ".dvc").mkdir()
+    page = plots.write_template(tmp_path).read_text(encoding="utf-8")
+    assert "{plot_divs}" in page and "window.vegaEmbed" in page and "<script src=" not in page

@@ -341,7 +341,7 @@ def test_learning_curve_and_settings_that_share_runs(params_file, mlflow_store):
     assert "Learning curve (`base`), C2-CRS minus KBRD-style" in report
     assert "The KBRD-style (no pre-training) runs are `base`'s" in report
     plots = workspace / "reports/pretraining_plots"
-    curve = json.loads((plots / "learning_curve.all_turns.json").read_text())
-    assert [row["share"] for row in curve] == [0.5, 1.0] and "c2crs_pretrain_same_recall@50" in curve[0]
+    curve = json.loads((plots / "learning_curve/all_turns/c2crs_pretrain_same.json").read_text())
+    assert [row["share"] for row in curve] == [0.5, 1.0] and set(curve[0]) == {"share", "recall@10", "recall@50"}
     loss = json.loads((plots / "loss/base_50pct_pretrain_same.pretrain_coarse.seed1.json").read_text())
     assert set(loss[0]) == {"epoch", "train_loss", "valid_loss"}

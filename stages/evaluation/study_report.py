@@ -325,7 +325,7 @@ def summarise(
 
 def plot_files(summary: dict, directory: Path) -> dict[Path, list | dict]:
     """The DVC plots' data: every C2-CRS run's pre-training loss per epoch (loss/<setting>.<stage>.seed<k>.json) and
-    the learning curve's recall per share (learning_curve.<protocol>.json)."""
+    each arm's recall per share on the learning curve (learning_curve/<protocol>/<arm>.json: one line per file)."""
     files = {}
     curves = {setting: entry["curves"] for setting, entry in summary["settings"].items()}
     for fraction, point in summary.get("learning_curve", {}).get("points", {}).items():
@@ -339,13 +339,15 @@ def plot_files(summary: dict, directory: Path) -> dict[Path, list | dict]:
                 files[directory / "loss" / f"{setting}.{stage}.seed{seed}.json"] = [
                     {k: row[k] for k in ("epoch", "train_loss", "valid_loss")} for row in rows
                 ]
+    points = summary.get("learning_curve", {}).get("points", {})
     for protocol in ("all_turns", "new_items_masked"):
-        rows = []
-        for fraction, point in summary.get("learning_curve", {}).get("points", {}).items():
-            row = {"share": float(fraction)}
-            for arm, by_protocol in point["arms"].items():
-                row |= {f"{arm}_{m}": by_protocol[protocol][m]["mean"] for m in ("recall@10", "recall@50")}
-            rows.append(row)
-        if rows:
-            files[directory / f"learning_curve.{protocol}.json"] = rows
+        for arm in dict.fromkeys(arm for point in points.values() for arm in point["arms"]):
+            files[directory / "learning_curve" / protocol / f"{arm}.json"] = [
+                {
+                    "share": float(fraction),
+                    **{m: point["arms"][arm][protocol][m]["mean"] for m in ("recall@10", "recall@50")},
+                }
+                for fraction, point in points.items()
+                if arm in point["arms"]
+            ]
     return files
