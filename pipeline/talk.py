@@ -18,7 +18,7 @@ CHAT_MODELS = {"recommender": "finetune_rec", "generator": "finetune_conv"}  # w
 
 def workspace_model(workspace: Path, kind: str) -> Path:
     """The workspace's own file of a chat model (the DVC output of its stage)."""
-    return workspace / STAGES[CHAT_MODELS[kind]].outs[0]
+    return workspace / STAGES[CHAT_MODELS[kind]].model_file
 
 
 def chat_model_files(workspace: Path, models_from: str) -> dict[str, Path]:

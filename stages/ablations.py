@@ -28,5 +28,5 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
         inputs.update({name: path for name, path in read.items() if name != "start_from"})
         start_from = out
     log.model(registered_name(ABLATION_PREFIX + variant, "recommender"), model, start_from, metrics["finetune_rec"])
-    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
+    write_outputs({workspace / spec.metrics_file: metrics, workspace / spec.report(variant): log.rows()})
     return StageOutcome(inputs, metrics)

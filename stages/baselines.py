@@ -180,9 +180,9 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
     log = CurveLog(log)
     loop.seed_everything(params.seed, params.deterministic)
     model, config, state, inputs, extra = TRAINERS[variant](params, workspace, run, model_config, inputs, log.epoch)
-    out = workspace / spec.outs[0]
+    out = workspace / spec.model_file
     runs.save_model(out, model, config)
     metrics = {**runs.training_outcome(state), **extra}
-    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
+    write_outputs({workspace / spec.metrics_file: metrics, workspace / spec.report(variant): log.rows()})
     log.model(registered_name(variant, "recommender"), model, out, metrics)
     return StageOutcome(inputs, metrics)

@@ -20,6 +20,6 @@ def run(params, workspace: Path, log: StageLog = NO_LOG, *, variant: str) -> Sta
         variant_params, workspace, log, conv_runs.conv_model_path(workspace, variant)
     )
     metrics = {"overrides": params.conv_baselines.variants[variant], **outcome}
-    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
+    write_outputs({workspace / spec.metrics_file: metrics, workspace / spec.report(variant): log.rows()})
     log.model(registered_name(variant, "generator"), model, conv_runs.conv_model_path(workspace, variant), outcome)
     return StageOutcome(inputs, metrics)

@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 def model_files(params, workspace: Path) -> dict[str, Path]:
     """Each trained recommender that evaluate scores, and the file it is read from (c2crs-repeat-choice is C2-CRS's
     scores re-ranked, so it reads C2-CRS's)."""
-    c2crs = workspace / STAGES["finetune_rec"].outs[0]
-    files = {name: workspace / STAGES["baselines"].for_variant(name).outs[0] for name in params.baselines.train}
+    c2crs = workspace / STAGES["finetune_rec"].model_file
+    files = {name: workspace / STAGES["baselines"].for_variant(name).model_file for name in params.baselines.train}
     files.update({"c2crs": c2crs, rec_metrics.REPEAT_CHOICE: c2crs})
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
@@ -449,7 +449,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         ]
     )
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, top, log, loaded)
-    rec_metrics_path, conv_metrics_path = (workspace / m for m in spec.metrics)
+    rec_metrics_path, conv_metrics_path = workspace / spec.metric("rec"), workspace / spec.metric("conv")
     out = {Path(r).name: workspace / r for r in spec.reports}
     write_outputs(
         {

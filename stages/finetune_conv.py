@@ -13,7 +13,7 @@ from stages.training import conv_runs
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     spec = STAGES["finetune_conv"]
     log = CurveLog(log)
-    model, metrics, inputs = conv_runs.train_conversation(params, workspace, log, workspace / spec.outs[0])
-    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
-    log.model(registered_name("c2crs", "generator"), model, workspace / spec.outs[0], metrics)
+    model, metrics, inputs = conv_runs.train_conversation(params, workspace, log, workspace / spec.model_file)
+    write_outputs({workspace / spec.metrics_file: metrics, workspace / spec.report("finetune_conv"): log.rows()})
+    log.model(registered_name("c2crs", "generator"), model, workspace / spec.model_file, metrics)
     return StageOutcome(inputs, metrics)

@@ -607,14 +607,16 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     files = redial_raw_files(params.data, workspace)
     result = ingest(files, seed=params.seed, **params.ingest.model_dump())
     spec = STAGES["ingest"]
-    conversations, utterances, movies, forms = (workspace / out for out in spec.outs)
+    conversations, utterances, movies, forms = (
+        workspace / spec.output(name) for name in ("conversations", "utterances", "movies", "movie_forms")
+    )
     write_outputs(
         {
             conversations: result.conversations,
             utterances: result.utterances,
             movies: result.movies,
             forms: result.forms,
-            workspace / spec.metrics[0]: result.metrics,
+            workspace / spec.metrics_file: result.metrics,
         }
     )
     return StageOutcome(dict(files.items()), result.metrics)

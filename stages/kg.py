@@ -710,7 +710,7 @@ def _reference_counts_coded(
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     cfg = params.kg
     spec = STAGES["kg"]
-    movies_path, utterances_path = (workspace / dep for dep in spec.deps)
+    movies_path, utterances_path = workspace / spec.input("movies"), workspace / spec.input("utterances")
     movies = pl.read_parquet(movies_path)
     metadata = (
         "metadata_kg",
@@ -770,13 +770,15 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         add_self_loops=cfg.add_self_loops,
     )
     metrics = {**result.metrics, "linked_seeds": len(seeds)}
-    entities_out, relations_out, edges_out = (workspace / out for out in spec.outs)
+    entities_out, relations_out, edges_out = (
+        workspace / spec.output(name) for name in ("entities", "relations", "edges")
+    )
     write_outputs(
         {
             entities_out: result.entities,
             relations_out: result.relations,
             edges_out: result.edges,
-            workspace / spec.metrics[0]: metrics,
+            workspace / spec.metrics_file: metrics,
         }
     )
     return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)

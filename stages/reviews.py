@@ -319,7 +319,9 @@ def coverage(sentences: pl.DataFrame, all_movies: set[int], test_movies: set[int
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     cfg = params.reviews
     spec = STAGES["reviews"]
-    movies_path, conversations_path, utterances_path = (workspace / dep for dep in spec.deps)
+    movies_path, conversations_path, utterances_path = (
+        workspace / spec.input(name) for name in ("movies", "conversations", "utterances")
+    )
     movies = pl.read_parquet(movies_path)
     test_movies = set(
         pl.read_parquet(utterances_path)
@@ -358,8 +360,8 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     }
     if scraper_stats:
         metrics["scraper"] = scraper_stats
-    reviews_out, sentences_out = (workspace / out for out in spec.outs)
-    write_outputs({reviews_out: review_table, sentences_out: sentences, workspace / spec.metrics[0]: metrics})
+    reviews_out, sentences_out = workspace / spec.output("reviews"), workspace / spec.output("review_sentences")
+    write_outputs({reviews_out: review_table, sentences_out: sentences, workspace / spec.metrics_file: metrics})
     return StageOutcome({**files, **{Path(d).name: workspace / d for d in spec.deps}}, metrics)
 
 

@@ -119,6 +119,6 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         "triples_per_sample": round(float(np.mean(per_sample)) if len(per_sample) else 0.0, 3),
         "unknown_token_share": _share_of(samples, vocabulary),
     }
-    samples_out, triples_out = (workspace / out for out in spec.outs)
-    write_outputs({samples_out: samples, triples_out: triples, workspace / spec.metrics[0]: metrics})
+    samples_out, triples_out = workspace / spec.output("samples"), workspace / spec.output("triples")
+    write_outputs({samples_out: samples, triples_out: triples, workspace / spec.metrics_file: metrics})
     return StageOutcome({**files, **dep}, metrics)

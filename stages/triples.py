@@ -379,15 +379,15 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         "linker": {k: round(evaluation[k], 4) for k in ("precision", "recall", "f1", "macro_f1", "f1_mapped")},
         "linker_counts": evaluation["counts"],
     }
-    vocab_out, samples_out, triples_out = (workspace / out for out in spec.outs)
+    vocab_out, samples_out, triples_out = (workspace / spec.output(name) for name in ("vocab", "samples", "triples"))
     report = linking.evaluation_report(evaluation, dict(zip(entities["entity_id"], entities["label"])))
     write_outputs(
         {
             vocab_out: vocabulary,
             samples_out: samples,
             triples_out: triple_table,
-            workspace / spec.metrics[0]: metrics,
-            workspace / spec.reports[0]: report,
+            workspace / spec.metrics_file: metrics,
+            workspace / spec.report("linking.md"): report,
         }
     )
     return StageOutcome({**files, **dep}, metrics)

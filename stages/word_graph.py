@@ -105,12 +105,14 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     words = read_word_index(files["conceptnet_words"])
     pairs = read_word_edges(files["conceptnet_edges"], words)
     stopwords = {line.strip() for line in files["stopwords"].read_text(encoding="utf-8").splitlines() if line.strip()}
-    vocabulary = pl.read_parquet(workspace / spec.deps[0])
+    vocabulary = pl.read_parquet(workspace / spec.input("vocab"))
     words_table, edges, token_words, metrics = build_word_graph(
         words, pairs, vocabulary, stopwords, params.word_graph.drop_stopwords
     )
-    words_out, edges_out, token_words_out = (workspace / out for out in spec.outs)
-    write_outputs(
-        {words_out: words_table, edges_out: edges, token_words_out: token_words, workspace / spec.metrics[0]: metrics}
+    words_out, edges_out, token_words_out = (
+        workspace / spec.output(name) for name in ("words", "edges", "token_words")
     )
-    return StageOutcome({**files, "vocab": workspace / spec.deps[0]}, metrics)
+    write_outputs(
+        {words_out: words_table, edges_out: edges, token_words_out: token_words, workspace / spec.metrics_file: metrics}
+    )
+    return StageOutcome({**files, "vocab": workspace / spec.input("vocab")}, metrics)

@@ -212,3 +212,25 @@ def test_every_file_a_stage_imports_is_a_dvc_dep():
             if not any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in spec.code)
         )
         assert not missing, f"dvc.yaml, stage {name}: deps miss {missing}"
+
+
+def test_stages_read_and_write_their_paths_by_name_whatever_the_order(params_file, monkeypatch):
+    """Reversing every stage's deps and outs in the graph changes nothing a stage reads or writes."""
+    import dataclasses
+
+    import polars as pl
+
+    from pipeline.config import load_params
+
+    params, workspace = load_params(params_file), params_file.parent
+    stages = ("ingest", "reviews", "kg", "triples", "text_triples")
+    for stage in stages:
+        stage_body(stage)(params, workspace)
+    outs = [out for stage in stages for out in STAGES[stage].outs]
+    before = {out: pl.read_parquet(workspace / out) for out in outs}
+    for name, spec in list(STAGES.items()):
+        monkeypatch.setitem(STAGES, name, dataclasses.replace(spec, deps=spec.deps[::-1], outs=spec.outs[::-1]))
+    for stage in stages:
+        stage_body(stage)(params, workspace)
+    for out in outs:
+        assert pl.read_parquet(workspace / out).equals(before[out]), out

@@ -21,6 +21,7 @@ from models.c2crs import C2CRS
 from models.generator import ConversationModel
 from stages import ingest, triples
 from stages.chat.explain import Explainer, Explanation, KnowledgeGraph
+from stages.io.graph import STAGES
 from stages.sources import raw
 from stages.text import linking
 from stages.training import c2crs_data, c2crs_train, conv_runs, conv_train, runs
@@ -60,7 +61,7 @@ class Knowledge:
         self.params = params
         self.run, _, inputs = runs.training_run(params, workspace)
         entities, edges = pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["edges"])
-        self.movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+        self.movies = pl.read_parquet(workspace / STAGES["ingest"].output("movies"))
         items = entities.filter(pl.col("is_item"))
         self.item_entity = dict(zip(items["movie_id"], items["entity_id"]))
         self.entity_movie = {e: m for m, e in self.item_entity.items()}
@@ -83,7 +84,7 @@ class Knowledge:
             edges,
             self.movies,
             sentences,
-            pl.read_parquet(workspace / "data/reviews/reviews.parquet"),
+            pl.read_parquet(workspace / STAGES["reviews"].output("reviews")),
         )
         self.explainer = Explainer(
             KnowledgeGraph(entities, pl.read_parquet(inputs["relations"]), edges),

@@ -35,6 +35,33 @@ class StageSpec:
     def all_deps(self) -> tuple[str, ...]:
         return self.code + self.deps
 
+    def input(self, name: str) -> str:
+        """The data dep called `name` (see named()): the stage reads it by name, so dvc.yaml's order never matters."""
+        return named(self.deps, name, f"dvc.yaml, stage {self.name}: deps")
+
+    def output(self, name: str) -> str:
+        return named(self.outs, name, f"dvc.yaml, stage {self.name}: outs")
+
+    def report(self, name: str) -> str:
+        return named(self.reports, name, f"dvc.yaml, stage {self.name}: outs (cache: false)")
+
+    def metric(self, name: str) -> str:
+        return named(self.metrics, name, f"dvc.yaml, stage {self.name}: metrics")
+
+    @property
+    def model_file(self) -> str:
+        """The stage's one trained model file (the one out ending in .pt)."""
+        models = [out for out in self.outs if out.endswith(".pt")]
+        if len(models) != 1:
+            raise ValueError(f"dvc.yaml, stage {self.name}: expected one model file (.pt) in outs, found {models}")
+        return models[0]
+
+    @property
+    def metrics_file(self) -> str:
+        if len(self.metrics) != 1:
+            raise ValueError(f"dvc.yaml, stage {self.name}: expected one metrics file, found {list(self.metrics)}")
+        return self.metrics[0]
+
     def for_variant(self, variant: str) -> "StageSpec":
         """One variant's stage of a foreach stage: its name and paths with DVC's ${key} filled in."""
         if not self.foreach:
@@ -52,6 +79,18 @@ class StageSpec:
             reports=fill(self.reports),
             foreach="",
         )
+
+
+def named(paths: tuple[str, ...], name: str, where: str) -> str:
+    """The one path called `name`: its file name (rec.md), its stem (movies for data/ingest/movies.parquet) or, where
+    two share a stem, its folder and stem (text_triples/samples). An unknown or ambiguous name is an error."""
+    matches = [
+        p for p in paths if name in (Path(p).name, Path(p).stem) or str(Path(p).with_suffix("")).endswith("/" + name)
+    ]
+    if len(matches) != 1:
+        found = "none" if not matches else f"{len(matches)}: {', '.join(matches)} (qualify it: folder/stem)"
+        raise ValueError(f"{where}: no single path called {name!r} ({found}); the paths are {', '.join(paths)}")
+    return matches[0]
 
 
 def _path(entry) -> str:

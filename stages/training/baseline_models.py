@@ -36,7 +36,7 @@ def revcore_retrieval(
     """RevCore's review retrieval over the workspace's reviews, with the recommender saved at `path` (default:
     baselines@revcore's model, whose KGSF parts are retrieval.model.kgsf); an enriched context keeps its last
     tokens that an encoder of max_positions can read (None: triples.context_max_tokens)."""
-    model = load_revcore(path or workspace / STAGES["baselines"].for_variant("revcore").outs[0]).to(run.device)
+    model = load_revcore(path or workspace / STAGES["baselines"].for_variant("revcore").model_file).to(run.device)
     longest = params.triples.context_max_tokens
     return revcore_train.load_retrieval(
         model,

@@ -30,11 +30,8 @@ from stages.triples import SPLIT
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
 CONV_ENCODERS = {
-    "c2crs": "data/models/pretrain_fine.pt",
-    "kbrd": "data/models/baselines/kbrd.pt",
-    "kecrs": "data/models/baselines/kecrs.pt",
-    "kgsf": "data/models/baselines/kgsf.pt",
-    "revcore": "data/models/baselines/revcore.pt",
+    "c2crs": STAGES["pretrain_fine"].model_file,
+    **{name: STAGES["baselines"].for_variant(name).model_file for name in ("kbrd", "kecrs", "kgsf", "revcore")},
     "none": None,
 }
 CONV_RECOMMENDER = {
@@ -104,8 +101,8 @@ def load_conversation_model(path: Path) -> tuple[ConversationModel | HRED, ConvM
 
 def conv_model_path(workspace: Path, variant: str | None = None) -> Path:
     if variant is None:
-        return workspace / STAGES["finetune_conv"].outs[0]
-    return workspace / STAGES["conv_baselines"].for_variant(variant).outs[0]
+        return workspace / STAGES["finetune_conv"].model_file
+    return workspace / STAGES["conv_baselines"].for_variant(variant).model_file
 
 
 def conv_data(run: c2crs_train.Run, inputs: dict[str, Path]):

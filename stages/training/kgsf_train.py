@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 from models.c2crs import batch_entities
 from models.kgsf import KGSFRecommender
+from stages.io.graph import STAGES
 from stages.training.c2crs_data import SampleTable, pad, recommendation_rows
 from stages.training.c2crs_train import Run, recall_at, recommendation_batch, run_epoch, score_in_blocks, valid_ranks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
 WORD_GRAPH_INPUTS = {
-    "words": "data/word_graph/words.parquet",
-    "word_edges": "data/word_graph/edges.parquet",
-    "token_words": "data/word_graph/token_words.parquet",
+    ("word_" if name == "edges" else "") + name: STAGES["word_graph"].output(name)
+    for name in ("words", "edges", "token_words")
 }
 
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from models.baselines import AutoRecRecommender
+from stages.io.graph import STAGES
 from stages.training.c2crs_data import SampleTable, recommendation_rows
 from stages.training.c2crs_train import Run, recall_at, run_epoch, score_in_blocks, valid_ranks
 from stages.training.loop import LoopState, adam, epoch_generator, train
 
-FORMS_INPUT = "data/ingest/movie_forms.parquet"
+FORMS_INPUT = STAGES["ingest"].output("movie_forms")
 # The autoencoder's input for a mentioned movie, by the form's `liked` answer (ReDial: the classifier's P(liked));
 # a movie without an answer counts as "did not say".
 LIKING = {0: 0.0, 1: 1.0, 2: 0.5}

@@ -20,11 +20,12 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 
 from models.revcore import RevCoreRecommender
+from stages.io.graph import STAGES
 from stages.text.linking import EntityLinker
 from stages.training.c2crs_data import SampleTable
 from stages.triples import SPLIT, token_texts
 
-REVIEWS_INPUT = "data/reviews/reviews.parquet"
+REVIEWS_INPUT = STAGES["reviews"].output("reviews")
 POSITIVE_RATING, NEGATIVE_RATING = 7, 4  # IMDb's 10-point ratings as Maas et al. label them (5 and 6 left out)
 HELD_OUT = 0.1  # share of the rated reviews kept to measure the sentiment model
 

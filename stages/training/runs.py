@@ -26,18 +26,13 @@ from stages.training.loop import resolve_device
 TRAINING_SECTIONS = ("seed", "device", "deterministic", "precision", "model")
 
 
+# What a C2-CRS training run reads: outputs of earlier stages, by their names in dvc.yaml
 TRAINING_INPUTS = {
-    "samples": "data/triples/samples.parquet",
-    "triples": "data/triples/triples.parquet",
-    "vocab": "data/triples/vocab.parquet",
-    "review_sentences": "data/reviews/review_sentences.parquet",
-    "entities": "data/kg/entities.parquet",
-    "relations": "data/kg/relations.parquet",
-    "edges": "data/kg/edges.parquet",
+    **{name: STAGES["triples"].output(name) for name in ("samples", "triples", "vocab")},
+    "review_sentences": STAGES["reviews"].output("review_sentences"),
+    **{name: STAGES["kg"].output(name) for name in ("entities", "relations", "edges")},
 }
-
-
-TEXT_INPUTS = {"text_samples": "data/text_triples/samples.parquet", "text_triples": "data/text_triples/triples.parquet"}
+TEXT_INPUTS = {f"text_{name}": STAGES["text_triples"].output(name) for name in ("samples", "triples")}
 
 
 def device_of(params) -> torch.device:
@@ -221,18 +216,18 @@ def rec_path_stage(stage: str, params, workspace: Path, log: StageLog) -> StageO
     """A stage of the recommendation path: train from the previous stage's model, save, write its metrics."""
     spec = STAGES[stage]
     previous, _ = REC_PATH[stage]
-    start_from = workspace / STAGES[previous].outs[0] if previous else None
+    start_from = workspace / STAGES[previous].model_file if previous else None
     log = CurveLog(log)
-    model, metrics, inputs = train_c2crs(stage, params, workspace, log, start_from, workspace / spec.outs[0])
-    write_outputs({workspace / spec.metrics[0]: metrics, workspace / spec.reports[0]: log.rows()})
+    model, metrics, inputs = train_c2crs(stage, params, workspace, log, start_from, workspace / spec.model_file)
+    write_outputs({workspace / spec.metrics_file: metrics, workspace / spec.report(stage): log.rows()})
     log.model(
         registered_name("c2crs", "recommender") if stage == "finetune_rec" else None,
         model,
-        workspace / spec.outs[0],
+        workspace / spec.model_file,
         metrics,
     )
     return StageOutcome(inputs, metrics)
 
 
 def ablation_model_path(workspace: Path, variant: str, stage: str = "finetune_rec") -> Path:
-    return workspace / STAGES["ablations"].for_variant(variant).outs[0] / f"{stage}.pt"
+    return workspace / STAGES["ablations"].for_variant(variant).output(variant) / f"{stage}.pt"
