@@ -380,14 +380,14 @@ def summary_line(stage: str, metrics: dict, seconds: float, shown: int = 6) -> s
 
 
 def _study(args) -> int:
-    from pipeline import study
+    from pipeline import study, study_runs
 
     params_file = Path(args.params).resolve()
     params = load_params(params_file)
     workspace = params_file.parent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        todo = study.jobs(params, args.settings, args.seeds, args.arms)
+        todo = study_runs.jobs(params, args.settings, args.seeds, args.arms)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -408,7 +408,7 @@ def _study(args) -> int:
 
 def _submit_study(params, workspace: Path, todo: list, pool: str) -> int:
     from pipeline import study_flows
-    from pipeline.operate import prefect_api
+    from pipeline.servers import prefect_api
 
     api = prefect_api()
     if not api:
@@ -479,7 +479,7 @@ def _reference(args) -> int:
 
 def _score(args) -> int:
     """Prints the metrics of every trained model on the file, in the reports/rec.json shape and as tables."""
-    from pipeline import registry
+    from pipeline import tracking
     from stages.evaluate import model_files, score_file
     from stages.evaluation.rec_metrics import REPEAT_CHOICE, markdown_table
     from stages.io.stage_log import registered_name
@@ -497,7 +497,7 @@ def _score(args) -> int:
         if name != REPEAT_CHOICE
         and (not args.models or name in args.models or (name == "c2crs" and REPEAT_CHOICE in args.models))
     }
-    by_registered = registry.model_sources(
+    by_registered = tracking.model_sources(
         {registered_name(name, "recommender"): file for name, file in trained.items()}, workspace, args.models_from
     )
     files = {name: by_registered[registered_name(name, "recommender")] for name in trained}

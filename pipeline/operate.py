@@ -2,25 +2,15 @@
 (`worker`), and deployments on another work pool (`deploy`). pipeline/cli.py parses the arguments."""
 
 import json
-import os
 import signal
 import sys
 import time
 
 from pipeline.config import ConfigError, read_yaml
+from pipeline.servers import prefect_api
 
 PREFECT_UI_PORT = 4200
 MLFLOW_UI_PORT = 5000
-
-
-def prefect_api() -> str | None:
-    """The Prefect API the deployments go to: PREFECT_API_URL, else this checkout's `make ui` server."""
-    from pipeline import servers
-
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    ui_url = servers.own_ui_server()
-    return f"{ui_url}/api" if ui_url else None
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -261,25 +261,6 @@ def registry_files(
     return files, notes
 
 
-def model_sources(wanted: dict[str, Path], workspace: Path, models_from: str) -> dict[str, Path]:
-    """Registered name (-> the workspace's file) -> the file to load: the registry's champion, or the workspace's
-    file (models_from "workspace", or no champion trained on this data); says which, one line per model."""
-    if models_from == "workspace":
-        return wanted
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import experiment_id, tracking_uri
-    from stages.training.runs import TRAINING_INPUTS
-
-    experiment_id()
-    files, notes = registry_files(
-        MlflowClient(tracking_uri()), wanted, {name: workspace / path for name, path in TRAINING_INPUTS.items()}
-    )
-    for note in notes:
-        print(f"model {note}", flush=True)
-    return files
-
-
 @dataclass
 class Table:
     header: list[str]

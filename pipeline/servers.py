@@ -178,3 +178,11 @@ def start_mlflow(port: int, backend_store_uri: str, artifact_root: str) -> Serve
         "1",
     ]
     return _start("mlflow", command, url, f"{url}/health")
+
+
+def prefect_api() -> str | None:
+    """The Prefect API the deployments go to: PREFECT_API_URL, else this checkout's `make ui` server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    ui_url = own_ui_server()
+    return f"{ui_url}/api" if ui_url else None

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from pipeline.config import load_params
 from pipeline.paths import project_root
-from pipeline.study import Job, prerequisites, run_job
+from pipeline.study_runs import Job, prerequisites, run_job
 
 FLOW_NAME = "c2crs-study"
 DEPLOYMENT = f"{FLOW_NAME}/run"
@@ -112,9 +112,8 @@ def prefect_api(api_url: str | None = None) -> Iterator[str]:
     """The Prefect API to use: api_url, else PREFECT_API_URL or this checkout's `make ui` server, else a temporary
     server for the duration."""
     from pipeline import servers
-    from pipeline.operate import prefect_api as configured
 
-    url = api_url or configured()
+    url = api_url or servers.prefect_api()
     if url:
         yield url
         return

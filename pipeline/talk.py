@@ -25,7 +25,7 @@ def chat_model_files(workspace: Path, models_from: str) -> dict[str, Path]:
     """Per kind (recommender, generator), the file a chat loads: models_from "registry" takes the champion
     (models:/c2crs-recommender@champion, c2crs-generator) when it was trained on the workspace's data, else the
     workspace's file; "workspace" the DVC outputs. A missing file is an error naming the stage that makes it."""
-    from pipeline.registry import model_sources
+    from pipeline.tracking import model_sources
 
     names = {kind: registered_name("c2crs", kind) for kind in CHAT_MODELS}
     sources = model_sources(

@@ -249,3 +249,21 @@ def _crash_flow_run(flow_run_id: str) -> None:
 def interrupt_on_sigterm() -> None:
     """SIGTERM (`kill`, a scheduler stopping a stage) unwinds like Ctrl-C, so the runs end as KILLED."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def model_sources(wanted: dict[str, Path], workspace: Path, models_from: str) -> dict[str, Path]:
+    """Registered name (-> the workspace's file) -> the file to load: the registry's champion, or the workspace's
+    file (models_from "workspace", or no champion trained on this data); says which, one line per model."""
+    if models_from == "workspace":
+        return wanted
+    from mlflow.tracking import MlflowClient
+
+    from stages.training.runs import TRAINING_INPUTS
+
+    experiment_id()
+    files, notes = registry.registry_files(
+        MlflowClient(tracking_uri()), wanted, {name: workspace / path for name, path in TRAINING_INPUTS.items()}
+    )
+    for note in notes:
+        print(f"model {note}", flush=True)
+    return files

@@ -32,11 +32,10 @@ from stages.training import (
     textcnn_train,
 )
 
-# The params each model's checkpoints are keyed by (besides the inputs it reads). TextCNN and KBRD keep the key they
-# had when one stage trained them both, so their finished checkpoints stay valid.
+# The params each model's checkpoints are keyed by (besides the inputs it reads): the sections its training reads.
 SECTIONS = {
-    "textcnn": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.textcnn"),
-    "kbrd": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.textcnn"),
+    "textcnn": runs.TRAINING_SECTIONS + ("baselines.textcnn",),
+    "kbrd": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.kbrd"),
     "kgsf": runs.TRAINING_SECTIONS + ("baselines.kgsf",),
     "redial": runs.TRAINING_SECTIONS + ("baselines.redial",),
     "kecrs": runs.TRAINING_SECTIONS + ("finetune_rec", "baselines.kecrs"),

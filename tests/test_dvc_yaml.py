@@ -234,3 +234,41 @@ def test_stages_read_and_write_their_paths_by_name_whatever_the_order(params_fil
         stage_body(stage)(params, workspace)
     for out in outs:
         assert pl.read_parquet(workspace / out).equals(before[out]), out
+
+
+def _imports(path: Path) -> set[Path]:
+    """The project files (pipeline/, stages/, models/) one file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ("pipeline", "stages", "models"):
+                base = PROJECT / name.replace(".", "/")
+                if base.with_suffix(".py").is_file():
+                    found.add(base.with_suffix(".py"))
+    return found - {path}
+
+
+def test_no_import_cycle_between_project_files():
+    files = [p for folder in ("pipeline", "stages", "models") for p in (PROJECT / folder).rglob("*.py")]
+    graph = {path: _imports(path) for path in files}
+    state: dict[Path, str] = {}
+
+    def visit(path: Path, trail: list[Path]) -> None:
+        state[path] = "open"
+        for target in graph.get(path, ()):
+            if state.get(target) == "open":
+                cycle = [*trail[trail.index(target) :], target] if target in trail else [path, target]
+                pytest.fail("import cycle: " + " -> ".join(str(p.relative_to(PROJECT)) for p in cycle))
+            if target not in state:
+                visit(target, [*trail, target])
+        state[path] = "done"
+
+    for path in files:
+        if path not in state:
+            visit(path, [path])

@@ -93,7 +93,7 @@ def test_mention_samples_are_one_per_turn_and_movie(params_file):
 
 
 def test_study_runs_resume_and_report(params_file, mlflow_store):
-    from pipeline import study
+    from pipeline import study, study_runs
 
     raw = yaml.safe_load(params_file.read_text())
     raw["study"].update(
@@ -135,7 +135,7 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
 
     marker = workspace / "reports/pretraining_runs/ours/seed1/c2crs.json"
     written = marker.stat().st_mtime_ns
-    assert [j.seed for j in study.jobs(params) if not j.done(params, workspace)] == [2] * 6
+    assert [j.seed for j in study_runs.jobs(params) if not j.done(params, workspace)] == [2] * 6
     study.run_study(params, workspace, settings=["ours"], seeds=[1])  # nothing left to do: nothing rewritten
     assert marker.stat().st_mtime_ns == written
     study.run_study(params, workspace, settings=["ours"], seeds=[2])
@@ -160,10 +160,10 @@ def test_study_runs_resume_and_report(params_file, mlflow_store):
 
 
 def test_study_with_an_unknown_setting_is_refused(params_file):
-    from pipeline import study
+    from pipeline import study_runs
 
     with pytest.raises(ValueError, match="no setting 'paper'"):
-        study.jobs(load_params(params_file), settings=["paper"])
+        study_runs.jobs(load_params(params_file), settings=["paper"])
 
 
 def test_the_reference_set_trains_the_whole_recommendation_path(params_file):
@@ -264,7 +264,7 @@ def test_a_share_trains_epochs_of_the_usual_size(params_file):
 
 
 def test_run_clock_sums_every_process(tmp_path):
-    from pipeline.study import RunClock
+    from pipeline.study_runs import RunClock
 
     first = RunClock(tmp_path / "c2crs.clock.json")
     first.earlier_seconds = 100.0  # as if this process had already run 100 s

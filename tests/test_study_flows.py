@@ -10,7 +10,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-from pipeline import servers, study, study_flows
+from pipeline import servers, study, study_flows, study_runs
 from pipeline.config import load_params
 from stages.io.graph import stage_body
 
@@ -58,12 +58,12 @@ def test_two_runs_go_through_the_process_pool_side_by_side(params_file, mlflow_s
             min(s.timestamp for s in client.read_flow_run_states(run.id) if s.type.value == "PENDING") for run in runs
         ]
     assert max(taken) < min(run.end_time for run in runs)
-    assert all(job.done(params, workspace) for job in study.jobs(params, arms=["c2crs"]))
+    assert all(job.done(params, workspace) for job in study_runs.jobs(params, arms=["c2crs"]))
 
 
 def test_a_run_killed_with_its_worker_resumes_when_submitted_again(params_file, mlflow_store):
     params, workspace = _workspace(params_file, coarse_epochs=40)
-    job = study.Job("base", 1, "c2crs")
+    job = study_runs.Job("base", 1, "c2crs")
     clock = job.models(params, workspace) / "c2crs.clock.json"
     study_flows.deploy_study(study_flows.LOCAL_POOL, _api())
     worker = servers.start_worker(study_flows.LOCAL_POOL, _api(), 1)
