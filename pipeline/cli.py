@@ -23,7 +23,8 @@ MODELS_FROM_HELP = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per task."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     parser.add_argument(
         "--debug",
@@ -32,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         help="on an error, show its traceback (also: C2CRS_DEBUG=1); without, one `error:` line",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _pipeline_commands(commands)
+    _model_commands(commands)
+    _operating_commands(commands)
+    return parser
 
+
+def _pipeline_commands(commands) -> None:
+    """The pipeline's own commands: run, stages, repro, report, reference, study."""
     run = commands.add_parser("run", help="run one stage, or all of them, as a Prefect flow")
     run.add_argument(
         "stage",
@@ -60,6 +68,105 @@ def main(argv: list[str] | None = None) -> int:
         help="passed to dvc repro (then stages run one at a time, as dvc repro runs them)",
     )
 
+    commands.add_parser(
+        "report",
+        help="write the result tables of README.md and docs/ anew from the committed reports/ (never typed by hand)",
+    )
+
+    study = commands.add_parser(
+        "study",
+        help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
+        "model per setting and seed (resumable); `report` writes "
+        "reports/pretraining.md from the finished runs",
+    )
+    study.add_argument("action", choices=("run", "report", "list"))
+    study.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
+    study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    study.add_argument("--arms", nargs="+", help="only these arms (c2crs, kbrd, or an extension of params.study)")
+    study.add_argument(
+        "--workers",
+        type=int,
+        help="runs at once (default: params.study.workers); above 1 they are flow "
+        "runs of the Prefect deployment c2crs-study/run on the local process pool",
+    )
+    study.add_argument(
+        "--pool",
+        help="only submit the runs not done as flow runs to this work pool's workers "
+        "(deployed there; Prefect API: PREFECT_API_URL or `make ui`)",
+    )
+
+    reference = commands.add_parser(
+        "reference", help="print the `dvc exp run` command that sets the authors' configuration (params/reference.yaml)"
+    )
+    reference.add_argument("--file", default="params/reference.yaml")
+
+
+def _model_commands(commands) -> None:
+    """Using the trained models: score, rate, talk, serve, models."""
+    score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
+    score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
+    score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    score.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="only these models (default: every trained model whose file exists, and the naive ones)",
+    )
+    score.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
+
+    rate = commands.add_parser(
+        "rate",
+        help="score filled copies of reports/conv_rating.csv: each model's mean "
+        "fluency and informativeness, and inter-rater agreement",
+    )
+    rate.add_argument("sheets", nargs="+", help="one filled rating sheet per rater (CSV)")
+    rate.add_argument(
+        "--key",
+        default="reports/conv_rating_key.csv",
+        help="which model wrote each item (default: reports/conv_rating_key.csv)",
+    )
+
+    talk = commands.add_parser("talk", help="talk with the trained C2-CRS model in the terminal")
+    talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    talk.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
+
+    serve = commands.add_parser(
+        "serve",
+        help="the trained C2-CRS model behind an HTTP API and a chat page (http://127.0.0.1:8000/), until Ctrl-C",
+    )
+    serve.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    serve.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default: 127.0.0.1, this machine only; the API has no authentication)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait and run before it gets 503 (default: 30)",
+    )
+
+    models = commands.add_parser(
+        "models",
+        help="the MLflow model registry: `list` the registered models with their "
+        "champion; `compare` versions side by side",
+    )
+    models.add_argument("action", choices=("list", "compare"))
+    models.add_argument(
+        "references",
+        nargs="*",
+        metavar="MODEL",
+        help="compare: NAME (its champion, else its newest version), NAME@ALIAS or NAME/VERSION",
+    )
+    models.add_argument("--markdown", action="store_true", help="a markdown table (default: aligned text)")
+
+
+def _operating_commands(commands) -> None:
+    """The UIs and the Prefect workers: ui, worker, deploy."""
     ui = commands.add_parser(
         "ui",
         help="start the Prefect and MLflow UIs on 127.0.0.1 and a Prefect worker for "
@@ -102,99 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the project directory the runs use (default: this one; for Docker mount it at the same path)",
     )
 
-    score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
-    score.add_argument("--data", required=True, help="conversations in ReDial's JSONL format")
-    score.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    score.add_argument(
-        "--models",
-        nargs="+",
-        metavar="MODEL",
-        help="only these models (default: every trained model whose file exists, and the naive ones)",
-    )
-    score.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
 
-    commands.add_parser(
-        "report",
-        help="write the result tables of README.md and docs/ anew from the committed reports/ (never typed by hand)",
-    )
-
-    rate = commands.add_parser(
-        "rate",
-        help="score filled copies of reports/conv_rating.csv: each model's mean "
-        "fluency and informativeness, and inter-rater agreement",
-    )
-    rate.add_argument("sheets", nargs="+", help="one filled rating sheet per rater (CSV)")
-    rate.add_argument(
-        "--key",
-        default="reports/conv_rating_key.csv",
-        help="which model wrote each item (default: reports/conv_rating_key.csv)",
-    )
-
-    talk = commands.add_parser("talk", help="talk with the trained C2-CRS model in the terminal")
-    talk.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    talk.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
-
-    serve = commands.add_parser(
-        "serve",
-        help="the trained C2-CRS model behind an HTTP API and a chat page (http://127.0.0.1:8000/), until Ctrl-C",
-    )
-    serve.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    serve.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
-    serve.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="the address to listen on (default: 127.0.0.1, this machine only; the API has no authentication)",
-    )
-    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
-    serve.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        help="seconds a request may wait and run before it gets 503 (default: 30)",
-    )
-
-    study = commands.add_parser(
-        "study",
-        help="does pre-training help? `run` trains C2-CRS and the KBRD-style "
-        "model per setting and seed (resumable); `report` writes "
-        "reports/pretraining.md from the finished runs",
-    )
-    study.add_argument("action", choices=("run", "report", "list"))
-    study.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    study.add_argument("--settings", nargs="+", help="only these settings of params.study.settings")
-    study.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
-    study.add_argument("--arms", nargs="+", help="only these arms (c2crs, kbrd, or an extension of params.study)")
-    study.add_argument(
-        "--workers",
-        type=int,
-        help="runs at once (default: params.study.workers); above 1 they are flow "
-        "runs of the Prefect deployment c2crs-study/run on the local process pool",
-    )
-    study.add_argument(
-        "--pool",
-        help="only submit the runs not done as flow runs to this work pool's workers "
-        "(deployed there; Prefect API: PREFECT_API_URL or `make ui`)",
-    )
-
-    models = commands.add_parser(
-        "models",
-        help="the MLflow model registry: `list` the registered models with their "
-        "champion; `compare` versions side by side",
-    )
-    models.add_argument("action", choices=("list", "compare"))
-    models.add_argument(
-        "references",
-        nargs="*",
-        metavar="MODEL",
-        help="compare: NAME (its champion, else its newest version), NAME@ALIAS or NAME/VERSION",
-    )
-    models.add_argument("--markdown", action="store_true", help="a markdown table (default: aligned text)")
-
-    reference = commands.add_parser(
-        "reference", help="print the `dvc exp run` command that sets the authors' configuration (params/reference.yaml)"
-    )
-    reference.add_argument("--file", default="params/reference.yaml")
-
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command == "repro":
         args.dvc_args = unknown + args.dvc_args  # options such as -f go to dvc as they are

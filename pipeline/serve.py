@@ -21,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -278,6 +278,7 @@ def _milliseconds_since(began: float) -> float:
 
 
 def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
+    """The HTTP API and the page: request limits and error answers (_guard), then the routes (_routes)."""
     app = FastAPI(
         title="c2crs",
         version="1",
@@ -290,7 +291,14 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
             "auto_configure": False,
         },
     )  # FastAPI's OpenTelemetry hooks: nothing leaves the process
-    started = time.monotonic()
+    _guard(app)
+    app.include_router(_routes(models, _answerer(models, timeout), time.monotonic()))
+    return app
+
+
+def _guard(app: FastAPI) -> None:
+    """Bodies must say their length and stay small; invalid requests get 422 without their input echoed; any other
+    failure a 500 naming an incident in the server's log, never a traceback."""
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -316,6 +324,8 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         log.error("request %s %s failed (incident %s)", request.method, request.url.path, incident, exc_info=exc)
         return JSONResponse({"detail": f"internal error; the server's log names it {incident}"}, status_code=500)
 
+
+def _answerer(models: Models, timeout: float):
     async def answer(work):
         """work() in a worker thread under the models' lock, with the timeout; RegistryError (an unknown model
         version) -> 404, other ValueErrors (what the client asked cannot be done) -> 422."""
@@ -334,21 +344,28 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @app.get("/", include_in_schema=False)
+    return answer
+
+
+def _routes(models: Models, answer, started: float) -> APIRouter:
+    """The page, health, the model picker's list, title search, and the three conversation endpoints."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     def page():
         return FileResponse(PAGE, media_type="text/html")
 
-    @app.get("/healthz")
+    @router.get("/healthz")
     def healthz() -> dict:
         """Up, and which models answer by default."""
         return {"status": "ok", "models": models.default, "uptime_s": round(time.monotonic() - started, 1)}
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     def list_models() -> dict:
         """The versions the model picker offers, per kind (recommender, generator)."""
         return {"loaded": models.default, "choices": models.registered()}
 
-    @app.get("/v1/movies", response_model=list[Movie])
+    @router.get("/v1/movies", response_model=list[Movie])
     def movies(
         q: str = Query(min_length=1, max_length=100, description="words of the title"),
         limit: int = Query(10, ge=1, le=50),
@@ -356,7 +373,14 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
         """ReDial movies whose title contains q, most mentioned first (the page's "@" autocomplete)."""
         return models.knowledge.find(q, limit)
 
-    @app.post("/v1/recommend", response_model=RecommendResponse)
+    _conversation_routes(router, models, answer)
+    return router
+
+
+def _conversation_routes(router: APIRouter, models: Models, answer) -> None:
+    """/v1/recommend, /v1/chat and /v1/explain: a conversation in, the models' answer out (under answer's lock)."""
+
+    @router.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(body: RecommendRequest):
         """The conversation so far -> the ranked movies for the model's next turn, each with its explanation."""
 
@@ -376,7 +400,7 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
 
         return await answer(work)
 
-    @app.post("/v1/chat", response_model=ChatResponse)
+    @router.post("/v1/chat", response_model=ChatResponse)
     async def chat(body: ChatRequest):
         """The conversation so far (ending with the seeker) -> the model's next utterance and its recommendations."""
         if body.messages[-1].role != "seeker":
@@ -403,7 +427,7 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
 
         return await answer(work)
 
-    @app.post("/v1/explain", response_model=RecommendationOut)
+    @router.post("/v1/explain", response_model=RecommendationOut)
     async def explain(body: ExplainRequest):
         """Why the model would (or would not) recommend one movie now: its rank among all movies and the reasons."""
         if body.movie_id not in models.knowledge.item_entity:
@@ -416,8 +440,6 @@ def create_app(models: Models, timeout: float = 30.0) -> FastAPI:
 
         rank, recommendation = await answer(work)
         return _out([recommendation], first_rank=rank)[0]
-
-    return app
 
 
 def serve(params, workspace: Path, host: str, port: int, models_from: str, timeout: float) -> int:
