@@ -31,7 +31,7 @@ from stages.training.c2crs_data import (
     recommendation_rows,
 )
 from stages.training.distributed import SINGLE_PROCESS, Ranks
-from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, optimizer_step, train
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,7 @@ def run_epoch(
         mine, share = ranks.shard(rows)
         with autocast(run.device, run.precision):
             loss = run_step(step_loss, mine).float()
-        optimizer.zero_grad()
-        (loss * share).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, loss * share, model.parameters(), grad_clip)
         total += loss.item() * len(mine)
         count += len(mine)
     return {"loss": ranks.mean(total, count)}

@@ -24,7 +24,7 @@ from models.c2crs import batch_entities
 from models.generator import USER, ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.training.c2crs_train import Run
-from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, optimizer_step, train
 from stages.triples import END, PAD, SPECIAL_TOKENS, SPLIT, START, UNK
 
 PLACEHOLDER = "__movie__"
@@ -367,12 +367,23 @@ def perplexity(
     """exp(mean negative log-likelihood per target token, end token included), unweighted, and the token count
     (nan with no tokens)."""
     with evaluating(model):
-        nll, count = 0.0, 0
-        for picked in length_batches(table, data, batch_size, None):
-            log_probs, targets, _ = target_log_probs(model, run, table, data, picked, frozen)
-            real = targets.ne(model.generator.cfg.pad_id)
-            nll -= float(log_probs[real].sum())
-            count += int(real.sum())
+        return corpus_perplexity(
+            (
+                target_log_probs(model, run, table, data, picked, frozen)[:2]
+                for picked in length_batches(table, data, batch_size, None)
+            ),
+            model.generator.cfg.pad_id,
+        )
+
+
+def corpus_perplexity(batches, pad_id: int) -> dict:
+    """exp(mean negative log-likelihood per real target token) over (log_probs, targets) batches, and the token
+    count (nan with no tokens): every generator's perplexity."""
+    nll, count = 0.0, 0
+    for log_probs, targets in batches:
+        real = targets.ne(pad_id)
+        nll -= float(log_probs[real].sum())
+        count += int(real.sum())
     return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
@@ -407,10 +418,7 @@ def finetune_conversation(
                 loss = generation_loss(log_probs.float(), targets, model.generator.cfg.pad_id, weights)
                 if extra is not None:
                     loss = loss + extra
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
+            optimizer_step(optimizer, loss, trainable, cfg.grad_clip)
             real = int(targets.ne(model.generator.cfg.pad_id).sum())
             total, tokens = total + loss.item() * real, tokens + real
         return {"loss": total / max(tokens, 1)}

@@ -12,8 +12,14 @@ from models.generator import beam_search, generation_loss, greedy_search
 from models.hred import HRED, HREDStepper
 from stages.training.c2crs_data import SampleTable, bucketed_batches
 from stages.training.c2crs_train import Run
-from stages.training.conv_train import Responses, by_response_length, length_batches, teacher_forcing
-from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, train
+from stages.training.conv_train import (
+    Responses,
+    by_response_length,
+    corpus_perplexity,
+    length_batches,
+    teacher_forcing,
+)
+from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, optimizer_step, train
 
 
 def context_utterances(tokens: list[int], split_id: int, max_utterance_tokens: int) -> list[list[int]]:
@@ -62,13 +68,13 @@ def target_log_probs(
 @torch.no_grad()
 def perplexity(model: HRED, run: Run, table: SampleTable, data: Responses, batch_size: int) -> dict:
     with evaluating(model):
-        nll, count = 0.0, 0
-        for picked in length_batches(table, data, batch_size, None):
-            log_probs, targets = target_log_probs(model, run, table, data, picked)
-            real = targets.ne(model.cfg.pad_id)
-            nll -= float(log_probs[real].sum())
-            count += int(real.sum())
-    return {"perplexity": math.exp(nll / count) if count else float("nan"), "tokens": count}
+        return corpus_perplexity(
+            (
+                target_log_probs(model, run, table, data, picked)
+                for picked in length_batches(table, data, batch_size, None)
+            ),
+            model.cfg.pad_id,
+        )
 
 
 def train_hred(
@@ -84,10 +90,7 @@ def train_hred(
             with autocast(run.device, run.precision):
                 log_probs, targets = target_log_probs(model, run, run.train, train_data, picked)
                 loss = generation_loss(log_probs.float(), targets, model.cfg.pad_id)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            optimizer_step(optimizer, loss, model.parameters(), cfg.grad_clip)
             real = int(targets.ne(model.cfg.pad_id).sum())
             total, tokens = total + loss.item() * real, tokens + real
         return {"loss": total / max(tokens, 1)}

@@ -67,6 +67,14 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, grad_clip: float) -> None:
+    """One update: clear the gradients, backpropagate `loss`, clip the parameters' gradient norm, step."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+
+
 def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
     """The batch order of one epoch, independent of what ran before it in the process."""
     return np.random.default_rng([seed, epoch])
