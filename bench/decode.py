@@ -92,7 +92,7 @@ def _generator(params, workspace: Path, freeze: list[str], variant: str | None):
 def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: str, batch: int, use_cache: bool) -> dict:
     import torch
 
-    from models.generator import beam_decode, greedy_decode
+    from models.decoding import beam_decode, greedy_decode
     from stages.training import conv_train
 
     banned = tuple(vocabulary.banned_ids) + (vocabulary.token_id["__end__"],)

@@ -87,7 +87,7 @@ class HRED(nn.Module):
 
 
 class HREDStepper:
-    """One decoding step at a time for models/generator's greedy_search and beam_search: feeds the newest token
+    """One decoding step at a time for models/decoding's greedy_search and beam_search: feeds the newest token
     and keeps the GRU state."""
 
     def __init__(self, model: HRED, state: torch.Tensor):

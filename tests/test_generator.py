@@ -7,16 +7,14 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS
+from models.decoding import _banned_by_ngrams, beam_decode, greedy_decode
 from models.generator import (
     ConversationModel,
     CopySource,
     GeneratorConfig,
     Memory,
     ResponseGenerator,
-    _banned_by_ngrams,
-    beam_decode,
     generation_loss,
-    greedy_decode,
     instance_weights,
 )
 from tests.conftest import c2crs_config

@@ -4,7 +4,7 @@ encoder, and decoding that agrees with teacher forcing."""
 import pytest
 import torch
 
-from models.generator import beam_search, greedy_search
+from models.decoding import beam_search, greedy_search
 from models.hred import HRED, HREDConfig, HREDStepper
 from stages.training.hred_train import context_utterances
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS
+from models.decoding import greedy_decode
 from models.generator import (
     USER,
     GeneratorConfig,
@@ -19,7 +20,6 @@ from models.generator import (
     ResponseGenerator,
     bag_of_entity_loss,
     generation_loss,
-    greedy_decode,
     infusion_loss,
 )
 from pipeline.config import FinetuneConvConfig, load_params

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS
-from models.generator import (
-    USER,
-    ConversationModel,
-    GeneratorConfig,
-    Memory,
-    ResponseGenerator,
-    beam_decode,
-    generation_loss,
-    greedy_decode,
-)
+from models.decoding import beam_decode, greedy_decode
+from models.generator import USER, ConversationModel, GeneratorConfig, Memory, ResponseGenerator, generation_loss
 from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.training import conv_runs, runs
 from tests.conftest import c2crs_config

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.c2crs import batch_entities
-from models.generator import USER, ConversationModel, beam_decode, generation_loss, greedy_decode, instance_weights
+from models.decoding import beam_decode, greedy_decode
+from models.generator import USER, ConversationModel, generation_loss, instance_weights
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.training.c2crs_train import Run
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, optimizer_step, train

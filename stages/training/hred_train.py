@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.generator import beam_search, generation_loss, greedy_search
+from models.decoding import beam_search, greedy_search
+from models.generator import generation_loss
 from models.hred import HRED, HREDStepper
 from stages.training.c2crs_data import SampleTable, bucketed_batches
 from stages.training.c2crs_train import Run
