@@ -183,22 +183,9 @@ def import_closure(module: Path) -> set[str]:
     seen, todo = set(), [module]
     while todo:
         path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            for name in names:
-                if name.split(".")[0] in ("stages", "models"):
-                    base = PROJECT / name.replace(".", "/")
-                    found = base.with_suffix(".py")
-                    if found.is_file():
-                        todo.append(found)
+        if path not in seen:
+            seen.add(path)
+            todo += [target for target in _imports(path) if target.relative_to(PROJECT).parts[0] != "pipeline"]
     return {str(path.relative_to(PROJECT)) for path in seen}
 
 
