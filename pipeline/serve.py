@@ -1,5 +1,8 @@
 """`python -m pipeline serve`: the trained model behind an HTTP API and a chat page (127.0.0.1 by default).
 
+Over 400 lines: the API's request and answer models, the models it serves and its routes are one contract, read
+top to bottom here (the page is pipeline/web/chat.html).
+
 At start it loads the registry's champions (models:/c2crs-recommender@champion, models:/c2crs-generator@champion)
 when they were trained on this workspace's data, else the workspace's files, once. A request may name another
 registered version (the page's model picker): it is loaded on first use and kept (the last few). The conversation

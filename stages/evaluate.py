@@ -1,5 +1,8 @@
 """The evaluate stage: every trained model on the test split (read here and nowhere else).
 
+Over 400 lines: recommendation and conversation are scored from one loading of the models and samples, and
+`score` (a user's conversations) runs the same functions.
+
 Recommendation: C2-CRS, the baselines, the ablations and the naive scorers in every protocol of
 stages/evaluation/rec_metrics.py, with 95 % bootstrap intervals and paired differences (reports/rec.json,
 reports/rec.md; the headline numbers flat in metrics/rec.json). Conversation: each generator's perplexity and greedy

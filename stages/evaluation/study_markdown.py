@@ -2,6 +2,9 @@
 
 Verdicts follow the seed-level interval (training variance and test sampling together) where two or more seeds
 finished, else the interval over test conversations for the fixed models, and the text says which.
+
+Over 400 lines: one report's sections in reading order, sharing the same few formatters; split, each part would
+import them back.
 """
 
 import json

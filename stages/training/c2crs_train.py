@@ -1,6 +1,9 @@
 """The C2-CRS training stages: coarse pre-training, fine pre-training, recommender fine-tuning, and scoring (the
 TextCNN baseline is textcnn_train.py, the pre-training diagnostics probe.py, the repeat choice repeat_choice.py).
 
+Over 400 lines: the three stages share one batch layout, the per-step sentence and context encodings and one epoch
+loop (run_epoch), so they stay together.
+
 Each stage is a function of tensors, a model and its settings; it trains with stages.training.train (resumable,
 checkpointed every epoch) and reports per-epoch metrics through `on_epoch`. The knowledge-graph encoder runs, in
 each step, only on the entities the step needs (their one-hop neighbourhood), except where every item's row is
