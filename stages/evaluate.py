@@ -135,7 +135,13 @@ def score_split(
             repeat_choice.fitted(params, workspace, run),
             torch.as_tensor(states),
         )
-    variant_runs = {params.model.model_dump_json(): run}  # a variant's model section may change the graph (w/o SD)
+    models.update(_ablation_scorers(params, workspace, files, skip, run, table, batch))
+    return table, models
+
+
+def _ablation_scorers(params, workspace: Path, files: dict[str, Path], skip, run, table, batch: int) -> dict:
+    """The ablation variants' score functions (each variant's own graph when its model section changes it)."""
+    models, variant_runs = {}, {params.model.model_dump_json(): run}  # w/o SD: only self loops
     for variant in params.ablations.variants:
         if rec_metrics.ABLATION_PREFIX + variant in skip:
             continue
@@ -147,7 +153,7 @@ def score_split(
         models[rec_metrics.ABLATION_PREFIX + variant] = lambda model=model, run=variant_runs[key]: (
             c2crs_train.score_samples(model, run, table, batch)
         )
-    return table, models
+    return models
 
 
 def evaluate_samples(
