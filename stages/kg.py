@@ -563,6 +563,36 @@ def build_kg(
     reached = within_hops(kept, pl.concat([item_codes, seed_codes]), hops).implode()
     in_reach = kept.filter(pl.col("head").is_in(reached) & pl.col("tail").is_in(reached))
 
+    entities = _kg_entities(items, in_reach, seed_codes, item_codes, uri_code)
+    edges, all_edges, relations = _edges_and_relations(in_reach, entities, uri_code, add_inverse, add_self_loops)
+    _warn_about_seeds(unknown_seeds, vocab, items)
+    linked = pl.concat([edges["src"], edges["dst"]]).unique()
+    metrics = {
+        "entities": entities.height,
+        "items": items.height,
+        "items_with_edges": linked.filter(linked < items.height).len(),
+        "items_without_uri": int(items["uri"].str.starts_with("redial:").sum()),
+        "movies_sharing_uri": int(items["shares_uri"].sum()),
+        "relations": relations.height,
+        "relations_input": distinct["relation"].n_unique(),
+        "relations_passing_filter": kept_relations.height,
+        "edges": all_edges.height,
+        "self_loops": entities.height if add_self_loops else 0,
+        "triples_input": triples.height,
+        "triples_repeated": triples.height - distinct.height,
+        "self_edges_dropped": distinct.height - proper.height,
+        "triples_dropped_by_relation_filter": proper.height - kept.height,
+        "triples_beyond_hops": kept.height - in_reach.height,
+        "seeds_unknown": unknown_seeds.len(),
+        "min_relation_edges": min_relation_edges,
+        "hops": hops,
+        "reference": reference,
+    }
+    return KgResult(entities, relations, all_edges, metrics)
+
+
+def _kg_entities(items: pl.DataFrame, in_reach: pl.DataFrame, seed_codes, item_codes, uri_code) -> pl.DataFrame:
+    """Rule 4: the items first (movie_id order), then the other entities of the kept edges and the known seeds."""
     other_codes = pl.concat([in_reach["head"], in_reach["tail"], seed_codes]).unique().sort()
     others = (
         other_codes.filter(~other_codes.is_in(item_codes.implode()))
@@ -570,7 +600,7 @@ def build_kg(
         .to_frame()
         .join(uri_code, on="node", how="left", maintain_order="left")["uri"]
     )
-    entities = (
+    return (
         pl.concat(
             [
                 items.select(
@@ -589,6 +619,11 @@ def build_kg(
         .cast(ENTITY_SCHEMA)
     )
 
+
+def _edges_and_relations(
+    in_reach: pl.DataFrame, entities: pl.DataFrame, uri_code, add_inverse: bool, add_self_loops: bool
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Rule 5: (the forward edges, every edge with inverses and self loops, the relation table)."""
     names = sorted(in_reach["relation"].unique().to_list(), key=_natural_key)
     forward = pl.DataFrame(
         {"relation": names, "rel": range(len(names))}, schema={"relation": pl.String, "rel": pl.Int64}
@@ -628,7 +663,10 @@ def build_kg(
         .select(list(RELATION_SCHEMA))
         .cast(RELATION_SCHEMA)
     )
+    return edges, all_edges, relations
 
+
+def _warn_about_seeds(unknown_seeds, vocab: pl.DataFrame, items: pl.DataFrame) -> None:
     if unknown_seeds.len():
         log.warning(
             "%d seed URI(s) are not in the KG and were ignored, e.g. %s",
@@ -640,29 +678,6 @@ def build_kg(
             "%d movie(s) share a DBpedia URI with a lower movie_id and are keyed redial:<movie_id>",
             items["shares_uri"].sum(),
         )
-    linked = pl.concat([edges["src"], edges["dst"]]).unique()
-    metrics = {
-        "entities": entities.height,
-        "items": items.height,
-        "items_with_edges": linked.filter(linked < items.height).len(),
-        "items_without_uri": int(items["uri"].str.starts_with("redial:").sum()),
-        "movies_sharing_uri": int(items["shares_uri"].sum()),
-        "relations": relations.height,
-        "relations_input": distinct["relation"].n_unique(),
-        "relations_passing_filter": kept_relations.height,
-        "edges": all_edges.height,
-        "self_loops": entities.height if add_self_loops else 0,
-        "triples_input": triples.height,
-        "triples_repeated": triples.height - distinct.height,
-        "self_edges_dropped": distinct.height - proper.height,
-        "triples_dropped_by_relation_filter": proper.height - kept.height,
-        "triples_beyond_hops": kept.height - in_reach.height,
-        "seeds_unknown": unknown_seeds.len(),
-        "min_relation_edges": min_relation_edges,
-        "hops": hops,
-        "reference": reference,
-    }
-    return KgResult(entities, relations, all_edges, metrics)
 
 
 def _natural_key(name: str) -> tuple:
