@@ -368,16 +368,7 @@ def evaluate_linker(
     precision is understated by every correct link Spotlight missed; F1 against it is a consistency check with the
     reference pipeline, not accuracy. recall_mapped/f1_mapped score against the mapped gold only.
     """
-    try:
-        conversations = json.loads(Path(valid_data_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"{valid_data_path}: expected CRSLab's valid_data.json (a JSON list of conversations): {exc}"
-        ) from None
-    if not isinstance(conversations, list):
-        raise ValueError(
-            f"{valid_data_path}: expected a JSON list of conversations, got {type(conversations).__name__}"
-        )
+    conversations = _read_annotated(valid_data_path)
     movie_ids = {uri_to_entity_id[uri] for uri in movie_uris if uri in uri_to_entity_id}
 
     counts = Counter()
@@ -394,11 +385,7 @@ def evaluate_linker(
                     "expected an object with a 'text' token list"
                 )
             text = " ".join(str(token) for token in utterance["text"])
-            gold: set = set()  # entity ids, and the URIs the map lacks: misses that no prediction can hit
-            for uri in utterance.get("entity", []):
-                entity_id = uri_to_entity_id.get(uri)
-                if uri not in movie_uris and entity_id not in movie_ids:
-                    gold.add(uri if entity_id is None else entity_id)
+            gold = _gold_entities(utterance, uri_to_entity_id, movie_uris, movie_ids)
             unmapped = sum(isinstance(g, str) for g in gold)
             counts["gold_unmapped"] += unmapped
             counts["gold_mapped"] += len(gold) - unmapped
@@ -420,6 +407,34 @@ def evaluate_linker(
                 if m.entity_id in predicted - gold
             ]
 
+    return _linker_scores(counts, f1_per_utterance, misses, false_hits, sample_size, seed)
+
+
+def _read_annotated(path: Path) -> list:
+    """CRSLab's valid_data.json: a JSON list of conversations (a clear error naming the file otherwise)."""
+    try:
+        conversations = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: expected CRSLab's valid_data.json (a JSON list of conversations): {exc}") from None
+    if not isinstance(conversations, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(conversations).__name__}")
+    return conversations
+
+
+def _gold_entities(utterance: dict, uri_to_entity_id: Mapping[str, int], movie_uris: set[str], movie_ids: set) -> set:
+    """The utterance's non-movie gold: entity ids, and the URIs the map lacks (misses no prediction can hit)."""
+    gold: set = set()
+    for uri in utterance.get("entity", []):
+        entity_id = uri_to_entity_id.get(uri)
+        if uri not in movie_uris and entity_id not in movie_ids:
+            gold.add(uri if entity_id is None else entity_id)
+    return gold
+
+
+def _linker_scores(
+    counts: Counter, f1_per_utterance: list, misses: list, false_hits: list, sample_size: int, seed: int
+) -> dict:
+    """Micro and macro scores from the counts, and samples of misses and false hits."""
     gold_reachable = counts["gold_mapped"]  # all counts are of distinct entities per utterance
     tp, predicted, gold = counts["true_positives"], counts["predicted"], counts["gold"]
     precision = tp / predicted if predicted else 0.0
