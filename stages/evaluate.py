@@ -245,7 +245,7 @@ def _gold_words(
         samples.filter(pl.col("split") == "test").sort("sample_id").select("conv_id", "turn_idx", "response_token_ids")
     )
     texts = part.join(
-        pl.read_parquet(workspace / "data/ingest/utterances.parquet").select("conv_id", "turn_idx", "text"),
+        pl.read_parquet(workspace / STAGES["ingest"].output("utterances")).select("conv_id", "turn_idx", "text"),
         on=["conv_id", "turn_idx"],
         how="left",
         maintain_order="left",
@@ -292,7 +292,7 @@ def evaluate_conversation(
     )
     items = entities.filter(pl.col("is_item"))
     movie_token = dict(zip(items["entity_id"], (f"@{m}" for m in items["movie_id"])))
-    movies = pl.read_parquet(workspace / "data/ingest/movies.parquet")
+    movies = pl.read_parquet(workspace / STAGES["ingest"].output("movies"))
     title = {f"@{m}": f"{t} ({y})" if y else t for m, t, y in movies.select("movie_id", "title", "year").iter_rows()}
 
     def names_entity(words) -> bool:
@@ -331,6 +331,15 @@ def evaluate_conversation(
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
 
+    readable = _responses_to_read(params, workspace, samples, table, data, gold, said, title)
+    protocol = _conversation_protocol(data, table, decoding)
+    report = conv_metrics.conversation_report(results, protocol, readable, list(paths))
+    sheet, key = conv_metrics.rating_sheet(readable, list(paths), params.seed)
+    return results, report, sheet, key
+
+
+def _responses_to_read(params, workspace: Path, samples, table, data, gold, said: dict, title: dict) -> list[dict]:
+    """A seeded sample of test contexts with the gold response and every generator's, movies shown as titles."""
     picked = np.sort(
         np.random.default_rng(params.seed).choice(
             len(data), min(params.evaluate.samples_for_reading, len(data)), replace=False
@@ -340,18 +349,23 @@ def evaluate_conversation(
     def shown(response: list[str]) -> str:
         return " ".join(title.get(w, w) for w in response)
 
-    utterances = pl.read_parquet(workspace / "data/ingest/utterances.parquet")
+    utterances = pl.read_parquet(workspace / STAGES["ingest"].output("utterances"))
     turn_of = dict(zip(samples["sample_id"], zip(samples["conv_id"], samples["turn_idx"])))
     readable = [
         {
             "sample_id": int(table.sample_ids[data.rows[i]]),
             "context": _context_turns(utterances, *turn_of[int(table.sample_ids[data.rows[i]])], title),
             "gold": shown(gold[i]),
-            "responses": {name: shown(said[name][i]) for name in paths},
+            "responses": {name: shown(responses[i]) for name, responses in said.items()},
         }
         for i in picked.tolist()
     ]
-    protocol = (
+    return readable
+
+
+def _conversation_protocol(data, table, decoding) -> str:
+    """The protocol line of reports/conv.md."""
+    return (
         f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
         f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
         f"{decoding.method} decoding"
@@ -362,9 +376,6 @@ def evaluate_conversation(
         "the gold responses under each model (movies as the placeholder). Definitions in "
         "stages/evaluation/conv_metrics.py."
     )
-    report = conv_metrics.conversation_report(results, protocol, readable, list(paths))
-    sheet, key = conv_metrics.rating_sheet(readable, list(paths), params.seed)
-    return results, report, sheet, key
 
 
 # What metrics/rec.json and metrics/conv.json hold, flat, so `dvc metrics show/diff` stays readable in a terminal;
