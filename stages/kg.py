@@ -546,7 +546,7 @@ def build_kg(
     items = _movie_keys(movies)
     seeds = pl.Series("uri", [normalize_uri(u) for u in seed_uris], dtype=pl.String).unique()
     coded, vocab = _encode(triples, items["uri"], seeds)
-    reference = _reference_counts_coded(coded, n_vocabulary=pl.concat([coded["head"], coded["tail"]]).n_unique())
+    reference = reference_counts(triples)
 
     distinct = coded.unique(["head", "relation", "tail"], keep="first")
     proper = distinct.filter(pl.col("head") != pl.col("tail"))

@@ -72,16 +72,16 @@ def test_ranks_from_blocks_equal_ranks_from_the_full_matrix():
     full = rec_metrics.rank_of_targets(scores, rows["sample_id"].to_numpy(), rows["target_item"].to_numpy(), chunk=7)
     permutation = rng.permutation(n_samples)  # blocks in any order, sample ids not sorted inside a block
     blocks = [(permutation[i : i + 8], scores[permutation[i : i + 8]]) for i in range(0, n_samples, 8)]
-    assert rec_metrics.ranks_from_score_blocks(iter(blocks), rows).tolist() == full.tolist()
+    assert rec_metrics.ranks_and_masked_ranks(iter(blocks), rows, [[]] * rows.height)[0].tolist() == full.tolist()
 
 
 def test_ranks_from_blocks_catch_missing_and_repeated_samples():
     rows = pl.DataFrame({"sample_id": [0, 1], "target_item": [0, 1]})
     scores = np.zeros((1, 3), dtype=np.float32)
     with pytest.raises(rec_metrics.EvaluationError, match="no scores"):
-        rec_metrics.ranks_from_score_blocks([(np.array([0]), scores)], rows)
+        rec_metrics.ranks_and_masked_ranks([(np.array([0]), scores)], rows, [[], []])
     with pytest.raises(rec_metrics.EvaluationError, match="more than one"):
-        rec_metrics.ranks_from_score_blocks([(np.array([0]), scores), (np.array([0]), scores)], rows)
+        rec_metrics.ranks_and_masked_ranks([(np.array([0]), scores), (np.array([0]), scores)], rows, [[], []])
 
 
 def test_expand_mentions_keeps_every_mention_and_flags_repeats():
@@ -244,10 +244,10 @@ def test_masked_ranks_from_blocks_by_hand():
     ranks, masked = rec_metrics.ranks_and_masked_ranks(iter(blocks), rows, exclude)
     assert ranks.tolist() == [2, 1, 3, 1]
     assert masked.tolist() == [1, 1, 1, 1]  # row 1's target 3 is itself in the context: it still counts once
-    assert rec_metrics.ranks_from_score_blocks(iter(blocks), rows, rows["context_item_ids"]).tolist() == masked.tolist()
-    assert rec_metrics.ranks_from_score_blocks(iter(blocks), rows).tolist() == ranks.tolist()
+    unmasked, masked_by_blocks = rec_metrics.ranks_and_masked_ranks(iter(blocks), rows, rows["context_item_ids"])
+    assert masked_by_blocks.tolist() == masked.tolist() and unmasked.tolist() == ranks.tolist()
     with pytest.raises(rec_metrics.EvaluationError, match="entries"):
-        rec_metrics.ranks_from_score_blocks(iter(blocks), rows, exclude[:3])
+        rec_metrics.ranks_and_masked_ranks(iter(blocks), rows, exclude[:3])
 
 
 def test_masked_protocol_and_its_margins_use_the_masked_ranks():

@@ -234,20 +234,6 @@ def _ranks_from_blocks(
     return ranks
 
 
-def ranks_from_score_blocks(
-    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
-    rows: pl.DataFrame,
-    exclude: pl.Series | Sequence[Sequence[int]] | None = None,
-) -> np.ndarray:
-    """Ranks for every row (aligned with `rows`) from (sample_ids, scores[len(sample_ids), n_items]) blocks.
-
-    Lets a model score the test set a block at a time (e.g. 1024 x 6,924 float32, 28 MB) instead of holding the
-    whole matrix. Every sample of `rows` must appear in exactly one block; extra samples are ignored. exclude (one
-    list of item ids per row, e.g. rows["context_item_ids"]) leaves those items out of each row's ranking.
-    """
-    return _ranks_from_blocks(blocks, rows, [exclude])[0]
-
-
 def ranks_and_masked_ranks(
     blocks: Iterable[tuple[np.ndarray, np.ndarray]], rows: pl.DataFrame, exclude: pl.Series | Sequence[Sequence[int]]
 ) -> tuple[np.ndarray, np.ndarray]:
