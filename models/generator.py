@@ -36,6 +36,7 @@ from torch import nn
 from models.c2crs import C2CRS
 from models.dropout import Dropout
 from models.kgsf import KGSFRecommender
+from models.output_heads import KBRDUserBias, KECRSEntityBag, KGSFVocabularyBias
 
 MEMORIES = ("history", "kg", "word", "review")  # what a decoder may attend to (word: KGSF's ConceptNet words)
 USER = "user"  # a memories entry that is no cross-attention: KGSF's user vectors [B, 1, d] for the vocabulary bias
@@ -206,24 +207,16 @@ class ResponseGenerator(nn.Module):
         if cfg.copy:
             self.copy_query = nn.Linear(cfg.dim, cfg.dim)
             self.copy_gate = nn.Linear(2 * cfg.dim, 1)  # [decoder state; attended source] -> p_gen
-        if cfg.vocabulary_bias_dim:
-            self.bias_projection = nn.Linear(cfg.vocabulary_bias_dim + cfg.dim, cfg.dim)  # KGSF's copy_norm
-            self.bias_output = nn.Linear(cfg.dim, cfg.vocab_size)  # KGSF's copy_output
-            # the tokens the bias may raise (KGSF's copy mask: the words of its word graph); set by the owner
-            self.register_buffer("bias_tokens", torch.zeros(cfg.vocab_size, dtype=torch.bool))
-        if cfg.user_bias_dim:  # KBRD's user_representation_to_bias: two layers to a bias over the vocabulary
-            self.user_bias = nn.Sequential(
-                nn.Linear(cfg.user_bias_dim, cfg.dim), nn.ReLU(), nn.Linear(cfg.dim, cfg.vocab_size)
-            )
-        if cfg.entity_bag:
-            self.bag_align = nn.Linear(cfg.entity_dim + cfg.dim, cfg.entity_dim)  # KECRS's bag_dim_align
-            self.bag_bias = nn.Parameter(torch.zeros(cfg.entity_bag))
-            # the frozen R-GCN's output for every entity, and the entity each token names (-1: none); set by the owner
-            self.register_buffer("bag_entities", torch.zeros(cfg.entity_bag, cfg.entity_dim))
-            self.register_buffer("token_entity", torch.full((cfg.vocab_size,), -1, dtype=torch.long))
-        if cfg.infusion:
-            self.infusion_align = nn.Linear(cfg.entity_dim, cfg.dim)  # KECRS's dim_align
-            self.infusion_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        # the baselines' output heads (models/output_heads.py), when the config asks for them
+        self.vocabulary_bias = (
+            KGSFVocabularyBias(cfg.vocabulary_bias_dim, cfg.dim, cfg.vocab_size) if cfg.vocabulary_bias_dim else None
+        )
+        self.user_bias = KBRDUserBias(cfg.user_bias_dim, cfg.dim, cfg.vocab_size) if cfg.user_bias_dim else None
+        self.entity_bag = (
+            KECRSEntityBag(cfg.entity_bag, cfg.entity_dim, cfg.dim, cfg.vocab_size, cfg.entity_bag_mixing, cfg.infusion)
+            if cfg.entity_bag
+            else None
+        )
 
     # ---- the decoder ------------------------------------------------------------------------------------------
     def memory_keys_values(self, memories: dict[str, Memory]) -> list[dict]:
@@ -249,29 +242,20 @@ class ResponseGenerator(nn.Module):
         logits = hidden @ self.tokens.weight.T + self.output_bias
         if (self.cfg.vocabulary_bias_dim or self.cfg.user_bias_dim) and user is None:
             raise ValueError("this generator's vocabulary bias needs the user vectors (memories['user'])")
-        if self.cfg.vocabulary_bias_dim:
-            bias = self.bias_output(self.bias_projection(torch.cat([user.to(hidden.dtype), hidden], dim=-1)))
-            logits = logits + bias * self.bias_tokens
-        if self.cfg.user_bias_dim:
+        if self.vocabulary_bias is not None:
+            logits = logits + self.vocabulary_bias(hidden, user)
+        if self.user_bias is not None:
             logits = logits + self.user_bias(user.to(hidden.dtype))
         return logits
 
-    def entity_distribution(self, hidden: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """KECRS's per-step distribution over every entity: softmax(align([user; h]) . N + b) -> [..., entities]."""
-        query = self.bag_align(torch.cat([user.to(hidden.dtype), hidden], dim=-1))
-        return torch.softmax((query @ self.bag_entities.to(query.dtype).T + self.bag_bias).float(), dim=-1)
-
     def bag_of_entities(self, hidden: torch.Tensor, targets: torch.Tensor, user: Memory) -> torch.Tensor:
-        """The entity distributions summed over each response's real positions: hidden [B, T, dim], targets [B, T]
-        (padding excluded), user.states [B, 1, entity_dim] -> [B, entities], each row in [0, T]."""
-        real = targets.ne(self.cfg.pad_id)
-        probs = self.entity_distribution(hidden[real], user.states.expand(-1, targets.size(1), -1)[real])
-        rows = real.nonzero(as_tuple=True)[0]
-        return probs.new_zeros((targets.size(0), probs.size(1))).index_add_(0, rows, probs)
+        """KECRS's bag of entities over each response's real positions (targets [B, T], padding excluded) ->
+        [B, entities] (output_heads.KECRSEntityBag.bag)."""
+        return self.entity_bag.bag(hidden, targets.ne(self.cfg.pad_id), user.states)
 
     def infusion_scores(self, user: torch.Tensor) -> torch.Tensor:
-        """KECRS's infusion: the user vector [B, entity_dim] scored against every word embedding -> [B, vocab]."""
-        return self.infusion_align(user) @ self.tokens.weight.T + self.infusion_bias
+        """KECRS's infusion: the user vector [B, entity_dim] against this generator's word embeddings -> [B, vocab]."""
+        return self.entity_bag.infusion_scores(user, self.tokens.weight)
 
     def copy_attention(self, hidden: torch.Tensor, source: CopySource) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention over source tokens [B, T, S], p_gen [B, T, 1]). Nothing copyable -> p_gen = 1."""
@@ -318,12 +302,8 @@ class ResponseGenerator(nn.Module):
             copied = torch.zeros_like(probs).scatter_add_(1, source.ids, attention[:, 0].float())
             p_gen = p_gen[:, 0].float()
             probs = p_gen * probs + (1 - p_gen) * copied
-        if self.cfg.entity_bag and user is not None:  # KECRS: an entity's mass raises the token that names it
-            names = self.token_entity >= 0
-            entities = self.entity_distribution(hidden, user.states[:, 0])
-            probs = probs.clone()
-            probs[:, names] += self.cfg.entity_bag_mixing * entities[:, self.token_entity[names]]
-            probs = probs / probs.sum(dim=-1, keepdim=True)
+        if self.entity_bag is not None and user is not None:  # KECRS: an entity's mass raises the token naming it
+            probs = self.entity_bag.mix(probs, hidden, user.states[:, 0])
         return torch.log(probs + 1e-12)
 
 
@@ -383,8 +363,8 @@ class ConversationModel(nn.Module):
     autograd (cheaper on CPU).
 
     KBRD's and KECRS's generators (generator.cfg.user_bias_dim, entity_bag): the encoders are their recommender's;
-    the user vector pools the context entities' rows of N (the batch's, or KECRS's bag_entities: the frozen R-GCN's
-    outputs for every entity) as that recommender does.
+    the user vector pools the context entities' rows of N (the batch's, or KECRS's entity_bag.entities: the frozen
+    R-GCN's outputs for every entity) as that recommender does.
 
     KGSF's generator: `kgsf` (its trained recommender) gives the entities (its R-GCN) and the ConceptNet words (its
     word GCN over word_graph = (edges [2, E], the word id of each input token [n_in], -1 for none)), and, pooled by
@@ -426,7 +406,7 @@ class ConversationModel(nn.Module):
             self.register_buffer("word_edges", word_edges.long())
             self.register_buffer("token_word", token_word.long())
             if generator.cfg.vocabulary_bias_dim:
-                generator.bias_tokens[:n_in] = token_word >= 0
+                generator.vocabulary_bias.tokens[:n_in] = token_word >= 0
         self.frozen = tuple(frozen)
         for name in self.frozen:
             self._encoder(name).requires_grad_(False)
@@ -517,7 +497,7 @@ class ConversationModel(nn.Module):
             memories.update(self._kgsf_memories(context_ids, entity_rows, entity_ids, W))
         if self.generator.cfg.entity_bag or self.generator.cfg.user_bias_dim:
             # KECRS and KBRD: their recommender's user vector (N: the batch's rows, else KECRS's bag of all rows)
-            N = entity_rows if entity_rows is not None else self.generator.bag_entities
+            N = entity_rows if entity_rows is not None else self.generator.entity_bag.entities
             user = self._run("kg", self.encoders.user_vector, N, entity_ids)[:, None]
             memories[USER] = Memory(user, user.new_zeros(user.shape[:2], dtype=torch.bool))
         if "review" in wanted:

@@ -48,7 +48,7 @@ def _generator(seed: int = 0, mixing: float = 0.1) -> ResponseGenerator:
         )
     ).eval()
     with torch.no_grad():
-        model.bag_entities.normal_()
+        model.entity_bag.entities.normal_()
     return model
 
 
@@ -64,7 +64,8 @@ def test_the_bag_sums_each_real_positions_entity_distribution():
     for b, real in ((0, 3), (1, 2)):
         expected = sum(
             torch.softmax(
-                model.bag_align(torch.cat([user.states[b, 0], hidden[b, t]])) @ model.bag_entities.T + model.bag_bias,
+                model.entity_bag.align(torch.cat([user.states[b, 0], hidden[b, t]])) @ model.entity_bag.entities.T
+                + model.entity_bag.bias,
                 dim=-1,
             )
             for t in range(real)
@@ -88,9 +89,9 @@ def test_the_bag_of_entity_and_infusion_losses_by_hand():
 
 def test_decoding_adds_an_entitys_probability_to_the_token_naming_it():
     model = _generator(mixing=0.5)
-    model.token_entity[7] = 3  # token 7 names entity 3
+    model.entity_bag.token_entity[7] = 3  # token 7 names entity 3
     with torch.no_grad():
-        model.bag_bias[3] = 50.0  # the bag is all on entity 3
+        model.entity_bag.bias[3] = 50.0  # the bag is all on entity 3
     g = torch.Generator().manual_seed(3)
     hidden, user = (
         torch.randn(2, 8, generator=g),
@@ -178,8 +179,8 @@ def _kecrs_model(seed: int = 0):
     model = conv_runs.conversation_model(config, encoders)
     edge_index, edge_type = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]]), torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
-        model.generator.bag_entities.copy_(encoders.entity_graph(edge_index, edge_type))
-    model.generator.token_entity[[5, 6]] = torch.tensor([4, 5])
+        model.generator.entity_bag.entities.copy_(encoders.entity_graph(edge_index, edge_type))
+    model.generator.entity_bag.token_entity[[5, 6]] = torch.tensor([4, 5])
     return model, config
 
 
@@ -194,7 +195,7 @@ def test_kecrs_reads_its_recommenders_user_vector_frozen_and_decodes_the_same_af
     model, config = _kecrs_model()
     (memories, source), entity_ids = _memories(model)
     assert source is None and set(memories) == {"history", USER}
-    expected = model.encoders.user_vector(model.generator.bag_entities, entity_ids)
+    expected = model.encoders.user_vector(model.generator.entity_bag.entities, entity_ids)
     assert torch.allclose(memories[USER].states[:, 0], expected, atol=1e-6)
     assert not memories[USER].states.requires_grad  # the recommender is frozen, as KECRS detaches it
     targets = torch.tensor([[5, END], [10, END]])
@@ -214,14 +215,15 @@ def test_kecrs_reads_its_recommenders_user_vector_frozen_and_decodes_the_same_af
     )
     loss.backward()
     assert all(p.grad is None for p in model.encoders.kg_encoder.parameters())
-    assert model.generator.bag_align.weight.grad is not None and model.generator.infusion_align.weight.grad is not None
+    bag = model.generator.entity_bag
+    assert bag.align.weight.grad is not None and bag.infusion_align.weight.grad is not None
 
     model.eval()
     runs.save_model(tmp_path / "kecrs.pt", model, config)
     loaded, _ = conv_runs.load_conversation_model(tmp_path / "kecrs.pt")
     loaded.eval()
-    assert torch.equal(loaded.generator.bag_entities, model.generator.bag_entities)
-    assert torch.equal(loaded.generator.token_entity, model.generator.token_entity)
+    assert torch.equal(loaded.generator.entity_bag.entities, model.generator.entity_bag.entities)
+    assert torch.equal(loaded.generator.entity_bag.token_entity, model.generator.entity_bag.token_entity)
     (got, _), _ = _memories(loaded)
     (want, _), _ = _memories(model)
     assert greedy_decode(loaded.generator, got, None, 5) == greedy_decode(model.generator, want, None, 5)

@@ -51,9 +51,9 @@ def test_the_decoder_reads_its_memories_in_the_configured_order():
 
 def test_the_vocabulary_bias_raises_graph_words_only_and_teacher_forcing_equals_the_full_softmax():
     model = _generator({"history": 8}, bias_dim=4)
-    model.bias_tokens[[5, 6]] = True
+    model.vocabulary_bias.tokens[[5, 6]] = True
     with torch.no_grad():
-        model.bias_output.bias.fill_(3.0)
+        model.vocabulary_bias.output.bias.fill_(3.0)
     g = torch.Generator().manual_seed(2)
     hidden, user = torch.randn(2, 3, 8, generator=g), torch.randn(2, 1, 4, generator=g)
     with_bias = model.vocabulary_logits(hidden, user.expand(-1, 3, -1))
@@ -138,7 +138,12 @@ def test_kgsf_generator_reads_words_entities_and_user_vectors_from_its_frozen_re
     assert torch.allclose(word.states[0, 0], W[0]) and torch.allclose(word.states[0, 3], W[1])
     e, w = model.kgsf.side_vectors(rows, entity_ids, W, model.token_word[context])
     assert torch.allclose(memories[USER].states[:, 0], torch.cat([e, w], dim=-1), atol=1e-6)
-    assert model.generator.bias_tokens.nonzero().flatten().tolist() == [5, 6, 7, 8]  # graph words, no placeholder
+    assert model.generator.vocabulary_bias.tokens.nonzero().flatten().tolist() == [
+        5,
+        6,
+        7,
+        8,
+    ]  # graph words, no placeholder
 
     targets = torch.tensor([[5, END], [10, END], [6, END]])
     hidden = model.generator.decode(
@@ -147,7 +152,7 @@ def test_kgsf_generator_reads_words_entities_and_user_vectors_from_its_frozen_re
     generation_loss(model.generator.target_log_probs(hidden, targets, source, memories[USER]), targets, PAD).backward()
     assert all(p.grad is None for p in model.kgsf.parameters())  # KGSF freezes its recommender's parts
     assert model.encoders.conversation_encoder.tokens.weight.grad is not None
-    assert model.generator.bias_output.weight.grad is not None
+    assert model.generator.vocabulary_bias.output.weight.grad is not None
     for decoded in (
         greedy_decode(model.generator, memories, source, 5),
         beam_decode(model.generator, memories, source, 5, beam_size=2),
@@ -186,7 +191,7 @@ def test_a_saved_kgsf_generator_loads_with_its_word_graph(tmp_path):
     (got, _), *_ = _memories(loaded)
     for name in expected:
         assert torch.allclose(expected[name].states, got[name].states, atol=1e-6)
-    assert torch.equal(loaded.generator.bias_tokens, model.generator.bias_tokens)
+    assert torch.equal(loaded.generator.vocabulary_bias.tokens, model.generator.vocabulary_bias.tokens)
     assert greedy_decode(loaded.generator, got, None, 5) == greedy_decode(model.generator, expected, None, 5)
 
 

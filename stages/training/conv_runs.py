@@ -213,8 +213,8 @@ def _kecrs_losses(model: ConversationModel, run, inputs: dict[str, Path], vocabu
     )
     generator = model.generator
     with torch.no_grad(), loop.evaluating(model.encoders):
-        generator.bag_entities.copy_(model.encoders.entity_graph(run.graph.edge_index, run.graph.edge_type))
-    generator.token_entity.copy_(torch.as_tensor(token_entity))
+        generator.entity_bag.entities.copy_(model.encoders.entity_graph(run.graph.edge_index, run.graph.edge_type))
+    generator.entity_bag.token_entity.copy_(torch.as_tensor(token_entity))
     return kecrs_train.KECRSLosses(
         generator, run.graph, entity_token, cfg.bag_of_entity_weight, cfg.infusion_weight, run.device
     )
