@@ -135,9 +135,10 @@ def _curve_answer(curve: dict) -> list[str]:
     ]
     if helps["all"] and not helps["same"]:
         lines.append(
-            f"The gap shows only when pre-training saw more conversations than fine-tuning (shares "
-            f"{', '.join(f'{f:.0%}' for f in helps['all'])}): it comes from the extra unlabelled "
-            "conversations, not from the method on the same data."
+            f"A gain shows only where pre-training saw more conversations than fine-tuning (shares "
+            f"{', '.join(f'{f:.0%}' for f in helps['all'])}); pre-trained on the same share, no share gains (every "
+            "interval includes 0 or is below it): the gain needs the extra unlabelled conversations, not the method "
+            "on the same data."
         )
     elif helps["same"]:
         lines.append(
