@@ -146,30 +146,89 @@ def cap_memory() -> float:
     return headroom
 
 
-def measure(stage: str, config: str, steps: int, reference_batch: int, batch_override: int | None) -> dict:
-    import torch
-    import torch.nn.functional as F
+class Instruments:
+    """Timers and width records around the batch builders and the R-GCN of one child process; in the reference
+    configuration also the reference code's way of running (full-width padding, the whole-graph R-GCN)."""
 
+    def __init__(self, run, reference: bool):
+        self.data, self.graph = Clock(), Clock()
+        self.widths: dict[str, list[int]] = {"context": [], "sentence": []}
+        self.graph_rows: list[int] = []
+        self.full_graph: dict = {}  # the reference's whole-graph N of the current step
+        self.run, self.reference = run, reference
+
+    def reset(self) -> None:
+        self.data.seconds = self.graph.seconds = 0.0
+        self.full_graph.clear()
+        del self.widths["context"][:], self.widths["sentence"][:], self.graph_rows[:]
+
+    def patch_builders(self) -> None:
+        """The batch builders the steps call, timed (data); and in the reference configuration, padded to full
+        width."""
+        import torch.nn.functional as F
+
+        from models import c2crs as c2crs_model
+        from stages.training import c2crs_train
+
+        context_batch, fine_batch, pad = c2crs_train.context_batch, c2crs_train.fine_batch, c2crs_train.pad
+        pad_id, reference, widths = self.run.pad_id, self.reference, self.widths
+
+        def context_batch_(*args, **kwargs):
+            batch = context_batch(*args, **kwargs)
+            if reference:
+                width = REFERENCE_CONTEXT_TOKENS - batch["context_ids"].shape[-1]
+                batch["context_ids"] = F.pad(batch["context_ids"], (0, width), value=pad_id)
+            widths["context"].append(batch["context_ids"].shape[-1])
+            return batch
+
+        def pad_(rows, value, min_length=1):  # stages.c2crs_train uses pad for the review sentences only
+            out = pad(rows, value, max(min_length, REFERENCE_SENTENCE_TOKENS) if reference else min_length)
+            widths["sentence"].append(out.shape[1])
+            return out
+
+        c2crs_train.context_batch = self.data.wrap(context_batch_)
+        c2crs_train.fine_batch = self.data.wrap(fine_batch)
+        c2crs_train.pad = self.data.wrap(pad_)
+        if reference:
+            c2crs_model.TokenEncoder.forward = untrimmed_token_forward
+            c2crs_train._node_rows = self.full_graph_rows
+
+    def full_graph_rows(self, model, run, *entity_ids, with_items=False):
+        """The R-GCN over the whole graph: N for every entity, the ids unrenumbered. Computed once per step
+        (pretrain_fine's fine and coarse losses share it, as one forward of the reference model does)."""
+        if "N" not in self.full_graph:
+            self.full_graph["N"] = model.entity_graph(
+                run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device)
+            )
+        return self.full_graph["N"], list(entity_ids)
+
+    def patch_model(self, model) -> None:
+        """Time model.entity_graph and count the rows it computes."""
+        entity_graph, n_entities = model.entity_graph, self.run.graph.n_entities
+
+        def entity_graph_(edge_index, edge_type, nodes=None):
+            self.graph_rows.append(n_entities if nodes is None else len(nodes))
+            return entity_graph(edge_index, edge_type, nodes)
+
+        model.entity_graph = self.graph.wrap(entity_graph_)
+
+
+def load_stage(stage: str, config: str, reference_batch: int, batch_override: int | None):
+    """params (with params/reference.yaml applied for the reference), Run, C2CRSConfig and the stage's section, as
+    the stage builds them; and the seconds loading took."""
     import pipeline  # noqa: F401  (first: sets the environment the libraries read at import)
-    from models import c2crs as c2crs_model
-    from models.c2crs import C2CRS
     from pipeline.config import Params, apply_overrides, load_params, reference_overrides
-    from stages.training import c2crs_train
-    from stages.training.c2crs_data import recommendation_rows
-    from stages.training.loop import adam, epoch_generator, seed_everything
     from stages.training.runs import training_run
 
     params = load_params(ROOT / "params.yaml")
-    reference = config == "reference"
-    if reference:  # the machine's device, as ours
+    if config == "reference":  # the machine's device, as ours
         overrides = {k: v for k, v in reference_overrides(REFERENCE_PARAMS).items() if k != "device"}
         params = Params.model_validate(apply_overrides(dict(params), "reference", overrides, kind="reference"))
     load_start = time.perf_counter()
     run, model_config, _ = training_run(params, ROOT)
     load_seconds = time.perf_counter() - load_start
-    memory_cap_mib = cap_memory()
     cfg = getattr(params, stage)
-    if reference:
+    if config == "reference":
         model_config = dataclasses.replace(
             model_config, max_positions=max(model_config.max_positions, REFERENCE_CONTEXT_TOKENS)
         )
@@ -177,65 +236,15 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
             cfg = cfg.model_copy(update={"batch_size": reference_batch})
     if batch_override:
         cfg = cfg.model_copy(update={"batch_size": batch_override})
+    return params, run, model_config, cfg, load_seconds
 
-    # The batch builders the steps call, timed (data); and in the reference configuration, padded to full width.
-    data_clock, graph_clock = Clock(), Clock()
-    widths: dict[str, list[int]] = {"context": [], "sentence": []}
-    context_batch, fine_batch, pad = c2crs_train.context_batch, c2crs_train.fine_batch, c2crs_train.pad
-    pad_id = run.pad_id
 
-    def padded(builder, key: str, reference_width: int, width_name: str):
-        """builder's batch with the token axis (last) of batch[key] padded to the reference width (reference
-        only); the width is recorded either way."""
+def stage_steps(stage: str, model, run, cfg, rng):
+    """Epoch 0's batches and the step's loss function, each as the stage computes them."""
+    import torch
 
-        def build(*args, **kwargs):
-            batch = builder(*args, **kwargs)
-            if reference:
-                batch[key] = F.pad(batch[key], (0, reference_width - batch[key].shape[-1]), value=pad_id)
-            widths[width_name].append(batch[key].shape[-1])
-            return batch
-
-        return build
-
-    context_batch_ = padded(context_batch, "context_ids", REFERENCE_CONTEXT_TOKENS, "context")
-
-    def pad_(rows, value, min_length=1):  # stages.c2crs_train uses pad for the review sentences only
-        out = pad(rows, value, max(min_length, REFERENCE_SENTENCE_TOKENS) if reference else min_length)
-        widths["sentence"].append(out.shape[1])
-        return out
-
-    c2crs_train.context_batch = data_clock.wrap(context_batch_)
-    c2crs_train.fine_batch = data_clock.wrap(fine_batch)
-    c2crs_train.pad = data_clock.wrap(pad_)
-
-    full_graph: dict = {}  # the reference's whole-graph N of the current step
-    if reference:
-        c2crs_model.TokenEncoder.forward = untrimmed_token_forward
-
-        def full_graph_rows(model, run, *entity_ids, with_items=False):
-            """The R-GCN over the whole graph: N for every entity, the ids unrenumbered. Computed once per step
-            (pretrain_fine's fine and coarse losses share it, as one forward of the reference model does)."""
-            if "N" not in full_graph:
-                full_graph["N"] = model.entity_graph(
-                    run.graph.edge_index.to(run.device), run.graph.edge_type.to(run.device)
-                )
-            return full_graph["N"], list(entity_ids)
-
-        c2crs_train._node_rows = full_graph_rows
-
-    seed_everything(params.seed)
-    model = C2CRS(model_config).to(run.device)
-    model.train()
-    graph_rows: list[int] = []
-    entity_graph = model.entity_graph
-
-    def entity_graph_(edge_index, edge_type, nodes=None):
-        graph_rows.append(run.graph.n_entities if nodes is None else len(nodes))
-        return entity_graph(edge_index, edge_type, nodes)
-
-    model.entity_graph = graph_clock.wrap(entity_graph_)
-    optimizer = adam(model.parameters(), cfg.learning_rate)
-    rng = epoch_generator(run.seed, 0)
+    from stages.training import c2crs_train
+    from stages.training.c2crs_data import recommendation_rows
 
     if stage == "finetune_rec":
         sample_rows, target_items = recommendation_rows(run.train)
@@ -250,40 +259,39 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
             nodes, (entity_ids,) = c2crs_train._node_rows(model, run, entity_ids, with_items=not all_entities)
             logits = model.recommendation_logits(nodes, entity_ids, all_entities=all_entities)
             return model.recommendation_loss(logits, torch.as_tensor(target_items[picked], device=run.device))
-    else:
-        model.cfg.temperature = cfg.temperature
-        batches = c2crs_train._pretraining_batches(run, cfg, rng)
-        if stage == "pretrain_coarse":
 
-            def step_loss(rows):
-                return c2crs_train.coarse_losses(model, run, run.train, rows)
-        else:
+        return batches, step_loss
+    model.cfg.temperature = cfg.temperature
+    batches = c2crs_train._pretraining_batches(run, cfg, rng)
+    if stage == "pretrain_coarse":
+        return batches, lambda rows: c2crs_train.coarse_losses(model, run, run.train, rows)
 
-            def step_loss(rows):  # pretrain_fine's step_loss(run.train, rng)
-                context = c2crs_train.encode_context(model, run, run.train, rows)
-                fine = c2crs_train.fine_losses(model, run, run.train, rows, cfg.max_triples_per_sample, rng, context)
-                coarse = (
-                    c2crs_train.coarse_losses(model, run, run.train, rows, context)
-                    if cfg.coarse_weight
-                    else torch.zeros(())
-                )
-                return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
+    def step_loss(rows):  # pretrain_fine's step_loss(run.train, rng)
+        context = c2crs_train.encode_context(model, run, run.train, rows)
+        fine = c2crs_train.fine_losses(model, run, run.train, rows, cfg.max_triples_per_sample, rng, context)
+        coarse = (
+            c2crs_train.coarse_losses(model, run, run.train, rows, context) if cfg.coarse_weight else torch.zeros(())
+        )
+        return model.pretraining_loss(fine, coarse, cfg.coarse_weight)
 
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    rss_before_steps = proc_status_mib("VmRSS")
-    load_before = os.getloadavg()[0]
+    return batches, step_loss
+
+
+def timed_steps(label: str, steps: int, batches, step_loss, model, optimizer, cfg, device, tools: Instruments):
+    """One warm-up step, then `steps` timed ones, each split into data / forward / R-GCN / backward."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     records = []
     for i in range(steps + 1):  # step 0 is the warm-up
         rows = batches[i % len(batches)]
-        data_clock.seconds = graph_clock.seconds = 0.0
-        full_graph.clear()
-        del widths["context"][:], widths["sentence"][:], graph_rows[:]
+        tools.reset()
         sync()
         start = time.perf_counter()
         loss = step_loss(rows)
         sync()
         forward_end = time.perf_counter()
-        optimizer.zero_grad()  # as stages.c2crs_train._epoch / finetune_recommender
+        optimizer.zero_grad()  # as stages.training.loop.optimizer_step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -295,54 +303,68 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
             {
                 "rows": len(rows),
                 "step_seconds": end - start,
-                "data_seconds": data_clock.seconds,
-                "forward_seconds": forward_end - start - data_clock.seconds,
-                "rgcn_seconds": graph_clock.seconds,
+                "data_seconds": tools.data.seconds,
+                "forward_seconds": forward_end - start - tools.data.seconds,
+                "rgcn_seconds": tools.graph.seconds,
                 "backward_seconds": end - forward_end,
-                "context_width": max(widths["context"], default=0),
-                "sentence_width": max(widths["sentence"], default=0),
-                "rgcn_rows": sum(graph_rows),
+                "context_width": max(tools.widths["context"], default=0),
+                "sentence_width": max(tools.widths["sentence"], default=0),
+                "rgcn_rows": sum(tools.graph_rows),
                 "loss": loss_value,
             }
         )
-        print(
-            f"  {stage} {config} step {i}{' (warm-up)' if i == 0 else ''}: {end - start:.3f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"  {label} step {i}{' (warm-up)' if i == 0 else ''}: {end - start:.3f} s", file=sys.stderr, flush=True)
+    return records
 
+
+MEAN_FIELDS = (
+    "step_seconds",
+    "data_seconds",
+    "forward_seconds",
+    "rgcn_seconds",
+    "backward_seconds",
+    "context_width",
+    "sentence_width",
+    "rgcn_rows",
+)
+MODEL_FIELDS = (
+    "token_dim",
+    "kg_dim",
+    "ffn_dim",
+    "n_layers",
+    "n_heads",
+    "max_positions",
+    "kg_encoder",
+    "projection_heads",
+    "contrastive_loss",
+)
+
+
+def measure(stage: str, config: str, steps: int, reference_batch: int, batch_override: int | None) -> dict:
+    import torch
+
+    from models.c2crs import C2CRS
+    from stages.training.loop import adam, epoch_generator, seed_everything
+
+    params, run, model_config, cfg, load_seconds = load_stage(stage, config, reference_batch, batch_override)
+    memory_cap_mib = cap_memory()
+    tools = Instruments(run, reference=config == "reference")
+    tools.patch_builders()
+    seed_everything(params.seed)
+    model = C2CRS(model_config).to(run.device)
+    model.train()
+    tools.patch_model(model)
+    optimizer = adam(model.parameters(), cfg.learning_rate)
+    batches, step_loss = stage_steps(stage, model, run, cfg, epoch_generator(run.seed, 0))
+    rss_before_steps = proc_status_mib("VmRSS")
+    load_before = os.getloadavg()[0]
+    records = timed_steps(f"{stage} {config}", steps, batches, step_loss, model, optimizer, cfg, run.device, tools)
     timed = records[1:]
-    mean = {
-        k: statistics.fmean(r[k] for r in timed)
-        for k in (
-            "step_seconds",
-            "data_seconds",
-            "forward_seconds",
-            "rgcn_seconds",
-            "backward_seconds",
-            "context_width",
-            "sentence_width",
-            "rgcn_rows",
-        )
-    }
     return {
         "stage": stage,
         "config": config,
         "batch_size": cfg.batch_size,
-        "model": {
-            k: getattr(model_config, k)
-            for k in (
-                "token_dim",
-                "kg_dim",
-                "ffn_dim",
-                "n_layers",
-                "n_heads",
-                "max_positions",
-                "kg_encoder",
-                "projection_heads",
-                "contrastive_loss",
-            )
-        },
+        "model": {k: getattr(model_config, k) for k in MODEL_FIELDS},
         "parameters": sum(p.numel() for p in model.parameters()),
         "sample_unit": getattr(cfg, "sample_unit", None),
         "softmax_over": getattr(cfg, "softmax_over", None),
@@ -353,7 +375,7 @@ def measure(stage: str, config: str, steps: int, reference_batch: int, batch_ove
         "steps": len(timed),
         "warmup": records[0],
         "records": timed,
-        "mean": mean,
+        "mean": {k: statistics.fmean(r[k] for r in timed) for k in MEAN_FIELDS},
         "step_seconds_min": min(r["step_seconds"] for r in timed),
         "step_seconds_max": max(r["step_seconds"] for r in timed),
         "samples_per_second": sum(r["rows"] for r in timed) / sum(r["step_seconds"] for r in timed),

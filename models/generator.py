@@ -27,7 +27,7 @@ self-attention keys grow by one row a step), a maximum length and n-gram blockin
 Nothing here knows about files or experiment tracking; the encoders that produce F, N and E are models/c2crs.py's.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,24 +45,24 @@ USER = "user"  # a memories entry that is no cross-attention: KGSF's user vector
 @dataclass
 class GeneratorConfig:
     vocab_size: int  # output vocabulary (the conversation vocabulary + the movie placeholder)
-    memory_dims: dict[str, int] = field(default_factory=lambda: {"history": 128, "kg": 128, "review": 128})
-    pad_id: int = 0
-    start_id: int = 1
-    end_id: int = 2
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 2
-    ffn_dim: int = 256
-    dropout: float = 0.1
-    attention_dropout: float = 0.0  # on the attention weights, as the reference's decoder
-    max_positions: int = 32  # response tokens + the start token
-    copy: bool = True
-    vocabulary_bias_dim: int = 0  # KGSF: the size of the user vectors that bias the vocabulary; 0 = no bias
-    user_bias_dim: int = 0  # KBRD: the size of the user vector that biases every token's logit; 0 = no bias
-    entity_bag: int = 0  # KECRS: the entities of the bag-of-entity head (the KG's); 0 = no head
-    entity_dim: int = 0  # KECRS: the size of the entity features and of the user vector (the R-GCN's)
-    entity_bag_mixing: float = 0.1  # KECRS: weight of an entity's probability added to its name's at decoding
-    infusion: bool = False  # KECRS: the user vector scores the word embeddings (infusion_loss)
+    memory_dims: dict[str, int]  # the cross-attention chain, in order: memory name -> its states' size
+    pad_id: int
+    start_id: int
+    end_id: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    dropout: float
+    attention_dropout: float  # on the attention weights, as the reference's decoder
+    max_positions: int  # response tokens + the start token
+    copy: bool
+    vocabulary_bias_dim: int  # KGSF: the size of the user vectors that bias the vocabulary; 0 = no bias
+    user_bias_dim: int  # KBRD: the size of the user vector that biases every token's logit; 0 = no bias
+    entity_bag: int  # KECRS: the entities of the bag-of-entity head (the KG's); 0 = no head
+    entity_dim: int  # KECRS: the size of the entity features and of the user vector (the R-GCN's)
+    entity_bag_mixing: float  # KECRS: weight of an entity's probability added to its name's at decoding
+    infusion: bool  # KECRS: the user vector scores the word embeddings (infusion_loss)
 
     def __post_init__(self):
         unknown = set(self.memory_dims) - set(MEMORIES)

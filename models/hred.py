@@ -25,14 +25,14 @@ from models.dropout import Dropout
 @dataclass
 class HREDConfig:
     vocab_size: int  # output vocabulary (the conversation vocabulary + the movie placeholder); inputs share it
-    dim: int = 128  # token embeddings and each direction of the utterance encoder
-    context_dim: int = 256  # the conversation GRU and the decoder GRU
-    dropout: float = 0.1
-    pad_id: int = 0
-    start_id: int = 1
-    end_id: int = 2
-    split_id: int = 4  # the token that ends each utterance in a sample's context
-    max_utterance_tokens: int = 40  # an utterance's last tokens that the utterance encoder reads
+    dim: int  # token embeddings and each direction of the utterance encoder
+    context_dim: int  # the conversation GRU and the decoder GRU
+    dropout: float
+    pad_id: int
+    start_id: int
+    end_id: int
+    split_id: int  # the token that ends each utterance in a sample's context
+    max_utterance_tokens: int  # an utterance's last tokens that the utterance encoder reads
 
 
 class HRED(nn.Module):

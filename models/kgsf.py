@@ -32,8 +32,8 @@ class KGSFConfig:
     n_entities: int
     n_relations: int
     n_items: int  # items are entity ids 0..n_items-1
-    dim: int = 128
-    num_bases: int = 8
+    dim: int
+    num_bases: int
 
 
 class KGSFRecommender(nn.Module):

@@ -400,6 +400,7 @@ class FinetuneConvConfig(TrainConfig):
     # transformer: models/generator.py (the keys below); hred: ReDial's hierarchical GRU encoder-decoder
     # (models/hred.py: fresh weights, history only; copy, the vocabulary bias and freezing do not apply)
     architecture: Literal["transformer", "hred"]
+    hred_utterance_tokens: int = Field(gt=0)  # hred: an utterance's last tokens that its utterance encoder reads
     memories: list[MEMORY] = Field(min_length=1)  # the cross-attention chain
     copy_mechanism: bool  # pointer-generator over the context's and the review sentences' tokens
     vocabulary_bias: bool  # KGSF's: the user's entity and word vectors bias the graph words' logits

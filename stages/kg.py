@@ -115,19 +115,19 @@ def _uri_expr(column: str) -> pl.Expr:
     return pl.when(col.str.contains(r"^[0-9]+$")).then(pl.lit("redial:") + col).otherwise(col).alias(column)
 
 
-def _entity_table(mapping, path: Path, offset: int) -> pl.DataFrame:
-    """entity id (shifted back by offset) -> normalized URI; ids must be unique non-negative integers."""
+def _entity_table(mapping, path: Path) -> pl.DataFrame:
+    """entity id -> normalized URI; ids must be unique non-negative integers."""
     if not isinstance(mapping, dict) or not mapping:
         raise KgDataError(f"{path}: expected a non-empty mapping entity URI -> id, got {type(mapping).__name__}")
     ids, uris = [], []
     for key, value in mapping.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value - offset < 0:
-            raise KgDataError(f"{path}: entity {key!r}: id {value!r} is not an integer >= {offset}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise KgDataError(f"{path}: entity {key!r}: id {value!r} is not an integer >= 0")
         try:
             uris.append(normalize_uri(key))
         except TypeError as exc:
             raise KgDataError(f"{path}: {exc}") from None
-        ids.append(value - offset)
+        ids.append(value)
     table = pl.DataFrame({"id": ids, "uri": uris}, schema={"id": pl.Int64, "uri": pl.String})
     for column in ("id", "uri"):
         repeated = table.filter(pl.col(column).is_duplicated()).sort(column, "uri")
@@ -140,8 +140,8 @@ def _entity_table(mapping, path: Path, offset: int) -> pl.DataFrame:
     return table
 
 
-def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
-    """{head: [(relation, tail), ...]} -> (head, rel, tail) int columns, shifted back by offset."""
+def _flatten_adjacency(adjacency, path: Path) -> pl.DataFrame:
+    """{head: [(relation, tail), ...]} -> (head, rel, tail) int columns."""
     if not isinstance(adjacency, dict):
         raise KgDataError(
             f"{path}: expected a mapping head id -> [[relation, tail], ...], got {type(adjacency).__name__}"
@@ -176,7 +176,7 @@ def _flatten_adjacency(adjacency, path: Path, offset: int) -> pl.DataFrame:
             if bad:
                 raise KgDataError(f"{path}: head {head}: id {bad[0]!r} is not an integer") from None
         raise
-    return table.with_columns(pl.col("head", "rel", "tail") - offset)
+    return table
 
 
 def _check_ids(
@@ -184,7 +184,6 @@ def _check_ids(
     entities: pl.DataFrame,
     path: Path,
     entity_path: Path,
-    offset: int,
     relation_ids: pl.Series | None = None,
 ) -> None:
     """Every head and tail id must be an entity of entity_path; relation ids must be known (or >= 0 if unnamed)."""
@@ -194,8 +193,8 @@ def _check_ids(
         if bad.height:
             row = bad.row(0, named=True)
             raise KgDataError(
-                f"{path}: head {row['head'] + offset}: {what} entity id {row[column] + offset} is not in "
-                f"{entity_path.name} (ids {entities['id'].min() + offset}..{entities['id'].max() + offset}; "
+                f"{path}: head {row['head']}: {what} entity id {row[column]} is not in "
+                f"{entity_path.name} (ids {entities['id'].min()}..{entities['id'].max()}; "
                 f"{bad.height} such triple(s))"
             )
     bad = (
@@ -208,18 +207,18 @@ def _check_ids(
         allowed = (
             f"one of the ids in relation2id.json ({', '.join(map(str, relation_ids.sort()))})"
             if relation_ids is not None
-            else f"an integer >= {offset}"
+            else "an integer >= 0"
         )
         raise KgDataError(
-            f"{path}: head {row['head'] + offset}: relation id {row['rel'] + offset} is not "
+            f"{path}: head {row['head']}: relation id {row['rel']} is not "
             f"{allowed} ({bad.height} such triple(s))"
         )
 
 
-def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, offset: int, source: str) -> KgSource:
-    entities = _entity_table(entity_map, entity_path, offset)
-    table = _flatten_adjacency(adjacency, subkg_path, offset)
-    _check_ids(table, entities, subkg_path, entity_path, offset)
+def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, source: str) -> KgSource:
+    entities = _entity_table(entity_map, entity_path)
+    table = _flatten_adjacency(adjacency, subkg_path)
+    _check_ids(table, entities, subkg_path, entity_path)
     triples = (
         table.join(entities.rename({"id": "head", "uri": "head_uri"}), on="head", how="left")
         .join(entities.rename({"id": "tail", "uri": "tail_uri"}), on="tail", how="left")
@@ -236,7 +235,7 @@ def _dbpedia_source(adjacency, entity_map, subkg_path: Path, entity_path: Path, 
 def load_kgsf_kg(subkg_path: Path, entity2id_path: Path) -> KgSource:
     """KGSF's DBpedia subgraph: subkg.pkl {head_id: [(rel_id, tail_id)]} and entity2entityId.pkl {URI: id}.
 
-    Relation names are not in this source, so relation r is "dbpedia:<r>" (KGSF's id; CRSLab's JSON id - 1).
+    Relation names are not in this source, so relation r is "dbpedia:<r>" (KGSF's id).
     """
     subkg_path, entity2id_path = Path(subkg_path), Path(entity2id_path)
     return _dbpedia_source(
@@ -244,21 +243,6 @@ def load_kgsf_kg(subkg_path: Path, entity2id_path: Path) -> KgSource:
         load_pickle_restricted(entity2id_path),
         subkg_path,
         entity2id_path,
-        offset=0,
-        source="dbpedia",
-    )
-
-
-def load_crslab_kg(subkg_path: Path, entity2id_path: Path, id_offset: int = 1) -> KgSource:
-    """CRSLab's JSON copy of the KGSF subgraph (dbpedia_subkg.json, entity2id.json): entity and relation ids are
-    KGSF's + id_offset (1), heads are strings. Gives the same triples as load_kgsf_kg on the same graph."""
-    subkg_path, entity2id_path = Path(subkg_path), Path(entity2id_path)
-    return _dbpedia_source(
-        _load_json(subkg_path),
-        _load_json(entity2id_path),
-        subkg_path,
-        entity2id_path,
-        offset=id_offset,
         source="dbpedia",
     )
 
@@ -295,8 +279,8 @@ def load_movie_metadata_kg(
         {"rel": list(relations.values()), "relation": [f"meta:{k}" for k in relations]},
         schema={"rel": pl.Int64, "relation": pl.String},
     )
-    table = _flatten_adjacency(_load_json(kg_path), kg_path, offset=0)
-    _check_ids(table, entities, kg_path, entity_path, 0, relation_table["rel"])
+    table = _flatten_adjacency(_load_json(kg_path), kg_path)
+    _check_ids(table, entities, kg_path, entity_path, relation_table["rel"])
 
     types = _load_json(Path(entity2type_path)) if entity2type_path else {}
     if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):

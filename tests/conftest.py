@@ -213,3 +213,30 @@ def c2crs_config(**fields):
         )
     }
     return C2CRSConfig(**{"pad_id": 0, "temperature": 0.07, "max_positions": 64, **shared, **fields})
+
+
+def tiny_generator_config(**fields):
+    """A GeneratorConfig small enough for a unit test; `fields` set what the test is about."""
+    from models.generator import GeneratorConfig
+
+    small = {
+        "memory_dims": {"history": 8, "kg": 6, "review": 8},
+        "pad_id": 0,
+        "start_id": 1,
+        "end_id": 2,
+        "dim": 8,
+        "n_layers": 2,
+        "n_heads": 2,
+        "ffn_dim": 16,
+        "dropout": 0.1,
+        "attention_dropout": 0.0,
+        "max_positions": 8,
+        "copy": True,
+        "vocabulary_bias_dim": 0,
+        "user_bias_dim": 0,
+        "entity_bag": 0,
+        "entity_dim": 0,
+        "entity_bag_mixing": 0.1,
+        "infusion": False,
+    }
+    return GeneratorConfig(**{**small, **fields})

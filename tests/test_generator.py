@@ -14,20 +14,19 @@ from models.decoding import _banned_by_ngrams, beam_decode, greedy_decode
 from models.generator import (
     ConversationModel,
     CopySource,
-    GeneratorConfig,
     Memory,
     ResponseGenerator,
     generation_loss,
     instance_weights,
 )
-from tests.conftest import c2crs_config
+from tests.conftest import c2crs_config, tiny_generator_config
 
 PAD, START, END = 0, 1, 2
 
 
 def tiny_generator(vocab_size=12, copy=True, memories=("history", "kg", "review"), seed=0, max_positions=8):
     torch.manual_seed(seed)
-    cfg = GeneratorConfig(
+    cfg = tiny_generator_config(
         vocab_size=vocab_size,
         memory_dims={m: 8 if m != "kg" else 6 for m in memories},
         dim=8,
@@ -219,7 +218,7 @@ def test_the_conversation_model_builds_memories_and_a_copy_source():
         )
     )
     generator = ResponseGenerator(
-        GeneratorConfig(
+        tiny_generator_config(
             vocab_size=11,
             memory_dims={"history": 8, "kg": 6, "review": 8},
             dim=8,
@@ -290,7 +289,7 @@ def _conversation_model(frozen=("review",)):
         )
     )
     generator = ResponseGenerator(
-        GeneratorConfig(
+        tiny_generator_config(
             vocab_size=11, memory_dims={"history": 8, "review": 8}, dim=8, n_heads=2, ffn_dim=16, max_positions=8
         )
     )

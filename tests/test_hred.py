@@ -14,7 +14,17 @@ PAD, START, END, SPLIT = 0, 1, 2, 4
 def _model(seed: int = 0) -> HRED:
     torch.manual_seed(seed)
     return HRED(
-        HREDConfig(vocab_size=12, dim=8, context_dim=16, dropout=0.0, split_id=SPLIT, max_utterance_tokens=3)
+        HREDConfig(
+            vocab_size=12,
+            dim=8,
+            context_dim=16,
+            dropout=0.0,
+            pad_id=0,
+            start_id=1,
+            end_id=2,
+            split_id=SPLIT,
+            max_utterance_tokens=3,
+        )
     ).eval()
 
 

@@ -15,7 +15,6 @@ from models.c2crs import C2CRS
 from models.decoding import greedy_decode
 from models.generator import (
     USER,
-    GeneratorConfig,
     Memory,
     ResponseGenerator,
     bag_of_entity_loss,
@@ -24,7 +23,7 @@ from models.generator import (
 )
 from pipeline.config import FinetuneConvConfig, load_params
 from stages.training import conv_runs, kecrs_train, runs
-from tests.conftest import PROJECT, c2crs_config
+from tests.conftest import PROJECT, c2crs_config, tiny_generator_config
 
 PAD, START, END = 0, 1, 2
 
@@ -32,7 +31,7 @@ PAD, START, END = 0, 1, 2
 def _generator(seed: int = 0, mixing: float = 0.1) -> ResponseGenerator:
     torch.manual_seed(seed)
     model = ResponseGenerator(
-        GeneratorConfig(
+        tiny_generator_config(
             vocab_size=11,
             memory_dims={"history": 8},
             dim=8,
@@ -158,7 +157,7 @@ def _kecrs_model(seed: int = 0):
     config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(
-            GeneratorConfig(
+            tiny_generator_config(
                 vocab_size=11,
                 memory_dims={"history": 8},
                 dim=8,
@@ -266,7 +265,7 @@ def test_kbrds_user_bias_shifts_every_logit_by_its_users_bias_and_reads_the_froz
     config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(
-            GeneratorConfig(
+            tiny_generator_config(
                 vocab_size=11,
                 memory_dims={"history": 8},
                 dim=8,

@@ -248,12 +248,19 @@ def test_restricted_unpickler_rejects_other_classes(tmp_path):
 # ---------------------------------------------------------------- loaders
 
 
-CRSLAB = KG_FIXTURES / "crslab"
 META = KG_FIXTURES / "movie_metadata"
 
-
-def crslab(directory: Path = CRSLAB) -> kg.KgSource:
-    return kg.load_crslab_kg(directory / "dbpedia_subkg.json", directory / "entity2id.json")
+# A five-entity KG in KGSF's pickle form: Heat -starring(7)-> Al Pacino, Robert De Niro; Al Pacino -birthPlace(19)->
+# New York City; self edges of relation 86 on the movies, as in the real file; 4 is the ReDial movie 3, which has no
+# DBpedia URI (KGSF keys it by the int).
+KGSF_SUBKG = {0: [(7, 1), (7, 2), (86, 0)], 1: [(19, 3)], 4: [(86, 4)]}
+KGSF_ENTITIES = {
+    "<http://dbpedia.org/resource/Heat_(1995_film)>": 0,
+    "<http://dbpedia.org/resource/Al_Pacino>": 1,
+    "<http://dbpedia.org/resource/Robert_De_Niro>": 2,
+    "<http://dbpedia.org/resource/New_York_City>": 3,
+    3: 4,
+}
 
 
 def write_kgsf(directory: Path, subkg, entity2id) -> tuple[Path, Path]:
@@ -275,48 +282,41 @@ def metadata(directory: Path = META, movies=None, **optional) -> kg.KgSource:
     )
 
 
-def test_pickle_and_json_forms_give_the_same_triples(tmp_path):
-    from_json = crslab()
-    raw = json.loads((CRSLAB / "dbpedia_subkg.json").read_text())
-    names = json.loads((CRSLAB / "entity2id.json").read_text())
-    subkg = defaultdict(list, {int(h) - 1: [(r - 1, t - 1) for r, t in pairs] for h, pairs in raw.items()})
-    entity2id = {(int(k) if k.isdigit() else k): v - 1 for k, v in names.items()}  # KGSF keys URI-less movies by int
-    from_pickle = kg.load_kgsf_kg(*write_kgsf(tmp_path / "kgsf", subkg, entity2id))
-    assert from_pickle.triples.sort(pl.all()).equals(from_json.triples.sort(pl.all()))
-    assert from_pickle.entity_uris == from_json.entity_uris
-    assert set(from_json.triples.rows()) == {
+def test_kgsf_pickles_give_uri_triples(tmp_path):
+    source = kg.load_kgsf_kg(*write_kgsf(tmp_path, defaultdict(list, KGSF_SUBKG), KGSF_ENTITIES))
+    assert set(source.triples.rows()) == {
         (R + "Heat_(1995_film)", "dbpedia:7", R + "Al_Pacino", "dbpedia"),
         (R + "Heat_(1995_film)", "dbpedia:7", R + "Robert_De_Niro", "dbpedia"),
         (R + "Heat_(1995_film)", "dbpedia:86", R + "Heat_(1995_film)", "dbpedia"),
         (R + "Al_Pacino", "dbpedia:19", R + "New_York_City", "dbpedia"),
         ("redial:3", "dbpedia:86", "redial:3", "dbpedia"),
     }
+    assert source.entity_uris == frozenset(
+        [R + "Heat_(1995_film)", R + "Al_Pacino", R + "Robert_De_Niro", R + "New_York_City", "redial:3"]
+    )
 
 
 @pytest.mark.parametrize(
     ("subkg", "entity2id", "message"),
     [
-        ({"1": [[8, 99]]}, None, r"dbpedia_subkg.json: head 1: tail entity id 99 is not in entity2id.json"),
-        ({"77": [[8, 2]]}, None, r"dbpedia_subkg.json: head 77: head entity id 77 is not in entity2id.json"),
-        ({"1": [[0, 2]]}, None, r"dbpedia_subkg.json: head 1: relation id 0 is not an integer >= 1"),
-        ({"1": [[8, "x"]]}, None, r"dbpedia_subkg.json: head 1: id 'x' is not an integer"),
-        ({"1": [[8, 2, 3]]}, None, r"dbpedia_subkg.json: head 1: expected a \[relation, tail\] pair"),
-        ({"1": 5}, None, r"dbpedia_subkg.json: head 1: expected a list"),
-        ({}, None, r"dbpedia_subkg.json: the subgraph has no triples"),
-        ({"1": []}, None, r"dbpedia_subkg.json: the subgraph has no triples"),
-        (None, {"<a>": 1, "<b>": 1}, r"entity2id.json: id 0 is used by more than one entity"),
-        (None, {"<a>": 0}, r"entity2id.json: entity '<a>': id 0 is not an integer >= 1"),
+        ({0: [(7, 99)]}, None, r"subkg.pkl: head 0: tail entity id 99 is not in entity2entityId.pkl"),
+        ({77: [(7, 1)]}, None, r"subkg.pkl: head 77: head entity id 77 is not in entity2entityId.pkl"),
+        ({0: [(-1, 1)]}, None, r"subkg.pkl: head 0: relation id -1 is not an integer >= 0"),
+        ({0: [(7, "x")]}, None, r"subkg.pkl: head 0: id 'x' is not an integer"),
+        ({0: [(7, 1, 3)]}, None, r"subkg.pkl: head 0: expected a \[relation, tail\] pair"),
+        ({0: 5}, None, r"subkg.pkl: head 0: expected a list"),
+        ({}, None, r"subkg.pkl: the subgraph has no triples"),
+        ({0: []}, None, r"subkg.pkl: the subgraph has no triples"),
+        (None, {"<a>": 0, "<b>": 0}, r"entity2entityId.pkl: id 0 is used by more than one entity"),
+        (None, {"<a>": -1}, r"entity2entityId.pkl: entity '<a>': id -1 is not an integer >= 0"),
     ],
 )
 def test_bad_ids_name_file_head_and_id(tmp_path, subkg, entity2id, message):
-    directory = tmp_path / "crslab"
-    shutil.copytree(CRSLAB, directory)
-    if subkg is not None:
-        (directory / "dbpedia_subkg.json").write_text(json.dumps(subkg))
-    if entity2id is not None:
-        (directory / "entity2id.json").write_text(json.dumps(entity2id))
+    paths = write_kgsf(
+        tmp_path, KGSF_SUBKG if subkg is None else subkg, KGSF_ENTITIES if entity2id is None else entity2id
+    )
     with pytest.raises(KgDataError, match=message):
-        crslab(directory)
+        kg.load_kgsf_kg(*paths)
 
 
 def test_bad_pickle_ids(tmp_path):
@@ -336,7 +336,7 @@ META_MOVIES = pl.DataFrame(
 )
 
 
-def test_movie_metadata_lands_on_the_items():
+def test_movie_metadata_lands_on_the_items(tmp_path):
     source = metadata()
     assert set(source.triples.select("head_uri", "relation", "tail_uri").rows()) == {
         (R + "Heat_(1995_film)", "meta:genre", "meta:genre:crime"),
@@ -346,7 +346,7 @@ def test_movie_metadata_lands_on_the_items():
         (R + "Twin_(2000_film)", "meta:star", "meta:person:Al Pacino"),
     }
     assert (source.triples["source"] == "movie_metadata").all()
-    merged = kg.merge_sources(crslab(), source)
+    merged = kg.merge_sources(kg.load_kgsf_kg(*write_kgsf(tmp_path, KGSF_SUBKG, KGSF_ENTITIES)), source)
     result = kg.build_kg(merged.triples, META_MOVIES, (), min_relation_edges=1, hops=2)
     assert result.metrics["items_with_edges"] == 4
     assert result.entities.filter(pl.col("uri") == "meta:person:Al Pacino")["label"].item() == "Al Pacino"
@@ -399,11 +399,9 @@ def real_movies():
 
 
 @real
-def test_real_pickle_and_json_forms_agree(real_kgsf):
-    from_json = crslab(MIRROR / "crslab_redial")
-    assert real_kgsf.triples.height == from_json.triples.height == 165_696
-    assert len(real_kgsf.entity_uris) == 64_362 and real_kgsf.entity_uris == from_json.entity_uris
-    assert real_kgsf.triples.sort(pl.all()).equals(from_json.triples.sort(pl.all()))
+def test_real_kgsf_subgraph_size(real_kgsf):
+    assert real_kgsf.triples.height == 165_696
+    assert len(real_kgsf.entity_uris) == 64_362
 
 
 @real

@@ -8,10 +8,10 @@ import torch
 
 from models.c2crs import C2CRS
 from models.decoding import beam_decode, greedy_decode
-from models.generator import USER, ConversationModel, GeneratorConfig, Memory, ResponseGenerator, generation_loss
+from models.generator import USER, ConversationModel, Memory, ResponseGenerator, generation_loss
 from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.training import conv_runs, runs
-from tests.conftest import c2crs_config
+from tests.conftest import c2crs_config, tiny_generator_config
 
 PAD, START, END = 0, 1, 2
 
@@ -19,7 +19,7 @@ PAD, START, END = 0, 1, 2
 def _generator(memory_dims: dict, bias_dim: int = 0, seed: int = 0) -> ResponseGenerator:
     torch.manual_seed(seed)
     return ResponseGenerator(
-        GeneratorConfig(
+        tiny_generator_config(
             vocab_size=11,
             memory_dims=memory_dims,
             dim=8,
@@ -93,7 +93,7 @@ def _kgsf_model(seed: int = 0) -> tuple[ConversationModel, conv_runs.ConvModelCo
     config = conv_runs.ConvModelConfig(
         encoders=dataclasses.asdict(encoders.cfg),
         generator=dataclasses.asdict(
-            GeneratorConfig(
+            tiny_generator_config(
                 vocab_size=11,
                 memory_dims={"kg": 6, "word": 6, "history": 8},
                 dim=8,

@@ -25,7 +25,7 @@ from stages.training.runs import (
     training_outcome,
     training_run,
 )
-from stages.triples import SPLIT
+from stages.triples import END, PAD, SPLIT, START
 
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
@@ -58,6 +58,12 @@ class ConvModelConfig:
     kgsf: dict | None = None  # KGSF's generator: its recommender's config (the model holds its word graph)
     word_edges: int = 0  # how many edges that word graph has
     architecture: str = "transformer"  # hred: `generator` is an HREDConfig and there are no encoders
+
+
+def special_ids(vocabulary: conv_train.ConvVocabulary) -> dict[str, int]:
+    """The ids a generator pads, starts and ends a response with (the vocabulary's special tokens)."""
+    ids = vocabulary.token_id
+    return {"pad_id": ids[PAD], "start_id": ids[START], "end_id": ids[END]}
 
 
 def conv_recommender(config: ConvModelConfig) -> str:
@@ -153,6 +159,7 @@ def train_conversation(
             GeneratorConfig(
                 vocab_size=len(vocabulary.tokens),
                 memory_dims={k: dims[k] for k in cfg.memories},
+                **special_ids(vocabulary),
                 dim=m.token_dim,
                 n_layers=m.n_layers,
                 n_heads=m.n_heads,
@@ -230,7 +237,9 @@ def _train_hred(
         dim=m.token_dim,
         context_dim=2 * m.token_dim,
         dropout=m.dropout,
+        **special_ids(vocabulary),
         split_id=vocabulary.token_id[SPLIT],
+        max_utterance_tokens=params.finetune_conv.hred_utterance_tokens,
     )
     model = HRED(hred_config).to(run.device)
     config = ConvModelConfig(
