@@ -114,6 +114,16 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     workspace = params_file.parent
     for stage in stage_instances(params):
         stage_body(stage)(params, workspace)
+    results = _check_recommendation_reports(params, workspace)
+    _check_ablations(params, workspace)
+    conversation = _check_conversation_reports(params, workspace)
+    run, inputs = _check_one_pass_and_whole_graph_scoring(params, workspace, conversation)
+    _check_an_oracle_ranks_first(params, workspace, run, inputs, results, monkeypatch)
+    _check_chat_and_scoring_a_file(params, workspace, mirror, results)
+
+
+def _check_recommendation_reports(params, workspace) -> dict:
+    """reports/rec.json and rec.md, metrics, the DVC plots' data: every model in every protocol."""
     results = json.loads((workspace / "reports/rec.json").read_text())
     for model, by_protocol in results.items():  # Kostric and Balog's protocol, on the raw test messages
         assert {"standard_full", "standard_dedup"} <= set(by_protocol), model
@@ -183,7 +193,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     for k in (1, 10, 50):
         assert recall_at_k[k - 1]["c2crs"] == results["c2crs"]["all_turns"][f"recall@{k}"]
     assert all(a["kbrd"] <= b["kbrd"] for a, b in zip(recall_at_k, recall_at_k[1:]))
+    return results
 
+
+def _check_ablations(params, workspace) -> None:
     # Every variant trained its whole path with its overrides; w/o Fine's coarse step is the main run's.
     ablations = {
         variant: json.loads((workspace / f"metrics/ablations/{variant}.json").read_text())
@@ -197,6 +210,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     reused = torch.load(workspace / "data/models/ablations/wo_fine/pretrain_coarse.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(main_coarse[k], reused[k]) for k in main_coarse)
 
+
+def _check_conversation_reports(params, workspace) -> dict:
     # Conversation: every generator on the test responses, the metrics contract, the report and the rating sheet.
     conversation = json.loads((workspace / "reports/conv.json").read_text())
     conv_flat = json.loads((workspace / "metrics/conv.json").read_text())
@@ -237,6 +252,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     assert revcore_generator["overrides"]["finetune_conv.pretrained"] == "revcore" and "| RevCore |" in conv_report
     assert np.isfinite(conversation["revcore"]["perplexity"])
     assert json.loads((workspace / "metrics/finetune_conv.json").read_text())["epochs_run"] == 2
+    return conversation
+
+
+def _check_one_pass_and_whole_graph_scoring(params, workspace, conversation: dict):
     # evaluate's one pass per generator (perplexity and responses from one encoding) equals the two separate ones.
     from stages.training import baseline_models, conv_runs, conv_train, runs
 
@@ -273,7 +292,10 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
             ids = c2crs_train.recommendation_batch(test, rows, run.max_context_entities, "cpu")
             expected = kgsf.recommendation_logits(whole, ids, W, kgsf_train.context_words(test, rows, words))
             assert np.allclose(scores, expected.numpy(), atol=1e-5)
+    return run, inputs
 
+
+def _check_an_oracle_ranks_first(params, workspace, run, inputs, results: dict, monkeypatch) -> None:
     # The scorer ranks a hand-built oracle first (every row's own targets scored 1, the rest 0), so a baseline that
     # looks weak is weak, not hidden behind a bug in the evaluation.
     from stages import evaluate
@@ -304,6 +326,8 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
         assert all(oracle["recall@10"] >= m[protocol]["recall@10"] for m in with_oracle_results.values()), protocol
         assert with_oracle_results["kgsf"][protocol]["recall@10"] == results["kgsf"][protocol]["recall@10"]
 
+
+def _check_chat_and_scoring_a_file(params, workspace, mirror, results: dict) -> None:
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
     from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_recommender
 
