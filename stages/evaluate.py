@@ -96,7 +96,9 @@ def score_split(
             yield rows, naive[name](rows)
 
     files = files or model_files(params, workspace)
-    skip = skip | (set(rec_metrics.BASELINES) - set(naive) - set(files))  # baselines this run did not train
+    scorers = set(rec_metrics.BASELINES) | {"c2crs", rec_metrics.REPEAT_CHOICE}
+    scorers |= {rec_metrics.ABLATION_PREFIX + variant for variant in params.ablations.variants}
+    skip = skip | (scorers - set(naive) - set(files))  # not in files: not trained here, or not asked for
     models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
     if "textcnn" not in skip:
         textcnn = textcnn_train.load_textcnn(files["textcnn"]).to(run.device)

@@ -162,3 +162,47 @@ def test_project_errors_exit_2_with_one_line_bugs_exit_1_and_debug_shows_the_tra
     monkeypatch.setattr(cli_module, "_stages", lambda args: (_ for _ in ()).throw(ValueError("bad")))
     with pytest.raises(ValueError, match="bad"):
         cli_module.main(["--debug", "stages"])
+
+
+def documented_commands() -> list[str]:
+    """Every `python -m pipeline ...` command line written in README.md and docs/*.md (comments cut off)."""
+    import re
+
+    texts = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+    found = set()
+    for path in texts:
+        text = path.read_text()
+        spans = re.findall(r"`python -m pipeline ([^`]*)`", text)  # inline code, which may wrap a line
+        blocks = re.findall(r"^python -m pipeline (.*)$", text, flags=re.MULTILINE)  # lines of code blocks
+        for line in spans + blocks:
+            line = " ".join(line.split("  #")[0].split())
+            if line and not line.endswith(" ..."):  # "study ...": a family of commands, not one
+                found.add(line.rstrip(".,;:"))
+    return sorted(found)
+
+
+def command_variants(line: str) -> list[list[str]]:
+    """The line without its optional [...] parts, and with them filled in; placeholders filled (N -> 2, others x)."""
+    import re
+    import shlex
+
+    def filled(text: str) -> list[str]:
+        tokens = [t for t in shlex.split(text) if t != "..."]
+        return ["2" if t == "N" else "x" if t.isupper() and t.isalpha() else t for t in tokens]
+
+    return [filled(re.sub(r"\[[^\]]*\]", " ", line)), filled(line.replace("[", " ").replace("]", " "))]
+
+
+def test_every_documented_command_line_parses():
+    from pipeline.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    lines = [line for line in documented_commands() if line.split()[0] in commands]  # not prose such as "serve:"
+    assert any(line.startswith("score --data") and "--models" in line for line in lines), lines
+    for line in lines:
+        for argv in command_variants(line):
+            try:
+                args, unknown = build_parser().parse_known_args(argv)
+            except SystemExit:
+                pytest.fail(f"documented command does not parse: python -m pipeline {' '.join(argv)}")
+            assert args.command == "repro" or not unknown, f"python -m pipeline {' '.join(argv)}: unknown {unknown}"

@@ -109,7 +109,7 @@ def test_early_stopping_on_a_flattening_metric_keeps_the_lowest_epoch(tmp_path):
 
 
 @pytest.mark.usefixtures("mlflow_store")
-def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, monkeypatch):
+def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, monkeypatch, capsys):
     params = load_params(params_file)
     workspace = params_file.parent
     for stage in stage_instances(params):
@@ -119,7 +119,7 @@ def test_tiny_end_to_end_training_evaluation_and_scoring(params_file, mirror, mo
     conversation = _check_conversation_reports(params, workspace)
     run, inputs = _check_one_pass_and_whole_graph_scoring(params, workspace, conversation)
     _check_an_oracle_ranks_first(params, workspace, run, inputs, results, monkeypatch)
-    _check_chat_and_scoring_a_file(params, workspace, mirror, results)
+    _check_chat_and_scoring_a_file(params, workspace, mirror, results, capsys)
 
 
 def _check_recommendation_reports(params, workspace) -> dict:
@@ -327,7 +327,7 @@ def _check_an_oracle_ranks_first(params, workspace, run, inputs, results: dict, 
         assert with_oracle_results["kgsf"][protocol]["recall@10"] == results["kgsf"][protocol]["recall@10"]
 
 
-def _check_chat_and_scoring_a_file(params, workspace, mirror, results: dict) -> None:
+def _check_chat_and_scoring_a_file(params, workspace, mirror, results: dict, capsys) -> None:
     # Talking to the trained model: a quoted title becomes the movie, named movies are not recommended again.
     from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_recommender
 
@@ -362,6 +362,16 @@ def _check_chat_and_scoring_a_file(params, workspace, mirror, results: dict) -> 
     }
     with pytest.raises(ValueError, match="unknown model.s. nope"):
         score_file(params, workspace, mirror / "redial/test.jsonl", ["nope"])
+    # The documented command, in this partial workspace: `score --data FILE.jsonl --models c2crs kbrd`.
+    from pipeline import cli
+
+    data, params_path = str(mirror / "redial/test.jsonl"), str(workspace / "params.yaml")
+    argv = ["score", "--data", data, "--params", params_path, "--models-from", "workspace", "--models", "c2crs", "kbrd"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("\n{") + 1 :])  # the tables, then the reports/rec.json shape
+    assert set(printed) == {"c2crs", "kbrd", "popularity", "repeat", "repeat_popularity"}
+    assert printed["kbrd"]["all_turns"]["recall@10"] == results["kbrd"]["all_turns"]["recall@10"]
 
 
 def test_an_ablation_variant_is_its_own_stage_and_logs_each_step(params_file):
