@@ -569,6 +569,9 @@ def _rate(args) -> int:
 
 def _talk(args) -> int:
     from pipeline.talk import talk
+    from stages.io import progress
+
+    progress.turn_off()  # a turn runs the stages' linking and sample code: no bar per turn
 
     params_file = Path(args.params).resolve()
     return talk(load_params(params_file), params_file.parent, args.models_from)
@@ -576,6 +579,9 @@ def _talk(args) -> int:
 
 def _serve(args) -> int:
     from pipeline.serve import serve
+    from stages.io import progress
+
+    progress.turn_off()  # a request runs the stages' linking and sample code: no bar per request in the log
 
     if not 0 < args.port < 65536 or args.timeout <= 0:
         raise ValueError(f"--port must be 1-65535 and --timeout positive, got {args.port} and {args.timeout}")

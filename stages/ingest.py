@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-from tqdm import tqdm
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
+from stages.io.progress import progress
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, WarningTally
 from stages.sources import raw
 from stages.sources.fetch import extract_member, missing_mirror_files
@@ -150,7 +150,7 @@ def read_conversations(
     look like a successful ingest.
     """
     conversations, utterances, forms = [], [], []
-    for line_no, raw_line in enumerate(tqdm(_json_lines(path), desc=path.name, unit=" conv", disable=None), start=1):
+    for line_no, raw_line in enumerate(progress(_json_lines(path), desc=path.name, unit=" conv"), start=1):
         if not raw_line.strip():
             continue
         for record in _parse_records(raw_line, path, line_no, bad):

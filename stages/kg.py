@@ -21,10 +21,10 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import polars as pl
-from tqdm import tqdm
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
+from stages.io.progress import progress
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
 from stages.sources import raw, safe_pickle
 from stages.text import linking
@@ -147,7 +147,7 @@ def _flatten_adjacency(adjacency, path: Path) -> pl.DataFrame:
             f"{path}: expected a mapping head id -> [[relation, tail], ...], got {type(adjacency).__name__}"
         )
     heads, rels, tails = [], [], []
-    for head, pairs in tqdm(adjacency.items(), desc=path.name, unit=" heads", disable=None, leave=False):
+    for head, pairs in progress(adjacency.items(), desc=path.name, unit=" heads", leave=False):
         try:
             head_id = int(head)
         except (TypeError, ValueError):
@@ -210,8 +210,7 @@ def _check_ids(
             else "an integer >= 0"
         )
         raise KgDataError(
-            f"{path}: head {row['head']}: relation id {row['rel']} is not "
-            f"{allowed} ({bad.height} such triple(s))"
+            f"{path}: head {row['head']}: relation id {row['rel']} is not {allowed} ({bad.height} such triple(s))"
         )
 
 
@@ -755,9 +754,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
         )
         texts = pl.read_parquet(utterances_path)["text"]
         seeds = {
-            uris[m.entity_id]
-            for text in tqdm(texts, desc="linking seeds", unit=" utt", disable=None)
-            for m in linker.link(text)
+            uris[m.entity_id] for text in progress(texts, desc="linking seeds", unit=" utt") for m in linker.link(text)
         }
     result = build_kg(
         source.triples,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import polars as pl
 from sentencex import segment
-from tqdm import tqdm
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
+from stages.io.progress import progress
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, WarningTally
 from stages.sources import raw
 from stages.sources.safe_pickle import load_pickle_restricted
@@ -130,7 +130,7 @@ def aclimdb_reviews(path: Path, imdb_to_movies: dict[str, list[int]], bad: BadRe
 
 def _aclimdb_jsonl(path: Path):
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(tqdm(f, desc="aclimdb", unit=" reviews", disable=None), start=1):
+        for line_no, line in enumerate(progress(f, desc="aclimdb", unit=" reviews"), start=1):
             try:
                 record = json.loads(line)
                 yield (
@@ -150,7 +150,7 @@ def _aclimdb_tarball(path: Path):
     urls: dict[tuple[str, str], list[str]] = {}
     texts = []
     with tarfile.open(path) as archive:
-        for member in tqdm(archive, desc="aclImdb tarball", unit=" files", disable=None):
+        for member in progress(archive, desc="aclImdb tarball", unit=" files"):
             if match := ACLIMDB_URLS.search(member.name):
                 urls[match.groups()] = archive.extractfile(member).read().decode("utf-8").splitlines()
             elif match := ACLIMDB_MEMBER.search(member.name):
@@ -280,12 +280,11 @@ def split_sentences(
     ordered = ordered.sort(
         ["movie_id", "source_rank", "helpful", "review_id"], descending=[False, False, True, False], nulls_last=True
     )
-    for movie_id, source, review_id, text in tqdm(
+    for movie_id, source, review_id, text in progress(
         ordered.select("movie_id", "source", "review_id", "text").iter_rows(),
         total=ordered.height,
         desc="sentences",
         unit=" reviews",
-        disable=None,
     ):
         pieces = (sentence.split() for sentence in segment("en", text))
         for position, words in enumerate(words for words in pieces if words):

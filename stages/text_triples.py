@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from tqdm import tqdm
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
+from stages.io.progress import progress
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
 from stages.sources import raw
 from stages.text import linking
@@ -35,8 +35,8 @@ def text_samples(
     unk = token_id[UNK]
     samples, triples = [], []
     rows = sentences.select("sentence_id", "movie_id").iter_rows()
-    for (sentence_id, movie_id), utterance in tqdm(
-        zip(rows, linked), total=len(linked), desc="text samples", unit=" sentences", disable=None
+    for (sentence_id, movie_id), utterance in progress(
+        zip(rows, linked), total=len(linked), desc="text samples", unit=" sentences"
     ):
         mentions = [(position, entity) for position, entity, kind in utterance.mentions if kind == "entity"]
         if len({entity for _, entity in mentions}) < min_entities:
@@ -88,7 +88,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     linker = linking.kg_entity_linker(entities, edges, files["stopwords"], params.linking)
     linked = [
         link_utterance(text, linker, {})
-        for text in tqdm(sentences["text"], desc="linking sentences", unit=" sentences", disable=None)
+        for text in progress(sentences["text"], desc="linking sentences", unit=" sentences")
     ]
     chooser = sentence_chooser(
         params.triples,

@@ -15,10 +15,10 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import polars as pl
-from tqdm import tqdm
 
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
+from stages.io.progress import progress
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
 from stages.sources import raw
 from stages.text import linking
@@ -89,8 +89,7 @@ def link_utterance(text: str, linker: EntityLinker, item_entity: dict[int, int])
 
 def link_all(utterances: pl.DataFrame, linker: EntityLinker, item_entity: dict[int, int]) -> list[LinkedUtterance]:
     return [
-        link_utterance(text, linker, item_entity)
-        for text in tqdm(utterances["text"], desc="linking", unit=" utt", disable=None)
+        link_utterance(text, linker, item_entity) for text in progress(utterances["text"], desc="linking", unit=" utt")
     ]
 
 
@@ -116,8 +115,8 @@ def build_samples(
     entities: list[int] = []
     items: list[int] = []
     previous_conv = None
-    for (conv_id, turn_idx, role, split, movie_ids), utterance in tqdm(
-        zip(rows, linked), total=len(linked), desc="samples", unit=" turns", disable=None
+    for (conv_id, turn_idx, role, split, movie_ids), utterance in progress(
+        zip(rows, linked), total=len(linked), desc="samples", unit=" turns"
     ):
         if conv_id != previous_conv:
             history, history_mentions, entities, items, previous_conv = [], [], [], [], conv_id
@@ -274,12 +273,11 @@ def build_triples(
     row_of = {key: i for i, key in enumerate(utterances.select("conv_id", "turn_idx").iter_rows())}
     chosen: dict[tuple[int, int, int], int | None] = {}
     sentence_ids = []
-    for conv_id, turn, entity in tqdm(
+    for conv_id, turn, entity in progress(
         context_mentions.select("conv_id", "mention_turn", "entity_id").iter_rows(),
         total=context_mentions.height,
         desc="triples",
         unit=" mentions",
-        disable=None,
     ):
         key = (conv_id, turn, entity)
         if key not in chosen:

@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 import httpx
-from tqdm import tqdm
+
+from stages.io.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def download_file(
             total = int(response.headers.get("content-length", 0)) or None
             with (
                 open(partial, "wb") as out,
-                tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar,
+                progress(total=total, unit="B", unit_scale=True, desc=dest.name) as bar,
             ):
                 for chunk in response.iter_bytes():
                     out.write(chunk)

@@ -39,7 +39,8 @@ from urllib.robotparser import RobotFileParser
 
 import httpx
 from selectolax.lexbor import LexborHTMLParser, LexborNode
-from tqdm import tqdm
+
+from stages.io.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ class ImdbReviewScraper:
 
     def scrape(self, imdb_ids: Iterable[str]) -> Iterator[MovieReviews]:
         """scrape_movie for each id, in order, with a progress bar."""
-        with tqdm(imdb_ids, desc="IMDb reviews", unit=" movie", disable=None) as bar:
+        with progress(imdb_ids, desc="IMDb reviews", unit=" movie") as bar:
             for imdb_id in bar:
                 result = self.scrape_movie(imdb_id)
                 bar.set_postfix(

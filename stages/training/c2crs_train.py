@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.c2crs import C2CRS, batch_entities
 from stages.evaluation.rec_metrics import rank_of_targets
+from stages.io.progress import progress
 from stages.training.c2crs_data import (
     Graph,
     SampleTable,
@@ -201,7 +201,7 @@ def run_epoch(
     ranks = run.ranks
     run_step = ranks.step_runner(model)
     total, count = 0.0, 0
-    for rows in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
+    for rows in progress(batches, desc="train", unit=" batch", leave=False):
         mine, share = ranks.shard(rows)
         with autocast(run.device, run.precision):
             loss = run_step(step_loss, mine).float()

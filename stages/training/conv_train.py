@@ -18,11 +18,11 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models.c2crs import batch_entities
 from models.decoding import beam_decode, greedy_decode
 from models.generator import USER, ConversationModel, generation_loss, instance_weights
+from stages.io.progress import progress
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
 from stages.training.c2crs_train import Run
 from stages.training.loop import LoopState, adam, autocast, epoch_generator, evaluating, optimizer_step, train
@@ -411,7 +411,7 @@ def finetune_conversation(
     def train_epoch(epoch: int) -> dict:
         total, tokens = 0.0, 0
         batches = length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
-        for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
+        for picked in progress(batches, desc="train", unit=" batch", leave=False):
             with autocast(run.device, run.precision):
                 log_probs, targets, extra = target_log_probs(
                     model, run, run.train, train_data, picked, frozen, auxiliary
@@ -449,12 +449,11 @@ def generate(
     with evaluating(model):
         out: list[list[int] | None] = [None] * len(rows)
         frozen = FrozenStates(model, run, contexts=False)
-        for batch in tqdm(
+        for batch in progress(
             bucketed_batches(table.context_lengths[rows], decoding.batch_size, None),
             desc="generate",
             unit=" batch",
             leave=False,
-            disable=None,
         ):
             memories, source = _batch(model, run, table, rows[batch], frozen)
             for i, response in zip(batch, _decode(model, memories, source, decoding, banned_ids)):
@@ -489,12 +488,11 @@ def perplexity_and_responses(
         out: list[list[int] | None] = [None] * len(data)
         nll, count = 0.0, 0
         frozen = FrozenStates(model, run, contexts=False)
-        for picked in tqdm(
+        for picked in progress(
             length_batches(table, data, decoding.batch_size, None),
             desc="perplexity and generate",
             unit=" batch",
             leave=False,
-            disable=None,
         ):
             picked = by_response_length(data, picked)
             memories, source = _batch(model, run, table, data.rows[picked], frozen)

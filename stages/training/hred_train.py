@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.decoding import beam_search, greedy_search
 from models.generator import generation_loss
 from models.hred import HRED, HREDStepper
+from stages.io.progress import progress
 from stages.training.c2crs_data import SampleTable, bucketed_batches
 from stages.training.c2crs_train import Run
 from stages.training.conv_train import (
@@ -87,7 +87,7 @@ def train_hred(
     def train_epoch(epoch: int) -> dict:
         total, tokens = 0.0, 0
         batches = length_batches(run.train, train_data, cfg.batch_size, epoch_generator(run.seed, epoch))
-        for picked in tqdm(batches, desc="train", unit=" batch", leave=False, disable=None):
+        for picked in progress(batches, desc="train", unit=" batch", leave=False):
             with autocast(run.device, run.precision):
                 log_probs, targets = target_log_probs(model, run, run.train, train_data, picked)
                 loss = generation_loss(log_probs.float(), targets, model.cfg.pad_id)
@@ -159,12 +159,11 @@ def perplexity_and_responses(
     with evaluating(model):
         out: list[list[int] | None] = [None] * len(data)
         nll, count = 0.0, 0
-        for picked in tqdm(
+        for picked in progress(
             length_batches(table, data, decoding.batch_size, None),
             desc="perplexity and generate",
             unit=" batch",
             leave=False,
-            disable=None,
         ):
             picked = by_response_length(data, picked)
             state = model.encode(utterance_batch(model, table, data.rows[picked], run.device))
