@@ -1,6 +1,10 @@
 """The terminal chat's session loop (pipeline/talk.converse) on what a person at a terminal does: Ctrl-C, bytes
 that are not UTF-8, and a reply that fails; the session goes on or ends cleanly, never with a traceback."""
 
+import io
+
+import pytest
+
 from pipeline.talk import converse
 
 
@@ -64,3 +68,23 @@ def test_bytes_that_are_not_utf8_are_replaced_not_passed_on():
 def test_why_explains_all_or_one_and_says_what_it_takes():
     code, said = run(["/why", "/why 2", "/why two", ""], FakeChat())
     assert said == ["why None", "why 2", "/why takes nothing or a number: /why 2"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("command", ["talk", "serve"])
+def test_a_conversation_shows_no_progress_bars(command, monkeypatch):
+    """The stages' bars show on a terminal; talk and serve turn them off before the first turn."""
+    from pipeline import cli, serve, talk
+    from stages.io import progress
+
+    monkeypatch.setattr(progress, "_shown", True)
+    assert not progress.progress(range(3), file=_Terminal()).disable
+    monkeypatch.setattr(talk, "talk", lambda *args: 0)
+    monkeypatch.setattr(serve, "serve", lambda *args: 0)
+    monkeypatch.setattr(cli, "load_params", lambda path: None)
+    assert cli.main([command]) == 0
+    assert progress.progress(range(3), file=_Terminal()).disable
