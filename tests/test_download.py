@@ -143,6 +143,37 @@ def test_a_download_follows_only_redirects_on_its_scheme_port_and_hosts(tmp_path
             assert dest.read_bytes() == b"payload" and len(seen) == 2
 
 
+@pytest.mark.parametrize(
+    "location, refused",
+    [
+        ("/b", None),  # the same origin, port included: followed
+        ("http://host.local:8080/b", None),
+        ("https://host.local:8080/b", None),  # up to https on the same port
+        ("http://host.local:8081/b", "port 8081 .the request's: 8080."),
+        ("http://host.local/b", "port default .the request's: 8080."),
+        ("http://other.local:8080/b", "host 'other.local'"),
+    ],
+)
+def test_a_mirror_on_a_non_default_port_follows_its_own_redirects(tmp_path, location, refused):
+    seen = []
+
+    def handler(request):
+        seen.append(str(request.url))
+        return (
+            httpx.Response(302, headers={"location": location}) if len(seen) == 1 else httpx.Response(200, content=b"x")
+        )
+
+    dest = tmp_path / "b"
+    with mock_client(handler) as client:
+        if refused:
+            with pytest.raises(fetch.RedirectRefused, match=f"redirected to .*: refused, {refused}"):
+                fetch.download_file("http://host.local:8080/a", dest, sha(b"x"), 5, client)
+            assert len(seen) == 1 and not dest.exists()
+        else:
+            fetch.download_file("http://host.local:8080/a", dest, sha(b"x"), 5, client)
+            assert dest.read_bytes() == b"x" and len(seen) == 2
+
+
 def test_a_redirect_loop_is_cut(tmp_path):
     with mock_client(lambda request: httpx.Response(302, headers={"location": "/again"})) as client:
         with pytest.raises(fetch.RedirectRefused, match="more than 5 redirects"):

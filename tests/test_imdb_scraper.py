@@ -393,9 +393,8 @@ def test_a_redirect_off_the_allow_list_is_refused(site, tmp_path):
     scraper = scraper_for(site, tmp_path)
     result = scraper.scrape_movie(MOVIE)
     assert result.error == (
-        f"https://evil.example.com/title/{MOVIE}/reviews/ (redirected from {PAGE1}): host "
-        "'evil.example.com' is not one of the allowed hosts (m.imdb.com, www.imdb.com); not "
-        "fetched"
+        f"https://evil.example.com/title/{MOVIE}/reviews/ (redirected from {PAGE1}): refused, host "
+        "'evil.example.com' (allowed: m.imdb.com, www.imdb.com); not fetched"
     )
     assert site.urls() == [ROBOTS, PAGE1]
     assert scraper.stats.refusals == 1
@@ -404,8 +403,9 @@ def test_a_redirect_off_the_allow_list_is_refused(site, tmp_path):
 @pytest.mark.parametrize(
     "location, refused",
     [
-        ("https://m.imdb.com:8443/title/tt0109127/reviews/", "port 8443 is refused"),
-        ("http://www.imdb.com/title/tt0109127/reviews/", "a downgrade from https to http is refused"),
+        ("https://m.imdb.com:8443/title/tt0109127/reviews/", "refused, port 8443"),
+        ("https://www.imdb.com:8443/title/tt0109127/reviews/", "refused, port 8443 (the request's: default)"),
+        ("http://www.imdb.com/title/tt0109127/reviews/", "refused, a downgrade from https to http"),
     ],
 )
 def test_a_redirect_to_another_port_or_down_to_http_is_refused(site, tmp_path, location, refused):
@@ -414,6 +414,27 @@ def test_a_redirect_to_another_port_or_down_to_http_is_refused(site, tmp_path, l
     result = scraper.scrape_movie(MOVIE)
     assert result.error == f"{location} (redirected from {PAGE1}): {refused}; not fetched"
     assert site.urls() == [ROBOTS, PAGE1] and scraper.stats.refusals == 1
+
+
+def test_a_mirror_on_its_own_port_follows_its_own_redirects_and_no_other_port(site, tmp_path):
+    """A local mirror (base_url on port 8080) that redirects within itself is followed; to port 8081 it is not."""
+    base = "http://mirror.local:8080"
+    first, moved = f"{base}/title/{MOVIE}/reviews/", f"{base}/moved/{MOVIE}/reviews/"
+    site.routes.update(
+        {
+            f"{base}/robots.txt": reply(404),
+            first: reply(302, location=f"/moved/{MOVIE}/reviews/"),
+            moved: page("classic_page3.html"),
+        }
+    )
+    scraper = scraper_for(site, tmp_path, base_url=base, allowed_hosts=["mirror.local"])
+    assert scraper.scrape_movie(MOVIE).reviews == [REVIEW_4]
+    site.routes[first] = reply(302, location=f"http://mirror.local:8081/moved/{MOVIE}/reviews/")
+    fresh = scraper_for(site, tmp_path / "again", base_url=base, allowed_hosts=["mirror.local"])
+    assert fresh.scrape_movie(MOVIE).error == (
+        f"http://mirror.local:8081/moved/{MOVIE}/reviews/ (redirected from {first}): refused, port 8081 (the "
+        "request's: 8080); not fetched"
+    )
 
 
 def test_a_redirect_within_the_allow_list_is_followed_and_cached_under_the_first_url(site, tmp_path):

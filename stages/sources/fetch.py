@@ -34,21 +34,23 @@ class RedirectRefused(ValueError):
     """A download redirected somewhere it may not go (another host or port, or from https to http)."""
 
 
+def redirect_problem(target: httpx.URL, start: httpx.URL, hosts: frozenset[str]) -> str | None:
+    """Why a redirect to target is refused, or None to follow it. Followed: the start's own origin (its host and
+    port, on its scheme or up to https), or another of `hosts` on the default port. Refused: other hosts, other
+    ports, and any step down from https to http (the checksum is checked after, but MD5 (aclImdb) is weak)."""
+    if target.scheme not in ("http", "https") or (start.scheme == "https" and target.scheme != "https"):
+        return "a downgrade from https to http" if start.scheme == "https" else f"the scheme {target.scheme!r}"
+    if target.host.lower() == start.host.lower():
+        same_port = target.port == start.port
+        return None if same_port else f"port {target.port or 'default'} (the request's: {start.port or 'default'})"
+    if target.host.lower() not in hosts:
+        return f"host {target.host!r} (allowed: {', '.join(sorted({start.host, *hosts}))})"
+    return None if target.port is None else f"port {target.port}"
+
+
 def _check_hop(target: httpx.URL, start: httpx.URL) -> None:
-    """A download follows a redirect only on its scheme (https stays https), its default port and its own host or
-    that host's known content hosts (REDIRECT_HOSTS); the checksum is checked after, but MD5 (aclImdb) is weak."""
-    hosts = {start.host} | REDIRECT_HOSTS.get(start.host, set())
-    problem = (
-        "a downgrade from https to http"
-        if start.scheme == "https" and target.scheme != "https"
-        else f"the scheme {target.scheme!r}"
-        if target.scheme not in ("http", "https")
-        else f"port {target.port}"
-        if target.port is not None
-        else f"host {target.host!r} (allowed: {', '.join(sorted(hosts))})"
-        if target.host not in hosts
-        else None
-    )
+    """A download follows a redirect within its origin or to its host's known content hosts (REDIRECT_HOSTS)."""
+    problem = redirect_problem(target, start, frozenset(REDIRECT_HOSTS.get(start.host, ())))
     if problem:
         raise RedirectRefused(f"{start}: redirected to {target}: refused, {problem}; not downloaded")
 

@@ -41,6 +41,7 @@ import httpx
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
 from stages.io.progress import progress
+from stages.sources.fetch import redirect_problem
 
 log = logging.getLogger(__name__)
 
@@ -448,20 +449,20 @@ class ImdbReviewScraper:
         raise FetchError(f"{url}: more than {self.max_redirects} redirects (the last to {target})")
 
     def _check_allowed(self, target: httpx.URL, start: str, check_robots: bool) -> None:
+        """The first URL's host must be allowed; a redirect follows fetch.redirect_problem's rule (the same
+        origin, or another allowed host on its default port; never down to http)."""
         via = "" if str(target) == start else f" (redirected from {start})"
-        if target.scheme not in ("http", "https") or target.host.lower() not in self.allowed_hosts:
+        first = httpx.URL(start)
+        if first.scheme not in ("http", "https") or first.host.lower() not in self.allowed_hosts:
             self.stats.refusals += 1
             raise RefusedError(
-                f"{target}{via}: host {target.host!r} is not one of the allowed hosts "
+                f"{first}: host {first.host!r} is not one of the allowed hosts "
                 f"({', '.join(sorted(self.allowed_hosts))}); not fetched"
             )
-        if target.port is not None or (httpx.URL(start).scheme == "https" and target.scheme != "https"):
+        problem = None if target == first else redirect_problem(target, first, self.allowed_hosts)
+        if problem:
             self.stats.refusals += 1
-            raise RefusedError(
-                f"{target}{via}: "
-                + (f"port {target.port}" if target.port is not None else "a downgrade from https to http")
-                + " is refused; not fetched"
-            )
+            raise RefusedError(f"{target}{via}: refused, {problem}; not fetched")
         if check_robots and not self._robots_for(target).can_fetch(self.user_agent, str(target)):
             self.stats.refusals += 1
             raise RefusedError(
