@@ -217,6 +217,11 @@ class KgConfig(Section):
     link_seeds: bool
 
 
+class RelationNamesConfig(Section):
+    majority: float = Field(ge=0, lt=1)  # a name is kept when more than this share of the compared edges agree
+    min_edges: int = Field(ge=1)  # and at least this many edges could be compared
+
+
 class TriplesConfig(Section):
     min_token_frequency: int = Field(ge=1)
     context_max_tokens: int = Field(ge=1)
@@ -575,6 +580,7 @@ class Params(Section):
     reviews: ReviewsConfig
     linking: LinkingConfig
     kg: KgConfig
+    relation_names: RelationNamesConfig
     triples: TriplesConfig
     word_graph: WordGraphConfig
     model: ModelConfig

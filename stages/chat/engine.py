@@ -19,7 +19,7 @@ import torch
 
 from models.c2crs import C2CRS
 from models.generator import ConversationModel
-from stages import ingest, triples
+from stages import ingest, relation_names, triples
 from stages.chat.explain import Explainer, Explanation, KnowledgeGraph
 from stages.io.graph import STAGES
 from stages.sources import raw
@@ -86,8 +86,10 @@ class Knowledge:
             sentences,
             pl.read_parquet(workspace / STAGES["reviews"].output("reviews")),
         )
+        relations = pl.read_parquet(inputs["relations"])
+        names = workspace / STAGES["relation_names"].output("relation_names")  # none yet: the KG's own names
         self.explainer = Explainer(
-            KnowledgeGraph(entities, pl.read_parquet(inputs["relations"]), edges),
+            KnowledgeGraph(entities, relations, edges, relation_names.display_names(names, relations)),
             self.chooser,
             sentences,
             self.entity_movie,

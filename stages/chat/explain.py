@@ -5,9 +5,10 @@ An explanation has three parts, each read off the trained model or the data it w
   with their softmax weight in that pooling, heaviest first;
 - KG paths: from the heaviest context entities to the recommended movie, the direct edge or the two-hop paths
   through the most specific entity they share (fewest neighbours first: a shared actor says more than a shared
-  country), at most two per context entity so that several of them can speak. Relations are named as the KG names
-  them; the KGSF subgraph of DBpedia carries numeric relation ids ("dbpedia:68", "^-1" for the inverse edge), not
-  DBpedia's property names;
+  country), at most two per context entity so that several of them can speak. The KGSF subgraph of DBpedia carries
+  numeric relation ids ("dbpedia:68", "^-1" for the inverse edge); where the relation_names stage derived a name
+  from the movie metadata ("starring", "star of") the path shows it, else "related (dbpedia:68)", and without that
+  stage's table the KG's own names;
 - review sentences: the movie's review sentences ranked by BM25 against the context entities' names, the entities
   on the paths and the seeker's words (the triples stage's rule for the sentence of a mention); sentences of
   negative reviews (rated 4/10 or less) come after the others, as they hardly back a recommendation.
@@ -64,16 +65,24 @@ class Explanation:
 
 
 class KnowledgeGraph:
-    """The KG's edges as compressed rows (src -> its (relation, dst) pairs, self loops left out) and its labels."""
+    """The KG's edges as compressed rows (src -> its (relation, dst) pairs, self loops left out) and its labels.
 
-    def __init__(self, entities: pl.DataFrame, relations: pl.DataFrame, edges: pl.DataFrame):
+    `names` (relation id -> name, stages/relation_names.py's display_names) overrides the KG's relation names."""
+
+    def __init__(
+        self,
+        entities: pl.DataFrame,
+        relations: pl.DataFrame,
+        edges: pl.DataFrame,
+        names: dict[int, str] | None = None,
+    ):
         self_loops = relations.filter(pl.col("name") == SELF_LOOP)["relation_id"].to_list()
         kept = edges.filter((pl.col("src") != pl.col("dst")) & ~pl.col("rel").is_in(self_loops)).sort("src", "dst")
         n = int(entities["entity_id"].max()) + 1 if entities.height else 0
         self.starts = np.searchsorted(kept["src"].to_numpy(), np.arange(n + 1))
         self.dst, self.rel = kept["dst"].to_numpy(), kept["rel"].to_numpy()
         self.labels = dict(zip(entities["entity_id"], entities["label"]))
-        self.relation_names = dict(zip(relations["relation_id"], relations["name"]))
+        self.relation_names = dict(zip(relations["relation_id"], relations["name"])) | (names or {})
 
     def neighbours(self, entity: int) -> np.ndarray:
         return self.dst[self.starts[entity] : self.starts[entity + 1]]

@@ -10,6 +10,7 @@ from stages.evaluation import rec_metrics, study_markdown
 
 REC_JSON, CONV_JSON = "reports/rec.json", "reports/conv.json"
 STUDY_SUMMARY = "reports/pretraining_runs/summary.json"
+RELATION_NAMES_JSON = "reports/relation_names.json"
 
 REC_LABELS = {
     "popularity": "Popularity",
@@ -154,12 +155,41 @@ def pretraining_table(reports: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def relation_names_table(reports: dict) -> str:
+    """The relation_names stage's names with their agreement, most movie edges first; the relations that no movie
+    edge could be checked for are listed after the table."""
+    derived = reports[RELATION_NAMES_JSON]
+
+    def field(row: dict) -> str:
+        return f"{row['field']} ({row['direction']})" if row["agreement"] else "– (no edge agrees)"
+
+    lines = [
+        "| KG relation | movie edges | best field | edges compared | agreement | reads as (edge / inverse edge) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in (r for r in derived["relations"] if r["edges_compared"]):
+        reads = f"**{row['name']}** / **{row['inverse_name']}**" if row["named"] else row["name"]
+        lines.append(
+            f"| `{row['relation']}` | {row['movie_edges']:,} | {field(row)} | "
+            f"{row['edges_compared']:,} | {row['agreement']:.3f} | {reads} |"
+        )
+    unchecked = [f"`{r['relation']}`" for r in derived["relations"] if not r["edges_compared"]]
+    named = sum(r["named"] for r in derived["relations"])
+    return (
+        "\n".join(lines)
+        + f"\n\n{named} of {len(derived['relations'])} relations named (agreement above {derived['majority']} on at "
+        f"least {derived['min_edges']} compared edges); no edge of {', '.join(unchecked) or 'none'} could be compared "
+        "(no movie at either end, or no metadata list long enough): they stay related.\n"
+    )
+
+
 TABLES: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "rec_table": (rec_table, (REC_JSON,)),
     "rec_margins": (rec_margins, (REC_JSON,)),
     "conv_table": (conv_table, (CONV_JSON,)),
     "pretraining_answer": (pretraining_answer, (STUDY_SUMMARY,)),
     "pretraining_table": (pretraining_table, (STUDY_SUMMARY,)),
+    "relation_names_table": (relation_names_table, (RELATION_NAMES_JSON,)),
 }
 
 
