@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         expected = isinstance(exc, PROJECT_ERRORS)
+        where = _data_key(exc, args) if expected else None
         print(
-            f"error: {error_message(exc)}"
+            f"error: {where + ': ' if where else ''}{error_message(exc)}"
             + ("" if expected else " (an unexpected error: rerun with --debug for its traceback, and report it)"),
             file=sys.stderr,
         )
@@ -261,6 +262,20 @@ def _project_errors() -> tuple[type[BaseException], ...]:
 
 
 PROJECT_ERRORS = _project_errors()
+
+
+def _data_key(exc: BaseException, args) -> str | None:
+    """'<params file>: data.files.X' when exc is about a raw file a params key points at (pipeline/data_errors)."""
+    from pipeline.data_errors import data_key_of
+
+    params_file = Path(getattr(args, "params", None) or "params.yaml").resolve()
+    if isinstance(exc, ConfigError) or not params_file.is_file():
+        return None
+    try:
+        params = load_params(params_file)
+    except ConfigError:
+        return None
+    return data_key_of(exc, params, params_file)
 
 
 def error_message(exc: BaseException) -> str:

@@ -74,6 +74,9 @@ MOVIE_SCHEMA = {
 }
 
 
+REDIAL_ZIP = "redial_dataset.zip"  # the official release, as cached without a mirror
+
+
 class BadRecordError(ValueError):
     """A raw record that cannot be ingested; the message names file, line and reason."""
 
@@ -595,7 +598,7 @@ def redial_raw_files(data, workspace: Path) -> RawRedialFiles:
         )
     cache = workspace / data.cache_dir
     zipped = data.downloads.redial_zip
-    archive = raw.download(data, zipped.url, cache / "redial_dataset.zip", zipped.sha256)
+    archive = raw.download(data, zipped.url, cache / REDIAL_ZIP, zipped.sha256)
     extracted = {
         name: extract_member(archive, getattr(zipped, name), cache / getattr(zipped, name))
         for name in ("redial_train", "redial_test", "movies")

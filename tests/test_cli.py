@@ -132,10 +132,42 @@ def test_a_data_error_inside_a_stage_is_one_error_line_without_tracebacks(params
     assert "Traceback" not in done.stderr + done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
-        f"error: {train}, line 3: record lacks required key(s) initiatorWorkerId, respondentWorkerId, "
+        f"error: {params_file}: data.files.redial_train: {train}, line 3: record lacks required key(s) "
+        "initiatorWorkerId, respondentWorkerId, "
         "movieMentions [missing_keys]. Set ingest.on_bad_record: skip to drop such records and count "
         "them."
     ]
+
+
+def run_ingest(params_file):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
+        cwd=params_file.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+    )
+
+
+@pytest.mark.parametrize("key", ["movies", "redial_train"])
+def test_a_raw_file_that_is_not_what_its_key_expects_names_the_key_and_the_params_file(params_file, mirror, key):
+    """data.files.movies pointing at a JSONL file, data.files.redial_train at a directory: the one error line says
+    which key of which params file to fix."""
+    raw = yaml.safe_load(params_file.read_text())
+    if key == "movies":
+        (mirror / "redial" / "movies.jsonl").write_text('{"movieId": 1}\n')
+        raw["data"]["files"]["movies"] = "redial/movies.jsonl"
+    else:
+        (mirror / "redial" / "a_directory").mkdir()
+        raw["data"]["files"]["redial_train"] = "redial/a_directory"
+    params_file.write_text(yaml.safe_dump(raw))
+    done = run_ingest(params_file)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {params_file}: data.files.{key}: "), done.stderr
+    expected = "expected a CSV file with columns" if key == "movies" else "a directory, not a file"
+    assert expected in errors[0]
 
 
 def test_project_errors_exit_2_with_one_line_bugs_exit_1_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
