@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         quiet_tracebacks()
     try:
+        _settle(args)
         return command(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -262,6 +263,16 @@ def _project_errors() -> tuple[type[BaseException], ...]:
 
 
 PROJECT_ERRORS = _project_errors()
+
+
+def _settle(args) -> None:
+    """Before any command reads the workspace: complete the commits a killed stage left half done and remove dead
+    writers' temporaries (stages/io/outputs.settle_workspace). The workspace is the params file's folder."""
+    from stages.io.outputs import settle_workspace
+
+    params_file = Path(getattr(args, "params", None) or "params.yaml").resolve()
+    if params_file.is_file():
+        settle_workspace(params_file.parent)
 
 
 def _data_key(exc: BaseException, args) -> str | None:

@@ -16,7 +16,7 @@ from pipeline.invocation import TRIGGERED_BY_ENV, new_invocation
 from pipeline.paths import git_commit
 from pipeline.tracking import stage_run
 from stages.io.graph import STAGES, params_value, stage_body, stage_instances, stage_spec
-from stages.io.outputs import finish_interrupted_commits, stage_lock
+from stages.io.outputs import settle_workspace, stage_lock
 
 FINISHED: dict[str, dict] = {}  # stages of this process whose body ran and whose MLflow run ended: name -> metrics
 
@@ -28,7 +28,7 @@ def _run_stage(name: str, params_file: str) -> dict:
     dumped = params.model_dump()
     sections = {key: params_value(dumped, key) for key in stage_spec(name).params}
     with stage_lock(workspace, name), stage_run(name, sections, flow_run_id=current_flow_run.id) as run:
-        finish_interrupted_commits(workspace)  # a killed stage's half-made commit, completed before anyone reads
+        settle_workspace(workspace)  # a killed stage's half-made commit, completed before this stage reads
         outcome = stage_body(name)(params, workspace, run)
         run.log_inputs(outcome.inputs)
         run.log_metrics(outcome.metrics)

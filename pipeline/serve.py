@@ -45,6 +45,7 @@ from pipeline.tracking import tracking_uri
 from stages.chat.engine import Chat, Knowledge, Recommendation, Turn, load_generator, load_recommender
 from stages.chat.explain import Explanation
 from stages.evaluation.rec_metrics import ABLATION_PREFIX
+from stages.io.outputs import settle_workspace
 from stages.io.stage_log import registered_name
 from stages.training.runs import TRAINING_INPUTS
 
@@ -138,6 +139,7 @@ class Models:
 
     def __init__(self, params, workspace: Path, models_from: str):
         self.params, self.workspace, self.models_from = params, workspace, models_from
+        settle_workspace(workspace)  # a killed stage's half-made set, completed before the server reads it
         self.names = {kind: registered_name("c2crs", kind) for kind in CHAT_MODELS}
         files = chat_model_files(workspace, models_from)
         self.knowledge = Knowledge(params, workspace)

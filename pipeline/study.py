@@ -14,7 +14,7 @@ import polars as pl
 from pipeline.config import Params
 from pipeline.study_runs import jobs, prerequisites, run_job
 from stages.evaluation import rec_metrics, study_markdown, study_report
-from stages.io.outputs import write_outputs
+from stages.io.outputs import settle_workspace, write_outputs
 from stages.training import runs
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def run_study(
     """Every job not yet done (and the runs they start from), one after another in this process, or with `workers` >
     1 as flow runs of the study deployment on the local process pool, that many at a time (pipeline/study_flows.py;
     api_url: the Prefect API, default the configured one or a temporary server). Returns the runs' results."""
+    settle_workspace(workspace)  # a killed writer's half-made set, completed before any run reads it
     todo = [job for job in jobs(params, settings, seeds, arms) if not job.done(params, workspace)]
     needed = (n for job in todo for n in prerequisites(params, job))
     missing = [job for job in dict.fromkeys(needed) if job not in todo and not job.done(params, workspace)]
@@ -61,6 +62,7 @@ def run_study(
 
 def write_report(params: Params, workspace: Path) -> str:
     """reports/pretraining.md, its numbers as JSON beside the runs, and the DVC plots' data, from the finished runs."""
+    settle_workspace(workspace)
     inputs = {name: workspace / path for name, path in runs.TRAINING_INPUTS.items()}
     samples = pl.read_parquet(inputs["samples"])
     test = samples.filter(pl.col("split") == "test").sort("sample_id")

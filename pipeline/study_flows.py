@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from pipeline.config import load_params
 from pipeline.paths import project_root
 from pipeline.study_runs import Job, prerequisites, run_job
+from stages.io.outputs import settle_workspace
 
 FLOW_NAME = "c2crs-study"
 DEPLOYMENT = f"{FLOW_NAME}/run"
@@ -37,6 +38,7 @@ def study_run(setting: str, seed: int, arm: str, workspace: str, threads: int = 
     logging.getLogger("stages").setLevel(logging.INFO)
     root = Path(workspace)
     params = load_params(root / "params.yaml")
+    settle_workspace(root)  # a killed writer's half-made set, completed before this run reads the stage outputs
     job = Job(setting, seed, arm)
     for needed in [*prerequisites(params, job), job]:
         if needed.done(params, root):

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -30,7 +31,7 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
     Every output is written to a temporary file beside its target (named with this process's id) and synced; then a
     journal listing the renames is written atomically, the renames run, and the journal is removed. A kill before
     the journal leaves the previous outputs (and temporaries that the next writer removes); a kill during the
-    renames leaves the journal, and finish_interrupted_commits (run before every stage) completes it: the new set.
+    renames leaves the journal, and settle_workspace (run by every entry point before it reads) completes it: the new set.
     Commits into the same folder take turns (a lock), so two concurrent writers never mix their sets. In a
     distributed run only the first process writes.
     """
@@ -71,9 +72,35 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
 
 def finish_interrupted_commits(root: Path) -> list[Path]:
     """Complete the commits in `root` that a killed writer left half done (their journals); returns the targets
-    moved into place. Run before every stage, so no stage reads a half-committed set."""
+    moved into place."""
     with _locked(root / COMMIT_LOCK):
         return _complete_journals(root)
+
+
+OUTPUT_FOLDERS = ("data", "metrics", "reports")  # where stages write: a commit's root is one of them or the workspace
+_TEMPORARY = re.compile(r"^\.(?:.+\.(\d+)\.tmp|outputs-commit\.(\d+)\.json\.tmp)$")
+
+
+def settle_workspace(workspace: Path) -> list[Path]:
+    """Complete every commit a killed writer left half done in the workspace, and remove the temporaries of dead
+    writers; returns the targets moved into place. Every entry point that reads stage outputs (the CLI's commands,
+    the stage command, serve, the study) runs it first, so no reader ever sees a half-made set."""
+    folders = [workspace] + [
+        Path(folder)
+        for name in OUTPUT_FOLDERS
+        if (workspace / name).is_dir()
+        for folder, _, _ in os.walk(workspace / name, followlinks=True)
+    ]
+    finished = []
+    for folder in folders:
+        if any(folder.glob(f"{COMMIT_JOURNAL}.*.json")):
+            finished += finish_interrupted_commits(folder)
+    for folder in folders:  # the journals are done: a dead writer's temporaries are nobody's now
+        for path in folder.iterdir():
+            match = _TEMPORARY.match(path.name)
+            if match and not _alive(int(match.group(1) or match.group(2))):
+                path.unlink(missing_ok=True)
+    return finished
 
 
 def _complete_journals(root: Path) -> list[Path]:
