@@ -81,7 +81,8 @@ def score_split(
     forms of the samples' conversations, which ReDial's recommender reads (default: the ingest stage's). history:
     each sample's context movies by recency and its new-or-repeat state, when the samples are only some turns of
     their conversations (default: replayed from the samples)."""
-    run, model_config, _ = loaded or runs.training_run(params, workspace)  # loaded: training_run's, reused
+    loaded = loaded or runs.training_run(params, workspace)  # training_run's, reused
+    run, model_config, _ = loaded
     table = c2crs_data.sample_table(samples, triple_table, split)
     batch = params.evaluate.batch_size
     train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
@@ -95,64 +96,82 @@ def score_split(
             rows = np.arange(start, min(start + batch, len(table)))
             yield rows, naive[name](rows)
 
-    files = files or model_files(params, workspace)
-    scorers = set(rec_metrics.BASELINES) | {"c2crs", rec_metrics.REPEAT_CHOICE}
-    scorers |= {rec_metrics.ABLATION_PREFIX + variant for variant in params.ablations.variants}
-    skip = skip | (scorers - set(naive) - set(files))  # not in files: not trained here, or not asked for
     models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
-    if "textcnn" not in skip:
+    files = files or model_files(params, workspace)  # a model not in files: not trained here, or not asked for
+    scorers = trained_scorers(params, workspace, files, skip, loaded, forms)
+    models.update({name: (lambda score=score: score(table, recent, states)) for name, score in scorers.items()})
+    return table, models
+
+
+def trained_scorers(
+    params,
+    workspace: Path,
+    files: dict[str, Path],
+    skip: frozenset[str] = frozenset(),
+    loaded=None,
+    forms: pl.DataFrame | None = None,
+) -> dict[str, Callable]:
+    """Each trained model of `files` (but skip's; other names are ignored), loaded once, as a function
+    (table, recent, states) -> its score blocks on a sample table; recent and states (score_split's history, aligned
+    with the table) are read by the repeat choice only. score_split binds them to a split's samples, the chat
+    (stages/chat) to a conversation's, so both score a sample alike. forms: as score_split's."""
+    run, model_config, _ = loaded or runs.training_run(params, workspace)
+    batch = params.evaluate.batch_size
+    wanted = set(files) - skip
+    models = {}
+    if "textcnn" in wanted:
         textcnn = textcnn_train.load_textcnn(files["textcnn"]).to(run.device)
-        models["textcnn"] = lambda: textcnn_train.score_textcnn(textcnn, run, table, batch)
-    if "kbrd" not in skip:
-        kbrd = runs.load_c2crs(files["kbrd"]).to(run.device)
-        models["kbrd"] = lambda: c2crs_train.score_samples(kbrd, run, table, batch)
-    if "kecrs" not in skip:
-        kecrs = runs.load_c2crs(files["kecrs"]).to(run.device)
-        models["kecrs"] = lambda: c2crs_train.score_samples(kecrs, run, table, batch)
-    if {"kgsf", "revcore"} - skip:
+        models["textcnn"] = lambda table, *_: textcnn_train.score_textcnn(textcnn, run, table, batch)
+    for name in ("kbrd", "kecrs"):
+        if name not in wanted:
+            continue
+        model = runs.load_c2crs(files[name]).to(run.device)
+        models[name] = lambda table, *_, model=model: c2crs_train.score_samples(model, run, table, batch)
+    if {"kgsf", "revcore"} & wanted:
         words = kgsf_train.load_word_graph(workspace, model_config.vocab_size, run.device)
-    if "kgsf" not in skip:
+    if "kgsf" in wanted:
         kgsf = baseline_models.load_kgsf(files["kgsf"]).to(run.device)
-        models["kgsf"] = lambda: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
-    if "revcore" not in skip:  # KGSF's recommender on the contexts its retrieval enriches
+        models["kgsf"] = lambda table, *_: kgsf_train.score_kgsf(kgsf, run, table, words, batch)
+    if "revcore" in wanted:  # KGSF's recommender on the contexts its retrieval enriches
         retrieval = baseline_models.revcore_retrieval(params, workspace, run, path=files["revcore"])
-        models["revcore"] = lambda: kgsf_train.score_kgsf(
+        models["revcore"] = lambda table, *_: kgsf_train.score_kgsf(
             retrieval.model.kgsf, run, retrieval.augment(table), words, batch
         )
-    if "redial" not in skip:
+    if "redial" in wanted:
         redial = baseline_models.load_redial(files["redial"]).to(run.device)
         if forms is None:
             forms = pl.read_parquet(workspace / redial_train.FORMS_INPUT)
         likes = redial_train.seeker_likes(forms, pl.read_parquet(workspace / runs.TRAINING_INPUTS["entities"]))
-        models["redial"] = lambda: redial_train.score_redial(redial, run, table, likes, batch)
-    if {"c2crs", rec_metrics.REPEAT_CHOICE} - skip:
-        c2crs = runs.load_c2crs(files["c2crs"]).to(run.device)
-    if "c2crs" not in skip:
-        models["c2crs"] = lambda: c2crs_train.score_samples(c2crs, run, table, batch)
-    if rec_metrics.REPEAT_CHOICE not in skip:
-        models[rec_metrics.REPEAT_CHOICE] = lambda: repeat_choice.with_repeat_choice(
+        models["redial"] = lambda table, *_: redial_train.score_redial(redial, run, table, likes, batch)
+    if {"c2crs", rec_metrics.REPEAT_CHOICE} & wanted:
+        c2crs = runs.load_c2crs(files["c2crs" if "c2crs" in files else rec_metrics.REPEAT_CHOICE]).to(run.device)
+    if "c2crs" in wanted:
+        models["c2crs"] = lambda table, *_: c2crs_train.score_samples(c2crs, run, table, batch)
+    if rec_metrics.REPEAT_CHOICE in wanted:
+        choice = repeat_choice.fitted(params, workspace, run)
+        models[rec_metrics.REPEAT_CHOICE] = lambda table, recent, states: repeat_choice.with_repeat_choice(
             c2crs_train.score_samples(c2crs, run, table, batch),
             repeat_choice.recent_items_tensor(recent),
             table,
-            repeat_choice.fitted(params, workspace, run),
+            choice,
             torch.as_tensor(states),
         )
-    models.update(_ablation_scorers(params, workspace, files, skip, run, table, batch))
-    return table, models
+    models.update(_ablation_scorers(params, workspace, files, wanted, run, batch))
+    return models
 
 
-def _ablation_scorers(params, workspace: Path, files: dict[str, Path], skip, run, table, batch: int) -> dict:
+def _ablation_scorers(params, workspace: Path, files: dict[str, Path], wanted: set[str], run, batch: int) -> dict:
     """The ablation variants' score functions (each variant's own graph when its model section changes it)."""
     models, variant_runs = {}, {params.model.model_dump_json(): run}  # w/o SD: only self loops
     for variant in params.ablations.variants:
-        if rec_metrics.ABLATION_PREFIX + variant in skip:
+        if rec_metrics.ABLATION_PREFIX + variant not in wanted:
             continue
         variant_params = params.variant(variant)
         key = variant_params.model.model_dump_json()
         if key not in variant_runs:
             variant_runs[key] = runs.training_run(variant_params, workspace)[0]
         model = runs.load_c2crs(files[rec_metrics.ABLATION_PREFIX + variant]).to(run.device)
-        models[rec_metrics.ABLATION_PREFIX + variant] = lambda model=model, run=variant_runs[key]: (
+        models[rec_metrics.ABLATION_PREFIX + variant] = lambda table, *_, model=model, run=variant_runs[key]: (
             c2crs_train.score_samples(model, run, table, batch)
         )
     return models
@@ -462,12 +481,15 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             "## The standardized protocol (Kostric and Balog)",
             "",
             "standard_full / standard_dedup (stages/evaluation/standard_protocol.py): every recommender message that "
-            "names "
-            "a movie and has context, on the raw test messages (not merged turns); dedup keeps only the movies no "
-            "earlier "
-            "message named. Nothing masked.",
+            "names a movie and has context, on the raw test messages (not merged turns); dedup keeps only the movies "
+            "no earlier message named. Nothing masked.",
             "",
             standard_protocol.peer_table(results, STANDARD_LABELS),
+            "Dialogue level (their Table 4): SR, the share of test dialogues where the top-1 item of some instance is "
+            "one of its targets that the seeker liked or saw (the seeker's form); RDL, a dialogue's rewards (1 liked, "
+            "0.5 seen) over its number of messages, averaged over dialogues.",
+            "",
+            standard_protocol.peer_dialogue_table(results, STANDARD_LABELS),
         ]
     )
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, top, log, loaded)
@@ -528,6 +550,7 @@ def evaluate_standard(params, workspace: Path, loaded=None, skip: frozenset[str]
         params.triples.context_max_tokens,
         params.triples.response_max_tokens,
     )
+    top = dict.fromkeys(set(model_files(params, workspace)) | set(rec_metrics.NAIVE_MODELS))
     by_rows = evaluate_samples(
         params,
         workspace,
@@ -536,12 +559,28 @@ def evaluate_standard(params, workspace: Path, loaded=None, skip: frozenset[str]
         "test",
         loaded=loaded,
         skip=skip,
+        top=top,
         rows=rows,
         history=history,
     )
-    return {
-        model: {name: by_rows[model][mask] for name, mask in standard_protocol.PROTOCOLS.items()} for model in by_rows
-    }
+    rewards, lengths = standard_protocol.seeker_rewards(test_file, item_entity)
+    sample_ids = samples.sort("sample_id")["sample_id"].to_list()  # the order evaluate scores them in
+    results = {}
+    for model in by_rows:
+        top1 = dict(zip(sample_ids, top[model][:, 0].tolist()))
+        results[model] = {}
+        for name, mask in standard_protocol.PROTOCOLS.items():
+            dialogue = standard_protocol.dialogue_measures(
+                rows.filter(pl.Series(rec_metrics.protocol_rows(rows, mask))),
+                top1,
+                rewards,
+                lengths,
+                params.evaluate.bootstrap_resamples,
+                params.seed,
+            )
+            metrics = by_rows[model][mask]
+            results[model][name] = {**metrics, **dialogue, "ci95": {**metrics["ci95"], **dialogue["ci95"]}}
+    return results
 
 
 def score_file(
