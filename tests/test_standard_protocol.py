@@ -101,3 +101,33 @@ def test_the_real_test_file_gives_their_published_counts():
     fresh = instances["fresh"].explode()
     assert (instances.height, len(fresh)) == (4198, 4975)  # their statistics file: full
     assert (int(fresh.sum()), int(instances["fresh"].list.any().sum())) == (4472, 3838)  # dedup
+
+
+def test_seeker_rewards_read_the_seekers_form(tmp_path):
+    path = tmp_path / "test.jsonl"
+    conversation = _conversation(7, [(1, "hi"), (2, "@123"), (1, "ok")], {"123": "A", "45": "B", "12": "C", "9": "D"})
+    conversation["initiatorQuestions"] = {
+        "123": {"liked": 1, "seen": 1, "suggested": 1},
+        "45": {"liked": 2, "seen": 1, "suggested": 1},  # seen, no opinion: 0.5
+        "12": {"liked": 0, "seen": 0, "suggested": 1},  # neither: no reward
+        "9": {"liked": 1, "seen": 0, "suggested": 0},  # not an item of the KG: left out
+    }
+    path.write_text(json.dumps(conversation) + "\n")
+    rewards, lengths = standard_protocol.seeker_rewards(path, {123: 0, 45: 1, 12: 2})
+    assert rewards == {7: {0: 1.0, 1: 0.5}} and lengths == {7: 3}
+
+
+def test_success_rate_and_reward_per_dialogue_length_by_hand():
+    rows = pl.DataFrame(
+        {"sample_id": [10, 10, 11, 12], "conv_id": [7, 7, 7, 8], "target_item": [0, 1, 0, 2]},
+        schema={"sample_id": pl.Int64, "conv_id": pl.Int64, "target_item": pl.Int64},
+    )
+    top1 = {10: 1, 11: 2, 12: 2}  # 10: a target the seeker saw; 11: no target; 12: a target without a liked/seen form
+    rewards, lengths = {7: {0: 1.0, 1: 0.5}, 8: {}}, {7: 6, 8: 2}
+    measures = standard_protocol.dialogue_measures(rows, top1, rewards, lengths, resamples=200, seed=0)
+    assert measures["success_rate"] == 0.5 and measures["dialogues"] == 2
+    assert measures["reward_per_dialogue_length"] == pytest.approx((0.5 / 6 + 0.0) / 2)
+    low, high = measures["ci95"]["success_rate"]
+    assert 0.0 <= low <= 0.5 <= high <= 1.0
+    liked = standard_protocol.dialogue_measures(rows, {10: 0, 11: 0, 12: 0}, rewards, lengths, resamples=10, seed=0)
+    assert liked["success_rate"] == 0.5 and liked["reward_per_dialogue_length"] == pytest.approx((2.0 / 6) / 2)

@@ -128,6 +128,8 @@ def _check_recommendation_reports(params, workspace) -> dict:
     for model, by_protocol in results.items():  # Kostric and Balog's protocol, on the raw test messages
         assert {"standard_full", "standard_dedup"} <= set(by_protocol), model
         assert 0 < by_protocol["standard_dedup"]["n"] <= by_protocol["standard_full"]["n"], model
+        for protocol in ("standard_full", "standard_dedup"):  # and their dialogue-level measures
+            assert 0 <= by_protocol[protocol]["success_rate"] <= 1 and by_protocol[protocol]["dialogues"] > 0, model
     assert "## The standardized protocol (Kostric and Balog)" in (workspace / "reports/rec.md").read_text()
     flat = json.loads((workspace / "metrics/rec.json").read_text())  # what `dvc metrics show` prints: flat, small
     assert flat["c2crs.all_turns.recall@10"] == results["c2crs"]["all_turns"]["recall@10"]

@@ -16,6 +16,7 @@ entities and movies of the earlier messages), so every model scores them as it s
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from stages import triples
@@ -123,3 +124,92 @@ def peer_table(results: dict, labels: dict[str, str]) -> str:
     for name, (full, dedup) in PEER_TABLE2.items():
         lines.append(f"| {name} (peer) | " + " | ".join(f"{v:.3f}" for v in (*full, *dedup)) + " |")
     return "\n".join(lines) + f"\n\nPeer rows: {PEER_NOTE}.\n"
+
+
+# Their Table 4 (trained on all 10,006 ReDial train conversations): SR and RDL, full | dedup
+PEER_TABLE4 = {
+    "KBRD": ((0.103, 0.049), (0.046, 0.036)),
+    "KGSF": ((0.093, 0.048), (0.036, 0.036)),
+    "UniCRS": ((0.101, 0.041), (0.048, 0.030)),
+    "ECR": ((0.104, 0.041), (0.063, 0.033)),
+    "MESE": ((0.113, 0.051), (0.051, 0.043)),
+    "PECRS": ((0.121, 0.053), (0.052, 0.047)),
+    "ReFICR": ((0.151, 0.074), (0.053, 0.053)),
+    "naive repeat": ((0.100, 0.009), (0.0, 0.0)),
+}
+LIKED_REWARD, SEEN_REWARD = 1.0, 0.5
+
+
+def seeker_rewards(path: Path, item_entity: dict[int, int]) -> tuple[dict[int, dict[int, float]], dict[int, int]]:
+    """Per conversation of a ReDial JSONL file: item -> its reward from the seeker's form (initiatorQuestions: liked
+    -> 1.0, else seen -> 0.5; movies the seeker did not like or see get none), and the conversation's number of
+    messages (the dialogue length of RDL)."""
+    rewards, lengths = {}, {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        conversation = json.loads(line)
+        conv_id = int(conversation["conversationId"])
+        answers = conversation.get("initiatorQuestions") or {}
+        answers = answers if isinstance(answers, dict) else {}
+        rewards[conv_id] = {
+            item_entity[int(movie)]: LIKED_REWARD if form.get("liked") == 1 else SEEN_REWARD
+            for movie, form in answers.items()
+            if isinstance(form, dict) and int(movie) in item_entity and 1 in (form.get("liked"), form.get("seen"))
+        }
+        lengths[conv_id] = len(conversation["messages"])
+    return rewards, lengths
+
+
+def dialogue_measures(
+    rows: pl.DataFrame,
+    top1: dict[int, int],
+    rewards: dict[int, dict[int, float]],
+    lengths: dict[int, int],
+    resamples: int,
+    seed: int,
+) -> dict:
+    """Success rate and reward per dialogue length (Kostric and Balog, Table 4) over the dialogues with a row:
+
+    - an instance succeeds when its top-1 item is one of its targets (`rows`: one per instance and target, of the
+      protocol) that the seeker liked or saw; its reward is 1.0 for a liked item, 0.5 for a seen one;
+    - SR: the share of dialogues with a success at any instance; RDL: the mean over dialogues of their rewards
+      summed over instances, divided by the dialogue's number of messages.
+
+    top1: sample_id -> the model's best item. 95 % intervals resample dialogues (`resamples` times)."""
+    per_instance = rows.group_by("sample_id", "conv_id").agg(pl.col("target_item")).sort("sample_id")
+    by_dialogue: dict[int, float] = {}
+    succeeded: dict[int, bool] = {}
+    for sample_id, conv_id, targets in per_instance.iter_rows():
+        best = top1[sample_id]
+        reward = rewards.get(conv_id, {}).get(best, 0.0) if best in targets else 0.0
+        by_dialogue[conv_id] = by_dialogue.get(conv_id, 0.0) + reward
+        succeeded[conv_id] = succeeded.get(conv_id, False) or reward > 0
+    dialogues = sorted(by_dialogue)
+    success = np.array([succeeded[c] for c in dialogues], dtype=float)
+    rdl = np.array([by_dialogue[c] / lengths[c] for c in dialogues])
+    draws = np.random.default_rng(seed).integers(0, len(dialogues), size=(resamples, len(dialogues)))
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [float(q) for q in np.quantile(values[draws].mean(axis=1), [0.025, 0.975])]
+
+    return {
+        "success_rate": float(success.mean()),
+        "reward_per_dialogue_length": float(rdl.mean()),
+        "dialogues": len(dialogues),
+        "ci95": {"success_rate": interval(success), "reward_per_dialogue_length": interval(rdl)},
+    }
+
+
+def peer_dialogue_table(results: dict, labels: dict[str, str]) -> str:
+    """Our models beside the peer's Table 4 rows: SR and RDL under standard_full and standard_dedup."""
+    lines = ["| model | full SR | full RDL | dedup SR | dedup RDL |", "|---|---|---|---|---|"]
+    for model, label in labels.items():
+        if model in results and "success_rate" in results[model].get("standard_full", {}):
+            cells = [
+                f"{results[model][p][k]:.3f}" for p in PROTOCOLS for k in ("success_rate", "reward_per_dialogue_length")
+            ]
+            lines.append(f"| {label} (ours) | " + " | ".join(cells) + " |")
+    for name, (full, dedup) in PEER_TABLE4.items():
+        lines.append(f"| {name} (peer) | " + " | ".join(f"{v:.3f}" for v in (*full, *dedup)) + " |")
+    return "\n".join(lines) + f"\n\nPeer rows: {PEER_NOTE.replace('Table 2', 'Table 4')}.\n"
