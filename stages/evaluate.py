@@ -329,6 +329,7 @@ def evaluate_conversation(
     rank = {name: i for i, name in enumerate(conv_metrics.MODEL_NAMES)}  # the paper's order; others before C2-CRS
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
+    results["human"]["quality"] = conv_metrics.quality_metrics(gold, decoding.max_tokens, None)
     said = {}
     reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
         lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table)
@@ -345,9 +346,11 @@ def evaluate_conversation(
             conv_train.fill_movies(response, [movie_token[e] for e in recommended[row]])
             for response, row in zip(generated, data.rows)
         ]
+        cards = [[movie_token[e] for e in recommended[row][: conv_metrics.CARDS]] for row in data.rows]
         results[name] = {
             **conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
             "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n) for n in conv_metrics.DIST_NS},
+            "quality": conv_metrics.quality_metrics(said[name], decoding.max_tokens, cards),
         }
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
@@ -440,20 +443,6 @@ def distinct_plot(conversation: dict) -> list[dict]:
     ]
 
 
-STANDARD_LABELS = {
-    "repeat": "naive repeat",
-    "popularity": "popularity",
-    "textcnn": "TextCNN",
-    "redial": "ReDial",
-    "kbrd": "KBRD-style",
-    "kecrs": "KECRS",
-    "kgsf": "KGSF",
-    "revcore": "RevCore",
-    "c2crs": "C2-CRS",
-    rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice",
-}
-
-
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
     """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
     intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
@@ -484,12 +473,12 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             "names a movie and has context, on the raw test messages (not merged turns); dedup keeps only the movies "
             "no earlier message named. Nothing masked.",
             "",
-            standard_protocol.peer_table(results, STANDARD_LABELS),
+            standard_protocol.peer_table(results),
             "Dialogue level (their Table 4): SR, the share of test dialogues where the top-1 item of some instance is "
             "one of its targets that the seeker liked or saw (the seeker's form); RDL, a dialogue's rewards (1 liked, "
             "0.5 seen) over its number of messages, averaged over dialogues.",
             "",
-            standard_protocol.peer_dialogue_table(results, STANDARD_LABELS),
+            standard_protocol.peer_dialogue_table(results),
         ]
     )
     conversation, conv_report, sheet, key = evaluate_conversation(params, workspace, top, log, loaded)

@@ -115,3 +115,25 @@ def test_a_bad_rating_names_the_file_line_and_what_was_expected(tmp_path, capsys
     assert "| a | 2.00 | 1.00 |" in capsys.readouterr().out
     assert main(["rate", str(path), "--key", str(tmp_path / "key.csv")]) == 2
     assert "informativeness must be 0, 1 or 2" in capsys.readouterr().err
+
+
+def test_quality_metrics_by_hand():
+    from stages.evaluation.conv_metrics import quality_metrics
+
+    responses = [
+        ["i", "think", "so", "so"],  # a word repeated in a row
+        ["you", "like", "it", "you", "like", "it"],  # a bigram and a trigram twice; at the cap (6)
+        ["try", "@7", "or", "@9"],  # names movies: @9 is among its top 3
+        ["hello"],
+    ]
+    recommended = [["@1", "@2", "@3"], ["@1", "@2", "@3"], ["@9", "@4", "@5", "@7"], ["@1", "@2", "@3"]]
+    quality = quality_metrics(responses, 6, recommended)
+    assert quality == {
+        "repeat_in_a_row": 0.25,
+        "repeat@2": 0.25,
+        "repeat@3": 0.25,
+        "at_length_cap": 0.25,
+        "names_movie": 0.25,
+        "names_recommended": 0.25,  # @7 is the 4th item: not on the cards
+    }
+    assert "names_recommended" not in quality_metrics(responses, 6, None)

@@ -231,6 +231,11 @@ def _check_conversation_reports(params, workspace) -> dict:
         assert {"perplexity", "avg_len", "entity_rate"} <= set(metrics)
     assert conversation["c2crs"]["perplexity"] > 1 and {"bleu@1", "bleu@2"} <= set(conversation["c2crs"])
     assert conversation["human"]["n"] == conversation["c2crs"]["n"] > 0
+    assert (
+        "names_recommended" in conversation["c2crs"]["quality"]
+        and "names_recommended" not in conversation["human"]["quality"]
+    )
+    assert "| model | word repeated in a row |" in (workspace / "reports/conv.md").read_text()
     conv_report = (workspace / "reports/conv.md").read_text()
     assert "| paper: C2-CRS | 0.163 | 0.291 | 0.417 |" in conv_report
     assert "| C2-CRS w/o instance weighting |" in conv_report

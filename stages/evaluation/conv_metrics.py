@@ -109,6 +109,54 @@ def generation_metrics(
     return metrics
 
 
+CARDS = 3  # the recommendations a reply sits beside (the chat page's cards): a reply "names a recommended movie"
+# when it names one of its recommender's top CARDS items
+
+
+def _repeats_ngram(words: Sequence[str], n: int) -> bool:
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def quality_metrics(
+    responses: Sequence[Sequence[str]], max_tokens: int, recommended: Sequence[Sequence[str]] | None
+) -> dict:
+    """What degenerate text cannot raise, as shares of the responses (movies as their "@id" word):
+    - repeat_in_a_row: a word right after itself ("so so"); repeat@2 / repeat@3: some bigram / trigram twice;
+    - at_length_cap: as long as decoding allows (max_tokens words), so probably cut off;
+    - names_movie: names any movie; names_recommended: names one of its recommender's top CARDS items
+      (`recommended`, per response; None for the gold responses, which no recommender wrote)."""
+    n = max(len(responses), 1)
+    metrics = {
+        "repeat_in_a_row": sum(any(a == b for a, b in zip(r, r[1:])) for r in responses) / n,
+        "repeat@2": sum(_repeats_ngram(r, 2) for r in responses) / n,
+        "repeat@3": sum(_repeats_ngram(r, 3) for r in responses) / n,
+        "at_length_cap": sum(len(r) >= max_tokens for r in responses) / n,
+        "names_movie": sum(any(w.startswith("@") for w in r) for r in responses) / n,
+    }
+    if recommended is not None:
+        metrics["names_recommended"] = (
+            sum(bool(set(r) & set(top[:CARDS])) for r, top in zip(responses, recommended)) / n
+        )
+    return metrics
+
+
+def quality_table(results: dict[str, dict]) -> str:
+    """Each generator's quality shares (quality_metrics) beside the gold responses'."""
+    keys = ("repeat_in_a_row", "repeat@2", "repeat@3", "at_length_cap", "names_movie", "names_recommended")
+    lines = [
+        "| model | word repeated in a row | a bigram twice | a trigram twice | at the length cap | names a movie | "
+        f"names one of its recommender's top {CARDS} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, m in results.items():
+        if "quality" in m:
+            lines.append(
+                f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(_number(m["quality"].get(k)) for k in keys) + " |"
+            )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -180,6 +228,10 @@ def conversation_report(results: dict[str, dict], protocol: str, samples: list[d
                 "The generators alone, movie placeholders left unfilled (Dist-n corpus / per response): what the fill "
                 "adds is the recommenders' variety of movies.",
                 generator_only_table(results),
+                "Response quality (shares of the responses, movies filled): repetition and cut-off responses raise "
+                "Dist-n without being better text; 'names one of its recommender's top 3' says how often the reply "
+                "talks about the cards shown beside it.",
+                quality_table(results),
                 "Human evaluation (the paper's Table 3: fluency / informativeness, 0-2, mean of three annotators): "
                 + ", ".join(f"{k} {f:.2f} / {i:.2f}" for k, (f, i) in PAPER_TABLE3.items())
                 + ". Ours is not measured: fill reports/conv_rating.csv (one copy per rater) and run "

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.evaluation import rec_metrics, study_markdown
+from stages.evaluation import rec_metrics, standard_protocol, study_markdown
 
 REC_JSON, CONV_JSON = "reports/rec.json", "reports/conv.json"
 STUDY_SUMMARY = "reports/pretraining_runs/summary.json"
@@ -153,6 +153,17 @@ def pretraining_table(reports: dict) -> str:
             + f" | {valid['c2crs']['mean']:.3f} vs {valid['kbrd']['mean']:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def standard_tables(reports: dict) -> str:
+    """Kostric and Balog's standardized protocol: our R@1/10/50 (their Table 2) and SR / RDL (their Table 4) beside
+    their published rows."""
+    rec = reports[REC_JSON]
+    return (
+        standard_protocol.peer_table(rec)
+        + "\nDialogue level (their Table 4):\n\n"
+        + standard_protocol.peer_dialogue_table(rec)
+    )
 
 
 def relation_names_table(reports: dict) -> str:

@@ -34,6 +34,19 @@ PEER_TABLE2 = {
     "ReFICR": ((0.049, 0.270, 0.507), (0.018, 0.213, 0.465)),
     "naive repeat": ((0.043, 0.090, 0.090), (0.0, 0.0, 0.0)),
 }
+# Our models in the peer tables, in their order: label
+STANDARD_LABELS = {
+    "repeat": "naive repeat",
+    "popularity": "popularity",
+    "textcnn": "TextCNN",
+    "redial": "ReDial",
+    "kbrd": "KBRD-style",
+    "kecrs": "KECRS",
+    "kgsf": "KGSF",
+    "revcore": "RevCore",
+    "c2crs": "C2-CRS",
+    rec_metrics.REPEAT_CHOICE: "C2-CRS + learned repeat choice",
+}
 PEER_NOTE = (
     "Kostric and Balog, SIGIR '26, Table 2: trained on all 10,006 ReDial train conversations (ours: the mirror's 2,251)"
 )
@@ -114,7 +127,7 @@ def instances(
     return samples, rows.with_columns((~fresh).alias("in_context")), history
 
 
-def peer_table(results: dict, labels: dict[str, str]) -> str:
+def peer_table(results: dict, labels: dict[str, str] = STANDARD_LABELS) -> str:
     """Our models beside the peer's Table 2 rows: R@1/10/50 under standard_full and standard_dedup."""
     lines = ["| model | full R@1 | R@10 | R@50 | dedup R@1 | R@10 | R@50 |", "|---|---|---|---|---|---|---|"]
     for model, label in labels.items():
@@ -201,7 +214,7 @@ def dialogue_measures(
     }
 
 
-def peer_dialogue_table(results: dict, labels: dict[str, str]) -> str:
+def peer_dialogue_table(results: dict, labels: dict[str, str] = STANDARD_LABELS) -> str:
     """Our models beside the peer's Table 4 rows: SR and RDL under standard_full and standard_dedup."""
     lines = ["| model | full SR | full RDL | dedup SR | dedup RDL |", "|---|---|---|---|---|"]
     for model, label in labels.items():

@@ -31,7 +31,8 @@ def write_outputs(outputs: dict[Path, pl.DataFrame | dict | str]) -> None:
     Every output is written to a temporary file beside its target (named with this process's id) and synced; then a
     journal listing the renames is written atomically, the renames run, and the journal is removed. A kill before
     the journal leaves the previous outputs (and temporaries that the next writer removes); a kill during the
-    renames leaves the journal, and settle_workspace (run by every entry point before it reads) completes it: the new set.
+    renames leaves the journal, and settle_workspace (run by every entry point before it reads) completes it: the
+    new set.
     Commits into the same folder take turns (a lock), so two concurrent writers never mix their sets. In a
     distributed run only the first process writes.
     """
