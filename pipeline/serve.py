@@ -1,12 +1,13 @@
-"""`python -m pipeline serve`: the trained model behind an HTTP API and a chat page (127.0.0.1 by default).
+"""`python -m pipeline serve`: the trained models behind an HTTP API and a chat page (127.0.0.1 by default).
 
-Over 400 lines: the API's request and answer models, the models it serves and its routes are one contract, read
-top to bottom here (the page is pipeline/web/chat.html).
+The API's request and answer models and its routes, read top to bottom here; the models it serves are
+pipeline/serve_models.py's, the page is pipeline/web/chat.html.
 
 At start it loads the registry's champions (models:/c2crs-recommender@champion, models:/c2crs-generator@champion)
-when they were trained on this workspace's data, else the workspace's files, once. A request may name another
-registered version (the page's model picker): it is loaded on first use and kept (the last few). The conversation
-lives in the client: every request carries the messages so far, so the server holds no session.
+when they were trained on this workspace's data, else the workspace's files, once. A request may name any other
+trained model of the workspace (`workspace:kgsf`) or registered version (the page's model pickers): it is loaded on
+first use and kept (the last few); /v1/compare puts two recommenders' rankings side by side. The conversation lives
+in the client: every request carries the messages so far, so the server holds no session.
 
 Limits: a request body of at most 64 KiB with its Content-Length, at most 100 messages of at most 2,000 characters;
 the models answer one request at a time (each call uses both cores), and a request that waits or runs past
@@ -16,11 +17,8 @@ the models answer one request at a time (each call uses both cores), and a reque
 
 import asyncio
 import logging
-import re
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -28,34 +26,19 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.registry import (
-    CHAMPION,
-    RegistryError,
-    all_versions,
-    data_differences,
-    logged_metrics,
-    model_file,
-    resolve,
-)
-from pipeline.talk import CHAT_MODELS, chat_model_files, workspace_model
-from pipeline.tracking import tracking_uri
-from stages.chat.engine import Chat, Knowledge, Recommendation, Turn, load_generator, load_recommender
+from pipeline.registry import RegistryError
+from pipeline.serve_models import Busy, Models
+from stages.chat.engine import Chat, Knowledge, Recommendation, Turn
 from stages.chat.explain import Explanation
-from stages.evaluation.rec_metrics import ABLATION_PREFIX
-from stages.io.outputs import settle_workspace
-from stages.io.stage_log import registered_name
-from stages.training.runs import TRAINING_INPUTS
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "web" / "chat.html"
 MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGES, MAX_TEXT = 100, 2000
-WORKSPACE = "workspace"  # the model reference of the workspace's own files
-KEPT_MODELS = 4  # loaded versions besides the start-up pair
+__all__ = ["Models", "create_app", "serve"]  # Models: pipeline/serve_models.py, the models it serves
 
 
 # ---------------------------------------------------------------- the API's schema
@@ -67,11 +50,12 @@ class Message(BaseModel):
     text: str = Field(min_length=1, max_length=MAX_TEXT, description='movies as "@<ReDial id>" or "quoted titles"')
 
 
+REFERENCE = "NAME/VERSION, NAME@ALIAS, 'workspace' (C2-CRS's file) or 'workspace:NAME' (evaluate's model NAME)"
+
+
 class RecommenderChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    recommender: str | None = Field(
-        None, max_length=200, description="NAME/VERSION, NAME@ALIAS or 'workspace'; default: the one loaded at start"
-    )
+    recommender: str | None = Field(None, max_length=200, description=REFERENCE + "; default: the one loaded at start")
 
 
 class RecommendRequest(RecommenderChoice):
@@ -98,6 +82,17 @@ class ExplainRequest(RecommenderChoice):
     movie_id: int = Field(description="the ReDial id of the movie to explain (recommended or not)")
 
 
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    recommenders: list[str] = Field(
+        min_length=2, max_length=2, description="the two recommenders to compare, each as " + REFERENCE
+    )
+    top_k: int = Field(5, ge=1, le=20)
+    exclude_mentioned: bool = True
+    explain: bool = False
+
+
 class RecommendationOut(BaseModel):
     rank: int
     movie_id: int
@@ -120,143 +115,22 @@ class ChatResponse(RecommendResponse):
     )
 
 
+class CompareColumn(BaseModel):
+    recommender: str = Field(description="the model that answered: NAME/VERSION or workspace[:NAME]")
+    recommendations: list[RecommendationOut]
+
+
+class CompareResponse(BaseModel):
+    columns: list[CompareColumn] = Field(description="one per recommender asked for, in that order")
+    shared: list[int] = Field(description="the movies (ReDial ids) both top-k lists hold")
+    unknown_titles: list[str]
+    elapsed_ms: float
+
+
 class Movie(BaseModel):
     movie_id: int
     title: str
     mentions: int
-
-
-# ---------------------------------------------------------------- models: loaded once, versions on first use
-
-
-class Busy(Exception):
-    pass
-
-
-class Models:
-    """The workspace's Knowledge and the loaded models. The start-up pair is the default; other registered versions
-    are loaded on first use and the last KEPT_MODELS kept. One request at a time runs on them (the lock)."""
-
-    def __init__(self, params, workspace: Path, models_from: str):
-        self.params, self.workspace, self.models_from = params, workspace, models_from
-        settle_workspace(workspace)  # a killed stage's half-made set, completed before the server reads it
-        self.names = {kind: registered_name("c2crs", kind) for kind in CHAT_MODELS}
-        files = chat_model_files(workspace, models_from)
-        self.knowledge = Knowledge(params, workspace)
-        self.default = {kind: self._reference(kind, files[kind]) for kind in CHAT_MODELS}
-        self.loaded: OrderedDict[tuple[str, str], object] = OrderedDict()
-        self.pinned = {
-            ("recommender", self.default["recommender"]): load_recommender(files["recommender"], self.knowledge),
-            ("generator", self.default["generator"]): load_generator(files["generator"], self.knowledge),
-        }
-        self.lock = threading.Lock()
-        self.input_hashes: dict[str, str] = {}  # the workspace's training inputs, hashed once
-
-    def _reference(self, kind: str, loaded: Path) -> str:
-        """How a start-up model is named: NAME/VERSION of the champion when chat_model_files took it, else
-        'workspace'."""
-        if loaded == workspace_model(self.workspace, kind):
-            return WORKSPACE
-        return self._version_of(f"{self.names[kind]}@{CHAMPION}")
-
-    def model(self, kind: str, reference: str | None) -> tuple[object, str]:
-        """(the loaded model of a kind named by reference, None: the start-up one; the NAME/VERSION it is, or
-        'workspace'). An alias or a bare name is looked up on every request, so a champion that moved while the
-        server runs is the one used, and a version is loaded once whatever named it. Called under the lock (run)."""
-        reference = self._version_of(reference or self.default[kind])
-        key = (kind, reference)
-        if key in self.pinned:
-            return self.pinned[key], reference
-        if key not in self.loaded:
-            self.loaded[key] = self._load(kind, reference)
-            while len(self.loaded) > KEPT_MODELS:
-                self.loaded.popitem(last=False)
-        self.loaded.move_to_end(key)
-        return self.loaded[key], reference
-
-    def _version_of(self, reference: str) -> str:
-        """NAME/VERSION for NAME@ALIAS or NAME (registry.resolve's rules); other references as they are."""
-        if reference == WORKSPACE or self.models_from == WORKSPACE or re.fullmatch(r"[^@/]+/\d+", reference):
-            return reference
-        version = resolve(MlflowClient(tracking_uri()), reference)
-        return f"{version.name}/{version.version}"
-
-    def _load(self, kind: str, reference: str):
-        load = load_recommender if kind == "recommender" else load_generator
-        if reference == WORKSPACE:
-            return load(workspace_model(self.workspace, kind), self.knowledge)
-        if self.models_from == WORKSPACE:
-            raise ValueError(
-                f"{reference}: this server was started with --models-from workspace; it uses the workspace's files only"
-            )
-        client = MlflowClient(tracking_uri())
-        version = resolve(client, reference)
-        if version.name not in self.choices_of(kind):
-            raise ValueError(f"{reference}: not a {kind} this chat can use ({', '.join(self.choices_of(kind))})")
-        differs = data_differences(version, self._inputs(), self.input_hashes)
-        if differs:
-            raise ValueError(f"{reference}: trained on other data than this workspace's ({', '.join(differs)} differ)")
-        return load(model_file(client, version), self.knowledge)
-
-    def _inputs(self) -> dict[str, Path]:
-        return {name: self.workspace / path for name, path in TRAINING_INPUTS.items()}
-
-    def choices_of(self, kind: str) -> list[str]:
-        """The registered names whose versions the chat can use: C2-CRS's recommender and its ablations; the
-        generators trained on C2-CRS's encoders."""
-        if kind == "recommender":
-            return [self.names["recommender"]] + [
-                registered_name(ABLATION_PREFIX + v, "recommender") for v in self.params.ablations.variants
-            ]
-        return [self.names["generator"], registered_name("wo_iw", "generator")]
-
-    def registered(self) -> dict[str, list[dict]]:
-        """Per kind, the versions a user can pick: the workspace's file and every registered version of a usable
-        name, with its aliases, validation metric and whether it was trained on this workspace's data."""
-        out = {
-            kind: [
-                {
-                    "reference": WORKSPACE,
-                    "label": "this workspace's file",
-                    "usable": True,
-                    "loaded_at_start": self.default[kind] == WORKSPACE,
-                }
-            ]
-            for kind in self.names
-        }
-        if self.models_from == WORKSPACE:
-            return out
-        client = MlflowClient(tracking_uri())
-        for kind in self.names:
-            metric = "valid_recall_at_50" if kind == "recommender" else "valid_perplexity"
-            for name in self.choices_of(kind):
-                versions = all_versions(client, name)
-                aliases = client.get_registered_model(name).aliases if versions else {}
-                for version in reversed(versions):
-                    differs = data_differences(version, self._inputs(), self.input_hashes)
-                    reference = f"{name}/{version.version}"
-                    named = sorted(a for a, v in aliases.items() if str(v) == str(version.version))
-                    out[kind].append(
-                        {
-                            "reference": reference,
-                            "aliases": named,
-                            "label": reference + (f" ({', '.join(named)})" if named else ""),
-                            metric: logged_metrics(client, version).get(metric),
-                            "usable": not differs,
-                            "why_not": f"trained on other data ({', '.join(differs)} differ)" if differs else None,
-                            "loaded_at_start": self.default[kind] == reference,
-                        }
-                    )
-        return out
-
-    def run(self, work, timeout: float):
-        """work() under the lock, giving up (Busy) when the lock is not free before the deadline."""
-        if not self.lock.acquire(timeout=timeout):
-            raise Busy
-        try:
-            return work()
-        finally:
-            self.lock.release()
 
 
 # ---------------------------------------------------------------- the app
@@ -379,6 +253,7 @@ def _routes(models: Models, answer, started: float) -> APIRouter:
         return models.knowledge.find(q, limit)
 
     _conversation_routes(router, models, answer)
+    _compare_route(router, models, answer)
     return router
 
 
@@ -445,6 +320,34 @@ def _conversation_routes(router: APIRouter, models: Models, answer) -> None:
 
         rank, recommendation = await answer(work)
         return _out([recommendation], first_rank=rank)[0]
+
+
+def _compare_route(router: APIRouter, models: Models, answer) -> None:
+    """/v1/compare: two recommenders' top-k for the same conversation, side by side (the page's compare panel)."""
+
+    @router.post("/v1/compare", response_model=CompareResponse)
+    async def compare(body: CompareRequest):
+        """The conversation so far -> each of the two recommenders' ranked movies for the model's next turn."""
+
+        def work():
+            began = time.perf_counter()
+            turns, unknown = _turns(models.knowledge, body.messages)
+            columns = []
+            for reference in body.recommenders:
+                recommender, used = models.model("recommender", reference)
+                ranked = Chat(models.knowledge, recommender).recommend(
+                    turns, body.top_k, body.exclude_mentioned, body.explain
+                )
+                columns.append(CompareColumn(recommender=used, recommendations=_out(ranked)))
+            second = {r.movie_id for r in columns[1].recommendations}
+            return CompareResponse(
+                columns=columns,
+                shared=[r.movie_id for r in columns[0].recommendations if r.movie_id in second],
+                unknown_titles=unknown,
+                elapsed_ms=_milliseconds_since(began),
+            )
+
+        return await answer(work)
 
 
 def serve(params, workspace: Path, host: str, port: int, models_from: str, timeout: float) -> int:

@@ -188,6 +188,32 @@ def chat_models(chat_workspace):
     return Models(params, workspace, "workspace")
 
 
+@pytest.fixture(scope="session")
+def served_workspace(chat_workspace, tmp_path_factory):
+    """A copy of the chat workspace with every other model trained too (the baselines, the ablations, every
+    generator; about a minute), for serving each of them. Returns (params, workspace)."""
+    from stages.io.graph import stage_body, stage_instances
+
+    params, chat = chat_workspace
+    workspace = tmp_path_factory.mktemp("served") / "workspace"
+    shutil.copytree(chat, workspace)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("C2CRS_DATA_DIR", raising=False)
+        for stage in stage_instances(params):
+            if stage not in CHAT_STAGES and stage != "evaluate":
+                stage_body(stage)(params, workspace)
+    return params, workspace
+
+
+@pytest.fixture(scope="session")
+def served_models(served_workspace):
+    """pipeline serve's Models on the served workspace's files (every model trained, no registry)."""
+    from pipeline.serve import Models
+
+    params, workspace = served_workspace
+    return Models(params, workspace, "workspace")
+
+
 def c2crs_config(**fields):
     """A C2CRSConfig for a unit test: params.yaml's `model` values, then `fields` (sizes of the test's toy data)."""
     from models.c2crs import C2CRSConfig

@@ -1,9 +1,11 @@
-"""The HTTP API of `pipeline serve` on C2-CRS models trained on the fixture mirror: what each endpoint answers, that its
-rankings are the evaluation scorer's, the explanations, the registry's versions, and every bad request a clear 4xx."""
+"""The HTTP API of `pipeline serve` on models trained on the fixture mirror: what each endpoint answers, that every
+recommender's ranking is evaluate's, the explanations, the compare view, the registry's versions, and every bad
+request a clear 4xx."""
 
 import threading
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -12,8 +14,10 @@ from mlflow.tracking import MlflowClient
 from models.c2crs import C2CRS, C2CRSConfig
 from pipeline.serve import MAX_BODY_BYTES, Models, create_app
 from pipeline.tracking import stage_run, tracking_uri
+from stages import evaluate, ingest
 from stages.chat import engine
-from stages.training import c2crs_train, runs
+from stages.evaluation.rec_metrics import REPEAT_CHOICE
+from stages.training import runs
 from stages.training.runs import TRAINING_INPUTS
 
 LOVED_ALPHA = [{"role": "seeker", "text": 'hi, I loved "Alpha" with Tom Hanks and "No Such Film"'}]
@@ -36,7 +40,9 @@ def test_health_page_and_openapi(api):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="suggestions"' in page.text and "/v1/chat" in page.text
     paths = api.get("/openapi.json").json()["paths"]
-    assert {"/healthz", "/v1/models", "/v1/movies", "/v1/recommend", "/v1/chat", "/v1/explain"} <= set(paths)
+    assert {"/healthz", "/v1/models", "/v1/movies", "/v1/recommend", "/v1/chat", "/v1/explain", "/v1/compare"} <= set(
+        paths
+    )
 
 
 def test_movie_search_finds_titles_most_mentioned_first(api):
@@ -55,15 +61,7 @@ def test_recommend_ranks_as_the_evaluation_scorer_and_explains(api, models):
     ranked = body["recommendations"]
     assert [r["rank"] for r in ranked] == [1, 2, 3] and 100 not in [r["movie_id"] for r in ranked]
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
-    # The same scores as evaluate's scorer (score_samples) on the same sample, with the named movie left out.
-    knowledge, (recommender, _) = models.knowledge, models.model("recommender", None)
-    turns = [knowledge.read_turn("seeker", LOVED_ALPHA[0]["text"])[0]]
-    table = knowledge.next_sample(turns, recommender.cfg.max_positions)
-    scores = np.concatenate([b for _, b in c2crs_train.score_samples(recommender, knowledge.run, table, 8)])[-1]
-    scores[knowledge.item_entity[100]] = -np.inf
-    expected = [knowledge.entity_movie[int(e)] for e in np.argsort(-scores, kind="stable")[:3]]
-    assert [r["movie_id"] for r in ranked] == expected
-    assert np.allclose([r["score"] for r in ranked], np.sort(scores)[::-1][:3], atol=1e-3)
+    expected = _evaluates_ranking(models, "c2crs", "workspace", LOVED_ALPHA, ranked)
     # What it attended to: Alpha and Tom Hanks, weights of a softmax, the same for every movie of the answer.
     attended = ranked[0]["explanation"]["context_entities"]
     assert {e["label"] for e in attended} == {"Alpha", "Tom Hanks"}
@@ -80,6 +78,31 @@ def test_recommend_ranks_as_the_evaluation_scorer_and_explains(api, models):
     assert api.post("/v1/recommend", json={"messages": after_recommender}).status_code == 200
     with_named = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "exclude_mentioned": False}).json()
     assert 100 in [r["movie_id"] for r in with_named["recommendations"]]
+
+
+def _evaluates_ranking(models, name: str, reference: str, messages: list[dict], ranked: list[dict]) -> list[int]:
+    """Assert that the API's ranking is evaluate's: evaluate.score_split scores the same conversation's samples with
+    model `name` (its file only), the named movies are left out; returns evaluate's movies, best first."""
+    knowledge, (recommender, _) = models.knowledge, models.model("recommender", reference)
+    turns = [knowledge.read_turn(m["role"], m["text"])[0] for m in messages]
+    longest = min(filter(None, (models.params.triples.context_max_tokens, recommender.max_positions)))
+    samples, triples, _ = knowledge.next_sample(turns, longest)
+    file = models.files["recommender"][name]
+    _, scorers = evaluate.score_split(
+        models.params,
+        models.workspace,
+        samples,
+        triples,
+        loaded=knowledge.training,
+        files={name: file},
+        forms=pl.DataFrame(schema=ingest.FORM_SCHEMA),  # a chat has no movie forms
+    )
+    scores = np.concatenate([block for _, block in scorers[name]()])[-1]
+    scores[[knowledge.item_entity[m] for t in turns for m in t.movie_ids]] = -np.inf
+    expected = [knowledge.entity_movie[int(e)] for e in np.argsort(-scores, kind="stable")[: len(ranked)]]
+    assert [r["movie_id"] for r in ranked] == expected, name
+    assert np.allclose([r["score"] for r in ranked], np.sort(scores)[::-1][: len(ranked)], atol=1e-3), name
+    return expected
 
 
 def test_explain_gives_the_kg_path_and_review_sentences_of_any_movie(api):
@@ -275,3 +298,132 @@ def test_the_terminal_why_tells_the_same_explanation(models):
     assert recommended[0] in lines[1] and session.why(3) == "/why takes a number from 1 to 2"
     gamma = engine.describe(session.chat.explain_movie(session.turns[:1], 300)[1])
     assert "KG: Alpha -[dbpedia:9]-> Comedy film -[dbpedia:9^-1]-> Gamma" in gamma
+
+
+# ---------------------------------------------------------------- every trained model (the served workspace)
+
+
+@pytest.fixture(scope="module")
+def served_api(served_models):
+    return TestClient(create_app(served_models, timeout=120))
+
+
+RECOMMENDERS = [
+    "c2crs",
+    REPEAT_CHOICE,
+    "textcnn",
+    "redial",
+    "kbrd",
+    "kecrs",
+    "kgsf",
+    "revcore",
+    *(f"c2crs_{variant}" for variant in ("wo_coarse", "wo_fine", "multitask", "wo_ch", "wo_sd", "wo_ud")),
+]
+GENERATORS = ["c2crs", "transformer", "kbrd", "kgsf", "redial", "kecrs", "revcore", "wo_iw"]
+
+
+def _reference(name: str) -> str:
+    return "workspace" if name == "c2crs" else f"workspace:{name}"
+
+
+def test_every_trained_model_is_listed_and_a_missing_file_is_not(served_api, api):
+    choices = served_api.get("/v1/models").json()["choices"]
+    for kind, names in (("recommender", RECOMMENDERS), ("generator", GENERATORS)):
+        offered = [c["reference"] for c in choices[kind]]
+        assert offered[0] == "workspace" and sorted(offered) == sorted(map(_reference, names))
+    assert all(c["usable"] for kind in choices.values() for c in kind)
+    labels = {c["model"]: c["label"] for c in choices["recommender"]}
+    assert labels["kbrd"].startswith("KBRD-style") and labels["c2crs_wo_sd"].startswith("C2-CRS w/o SD")
+    # The chat workspace trained only C2-CRS (the repeat choice re-ranks its scores): the baselines' files are
+    # missing, so they are not offered ...
+    only = api.get("/v1/models").json()["choices"]
+    assert [c["reference"] for c in only["recommender"]] == ["workspace", f"workspace:{REPEAT_CHOICE}"]
+    # ... and asking for one says which stage makes it.
+    missing = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "workspace:kgsf"})
+    assert missing.status_code == 422 and "not trained in this workspace" in missing.json()["detail"]
+    assert "python -m pipeline repro baselines@kgsf" in missing.json()["detail"]
+    unknown = api.post("/v1/recommend", json={"messages": LOVED_ALPHA, "recommender": "workspace:nope"})
+    assert unknown.status_code == 422 and "no recommender 'nope'" in unknown.json()["detail"]
+
+
+@pytest.mark.parametrize("name", RECOMMENDERS)
+def test_every_recommender_ranks_as_evaluate_and_explains_what_it_reads(served_api, served_models, name):
+    messages = LOVED_ALPHA + [
+        {"role": "recommender", "text": "have you seen @300 ?"},
+        {"role": "seeker", "text": "yes, and I liked Meryl Streep in it"},
+    ]
+    body = served_api.post("/v1/recommend", json={"messages": messages, "top_k": 3, "recommender": _reference(name)})
+    assert body.status_code == 200, body.text
+    assert body.json()["models"] == {"recommender": _reference(name)}
+    ranked = body.json()["recommendations"]
+    _evaluates_ranking(served_models, name, _reference(name), messages, ranked)
+    why = ranked[0]["explanation"]
+    labels = {e["label"] for e in why["context_entities"]}
+    if name == "textcnn":
+        assert why["context_entities"] == [] and why["kg_paths"] == []
+        assert why["note"] == "TextCNN reads only the words: no context entities or KG paths"
+    elif name == "redial":
+        assert labels == {"Alpha", "Gamma"} and why["kg_paths"] == [] and "no KG paths" in why["note"]
+        assert all(e["weight"] is None for e in why["context_entities"])
+    elif name in ("kgsf", "revcore"):
+        assert {"Alpha", "Tom Hanks", "Meryl Streep"} <= labels and "no weight per entity" in why["note"]
+        assert [e["weight"] for e in why["context_entities"]] == [None] * len(labels)
+    else:  # C2-CRS's kind: the weights of its self-attentive pooling
+        assert sum(e["weight"] for e in why["context_entities"]) == pytest.approx(1.0, abs=1e-3)
+        assert why["note"] is None or name in (REPEAT_CHOICE, "c2crs_wo_sd")
+    explained = served_api.post(
+        "/v1/explain", json={"messages": messages, "movie_id": 400, "recommender": _reference(name)}
+    ).json()
+    assert explained["rank"] >= 1 and explained["explanation"]["note"] == why["note"]
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_every_generator_answers(served_api, served_models, name):
+    body = served_api.post(
+        "/v1/chat",
+        json={"messages": LOVED_ALPHA, "top_k": 2, "generator": _reference(name), "recommender": "workspace:kgsf"},
+    )
+    assert body.status_code == 200, body.text
+    answer = body.json()
+    assert answer["models"] == {"recommender": "workspace:kgsf", "generator": _reference(name)}
+    assert (
+        "__movie__" not in answer["response"]
+        and served_models.knowledge.titled(answer["response_with_ids"]) == (answer["response"])
+    )
+
+
+def test_compare_puts_two_recommenders_side_by_side(served_api):
+    body = {"messages": LOVED_ALPHA, "recommenders": ["workspace", "workspace:textcnn"], "top_k": 3}
+    compared = served_api.post("/v1/compare", json=body).json()
+    assert [c["recommender"] for c in compared["columns"]] == ["workspace", "workspace:textcnn"]
+    for column in compared["columns"]:
+        alone = served_api.post(
+            "/v1/recommend",
+            json={"messages": LOVED_ALPHA, "top_k": 3, "recommender": column["recommender"], "explain": False},
+        ).json()["recommendations"]
+        assert column["recommendations"] == alone
+    first, second = ([r["movie_id"] for r in c["recommendations"]] for c in compared["columns"])
+    assert compared["shared"] == [m for m in first if m in second]
+    assert compared["unknown_titles"] == ["No Such Film"]
+    one = served_api.post("/v1/compare", json={"messages": LOVED_ALPHA, "recommenders": ["workspace"]})
+    assert one.status_code == 422 and "at least 2 items" in one.text
+    bad = served_api.post("/v1/compare", json={**body, "recommenders": ["workspace", "workspace:nope"]})
+    assert bad.status_code == 422 and "workspace:nope" in bad.json()["detail"]
+
+
+def test_a_registered_baseline_is_offered_and_ranks_as_the_workspaces_file(served_workspace, mlflow_store):
+    params, workspace = served_workspace
+    version = _register(workspace, "kgsf-recommender", workspace / "data/models/baselines/kgsf.pt")
+    models = Models(params, workspace, "registry")
+    api = TestClient(create_app(models, timeout=120))
+    offered = {c["reference"]: c for c in api.get("/v1/models").json()["choices"]["recommender"]}
+    assert offered[f"kgsf-recommender/{version}"]["model"] == "kgsf"
+    assert offered[f"kgsf-recommender/{version}"]["usable"]
+    asked = [{"messages": LOVED_ALPHA, "recommender": r} for r in (f"kgsf-recommender/{version}", "workspace:kgsf")]
+    registered, own = (api.post("/v1/recommend", json=body).json() for body in asked)
+    assert registered["models"]["recommender"] == f"kgsf-recommender/{version}"
+    assert registered["recommendations"] == own["recommendations"]
+    as_generator = api.post(
+        "/v1/chat", json={"messages": LOVED_ALPHA, "generator": f"kgsf-recommender/{version}"}
+    ).json()
+    assert "not a generator this chat can use" in as_generator["detail"]

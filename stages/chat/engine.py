@@ -1,30 +1,33 @@
-"""Talking with a trained C2-CRS model: a conversation so far in; the recommender's ranking, the reasons for each
+"""Talking with the trained models: a conversation so far in; the recommender's ranking, the reasons for each
 recommended movie and the generator's next utterance out. The terminal chat (`pipeline talk`) and the HTTP API
-(`pipeline serve`) both use it.
+(`pipeline serve`) both use it; stages/chat/catalogue.py loads, scores and explains each kind of model.
 
 The conversation is handled as a test sample is: consecutive messages of one speaker merged into a turn, each turn
 linked to the KG (movies through "@id", other entities by name), its mentions given review sentences by the triples
-stage's rule; then the recommender ranks every movie and the generator answers, its movie placeholders filled with
-the recommender's top items. Movies already named in the conversation are not recommended again unless asked
-(evaluation does not exclude them). A movie is named as "@<ReDial id>" or by its title in double quotes.
+stage's rule; then the recommender ranks every movie with evaluate's scorer and the generator answers, its movie
+placeholders filled with the recommender's top items. Movies already named in the conversation are not recommended
+again unless asked (evaluation does not exclude them). A movie is named as "@<ReDial id>" or by its title in double
+quotes.
 """
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 import torch
 
-from models.c2crs import C2CRS
-from models.generator import ConversationModel
 from stages import ingest, relation_names, triples
+from stages.chat.catalogue import Generator, Recommender, load_generator, load_recommender
 from stages.chat.explain import Explainer, Explanation, KnowledgeGraph
 from stages.io.graph import STAGES
 from stages.sources import raw
 from stages.text import linking
-from stages.training import c2crs_data, c2crs_train, conv_runs, conv_train, runs
+from stages.training import c2crs_data, conv_train, runs
+
+__all__ = ["Chat", "Knowledge", "Session", "load_generator", "load_recommender"]  # the loaders: catalogue's
 
 QUOTED_TITLE = re.compile(r'"([^"]+)"')
 MOVIE_ID = re.compile(r"@(\d+)")
@@ -42,7 +45,7 @@ class Turn:
 class Recommendation:
     movie_id: int
     title: str
-    score: float  # e_u . n_i (Eq. 8 before the softmax)
+    score: float  # the recommender's score, as evaluate ranks by it (C2-CRS: e_u . n_i, Eq. 8 before the softmax)
     explanation: Explanation | None = None
 
 
@@ -53,13 +56,23 @@ class Reply:
     recommendations: list[Recommendation]
 
 
+class NextSample(NamedTuple):
+    """A conversation built into samples as the triples stage builds a test split: what evaluate.score_split reads
+    (samples, triples) and their table, whose last row is the sample of the model's next turn."""
+
+    samples: pl.DataFrame
+    triples: pl.DataFrame
+    table: c2crs_data.SampleTable
+
+
 class Knowledge:
     """The tables a conversation needs (movies, the KG, the linker, the vocabulary, the review sentences), read once
     from a workspace and shared by every pair of models trained on it."""
 
     def __init__(self, params, workspace: Path):
-        self.params = params
-        self.run, _, inputs = runs.training_run(params, workspace)
+        self.params, self.workspace = params, workspace
+        self.training = runs.training_run(params, workspace)  # evaluate's scorers reuse it
+        self.run, _, inputs = self.training
         entities, edges = pl.read_parquet(inputs["entities"]), pl.read_parquet(inputs["edges"])
         self.movies = pl.read_parquet(workspace / STAGES["ingest"].output("movies"))
         items = entities.filter(pl.col("is_item"))
@@ -128,9 +141,8 @@ class Knowledge:
         """A turn's text with "@id" shown as the movie's title."""
         return MOVIE_ID.sub(lambda m: self.titles.get(int(m.group(1)), m.group(0)), text)
 
-    def next_sample(self, turns: list[Turn], longest: int) -> c2crs_data.SampleTable:
-        """The conversation so far plus an empty recommender turn, built into samples as the triples stage does; its
-        last row is the sample of the model's next turn."""
+    def next_sample(self, turns: list[Turn], longest: int) -> NextSample:
+        """The conversation so far plus an empty recommender turn, built into samples as the triples stage does."""
         merged: list[Turn] = []
         for turn in turns:
             if merged and merged[-1].role == turn.role:  # as ingest merges a speaker's consecutive messages
@@ -151,85 +163,54 @@ class Knowledge:
             utterances, linked, self.vocab_table, self.item_entity, longest, self.params.triples.response_max_tokens
         )
         triple_table = triples.build_triples(mentions, linked, utterances, self.chooser)
-        return c2crs_data.sample_table(samples, triple_table, "test")
-
-
-def load_recommender(path: Path, knowledge: Knowledge) -> C2CRS:
-    """A C2-CRS recommender file, checked against the workspace's vocabulary and KG."""
-    try:
-        model = runs.load_c2crs(path)
-    except (TypeError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a C2-CRS recommender file ({exc})") from None
-    _check_sizes(path, model.cfg.vocab_size, model.cfg.n_entities, knowledge)
-    return model.to(knowledge.run.device).eval()
-
-
-def load_generator(path: Path, knowledge: Knowledge) -> ConversationModel:
-    """A generator file trained on C2-CRS's encoders (finetune_conv, or the w/o instance weighting variant)."""
-    try:
-        model, config = conv_runs.load_conversation_model(path)
-    except (TypeError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a generator file ({exc})") from None
-    if config.architecture == "hred" or config.pretrained != "c2crs" or config.kgsf is not None:
-        raise ValueError(
-            f"{path}: a {conv_runs.conv_recommender(config)} generator; the chat talks with generators "
-            "trained on C2-CRS's encoders (c2crs-generator, wo-iw-generator)"
-        )
-    _check_sizes(path, model.encoders.cfg.vocab_size, model.encoders.cfg.n_entities, knowledge)
-    return model.to(knowledge.run.device).eval()
-
-
-def _check_sizes(path: Path, vocab_size: int, n_entities: int, knowledge: Knowledge) -> None:
-    expected = (len(knowledge.vocab_table), knowledge.run.graph.n_entities)
-    if (vocab_size, n_entities) != expected:
-        raise ValueError(
-            f"{path}: trained on other data ({vocab_size} words and {n_entities} entities; this "
-            f"workspace has {expected[0]} and {expected[1]})"
-        )
+        return NextSample(samples, triple_table, c2crs_data.sample_table(samples, triple_table, "test"))
 
 
 class Chat:
     """A recommender and (optionally) a generator over one workspace's Knowledge. Holds no conversation: every call
     takes the conversation so far, so one Chat serves many users."""
 
-    def __init__(self, knowledge: Knowledge, recommender: C2CRS, generator: ConversationModel | None = None):
+    def __init__(self, knowledge: Knowledge, recommender: Recommender, generator: Generator | None = None):
         self.knowledge, self.recommender, self.generator = knowledge, recommender, generator
 
     def _longest(self) -> int:
         """The longest context the models read (the encoders know no later positions)."""
-        sizes = [self.knowledge.params.triples.context_max_tokens, self.recommender.cfg.max_positions]
+        sizes = [self.knowledge.params.triples.context_max_tokens, self.recommender.max_positions]
         if self.generator is not None:
-            sizes.append(self.generator.encoders.cfg.max_positions)
-        return min(sizes)
+            sizes.append(self.generator.max_positions)
+        return min(size for size in sizes if size is not None)
 
     @torch.no_grad()
     def _ranked(
         self, turns: list[Turn], exclude_mentioned: bool
-    ) -> tuple[c2crs_data.SampleTable, list[int], np.ndarray, list]:
-        """The sample of the model's next turn, every item entity best first, their scores, the attended entities."""
+    ) -> tuple[c2crs_data.SampleTable, list[int], np.ndarray]:
+        """The samples of the conversation (the last: the model's next turn), every item entity best first by the
+        recommender's scores (evaluate's scorer), and those scores."""
         knowledge = self.knowledge
-        table = knowledge.next_sample(turns, self._longest())
-        scores, entity_ids, weights = c2crs_train.scores_with_pooling_weights(
-            self.recommender, knowledge.run, table, np.array([len(table) - 1])
-        )
-        scores = scores[0]
+        samples, _, table = knowledge.next_sample(turns, self._longest())
+        scores = self.recommender.scores(samples, table)
         if exclude_mentioned:
             named = [knowledge.item_entity[m] for t in turns for m in t.movie_ids if m in knowledge.item_entity]
             scores[named] = -np.inf
         ranked = [int(e) for e in np.argsort(-scores, kind="stable") if np.isfinite(scores[e])]
-        return table, ranked, scores, knowledge.explainer.context_entities(entity_ids[0], weights[0])
+        return table, ranked, scores
 
+    @torch.no_grad()
     def _recommendations(
-        self, turns: list[Turn], entities: list[int], scores: np.ndarray, attended: list, explain: bool
+        self, turns: list[Turn], table, entities: list[int], scores: np.ndarray, explain: bool
     ) -> list[Recommendation]:
-        knowledge = self.knowledge
+        """The entities as recommendations, each explained (when asked) as far as the recommender allows."""
+        knowledge, recommender = self.knowledge, self.recommender
+        attended = recommender.attended(knowledge, table) if explain else []
         seeker_words = knowledge.titled(" ".join(t.text for t in turns if t.role == "seeker"))
         return [
             Recommendation(
                 knowledge.entity_movie[e],
                 knowledge.titles[knowledge.entity_movie[e]],
                 round(float(scores[e]), 4),
-                knowledge.explainer.explain(e, attended, seeker_words) if explain else None,
+                knowledge.explainer.explain(e, attended, seeker_words, recommender.kg_paths, recommender.note)
+                if explain
+                else None,
             )
             for e in entities
         ]
@@ -238,15 +219,15 @@ class Chat:
         self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True, explain: bool = True
     ) -> list[Recommendation]:
         """The top_k movies for the model's next turn, best first, with their explanations."""
-        _, ranked, scores, attended = self._ranked(turns, exclude_mentioned)
-        return self._recommendations(turns, ranked[:top_k], scores, attended, explain)
+        table, ranked, scores = self._ranked(turns, exclude_mentioned)
+        return self._recommendations(turns, table, ranked[:top_k], scores, explain)
 
     def explain_movie(self, turns: list[Turn], movie_id: int) -> tuple[int, Recommendation]:
         """Any movie's rank among all movies for the model's next turn (1 = first; named movies included) and its
         explanation: why it is, or is not, recommended."""
-        _, ranked, scores, attended = self._ranked(turns, exclude_mentioned=False)
+        table, ranked, scores = self._ranked(turns, exclude_mentioned=False)
         entity = self.knowledge.item_entity[movie_id]
-        return ranked.index(entity) + 1, self._recommendations(turns, [entity], scores, attended, True)[0]
+        return ranked.index(entity) + 1, self._recommendations(turns, table, [entity], scores, True)[0]
 
     @torch.no_grad()
     def respond(self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True, explain: bool = True) -> Reply:
@@ -255,21 +236,14 @@ class Chat:
         if self.generator is None:
             raise ValueError("this chat has no generator")
         knowledge = self.knowledge
-        table, ranked, scores, attended = self._ranked(turns, exclude_mentioned)
-        tokens = conv_train.generate(
-            self.generator,
-            knowledge.run,
-            table,
-            np.array([len(table) - 1]),
-            knowledge.params.evaluate.decoding,
-            knowledge.vocabulary.banned_ids,
-        )[0]
+        table, ranked, scores = self._ranked(turns, exclude_mentioned)
+        tokens = self.generator.generate(knowledge, table, len(table) - 1)
         words = [knowledge.vocabulary.tokens[t] for t in tokens]
         filling = ranked[: max(top_k, words.count(conv_train.PLACEHOLDER))]
         said = conv_train.fill_movies(words, [f"@{knowledge.entity_movie[e]}" for e in filling])
         shown = conv_train.fill_movies(words, [knowledge.titles[knowledge.entity_movie[e]] for e in filling])
         return Reply(
-            " ".join(shown), " ".join(said), self._recommendations(turns, ranked[:top_k], scores, attended, explain)
+            " ".join(shown), " ".join(said), self._recommendations(turns, table, ranked[:top_k], scores, explain)
         )
 
 
@@ -305,9 +279,16 @@ class Session:
 
 
 def describe_attention(explanation: Explanation | None) -> str:
-    """What the recommender weighted (the same for every movie of one reply), as a line of text."""
-    attended = ", ".join(f"{e.label} {e.weight:.2f}" for e in explanation.context_entities) if explanation else ""
-    return f"attended to: {attended or 'nothing (no entity in the conversation: the ranking is its prior)'}"
+    """What the recommender weighted (the same for every movie of one reply), as a line of text; a recommender that
+    weighs no entity says what it reads instead."""
+    entities = explanation.context_entities if explanation else []
+    attended = ", ".join(e.label + ("" if e.weight is None else f" {e.weight:.2f}") for e in entities)
+    note = f" ({explanation.note})" if explanation and explanation.note else ""
+    if explanation and explanation.note and not entities:
+        return f"read: {explanation.note}"
+    if entities and entities[0].weight is None:
+        return f"read: {attended}{note}"
+    return f"attended to: {attended or 'nothing (no entity in the conversation: the ranking is its prior)'}{note}"
 
 
 def describe(recommendation: Recommendation) -> str:

@@ -12,6 +12,10 @@ An explanation has three parts, each read off the trained model or the data it w
 - review sentences: the movie's review sentences ranked by BM25 against the context entities' names, the entities
   on the paths and the seeker's words (the triples stage's rule for the sentence of a mention); sentences of
   negative reviews (rated 4/10 or less) come after the others, as they hardly back a recommendation.
+
+That is C2-CRS's explanation (and that of the models of its kind). A recommender that reads less says so in the
+explanation's `note` (stages/chat/catalogue.py): KGSF's entities come without weights, ReDial's recommender has no
+KG paths, TextCNN (words only) neither entities nor paths.
 """
 
 from dataclasses import dataclass, field
@@ -29,7 +33,7 @@ NEGATIVE_RATING = 4  # of 10: a review rated this or lower is negative (aclImdb'
 class WeightedEntity:
     entity_id: int
     label: str
-    weight: float  # its softmax weight in the user vector
+    weight: float | None  # its softmax weight in the user vector (None: the model reads it without a weight)
     movie_id: int | None  # the ReDial movie when the entity is one
 
 
@@ -62,6 +66,7 @@ class Explanation:
     context_entities: list[WeightedEntity] = field(default_factory=list)
     kg_paths: list[KGPath] = field(default_factory=list)
     review_sentences: list[ReviewSentence] = field(default_factory=list)
+    note: str | None = None  # what the recommender reads, where it cannot give every part (None: C2-CRS's kind)
 
 
 class KnowledgeGraph:
@@ -150,10 +155,24 @@ class Explainer:
         real.sort(key=lambda item: (-item[0], -item[1]))
         return [WeightedEntity(e, self.graph.label(e), round(w, 4), self.entity_movie.get(e)) for w, _, e in real]
 
-    def explain(self, movie_entity: int, attended: list[WeightedEntity], seeker_words: str) -> Explanation:
+    def read_entities(self, entity_ids: list[int]) -> list[WeightedEntity]:
+        """The entities a recommender reads without weighing them, most recent first, each once."""
+        recent = dict.fromkeys(int(e) for e in reversed(entity_ids) if e >= 0)
+        return [WeightedEntity(e, self.graph.label(e), None, self.entity_movie.get(e)) for e in recent]
+
+    def explain(
+        self,
+        movie_entity: int,
+        attended: list[WeightedEntity],
+        seeker_words: str,
+        kg_paths: bool = True,
+        note: str | None = None,
+    ) -> Explanation:
+        """The movie's explanation from the entities the recommender read (attended); kg_paths False for a model
+        that does not read the KG; note: what the recommender reads, said in the explanation."""
         movie_id = self.entity_movie[movie_entity]
         paths: list[KGPath] = []
-        for entity in attended[: self.top_entities]:
+        for entity in attended[: self.top_entities] if kg_paths else []:
             room = min(self.paths_per_entity, self.max_paths - len(paths))
             paths += self.graph.paths(entity.entity_id, movie_entity, room)
         names = [e.label for e in attended[: self.top_entities]] + [n.label for p in paths for n in p.entities[1:-1]]
@@ -164,7 +183,7 @@ class Explainer:
             ReviewSentence(s, self.chooser.texts[s], self.sources[s], _rating(self.chooser.ratings[s]), round(score, 3))
             for s, score in ranked[: self.max_sentences]
         ]
-        return Explanation(movie_id, attended[: self.top_entities], paths, sentences)
+        return Explanation(movie_id, attended[: self.top_entities], paths, sentences, note)
 
 
 def _rating(value: float) -> float | None:
