@@ -113,6 +113,11 @@ class ChatResponse(RecommendResponse):
     response_with_ids: str = Field(
         description='the same with movies as "@id": send it back as the recommender\'s message'
     )
+    names_recommendation: bool = Field(description="whether the model's utterance names one of the recommendations")
+    template: str | None = Field(
+        description="when it names none: a fixed sentence naming the top recommendation, not the model's words "
+        "(show it as a template; never send it back as part of the conversation)"
+    )
 
 
 class CompareColumn(BaseModel):
@@ -299,6 +304,8 @@ def _conversation_routes(router: APIRouter, models: Models, answer) -> None:
             return ChatResponse(
                 response=reply.text,
                 response_with_ids=reply.text_with_ids,
+                names_recommendation=reply.names_recommendation,
+                template=reply.template,
                 recommendations=_out(reply.recommendations),
                 unknown_titles=unknown,
                 models={"recommender": used_recommender, "generator": used_generator},

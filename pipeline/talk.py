@@ -91,4 +91,6 @@ def converse(session: Session, read=input, write=print) -> int:
         if unknown:
             write(f"(not a ReDial title, kept as words: {', '.join(unknown)}; try /find)")
         write(f"c2crs> {answer}")
+        if session.template:  # the model's words name none of its recommendations
+            write(f"       [template, not the model's words] {session.template}")
         write(f"       recommends: {'; '.join(recommended)}")

@@ -134,6 +134,26 @@ def test_chat_answers_with_the_recommenders_movies(api, models):
     assert 400 not in [r["movie_id"] for r in again["recommendations"]]
 
 
+@pytest.mark.parametrize("with_placeholder", [True, False])
+def test_a_reply_that_names_no_recommendation_gets_a_marked_template(api, models, monkeypatch, with_placeholder):
+    """The generator's words with a movie placeholder name the top card; without one, the reply says so and a
+    template names the top card apart from the model's words (never part of the conversation)."""
+    from stages.chat import catalogue
+    from stages.training.conv_train import PLACEHOLDER
+
+    tokens = models.knowledge.vocabulary.tokens
+    said = [tokens.index(PLACEHOLDER)] if with_placeholder else [len(tokens) - 2]
+    monkeypatch.setattr(catalogue.Generator, "generate", lambda self, knowledge, table, row: said)
+    body = api.post("/v1/chat", json={"messages": LOVED_ALPHA, "top_k": 2}).json()
+    top = body["recommendations"][0]
+    assert body["names_recommendation"] is with_placeholder
+    if with_placeholder:
+        assert body["template"] is None and body["response"] == top["title"]
+    else:
+        assert body["template"] == f"How about {top['title']}?" and top["title"] not in body["response"]
+        assert body["response_with_ids"] == tokens[len(tokens) - 2]  # the template is not part of the conversation
+
+
 @pytest.mark.parametrize(
     "body, status, says",
     [

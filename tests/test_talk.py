@@ -13,6 +13,7 @@ class FakeChat:
 
     def __init__(self, failures=()):
         self.turns, self.failures, self.heard = [], list(failures), []
+        self.template = None
 
     def find(self, words):
         return [f"@1  {words.title()}"]

@@ -54,6 +54,14 @@ class Reply:
     text: str  # movies as titles
     text_with_ids: str  # movies as "@id": what the conversation keeps, to send back as the recommender's turn
     recommendations: list[Recommendation]
+    # The generator's text may name none of the recommendations (it wrote no movie placeholder): then the reply and
+    # the cards do not talk to each other. `template` is a fixed sentence naming the top one, shown apart from the
+    # model's words and marked as a template; it never enters the conversation the models read.
+    names_recommendation: bool
+    template: str | None
+
+
+TEMPLATE = "How about {title}?"  # Reply.template: not the model's words, and always shown as a template
 
 
 class NextSample(NamedTuple):
@@ -242,9 +250,10 @@ class Chat:
         filling = ranked[: max(top_k, words.count(conv_train.PLACEHOLDER))]
         said = conv_train.fill_movies(words, [f"@{knowledge.entity_movie[e]}" for e in filling])
         shown = conv_train.fill_movies(words, [knowledge.titles[knowledge.entity_movie[e]] for e in filling])
-        return Reply(
-            " ".join(shown), " ".join(said), self._recommendations(turns, table, ranked[:top_k], scores, explain)
-        )
+        recommendations = self._recommendations(turns, table, ranked[:top_k], scores, explain)
+        named = bool(set(said) & {f"@{r.movie_id}" for r in recommendations})
+        template = None if named or not recommendations else TEMPLATE.format(title=recommendations[0].title)
+        return Reply(" ".join(shown), " ".join(said), recommendations, named, template)
 
 
 class Session:
@@ -254,6 +263,7 @@ class Session:
         self.chat, self.top_k = chat, top_k
         self.turns: list[Turn] = []
         self.last: list[Recommendation] = []
+        self.template: str | None = None  # the last reply's template sentence (Reply.template), if it needed one
 
     def find(self, words: str, limit: int = 10) -> list[str]:
         return [f"@{hit['movie_id']}  {hit['title']}" for hit in self.chat.knowledge.find(words, limit)]
@@ -265,7 +275,7 @@ class Session:
         reply = self.chat.respond(self.turns, self.top_k)
         said, _ = self.chat.knowledge.read_turn("recommender", reply.text_with_ids)
         self.turns.append(said)
-        self.last = reply.recommendations
+        self.last, self.template = reply.recommendations, reply.template
         return reply.text, [r.title for r in reply.recommendations], unknown
 
     def why(self, which: int | None = None) -> str:
