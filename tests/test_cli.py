@@ -208,7 +208,7 @@ def documented_commands() -> list[str]:
         blocks = re.findall(r"^python -m pipeline (.*)$", text, flags=re.MULTILINE)  # lines of code blocks
         for line in spans + blocks:
             line = " ".join(line.split("  #")[0].split())
-            if line and not line.endswith(" ..."):  # "study ...": a family of commands, not one
+            if line and not line.endswith("..."):  # "study ...": a family of commands, not one
                 found.add(line.rstrip(".,;:"))
     return sorted(found)
 
