@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.evaluation import rec_metrics, standard_protocol, study_markdown
+from stages.evaluation import conv_metrics, rec_metrics, standard_protocol, study_markdown
 
 REC_JSON, CONV_JSON = "reports/rec.json", "reports/conv.json"
 STUDY_SUMMARY = "reports/pretraining_runs/summary.json"
@@ -125,6 +125,25 @@ def conv_table(reports: dict) -> str:
     )
 
 
+def conv_quality(reports: dict) -> str:
+    """Table 2's quality columns (conv_metrics.quality_metrics), and C2-CRS's Dist-2 lead over each generator set
+    beside its repetition, so a reader sees whether the lead comes with more repeated words."""
+    conv = reports[CONV_JSON]
+    lines = [conv_metrics.quality_table({m: conv[m] for m in CONV_LABELS if m in conv})]
+    ours = conv["c2crs"]
+
+    def minus(other: dict, key: str) -> str:
+        mine, theirs = (m["dist@2"]["corpus"] if key == "dist@2" else m["quality"][key] for m in (ours, other))
+        return f"{mine - theirs:+.3f}"
+
+    for model in [m for m in CONV_LABELS if m in conv and m not in ("c2crs", "human")]:
+        lines.append(
+            f"- C2-CRS minus {CONV_LABELS[model]}: Dist-2 {minus(conv[model], 'dist@2')}, word repeated in a row "
+            f"{minus(conv[model], 'repeat_in_a_row')}, a bigram twice {minus(conv[model], 'repeat@2')}."
+        )
+    return lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n"
+
+
 def pretraining_answer(reports: dict) -> str:
     """The pre-training study's answer, as reports/pretraining.md gives it."""
     return "\n".join(study_markdown.answer(reports[STUDY_SUMMARY])) + "\n"
@@ -197,7 +216,9 @@ def relation_names_table(reports: dict) -> str:
 TABLES: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "rec_table": (rec_table, (REC_JSON,)),
     "rec_margins": (rec_margins, (REC_JSON,)),
+    "standard_tables": (standard_tables, (REC_JSON,)),
     "conv_table": (conv_table, (CONV_JSON,)),
+    "conv_quality": (conv_quality, (CONV_JSON,)),
     "pretraining_answer": (pretraining_answer, (STUDY_SUMMARY,)),
     "pretraining_table": (pretraining_table, (STUDY_SUMMARY,)),
     "relation_names_table": (relation_names_table, (RELATION_NAMES_JSON,)),
