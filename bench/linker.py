@@ -65,6 +65,37 @@ def evaluate(inputs, data_dir: Path, overrides: dict) -> tuple[dict, float, Enti
     return result, build, linker
 
 
+def print_summary(summary: dict, evaluations: dict, repeats: int) -> None:
+    """The timings, then the linker's precision and recall against CRSLab's annotations per setting."""
+    print(f"labels: {summary['labels']:,} non-movie entities -> {summary['surfaces']:,} surfaces in the automaton")
+    print(
+        f"inputs: {summary['input_load_seconds']:.2f} s to read; automaton build "
+        f"{summary['build_seconds_median']:.2f} s "
+        f"(median of {repeats})"
+    )
+    print(
+        f"linking: {summary['utterances']:,} raw test-split messages, {summary['mentions']:,} mentions, "
+        f"{summary['link_seconds_median']:.2f} s median -> "
+        f"{summary['utterances_per_second']:,.0f} utterances/s"
+    )
+    print()
+    print(
+        f"{'setting (against CRSLab valid_data.json)':<40}  {'P':>6}  {'R':>6}  {'F1':>6}  {'R map':>6}  "
+        f"{'F1 map':>6}  {'macroF1':>7}  {'pred':>5}  {'TP':>5}"
+    )
+    for name, r in evaluations.items():
+        c = r["counts"]
+        print(
+            f"{name:<40}  {r['precision']:>6.3f}  {r['recall']:>6.3f}  {r['f1']:>6.3f}  {r['recall_mapped']:>6.3f}  "
+            f"{r['f1_mapped']:>6.3f}  {r['macro_f1']:>7.3f}  {c['predicted']:>5}  {c['true_positives']:>5}"
+        )
+    c = evaluations["defaults"]["counts"]
+    print(
+        f"\ngold: {c['gold']} entity annotations in {c['utterances']:,} utterances, {c['gold_unmapped']} outside the "
+        f"KG (recall bound {evaluations['defaults']['recall_bound']:.3f}); 'map' columns score the mapped gold only"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the utterances (default 3)")
@@ -110,31 +141,7 @@ def main() -> int:
         "link_seconds_median": link_seconds,
         "utterances_per_second": len(texts) / link_seconds,
     }
-    print(f"labels: {summary['labels']:,} non-movie entities -> {summary['surfaces']:,} surfaces in the automaton")
-    print(
-        f"inputs: {load_seconds:.2f} s to read; automaton build {summary['build_seconds_median']:.2f} s (median of "
-        f"{args.repeats})"
-    )
-    print(
-        f"linking: {len(texts):,} raw test-split messages, {mentions:,} mentions, {link_seconds:.2f} s median -> "
-        f"{summary['utterances_per_second']:,.0f} utterances/s"
-    )
-    print()
-    print(
-        f"{'setting (against CRSLab valid_data.json)':<40}  {'P':>6}  {'R':>6}  {'F1':>6}  {'R map':>6}  "
-        f"{'F1 map':>6}  {'macroF1':>7}  {'pred':>5}  {'TP':>5}"
-    )
-    for name, r in evaluations.items():
-        c = r["counts"]
-        print(
-            f"{name:<40}  {r['precision']:>6.3f}  {r['recall']:>6.3f}  {r['f1']:>6.3f}  {r['recall_mapped']:>6.3f}  "
-            f"{r['f1_mapped']:>6.3f}  {r['macro_f1']:>7.3f}  {c['predicted']:>5}  {c['true_positives']:>5}"
-        )
-    c = evaluations["defaults"]["counts"]
-    print(
-        f"\ngold: {c['gold']} entity annotations in {c['utterances']:,} utterances, {c['gold_unmapped']} outside the "
-        f"KG (recall bound {evaluations['defaults']['recall_bound']:.3f}); 'map' columns score the mapped gold only"
-    )
+    print_summary(summary, evaluations, args.repeats)
 
     write_results(
         "linker",

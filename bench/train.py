@@ -499,7 +499,7 @@ def print_table(pairs: dict[str, dict], steps: int) -> None:
                 )
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement, after 1 warm-up (default 5)")
     parser.add_argument(
@@ -526,7 +526,11 @@ def main() -> int:
     )
     parser.add_argument("--batch", type=int, help="every batch size = this, in both configurations (smoke tests)")
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "CONFIG"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.steps < 1:
         sys.exit("error: --steps must be at least 1")
 
