@@ -115,30 +115,6 @@ def test_a_finished_stage_survives_losing_the_prefect_api(params_file, monkeypat
     assert capsys.readouterr().err == "error: ConnectError: [Errno 111] Connection refused\n"
 
 
-def test_a_data_error_inside_a_stage_is_one_error_line_without_tracebacks(params_file, mirror):
-    train = mirror / "redial" / "train.jsonl"
-    lines = train.read_text().splitlines()
-    lines[2] = '{"conversationId": 5, "messages": 3}'
-    train.write_text("\n".join(lines) + "\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
-        cwd=params_file.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(PROJECT)},
-    )
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr + done.stdout
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [
-        f"error: {params_file}: data.files.redial_train: {train}, line 3: record lacks required key(s) "
-        "initiatorWorkerId, respondentWorkerId, "
-        "movieMentions [missing_keys]. Set ingest.on_bad_record: skip to drop such records and count "
-        "them."
-    ]
-
-
 def run_ingest(params_file):
     return subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "ingest", "--params", str(params_file)],
@@ -148,6 +124,23 @@ def run_ingest(params_file):
         timeout=300,
         env={**os.environ, "PYTHONPATH": str(PROJECT)},
     )
+
+
+def test_a_data_error_inside_a_stage_is_one_error_line_without_tracebacks(params_file, mirror):
+    train = mirror / "redial" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[2] = '{"conversationId": 5, "messages": 3}'
+    train.write_text("\n".join(lines) + "\n")
+    done = run_ingest(params_file)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {params_file}: data.files.redial_train: {train}, line 3: record lacks required key(s) "
+        "initiatorWorkerId, respondentWorkerId, "
+        "movieMentions [missing_keys]. Set ingest.on_bad_record: skip to drop such records and count "
+        "them."
+    ]
 
 
 @pytest.mark.parametrize("key", ["movies", "redial_train"])
