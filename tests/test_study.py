@@ -218,6 +218,9 @@ def test_the_verdict_says_helps_or_hurts_only_when_every_interval_does():
         excluded({"ci95": [-1, 1], "ci95_seeds": [-0.012, 0.015]})
         == "a gain above +0.015 and a loss beyond -0.012 are excluded"
     )
+    assert excluded({"ci95": [-1, 1], "ci95_seeds": [-0.031, -0.009]}) == (
+        "any gain is excluded, and a loss beyond -0.031 (the loss is 0.009 to 0.031)"
+    )
 
 
 def test_seed_level_interval_adds_training_variance():

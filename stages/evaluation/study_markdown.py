@@ -66,6 +66,10 @@ def verdict(minus_kbrd: dict) -> str:
 def excluded(d: dict) -> str:
     """The smallest effects the interval rules out, in words."""
     (lo, hi), _ = _interval(d)
+    if hi < 0:
+        return f"any gain is excluded, and a loss beyond {lo:+.3f} (the loss is {-hi:.3f} to {-lo:.3f})"
+    if lo > 0:
+        return f"any loss is excluded, and a gain above {hi:+.3f} (the gain is {lo:.3f} to {hi:.3f})"
     return f"a gain above {hi:+.3f} and a loss beyond {lo:+.3f} are excluded"
 
 
