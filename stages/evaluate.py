@@ -24,7 +24,7 @@ import torch
 from models.baselines import popularity_scores
 from models.hred import HRED
 from stages import ingest, triples
-from stages.evaluation import conv_metrics, rec_metrics, standard_protocol
+from stages.evaluation import conv_metrics, fluency, rec_metrics, standard_protocol
 from stages.io.graph import STAGES, params_value, stage_making
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
@@ -258,12 +258,16 @@ def _setting(params, samples: pl.DataFrame) -> str:
 
 
 def _gold_words(
-    workspace: Path, samples: pl.DataFrame, table: c2crs_data.SampleTable, data: conv_train.Responses
+    workspace: Path,
+    samples: pl.DataFrame,
+    table: c2crs_data.SampleTable,
+    data: conv_train.Responses,
+    split: str = "test",
 ) -> list[list[str]]:
-    """The test responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
+    """A split's responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
     vocabulary ids), cut where the samples' responses are cut."""
     part = (
-        samples.filter(pl.col("split") == "test").sort("sample_id").select("conv_id", "turn_idx", "response_token_ids")
+        samples.filter(pl.col("split") == split).sort("sample_id").select("conv_id", "turn_idx", "response_token_ids")
     )
     texts = part.join(
         pl.read_parquet(workspace / STAGES["ingest"].output("utterances")).select("conv_id", "turn_idx", "text"),
@@ -329,7 +333,10 @@ def evaluate_conversation(
     rank = {name: i for i, name in enumerate(conv_metrics.MODEL_NAMES)}  # the paper's order; others before C2-CRS
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
+    train_data = conv_train.responses(samples, run.train, "train", vocabulary)
+    language_model = fluency.TrigramLM(_gold_words(workspace, samples, run.train, train_data, "train"))
     results["human"]["quality"] = conv_metrics.quality_metrics(gold, decoding.max_tokens, None)
+    results["human"]["quality"]["lm_perplexity"] = language_model.perplexity(gold)
     said = {}
     reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
         lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table)
@@ -352,6 +359,7 @@ def evaluate_conversation(
             "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n) for n in conv_metrics.DIST_NS},
             "quality": conv_metrics.quality_metrics(said[name], decoding.max_tokens, cards),
         }
+        results[name]["quality"]["lm_perplexity"] = language_model.perplexity(said[name])
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
 

@@ -137,3 +137,18 @@ def test_quality_metrics_by_hand():
         "names_recommended": 0.25,  # @7 is the 4th item: not on the cards
     }
     assert "names_recommended" not in quality_metrics(responses, 6, None)
+
+
+def test_the_fluency_model_is_a_distribution_and_prefers_what_people_write():
+    from stages.evaluation.fluency import TrigramLM
+
+    train = [["i", "like", "it"], ["i", "like", "@12"], ["you", "like", "it"], ["i", "love", "it"]]
+    lm = TrigramLM(train)
+    words = {w for s in train for w in s} - {"@12"} | {"@movie", "</s>", "never-seen"}
+    for context in [("<s>", "<s>"), ("<s>", "i"), ("i", "like"), ("no", "such")]:
+        assert sum(lm.probability(*context, w) for w in words) == pytest.approx(1.0)
+    assert lm.perplexity([["i", "like", "@12"]]) == lm.perplexity([["i", "like", "@99"]])  # every movie is one word
+    # by hand: c(i like .) = 2 over 2 types, so P3(it | i like) = (1 - 0.75) / 2 + 0.75 * 2 / 2 * P2(it | like)
+    p2 = lm.probability("zz", "like", "it")  # an unseen context: P2 alone
+    assert lm.probability("i", "like", "it") == pytest.approx(0.25 / 2 + 0.75 * p2)
+    assert lm.perplexity([["i", "like", "it"]]) < lm.perplexity([["it", "it", "it", "it"]])

@@ -236,6 +236,7 @@ def _check_conversation_reports(params, workspace) -> dict:
         and "names_recommended" not in conversation["human"]["quality"]
     )
     assert "| model | word repeated in a row |" in (workspace / "reports/conv.md").read_text()
+    assert all(np.isfinite(m["quality"]["lm_perplexity"]) for m in conversation.values())
     conv_report = (workspace / "reports/conv.md").read_text()
     assert "| paper: C2-CRS | 0.163 | 0.291 | 0.417 |" in conv_report
     assert "| C2-CRS w/o instance weighting |" in conv_report

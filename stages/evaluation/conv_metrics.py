@@ -146,13 +146,15 @@ def quality_table(results: dict[str, dict]) -> str:
     keys = ("repeat_in_a_row", "repeat@2", "repeat@3", "at_length_cap", "names_movie", "names_recommended")
     lines = [
         "| model | word repeated in a row | a bigram twice | a trigram twice | at the length cap | names a movie | "
-        f"names one of its recommender's top {CARDS} |",
-        "|---|---|---|---|---|---|---|",
+        f"names one of its recommender's top {CARDS} | LM perplexity |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model, m in results.items():
         if "quality" in m:
             lines.append(
-                f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(_number(m["quality"].get(k)) for k in keys) + " |"
+                f"| {MODEL_NAMES.get(model, model)} | "
+                + " | ".join(_number(m["quality"].get(k)) for k in keys)
+                + f" | {_number(m['quality'].get('lm_perplexity'), 1)} |"
             )
     return "\n".join(lines)
 
@@ -230,7 +232,9 @@ def conversation_report(results: dict[str, dict], protocol: str, samples: list[d
                 generator_only_table(results),
                 "Response quality (shares of the responses, movies filled): repetition and cut-off responses raise "
                 "Dist-n without being better text; 'names one of its recommender's top 3' says how often the reply "
-                "talks about the cards shown beside it.",
+                "talks about the cards shown beside it; 'LM perplexity' is an independent trigram model's, trained on "
+                "the train split's gold responses only (stages/evaluation/fluency.py): lower is more like what people "
+                "write, the gold test responses' own row the reference.",
                 quality_table(results),
                 "Human evaluation (the paper's Table 3: fluency / informativeness, 0-2, mean of three annotators): "
                 + ", ".join(f"{k} {f:.2f} / {i:.2f}" for k, (f, i) in PAPER_TABLE3.items())
