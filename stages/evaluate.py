@@ -335,8 +335,7 @@ def evaluate_conversation(
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
     train_data = conv_train.responses(samples, run.train, "train", vocabulary)
     language_model = fluency.TrigramLM(_gold_words(workspace, samples, run.train, train_data, "train"))
-    results["human"]["quality"] = conv_metrics.quality_metrics(gold, decoding.max_tokens, None)
-    results["human"]["quality"]["lm_perplexity"] = language_model.perplexity(gold)
+    results["human"]["quality"] = conv_metrics.quality_metrics(gold, decoding.max_tokens, None, language_model)
     said = {}
     reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
         lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table)
@@ -357,9 +356,8 @@ def evaluate_conversation(
         results[name] = {
             **conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
             "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n) for n in conv_metrics.DIST_NS},
-            "quality": conv_metrics.quality_metrics(said[name], decoding.max_tokens, cards),
+            "quality": conv_metrics.quality_metrics(said[name], decoding.max_tokens, cards, language_model),
         }
-        results[name]["quality"]["lm_perplexity"] = language_model.perplexity(said[name])
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
 

@@ -134,26 +134,18 @@ def _pair_ends(kept: pl.DataFrame, ends: pl.DataFrame) -> pl.DataFrame:
     """The movie edges of `kept`, each with its movie at whichever end it is."""
     joined = kept.join(ends.rename({c: f"src_{c}" for c in ends.columns}), left_on="src", right_on="src_entity_id")
     joined = joined.join(ends.rename({c: f"dst_{c}" for c in ends.columns}), left_on="dst", right_on="dst_entity_id")
-    movie_first = pl.col("src_movie_id").is_not_null() & pl.col("dst_movie_id").is_null()
-    movie_last = pl.col("dst_movie_id").is_not_null() & pl.col("src_movie_id").is_null()
-    return pl.concat(
-        [
-            joined.filter(movie_first).select(
-                pl.col("rel").alias("relation_id"),
-                pl.col("src_movie_id").alias("movie_id"),
-                pl.col("dst_key").alias("key"),
-                pl.col("dst_genre_key").alias("genre_key"),
-                pl.lit(MOVIE_TO_ENTITY).alias("direction"),
-            ),
-            joined.filter(movie_last).select(
-                pl.col("rel").alias("relation_id"),
-                pl.col("dst_movie_id").alias("movie_id"),
-                pl.col("src_key").alias("key"),
-                pl.col("src_genre_key").alias("genre_key"),
-                pl.lit(ENTITY_TO_MOVIE).alias("direction"),
-            ),
-        ]
-    )
+
+    def movie_at(movie: str, other: str, direction: str) -> pl.DataFrame:
+        """The edges with a movie at end `movie` and a non-movie at end `other` (src or dst)."""
+        return joined.filter(pl.col(f"{movie}_movie_id").is_not_null() & pl.col(f"{other}_movie_id").is_null()).select(
+            pl.col("rel").alias("relation_id"),
+            pl.col(f"{movie}_movie_id").alias("movie_id"),
+            pl.col(f"{other}_key").alias("key"),
+            pl.col(f"{other}_genre_key").alias("genre_key"),
+            pl.lit(direction).alias("direction"),
+        )
+
+    return pl.concat([movie_at("src", "dst", MOVIE_TO_ENTITY), movie_at("dst", "src", ENTITY_TO_MOVIE)])
 
 
 def agreement_by_field(pairs: pl.DataFrame, names: pl.DataFrame) -> pl.DataFrame:

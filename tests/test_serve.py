@@ -1,6 +1,9 @@
 """The HTTP API of `pipeline serve` on models trained on the fixture mirror: what each endpoint answers, that every
 recommender's ranking is evaluate's, the explanations, the compare view, the registry's versions, and every bad
-request a clear 4xx."""
+request a clear 4xx.
+
+Over 400 lines: every test reads the same trained workspace (a session fixture that trains every stage once);
+split across files, each file would train it again or share a fixture whose cost hides in conftest."""
 
 import threading
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.evaluation.fluency import TrigramLM
+
 DIST_NS = (2, 3, 4)
 PAPER_NOTE = (
     "Zhou et al., WSDM 2022, Table 2 (ReDial): Dist-n as the C2-CRS code computes it (corpus), trained on "
@@ -119,13 +121,17 @@ def _repeats_ngram(words: Sequence[str], n: int) -> bool:
 
 
 def quality_metrics(
-    responses: Sequence[Sequence[str]], max_tokens: int, recommended: Sequence[Sequence[str]] | None
+    responses: Sequence[Sequence[str]],
+    max_tokens: int,
+    recommended: Sequence[Sequence[str]] | None,
+    language_model: TrigramLM | None = None,
 ) -> dict:
     """What degenerate text cannot raise, as shares of the responses (movies as their "@id" word):
     - repeat_in_a_row: a word right after itself ("so so"); repeat@2 / repeat@3: some bigram / trigram twice;
     - at_length_cap: as long as decoding allows (max_tokens words), so probably cut off;
     - names_movie: names any movie; names_recommended: names one of its recommender's top CARDS items
-      (`recommended`, per response; None for the gold responses, which no recommender wrote)."""
+      (`recommended`, per response; None for the gold responses, which no recommender wrote);
+    - lm_perplexity: the independent language model's perplexity of the responses (fluency.py), when given."""
     n = max(len(responses), 1)
     metrics = {
         "repeat_in_a_row": sum(any(a == b for a, b in zip(r, r[1:])) for r in responses) / n,
@@ -138,6 +144,8 @@ def quality_metrics(
         metrics["names_recommended"] = (
             sum(bool(set(r) & set(top[:CARDS])) for r, top in zip(responses, recommended)) / n
         )
+    if language_model is not None:
+        metrics["lm_perplexity"] = language_model.perplexity(responses)
     return metrics
 
 

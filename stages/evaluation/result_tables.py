@@ -129,8 +129,7 @@ def conv_quality(reports: dict) -> str:
     """Table 2's quality columns (conv_metrics.quality_metrics), and C2-CRS's Dist-2 lead over each generator set
     beside its repetition, so a reader sees whether the lead comes with more repeated words."""
     conv = reports[CONV_JSON]
-    lines = [conv_metrics.quality_table({m: conv[m] for m in CONV_LABELS if m in conv})]
-    ours = conv["c2crs"]
+    ours, lines = conv["c2crs"], []
 
     def minus(other: dict, key: str) -> str:
         mine, theirs = (m["dist@2"]["corpus"] if key == "dist@2" else m["quality"][key] for m in (ours, other))
@@ -141,7 +140,8 @@ def conv_quality(reports: dict) -> str:
             f"- C2-CRS minus {CONV_LABELS[model]}: Dist-2 {minus(conv[model], 'dist@2')}, word repeated in a row "
             f"{minus(conv[model], 'repeat_in_a_row')}, a bigram twice {minus(conv[model], 'repeat@2')}."
         )
-    return lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n"
+    table = conv_metrics.quality_table({m: conv[m] for m in CONV_LABELS if m in conv})
+    return table + "\n\n" + "\n".join(lines) + "\n"
 
 
 def pretraining_answer(reports: dict) -> str:

@@ -127,10 +127,10 @@ def instances(
     return samples, rows.with_columns((~fresh).alias("in_context")), history
 
 
-def peer_table(results: dict, labels: dict[str, str] = STANDARD_LABELS) -> str:
+def peer_table(results: dict) -> str:
     """Our models beside the peer's Table 2 rows: R@1/10/50 under standard_full and standard_dedup."""
     lines = ["| model | full R@1 | R@10 | R@50 | dedup R@1 | R@10 | R@50 |", "|---|---|---|---|---|---|---|"]
-    for model, label in labels.items():
+    for model, label in STANDARD_LABELS.items():
         if model in results and "standard_full" in results[model]:
             cells = [f"{results[model][p][k]:.3f}" for p in PROTOCOLS for k in ("recall@1", "recall@10", "recall@50")]
             lines.append(f"| {label} (ours) | " + " | ".join(cells) + " |")
@@ -214,10 +214,10 @@ def dialogue_measures(
     }
 
 
-def peer_dialogue_table(results: dict, labels: dict[str, str] = STANDARD_LABELS) -> str:
+def peer_dialogue_table(results: dict) -> str:
     """Our models beside the peer's Table 4 rows: SR and RDL under standard_full and standard_dedup."""
     lines = ["| model | full SR | full RDL | dedup SR | dedup RDL |", "|---|---|---|---|---|"]
-    for model, label in labels.items():
+    for model, label in STANDARD_LABELS.items():
         if model in results and "success_rate" in results[model].get("standard_full", {}):
             cells = [
                 f"{results[model][p][k]:.3f}" for p in PROTOCOLS for k in ("success_rate", "reward_per_dialogue_length")
