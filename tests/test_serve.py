@@ -89,7 +89,7 @@ def _evaluates_ranking(models, name: str, reference: str, messages: list[dict], 
     knowledge, (recommender, _) = models.knowledge, models.model("recommender", reference)
     turns = [knowledge.read_turn(m["role"], m["text"])[0] for m in messages]
     longest = min(filter(None, (models.params.triples.context_max_tokens, recommender.max_positions)))
-    samples, triples, _ = knowledge.next_sample(turns, longest)
+    samples, triples, _, _ = knowledge.next_samples([turns], longest)
     file = models.files["recommender"][name]
     _, scorers = evaluate.score_split(
         models.params,
@@ -146,7 +146,7 @@ def test_a_reply_that_names_no_recommendation_gets_a_marked_template(api, models
 
     tokens = models.knowledge.vocabulary.tokens
     said = [tokens.index(PLACEHOLDER)] if with_placeholder else [len(tokens) - 2]
-    monkeypatch.setattr(catalogue.Generator, "generate", lambda self, knowledge, table, row: said)
+    monkeypatch.setattr(catalogue.Generator, "generate", lambda self, knowledge, table, rows: [said] * len(rows))
     body = api.post("/v1/chat", json={"messages": LOVED_ALPHA, "top_k": 2}).json()
     top = body["recommendations"][0]
     assert body["names_recommendation"] is with_placeholder

@@ -72,26 +72,34 @@ class Recommender:
     max_positions: int | None  # the longest context its encoder reads (None: no position limit)
     note: str | None  # what it reads, when its explanation is not C2-CRS's full one
 
-    def scores(self, samples: pl.DataFrame, table) -> np.ndarray:
-        """The scores [n_items] of the table's last sample (the model's next turn), from evaluate's scorer over the
-        conversation's samples with score_split's history (each sample's context movies by recency, its state)."""
+    def scores(self, samples: pl.DataFrame, table, rows: np.ndarray) -> np.ndarray:
+        """The scores [rows, n_items] of the table's `rows` (conversations' next turns), from evaluate's scorer over
+        the conversations' samples with score_split's history (each sample's context movies by recency, its state)."""
         ordered = samples.filter(pl.col("split") == "test").sort("sample_id")
         history = rec_metrics.context_items_by_recency(ordered), rec_metrics.choice_states(ordered)
-        last = len(table) - 1
-        for rows, block in self.score(table, *history):
-            if rows[-1] == last:
-                return np.array(block[-1], dtype=np.float32)
-        raise ValueError(f"recommender {self.name}: no scores for the conversation's last turn")
+        out: np.ndarray | None = None
+        found = np.zeros(len(rows), dtype=bool)
+        for block_rows, block in self.score(table, *history):
+            wanted = np.isin(rows, block_rows)
+            if not wanted.any():
+                continue
+            if out is None:
+                out = np.empty((len(rows), np.shape(block)[1]), dtype=np.float32)
+            out[wanted] = np.asarray(block)[np.searchsorted(block_rows, rows[wanted])]
+            found |= wanted
+        if out is None or not found.all():
+            raise ValueError(f"recommender {self.name}: no scores for some conversations' next turns")
+        return out
 
-    def attended(self, knowledge, table) -> list:
-        """The conversation's entities as this model reads them (weighted where it pools them), for explanations."""
-        last = len(table) - 1
+    def attended(self, knowledge, table, row: int) -> list:
+        """The entities of the table's row as this model reads them (weighted where it pools them), for
+        explanations."""
         if self.pooling is not None:
             model, run = self.pooling
-            _, entity_ids, weights = c2crs_train.scores_with_pooling_weights(model, run, table, np.array([last]))
+            _, entity_ids, weights = c2crs_train.scores_with_pooling_weights(model, run, table, np.array([row]))
             return knowledge.explainer.context_entities(entity_ids[0], weights[0])
         if self.name in READS_ENTITIES:
-            read = table.context_items[last] if self.name == "redial" else table.context_entities[last]
+            read = table.context_items[row] if self.name == "redial" else table.context_entities[row]
             return knowledge.explainer.read_entities(read)
         return []
 
@@ -151,12 +159,12 @@ class Generator:
     retrieval: revcore_train.ReviewRetrieval | None
     max_positions: int | None
 
-    def generate(self, knowledge, table, row: int) -> list[int]:
-        """Its response (output-vocabulary ids) to the table's row, as evaluate's conversation scoring decodes."""
+    def generate(self, knowledge, table, rows: np.ndarray) -> list[list[int]]:
+        """Its responses (output-vocabulary ids) to the table's rows, as evaluate's conversation scoring decodes."""
         read = self.retrieval.augment(table) if self.retrieval is not None else table
         generate = hred_train.generate if isinstance(self.model, HRED) else conv_train.generate
         decoding, banned = knowledge.params.evaluate.decoding, knowledge.vocabulary.banned_ids
-        return generate(self.model, knowledge.run, read, np.array([row]), decoding, banned)[0]
+        return generate(self.model, knowledge.run, read, np.asarray(rows), decoding, banned)
 
 
 def load_generator(path: Path, knowledge, name: str = "c2crs") -> Generator:

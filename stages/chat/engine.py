@@ -64,13 +64,14 @@ class Reply:
 TEMPLATE = "How about {title}?"  # Reply.template: not the model's words, and always shown as a template
 
 
-class NextSample(NamedTuple):
-    """A conversation built into samples as the triples stage builds a test split: what evaluate.score_split reads
-    (samples, triples) and their table, whose last row is the sample of the model's next turn."""
+class NextSamples(NamedTuple):
+    """Conversations built into samples as the triples stage builds a test split: what evaluate.score_split reads
+    (samples, triples), their table, and each conversation's row of the model's next turn (in the order given)."""
 
     samples: pl.DataFrame
     triples: pl.DataFrame
     table: c2crs_data.SampleTable
+    next_rows: np.ndarray
 
 
 class Knowledge:
@@ -149,29 +150,38 @@ class Knowledge:
         """A turn's text with "@id" shown as the movie's title."""
         return MOVIE_ID.sub(lambda m: self.titles.get(int(m.group(1)), m.group(0)), text)
 
-    def next_sample(self, turns: list[Turn], longest: int) -> NextSample:
-        """The conversation so far plus an empty recommender turn, built into samples as the triples stage does."""
-        merged: list[Turn] = []
-        for turn in turns:
-            if merged and merged[-1].role == turn.role:  # as ingest merges a speaker's consecutive messages
-                last = merged[-1]
-                merged[-1] = Turn(
-                    turn.role, f"{last.text} {turn.text}", list(dict.fromkeys(last.movie_ids + turn.movie_ids))
-                )
-            else:
-                merged.append(turn)
-        merged.append(Turn("recommender", ""))
-        utterances = pl.DataFrame(
-            [(0, i, t.role, t.text, t.movie_ids) for i, t in enumerate(merged)],
-            schema=ingest.UTTERANCE_SCHEMA,
-            orient="row",
-        ).with_columns(split=pl.lit("test"))
+    def next_samples(self, conversations: list[list[Turn]], longest: int) -> NextSamples:
+        """Each conversation so far plus an empty recommender turn, built into samples as the triples stage builds a
+        split: all of them in one table, so a model scores the next turn of every conversation in one pass."""
+        rows = []
+        for conv_id, turns in enumerate(conversations):
+            merged = merged_turns(turns) + [Turn("recommender", "")]
+            rows += [(conv_id, i, t.role, t.text, t.movie_ids) for i, t in enumerate(merged)]
+        utterances = pl.DataFrame(rows, schema=ingest.UTTERANCE_SCHEMA, orient="row").with_columns(split=pl.lit("test"))
         linked = triples.link_all(utterances, self.linker, self.item_entity)
         samples, mentions = triples.build_samples(
             utterances, linked, self.vocab_table, self.item_entity, longest, self.params.triples.response_max_tokens
         )
         triple_table = triples.build_triples(mentions, linked, utterances, self.chooser)
-        return NextSample(samples, triple_table, c2crs_data.sample_table(samples, triple_table, "test"))
+        table = c2crs_data.sample_table(samples, triple_table, "test")
+        next_rows = np.flatnonzero(np.append(table.conv_ids[1:] != table.conv_ids[:-1], True))
+        if not np.array_equal(table.conv_ids[next_rows], np.arange(len(conversations))):
+            raise ValueError("every conversation needs a turn before the model's (an empty conversation has no sample)")
+        return NextSamples(samples, triple_table, table, next_rows)
+
+
+def merged_turns(turns: list[Turn]) -> list[Turn]:
+    """Consecutive turns of one speaker merged into one, as ingest merges a speaker's consecutive messages."""
+    merged: list[Turn] = []
+    for turn in turns:
+        if merged and merged[-1].role == turn.role:
+            last = merged[-1]
+            merged[-1] = Turn(
+                turn.role, f"{last.text} {turn.text}", list(dict.fromkeys(last.movie_ids + turn.movie_ids))
+            )
+        else:
+            merged.append(turn)
+    return merged
 
 
 class Chat:
@@ -190,26 +200,29 @@ class Chat:
 
     @torch.no_grad()
     def _ranked(
-        self, turns: list[Turn], exclude_mentioned: bool
-    ) -> tuple[c2crs_data.SampleTable, list[int], np.ndarray]:
-        """The samples of the conversation (the last: the model's next turn), every item entity best first by the
-        recommender's scores (evaluate's scorer), and those scores."""
+        self, conversations: list[list[Turn]], exclude_mentioned: bool
+    ) -> tuple[NextSamples, list[list[int]], np.ndarray]:
+        """The samples of the conversations, each conversation's item entities best first by the recommender's
+        scores (evaluate's scorer) for the model's next turn, and those scores [conversations, n_items]."""
         knowledge = self.knowledge
-        samples, _, table = knowledge.next_sample(turns, self._longest())
-        scores = self.recommender.scores(samples, table)
-        if exclude_mentioned:
-            named = [knowledge.item_entity[m] for t in turns for m in t.movie_ids if m in knowledge.item_entity]
-            scores[named] = -np.inf
-        ranked = [int(e) for e in np.argsort(-scores, kind="stable") if np.isfinite(scores[e])]
-        return table, ranked, scores
+        built = knowledge.next_samples(conversations, self._longest())
+        scores = self.recommender.scores(built.samples, built.table, built.next_rows)
+        ranked = []
+        for row, turns in zip(scores, conversations):
+            if exclude_mentioned:
+                named = [knowledge.item_entity[m] for t in turns for m in t.movie_ids if m in knowledge.item_entity]
+                row[named] = -np.inf
+            ranked.append([int(e) for e in np.argsort(-row, kind="stable") if np.isfinite(row[e])])
+        return built, ranked, scores
 
     @torch.no_grad()
     def _recommendations(
-        self, turns: list[Turn], table, entities: list[int], scores: np.ndarray, explain: bool
+        self, turns: list[Turn], table, row: int, entities: list[int], scores: np.ndarray, explain: bool
     ) -> list[Recommendation]:
-        """The entities as recommendations, each explained (when asked) as far as the recommender allows."""
+        """The entities as recommendations for the table's row (a conversation's next turn), each explained (when
+        asked) as far as the recommender allows."""
         knowledge, recommender = self.knowledge, self.recommender
-        attended = recommender.attended(knowledge, table) if explain else []
+        attended = recommender.attended(knowledge, table, row) if explain else []
         seeker_words = knowledge.titled(" ".join(t.text for t in turns if t.role == "seeker"))
         return [
             Recommendation(
@@ -227,33 +240,44 @@ class Chat:
         self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True, explain: bool = True
     ) -> list[Recommendation]:
         """The top_k movies for the model's next turn, best first, with their explanations."""
-        table, ranked, scores = self._ranked(turns, exclude_mentioned)
-        return self._recommendations(turns, table, ranked[:top_k], scores, explain)
+        built, [ranked], [scores] = self._ranked([turns], exclude_mentioned)
+        return self._recommendations(turns, built.table, built.next_rows[0], ranked[:top_k], scores, explain)
 
     def explain_movie(self, turns: list[Turn], movie_id: int) -> tuple[int, Recommendation]:
         """Any movie's rank among all movies for the model's next turn (1 = first; named movies included) and its
         explanation: why it is, or is not, recommended."""
-        table, ranked, scores = self._ranked(turns, exclude_mentioned=False)
+        built, [ranked], [scores] = self._ranked([turns], exclude_mentioned=False)
         entity = self.knowledge.item_entity[movie_id]
-        return ranked.index(entity) + 1, self._recommendations(turns, table, [entity], scores, True)[0]
+        explained = self._recommendations(turns, built.table, built.next_rows[0], [entity], scores, True)
+        return ranked.index(entity) + 1, explained[0]
 
-    @torch.no_grad()
     def respond(self, turns: list[Turn], top_k: int, exclude_mentioned: bool = True, explain: bool = True) -> Reply:
         """The model's next turn: the generator's utterance, its movie placeholders filled with the recommender's
         items in rank order, and the top_k recommendations."""
+        return self.respond_all([turns], top_k, exclude_mentioned, explain)[0]
+
+    @torch.no_grad()
+    def respond_all(
+        self, conversations: list[list[Turn]], top_k: int, exclude_mentioned: bool = True, explain: bool = True
+    ) -> list[Reply]:
+        """respond() to many conversations at once: one pass of each model over all of them (the simulated
+        seeker's turns, stages/simulate.py)."""
         if self.generator is None:
             raise ValueError("this chat has no generator")
         knowledge = self.knowledge
-        table, ranked, scores = self._ranked(turns, exclude_mentioned)
-        tokens = self.generator.generate(knowledge, table, len(table) - 1)
-        words = [knowledge.vocabulary.tokens[t] for t in tokens]
-        filling = ranked[: max(top_k, words.count(conv_train.PLACEHOLDER))]
-        said = conv_train.fill_movies(words, [f"@{knowledge.entity_movie[e]}" for e in filling])
-        shown = conv_train.fill_movies(words, [knowledge.titles[knowledge.entity_movie[e]] for e in filling])
-        recommendations = self._recommendations(turns, table, ranked[:top_k], scores, explain)
-        named = bool(set(said) & {f"@{r.movie_id}" for r in recommendations})
-        template = None if named or not recommendations else TEMPLATE.format(title=recommendations[0].title)
-        return Reply(" ".join(shown), " ".join(said), recommendations, named, template)
+        built, ranked, scores = self._ranked(conversations, exclude_mentioned)
+        responses = self.generator.generate(knowledge, built.table, built.next_rows)
+        replies = []
+        for turns, row, order, row_scores, tokens in zip(conversations, built.next_rows, ranked, scores, responses):
+            words = [knowledge.vocabulary.tokens[t] for t in tokens]
+            filling = order[: max(top_k, words.count(conv_train.PLACEHOLDER))]
+            said = conv_train.fill_movies(words, [f"@{knowledge.entity_movie[e]}" for e in filling])
+            shown = conv_train.fill_movies(words, [knowledge.titles[knowledge.entity_movie[e]] for e in filling])
+            recommendations = self._recommendations(turns, built.table, row, order[:top_k], row_scores, explain)
+            named = bool(set(said) & {f"@{r.movie_id}" for r in recommendations})
+            template = None if named or not recommendations else TEMPLATE.format(title=recommendations[0].title)
+            replies.append(Reply(" ".join(shown), " ".join(said), recommendations, named, template))
+        return replies
 
 
 class Session:
