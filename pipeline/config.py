@@ -503,6 +503,31 @@ class EvaluateConfig(Section):
     champion: ChampionRule
 
 
+class SimulateConfig(Section):
+    """The simulated seeker (stages/simulate.py, rules in stages/chat/seeker.py)."""
+
+    conversations: int = Field(ge=1)  # seekers simulated: a seeded sample of the test conversations with a target
+    turns: int = Field(ge=1)  # T: the system's turns in each simulated conversation
+    ks: list[int] = Field(min_length=1)  # the seeker accepts when the target is among the system's top k
+    hint_kinds: list[Literal["genre", "star", "director", "similar"]] = Field(min_length=1)  # the round robin
+    sensitivity_models: list[str]  # recommenders also simulated with no hints and with each kind of hint alone
+    transcripts: int = Field(ge=0)  # C2-CRS's simulated conversations written out to read
+
+    @field_validator("ks")
+    @classmethod
+    def _increasing(cls, ks: list[int]) -> list[int]:
+        if ks[0] < 1 or any(b <= a for a, b in zip(ks, ks[1:])):
+            raise ValueError(f"list each k once, from 1 up, in increasing order; got {ks}")
+        return ks
+
+    @field_validator("hint_kinds", "sensitivity_models")
+    @classmethod
+    def _each_once(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"list each once; got {names}")
+        return names
+
+
 class LearningCurveConfig(Section):
     """The study's learning curve: a setting's fine-tuning on shares of the train conversations, with pre-training
     on all of them (`<setting>_<pct>pct_pretrain_all`) and on the same share (`..._pretrain_same`)."""
@@ -594,6 +619,7 @@ class Params(Section):
     finetune_conv: FinetuneConvConfig
     conv_baselines: ConvBaselinesConfig
     evaluate: EvaluateConfig
+    simulate: SimulateConfig
     study: StudyConfig
 
     @staticmethod

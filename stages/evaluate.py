@@ -84,23 +84,30 @@ def score_split(
     loaded = loaded or runs.training_run(params, workspace)  # training_run's, reused
     run, model_config, _ = loaded
     table = c2crs_data.sample_table(samples, triple_table, split)
-    batch = params.evaluate.batch_size
-    train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
-    popularity = popularity_scores(train_targets, model_config.n_items).numpy()
     ordered = samples.filter(pl.col("split") == split).sort("sample_id")
     recent, states = history or (rec_metrics.context_items_by_recency(ordered), rec_metrics.choice_states(ordered))
-    naive = rec_metrics.naive_scorers(recent, popularity)
-
-    def naive_blocks(name: str):
-        for start in range(0, len(table), batch):
-            rows = np.arange(start, min(start + batch, len(table)))
-            yield rows, naive[name](rows)
-
-    models = {name: (lambda name=name: naive_blocks(name)) for name in naive}
     files = files or model_files(params, workspace)  # a model not in files: not trained here, or not asked for
-    scorers = trained_scorers(params, workspace, files, skip, loaded, forms)
-    models.update({name: (lambda score=score: score(table, recent, states)) for name, score in scorers.items()})
-    return table, models
+    scorers = naive_scorers(run, model_config.n_items, params.evaluate.batch_size)
+    scorers.update(trained_scorers(params, workspace, files, skip, loaded, forms))
+    return table, {name: (lambda score=score: score(table, recent, states)) for name, score in scorers.items()}
+
+
+def naive_scorers(run, n_items: int, batch: int) -> dict[str, Callable]:
+    """The models that need no training (rec_metrics.naive_scorers; popularity counted on the train targets), each
+    as trained_scorers' functions are: (table, recent, states) -> its score blocks."""
+    train_targets = torch.as_tensor([item for targets in run.train.targets for item in targets], dtype=torch.long)
+    popularity = popularity_scores(train_targets, n_items).numpy()
+
+    def scorer(name: str) -> Callable:
+        def blocks(table, recent, states):
+            score = rec_metrics.naive_scorers(recent, popularity)[name]
+            for start in range(0, len(table), batch):
+                rows = np.arange(start, min(start + batch, len(table)))
+                yield rows, score(rows)
+
+        return blocks
+
+    return {name: scorer(name) for name in rec_metrics.NAIVE_MODELS}
 
 
 def trained_scorers(

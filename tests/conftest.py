@@ -200,7 +200,7 @@ def served_workspace(chat_workspace, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("C2CRS_DATA_DIR", raising=False)
         for stage in stage_instances(params):
-            if stage not in CHAT_STAGES and stage != "evaluate":
+            if stage not in CHAT_STAGES and stage not in ("evaluate", "simulate"):
                 stage_body(stage)(params, workspace)
     return params, workspace
 

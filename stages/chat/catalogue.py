@@ -33,7 +33,7 @@ from stages.training import baseline_models, c2crs_train, conv_runs, conv_train,
 # The models whose user vector is C2-CRS's self-attentive pooling of the context entities (runs.load_c2crs files).
 POOLING = ("c2crs", REPEAT_CHOICE, "kbrd", "kecrs")
 READS_ENTITIES = ("kgsf", "revcore", "redial")  # entities without a weight per entity (ReDial: the movies only)
-NO_KG_PATHS = ("redial", "textcnn")
+NO_KG_PATHS = ("redial", "textcnn", *rec_metrics.NAIVE_MODELS)
 NOTES = {
     REPEAT_CHOICE: "C2-CRS's scores turned into the learned choice between a movie the conversation named and a "
     "new one; the weights are C2-CRS's",
@@ -43,6 +43,9 @@ NOTES = {
     "no weight per entity to show: the conversation's entities are listed, most recent first",
     "redial": "ReDial's recommender reads only the movies named (an autoencoder over them): no KG paths",
     "textcnn": "TextCNN reads only the words: no context entities or KG paths",
+    "popularity": "the movies most often recommended in the train conversations, whatever is said: nothing read",
+    "repeat": "the movies the conversation named, most recent first (then nothing): no KG read",
+    "repeat_popularity": "the movies the conversation named, most recent first, then the most popular: no KG read",
 }
 NO_KG_EDGES_NOTE = (
     "this ablation's KG encoder saw no KG edges (self loops only): the paths show how the KG links the entities "
@@ -133,6 +136,15 @@ def load_recommender(path: Path, knowledge, name: str = "c2crs") -> Recommender:
         note = NO_KG_EDGES_NOTE
     max_positions = pooling[0].cfg.max_positions if pooling else None
     return Recommender(name, scorers[name], pooling, max_positions, note)
+
+
+def naive_recommender(knowledge, name: str) -> Recommender:
+    """A model that needs no training (evaluate.naive_scorers: popularity, repeat, repeat_popularity), as a chat's
+    recommender: the simulated seeker (stages/simulate.py) talks to them as to the trained ones."""
+    scorers = evaluate.naive_scorers(knowledge.run, knowledge.run.graph.n_items, knowledge.params.evaluate.batch_size)
+    if name not in scorers:
+        raise ValueError(f"{name}: not a naive recommender (those are {', '.join(scorers)})")
+    return Recommender(name, scorers[name], None, None, NOTES[name])
 
 
 def _run_of(name: str, knowledge) -> c2crs_train.Run:

@@ -373,12 +373,18 @@ def _bootstrap_stats(rows: pl.DataFrame, values: np.ndarray, n_resamples: int, s
     sums = np.zeros((n_conv, values.shape[1]))
     np.add.at(sums, conv, values)
     counts = np.bincount(conv, minlength=n_conv).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_conv, np.full(n_conv, 1.0 / n_conv), size=n_resamples).astype(np.float64)
+    weights = resample_weights(n_conv, n_resamples, seed)
     return (weights @ sums) / (weights @ counts)[:, None]
 
 
-def _percentiles(stats: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def resample_weights(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """How many times each of n units is drawn in each bootstrap resample: [n_resamples, n]. The same seed draws
+    the same resamples, so statistics of two models computed with them are paired."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(np.float64)
+
+
+def percentiles(stats: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     tail = (1.0 - level) / 2.0 * 100.0
     return np.percentile(stats, [tail, 100.0 - tail], axis=0)
 
@@ -393,7 +399,7 @@ def bootstrap_ci(
         raise EvaluationError(f"{len(ranks)} ranks for {rows.height} rows")
     if len(ranks) == 0:
         return {m: [None, None] for m in METRICS}
-    low, high = _percentiles(_bootstrap_stats(rows, metric_values(ranks), n_resamples, seed), level)
+    low, high = percentiles(_bootstrap_stats(rows, metric_values(ranks), n_resamples, seed), level)
     return {m: [float(lo), float(hi)] for m, lo, hi in zip(METRICS, low, high)}
 
 
@@ -423,7 +429,7 @@ def paired_values_difference(
     its cluster-bootstrap interval over conversations."""
     if rows.height == 0:
         return {m: {"difference": None, "ci95": [None, None]} for m in METRICS}
-    low, high = _percentiles(_bootstrap_stats(rows, differences, n_resamples, seed), level)
+    low, high = percentiles(_bootstrap_stats(rows, differences, n_resamples, seed), level)
     return {
         m: {"difference": float(d), "ci95": [float(lo), float(hi)]}
         for m, d, lo, hi in zip(METRICS, differences.mean(axis=0), low, high)
