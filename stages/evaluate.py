@@ -1,4 +1,4 @@
-"""The evaluate stage: every trained model on the test split (read here and nowhere else).
+"""The evaluate stage: every trained model on the test split (read here and by the simulate stage, nowhere else).
 
 Over 400 lines: recommendation and conversation are scored from one loading of the models and samples, and
 `score` (a user's conversations) runs the same functions.
@@ -457,8 +457,8 @@ def distinct_plot(conversation: dict) -> list[dict]:
 
 
 def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    """Test-split metrics (the test split is read here and nowhere else): recommendation in both protocols with 95 %
-    intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
+    """Test-split metrics (the test split is read here and by simulate only): recommendation in both protocols with
+    95 % intervals, and conversation (generation metrics, responses to read, a rating sheet)."""
     spec = STAGES["evaluate"]
     inputs = {Path(d).name: workspace / d for d in spec.deps}
     samples = pl.read_parquet(workspace / runs.TRAINING_INPUTS["samples"])

@@ -34,7 +34,7 @@ from stages.training import conv_runs
 
 logger = logging.getLogger(__name__)
 
-ALL_HINTS, NO_HINTS = "all kinds in turn", "none"
+ALL_HINTS, NO_HINTS = simulation_metrics.ALL_HINTS, "none"
 REFERENCE, COMPARED = "c2crs", "kbrd"  # the paired difference: C2-CRS minus KBRD-style (= w/o Coarse-Fine)
 
 
@@ -151,7 +151,14 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
                 ranks[setting][REFERENCE], ranks[setting][COMPARED], config.ks, resamples, params.seed
             )
     report = {
-        "protocol": {**chosen, "turns": config.turns, "ks": config.ks, "hint_kinds": config.hint_kinds},
+        "protocol": {
+            **chosen,
+            "turns": config.turns,
+            "ks": config.ks,
+            "hint_kinds": config.hint_kinds,
+            "models": list(recommenders),  # the tables' row order (JSON objects keep none)
+            "settings": list(results),
+        },
         "labels": {name: catalogue.recommender_label(name) for name in recommenders},
         "settings": results,
         "paired": {"models": [REFERENCE, COMPARED], "by_setting": paired},

@@ -184,3 +184,31 @@ def test_an_unknown_sensitivity_model_is_named(simulated, monkeypatch):
     wrong = params.model_copy(update={"simulate": params.simulate.model_copy(update={"sensitivity_models": ["nope"]})})
     with pytest.raises(ValueError, match=r"params simulate.sensitivity_models: nope is not a recommender"):
         stage_body("simulate")(wrong, workspace)
+
+
+def test_answering_many_conversations_at_once_answers_each_as_alone(chat_models):
+    """Chat.respond_all (the simulation's pass over every conversation) gives each conversation the reply that
+    respond gives it alone: batching changes no text and no ranking."""
+    from stages.chat.engine import Chat
+
+    knowledge = chat_models.knowledge
+    (recommender, _), (generator, _) = chat_models.model("recommender", None), chat_models.model("generator", None)
+    chat = Chat(knowledge, recommender, generator)
+    conversations = [
+        [knowledge.read_turn("seeker", 'hi, I loved "Alpha" with Tom Hanks')[0]],
+        [knowledge.read_turn("seeker", "something scary please")[0]],
+        [
+            knowledge.read_turn("seeker", "any comedy?")[0],
+            knowledge.read_turn("recommender", "have you seen @300 ?")[0],
+            knowledge.read_turn("seeker", "yes, another one")[0],
+        ],
+    ]
+    together = chat.respond_all(conversations, top_k=3, explain=False)
+    for turns, reply in zip(conversations, together):
+        alone = chat.respond(turns, top_k=3, explain=False)
+        assert reply.text_with_ids == alone.text_with_ids
+        assert [r.movie_id for r in reply.recommendations] == [r.movie_id for r in alone.recommendations]
+        assert [r.score for r in reply.recommendations] == pytest.approx(
+            [r.score for r in alone.recommendations], abs=1e-3
+        )
+    assert 300 not in [r.movie_id for r in together[2].recommendations]  # named: not recommended again

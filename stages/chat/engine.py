@@ -212,7 +212,8 @@ class Chat:
             if exclude_mentioned:
                 named = [knowledge.item_entity[m] for t in turns for m in t.movie_ids if m in knowledge.item_entity]
                 row[named] = -np.inf
-            ranked.append([int(e) for e in np.argsort(-row, kind="stable") if np.isfinite(row[e])])
+            order = np.argsort(-row, kind="stable")
+            ranked.append(order[np.isfinite(row[order])].tolist())
         return built, ranked, scores
 
     @torch.no_grad()

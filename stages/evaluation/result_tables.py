@@ -6,11 +6,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.evaluation import conv_metrics, rec_metrics, standard_protocol, study_markdown
+from stages.evaluation import conv_metrics, rec_metrics, simulation_metrics, standard_protocol, study_markdown
 
 REC_JSON, CONV_JSON = "reports/rec.json", "reports/conv.json"
 STUDY_SUMMARY = "reports/pretraining_runs/summary.json"
 RELATION_NAMES_JSON = "reports/relation_names.json"
+SIMULATE_JSON = "reports/simulate.json"
 
 REC_LABELS = {
     "popularity": "Popularity",
@@ -213,6 +214,35 @@ def relation_names_table(reports: dict) -> str:
     )
 
 
+def simulation_tables(reports: dict) -> str:
+    """The simulated seekers (stages/simulate.py): what was simulated, every recommender's success and turns, C2-CRS
+    minus KBRD-style and the hint sensitivity."""
+    report = reports[SIMULATE_JSON]
+    return simulation_metrics.protocol_paragraph(report) + "\n" + simulation_metrics.results_tables(report)
+
+
+SIMULATION_HEADLINE = ("popularity", "repeat_popularity", "textcnn", "kbrd", "kgsf", "c2crs", rec_metrics.REPEAT_CHOICE)
+
+
+def simulation_headline(reports: dict) -> str:
+    """The README's view of the simulation: the main models' success and turns, and C2-CRS minus KBRD-style."""
+    report = reports[SIMULATE_JSON]
+    ks, labels = report["protocol"]["ks"], report["labels"]
+    main = simulation_metrics.ALL_HINTS
+    shown = simulation_metrics.in_order(report["settings"][main], list(SIMULATION_HEADLINE))
+    first, second = (labels.get(m, m) for m in report["paired"]["models"])
+    paired = {main: report["paired"]["by_setting"][main]} if main in report["paired"]["by_setting"] else {}
+    return (
+        simulation_metrics.main_table(shown, ks, labels)
+        + f"\n{first} minus {second} (paired):\n\n"
+        + simulation_metrics.paired_table(paired, ks)
+    )
+
+
+def simulation_transcripts(reports: dict) -> str:
+    return simulation_metrics.transcripts_markdown(reports[SIMULATE_JSON]["transcripts"])
+
+
 TABLES: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "rec_table": (rec_table, (REC_JSON,)),
     "rec_margins": (rec_margins, (REC_JSON,)),
@@ -222,6 +252,9 @@ TABLES: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "pretraining_answer": (pretraining_answer, (STUDY_SUMMARY,)),
     "pretraining_table": (pretraining_table, (STUDY_SUMMARY,)),
     "relation_names_table": (relation_names_table, (RELATION_NAMES_JSON,)),
+    "simulation_headline": (simulation_headline, (SIMULATE_JSON,)),
+    "simulation_tables": (simulation_tables, (SIMULATE_JSON,)),
+    "simulation_transcripts": (simulation_transcripts, (SIMULATE_JSON,)),
 }
 
 

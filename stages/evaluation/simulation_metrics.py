@@ -18,6 +18,7 @@ import numpy as np
 from stages.evaluation.rec_metrics import percentiles, resample_weights
 
 LEVEL = 0.95
+ALL_HINTS = "all kinds in turn"  # the main setting's name (stages/simulate.py): every recommender, every kind of hint
 
 
 def first_success(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -160,15 +161,23 @@ def protocol_paragraph(report: dict) -> str:
     )
 
 
+def in_order(results: dict, models: list[str]) -> dict:
+    """A mapping with its keys in the given order, those it has (the report JSON keeps no order)."""
+    return {model: results[model] for model in models if model in results}
+
+
 def results_tables(report: dict) -> str:
     """The main table, C2-CRS minus KBRD-style per hint setting, and the sensitivity table."""
-    ks, labels, settings = report["protocol"]["ks"], report["labels"], report["settings"]
-    main, *_ = settings
+    ks, labels, models = report["protocol"]["ks"], report["labels"], report["protocol"]["models"]
+    order = report["protocol"]["settings"]
+    settings = {setting: in_order(report["settings"][setting], models) for setting in order}
+    paired = in_order(report["paired"]["by_setting"], order)
+    main = order[0]
     first, second = (labels.get(m, m) for m in report["paired"]["models"])
     return (
         main_table(settings[main], ks, labels)
         + f"\n{first} minus {second}, success@k, paired over the same seekers:\n\n"
-        + paired_table(report["paired"]["by_setting"], ks)
+        + paired_table(paired, ks)
         + '\nHow much the hints matter: the same seekers with no hints (the seeker says "Anything else?") and with '
         "one kind of hint only:\n\n" + sensitivity_table(settings, ks, labels)
     )
