@@ -102,6 +102,12 @@ def _pipeline_commands(commands) -> None:
     reference.add_argument("--file", default="params/reference.yaml")
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _model_commands(commands) -> None:
     """Using the trained models: score, rate, talk, serve, models."""
     score = commands.add_parser("score", help="evaluate the trained recommenders on a ReDial-format JSONL file")
@@ -114,6 +120,21 @@ def _model_commands(commands) -> None:
         help="only these models (default: every trained model whose file exists, and the naive ones)",
     )
     score.add_argument("--models-from", choices=("registry", "workspace"), default="registry", help=MODELS_FROM_HELP)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="simulated seekers in conversation with the workspace's trained recommenders (the simulate stage's "
+        "rules, docs/simulation.md); prints the report, writes no stage output",
+    )
+    simulate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    simulate.add_argument(
+        "--models", nargs="+", metavar="MODEL", help="only these recommenders (default: every trained one, the naive)"
+    )
+    simulate.add_argument(
+        "--conversations", type=_at_least_one, help="seekers (default: params simulate.conversations)"
+    )
+    simulate.add_argument("--turns", type=_at_least_one, help="system turns each (default: params simulate.turns)")
+    simulate.add_argument("--json", help="also write the report (reports/simulate.json's shape) to this file")
 
     rate = commands.add_parser(
         "rate",
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "repro": _repro,
         "ui": operate.ui_command,
         "score": _score,
+        "simulate": _simulate,
         "rate": _rate,
         "talk": _talk,
         "serve": _serve,
@@ -556,6 +578,26 @@ def _score(args) -> int:
         print(f"not scored: {name}: {where} is missing")
     print(markdown_table(scored["results"]))
     print(json.dumps(scored["results"], indent=2, sort_keys=True))
+    return 0
+
+
+def _simulate(args) -> int:
+    """Prints the simulation's report (stages/simulate.py) for the chosen models and sizes."""
+    from pipeline.config import SimulateConfig
+    from stages.evaluation.simulation_metrics import report_markdown
+    from stages.io.outputs import write_outputs
+    from stages.simulate import simulation_report
+
+    params_file = Path(args.params).resolve()
+    params = load_params(params_file)
+    sizes = {
+        key: value for key, value in (("conversations", args.conversations), ("turns", args.turns)) if value is not None
+    }
+    config = SimulateConfig.model_validate({**params.simulate.model_dump(), **sizes})
+    report = simulation_report(params.model_copy(update={"simulate": config}), params_file.parent, args.models)
+    if args.json:
+        write_outputs({Path(args.json): report})
+    print(report_markdown(report))
     return 0
 
 

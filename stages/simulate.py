@@ -87,7 +87,7 @@ def simulate(
     return ranks, conversations, shown
 
 
-def transcript(knowledge: Knowledge, who: seeker.Seeker, turns: list[Turn], shown, ranks, top: int) -> dict:
+def transcript(knowledge: Knowledge, who: seeker.Seeker, turns: list[Turn], shown, ranks, *, top: int) -> dict:
     """One simulated conversation to read: movies as titles, the system's top items after each of its turns."""
     messages, system_turn = [], 0
     for turn in turns:
@@ -100,12 +100,25 @@ def transcript(knowledge: Knowledge, who: seeker.Seeker, turns: list[Turn], show
     return {"conv_id": who.conv_id, "target": knowledge.titles[who.target], "messages": messages}
 
 
-def _recommenders(params, workspace: Path, knowledge: Knowledge) -> dict[str, catalogue.Recommender]:
-    """Every recommender evaluate scores: the naive ones and each trained model of evaluate.model_files."""
-    models = {name: catalogue.naive_recommender(knowledge, name) for name in rec_metrics.NAIVE_MODELS}
-    for name, path in evaluate.model_files(params, workspace).items():
-        models[name] = catalogue.load_recommender(path, knowledge, name)
-    return models
+def _recommenders(
+    params, workspace: Path, knowledge: Knowledge, names: list[str] | None
+) -> dict[str, catalogue.Recommender]:
+    """Every recommender evaluate scores (or those of `names`): the naive ones and each trained model of
+    evaluate.model_files."""
+    files = evaluate.model_files(params, workspace)
+    unknown = sorted(set(names or ()) - set(files) - set(rec_metrics.NAIVE_MODELS))
+    if unknown:
+        raise ValueError(
+            f"unknown model(s) {', '.join(unknown)}; the trained ones are {', '.join(files)} "
+            f"(and the naive {', '.join(rec_metrics.NAIVE_MODELS)})"
+        )
+    wanted = [*rec_metrics.NAIVE_MODELS, *files] if names is None else names
+    return {
+        name: catalogue.naive_recommender(knowledge, name)
+        if name in rec_metrics.NAIVE_MODELS
+        else catalogue.load_recommender(files[name], knowledge, name)
+        for name in wanted
+    }
 
 
 def hint_settings(kinds: list[str]) -> dict[str, tuple[str, ...]]:
@@ -113,60 +126,66 @@ def hint_settings(kinds: list[str]) -> dict[str, tuple[str, ...]]:
     return {ALL_HINTS: tuple(kinds), NO_HINTS: (), **{f"{kind} only": (kind,) for kind in kinds}}
 
 
-def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
-    spec, config = STAGES["simulate"], params.simulate
-    inputs = {Path(d).name: workspace / d for d in spec.deps}
+def simulation_report(params, workspace: Path, models: list[str] | None = None) -> dict:
+    """reports/simulate.json's content: every recommender of the workspace (or `models`, evaluate's names) with
+    every kind of hint, the sensitivity settings for simulate.sensitivity_models (those of `models`), the paired
+    difference, and transcripts of C2-CRS (or the first model) with every kind of hint."""
+    config = params.simulate
     knowledge = Knowledge(params, workspace)
     seekers, chosen = chosen_seekers(params, workspace, knowledge)
     generator = catalogue.load_generator(conv_runs.conv_model_path(workspace), knowledge)
-    recommenders = _recommenders(params, workspace, knowledge)
-    unknown = [name for name in config.sensitivity_models if name not in recommenders]
+    recommenders = _recommenders(params, workspace, knowledge, models)
+    unknown = [name for name in config.sensitivity_models if name not in recommenders and models is None]
     if unknown:
         raise ValueError(
             f"params simulate.sensitivity_models: {', '.join(unknown)} is not a recommender of this workspace "
             f"(those are {', '.join(recommenders)})"
         )
-    top_k, resamples = max(config.ks), params.evaluate.bootstrap_resamples
-    results, paired, ranks, transcripts = {}, {}, {}, []
+    results, paired, transcripts = {}, {}, []
     for setting, kinds in hint_settings(config.hint_kinds).items():
-        names = list(recommenders) if setting == ALL_HINTS else config.sensitivity_models
-        results[setting], ranks[setting] = {}, {}
+        names = (
+            list(recommenders) if setting == ALL_HINTS else [m for m in config.sensitivity_models if m in recommenders]
+        )
+        ranks = {}
         for name in names:
             started = time.perf_counter()
             chat = Chat(knowledge, recommenders[name], generator)
-            ranks[setting][name], conversations, shown = simulate(chat, seekers, kinds, config.turns, top_k)
-            results[setting][name] = simulation_metrics.measures(
-                ranks[setting][name], config.ks, resamples, params.seed
-            )
+            ranks[name], conversations, shown = simulate(chat, seekers, kinds, config.turns, max(config.ks))
             logger.info("simulated %s, hints %s: %.0f s", name, setting, time.perf_counter() - started)
-            if setting == ALL_HINTS and name == REFERENCE:
-                transcripts = [
-                    transcript(knowledge, s, c, v, r, 3)
-                    for s, c, v, r in list(zip(seekers, conversations, shown, ranks[setting][name]))[
-                        : config.transcripts
-                    ]
-                ]
-        if {REFERENCE, COMPARED} <= set(ranks[setting]):
+            if setting == ALL_HINTS and (name == REFERENCE or not transcripts):
+                read = list(zip(seekers, conversations, shown, ranks[name]))[: config.transcripts]
+                transcripts = [transcript(knowledge, *conversation, top=3) for conversation in read]
+        results[setting] = {
+            name: simulation_metrics.measures(r, config.ks, params.evaluate.bootstrap_resamples, params.seed)
+            for name, r in ranks.items()
+        }
+        if {REFERENCE, COMPARED} <= set(ranks):
             paired[setting] = simulation_metrics.paired_difference(
-                ranks[setting][REFERENCE], ranks[setting][COMPARED], config.ks, resamples, params.seed
+                ranks[REFERENCE], ranks[COMPARED], config.ks, params.evaluate.bootstrap_resamples, params.seed
             )
-    report = {
+    return {
         "protocol": {
             **chosen,
             "turns": config.turns,
             "ks": config.ks,
             "hint_kinds": config.hint_kinds,
             "models": list(recommenders),  # the tables' row order (JSON objects keep none)
-            "settings": list(results),
+            "settings": [setting for setting in results if results[setting]],
         },
         "labels": {name: catalogue.recommender_label(name) for name in recommenders},
-        "settings": results,
+        "settings": {setting: values for setting, values in results.items() if values},
         "paired": {"models": [REFERENCE, COMPARED], "by_setting": paired},
         "transcripts": transcripts,
     }
-    main = results[ALL_HINTS]
+
+
+def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
+    spec = STAGES["simulate"]
+    report = simulation_report(params, workspace)
     flat = {
-        f"{model}.success@{k}": values[f"success@{k}"]["value"] for model, values in main.items() for k in config.ks
+        f"{model}.success@{k}": values[f"success@{k}"]["value"]
+        for model, values in report["settings"][ALL_HINTS].items()
+        for k in params.simulate.ks
     }
     write_outputs(
         {
@@ -175,4 +194,4 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             workspace / spec.metrics_file: flat,
         }
     )
-    return StageOutcome(inputs, {"simulate": flat})
+    return StageOutcome({Path(d).name: workspace / d for d in spec.deps}, flat)

@@ -212,3 +212,20 @@ def test_answering_many_conversations_at_once_answers_each_as_alone(chat_models)
             [r.score for r in alone.recommendations], abs=1e-3
         )
     assert 300 not in [r.movie_id for r in together[2].recommendations]  # named: not recommended again
+
+
+def test_the_simulate_command_prints_the_report_of_the_models_asked_for(simulated, tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+
+    _, workspace, _ = simulated
+    monkeypatch.delenv("C2CRS_DATA_DIR", raising=False)
+    out = tmp_path / "simulated.json"
+    argv = ["simulate", "--params", str(workspace / "params.yaml"), "--models", "c2crs", "popularity", "--turns", "2"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| C2-CRS |" in printed and "| KBRD-style |" not in printed
+    report = json.loads(out.read_text())
+    assert report["protocol"]["models"] == ["c2crs", "popularity"] and report["protocol"]["turns"] == 2
+    assert set(report["settings"]["none"]) == {"c2crs"} and report["paired"]["by_setting"] == {}
+    assert cli.main(["simulate", "--params", str(workspace / "params.yaml"), "--models", "nope"]) == 2
+    assert "unknown model(s) nope" in capsys.readouterr().err
