@@ -349,13 +349,10 @@ def _check_chat_and_scoring_a_file(params, workspace, mirror, results: dict, cap
     from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_recommender
 
     knowledge = Knowledge(params, workspace)
-    chat = Session(
-        Chat(
-            knowledge,
-            load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge),
-            load_generator(workspace / "data/models/c2crs_conv.pt", knowledge),
-        )
-    )
+    generator = load_generator(workspace / "data/models/c2crs_conv.pt", knowledge)
+    chosen = json.loads((workspace / "reports/decoding.json").read_text())["generators"]["c2crs"]["chosen"]
+    assert {key: getattr(generator.decoding, key) for key in chosen} == chosen  # as evaluate decodes C2-CRS
+    chat = Session(Chat(knowledge, load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge), generator))
     answer, recommended, unknown = chat.reply('hi, I loved "Alpha" and "No Such Film"')
     assert chat.turns[0].movie_ids == [100] and unknown == ["No Such Film"]
     assert isinstance(answer, str) and "Alpha (2001)" not in recommended and len(recommended) == 3
