@@ -60,6 +60,13 @@ def setting_metrics(said: list[list[str]], gold: list[list[str]], max_tokens: in
     }
 
 
+def _metric_name(setting: dict) -> str:
+    """A setting as an MLflow metric name allows (no commas): greedy_block3_penalty1.2_ban."""
+    return f"{setting['method']}_block{setting['block_ngram']}_penalty{setting['repetition_penalty']:g}" + (
+        "_ban" if setting["block_repeat_word"] else ""
+    )
+
+
 def _with_setting(default, setting: dict):
     return type(default).model_validate({**default.model_dump(), **setting})
 
@@ -98,7 +105,7 @@ def score_generator(params, context: dict, name: str, path: Path, log: StageLog)
         metrics["repeat_in_a_row_unfilled"] = conv_metrics.quality_metrics(said, max_tokens, None)["repeat_in_a_row"]
         metrics["qualifies"] = decoding_choice.qualifies(metrics, context["gold_metrics"])
         results.append({"setting": setting, "metrics": metrics})
-        log.epoch(0, {f"{name}.{decoding_choice.describe(setting, default.beam_size)}": metrics["bleu@2"]})
+        log.epoch(0, {f"{name}.{_metric_name(setting)}.bleu@2": metrics["bleu@2"]})
     chosen = decoding_choice.pick(results, context["gold_metrics"])
     reference = {key: getattr(default, key) for key in decoding_choice.CHOSEN_KEYS}
     causes = {}
