@@ -92,10 +92,10 @@ def _generator(params, workspace: Path, freeze: list[str], variant: str | None):
 def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: str, batch: int, use_cache: bool) -> dict:
     import torch
 
-    from models.decoding import beam_decode, greedy_decode
+    from models.decoding import Rules, beam_decode, greedy_decode
     from stages.training import conv_train
 
-    banned = tuple(vocabulary.banned_ids) + (vocabulary.token_id["__end__"],)
+    rules = Rules(banned_ids=tuple(vocabulary.banned_ids) + (vocabulary.token_id["__end__"],))
     model.eval()
     start = time.perf_counter()
     frozen = conv_train.FrozenStates(model, run, contexts=False)  # as evaluate's pass over the test split
@@ -103,9 +103,9 @@ def _decode_timings(model, run, table, rows, vocabulary, tokens: int, method: st
         with torch.no_grad():
             memories, source = conv_train._batch(model, run, table, rows[first : first + batch], frozen)
             if method == "beam":
-                out = beam_decode(model.generator, memories, source, tokens, 4, banned_ids=banned, use_cache=use_cache)
+                out = beam_decode(model.generator, memories, source, tokens, 4, rules=rules, use_cache=use_cache)
             else:
-                out = greedy_decode(model.generator, memories, source, tokens, banned_ids=banned, use_cache=use_cache)
+                out = greedy_decode(model.generator, memories, source, tokens, rules=rules, use_cache=use_cache)
         assert all(len(r) == tokens for r in out)
     seconds = time.perf_counter() - start
     return {

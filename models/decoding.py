@@ -1,7 +1,19 @@
-"""Decoding responses: greedy and beam search with a maximum length, n-gram blocking and banned tokens, driven by a
-stepper (one token per row per step, returning the next-token log-probabilities). The C2-CRS generator's stepper
-(_Stepper: key/value cache, memories projected once) is here; models/hred.py has HRED's.
+"""Decoding responses: greedy and beam search with a maximum length, n-gram blocking, a repetition penalty, a ban on
+repeating the previous token and banned tokens, driven by a stepper (one token per row per step, returning the
+next-token log-probabilities). The C2-CRS generator's stepper (_Stepper: key/value cache, memories projected once)
+is here; models/hred.py has HRED's.
+
+The repetition penalty divides the probability of every token already in the response by `repetition_penalty`
+(once per token, however often it occurred): log P'(w) = log P(w) - ln(penalty). Not CTRL's rule (a positive logit
+divided by the penalty, a negative one multiplied): the steppers return log-probabilities of a mixture (vocabulary
+softmax, copy attention, entity bag), not logits, and CTRL's rule on a log-probability (always negative) multiplies
+it, which barely moves a confident token (log P -0.01 x 1.2 = -0.012) - the confident repeats ("so so") are the
+ones to stop. A constant division of the probability is the same handicap for every repeat, and easy to reason
+about: a fresh token wins over a repeated one whenever its probability is above the repeated one's / penalty.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -18,16 +30,45 @@ def _banned_by_ngrams(prefix: list[int], n: int) -> list[int]:
     return [prefix[i + n - 1] for i in range(len(prefix) - n + 1) if tuple(prefix[i : i + n - 1]) == tail]
 
 
-def _mask_tokens(
-    log_probs: torch.Tensor, prefixes: list[list[int]], banned_ids: list[int], block_ngram: int
-) -> torch.Tensor:
-    if banned_ids:
-        log_probs[:, banned_ids] = float("-inf")
-    if block_ngram > 0:
-        for row, prefix in enumerate(prefixes):
-            banned = _banned_by_ngrams(prefix, block_ngram)
-            if banned:
-                log_probs[row, banned] = float("-inf")
+@dataclass(frozen=True)
+class Rules:
+    """What a search forbids or discourages beyond the model's own distribution (the module docstring gives the
+    penalty's formula). block_ngram: never repeat an n-gram of this size within a response (0: off);
+    repetition_penalty: divide an already-said token's probability by this (1: off); block_repeat_word: never the
+    previous token again; banned_ids: tokens never said (special tokens)."""
+
+    block_ngram: int = 0
+    repetition_penalty: float = 1.0
+    block_repeat_word: bool = False
+    banned_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.block_ngram < 0 or self.repetition_penalty < 1:
+            raise ValueError(
+                f"block_ngram must be >= 0 and repetition_penalty >= 1, got {self.block_ngram}, "
+                f"{self.repetition_penalty}"
+            )
+
+    @classmethod
+    def of(cls, decoding, banned_ids) -> "Rules":
+        """The rules of a decoding setting (any object with block_ngram, repetition_penalty, block_repeat_word:
+        evaluate.decoding, or a generator's chosen setting)."""
+        return cls(decoding.block_ngram, decoding.repetition_penalty, decoding.block_repeat_word, tuple(banned_ids))
+
+
+def _mask_tokens(log_probs: torch.Tensor, prefixes: list[list[int]], rules: Rules) -> torch.Tensor:
+    """log_probs [rows, vocab] (changed in place) under the rules, given each row's response so far."""
+    if rules.banned_ids:
+        log_probs[:, list(rules.banned_ids)] = float("-inf")
+    penalty = math.log(rules.repetition_penalty)
+    for row, prefix in enumerate(prefixes):
+        if penalty and prefix:
+            log_probs[row, sorted(set(prefix))] -= penalty
+        banned = _banned_by_ngrams(prefix, rules.block_ngram) if rules.block_ngram > 0 else []
+        if rules.block_repeat_word and prefix:
+            banned.append(prefix[-1])
+        if banned:
+            log_probs[row, banned] = float("-inf")
     return log_probs
 
 
@@ -97,20 +138,18 @@ def greedy_decode(
     memories: dict[str, Memory],
     source: CopySource | None,
     max_tokens: int,
-    block_ngram: int = 0,
-    banned_ids: tuple[int, ...] = (),
+    rules: Rules = Rules(),
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """The most likely next token at every step, until the end token or max_tokens; returns token ids per row
-    (without start and end tokens)."""
+    """The most likely next token at every step (under the rules), until the end token or max_tokens; returns token
+    ids per row (without start and end tokens)."""
     _check_length(model, max_tokens)
     return greedy_search(
         _Stepper(model, memories, source, use_cache),
         _batch_size(memories, source),
         model.cfg,
         max_tokens,
-        block_ngram,
-        banned_ids,
+        rules,
         model.output_bias.device,
     )
 
@@ -122,8 +161,7 @@ def beam_decode(
     source: CopySource | None,
     max_tokens: int,
     beam_size: int,
-    block_ngram: int = 0,
-    banned_ids: tuple[int, ...] = (),
+    rules: Rules = Rules(),
     length_penalty: float = 0.0,
     use_cache: bool = True,
 ) -> list[list[int]]:
@@ -137,8 +175,7 @@ def beam_decode(
         model.cfg,
         max_tokens,
         beam_size,
-        block_ngram,
-        banned_ids,
+        rules,
         length_penalty,
         model.output_bias.device,
     )
@@ -149,13 +186,11 @@ def beam_decode(
 
 
 @torch.no_grad()
-def greedy_search(
-    step, batch: int, ids, max_tokens: int, block_ngram: int = 0, banned_ids: tuple[int, ...] = (), device="cpu"
-) -> list[list[int]]:
+def greedy_search(step, batch: int, ids, max_tokens: int, rules: Rules = Rules(), device="cpu") -> list[list[int]]:
     prefix = torch.full((batch, 1), ids.start_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(max_tokens):
-        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
+        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), rules)
         token = log_probs.argmax(dim=-1).masked_fill(done, ids.pad_id)
         prefix = torch.cat([prefix, token[:, None]], dim=1)
         done |= token.eq(ids.end_id)
@@ -171,14 +206,13 @@ def beam_search(
     ids,
     max_tokens: int,
     beam_size: int,
-    block_ngram: int = 0,
-    banned_ids: tuple[int, ...] = (),
+    rules: Rules = Rules(),
     length_penalty: float = 0.0,
     device="cpu",
 ) -> list[list[int]]:
     """step's rows are each batch row beam_size times in a row. A hypothesis ends with the end token (its
-    log-probability counted) or after max_tokens tokens; its score is its summed log-probability divided by
-    length ** length_penalty (0: no normalisation)."""
+    log-probability counted) or after max_tokens tokens; its score is its summed log-probability (penalised as the
+    rules say) divided by length ** length_penalty (0: no normalisation)."""
     k = beam_size
     prefix = torch.full((batch * k, 1), ids.start_id, dtype=torch.long, device=device)
     scores = torch.full((batch, k), float("-inf"), device=device)
@@ -187,7 +221,7 @@ def beam_search(
     lengths = torch.zeros(batch * k, device=device)
     offsets = torch.arange(batch, device=device)[:, None] * k
     for _ in range(max_tokens):
-        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), list(banned_ids), block_ngram)
+        log_probs = _mask_tokens(step(prefix), prefix[:, 1:].tolist(), rules)
         # A finished hypothesis goes on with padding at no cost, so it keeps competing with its score as it is.
         log_probs[done] = float("-inf")
         log_probs[done, ids.pad_id] = 0.0

@@ -10,7 +10,7 @@ schema: an unknown key, a wrong type or an out-of-range value fails with the key
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -476,8 +476,32 @@ class DecodingConfig(Section):
     beam_size: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     block_ngram: int = Field(ge=0)  # never repeat an n-gram of this size within a response; 0: off
+    repetition_penalty: float = Field(ge=1)  # an already-said token's probability / this (models/decoding.py); 1: off
+    block_repeat_word: bool  # never the previous token again
     length_penalty: float = Field(ge=0)  # beam: score / length ** this
     batch_size: int = Field(ge=1)
+
+
+class DecodingGrid(Section):
+    """The decoding settings choose_decoding tries: every combination of these values (the other keys of a
+    setting are evaluate.decoding's)."""
+
+    method: list[Literal["greedy", "beam"]] = Field(min_length=1)
+    block_ngram: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    repetition_penalty: list[Annotated[float, Field(ge=1)]] = Field(min_length=1)
+    block_repeat_word: list[bool] = Field(min_length=1)
+
+    @field_validator("method", "block_ngram", "repetition_penalty", "block_repeat_word")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) < len(values):
+            raise ValueError(f"{values}: a value is listed twice")
+        return values
+
+
+class ChooseDecodingConfig(Section):
+    valid_turns: int = Field(ge=1)  # validation recommender turns sampled (seeded) to decode; never the test split
+    grid: DecodingGrid
 
 
 class ChampionMetric(Section):
@@ -618,6 +642,7 @@ class Params(Section):
     ablations: VariantsConfig
     finetune_conv: FinetuneConvConfig
     conv_baselines: ConvBaselinesConfig
+    choose_decoding: ChooseDecodingConfig
     evaluate: EvaluateConfig
     simulate: SimulateConfig
     study: StudyConfig

@@ -4,7 +4,7 @@ registry's versions of each, loaded on first use (pipeline/serve.py is the API o
 A model is named by a reference:
 - `workspace`: the workspace's C2-CRS file of that kind (finetune_rec's recommender, finetune_conv's generator);
 - `workspace:NAME`: the workspace's file of evaluate's model NAME (recommenders: evaluate.model_files, e.g.
-  `workspace:kgsf`, `workspace:c2crs_wo_sd`, `workspace:c2crs-repeat-choice`; generators: evaluate.conv_model_files,
+  `workspace:kgsf`, `workspace:c2crs_wo_sd`, `workspace:c2crs-repeat-choice`; generators: conv_runs.conv_model_files,
   e.g. `workspace:transformer`, `workspace:redial`). A model whose file is missing is not listed;
 - `NAME/VERSION`, `NAME@ALIAS` or `NAME`: a registered version (evaluate registers model NAME's files as
   stage_log.registered_name(NAME, kind), e.g. kgsf-recommender, transformer-generator), usable when it was trained
@@ -29,6 +29,7 @@ from stages.evaluation.rec_metrics import REPEAT_CHOICE
 from stages.io.graph import stage_making
 from stages.io.outputs import settle_workspace
 from stages.io.stage_log import registered_name
+from stages.training import conv_runs
 from stages.training.runs import TRAINING_INPUTS
 
 WORKSPACE = "workspace"  # the model reference of the workspace's own C2-CRS files; "workspace:NAME" another model's
@@ -53,7 +54,7 @@ class Models:
         files = chat_model_files(workspace, models_from)
         self.files = {
             "recommender": evaluate.model_files(params, workspace),
-            "generator": evaluate.conv_model_files(params, workspace),
+            "generator": conv_runs.conv_model_files(params, workspace),
         }
         self.registered_names = {  # registered name -> evaluate's model name, per kind
             kind: {registered_name(name, kind): name for name in self.files[kind] if name != REPEAT_CHOICE}

@@ -5,8 +5,9 @@ Over 400 lines: recommendation and conversation are scored from one loading of t
 
 Recommendation: C2-CRS, the baselines, the ablations and the naive scorers in every protocol of
 stages/evaluation/rec_metrics.py, with 95 % bootstrap intervals and paired differences (reports/rec.json,
-reports/rec.md; the headline numbers flat in metrics/rec.json). Conversation: each generator's perplexity and greedy
-responses, scored with stages/evaluation/conv_metrics.py (reports/conv.json, reports/conv.md, metrics/conv.json),
+reports/rec.md; the headline numbers flat in metrics/rec.json). Conversation: each generator's perplexity and its
+responses, decoded with the setting choose_decoding chose for it on validation (reports/decoding.json), scored with
+stages/evaluation/conv_metrics.py (reports/conv.json, reports/conv.md, metrics/conv.json),
 responses to read and a blind rating sheet.
 score_file runs the same recommendation evaluation on conversations a user brings (`python -m pipeline score`).
 """
@@ -24,7 +25,7 @@ import torch
 from models.baselines import popularity_scores
 from models.hred import HRED
 from stages import ingest, triples
-from stages.evaluation import conv_metrics, fluency, rec_metrics, standard_protocol
+from stages.evaluation import conv_metrics, decoding_choice, fluency, rec_metrics, standard_protocol
 from stages.io.graph import STAGES, params_value, stage_making
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome, registered_name
@@ -56,12 +57,6 @@ def model_files(params, workspace: Path) -> dict[str, Path]:
     for variant in params.ablations.variants:
         files[rec_metrics.ABLATION_PREFIX + variant] = runs.ablation_model_path(workspace, variant)
     return files
-
-
-def conv_model_files(params, workspace: Path) -> dict[str, Path]:
-    """Each trained generator that evaluate scores, and its file."""
-    files = {variant: conv_runs.conv_model_path(workspace, variant) for variant in params.conv_baselines.train}
-    return {**files, "c2crs": conv_runs.conv_model_path(workspace)}
 
 
 def score_split(
@@ -264,28 +259,6 @@ def _setting(params, samples: pl.DataFrame) -> str:
     )
 
 
-def _gold_words(
-    workspace: Path,
-    samples: pl.DataFrame,
-    table: c2crs_data.SampleTable,
-    data: conv_train.Responses,
-    split: str = "test",
-) -> list[list[str]]:
-    """A split's responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
-    vocabulary ids), cut where the samples' responses are cut."""
-    part = (
-        samples.filter(pl.col("split") == split).sort("sample_id").select("conv_id", "turn_idx", "response_token_ids")
-    )
-    texts = part.join(
-        pl.read_parquet(workspace / STAGES["ingest"].output("utterances")).select("conv_id", "turn_idx", "text"),
-        on=["conv_id", "turn_idx"],
-        how="left",
-        maintain_order="left",
-    )
-    words = [triples.token_texts(text)[: len(ids)] for text, ids in zip(texts["text"], texts["response_token_ids"])]
-    return [words[row] for row in data.rows]
-
-
 def _context_turns(
     utterances: pl.DataFrame, conv_id: int, turn_idx: int, titles: dict[str, str], turns: int = 4
 ) -> list[str]:
@@ -314,7 +287,7 @@ def evaluate_conversation(
     table = c2crs_data.sample_table(samples, pl.read_parquet(inputs["triples"]), "test")
     vocabulary = conv_train.conv_vocabulary(pl.read_parquet(inputs["vocab"]))
     data = conv_train.responses(samples, table, "test", vocabulary)
-    decoding = params.evaluate.decoding
+    max_tokens = params.evaluate.decoding.max_tokens
     entities = pl.read_parquet(inputs["entities"])
     linker = linking.kg_entity_linker(
         entities,
@@ -335,15 +308,15 @@ def evaluate_conversation(
     def words(tokens: list[int]) -> list[str]:
         return [vocabulary.tokens[t] for t in tokens if vocabulary.tokens[t] not in triples.SPECIAL_TOKENS]
 
-    gold = _gold_words(workspace, samples, table, data)
-    paths = conv_model_files(params, workspace)
+    gold = conv_runs.gold_words(workspace, samples, table, data)
+    paths = conv_runs.conv_model_files(params, workspace)
     rank = {name: i for i, name in enumerate(conv_metrics.MODEL_NAMES)}  # the paper's order; others before C2-CRS
     paths = dict(sorted(paths.items(), key=lambda item: rank.get(item[0], rank["c2crs"] - 0.5)))
     results = {"human": conv_metrics.generation_metrics(gold, None, names_entity, None)}
     train_data = conv_train.responses(samples, run.train, "train", vocabulary)
-    language_model = fluency.TrigramLM(_gold_words(workspace, samples, run.train, train_data, "train"))
-    results["human"]["quality"] = conv_metrics.quality_metrics(gold, decoding.max_tokens, None, language_model)
-    said = {}
+    language_model = fluency.TrigramLM(conv_runs.gold_words(workspace, samples, run.train, train_data, "train"))
+    results["human"]["quality"] = conv_metrics.quality_metrics(gold, max_tokens, None, language_model)
+    said, decodings = {}, {}
     reviewed = functools.cache(  # RevCore's generator reads the contexts its retrieval enriches
         lambda max_positions: baseline_models.revcore_retrieval(params, workspace, run, max_positions).augment(table)
     )
@@ -352,7 +325,8 @@ def evaluate_conversation(
         model.to(run.device)
         score = hred_train.perplexity_and_responses if isinstance(model, HRED) else conv_train.perplexity_and_responses
         read = reviewed(config.encoders["max_positions"]) if config.pretrained == "revcore" else table
-        scored, responses = score(model, run, read, data, decoding, vocabulary.banned_ids)
+        decodings[name] = decoding_choice.chosen_decoding(workspace, params.evaluate.decoding, name)
+        scored, responses = score(model, run, read, data, decodings[name], vocabulary.banned_ids)
         perplexity, generated = scored["perplexity"], [words(t) for t in responses]
         recommended = top[conv_runs.conv_recommender(config)]
         said[name] = [
@@ -363,13 +337,13 @@ def evaluate_conversation(
         results[name] = {
             **conv_metrics.generation_metrics(said[name], gold, names_entity, perplexity),
             "generator_only": {f"dist@{n}": conv_metrics.distinct(generated, n) for n in conv_metrics.DIST_NS},
-            "quality": conv_metrics.quality_metrics(said[name], decoding.max_tokens, cards, language_model),
+            "quality": conv_metrics.quality_metrics(said[name], max_tokens, cards, language_model),
         }
         log.epoch(0, {f"conv.{name}": {k: v for k, v in results[name].items() if not isinstance(v, dict)}})
         logger.info("conversation %s: %s", name, results[name])
 
     readable = _responses_to_read(params, workspace, samples, table, data, gold, said, title)
-    protocol = _conversation_protocol(data, table, decoding)
+    protocol = _conversation_protocol(data, table, decodings)
     report = conv_metrics.conversation_report(results, protocol, readable, list(paths))
     sheet, key = conv_metrics.rating_sheet(readable, list(paths), params.seed)
     return results, report, sheet, key
@@ -400,14 +374,19 @@ def _responses_to_read(params, workspace: Path, samples, table, data, gold, said
     return readable
 
 
-def _conversation_protocol(data, table, decoding) -> str:
-    """The protocol line of reports/conv.md."""
+def _conversation_protocol(data, table, decodings: dict) -> str:
+    """The protocol line of reports/conv.md: the turns, and the decoding setting of each generator."""
+    settings = "; ".join(
+        f"{conv_metrics.MODEL_NAMES.get(name, name)}: "
+        + decoding_choice.describe({key: getattr(d, key) for key in decoding_choice.CHOSEN_KEYS}, d.beam_size)
+        for name, d in decodings.items()
+    )
+    max_tokens = next(iter(decodings.values())).max_tokens if decodings else 0
     return (
         f"the {len(data):,} recommender turns of the test split that have a response (every such turn of "
-        f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); "
-        f"{decoding.method} decoding"
-        + (f" (beam {decoding.beam_size})" if decoding.method == "beam" else "")
-        + f", at most {decoding.max_tokens} tokens, {decoding.block_ngram}-gram blocking; each movie "
+        f"the {len(set(table.conv_ids[data.rows].tolist())):,} test conversations); each generator decoded "
+        f"with the setting choose_decoding chose for it on validation (reports/decoding.md), at most {max_tokens} "
+        f"tokens ({settings}); each movie "
         "placeholder filled with the next of the model's recommender's top items, every movie one word "
         "(its id), as the reference code's vocabulary has it; the gold responses likewise; perplexity of "
         "the gold responses under each model (movies as the placeholder). Definitions in "
@@ -517,7 +496,7 @@ def run(params, workspace: Path, log: StageLog = NO_LOG) -> StageOutcome:
             log.evaluated(
                 registered_name(name, "recommender"), file, results[name], rule.recommender, rule.min_improvement
             )
-    for name, file in conv_model_files(params, workspace).items():
+    for name, file in conv_runs.conv_model_files(params, workspace).items():
         log.evaluated(
             registered_name(name, "generator"), file, conversation[name], rule.generator, rule.min_improvement
         )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.c2crs import C2CRS
-from models.decoding import _banned_by_ngrams, beam_decode, greedy_decode
+from models.decoding import Rules, _banned_by_ngrams, beam_decode, greedy_decode
 from models.generator import (
     ConversationModel,
     CopySource,
@@ -134,14 +134,14 @@ def test_ngram_blocking_by_hand():
 def test_cached_and_uncached_decoding_give_the_same_tokens(copy):
     model, memories = tiny_generator(copy=copy), tiny_memories()
     source = tiny_source() if copy else None
-    cached = greedy_decode(model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START))
+    cached = greedy_decode(model, memories, source, max_tokens=7, rules=Rules(block_ngram=2, banned_ids=(PAD, START)))
     uncached = greedy_decode(
-        model, memories, source, max_tokens=7, block_ngram=2, banned_ids=(PAD, START), use_cache=False
+        model, memories, source, max_tokens=7, rules=Rules(block_ngram=2, banned_ids=(PAD, START)), use_cache=False
     )
     assert cached == uncached and all(len(r) <= 7 for r in cached)
-    beam = beam_decode(model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START))
+    beam = beam_decode(model, memories, source, max_tokens=7, beam_size=3, rules=Rules(banned_ids=(PAD, START)))
     assert beam == beam_decode(
-        model, memories, source, max_tokens=7, beam_size=3, banned_ids=(PAD, START), use_cache=False
+        model, memories, source, max_tokens=7, beam_size=3, rules=Rules(banned_ids=(PAD, START)), use_cache=False
     )
 
 
@@ -150,8 +150,8 @@ def test_greedy_decoding_blocks_repeated_ngrams():
     with torch.no_grad():
         model.output_bias[7] = 30.0  # left alone it says 7 7 7 ...
     memories = tiny_memories(memories=("history",))
-    assert greedy_decode(model, memories, None, max_tokens=5, banned_ids=(PAD, START))[0] == [7] * 5
-    blocked = greedy_decode(model, memories, None, max_tokens=12, block_ngram=2, banned_ids=(PAD, START))
+    assert greedy_decode(model, memories, None, max_tokens=5, rules=Rules(banned_ids=(PAD, START)))[0] == [7] * 5
+    blocked = greedy_decode(model, memories, None, max_tokens=12, rules=Rules(block_ngram=2, banned_ids=(PAD, START)))
     for row in blocked:
         bigrams = list(zip(row, row[1:]))
         assert len(bigrams) == len(set(bigrams))
@@ -194,11 +194,11 @@ def test_beam_search_with_a_wide_beam_equals_exhaustive_search(seed, length_pena
         source,
         max_tokens=max_tokens,
         beam_size=64,
-        banned_ids=(PAD, START),
+        rules=Rules(banned_ids=(PAD, START)),
         length_penalty=length_penalty,
     )[0]
     assert found == [t for t in best if t != END]
-    assert greedy_decode(model, memories, source, max_tokens, banned_ids=(PAD, START))[0] != found
+    assert greedy_decode(model, memories, source, max_tokens, rules=Rules(banned_ids=(PAD, START)))[0] != found
 
 
 def test_the_conversation_model_builds_memories_and_a_copy_source():

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from pipeline.config import load_params
+from stages.evaluation import conv_metrics, decoding_choice
 from stages.io.graph import stage_body, stage_instances
 from stages.io.stage_log import StageLog
 from stages.training import c2crs_data
@@ -239,6 +240,14 @@ def _check_conversation_reports(params, workspace) -> dict:
     assert all(np.isfinite(m["quality"]["lm_perplexity"]) for m in conversation.values())
     conv_report = (workspace / "reports/conv.md").read_text()
     assert "| paper: C2-CRS | 0.163 | 0.291 | 0.417 |" in conv_report
+    # choose_decoding: one setting per generator, by the rule, on validation; evaluate decoded with it and says so
+    choice = json.loads((workspace / "reports/decoding.json").read_text())
+    assert set(choice["generators"]) == set(conversation) - {"human"}
+    for name, result in choice["generators"].items():
+        assert decoding_choice.pick(result["settings"], choice["gold"])["setting"] == result["chosen"], name
+        described = decoding_choice.describe(result["chosen"], params.evaluate.decoding.beam_size)
+        assert f"{conv_metrics.MODEL_NAMES.get(name, name)}: {described}" in conv_report, name
+    assert "## Where the repeated words come from" in (workspace / "reports/decoding.md").read_text()
     assert "| C2-CRS w/o instance weighting |" in conv_report
     sheet = (workspace / "reports/conv_rating.csv").read_text().splitlines()
     assert sheet[0] == "item,sample_id,context,response,fluency,informativeness"
@@ -340,13 +349,10 @@ def _check_chat_and_scoring_a_file(params, workspace, mirror, results: dict, cap
     from stages.chat.engine import Chat, Knowledge, Session, load_generator, load_recommender
 
     knowledge = Knowledge(params, workspace)
-    chat = Session(
-        Chat(
-            knowledge,
-            load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge),
-            load_generator(workspace / "data/models/c2crs_conv.pt", knowledge),
-        )
-    )
+    generator = load_generator(workspace / "data/models/c2crs_conv.pt", knowledge)
+    chosen = json.loads((workspace / "reports/decoding.json").read_text())["generators"]["c2crs"]["chosen"]
+    assert {key: getattr(generator.decoding, key) for key in chosen} == chosen  # as evaluate decodes C2-CRS
+    chat = Session(Chat(knowledge, load_recommender(workspace / "data/models/c2crs_rec.pt", knowledge), generator))
     answer, recommended, unknown = chat.reply('hi, I loved "Alpha" and "No Such Film"')
     assert chat.turns[0].movie_ids == [100] and unknown == ["No Such Film"]
     assert isinstance(answer, str) and "Alpha (2001)" not in recommended and len(recommended) == 3

@@ -26,7 +26,7 @@ from models.c2crs import C2CRS
 from models.generator import ConversationModel
 from models.hred import HRED
 from stages import evaluate, ingest
-from stages.evaluation import conv_metrics, rec_metrics, standard_protocol
+from stages.evaluation import conv_metrics, decoding_choice, rec_metrics, standard_protocol
 from stages.evaluation.rec_metrics import ABLATION_PREFIX, REPEAT_CHOICE
 from stages.training import baseline_models, c2crs_train, conv_runs, conv_train, hred_train, revcore_train, runs
 
@@ -164,19 +164,22 @@ def _known(knowledge) -> list[str]:
 
 @dataclass
 class Generator:
-    """A trained generator and the table transformation its training read (RevCore: the review-enriched contexts)."""
+    """A trained generator, the table transformation its training read (RevCore: the review-enriched contexts) and
+    its decoding setting: the one choose_decoding chose for its name (reports/decoding.json), as evaluate decodes it;
+    evaluate.decoding where that file is missing or has no choice for the name."""
 
     name: str
     model: ConversationModel | HRED
     retrieval: revcore_train.ReviewRetrieval | None
     max_positions: int | None
+    decoding: object
 
     def generate(self, knowledge, table, rows: np.ndarray) -> list[list[int]]:
         """Its responses (output-vocabulary ids) to the table's rows, as evaluate's conversation scoring decodes."""
         read = self.retrieval.augment(table) if self.retrieval is not None else table
         generate = hred_train.generate if isinstance(self.model, HRED) else conv_train.generate
-        decoding, banned = knowledge.params.evaluate.decoding, knowledge.vocabulary.banned_ids
-        return generate(self.model, knowledge.run, read, np.asarray(rows), decoding, banned)
+        banned = knowledge.vocabulary.banned_ids
+        return generate(self.model, knowledge.run, read, np.asarray(rows), self.decoding, banned)
 
 
 def load_generator(path: Path, knowledge, name: str = "c2crs") -> Generator:
@@ -195,7 +198,10 @@ def load_generator(path: Path, knowledge, name: str = "c2crs") -> Generator:
         retrieval = baseline_models.revcore_retrieval(
             knowledge.params, knowledge.workspace, knowledge.run, config.encoders["max_positions"]
         )
-    return Generator(name, model, retrieval, max_positions)
+    decoding = decoding_choice.chosen_decoding(
+        knowledge.workspace, knowledge.params.evaluate.decoding, name, required=False
+    )
+    return Generator(name, model, retrieval, max_positions, decoding)
 
 
 def _check_sizes(path: Path, config: dict, knowledge) -> None:

@@ -1,7 +1,8 @@
 """The stage graph, read from dvc.yaml: the one place that declares what each stage reads and writes.
 
 A stage's run() takes its output paths from here, and the orchestration (pipeline/) its flows, CLI listing and
-MLflow params; DVC reads the same file. Paths under data/ are a stage's data inputs, the other deps its code.
+MLflow params; DVC reads the same file. Paths under data/ and reports/ are a stage's data inputs (a report another
+stage wrote: evaluate reads choose_decoding's reports/decoding.json), the other deps its code.
 A `foreach` stage is one stage per variant of a params section (a mapping's keys: ablations.variants) or list
 (baselines.train), named as DVC names it (ablations@wo_coarse): its spec here holds `${key}` (`${item}` for a list)
 in its paths until for_variant() fills them in.
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 
 DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"
+DATA_ROOTS = ("data/", "reports/")  # where a dep is another stage's output, not code
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ def load_stage_graph(path: Path = DVC_YAML) -> dict[str, StageSpec]:
             name=name,
             summary=" ".join(str(stage.get("desc", "")).split()),
             params=tuple(stage.get("params", [])),
-            code=tuple(d for d in deps if not d.startswith("data/")),
-            deps=tuple(d for d in deps if d.startswith("data/")),
+            code=tuple(d for d in deps if not d.startswith(DATA_ROOTS)),
+            deps=tuple(d for d in deps if d.startswith(DATA_ROOTS)),
             outs=tuple(o for o in outs if not isinstance(o, dict)),
             metrics=tuple(_path(m) for m in stage.get("metrics", [])),
             reports=tuple(_path(o) for o in outs if isinstance(o, dict)),

@@ -14,7 +14,7 @@ from models.hred import HRED, HREDConfig
 from models.kgsf import KGSFConfig, KGSFRecommender
 from stages.io.graph import STAGES
 from stages.io.stage_log import StageLog
-from stages.training import c2crs_train, conv_train, hred_train, kecrs_train, kgsf_train, loop
+from stages.training import c2crs_data, c2crs_train, conv_train, hred_train, kecrs_train, kgsf_train, loop
 from stages.training.baseline_models import load_kgsf, revcore_retrieval
 from stages.training.runs import (
     TRAINING_SECTIONS,
@@ -25,7 +25,7 @@ from stages.training.runs import (
     training_outcome,
     training_run,
 )
-from stages.triples import END, PAD, SPLIT, START
+from stages.triples import END, PAD, SPLIT, START, token_texts
 
 # Where a generator's encoders start (params.finetune_conv.pretrained), and which recommender fills its movie
 # placeholder when its responses are shown: the one trained from the same representations.
@@ -263,3 +263,31 @@ def _train_hred(
         {**training_outcome(state), "train_responses": len(train_data), "valid_responses": len(valid_data)},
         inputs,
     )
+
+
+def conv_model_files(params, workspace: Path) -> dict[str, Path]:
+    """Each trained generator that evaluate scores, and its file."""
+    files = {variant: conv_model_path(workspace, variant) for variant in params.conv_baselines.train}
+    return {**files, "c2crs": conv_model_path(workspace)}
+
+
+def gold_words(
+    workspace: Path,
+    samples: pl.DataFrame,
+    table: c2crs_data.SampleTable,
+    data: conv_train.Responses,
+    split: str = "test",
+) -> list[list[str]]:
+    """A split's responses as words, every movie as its own "@id" token (rare words and movies included, unlike the
+    vocabulary ids), cut where the samples' responses are cut."""
+    part = (
+        samples.filter(pl.col("split") == split).sort("sample_id").select("conv_id", "turn_idx", "response_token_ids")
+    )
+    texts = part.join(
+        pl.read_parquet(workspace / STAGES["ingest"].output("utterances")).select("conv_id", "turn_idx", "text"),
+        on=["conv_id", "turn_idx"],
+        how="left",
+        maintain_order="left",
+    )
+    words = [token_texts(text)[: len(ids)] for text, ids in zip(texts["text"], texts["response_token_ids"])]
+    return [words[row] for row in data.rows]

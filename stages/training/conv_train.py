@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models.c2crs import batch_entities
-from models.decoding import beam_decode, greedy_decode
+from models.decoding import Rules, beam_decode, greedy_decode
 from models.generator import USER, ConversationModel, generation_loss, instance_weights
 from stages.io.progress import progress
 from stages.training.c2crs_data import SampleTable, bucketed_batches, context_batch, pad, review_batch
@@ -462,20 +462,12 @@ def generate(
 
 
 def _decode(model: ConversationModel, memories: dict, source, decoding, banned_ids: list[int]) -> list[list[int]]:
+    rules = Rules.of(decoding, banned_ids)
     if decoding.method == "beam":
         return beam_decode(
-            model.generator,
-            memories,
-            source,
-            decoding.max_tokens,
-            decoding.beam_size,
-            decoding.block_ngram,
-            tuple(banned_ids),
-            decoding.length_penalty,
+            model.generator, memories, source, decoding.max_tokens, decoding.beam_size, rules, decoding.length_penalty
         )
-    return greedy_decode(
-        model.generator, memories, source, decoding.max_tokens, decoding.block_ngram, tuple(banned_ids)
-    )
+    return greedy_decode(model.generator, memories, source, decoding.max_tokens, rules)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.decoding import beam_search, greedy_search
+from models.decoding import Rules, beam_search, greedy_search
 from models.generator import generation_loss
 from models.hred import HRED, HREDStepper
 from stages.io.progress import progress
@@ -112,7 +112,7 @@ def train_hred(
 
 def decode(model: HRED, state: torch.Tensor, decoding, banned_ids: list[int]) -> list[list[int]]:
     """Responses from the decoder's first states [1, B, context_dim] under evaluate.decoding's rules."""
-    batch = state.size(1)
+    batch, rules = state.size(1), Rules.of(decoding, banned_ids)
     if decoding.method == "beam":
         step = HREDStepper(model, state.repeat_interleave(decoding.beam_size, dim=1))
         return beam_search(
@@ -121,20 +121,11 @@ def decode(model: HRED, state: torch.Tensor, decoding, banned_ids: list[int]) ->
             model.cfg,
             decoding.max_tokens,
             decoding.beam_size,
-            decoding.block_ngram,
-            tuple(banned_ids),
+            rules,
             decoding.length_penalty,
             state.device,
         )
-    return greedy_search(
-        HREDStepper(model, state),
-        batch,
-        model.cfg,
-        decoding.max_tokens,
-        decoding.block_ngram,
-        tuple(banned_ids),
-        state.device,
-    )
+    return greedy_search(HREDStepper(model, state), batch, model.cfg, decoding.max_tokens, rules, state.device)
 
 
 @torch.no_grad()
