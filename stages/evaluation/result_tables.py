@@ -6,12 +6,20 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.evaluation import conv_metrics, rec_metrics, simulation_metrics, standard_protocol, study_markdown
+from stages.evaluation import (
+    conv_metrics,
+    decoding_choice,
+    rec_metrics,
+    simulation_metrics,
+    standard_protocol,
+    study_markdown,
+)
 
 REC_JSON, CONV_JSON = "reports/rec.json", "reports/conv.json"
 STUDY_SUMMARY = "reports/pretraining_runs/summary.json"
 RELATION_NAMES_JSON = "reports/relation_names.json"
 SIMULATE_JSON = "reports/simulate.json"
+DECODING_JSON = decoding_choice.DECODING_JSON
 
 REC_LABELS = {
     "popularity": "Popularity",
@@ -108,22 +116,81 @@ def _signed(difference: dict) -> str:
 
 
 def conv_table(reports: dict) -> str:
-    """Table 2: every generator's distinct n-grams, BLEU and perplexity on the test responses."""
-    conv = reports[CONV_JSON]
+    """Table 2, rebuilt: every generator's decoding (chosen on validation by choose_decoding's rule), distinct
+    n-grams, BLEU and perplexity on the test responses, and the columns that degenerate text cannot raise:
+    repetition, the length cap and an independent language model's perplexity (conv_metrics.quality_metrics)."""
+    conv, decoding = reports[CONV_JSON], reports[DECODING_JSON]
     lines = [
-        "| generator | Dist-2 | Dist-3 | Dist-4 | BLEU-1 | BLEU-2 | perplexity | mean length |",
-        "|---|---|---|---|---|---|---|---|",
+        "| generator | decoding (chosen on validation) | Dist-2 | Dist-3 | Dist-4 | BLEU-1 | BLEU-2 | perplexity | "
+        "mean length | word repeated in a row | a bigram twice | at the length cap | LM perplexity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in [m for m in CONV_LABELS if m in conv]:
-        m = conv[model]
-        cells = [f"{m[f'dist@{n}']['corpus']:.3f}" for n in (2, 3, 4)]
+        m, chosen = conv[model], decoding["generators"].get(model, {}).get("chosen")
+        how = decoding_choice.describe(chosen, decoding["fixed"]["beam_size"]) if chosen else "–"
+        cells = [how, *(f"{m[f'dist@{n}']['corpus']:.3f}" for n in (2, 3, 4))]
         cells += [f"{m[k]:.3f}" if m.get(k) is not None else "–" for k in ("bleu@1", "bleu@2")]
         cells += [f"{m['perplexity']:.1f}" if m.get("perplexity") is not None else "–", f"{m['avg_len']:.1f}"]
+        quality = m["quality"]
+        cells += [f"{quality[k]:.3f}" for k in ("repeat_in_a_row", "repeat@2", "at_length_cap")]
+        cells.append(f"{quality['lm_perplexity']:.1f}")
         lines.append(f"| {CONV_LABELS[model]} | " + " | ".join(cells) + " |")
     return (
         "\n".join(lines) + "\n\nDist-n: distinct n-grams over all n-grams of the generated test responses "
-        "(corpus); perplexity of the gold responses.\n"
+        "(corpus); perplexity of the gold responses under each generator; word repeated in a row, a bigram twice, at "
+        "the length cap: shares of the responses; LM perplexity: of the responses under a trigram model of the train "
+        "split's responses (lower: more predictable text). Decoding: one setting per generator, chosen on "
+        f"{decoding['valid_turns']:,} validation turns by one rule (among the settings that repeat no more than "
+        "the gold responses, the best BLEU-2).\n"
     )
+
+
+DIGITS = {"bleu@2": 4, "lm_perplexity": 1}  # decoding_before_after's; the other shares: 3
+
+
+def decoding_before_after(reports: dict) -> str:
+    """On the validation turns choose_decoding reads: each generator under the setting evaluate used for every
+    generator before (evaluate.decoding) and under its chosen one, beside the gold responses."""
+    decoding = reports[DECODING_JSON]
+    beam = decoding["fixed"]["beam_size"]
+    keys = ("bleu@2", "dist@2", "repeat_in_a_row", "repeat@2", "at_length_cap", "lm_perplexity")
+    lines = [
+        "| generator | decoding | BLEU-2 | Dist-2 | word repeated in a row | a bigram twice | at the length cap | "
+        "LM perplexity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(metrics: dict, shown: tuple[str, ...] = keys) -> str:
+        return " | ".join(f"{metrics[k]:.{DIGITS.get(k, 3)}f}" for k in shown)
+
+    lines.append(f"| human (the validation responses) | – | – | {cells(decoding['gold'], keys[1:])} |")
+    for model in [m for m in CONV_LABELS if m in decoding["generators"]]:
+        result = decoding["generators"][model]
+        before = decoding_choice.describe(decoding["reference"], beam)
+        lines.append(f"| {CONV_LABELS[model]} | before: {before} | {cells(result['reference_metrics'])} |")
+        lines.append(
+            f"| {CONV_LABELS[model]} | after: {decoding_choice.describe(result['chosen'], beam)} | "
+            f"{cells(result['chosen_metrics'])} |"
+        )
+    lines += [
+        "",
+        "Each generator at its most diverse among the settings that repeat no more than the gold responses (the "
+        "rule's qualifying settings; Dist-2 on the same validation turns):",
+        "",
+        "| generator | most diverse qualifying setting | Dist-2 | BLEU-2 |",
+        "|---|---|---|---|",
+    ]
+    for model in [m for m in CONV_LABELS if m in decoding["generators"]]:
+        qualifying = [r for r in decoding["generators"][model]["settings"] if r["metrics"]["qualifies"]]
+        if qualifying:
+            best = max(qualifying, key=lambda r: r["metrics"]["dist@2"])
+            lines.append(
+                f"| {CONV_LABELS[model]} | {decoding_choice.describe(best['setting'], beam)} | "
+                f"{best['metrics']['dist@2']:.3f} | {best['metrics']['bleu@2']:.4f} |"
+            )
+        else:
+            lines.append(f"| {CONV_LABELS[model]} | none qualifies | – | – |")
+    return "\n".join(lines) + f"\n\n{decoding['valid_turns']:,} validation turns (a seeded sample).\n"
 
 
 def conv_quality(reports: dict) -> str:
@@ -247,7 +314,8 @@ TABLES: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "rec_table": (rec_table, (REC_JSON,)),
     "rec_margins": (rec_margins, (REC_JSON,)),
     "standard_tables": (standard_tables, (REC_JSON,)),
-    "conv_table": (conv_table, (CONV_JSON,)),
+    "conv_table": (conv_table, (CONV_JSON, DECODING_JSON)),
+    "decoding_before_after": (decoding_before_after, (DECODING_JSON,)),
     "conv_quality": (conv_quality, (CONV_JSON,)),
     "pretraining_answer": (pretraining_answer, (STUDY_SUMMARY,)),
     "pretraining_table": (pretraining_table, (STUDY_SUMMARY,)),
