@@ -306,6 +306,61 @@ def simulation_headline(reports: dict) -> str:
     )
 
 
+def _verdict(entry: dict) -> str:
+    low, high = entry["ci95"]
+    return "ahead" if low > 0 else "behind" if high < 0 else "tie"
+
+
+def simulation_answer(reports: dict) -> str:
+    """The simulation's answer in sentences: C2-CRS against KBRD-style (the same recommender without pre-training)
+    per hint setting, and the turns each needed."""
+    report = reports[SIMULATE_JSON]
+    ks, order = report["protocol"]["ks"], report["protocol"]["settings"]
+    by_setting = report["paired"]["by_setting"]
+    lines = []
+    for setting in [s for s in order if s in by_setting]:
+        cells = []
+        for k in ks:
+            entry = by_setting[setting][f"success@{k}"]
+            low, high = entry["ci95"]
+            cells.append(f"@{k} {entry['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {_verdict(entry)}")
+        lines.append(f"- hints {setting}: C2-CRS minus KBRD-style, success " + "; ".join(cells) + ".")
+    main, top = report["settings"][simulation_metrics.ALL_HINTS], max(ks)
+    turns = {m: main[m][f"mean_turns@{top}"]["value"] for m in ("c2crs", "kbrd") if m in main}
+    if len(turns) == 2:
+        lines.append(
+            f"- Mean turns to success@{top} among the conversations that had one (all kinds of hints): C2-CRS "
+            f"{turns['c2crs']:.2f}, KBRD-style {turns['kbrd']:.2f}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def conversation_answer(reports: dict) -> str:
+    """Whether C2-CRS's Dist-n lead survives at equal repetition, in sentences from the test responses: each
+    generator's repetition against the human responses', and C2-CRS's Dist-2 against each."""
+    conv = reports[CONV_JSON]
+    human, ours = conv["human"]["quality"], conv["c2crs"]
+    others = [m for m in CONV_LABELS if m in conv and m not in ("c2crs", "human")]
+    within = [
+        m for m in [*others, "c2crs"] if all(conv[m]["quality"][k] <= human[k] for k in decoding_choice.REPEAT_KEYS)
+    ]
+    ahead = [m for m in others if ours["dist@2"]["corpus"] > conv[m]["dist@2"]["corpus"]]
+    named = ", ".join(CONV_LABELS[m] for m in within) or "none"
+    lines = [
+        f"- Repeating no more than the human test responses (a word in a row at most {human['repeat_in_a_row']:.3f}, "
+        f"a bigram twice at most {human['repeat@2']:.3f} of the responses): {named}.",
+        f"- C2-CRS's Dist-2 {ours['dist@2']['corpus']:.3f} is above "
+        + (", ".join(f"{CONV_LABELS[m]}'s {conv[m]['dist@2']['corpus']:.3f}" for m in ahead) or "no other generator's")
+        + (
+            f"; not above {', '.join(CONV_LABELS[m] for m in others if m not in ahead)}'s"
+            if len(ahead) < len(others)
+            else ""
+        )
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def simulation_transcripts(reports: dict) -> str:
     return simulation_metrics.transcripts_markdown(reports[SIMULATE_JSON]["transcripts"])
 
@@ -316,12 +371,14 @@ TABLES: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "standard_tables": (standard_tables, (REC_JSON,)),
     "conv_table": (conv_table, (CONV_JSON, DECODING_JSON)),
     "decoding_before_after": (decoding_before_after, (DECODING_JSON,)),
+    "conversation_answer": (conversation_answer, (CONV_JSON,)),
     "conv_quality": (conv_quality, (CONV_JSON,)),
     "pretraining_answer": (pretraining_answer, (STUDY_SUMMARY,)),
     "pretraining_table": (pretraining_table, (STUDY_SUMMARY,)),
     "relation_names_table": (relation_names_table, (RELATION_NAMES_JSON,)),
     "simulation_headline": (simulation_headline, (SIMULATE_JSON,)),
     "simulation_tables": (simulation_tables, (SIMULATE_JSON,)),
+    "simulation_answer": (simulation_answer, (SIMULATE_JSON,)),
     "simulation_transcripts": (simulation_transcripts, (SIMULATE_JSON,)),
 }
 
