@@ -154,8 +154,11 @@ def test_movie_forms_are_kept_with_their_answers(mirror):
         ("seeker", 200, 0),
         ("seeker", 300, 2),
     ]
-    assert result.metrics["movie_forms"]["seeker"] == {"conversations": 1, "movies": 3, "liked": 1, "disliked": 1}
-    assert result.forms.filter(pl.col("conv_id") != 11).is_empty()  # the other fixtures' forms are empty
+    assert result.metrics["movie_forms"]["seeker"] == {"conversations": 2, "movies": 4, "liked": 2, "disliked": 1}
+    others = result.forms.filter(
+        pl.col("conv_id") != 11
+    )  # one test conversation's seeker form (the simulated seeker's)
+    assert others.select("conv_id", "form", "movie_id", "suggested", "liked").rows() == [(21, "seeker", 200, 1, 1)]
 
 
 @pytest.mark.parametrize(
@@ -179,4 +182,5 @@ def test_a_bad_movie_form_is_named_and_dropped_keeping_the_conversation(mirror, 
     result = run(files(mirror, "redial/bad.jsonl"), on_bad_record="skip")
     assert result.metrics["bad_records"] == {"bad_movie_form": 1}
     assert 11 in set(result.conversations["conv_id"])
-    assert result.forms["form"].to_list() == ["recommender", "recommender"]  # the seeker's form is dropped whole
+    kept = result.forms.filter(pl.col("conv_id") == 11)["form"].to_list()
+    assert kept == ["recommender", "recommender"]  # the seeker's form is dropped whole
