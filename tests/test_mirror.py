@@ -1,6 +1,7 @@
 """Integration on the real data mirror (C2CRS_DATA_DIR); skipped with a reason when it is absent."""
 
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -84,3 +85,28 @@ def test_every_data_stage_on_the_mirror(tmp_path, monkeypatch):
     assert metrics["triples"]["samples"] == {"test": 14362, "train": 25810, "valid": 2761}
     assert metrics["triples"]["linker"]["f1"] > 0.33
     assert metrics["triples"]["samples_with_triple"] > 0.75
+
+
+def test_no_simulated_seeker_on_the_mirror_names_its_target(result):
+    """Every test conversation's seeker (stages/chat/seeker.py) on the real data: the opening and every hint of every
+    kind, movies shown as titles, never name the target; most conversations have one."""
+    from stages.chat import seeker
+    from stages.reviews import read_movie_info
+
+    movie_info = read_movie_info(MIRROR / "movie_metadata" / "id2info.json")
+    test = result.conversations.filter(pl.col("split") == "test")["conv_id"].to_list()
+    movies = result.movies
+    seekers, left_out = seeker.build_seekers(
+        test, result.utterances, result.forms, movies, movie_info, set(movies["movie_id"])
+    )
+    assert len(seekers) > 0.9 * len(test) and sum(left_out.values()) == len(test) - len(seekers)
+    titles = dict(movies.select("movie_id", "title").iter_rows())
+    guard = seeker.TitleGuard(titles)
+    for who in seekers:
+        said = [who.opening, *(hint for hints in who.hints.values() for hint in hints)]
+        assert not any(guard.names(text, who.target) for text in said), who
+        # independently of the guard: no "@id", and the title nowhere as a phrase of what is shown
+        title = re.compile(rf"(?<!\w){re.escape(titles[who.target].lower())}(?!\w)")
+        for text in said:
+            shown = re.sub(r"@(\d+)", lambda m: titles.get(int(m.group(1)), m.group(0)), text).lower()
+            assert not re.search(rf"@{who.target}\b", text) and not title.search(shown), (who.target, text)
