@@ -11,7 +11,7 @@ of hint alone.
 
 Each turn of every simulated conversation is scored in one pass per model (Chat.respond_all), as evaluate scores a
 split, so the whole simulation takes minutes. Deterministic: the seekers are a seeded sample, their messages fixed
-by rules, the decoding greedy (params evaluate.decoding).
+by rules, the C2-CRS generator decoded with the setting choose_decoding chose for it (reports/decoding.json).
 """
 
 import logging
