@@ -1,6 +1,6 @@
 """`python -m pipeline ...`: run stages as Prefect flows, list them, run `dvc repro`, start the UIs.
 
-Just over 400 lines: one argparse tree for every command, so `--help` and the dispatch read in one place."""
+Over 400 lines: one argparse tree for every command, so `--help` and the dispatch read in one place."""
 
 import argparse
 import json

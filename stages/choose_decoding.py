@@ -32,7 +32,7 @@ from stages.evaluation import conv_metrics, decoding_choice, fluency
 from stages.io.graph import STAGES
 from stages.io.outputs import write_outputs
 from stages.io.stage_log import NO_LOG, StageLog, StageOutcome
-from stages.training import baseline_models, conv_runs, conv_train, hred_train, runs
+from stages.training import baseline_models, conv_runs, conv_train, runs
 
 _MOVIE = re.compile(r"^@\d+$")
 
@@ -67,15 +67,6 @@ def _metric_name(setting: dict) -> str:
     )
 
 
-def _with_setting(default, setting: dict):
-    return type(default).model_validate({**default.model_dump(), **setting})
-
-
-def _decode(model, run, table, rows: np.ndarray, decoding, banned_ids: list[int]) -> list[list[int]]:
-    generate = hred_train.generate if isinstance(model, HRED) else conv_train.generate
-    return generate(model, run, table, rows, decoding, banned_ids)
-
-
 def _turn_copy_off(model) -> bool:
     """Switch the generator's copy path off (its next-token distribution: the vocabulary softmax alone); False if it
     has none. The model is this stage's own copy, read from its file for this stage only."""
@@ -100,7 +91,12 @@ def score_generator(params, context: dict, name: str, path: Path, log: StageLog)
 
     results = []
     for setting in context["settings"]:
-        said = [words(t) for t in _decode(model, run, table, rows, _with_setting(default, setting), context["banned"])]
+        said = [
+            words(t)
+            for t in conv_runs.generate(
+                model, run, table, rows, decoding_choice.with_setting(default, setting), context["banned"]
+            )
+        ]
         metrics = setting_metrics([numbered_movies(r) for r in said], context["gold"], max_tokens, context["lm"])
         metrics["repeat_in_a_row_unfilled"] = conv_metrics.quality_metrics(said, max_tokens, None)["repeat_in_a_row"]
         metrics["qualifies"] = decoding_choice.qualifies(metrics, context["gold_metrics"])
@@ -110,7 +106,7 @@ def score_generator(params, context: dict, name: str, path: Path, log: StageLog)
     reference = {key: getattr(default, key) for key in decoding_choice.CHOSEN_KEYS}
     causes = {}
     if _turn_copy_off(model):
-        said = [words(t) for t in _decode(model, run, table, rows, default, context["banned"])]
+        said = [words(t) for t in conv_runs.generate(model, run, table, rows, default, context["banned"])]
         causes["reference_copy_off"] = conv_metrics.quality_metrics(
             [numbered_movies(r) for r in said], max_tokens, None
         )["repeat_in_a_row"]

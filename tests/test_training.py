@@ -1,7 +1,7 @@
 """Training stages: a run resumed after an interruption ends where an uninterrupted one does; a tiny end-to-end
 training on the fixture mirror produces the metrics contract.
 
-Just over 400 lines: the end-to-end test trains every stage once and checks everything on that one workspace
+Over 400 lines: the end-to-end test trains every stage once and checks everything on that one workspace
 (training it again per check would cost minutes each)."""
 
 import json

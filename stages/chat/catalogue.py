@@ -28,7 +28,7 @@ from models.hred import HRED
 from stages import evaluate, ingest
 from stages.evaluation import conv_metrics, decoding_choice, rec_metrics, standard_protocol
 from stages.evaluation.rec_metrics import ABLATION_PREFIX, REPEAT_CHOICE
-from stages.training import baseline_models, c2crs_train, conv_runs, conv_train, hred_train, revcore_train, runs
+from stages.training import baseline_models, c2crs_train, conv_runs, revcore_train, runs
 
 # The models whose user vector is C2-CRS's self-attentive pooling of the context entities (runs.load_c2crs files).
 POOLING = ("c2crs", REPEAT_CHOICE, "kbrd", "kecrs")
@@ -177,9 +177,8 @@ class Generator:
     def generate(self, knowledge, table, rows: np.ndarray) -> list[list[int]]:
         """Its responses (output-vocabulary ids) to the table's rows, as evaluate's conversation scoring decodes."""
         read = self.retrieval.augment(table) if self.retrieval is not None else table
-        generate = hred_train.generate if isinstance(self.model, HRED) else conv_train.generate
         banned = knowledge.vocabulary.banned_ids
-        return generate(self.model, knowledge.run, read, np.asarray(rows), self.decoding, banned)
+        return conv_runs.generate(self.model, knowledge.run, read, np.asarray(rows), self.decoding, banned)
 
 
 def load_generator(path: Path, knowledge, name: str = "c2crs") -> Generator:

@@ -223,8 +223,10 @@ class Chat:
         """The entities as recommendations for the table's row (a conversation's next turn), each explained (when
         asked) as far as the recommender allows."""
         knowledge, recommender = self.knowledge, self.recommender
-        attended = recommender.attended(knowledge, table, row) if explain else []
-        seeker_words = knowledge.titled(" ".join(t.text for t in turns if t.role == "seeker"))
+        attended, seeker_words = [], ""
+        if explain:  # what only an explanation reads
+            attended = recommender.attended(knowledge, table, row)
+            seeker_words = knowledge.titled(" ".join(t.text for t in turns if t.role == "seeker"))
         return [
             Recommendation(
                 knowledge.entity_movie[e],

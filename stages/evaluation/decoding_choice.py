@@ -81,6 +81,11 @@ def describe(setting: dict, beam_size: int) -> str:
     return ", ".join(parts)
 
 
+def with_setting(default, setting: dict):
+    """A decoding config (evaluate.decoding) with a setting's keys replaced, validated as the config is."""
+    return type(default).model_validate({**default.model_dump(), **setting})
+
+
 def chosen_decoding(workspace: Path, default, name: str, required: bool = True):
     """The decoding setting to decode generator `name` with: `default` (evaluate.decoding) with the chosen keys
     replaced by choose_decoding's choice for it. Without reports/decoding.json, or without `name` in it: an error
@@ -102,7 +107,7 @@ def chosen_decoding(workspace: Path, default, name: str, required: bool = True):
     if set(chosen) != set(CHOSEN_KEYS):
         raise DecodingChoiceError(f"{path}: {name}'s choice has keys {sorted(chosen)}, expected {list(CHOSEN_KEYS)}")
     try:
-        return type(default).model_validate({**default.model_dump(), **chosen})
+        return with_setting(default, chosen)
     except ValueError as exc:
         raise DecodingChoiceError(f"{path}: {name}'s choice is not a decoding setting: {exc}") from None
 

@@ -344,19 +344,13 @@ def conversation_answer(reports: dict) -> str:
     within = [
         m for m in [*others, "c2crs"] if all(conv[m]["quality"][k] <= human[k] for k in decoding_choice.REPEAT_KEYS)
     ]
-    ahead = [m for m in others if ours["dist@2"]["corpus"] > conv[m]["dist@2"]["corpus"]]
     named = ", ".join(CONV_LABELS[m] for m in within) or "none"
+    mine, theirs = ours["dist@2"]["corpus"], {m: conv[m]["dist@2"]["corpus"] for m in others}
+    against = [f"{CONV_LABELS[m]}'s {d:.3f} ({'above' if mine > d else 'not above'})" for m, d in theirs.items()]
     lines = [
         f"- Repeating no more than the human test responses (a word in a row at most {human['repeat_in_a_row']:.3f}, "
         f"a bigram twice at most {human['repeat@2']:.3f} of the responses): {named}.",
-        f"- C2-CRS's Dist-2 {ours['dist@2']['corpus']:.3f} is above "
-        + (", ".join(f"{CONV_LABELS[m]}'s {conv[m]['dist@2']['corpus']:.3f}" for m in ahead) or "no other generator's")
-        + (
-            f"; not above {', '.join(CONV_LABELS[m] for m in others if m not in ahead)}'s"
-            if len(ahead) < len(others)
-            else ""
-        )
-        + ".",
+        f"- C2-CRS's Dist-2 {mine:.3f} against " + ", ".join(against) + ".",
     ]
     return "\n".join(lines) + "\n"
 

@@ -97,6 +97,13 @@ def conversation_model(
     )
 
 
+def generate(model: ConversationModel | HRED, run, table, rows, decoding, banned_ids: list[int]) -> list[list[int]]:
+    """A response to each of the table's rows with the generation function of the model's architecture (HRED has
+    its own)."""
+    generate_rows = hred_train.generate if isinstance(model, HRED) else conv_train.generate
+    return generate_rows(model, run, table, rows, decoding, banned_ids)
+
+
 def load_conversation_model(path: Path) -> tuple[ConversationModel | HRED, ConvModelConfig]:
     saved = load_saved(path)
     config = ConvModelConfig(**saved["config"])
